@@ -1,0 +1,46 @@
+"""The contract between the scheduler and any latency predictor (the cost model in medha.perf,
+a calibrated CPU profile, or a toy model in tests).
+
+The scheduler only ever asks these questions; it never sees FLOPs, bytes or hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SeqShape:
+    """The work one sequence contributes to one iteration."""
+
+    q_tokens: int
+    """Query tokens this step: a prefill chunk's length, or 1 for a decode."""
+    kv_tokens: int
+    """Tokens already in the KV cache that the queries attend to (besides themselves)."""
+    kvp_groups: int = 1
+    """KVP groups the sequence's KV is spread over (their reads run in parallel, then merge)."""
+
+
+class BatchCostModel(Protocol):
+    """Predicts how long things take on one model replica (TP x PP x KVP)."""
+
+    def batch_time(self, seqs: Sequence[SeqShape]) -> float:
+        """Seconds for one batch to traverse the whole model (every pipeline stage)."""
+        ...
+
+    def stage_time(self, seqs: Sequence[SeqShape]) -> float:
+        """Seconds the batch occupies ONE pipeline stage (= batch_time when pp == 1).
+
+        With SPP the next micro-batch may enter stage 0 after this long.
+        """
+        ...
+
+    def prefill_time(self, prompt_tokens: int) -> float:
+        """Seconds to prefill a whole prompt alone on an idle replica (the paper's w_total)."""
+        ...
+
+    def remaining_prefill_time(self, processed_tokens: int, prompt_tokens: int) -> float:
+        """Seconds of prefill work left once `processed_tokens` of the prompt are cached."""
+        ...
