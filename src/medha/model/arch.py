@@ -126,9 +126,7 @@ class ModelArch:
                 max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias and no "attention_bias" key.
-                attention_bias=bool(
-                    config.get("attention_bias", arch == "Qwen2ForCausalLM")
-                ),
+                attention_bias=bool(config.get("attention_bias", arch == "Qwen2ForCausalLM")),
                 mlp_bias=bool(config.get("mlp_bias", False)),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),

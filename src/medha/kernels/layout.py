@@ -1,0 +1,60 @@
+"""Per-sequence views of a paged KV cache, shared by the torch attention backends.
+
+Everything here is computed once per step (not per layer) and cached in the metadata's
+scratch, because every layer of a step reads the same blocks with the same mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medha.kernels.metadata import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class SeqView:
+    """Where one sequence's queries and keys are, and which keys each query may see."""
+
+    q_slice: slice
+    block_ids: torch.Tensor
+    """int64 [num_blocks] covering the sequence's keys in this shard."""
+    kv_len: int
+    visible: torch.Tensor | None
+    """bool [q_len, kv_len], or None when every query sees every key."""
+
+
+def seq_views(meta: AttentionMetadata) -> list[SeqView]:
+    cached: list[SeqView] | None = meta.scratch.get("seq_views")
+    if cached is not None:
+        return cached
+    views = []
+    device = meta.block_tables.device
+    for i in range(meta.num_seqs):
+        q_len, kv_len = meta.q_lens[i], meta.kv_lens[i]
+        num_blocks = -(-kv_len // meta.block_size)
+        first_q, first_k = meta.q_start_pos[i], meta.kv_start_pos[i]
+        # The last key must not lie beyond the first query for the mask to be all-true.
+        all_visible = first_k + kv_len - 1 <= first_q
+        visible = None
+        if not all_visible:
+            q_pos = torch.arange(first_q, first_q + q_len, device=device)
+            k_pos = torch.arange(first_k, first_k + kv_len, device=device)
+            visible = k_pos[None, :] <= q_pos[:, None]
+        views.append(
+            SeqView(
+                q_slice=slice(meta.cu_q_lens[i], meta.cu_q_lens[i + 1]),
+                block_ids=meta.block_tables[i, :num_blocks],
+                kv_len=kv_len,
+                visible=visible,
+            )
+        )
+    meta.scratch["seq_views"] = views
+    return views
+
+
+def gather_kv(cache: torch.Tensor, view: SeqView) -> torch.Tensor:
+    """The sequence's keys (or values) from a block pool: [kv_len, kv_heads, head_dim]."""
+    blocks = cache.index_select(0, view.block_ids)
+    return blocks.reshape(-1, *cache.shape[2:])[: view.kv_len]
