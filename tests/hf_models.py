@@ -1,7 +1,8 @@
 """Tiny random-weight HF transformers models, built offline from configs, as ground truth.
 
-Three variants cover what medha's decoder must reproduce: Llama-3-style GQA with llama3 rope
-scaling, Qwen2-style q/k/v bias, and tied embeddings as in SmolLM2 (plus linear rope scaling).
+The variants cover what medha's decoder must reproduce: Llama-3-style GQA with llama3 rope
+scaling, Qwen2-style q/k/v bias, Llama with every bias (o_proj and MLP too, multi-query), and
+tied embeddings as in SmolLM2 (plus linear rope scaling).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _COMMON = dict(
     max_position_embeddings=1024,
     initializer_range=0.15,
     rms_norm_eps=1e-5,
+    # No eos: HF generate must run the full length without suppressing any token (with an eos
+    # and min_new_tokens it bans eos, which plain greedy decoding may rightly pick).
+    eos_token_id=None,
 )
 
 VARIANTS: dict[str, tuple[type, type, dict[str, object]]] = {
@@ -50,6 +54,11 @@ VARIANTS: dict[str, tuple[type, type, dict[str, object]]] = {
         Qwen2Config,
         Qwen2ForCausalLM,
         dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0),
+    ),
+    "llama-biases": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(num_attention_heads=4, num_key_value_heads=1, attention_bias=True, mlp_bias=True),
     ),
     "tied-smollm2": (
         LlamaConfig,
@@ -105,7 +114,6 @@ def hf_greedy(variant: str, ids: list[int], new_tokens: int) -> list[int]:
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
         )

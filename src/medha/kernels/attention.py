@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import structlog
 import torch
 
 from medha.kernels.metadata import AttentionMetadata
 from medha.kernels.reference import reference_attention
 from medha.kernels.sdpa import sdpa_attention, sdpa_available
+from medha.log import get_logger
 
 AttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
     tuple[torch.Tensor, torch.Tensor],
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _BACKENDS: dict[str, AttentionFn] = {
     "reference": reference_attention,

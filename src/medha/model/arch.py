@@ -59,6 +59,11 @@ class ModelArch:
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Llama/Mistral with attention_bias put a bias on o_proj too; Qwen2 only on q/k/v."""
+        return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
+
+    @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 

@@ -80,7 +80,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(
             h, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, device=device
         )
-        self.o_proj = nn.Linear(arch.num_heads * d, h, bias=False, device=device)
+        self.o_proj = nn.Linear(arch.num_heads * d, h, bias=arch.o_proj_bias, device=device)
 
     def forward(
         self,

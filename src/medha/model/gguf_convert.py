@@ -1,0 +1,166 @@
+"""Convert a .gguf file once into an HF checkpoint folder in the cache, then reuse it.
+
+The conversion is delegated to transformers' own GGUF loader (which dequantizes and undoes
+llama.cpp's Q/K row permutation), and its weights are saved as they come out. So the cached folder
+gives exactly the logits transformers computes when it loads the GGUF itself, which is the
+reference our exactness tests compare against. Quantized GGUFs therefore become float32 folders:
+several times the size of the file, the price of not hand-rolling dequantization.
+
+The cache key is the file's resolved path, size and modification time (plus a format version), so
+a cache hit costs one `stat` and never reads the GGUF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from medha.errors import ModelLoadError, UnsupportedModelError
+from medha.log import get_logger
+from medha.model.cache_dir import atomic_folder, default_cache_dir
+
+log = get_logger(__name__)
+
+# Bump when the folder layout written below changes, so stale cache entries are not reused.
+_FORMAT_VERSION = 1
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def cached_folder_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The cache folder `gguf_path` converts to (it may not exist yet)."""
+    resolved = gguf_path.expanduser().resolve()
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise ModelLoadError(gguf_path, f"cannot read: {exc}") from exc
+    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_FORMAT_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
+    """Return the HF folder for `gguf_path`, converting it first if it is not cached yet."""
+    folder = cached_folder_for(gguf_path, cache_dir)
+    if folder.is_dir():
+        log.debug("gguf cache hit", gguf=str(gguf_path), folder=str(folder))
+        return folder
+    architecture = _gguf_architecture(gguf_path)
+    started = time.perf_counter()
+    with (
+        _status_line(f"Converting {gguf_path.name} to safetensors (once)"),
+        atomic_folder(folder) as staging,
+    ):
+        _write_hf_folder(gguf_path.expanduser().resolve(), staging)
+    log.info(
+        "converted gguf",
+        gguf=str(gguf_path),
+        architecture=architecture,
+        folder=str(folder),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return folder
+
+
+def _gguf_architecture(gguf_path: Path) -> str:
+    """Read `general.architecture` from the header; corrupt or unsupported files raise here."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_path)
+        field = reader.fields["general.architecture"]
+        architecture = str(field.contents())
+    except KeyError as exc:
+        raise ModelLoadError(gguf_path, "corrupt: no general.architecture in the header") from exc
+    except Exception as exc:
+        raise ModelLoadError(gguf_path, f"corrupt: not a readable GGUF file ({exc})") from exc
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            gguf_path,
+            f"GGUF architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})",
+        )
+    return architecture
+
+
+def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
+    """Load the GGUF with transformers and save config, weights and tokenizer into `folder`."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        with _captured_stderr():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent),
+                gguf_file=str(gguf_path),
+                local_files_only=True,
+                # Dense weights even where a packed-GGUF matmul kernel is installed.
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf_path.parent), gguf_file=str(gguf_path), local_files_only=True
+            )
+    except Exception as exc:
+        raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["architectures"] = [type(model).__name__]
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # the same storage as the embedding; saved once
+    config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(
+        {name: tensor.detach().contiguous() for name, tensor in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt", "source": gguf_path.name},
+    )
+    tokenizer.save_pretrained(str(folder))
+    _move_chat_template_into_config(folder)
+
+
+def _move_chat_template_into_config(folder: Path) -> None:
+    """Keep the chat template in tokenizer_config.json (newer transformers write a .jinja file)."""
+    template_file = folder / "chat_template.jinja"
+    if not template_file.is_file():
+        return
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = template_file.read_text(encoding="utf-8")
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    template_file.unlink()
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[None]:
+    """Keep transformers' own progress bars out of the terminal; log what they printed."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        lines = re.split(r"[\r\n]+", captured.getvalue())
+        # Progress-bar redraws say nothing once the work is done; keep warnings and the like.
+        if kept := [line for line in lines if line.strip() and "it/s]" not in line]:
+            log.debug("transformers output during gguf conversion", output="\n".join(kept)[-2000:])
+
+
+@contextlib.contextmanager
+def _status_line(message: str) -> Iterator[None]:
+    """A rich spinner on stderr while slow work runs, only when a person is watching."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    # Bound to the real stderr now: the conversion redirects sys.stderr while it runs.
+    with Console(file=sys.stderr).status(message):
+        yield

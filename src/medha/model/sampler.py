@@ -1,0 +1,187 @@
+"""The sampler: one token per row of a logits batch, each row under its own SamplingParams.
+
+Runs every step on the last pipeline stage, so the work is batched tensor ops over all rows of a
+kind; the per-row Python work is building small parameter tensors and one random draw per
+randomly sampled row.
+
+Order of operations for a random row (the same as HF's warpers): temperature, top-k, top-p
+(on the top-k-renormalised distribution), min-p, then one draw. Greedy rows take the argmax
+(ties: the lowest token id) and consume no randomness.
+
+Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
+generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
+tokens whatever else shares its batch and whatever its row index.
+
+Logprobs: like vLLM, the log-probability reported for a chosen token is log_softmax of the raw
+logits (temperature 1, nothing filtered), i.e. the model's own belief, whichever way the token
+was chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medha.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SampleOutput:
+    """The tokens chosen for one batch, in row order."""
+
+    token_ids: list[int]
+    # log_softmax(raw logits)[token] for rows whose params ask for logprobs, else None.
+    logprobs: list[float | None]
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """A random generator on `device` for one request: seeded, or freshly random if seed is None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> SampleOutput:
+    """Choose one token per row of `logits` [B, V] (fp32, bf16 or fp16; computed in fp32).
+
+    `generators[i]` is row i's generator (on the logits' device); None uses torch's default
+    generator, which makes that row's draw depend on the rest of the batch.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(
+            f"{batch} logits rows but {len(params)} params and {len(generators)} generators"
+        )
+    if batch == 0:
+        return SampleOutput(token_ids=[], logprobs=[])
+
+    # torch.argmax returns the first maximal index: ties resolve to the lowest token id. Half
+    # precision widens to fp32 exactly, so the argmax needs no fp32 copy of the logits.
+    token_ids = logits.argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if random_rows:
+        row_index = torch.tensor(random_rows, device=logits.device)
+        chosen = _sample_random_rows(
+            logits.index_select(0, row_index).float(),
+            [params[i] for i in random_rows],
+            [generators[i] for i in random_rows],
+        )
+        token_ids.index_copy_(0, row_index, chosen)
+
+    logprob_rows = [i for i, p in enumerate(params) if p.logprobs]
+    logprobs: list[float | None] = [None] * batch
+    if logprob_rows:
+        row_index = torch.tensor(logprob_rows, device=logits.device)
+        row_logprobs = (
+            logits.index_select(0, row_index)
+            .float()
+            .log_softmax(dim=-1)
+            .gather(1, token_ids.index_select(0, row_index).unsqueeze(1))
+            .squeeze(1)
+            .tolist()
+        )
+        for row, value in zip(logprob_rows, row_logprobs, strict=True):
+            logprobs[row] = value
+    return SampleOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+
+def _sample_random_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row of fp32 `logits` [R, V], all rows non-greedy."""
+    device = logits.device
+    vocab = logits.shape[1]
+    temperatures = torch.tensor([p.temperature for p in params], device=device)
+    scaled = logits / temperatures.unsqueeze(1)
+
+    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        scaled = _apply_top_k_top_p(scaled, top_ks, top_ps)
+    elif any(k < vocab for k in top_ks):
+        scaled = _apply_top_k(scaled, top_ks)
+
+    min_ps = [p.min_p for p in params]
+    if any(m > 0.0 for m in min_ps):
+        # p / p_max == exp(x - x_max) whatever the normalisation, so min-p needs no softmax.
+        relative = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()
+        min_p = torch.tensor(min_ps, device=device).unsqueeze(1)
+        scaled = scaled.masked_fill(relative < min_p, float("-inf"))
+
+    probs = scaled.softmax(dim=-1)
+    return _draw_inverse_cdf(probs, _uniforms(generators, device))
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: Sequence[int]) -> torch.Tensor:
+    """Mask (to -inf) tokens below each row's k-th largest logit, without a full sort."""
+    vocab = logits.shape[1]
+    largest_k = max(k for k in top_ks if k < vocab)
+    top_values = logits.topk(largest_k, dim=-1).values
+    kth_rank = torch.tensor([min(k, largest_k) - 1 for k in top_ks], device=logits.device)
+    threshold = top_values.gather(1, kth_rank.unsqueeze(1))
+    # Rows without top-k keep every token.
+    disabled = torch.tensor([k >= vocab for k in top_ks], device=logits.device).unsqueeze(1)
+    threshold = threshold.masked_fill(disabled, float("-inf"))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_ks: Sequence[int], top_ps: Sequence[float]
+) -> torch.Tensor:
+    """Mask (to -inf) tokens below each row's k-th largest logit, then outside its nucleus."""
+    device = logits.device
+    # Stable sort: among tied logits the lower token id ranks first, so the nucleus is
+    # deterministic.
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)
+    # Top-k by threshold, ties at the k-th value kept, exactly like _apply_top_k: a row's tokens
+    # must not depend on which path its batch took.
+    kth_rank = torch.tensor([k - 1 for k in top_ks], device=device).unsqueeze(1)
+    threshold = sorted_logits.gather(1, kth_rank)
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
+
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # top_p == 1 keeps everything: rounding can push the cumulative mass to 1.0 before the
+    # tail, and that tail must not be dropped.
+    top_p = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=device).unsqueeze(1)
+    # A token is in the nucleus if the mass ranked above it is still short of top_p; the top
+    # token (mass_before = 0 < top_p) is always kept.
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, sorted_ids, sorted_logits)
+
+
+def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, each from that row's own generator."""
+    uniforms = torch.empty(len(generators), device=device)
+    shared_rows = [i for i, g in enumerate(generators) if g is None]
+    if shared_rows:
+        uniforms[shared_rows] = torch.rand(len(shared_rows), device=device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniforms[row] = torch.rand(1, device=device, generator=generator).squeeze(0)
+    return uniforms
+
+
+def _draw_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token i of each row such that cdf[i-1] <= u * total < cdf[i]."""
+    # fp32 is enough: each token's share of the cdf is off by one rounding (~1e-7 absolute)
+    # however long the vocabulary, since neighbouring boundaries carry the same accumulated error.
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the lookup lands on a token with mass: filtered tokens have
+    # zero-width intervals and the tail after the last kept token sits at the total.
+    targets = torch.minimum(uniforms.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1)

@@ -1,0 +1,70 @@
+"""Run ONE request to completion on a ModelRunner, without a scheduler.
+
+This is the simplest correct use of the runner: prefill in fixed chunks, then decode token by
+token, with the real sampler, detokenizer and stop conditions. `medha generate` streams through
+it, and benchmarks use it as the "request alone on the machine" baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from medha.detokenizer import Decoder
+from medha.errors import PromptTooLongError
+from medha.model.runner import ModelRunner, StepSeq
+from medha.model.sampler import make_generator, sample
+from medha.output_text import OutputText
+from medha.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedToken:
+    token_id: int
+    text: str
+    """Text that became final with this token (may be empty: held back for a stop string or an
+    unfinished UTF-8 character)."""
+    finish_reason: str | None
+    logprob: float | None = None
+
+
+def generate_single(
+    runner: ModelRunner,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    decoder: Decoder,
+    eos_token_ids: Sequence[int] = (),
+    prefill_chunk: int = 512,
+) -> Iterator[GeneratedToken]:
+    """Yield the request's tokens as they are produced; the last one has a finish_reason."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    total = len(prompt_ids) + params.max_tokens
+    if total > runner.kv_cache.capacity_tokens:
+        raise PromptTooLongError(
+            f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) = {total} tokens "
+            f"exceed the KV cache ({runner.kv_cache.capacity_tokens} tokens)"
+        )
+    # Alone in the cache: the request owns blocks 0..n-1.
+    table = list(range(-(-total // runner.block_size)))
+    generator = None if params.is_greedy else make_generator(params.seed, runner.device)
+    output = OutputText(decoder, prompt_ids, params, eos_token_ids)
+
+    start = 0
+    while True:
+        end = min(start + prefill_chunk, len(prompt_ids))
+        is_last = end == len(prompt_ids)
+        logits = runner.step([StepSeq(prompt_ids[start:end], start, table, sample=is_last)])
+        start = end
+        if is_last:
+            break
+    position = len(prompt_ids)
+    while True:
+        out = sample(logits, [params], [generator])
+        token = out.token_ids[0]
+        update = output.push(token)
+        yield GeneratedToken(token, update.text, update.finish_reason, out.logprobs[0])
+        if update.finished:
+            return
+        logits = runner.step([StepSeq([token], position, table)])
+        position += 1

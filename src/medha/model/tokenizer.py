@@ -1,0 +1,232 @@
+"""The tokenizer of a checkpoint folder, and a tiny one trained offline for test models.
+
+`Tokenizer` wraps the folder's Hugging Face fast tokenizer so that encoding, decoding and chat
+templates behave exactly as in transformers (the reference our exactness tests compare against).
+`write_tiny_tokenizer` trains a small byte-level BPE on built-in English text: deterministic, no
+network, and real enough (merges, special tokens, a chat template) to exercise every code path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from medha.errors import InvalidRequestError, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint, with its chat template and end-of-sequence ids."""
+
+    def __init__(
+        self,
+        hf_tokenizer: PreTrainedTokenizerBase,
+        *,
+        folder: Path,
+        config_eos_token_ids: Sequence[int] = (),
+        config_bos_token_id: int | None = None,
+    ) -> None:
+        self._hf = hf_tokenizer
+        self.folder = folder
+        tokenizer_eos = hf_tokenizer.eos_token_id
+        # Instruct models end a turn with a token the tokenizer does not call "eos" (Llama-3's
+        # <|eot_id|>), and config.json lists it: a generation must stop on either.
+        eos = [*config_eos_token_ids, *([tokenizer_eos] if tokenizer_eos is not None else [])]
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(e) for e in eos))
+        bos = hf_tokenizer.bos_token_id
+        self.bos_token_id: int | None = int(bos) if bos is not None else config_bos_token_id
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Path,
+        *,
+        config_eos_token_ids: Sequence[int] = (),
+        config_bos_token_id: int | None = None,
+    ) -> Tokenizer:
+        """Load `tokenizer.json` (+ `tokenizer_config.json`) from an HF checkpoint folder."""
+        tokenizer_file = folder / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(tokenizer_file, "missing (medha needs a fast tokenizer.json)")
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            if (folder / name).is_file():
+                _read_json(folder / name)  # a clear error naming the file, before transformers
+        # transformers is imported here, not at module level: importing it takes seconds.
+        from transformers import AutoTokenizer
+
+        try:
+            hf_tokenizer = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+        except Exception as exc:
+            raise ModelLoadError(tokenizer_file, f"cannot load the tokenizer: {exc}") from exc
+        return cls(
+            hf_tokenizer,
+            folder=folder,
+            config_eos_token_ids=config_eos_token_ids,
+            config_bos_token_id=config_bos_token_id,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce, added special tokens included."""
+        return len(self._hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result."""
+        if not self.has_chat_template:
+            raise ModelLoadError(
+                self.folder / TOKENIZER_CONFIG_FILE,
+                "the tokenizer has no chat template; pass a plain prompt instead of messages",
+            )
+        _check_messages(messages)
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self._hf.apply_chat_template(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
+            )
+        except TemplateError as exc:
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
+        # Some transformers versions return a BatchEncoding even when asked for plain ids.
+        ids = cast(
+            "Sequence[int]", rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
+        )
+        return [int(i) for i in ids]
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError(f"messages[{index}] must be a dict with a string 'role'")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(path, f"not valid JSON: {exc}") from exc
+
+
+# --- a tiny tokenizer trained offline, for test models -------------------------------------------
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+TURN_START_TOKEN = "<|im_start|>"
+TURN_END_TOKEN = "<|im_end|>"
+TINY_SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, TURN_START_TOKEN, TURN_END_TOKEN)
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_TRAINING_TEXT = """\
+Once upon a time, in a small village at the edge of a quiet forest, there lived an old clockmaker.
+Every morning he opened his shop, wound the clocks on the wall, and listened to them tick together.
+Children came by after school to ask how the gears fit inside, and he would show them patiently.
+"A clock is a promise," he said. "It tells you that the next second will come, and then the next."
+The weather changed with the seasons: rain in spring, long bright days in summer, wind in autumn,
+and snow in winter that covered the roofs and the roads until the whole valley was white and still.
+Scientists measure the speed of light, the weight of atoms and the distance to the stars.
+Computers read numbers like 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2048 very quickly.
+What is your name? Where do you live? How can I help you today? Thank you very much!
+The quick brown fox jumps over the lazy dog while the cat sleeps on the warm window sill.
+A good question deserves a clear answer, and a clear answer deserves a short sentence.
+She wrote a letter to her friend, folded it twice, and walked to the post office before noon.
+"""
+
+
+@dataclass(frozen=True)
+class TinyTokenizerIds:
+    """The special token ids of a tokenizer written by `write_tiny_tokenizer`."""
+
+    bos_token_id: int
+    eos_token_id: int
+    turn_end_token_id: int
+    vocab_size: int
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int = 512) -> TinyTokenizerIds:
+    """Train a byte-level BPE of at most `vocab_size` ids and write it into `folder`.
+
+    Deterministic: the same `vocab_size` always gives byte-identical files.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(byte_alphabet) + len(TINY_SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level tokenizer "
+            f"(needs at least {len(byte_alphabet) + len(TINY_SPECIAL_TOKENS)})"
+        )
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=byte_alphabet,
+        show_progress=False,
+    )
+    raw.train_from_iterator(_TRAINING_TEXT.splitlines(keepends=True), trainer)
+    bos_id = _special_id(raw, BOS_TOKEN)
+    raw.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    raw.save(str(folder / TOKENIZER_FILE))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 20,
+        "chat_template": TINY_CHAT_TEMPLATE,
+    }
+    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return TinyTokenizerIds(
+        bos_token_id=bos_id,
+        eos_token_id=_special_id(raw, EOS_TOKEN),
+        turn_end_token_id=_special_id(raw, TURN_END_TOKEN),
+        vocab_size=raw.get_vocab_size(),
+    )
+
+
+def _special_id(raw: Any, token: str) -> int:
+    token_id = raw.token_to_id(token)
+    if token_id is None:  # the trainer always adds special tokens; this guards the invariant
+        raise RuntimeError(f"trained tokenizer lacks special token {token}")
+    return int(token_id)

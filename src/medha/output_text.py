@@ -1,0 +1,41 @@
+"""Per request: generated token ids in, streamable text and the finish reason out.
+
+Joins the incremental detokenizer (never emit half a UTF-8 character) and the stop checker
+(eos, stop tokens, stop strings across token boundaries, max_tokens) in the one order that is
+right: detokenize first, then let the stop checker decide what of that text may be shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from medha.detokenizer import Decoder, IncrementalDetokenizer
+from medha.sampling import SamplingParams
+from medha.stopping import StopChecker, StopUpdate
+
+
+class OutputText:
+    """Feed it each generated token; it returns the text to stream and whether to stop."""
+
+    __slots__ = ("_detokenizer", "_stop")
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_token_ids: Sequence[int] = (),
+        max_tokens: int | None = None,
+    ) -> None:
+        self._detokenizer = IncrementalDetokenizer(decoder, prompt_ids)
+        self._stop = StopChecker(params, tuple(eos_token_ids), max_tokens)
+
+    def push(self, token_id: int) -> StopUpdate:
+        update = self._stop.update(token_id, self._detokenizer.step(token_id))
+        if update.finished and not isinstance(update.matched, str):
+            # Ended by a token (eos, stop token, length), not inside a stop string: release
+            # what the detokenizer still holds (bytes that never formed a whole character).
+            tail = self._detokenizer.flush()
+            if tail:
+                return StopUpdate(update.text + tail, update.finish_reason, update.matched)
+        return update

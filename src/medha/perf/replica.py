@@ -1,0 +1,60 @@
+"""The shape of one model replica as the cost model sees it: TP x PP x KVP.
+
+Placement follows DESIGN section 9 (TP innermost, then KVP, then PP): a collective whose ranks
+span at most one node's GPUs runs over NVLink, anything wider over the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Degrees of parallelism of one replica, and where KVP shards split a long sequence."""
+
+    tp: int = 1
+    pp: int = 1
+    kvp: int = 1
+    kvp_max_tokens_per_group: int | None = None
+    """M: KV tokens one KVP group holds for one request before the next group onboards.
+
+    Required when kvp > 1: the prefill-time table needs to know when a long prompt spreads.
+    """
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "kvp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kvp > 1 and self.kvp_max_tokens_per_group is None:
+            raise ValueError("kvp > 1 needs kvp_max_tokens_per_group (tokens per KVP shard)")
+        if self.kvp_max_tokens_per_group is not None and self.kvp_max_tokens_per_group < 1:
+            raise ValueError("kvp_max_tokens_per_group must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.kvp
+
+    def tp_spans_one_node(self, gpus_per_node: int) -> bool:
+        return self.tp <= gpus_per_node
+
+    def kvp_spans_one_node(self, gpus_per_node: int) -> bool:
+        # A KVP group's ranks are tp apart; all kvp groups of a stage span tp * kvp ranks.
+        return self.tp * self.kvp <= gpus_per_node
+
+    def pp_neighbours_share_node(self, gpus_per_node: int) -> bool:
+        # Adjacent stages are tp * kvp ranks apart: both fit in a node only if 2 * tp * kvp do.
+        return 2 * self.tp * self.kvp <= gpus_per_node
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Layer counts of each stage: as even as possible, earlier stages take the remainder."""
+        if num_layers < self.pp:
+            raise ValueError(f"{num_layers} layers cannot fill {self.pp} pipeline stages")
+        base, extra = divmod(num_layers, self.pp)
+        return [base + (1 if stage < extra else 0) for stage in range(self.pp)]
+
+    def kvp_groups_at(self, kv_tokens: int) -> int:
+        """KVP groups a request's KV is spread over once `kv_tokens` are cached (plus new ones)."""
+        if self.kvp == 1 or self.kvp_max_tokens_per_group is None:
+            return 1
+        return min(self.kvp, kv_tokens // self.kvp_max_tokens_per_group + 1)

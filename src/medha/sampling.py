@@ -1,0 +1,145 @@
+"""SamplingParams: how one request turns logits into tokens and when it stops.
+
+Names and defaults follow vLLM's `SamplingParams` so that users carry over what they know.
+Pure Python (no torch): the scheduler and the API layer validate requests without a model.
+Every field is checked once, at construction; a bad value raises InvalidSamplingParamsError
+naming the field and the value, before the request is queued.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from medha.errors import InvalidSamplingParamsError
+
+# vLLM treats temperatures below this as zero: dividing logits by ~0 only overflows, and the
+# argmax is the limit of the distribution anyway.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+# torch.Generator.manual_seed takes unsigned 64-bit seeds.
+_MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling and stopping parameters of one request (vLLM's names and defaults).
+
+    Attributes:
+        max_tokens: most tokens to generate (>= 1).
+        temperature: 0.0 means greedy (argmax); otherwise logits are divided by it.
+        top_k: keep the k most likely tokens; 0 or -1 disables.
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability mass is
+            >= top_p, in (0, 1]; 1.0 disables.
+        min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
+        seed: seed of this request's own random generator; None draws a fresh one.
+        stop: strings that end the request; the text is cut before the first one. A single
+            str or any sequence of str is accepted and stored as a tuple.
+        stop_token_ids: token ids that end the request (even when ignore_eos is set).
+        ignore_eos: keep generating past the end-of-sequence token.
+        logprobs: return the log-probability of each chosen token (under the model's raw
+            distribution, before temperature and filtering, as vLLM does).
+        include_stop_str_in_output: keep the matched stop string (or the stop token's text)
+            at the end of the output.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            _fail("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        _check_int("top_k", self.top_k, minimum=-1)
+        _check_float("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("top_p", self.top_p, "must be in (0, 1]")
+        _check_float("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            _fail("min_p", self.min_p, "must be in [0, 1]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+            if self.seed > _MAX_SEED:
+                _fail("seed", self.seed, "must fit in 64 bits unsigned")
+        for name in ("ignore_eos", "logprobs", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be a bool")
+        # Frozen dataclass: normalising a field means going around __setattr__.
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+
+    @classmethod
+    def greedy(cls, max_tokens: int = 16, **overrides: Any) -> SamplingParams:
+        """Greedy decoding (temperature 0) of at most `max_tokens` tokens."""
+        return cls(max_tokens=max_tokens, temperature=0.0, **overrides)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the sampler takes the argmax (top_k/top_p/min_p/seed are then unused)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+
+def _fail(field: str, value: object, problem: str) -> NoReturn:
+    raise InvalidSamplingParamsError(f"SamplingParams.{field}={value!r}: {problem}")
+
+
+def _check_int(field: str, value: object, *, minimum: int) -> None:
+    # bool is an int subclass; `max_tokens=True` is a bug, not a request for one token.
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, f"must be an int, got {type(value).__name__}")
+    elif value < minimum:
+        _fail(field, value, f"must be >= {minimum}")
+
+
+def _check_float(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _fail(field, value, f"must be a number, got {type(value).__name__}")
+    elif not math.isfinite(value):
+        _fail(field, value, "must be finite")
+
+
+def _normalise_stop(stop: object) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items: Iterable[object]
+    if isinstance(stop, str):
+        items = (stop,)
+    elif isinstance(stop, list | tuple):
+        items = stop
+    else:
+        _fail("stop", stop, "must be a str or a list/tuple of str")
+    result = []
+    for item in items:
+        if not isinstance(item, str):
+            _fail("stop", stop, f"every stop string must be a str, got {type(item).__name__}")
+        elif not item:
+            _fail("stop", stop, "stop strings must not be empty")
+        result.append(item)
+    return tuple(result)
+
+
+def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if not isinstance(ids, list | tuple):
+        _fail("stop_token_ids", ids, "must be a list/tuple of int")
+    result = []
+    for item in ids:
+        if isinstance(item, bool) or not isinstance(item, int):
+            _fail("stop_token_ids", ids, f"token ids must be int, got {type(item).__name__}")
+        elif item < 0:
+            _fail("stop_token_ids", ids, f"token ids must be >= 0, got {item}")
+        result.append(item)
+    return tuple(result)

