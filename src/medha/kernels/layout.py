@@ -23,6 +23,9 @@ class SeqView:
     kv_len: int
     visible: torch.Tensor | None
     """bool [q_len, kv_len], or None when every query sees every key."""
+    causal_tail: bool
+    """The queries are the shard's last q_len keys (a prefill chunk, or a decode, appending to
+    this shard): attention = full over the prefix + causal over the chunk itself."""
 
 
 def seq_views(meta: AttentionMetadata) -> list[SeqView]:
@@ -48,6 +51,7 @@ def seq_views(meta: AttentionMetadata) -> list[SeqView]:
                 block_ids=meta.block_tables[i, :num_blocks],
                 kv_len=kv_len,
                 visible=visible,
+                causal_tail=kv_len >= q_len and first_k + kv_len == first_q + q_len,
             )
         )
     meta.scratch["seq_views"] = views

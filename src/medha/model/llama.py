@@ -1,7 +1,9 @@
 """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
 
-Parameter names are Hugging Face's, except that q/k/v and gate/up are stacked into one matmul
-each (`hf_sources` maps a parameter to the checkpoint tensors it is made of). Each forward
+Parameter names are Hugging Face's, so a checkpoint's tensors load by name. Projections are
+not stacked (q/k/v, gate/up) as GPU servers do: on CPU the stacked matmuls measured 2.5% slower
+in prefill and no faster in decode, and separate weights shard by name for tensor parallelism.
+Each forward
 runs a flat, ragged batch of tokens: prefill chunks and decodes of many sequences together,
 described by one AttentionMetadata.
 """
@@ -23,21 +25,6 @@ from medha.model.rope import RotaryEmbedding, apply_rotary
 PartialCombiner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-# Stacked parameters and the HF tensors they concatenate (along the output dimension).
-_STACKED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
-
-
-def hf_sources(param_name: str) -> tuple[str, ...]:
-    """The checkpoint tensors (HF names) a parameter of this model is made of, in order."""
-    for stacked, parts in _STACKED.items():
-        if stacked in param_name:
-            return tuple(param_name.replace(stacked, part) for part in parts)
-    return (param_name,)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -55,15 +42,12 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch, device: torch.device | str | None = None) -> None:
         super().__init__()
         h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
-        self.intermediate = i
-        # gate and up stacked into one matmul (HF's gate_proj; up_proj): one weight read and one
-        # kernel launch instead of two, which is what decode speed is made of.
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias, device=device)
+        self.gate_proj = nn.Linear(h, i, bias=bias, device=device)
+        self.up_proj = nn.Linear(h, i, bias=bias, device=device)
         self.down_proj = nn.Linear(i, h, bias=bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
@@ -75,11 +59,10 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, d
         self.scale = d**-0.5
-        self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
-        # q, k and v stacked into one matmul (HF's q_proj; k_proj; v_proj), like gate/up.
-        self.qkv_proj = nn.Linear(
-            h, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, device=device
-        )
+        bias = arch.attention_bias
+        self.q_proj = nn.Linear(h, arch.num_heads * d, bias=bias, device=device)
+        self.k_proj = nn.Linear(h, arch.num_kv_heads * d, bias=bias, device=device)
+        self.v_proj = nn.Linear(h, arch.num_kv_heads * d, bias=bias, device=device)
         self.o_proj = nn.Linear(arch.num_heads * d, h, bias=arch.o_proj_bias, device=device)
 
     def forward(
@@ -93,10 +76,9 @@ class Attention(nn.Module):
         combine: PartialCombiner | None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache.layer(self.layer_index)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

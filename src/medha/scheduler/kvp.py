@@ -1,0 +1,133 @@
+"""KVP placement: which KVP group holds which tokens of a request, and its KV blocks there.
+
+With M = max tokens per KVP group, tokens [0, M) live on the request's first group, [M, 2M) on
+the next group (cyclically), and so on. A chunk never straddles a boundary, so every step appends
+its new KV to exactly one group (the last one holding the request), while all earlier groups
+attend to their whole shard. With M = None a request lives on one group; several groups then act
+as data-parallel replicas for short traffic.
+"""
+
+from __future__ import annotations
+
+from medha.scheduler.blocks import BlockPool
+from medha.scheduler.config import SchedulerConfig
+from medha.scheduler.plan import KvShard
+from medha.scheduler.request import SchedRequest
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KvpLayout:
+    """Token-to-group arithmetic plus block reservation for one scheduler configuration."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.num_groups = config.kvp_groups
+        self.limit = config.max_tokens_per_kvp_group
+        self.block_size = config.block_size
+        self.blocks_per_group = config.num_blocks
+
+    def group_index(self, position: int) -> int:
+        """Index into a request's `groups` of the group holding token `position`."""
+        return 0 if self.limit is None else position // self.limit
+
+    def tokens_to_boundary(self, position: int) -> int | None:
+        """Tokens from `position` up to the next group boundary (None: no boundary)."""
+        if self.limit is None:
+            return None
+        return self.limit - position % self.limit
+
+    def blocks_by_group_index(self, tokens: int) -> list[int]:
+        """Blocks needed on each group index to hold positions [0, tokens)."""
+        if self.limit is None:
+            return [_ceil_div(tokens, self.block_size)]
+        counts = []
+        for start in range(0, tokens, self.limit):
+            counts.append(_ceil_div(min(self.limit, tokens - start), self.block_size))
+        return counts
+
+    def can_ever_fit(self, tokens: int) -> bool:
+        """Whether `tokens` of KV fit the groups a request could use, with nothing else there."""
+        counts = self.blocks_by_group_index(tokens)
+        return len(counts) <= self.num_groups and max(counts) <= self.blocks_per_group
+
+    def group_sequence(self, first: int, count: int) -> list[int]:
+        return [(first + offset) % self.num_groups for offset in range(count)]
+
+    def feasible_first_groups(self, tokens: int, pool: BlockPool) -> list[int]:
+        """First groups from which a reservation of `tokens` finds free blocks on every group
+        it spans."""
+        if self.limit is None:
+            needed = _ceil_div(tokens, self.block_size)
+            return [g for g in range(self.num_groups) if pool.num_free(g) >= needed]
+        counts = self.blocks_by_group_index(tokens)
+        feasible = []
+        for first in range(self.num_groups):
+            groups = self.group_sequence(first, len(counts))
+            if all(pool.num_free(g) >= n for g, n in zip(groups, counts, strict=True)):
+                feasible.append(first)
+        return feasible
+
+    def reserve(
+        self, request: SchedRequest, first: int, pool: BlockPool
+    ) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Bulk reservation: blocks for all of `request.prefill_len` tokens, on every group the
+        prefill will reach (incremental allocation can deadlock several long prompts)."""
+        counts = self.blocks_by_group_index(request.prefill_len)
+        request.groups = self.group_sequence(first, len(counts))
+        request.block_tables = [
+            pool.allocate(group, count) for group, count in zip(request.groups, counts, strict=True)
+        ]
+        return tuple(
+            (group, tuple(table))
+            for group, table in zip(request.groups, request.block_tables, strict=True)
+        )
+
+    def group_needing_block(self, request: SchedRequest, position: int) -> int | None:
+        """The group that must allocate a block before token `position` can be appended, or
+        None when the block holding it is already allocated."""
+        if self.limit is None:  # fast path: one group holds everything
+            if position // self.block_size < len(request.block_tables[0]):
+                return None
+            return request.groups[0]
+        index = position // self.limit
+        if index >= len(request.groups):
+            # The decode crosses into the next group: onboard it.
+            return (request.groups[0] + index) % self.num_groups
+        local = position - index * self.limit
+        if local // self.block_size < len(request.block_tables[index]):
+            return None
+        return request.groups[index]
+
+    def append_block(self, request: SchedRequest, position: int, block: int) -> None:
+        index = self.group_index(position)
+        if index == len(request.groups):
+            request.groups.append((request.groups[0] + index) % self.num_groups)
+            request.block_tables.append([])
+        request.block_tables[index].append(block)
+
+    def shards(self, request: SchedRequest, query_start: int) -> tuple[KvShard, ...]:
+        """KV held per active group before a step whose queries start at `query_start`."""
+        if self.limit is None:
+            return (KvShard(request.groups[0], 0, query_start),)
+        last = query_start // self.limit
+        shards = [
+            KvShard(request.groups[index], index * self.limit, (index + 1) * self.limit)
+            for index in range(last)
+        ]
+        shards.append(KvShard(request.groups[last], last * self.limit, query_start))
+        return tuple(shards)
+
+    def active_groups(self, request: SchedRequest, query_start: int) -> list[int]:
+        """The groups a step starting at `query_start` runs on (do not mutate the result)."""
+        if self.limit is None:
+            return request.groups
+        return request.groups[: query_start // self.limit + 1]
+
+    def release(self, request: SchedRequest, pool: BlockPool) -> None:
+        """Give back every block the request holds."""
+        for group, table in zip(request.groups, request.block_tables, strict=True):
+            pool.free(group, table)
+        request.groups = []
+        request.block_tables = []

@@ -1,0 +1,102 @@
+"""BatchPlan: what one iteration must compute, as plain data the engine and simulator can read.
+
+Positions are global token positions in the request's sequence (prompt then sampled tokens).
+Block ids are deltas: a plan lists only the blocks allocated for this step; the engine appends
+them to its own block table for (request, group) and drops that table when the request shows up
+in `preempted` or `released`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+
+class SeqKind(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class KvShard(NamedTuple):
+    """The part of a sequence's KV cache one KVP group holds BEFORE the step: positions
+    [start, end). The group that appends the step's new KV holds [start, query start)."""
+
+    group: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+class ScheduledSeq(NamedTuple):
+    """One sequence's share of a batch: query tokens [start, end) attend to everything before.
+
+    A NamedTuple rather than a frozen dataclass: a plan holds hundreds of these and is built
+    every iteration, and tuples are several times cheaper to create."""
+
+    request_id: str
+    kind: SeqKind
+    start: int
+    end: int
+    shards: tuple[KvShard, ...]
+    """Every active KVP group, in token order; the last one appends the new KV."""
+    new_blocks: tuple[tuple[int, tuple[int, ...]], ...]
+    """(group, block ids) allocated for this step: the whole reservation when a prefill starts,
+    one block when a decode crosses a block boundary, else empty."""
+    samples: bool
+    """True when this step ends at the last known token, so the last stage samples a token."""
+
+    @property
+    def q_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens already cached (on all groups together) that the queries attend to."""
+        return self.start
+
+    @property
+    def append_group(self) -> int:
+        return self.shards[-1].group
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(shard.group for shard in self.shards)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """One micro-batch. Decodes come first, then prefill chunks in priority order."""
+
+    plan_id: int
+    created_at: float
+    seqs: tuple[ScheduledSeq, ...]
+    preempted: tuple[str, ...] = ()
+    """Requests evicted while building this plan: drop their KV, they will recompute."""
+    released: tuple[str, ...] = ()
+    """Requests that finished or were aborted since the previous plan: drop their KV."""
+    predicted_time: float = 0.0
+    """Predicted seconds for the batch to traverse the model (slowest KVP group)."""
+    predicted_stage_time: float = 0.0
+    """Predicted seconds the batch occupies one pipeline stage (slowest KVP group)."""
+
+    @property
+    def is_empty(self) -> bool:
+        """An empty plan is not in flight: there is nothing to run (housekeeping fields may
+        still list requests whose KV the engine should drop)."""
+        return not self.seqs
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for seq in self.seqs if seq.kind is SeqKind.DECODE)
+
+    @property
+    def prefills(self) -> tuple[ScheduledSeq, ...]:
+        return tuple(seq for seq in self.seqs if seq.kind is SeqKind.PREFILL)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(seq.q_tokens for seq in self.seqs)

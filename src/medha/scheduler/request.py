@@ -1,0 +1,143 @@
+"""SchedRequest: the scheduler's view of one request (lengths, cursors, deadline, KV placement).
+
+A request is a sequence of known tokens (prompt, then sampled tokens). Its KV cache catches up
+with the known tokens step by step (the vLLM v1 "computed tokens" model): a prefill chunk moves
+the cursors by many tokens, a decode by one, and a step whose end reaches the last known token
+samples the next token. Three cursors track one step's journey through the pipeline:
+issued (entered stage 0) >= stage0 (left stage 0) >= computed (left the last stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from medha.scheduler.cost import BatchCostModel
+
+
+class RequestStatus(Enum):
+    """Where a request is in its life; FINISHED and ABORTED are terminal."""
+
+    WAITING = "waiting"
+    """Queued, never started: holds no KV blocks."""
+    PREEMPTED = "preempted"
+    """Evicted to free memory: holds no KV blocks, waits to recompute its prefill."""
+    PREFILLING = "prefilling"
+    """Started: KV blocks for the whole prefill are reserved, chunks are being computed."""
+    DECODING = "decoding"
+    """Prefill done: generates one token per step."""
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+    @property
+    def is_queued(self) -> bool:
+        return self in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+    @property
+    def is_running(self) -> bool:
+        return self in (RequestStatus.PREFILLING, RequestStatus.DECODING)
+
+    @property
+    def is_done(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.ABORTED)
+
+
+@dataclass(eq=False, slots=True)
+class SchedRequest:
+    """One request as the scheduler tracks it. Mutated only by the Scheduler."""
+
+    request_id: str
+    arrival: float
+    prompt_len: int
+    max_new_tokens: int
+    deadline: float
+    """d_i: seconds after arrival by which the first token is due."""
+    deadline_given: bool
+    """True when the caller chose the deadline, False for the default rule."""
+    total_prefill_s: float
+    """w_total: predicted seconds to prefill the prompt alone on an idle replica."""
+    order: int
+    """Arrival order, breaks every priority tie so that schedules are deterministic."""
+
+    status: RequestStatus = RequestStatus.WAITING
+    generated: int = 0
+    """Tokens sampled so far."""
+    prefill_len: int = 0
+    """Tokens the current prefill covers: the prompt, or prompt + generated after a preemption."""
+    issued: int = 0
+    stage0: int = 0
+    computed: int = 0
+    in_flight: int = 0
+    """Plans in flight that contain a step of this request."""
+    groups: list[int] = field(default_factory=list)
+    """KVP groups holding this request's KV, in token order (group i holds [i*M, (i+1)*M))."""
+    block_tables: list[list[int]] = field(default_factory=list)
+    """Block ids per entry of `groups`."""
+    start_order: int = -1
+    """When it was (re)started: decodes are evicted newest first."""
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    _remaining_cache_at: int = -1
+    _remaining_cache_s: float = 0.0
+    # Priority key cache (see PriorityPolicy.ranked): key(t) = key_base - key_rate * t, valid
+    # while the cursor and the known tokens are those it was computed at.
+    key_cursor: int = -1
+    key_known: int = -1
+    key_base: float = 0.0
+    key_rate: float = 0.0
+
+    @property
+    def known_tokens(self) -> int:
+        """Prompt plus sampled tokens: what the KV cache must eventually hold."""
+        return self.prompt_len + self.generated
+
+    @property
+    def tokens_left(self) -> int:
+        """Known tokens whose step has not been issued yet."""
+        return self.known_tokens - self.issued
+
+    @property
+    def deadline_at(self) -> float:
+        """Absolute time by which the first token is due."""
+        return self.arrival + self.deadline
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival
+
+    @property
+    def met_deadline(self) -> bool | None:
+        """Whether the first token came in time (None until it came)."""
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time <= self.deadline_at
+
+    def remaining_prefill_s(self, cost: BatchCostModel) -> float:
+        """w_i(t): predicted seconds of prefill work not issued yet (0 once decoding).
+
+        Cached per cursor position: priorities and placement ask for it every iteration, and
+        it only changes when the cursor moves (or a preemption resets it).
+        """
+        if self.status is RequestStatus.DECODING or self.status.is_done:
+            return 0.0
+        if self._remaining_cache_at != self.issued:
+            total = self.known_tokens
+            if self.issued == 0 and total == self.prompt_len:
+                self._remaining_cache_s = self.total_prefill_s
+            else:
+                self._remaining_cache_s = cost.remaining_prefill_time(self.issued, total)
+            self._remaining_cache_at = self.issued
+        return self._remaining_cache_s
+
+    def reset_progress(self) -> None:
+        """Forget all KV progress (after a preemption): the prefill restarts from token 0."""
+        self.issued = self.stage0 = self.computed = 0
+        self.prefill_len = 0
+        self.groups = []
+        self.block_tables = []
+        self._remaining_cache_at = -1
+        self.key_cursor = -1

@@ -1,0 +1,391 @@
+"""Scheduler: decides every iteration which decodes and which prefill chunks run.
+
+The engine and the discrete-event simulator drive the same object:
+
+    plan = scheduler.schedule(now)            # decodes first, then prefill chunks by priority
+    ...stage 0 finishes...  scheduler.on_stage0_done(plan)
+    ...last stage samples... scheduler.on_step_done(plan, now, finished={...})
+
+Each request's KV cache catches up with its known tokens under a per-iteration time budget
+(the vLLM v1 model); there are no separate prefill and decode phases beyond that. The
+scheduler never reads a clock and never touches a tensor.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection
+
+from medha.errors import InvalidRequestError, RequestTooLargeError
+from medha.scheduler.batch import BatchBuilder
+from medha.scheduler.config import SchedulerConfig
+from medha.scheduler.cost import BatchCostModel
+from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
+from medha.scheduler.policies import (
+    ChunkingMode,
+    default_deadline,
+    policy_for,
+    relative_slack,
+)
+from medha.scheduler.request import RequestStatus, SchedRequest
+from medha.scheduler.stats import SchedulerStats
+from medha.scheduler.table import NewBlocks, RequestTable
+
+
+class Scheduler:
+    """Pure-Python iteration scheduler: priorities, chunk sizes, KV blocks, KVP placement, SPP."""
+
+    def __init__(self, config: SchedulerConfig, cost: BatchCostModel) -> None:
+        self.config = config
+        self.cost = cost
+        self.policy = policy_for(config.policy)
+        self.table = RequestTable(config)
+        self._in_flight: dict[int, BatchPlan] = {}
+        self._in_stage0: int | None = None
+        self._next_plan_id = 0
+        self._next_order = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_len: int,
+        max_new_tokens: int,
+        arrival: float,
+        deadline: float | None = None,
+    ) -> SchedRequest:
+        """Queue a request. `deadline`: seconds after arrival by which its first token is due
+        (default: max(1.5 x predicted prefill time, 0.5 s)).
+
+        Raises InvalidRequestError for bad lengths or a duplicate id, RequestTooLargeError when
+        its KV (prompt + max_new_tokens) could never fit the KVP groups it may use.
+        """
+        if request_id in self.table.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already scheduled")
+        if prompt_len < 1 or max_new_tokens < 1:
+            raise InvalidRequestError(
+                f"request {request_id!r}: prompt_len ({prompt_len}) and max_new_tokens "
+                f"({max_new_tokens}) must both be at least 1"
+            )
+        if deadline is not None and not deadline > 0:
+            raise InvalidRequestError(f"request {request_id!r}: deadline must be > 0 seconds")
+        total_tokens = prompt_len + max_new_tokens
+        if not self.table.layout.can_ever_fit(total_tokens):
+            config = self.config
+            limit = config.max_tokens_per_kvp_group
+            placement = (
+                "a request must fit on one group"
+                if limit is None
+                else f"at most {limit} tokens of a request per group"
+            )
+            raise RequestTooLargeError(
+                f"request {request_id!r} needs KV for {total_tokens} tokens (prompt + "
+                f"max_new_tokens); the cache holds {config.num_blocks} blocks of "
+                f"{config.block_size} tokens on each of {config.kvp_groups} KVP group(s), and "
+                f"{placement}"
+            )
+        total_prefill_s = self.cost.prefill_time(prompt_len)
+        request = SchedRequest(
+            request_id=request_id,
+            arrival=arrival,
+            prompt_len=prompt_len,
+            max_new_tokens=max_new_tokens,
+            deadline=deadline or default_deadline(total_prefill_s, self.config),
+            deadline_given=deadline is not None,
+            total_prefill_s=total_prefill_s,
+            order=self._next_order,
+        )
+        self._next_order += 1
+        self.policy.priority.refresh(request, self.cost)
+        self.table.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state. Returns False if it is unknown or already done.
+
+        Its blocks are freed at once, or, when a plan in flight still writes its KV, as soon as
+        the last such plan completes (that plan's results are ignored for it).
+        """
+        request = self.table.requests.get(request_id)
+        if request is None or request.status.is_done:
+            return False
+        self.table.abort(request)
+        return True
+
+    def get(self, request_id: str) -> SchedRequest | None:
+        """The request with this id, until it is done and no plan in flight refers to it."""
+        return self.table.requests.get(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        """True while some request is queued, running or in flight."""
+        return bool(self.table.requests)
+
+    # -- one iteration --------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> BatchPlan:
+        """The next micro-batch to issue, or an empty plan when nothing can be issued now
+        (stage 0 busy, the pipeline full, or no work ready)."""
+        if self._in_stage0 is not None or len(self._in_flight) >= self.config.pp_stages:
+            return self._empty_plan(now, ())
+        batch = BatchBuilder(self.config, self.policy.chunking, self.cost)
+        preempted = self._schedule_decodes(batch, now)
+        # After an eviction memory is tight: admitting anyone now would only invite the next one.
+        self._schedule_prefills(batch, now, admit=not preempted)
+        if not batch.seqs:
+            return self._empty_plan(now, preempted)
+        batch_time, stage_time = batch.predicted_times()
+        plan = BatchPlan(
+            plan_id=self._next_plan_id,
+            created_at=now,
+            seqs=tuple(batch.seqs),
+            preempted=preempted,
+            released=self.table.take_released(),
+            predicted_time=batch_time,
+            predicted_stage_time=stage_time,
+        )
+        self._next_plan_id += 1
+        self._in_flight[plan.plan_id] = plan
+        self._in_stage0 = plan.plan_id
+        for seq in plan.seqs:
+            request = self.table.running[seq.request_id]
+            request.issued = seq.end
+            request.in_flight += 1
+        return plan
+
+    def on_stage0_done(self, plan: BatchPlan) -> None:
+        """Stage 0 finished `plan`: the next micro-batch may enter, and with SPP the next chunk
+        of each of its prompts may be issued."""
+        if plan.is_empty:
+            return
+        if self._in_stage0 != plan.plan_id:
+            raise ValueError(f"plan {plan.plan_id} is not in pipeline stage 0")
+        self._in_stage0 = None
+        for seq in plan.seqs:
+            self.table.requests[seq.request_id].stage0 = seq.end
+
+    def on_step_done(
+        self, plan: BatchPlan, now: float, finished: Collection[str] = ()
+    ) -> list[SchedRequest]:
+        """The last stage finished `plan` at `now` (plans finish in the order they were issued);
+        every sequence with `samples` produced a token. `finished`: ids among those that the
+        caller ends with that token (EOS, stop string); requests also end at max_new_tokens.
+        Returns the requests that finished."""
+        if plan.is_empty:
+            return []
+        if plan.plan_id not in self._in_flight:
+            raise ValueError(f"plan {plan.plan_id} is not in flight")
+        oldest = next(iter(self._in_flight))
+        if plan.plan_id != oldest:
+            # A pipeline finishes micro-batches in the order they entered it; anything else
+            # would move a request's cursors backwards.
+            raise ValueError(f"plan {plan.plan_id} finished before plan {oldest}")
+        if self._in_stage0 == plan.plan_id:
+            self.on_stage0_done(plan)
+        del self._in_flight[plan.plan_id]
+        done: list[SchedRequest] = []
+        for seq in plan.seqs:
+            request = self.table.requests[seq.request_id]
+            request.in_flight -= 1
+            if request.status.is_done:
+                self.table.retire_if_idle(request)
+                continue
+            request.computed = seq.end
+            stop = seq.request_id in finished
+            if seq.samples and self.table.record_token(request, now, stop):
+                done.append(request)
+        return done
+
+    def stats(self) -> SchedulerStats:
+        table = self.table
+        queued = [request.status for request in table.queued.values()]
+        running = [request.status for request in table.running.values()]
+        return SchedulerStats(
+            waiting=queued.count(RequestStatus.WAITING),
+            preempted=queued.count(RequestStatus.PREEMPTED),
+            prefilling=running.count(RequestStatus.PREFILLING),
+            decoding=running.count(RequestStatus.DECODING),
+            free_blocks=table.pool.free_counts,
+            total_blocks=table.pool.total_counts,
+            plans_in_flight=len(self._in_flight),
+            stage0_busy=self._in_stage0 is not None,
+            finished=table.num_finished,
+            aborted=table.num_aborted,
+            preemptions=table.num_preemptions,
+        )
+
+    # -- building a batch ---------------------------------------------------------------------
+
+    def _schedule_decodes(self, batch: BatchBuilder, now: float) -> tuple[str, ...]:
+        """Every ready decode, oldest first; evicts other requests when a decode needs a block."""
+        layout = self.table.layout
+        preempted: list[str] = []
+        for request in list(self.table.running.values()):
+            position = request.prompt_len + request.generated - 1
+            if request.status is not RequestStatus.DECODING or request.issued != position:
+                continue  # prefilling, or its previous token is not sampled yet
+            group = layout.group_needing_block(request, position)
+            new_blocks: NewBlocks = ()
+            if group is not None:
+                block = self._allocate_for_decode(request, group, batch, now, preempted)
+                if block is None:
+                    continue
+                layout.append_block(request, position, block)
+                new_blocks = ((group, (block,)),)
+            seq = ScheduledSeq(
+                request.request_id,
+                SeqKind.DECODE,
+                position,
+                position + 1,
+                layout.shards(request, position),
+                new_blocks,
+                True,
+            )
+            batch.add(seq, layout.active_groups(request, position))
+        return tuple(preempted)
+
+    def _allocate_for_decode(
+        self,
+        request: SchedRequest,
+        group: int,
+        batch: BatchBuilder,
+        now: float,
+        preempted: list[str],
+    ) -> int | None:
+        """A block on `group` for the decode's next token, evicting others if none is free.
+        None when the decode cannot run this iteration (it was evicted itself, or every other
+        holder of the group's blocks is in flight)."""
+        pool = self.table.pool
+        while pool.num_free(group) == 0:
+            victim = self._choose_victim(group, batch, now)
+            if victim is None:
+                return None
+            self.table.preempt(victim)
+            self.policy.priority.refresh(victim, self.cost)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return None
+        return pool.allocate(group, 1)[0]
+
+    def _choose_victim(self, group: int, batch: BatchBuilder, now: float) -> SchedRequest | None:
+        """Lowest-priority partial prefill holding blocks on `group`, else the newest decode
+        not scheduled yet. Requests in flight are never evicted: a step still writes their KV."""
+        holders = [r for r in self.table.running.values() if r.in_flight == 0 and group in r.groups]
+        prefills = [r for r in holders if r.status is RequestStatus.PREFILLING]
+        if prefills:
+            key = self.policy.priority.key
+            return max(prefills, key=lambda r: (key(r, now, self.cost), r.order))
+        scheduled = {seq.request_id for seq in batch.seqs}
+        decodes = [r for r in holders if r.request_id not in scheduled]
+        return max(decodes, key=lambda r: r.start_order) if decodes else None
+
+    def _prefill_ready(self, request: SchedRequest) -> bool:
+        """Whether the next chunk of a started prompt may be issued now."""
+        if request.tokens_left <= 0:
+            return False
+        if self.config.pipelined:
+            return request.stage0 == request.issued  # SPP: the previous chunk left stage 0
+        return request.in_flight == 0
+
+    def _schedule_prefills(self, batch: BatchBuilder, now: float, admit: bool) -> None:
+        """Prefill chunks in priority order while the batch has room (see BatchBuilder);
+        queued requests are started only when `admit`."""
+        policy, cost, table = self.policy.priority, self.cost, self.table
+        candidates = policy.ranked(
+            (
+                r
+                for r in table.running.values()
+                if r.status is RequestStatus.PREFILLING and self._prefill_ready(r)
+            ),
+            now,
+            cost,
+        )
+        started_left = len(candidates)
+        admitting = admit and len(table.running) < self.config.max_batch_size
+        if admitting:
+            # Queued requests do not move: their key terms were set when they were queued.
+            candidates.extend(policy.ranked(table.queued.values(), now, cost, fresh=True))
+        heapq.heapify(candidates)
+        pending_work: list[tuple[float, int]] | None = None
+        while candidates and not batch.is_full and not batch.all_groups_closed:
+            if not admitting and not started_left:
+                break
+            request = heapq.heappop(candidates)[2]
+            if not request.status.is_queued:
+                started_left -= 1
+                groups = table.layout.active_groups(request, request.issued)
+                if batch.accepts_prefill_on(groups):
+                    self._add_prefill_chunk(batch, request, groups, now)
+                continue
+            if not admitting:
+                continue
+            if len(table.running) >= self.config.max_batch_size:
+                admitting = False
+                continue
+            feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool)
+            if not feasible:
+                # Admit nobody behind a request that waits for memory, or it could starve.
+                admitting = False
+                continue
+            open_groups = [group for group in feasible if group not in batch.closed_groups]
+            if not open_groups:
+                continue
+            if len(open_groups) == 1:
+                first = open_groups[0]
+            else:
+                if pending_work is None:
+                    pending_work = table.pending_work(cost)
+                first = min(open_groups, key=pending_work.__getitem__)
+            if self._add_prefill_chunk(batch, request, [first], now) and pending_work:
+                table.add_pending(pending_work, request, cost)
+
+    def _add_prefill_chunk(
+        self, batch: BatchBuilder, request: SchedRequest, groups: list[int], now: float
+    ) -> bool:
+        """Size and add the next chunk of `request` (starting it if queued). False if no room."""
+        start = request.issued
+        # Long-prefill rules are Medha's; the FCFS baselines do without them.
+        is_long = (
+            self.policy.chunking is ChunkingMode.ADAPTIVE
+            and start >= self.config.long_prefill_threshold
+        )
+        budget_fraction = 1.0
+        if is_long:
+            if any(group in batch.long_groups for group in groups):
+                return False
+            # Space sharing: a long prefill ahead of schedule leaves part of the budget to others.
+            rho = relative_slack(request, now, self.cost)
+            budget_fraction = 1.0 - min(max(rho, 0.0), 0.5)
+        tokens_left = request.tokens_left
+        to_boundary = self.table.layout.tokens_to_boundary(start)
+        if to_boundary is not None:
+            tokens_left = min(tokens_left, to_boundary)
+        sized = batch.prefill_chunk(groups, start, tokens_left, budget_fraction)
+        if sized is None:
+            return False
+        chunk, predicted = sized
+        new_blocks: NewBlocks = ()
+        if request.status.is_queued:
+            new_blocks = self.table.start(request, groups[0], now)
+        end = start + chunk
+        seq = ScheduledSeq(
+            request_id=request.request_id,
+            kind=SeqKind.PREFILL,
+            start=start,
+            end=end,
+            shards=self.table.layout.shards(request, start),
+            new_blocks=new_blocks,
+            samples=end == request.known_tokens,
+        )
+        batch.add_prefill(seq, groups, is_long, predicted)
+        return True
+
+    def _empty_plan(self, now: float, preempted: tuple[str, ...]) -> BatchPlan:
+        return BatchPlan(
+            plan_id=-1,
+            created_at=now,
+            seqs=(),
+            preempted=preempted,
+            released=self.table.take_released(),
+        )

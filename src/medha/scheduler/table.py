@@ -1,0 +1,126 @@
+"""RequestTable: every request the scheduler knows, its state transitions and its KV blocks.
+
+State machine (terminal states in capitals):
+
+    waiting --start--> prefilling --last chunk sampled--> decoding --EOS / max tokens--> FINISHED
+       ^                   |                                  |
+       +---- preempted <---+--------- preempt (recompute) ----+
+    any live state --abort--> ABORTED
+
+Blocks are released exactly once, when a request is done AND no plan in flight refers to it.
+"""
+
+from __future__ import annotations
+
+from medha.scheduler.blocks import BlockPool
+from medha.scheduler.config import SchedulerConfig
+from medha.scheduler.cost import BatchCostModel
+from medha.scheduler.kvp import KvpLayout
+from medha.scheduler.request import RequestStatus, SchedRequest
+
+NewBlocks = tuple[tuple[int, tuple[int, ...]], ...]
+
+
+class RequestTable:
+    """Queued and running requests plus the block pool they draw from."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.layout = KvpLayout(config)
+        self.pool = BlockPool(config.kvp_groups, config.num_blocks)
+        self.requests: dict[str, SchedRequest] = {}
+        """Every request not done yet, plus done ones a plan in flight still refers to."""
+        self.queued: dict[str, SchedRequest] = {}
+        """Waiting or preempted: no KV blocks."""
+        self.running: dict[str, SchedRequest] = {}
+        """Prefilling or decoding, oldest start first."""
+        self.released: list[str] = []
+        """Requests whose blocks were freed since the last plan was built."""
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.num_preemptions = 0
+        self._next_start = 0
+
+    def add(self, request: SchedRequest) -> None:
+        self.requests[request.request_id] = request
+        self.queued[request.request_id] = request
+
+    def start(self, request: SchedRequest, first_group: int, now: float) -> NewBlocks:
+        """Move a queued request to prefilling and reserve KV for its whole prefill."""
+        del self.queued[request.request_id]
+        self.running[request.request_id] = request
+        request.status = RequestStatus.PREFILLING
+        request.prefill_len = request.known_tokens
+        request.start_order = self._next_start
+        self._next_start += 1
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+        return self.layout.reserve(request, first_group, self.pool)
+
+    def preempt(self, request: SchedRequest) -> None:
+        """Evict a running request: free all its KV; it will recompute everything it knows."""
+        del self.running[request.request_id]
+        self.layout.release(request, self.pool)
+        request.reset_progress()
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.queued[request.request_id] = request
+
+    def record_token(self, request: SchedRequest, now: float, stop: bool) -> bool:
+        """A step of `request` sampled a token. Returns True when that ends the request."""
+        request.generated += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+        if stop or request.generated >= request.max_new_tokens:
+            del self.running[request.request_id]
+            request.status = RequestStatus.FINISHED
+            request.finish_time = now
+            self.num_finished += 1
+            self.retire_if_idle(request)
+            return True
+        request.status = RequestStatus.DECODING
+        return False
+
+    def abort(self, request: SchedRequest) -> None:
+        self.queued.pop(request.request_id, None)
+        self.running.pop(request.request_id, None)
+        request.status = RequestStatus.ABORTED
+        self.num_aborted += 1
+        self.retire_if_idle(request)
+
+    def retire_if_idle(self, request: SchedRequest) -> None:
+        """Forget a done request and free its blocks once no plan in flight refers to it."""
+        if request.in_flight:
+            return
+        del self.requests[request.request_id]
+        if request.groups:
+            self.layout.release(request, self.pool)
+            self.released.append(request.request_id)
+
+    def take_released(self) -> tuple[str, ...]:
+        released = tuple(self.released)
+        self.released.clear()
+        return released
+
+    def pending_work(self, cost: BatchCostModel) -> list[tuple[float, int]]:
+        """Per KVP group: (predicted prefill seconds still to issue, resident requests)."""
+        seconds = [0.0] * self.layout.num_groups
+        residents = [0] * self.layout.num_groups
+        for request in self.running.values():
+            remaining = (
+                request.remaining_prefill_s(cost)
+                if request.status is RequestStatus.PREFILLING
+                else 0.0
+            )
+            for group in request.groups:
+                seconds[group] += remaining
+                residents[group] += 1
+        return list(zip(seconds, residents, strict=True))
+
+    def add_pending(
+        self, work: list[tuple[float, int]], request: SchedRequest, cost: BatchCostModel
+    ) -> None:
+        remaining = request.remaining_prefill_s(cost)
+        for group in request.groups:
+            seconds, residents = work[group]
+            work[group] = (seconds + remaining, residents + 1)

@@ -1,0 +1,113 @@
+"""Adaptive chunk sizing: binary search for the largest chunk that keeps the batch in budget."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medha.scheduler import SchedulerConfig
+from medha.scheduler.chunking import largest_fitting_chunk
+from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler
+
+CONFIG = SchedulerConfig(min_chunk=32, max_chunk=8192, chunk_multiple=32, chunk_tolerance=0.1)
+
+
+class CountingLinear:
+    """time(c) = base + per_token * c, counting calls."""
+
+    def __init__(self, base: float, per_token: float) -> None:
+        self.base, self.per_token, self.calls = base, per_token, 0
+
+    def __call__(self, chunk: int) -> float:
+        self.calls += 1
+        return self.base + self.per_token * chunk
+
+
+def test_whole_remainder_is_taken_when_it_fits() -> None:
+    predict = CountingLinear(0.01, 1e-6)
+    choice = largest_fitting_chunk(predict, tokens_left=1000, budget=0.05, config=CONFIG)
+    assert choice is not None and choice.tokens == 1000
+    assert predict.calls == 1
+
+
+def test_chunk_is_a_multiple_of_32_within_budget_plus_tolerance() -> None:
+    predict = CountingLinear(0.005, 2e-5)  # 0.05 s budget -> ~2250 tokens, +10% -> ~2500
+    choice = largest_fitting_chunk(predict, tokens_left=100_000, budget=0.05, config=CONFIG)
+    assert choice is not None
+    assert choice.tokens % 32 == 0
+    assert 0.05 * 0.9 <= choice.predicted_time <= 0.05 * 1.1
+    assert choice.predicted_time == predict(choice.tokens)
+
+
+def test_search_reaches_the_configured_maximum_not_a_smaller_cap() -> None:
+    predict = CountingLinear(0.0, 1e-7)
+    choice = largest_fitting_chunk(predict, tokens_left=1_000_000, budget=0.05, config=CONFIG)
+    assert choice is not None and choice.tokens == 8192
+
+
+def test_none_when_even_the_minimum_chunk_exceeds_the_budget() -> None:
+    predict = CountingLinear(0.06, 1e-6)
+    assert largest_fitting_chunk(predict, tokens_left=5000, budget=0.05, config=CONFIG) is None
+
+
+def test_a_tail_shorter_than_the_minimum_chunk_is_offered_whole() -> None:
+    predict = CountingLinear(0.01, 1e-6)
+    choice = largest_fitting_chunk(predict, tokens_left=7, budget=0.05, config=CONFIG)
+    assert choice is not None and choice.tokens == 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.floats(0.0, 0.06),
+    per_token=st.floats(1e-8, 1e-3),
+    quadratic=st.floats(0.0, 1e-8),
+    tokens_left=st.integers(1, 200_000),
+)
+def test_search_finds_a_chunk_in_the_band_or_the_largest_fitting_one_in_log_calls(
+    base: float, per_token: float, quadratic: float, tokens_left: int
+) -> None:
+    calls = 0
+
+    def predict(chunk: int) -> float:
+        nonlocal calls
+        calls += 1
+        return base + per_token * chunk + quadratic * chunk * chunk
+
+    budget = 0.05
+    choice = largest_fitting_chunk(predict, tokens_left, budget, CONFIG)
+    grid_points = CONFIG.max_chunk // CONFIG.chunk_multiple
+    assert calls <= 3 + math.ceil(math.log2(grid_points))
+    top = min(tokens_left, CONFIG.max_chunk)
+    if choice is None:
+        assert predict(min(top, CONFIG.min_chunk)) > budget * 1.1
+        return
+    assert 1 <= choice.tokens <= top
+    assert choice.predicted_time <= budget * 1.1
+    assert choice.tokens == top or choice.tokens % CONFIG.chunk_multiple == 0
+    if choice.tokens < top and choice.predicted_time < budget * 0.9:
+        # Not in the accepted band: then it must be the largest grid point that fits.
+        bigger = min(choice.tokens + CONFIG.chunk_multiple, top)
+        assert predict(bigger) > budget * 1.1
+
+
+def test_chunks_of_a_long_prompt_shrink_as_its_kv_cache_grows() -> None:
+    scheduler = make_scheduler(target_batch_time=0.05)
+    result = drive(scheduler, [Arrival("long", 0.0, 60_000, 1)])
+    sizes = [end - start for start, end in result.chunks_of("long")]
+    assert sum(sizes) == 60_000
+    assert sizes[0] > 4 * sizes[-2]  # early chunks are large, late ones small
+    third = len(sizes) // 3
+    means = [sum(part) / len(part) for part in (sizes[:third], sizes[third:-third], sizes[-third:])]
+    assert means[0] > means[1] > means[2]
+
+
+def test_every_adaptive_batch_stays_within_the_budget_unless_decodes_alone_exceed_it() -> None:
+    cost = ToyCost()
+    scheduler = make_scheduler(cost, target_batch_time=0.05)
+    arrivals = [Arrival(f"r{i}", 0.01 * i, 3000 + 500 * i, 8) for i in range(20)]
+    result = drive(scheduler, arrivals)
+    for plan in result.plans:
+        single_prefill_at_minimum = len(plan.prefills) == 1 and plan.prefills[0].q_tokens <= 32
+        assert plan.predicted_time <= 0.05 * 1.1 or single_prefill_at_minimum

@@ -1,0 +1,132 @@
+"""Priority keys: FCFS, EDF, SRPT, LRS (raw slack), LARS (relative slack), and deadlines."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medha.scheduler import POLICY_NAMES, SchedulerConfig
+from medha.scheduler.policies import (
+    ChunkingMode,
+    default_deadline,
+    policy_for,
+    relative_slack,
+    slack,
+)
+from medha.scheduler.request import SchedRequest
+from tests.scheduler_support import ToyCost, make_scheduler
+
+COST = ToyCost()
+
+
+def _request(
+    request_id: str, arrival: float, deadline: float, total_prefill_s: float, order: int = 0
+) -> SchedRequest:
+    # ToyCost: prefill_time is ~2e-5 s/token for short prompts; pick a prompt that matches.
+    return SchedRequest(request_id, arrival, 1000, 8, deadline, True, total_prefill_s, order)
+
+
+def test_default_deadline_is_one_and_a_half_times_the_prefill_with_a_half_second_floor() -> None:
+    config = SchedulerConfig()
+    assert default_deadline(10.0, config) == pytest.approx(15.0)
+    assert default_deadline(0.02, config) == pytest.approx(0.5)
+
+
+def test_a_caller_deadline_replaces_the_default() -> None:
+    scheduler = make_scheduler(num_blocks=10_000)
+    given_deadline = scheduler.add_request("a", 1000, 4, arrival=0.0, deadline=0.2)
+    default = scheduler.add_request("b", 100_000, 4, arrival=0.0)
+    assert given_deadline.deadline == 0.2 and given_deadline.deadline_given
+    assert default.deadline == pytest.approx(1.5 * COST.prefill_time(100_000))
+    assert not default.deadline_given
+
+
+def test_slack_and_relative_slack_follow_the_formulas() -> None:
+    request = _request("r", arrival=1.0, deadline=2.0, total_prefill_s=0.5)
+    # s = a + d - t - w = 1 + 2 - 1.5 - 0.5 ; rho = s / d
+    assert slack(request, 1.5, COST) == pytest.approx(1.0)
+    assert relative_slack(request, 1.5, COST) == pytest.approx(0.5)
+
+
+def test_every_policy_name_is_selectable_and_unknown_names_are_rejected() -> None:
+    chunking = {name: policy_for(name).chunking for name in POLICY_NAMES}
+    assert chunking["fcfs"] is ChunkingMode.WHOLE
+    assert chunking["fcfs-chunked"] is ChunkingMode.FIXED
+    assert {chunking[n] for n in ("edf", "srpt", "lrs", "lars")} == {ChunkingMode.ADAPTIVE}
+    with pytest.raises(ValueError, match="unknown policy"):
+        policy_for("sjf")  # type: ignore[arg-type]
+
+
+def test_lars_lets_a_waiting_short_request_overtake_a_long_one_within_its_deadline() -> None:
+    lars = policy_for("lars").priority
+    long = _request("long", arrival=0.0, deadline=15.0, total_prefill_s=10.0)
+    short = _request("short", arrival=1.0, deadline=0.5, total_prefill_s=0.03)
+    assert lars.key(long, 1.0, COST) < lars.key(short, 1.0, COST)  # fresh short can wait
+    assert lars.key(short, 1.4, COST) < lars.key(long, 1.4, COST)  # ...but not for long
+
+
+def test_edf_puts_a_long_request_past_its_deadline_before_every_new_short_one() -> None:
+    edf = policy_for("edf").priority
+    long = _request("long", arrival=0.0, deadline=15.0, total_prefill_s=10.0)
+    short = _request("short", arrival=14.8, deadline=0.5, total_prefill_s=0.03)
+    assert edf.key(long, 14.8, COST) < edf.key(short, 14.8, COST)
+
+
+def test_srpt_always_prefers_the_shorter_remaining_work() -> None:
+    srpt = policy_for("srpt").priority
+    long = _request("long", arrival=0.0, deadline=15.0, total_prefill_s=10.0)
+    short = _request("short", arrival=100.0, deadline=0.5, total_prefill_s=0.03)
+    assert srpt.key(short, 100.0, COST) < srpt.key(long, 100.0, COST)
+
+
+def test_lrs_and_lars_disagree_on_a_long_request_with_more_absolute_slack() -> None:
+    # Long: slack 2 s of a 30 s budget (rho 0.07); short: slack 0.4 s of 0.5 s (rho 0.8).
+    long = _request("long", arrival=0.0, deadline=30.0, total_prefill_s=28.0)
+    short = _request("short", arrival=0.0, deadline=0.5, total_prefill_s=0.1)
+    lrs, lars = policy_for("lrs").priority, policy_for("lars").priority
+    assert lrs.key(short, 0.0, COST) < lrs.key(long, 0.0, COST)
+    assert lars.key(long, 0.0, COST) < lars.key(short, 0.0, COST)
+
+
+def test_fcfs_orders_by_arrival() -> None:
+    fcfs = policy_for("fcfs").priority
+    early = _request("early", arrival=0.0, deadline=100.0, total_prefill_s=50.0)
+    late = _request("late", arrival=1.0, deadline=0.5, total_prefill_s=0.01)
+    assert fcfs.key(early, 5.0, COST) < fcfs.key(late, 5.0, COST)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    name=st.sampled_from(["fcfs", "edf", "srpt", "lrs", "lars"]),
+    arrival=st.floats(0, 100),
+    deadline=st.floats(0.01, 100),
+    work=st.floats(0, 50),
+    now=st.floats(0, 200),
+)
+def test_cached_ranking_equals_the_key_recomputed_from_scratch(
+    name: str, arrival: float, deadline: float, work: float, now: float
+) -> None:
+    policy = policy_for(name).priority  # type: ignore[arg-type]
+    request = _request("r", arrival, deadline, work)
+    expected = {
+        "fcfs": arrival,
+        "edf": arrival + deadline,
+        "srpt": work,
+        "lrs": arrival + deadline - now - work,
+        "lars": (arrival + deadline - now - work) / deadline,
+    }[name]
+    (ranked_key, _, _), *_ = policy.ranked([request], now, COST)
+    assert ranked_key == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert policy.key(request, now, COST) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_ranking_refreshes_a_key_once_the_requests_cursor_moves() -> None:
+    lars = policy_for("lars").priority
+    scheduler = make_scheduler(num_blocks=10_000)
+    request = scheduler.add_request("r", 50_000, 4, arrival=0.0)
+    before = lars.ranked([request], 0.0, COST)[0][0]
+    request.issued = 40_000  # most of the prefill is done: much more slack
+    after = lars.ranked([request], 0.0, COST)[0][0]
+    assert after > before
+    assert after == pytest.approx(relative_slack(request, 0.0, COST))
