@@ -1,9 +1,17 @@
 """medha: long-context LLM serving that stays responsive for short requests.
 
-Public names live here; everything else is an implementation detail.
+    import medha
+    async with medha.Engine(medha.EngineConfig(model="smollm2-135m")) as engine:
+        async for ev in engine.stream("Hello", deadline=2.0):
+            print(ev.text, end="")
+
+Public names live here. Those that need torch (Engine, LLM) load on first use, so that
+`import medha.scheduler` and `import medha.errors` stay free of torch.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from medha.errors import (
     EngineClosedError,
@@ -16,18 +24,55 @@ from medha.errors import (
     RequestTooLargeError,
     UnsupportedModelError,
 )
+from medha.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from medha.config import EngineConfig
+    from medha.engine import Engine, EngineStats
+    from medha.llm import LLM
+    from medha.request import Completion, RequestMetrics, TokenEvent
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Engine": "medha.engine",
+    "EngineStats": "medha.engine",
+    "EngineConfig": "medha.config",
+    "LLM": "medha.llm",
+    "Completion": "medha.request",
+    "RequestMetrics": "medha.request",
+    "TokenEvent": "medha.request",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medha' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "LLM",
+    "Completion",
+    "Engine",
     "EngineClosedError",
+    "EngineConfig",
     "EngineFailedError",
+    "EngineStats",
     "InvalidRequestError",
     "InvalidSamplingParamsError",
     "MedhaError",
     "ModelLoadError",
     "PromptTooLongError",
+    "RequestMetrics",
     "RequestTooLargeError",
+    "SamplingParams",
+    "TokenEvent",
     "UnsupportedModelError",
     "__version__",
 ]

@@ -1,0 +1,58 @@
+"""Messages between the scheduler actor and the stage actors: small, typed, deltas only.
+
+A sequence's step carries only its new query tokens and the blocks allocated for this step;
+the stage keeps each request's block table and sampling state from earlier steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medha.sampling import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SeqWork:
+    request_id: str
+    start: int
+    """Absolute position of token_ids[0]."""
+    token_ids: tuple[int, ...]
+    new_blocks: tuple[int, ...]
+    """Blocks to append to the request's block table before the step."""
+    samples: bool
+    """Sample a token after this step (the last chunk of a prompt, or a decode)."""
+    sampling: SamplingParams | None = None
+    """Sent with the request's first step only; None afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStep:
+    step_id: int
+    seqs: tuple[SeqWork, ...]
+    release: tuple[str, ...] = ()
+    """Requests to forget before the step (finished or aborted: their blocks are reclaimed)."""
+    preempted: tuple[str, ...] = ()
+    """Requests whose block table to clear (evicted; they will recompute their KV). Their
+    sampling state stays, so a seeded request's random stream continues where it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    step_id: int
+    sampled: dict[str, SampledToken]
+    seconds: float
+    """Wall time the model step took (for calibration and the predicted-vs-measured report)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Release and preempt without running a step (an empty plan may still carry both)."""
+
+    release: tuple[str, ...]
+    preempted: tuple[str, ...] = ()

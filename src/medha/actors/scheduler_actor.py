@@ -1,0 +1,225 @@
+"""The scheduler actor: owns the pure Scheduler and every request's engine-side record.
+
+Its loop: take new requests and aborts from the mailbox, ask the Scheduler for the next plan,
+send it to the stage actor as a ModelStep, then turn the sampled tokens into stream events and
+tell the Scheduler the step is done. One plan is in flight at a time in one process (one
+pipeline stage); the stage runs it in a worker thread, so the event loop stays free meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from medha.actors.base import Actor
+from medha.actors.messages import Forget, ModelStep, SeqWork, StepOutput
+from medha.actors.stage import StageActor
+from medha.actors.tracked import TrackedRequest
+from medha.errors import EngineClosedError, EngineFailedError
+from medha.log import get_logger
+from medha.request import TokenEvent
+from medha.scheduler import BatchPlan, Scheduler
+
+_log = get_logger(__name__)
+
+# How long to wait for a message when the scheduler has work but can issue nothing (memory
+# full of in-flight work cannot happen with one stage, but a plan may still come back empty).
+_IDLE_POLL_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    request: TrackedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IterationRecord:
+    """What one iteration ran: for the demo's timeline and the calibration report."""
+
+    step_id: int
+    started: float
+    seconds: float
+    predicted_seconds: float
+    tokens: tuple[tuple[str, int, bool], ...]
+    """(request id, query tokens, is prefill) per sequence."""
+
+
+class SchedulerActor(Actor[Submit | Abort]):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        stage: StageActor,
+        clock: Callable[[], float],
+        record_iterations: bool = False,
+    ) -> None:
+        super().__init__("scheduler")
+        self.scheduler = scheduler
+        self.stage = stage
+        self.clock = clock
+        self.requests: dict[str, TrackedRequest] = {}
+        self.iterations = 0
+        self.history: list[IterationRecord] | None = [] if record_iterations else None
+
+    async def run(self) -> None:
+        try:
+            while await self._take_messages():
+                await self._iterate()
+        except Exception as exc:
+            self.fail(exc)
+            self._fail_requests(EngineFailedError(f"the engine failed: {exc!r}"), exc)
+            raise
+        finally:
+            if self.failure is None:
+                self._fail_requests(EngineClosedError("the engine was closed"), None)
+            # Requests submitted but never taken from the mailbox end too.
+            while (message := self.receive_nowait()) is not None:
+                if isinstance(message, Submit):
+                    message.request.fail(EngineClosedError("the engine was closed"))
+
+    async def _take_messages(self) -> bool:
+        """Handle what the mailbox holds; block for a message when there is no work at all.
+        False once the mailbox is closed (the engine is stopping)."""
+        try:
+            while True:
+                message = self.receive_nowait()
+                if message is None:
+                    break
+                self._handle(message)
+            if not self.scheduler.has_work:
+                self._handle(await self.receive())
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return False
+        return True
+
+    def _handle(self, message: Submit | Abort) -> None:
+        if isinstance(message, Submit):
+            request = message.request
+            try:
+                self.scheduler.add_request(
+                    request.request_id,
+                    len(request.prompt_ids),
+                    request.params.max_tokens,
+                    request.metrics.arrival,
+                    request.deadline,
+                )
+            except Exception as exc:  # checked before submitting; a late refusal ends only it
+                request.fail(exc)
+                return
+            scheduled = self.scheduler.get(request.request_id)
+            if scheduled is not None:
+                request.metrics.deadline = scheduled.deadline
+            self.requests[request.request_id] = request
+            _log.info(
+                "request queued",
+                request_id=request.request_id,
+                prompt_tokens=len(request.prompt_ids),
+                deadline=request.metrics.deadline,
+            )
+        else:
+            request = self.requests.pop(message.request_id, None)
+            if self.scheduler.abort(message.request_id) or request is not None:
+                _log.info("request aborted", request_id=message.request_id)
+            if request is not None:
+                request.abort()
+
+    async def _iterate(self) -> None:
+        if not self.scheduler.has_work:
+            return
+        plan = self.scheduler.schedule(self.clock())
+        for request_id in plan.preempted:
+            if request_id in self.requests:
+                self.requests[request_id].preemptions += 1
+            _log.info("request preempted", request_id=request_id)
+        if plan.is_empty:
+            if plan.released or plan.preempted:
+                await self.stage.ask(Forget(plan.released, plan.preempted))
+            with anyio.move_on_after(_IDLE_POLL_S):
+                message = await self.receive()
+                self._handle(message)
+            return
+        started = self.clock()
+        output: StepOutput = await self.stage.ask(self._model_step(plan))
+        now = self.clock()
+        self.scheduler.on_stage0_done(plan)
+        finished = self._deliver(output, now)
+        self.scheduler.on_step_done(plan, now, finished)
+        self.iterations += 1
+        if self.history is not None:
+            self.history.append(
+                IterationRecord(
+                    plan.plan_id,
+                    started,
+                    output.seconds,
+                    plan.predicted_time,
+                    tuple((s.request_id, s.q_tokens, s.kind.value == "prefill") for s in plan.seqs),
+                )
+            )
+        _log.debug(
+            "iteration",
+            step=plan.plan_id,
+            seqs=len(plan.seqs),
+            decodes=plan.num_decodes,
+            tokens=plan.num_tokens,
+            predicted_s=round(plan.predicted_time, 5),
+            measured_s=round(output.seconds, 5),
+        )
+
+    def _model_step(self, plan: BatchPlan) -> ModelStep:
+        works = []
+        for seq in plan.seqs:
+            request = self.requests[seq.request_id]
+            sampling = None
+            if not request.sampling_sent:
+                sampling, request.sampling_sent = request.params, True
+            new_blocks = tuple(block for _, blocks in seq.new_blocks for block in blocks)
+            works.append(
+                SeqWork(
+                    seq.request_id,
+                    seq.start,
+                    request.tokens(seq.start, seq.end),
+                    new_blocks,
+                    seq.samples,
+                    sampling,
+                )
+            )
+        return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted)
+
+    def _deliver(self, output: StepOutput, now: float) -> set[str]:
+        """Stream each sampled token; returns the requests whose stop conditions ended them."""
+        finished: set[str] = set()
+        for request_id, sampled in output.sampled.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue  # aborted while its step ran
+            update = request.output.push(sampled.token_id)
+            request.metrics.record_token(now)
+            event = TokenEvent(
+                request_id, sampled.token_id, update.text, update.finish_reason, sampled.logprob
+            )
+            if update.finished:
+                request.metrics.finished_time = now
+                finished.add(request_id)
+                del self.requests[request_id]
+                _log.info(
+                    "request finished",
+                    request_id=request_id,
+                    reason=update.finish_reason,
+                    tokens=request.metrics.num_output_tokens,
+                    ttft=request.metrics.ttft,
+                )
+            request.emit(event)
+        return finished
+
+    def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
+        for request in self.requests.values():
+            failure = type(error)(str(error))
+            failure.__cause__ = cause
+            request.fail(failure)
+        self.requests.clear()

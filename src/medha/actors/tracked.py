@@ -1,0 +1,78 @@
+"""The engine's record of one request: its tokens, output text state, metrics and the queue its
+stream reads from. Owned by the scheduler actor once submitted."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from medha.output_text import OutputText
+from medha.request import RequestMetrics, TokenEvent
+from medha.sampling import SamplingParams
+
+StreamItem = TokenEvent | BaseException
+
+
+@dataclass(eq=False)
+class TrackedRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output: OutputText
+    metrics: RequestMetrics
+    deadline: float | None
+    """The caller's TTFT deadline in seconds, or None for the scheduler's default."""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    sampling_sent: bool = False
+    preemptions: int = 0
+    _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
+    receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._send, self.receive = anyio.create_memory_object_stream[StreamItem](math.inf)
+
+    def tokens(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of prompt + generated output."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return tuple(self.prompt_ids[start:end])
+        return tuple((self.prompt_ids + self.token_ids)[start:end])
+
+    def emit(self, event: TokenEvent) -> None:
+        self.token_ids.append(event.token_id)
+        self.logprobs.append(event.logprob)
+        self.text_parts.append(event.text)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        self._send_item(event)
+        if event.finish_reason is not None:
+            self._send.close()
+
+    def abort(self) -> None:
+        """End the stream quietly (the consumer's `async for` stops; finish_reason "abort")."""
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+        self._send.close()
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error` (raised in the consumer)."""
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+        self._send_item(error)
+        self._send.close()
+
+    def _send_item(self, item: StreamItem) -> None:
+        # The consumer may have gone away (it aborted): then there is nobody to tell.
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(item)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)

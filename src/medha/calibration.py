@@ -1,0 +1,78 @@
+"""Calibrate the cost model to this machine: time the real executor on a grid of batch shapes
+and fit the roofline model's efficiency coefficients (medha.perf.fit_profile) to the times.
+
+The engine runs a short calibration at start unless given a saved profile; `medha calibrate`
+runs a longer one and saves it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from medha.model.runner import ModelRunner, StepSeq
+from medha.perf import CPU, CalibrationResult, DeviceProfile, Measurement, fit_profile
+from medha.scheduler import SeqShape
+
+
+def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
+    """Batch shapes that separate the model's terms: prefill chunks (matmul-bound) at several
+    prefix lengths (attention), decode batches (weight and KV reads), and mixes of both."""
+    grid: list[tuple[SeqShape, ...]] = []
+    for chunk in (16, 64, 256, 1024):
+        for prefix in (0, 512, 2048):
+            if chunk + prefix <= max_tokens:
+                grid.append((SeqShape(chunk, prefix),))
+    for batch in (1, 4, 16):
+        for context in (64, 1024):
+            if batch * (context + 1) <= max_tokens:
+                grid.append(tuple(SeqShape(1, context) for _ in range(batch)))
+    if max_tokens >= 4 * 257 + 256:
+        grid.append((*(SeqShape(1, 256) for _ in range(4)), SeqShape(256, 0)))
+    return grid
+
+
+def time_batch(runner: ModelRunner, shapes: Sequence[SeqShape], repeats: int = 2) -> float:
+    """Best-of-`repeats` seconds of one step of `shapes` on `runner` (random tokens, the cache
+    filled with whatever was there: only the time matters)."""
+    block = runner.block_size
+    seqs, next_block = [], 0
+    for shape in shapes:
+        total = shape.kv_tokens + shape.q_tokens
+        blocks = list(range(next_block, next_block + -(-total // block)))
+        next_block += len(blocks)
+        ids = torch.randint(0, runner.arch.vocab_size, (shape.q_tokens,)).tolist()
+        seqs.append(StepSeq(ids, shape.kv_tokens, blocks))
+    if next_block > runner.kv_cache.num_blocks:
+        raise ValueError(
+            f"batch needs {next_block} blocks; the cache has {runner.kv_cache.num_blocks}"
+        )
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.step(seqs)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate_runner(
+    runner: ModelRunner,
+    *,
+    base: DeviceProfile = CPU,
+    budget_s: float = 3.0,
+    dtype_bytes: int = 4,
+) -> tuple[CalibrationResult, list[Measurement]]:
+    """Measure as much of the grid as fits in `budget_s` (small shapes first) and fit."""
+    capacity = runner.kv_cache.capacity_tokens
+    grid = sorted(calibration_grid(capacity), key=lambda s: sum(x.q_tokens for x in s))
+    time_batch(runner, grid[0], repeats=1)  # warm-up: first calls allocate
+    measurements: list[Measurement] = []
+    deadline = time.perf_counter() + budget_s
+    for shapes in grid:
+        if measurements and time.perf_counter() > deadline:
+            break
+        measurements.append(Measurement(shapes, time_batch(runner, shapes)))
+    result = fit_profile(measurements, base, runner.arch, dtype_bytes=dtype_bytes)
+    return result, measurements

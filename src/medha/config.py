@@ -1,0 +1,52 @@
+"""EngineConfig: everything an Engine is built from, validated once (pydantic v2, frozen).
+
+Construction does no I/O: the model is opened when the engine starts, so a config can be built,
+validated and passed around (or serialised) anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medha.scheduler import PolicyName
+
+
+class EngineConfig(BaseModel):
+    """How to run a model. Bad values raise pydantic's ValidationError, naming the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    """A preset ("smollm2-135m", "tiny-random"), an HF checkpoint folder or a .gguf file."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    """"auto" picks the best available (logged); or "reference", "sdpa", ..."""
+
+    # -- scheduling ---------------------------------------------------------------------------
+    policy: PolicyName = "lars"
+    """fcfs (no chunking: the convoy baseline), fcfs-chunked, edf, srpt, lrs or lars."""
+    target_batch_time: float = Field(default=0.05, gt=0)
+    """Seconds per iteration the adaptive chunking aims at (the decode latency budget)."""
+    max_chunk: int = Field(default=8192, ge=32)
+    fixed_chunk: int = Field(default=512, ge=1)
+    """Per-iteration token budget of the fcfs-chunked baseline."""
+    max_num_seqs: int = Field(default=256, ge=1)
+    """Most requests running (prefilling or decoding) at once."""
+
+    # -- memory -------------------------------------------------------------------------------
+    block_size: int = Field(default=16, ge=1)
+    num_blocks: int | None = Field(default=None, ge=1)
+    """KV cache blocks; None sizes the cache from kv_cache_gib."""
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    max_model_len: int | None = Field(default=None, ge=1)
+    """Longest prompt + output accepted; None: the model's max_position_embeddings."""
+
+    # -- cost model ---------------------------------------------------------------------------
+    cost_profile: Path | None = None
+    """A device profile saved by `medha calibrate`; None: a short calibration at start."""
+    calibration_seconds: float = Field(default=3.0, gt=0)
+    """Time budget of the start-up calibration (when no cost_profile is given)."""

@@ -1,0 +1,294 @@
+"""Engine: the embeddable, awaitable front of medha.
+
+    async with medha.Engine(medha.EngineConfig(model="smollm2-135m")) as engine:
+        async for ev in engine.stream("Hello", deadline=2.0):
+            print(ev.text, end="")
+
+Inside, two actors run as tasks of the caller's event loop: the scheduler actor (the pure LARS
+Scheduler plus every request's record) and the stage actor (the model and its KV cache, stepping
+in a worker thread). The library never starts an event loop of its own: it works from
+`asyncio.run`/`anyio.run` scripts, web servers and Jupyter alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor, Submit
+from medha.actors.stage import StageActor
+from medha.actors.tracked import TrackedRequest
+from medha.config import EngineConfig
+from medha.errors import (
+    EngineClosedError,
+    EngineFailedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestTooLargeError,
+)
+from medha.log import get_logger
+from medha.output_text import OutputText
+from medha.request import Completion, RequestMetrics, TokenEvent, check_deadline
+from medha.sampling import SamplingParams
+
+_log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    free_blocks: int
+    total_blocks: int
+    waiting: int
+    running: int
+    preempted: int
+    finished: int
+    aborted: int
+    preemptions: int
+    iterations: int
+
+
+class Engine:
+    """Serve one model; use as `async with Engine(config) as engine:`."""
+
+    def __init__(self, config: EngineConfig, *, record_iterations: bool = False) -> None:
+        self.config = config
+        self._record_iterations = record_iterations
+        self._task_group: TaskGroup | None = None
+        self._scheduler_actor: SchedulerActor | None = None
+        self._stage: StageActor | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._t0 = time.monotonic()
+        self.tokenizer: Any = None
+        self.max_model_len = 0
+        self._vocab_size = 0
+        self.calibration: Any = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load the model (in a worker thread), calibrate, and start the actors."""
+        if self._task_group is not None or self._closed:
+            raise EngineClosedError("an Engine starts once; create a new one")
+        from medha.engine_setup import build_engine_parts
+
+        parts = await anyio.to_thread.run_sync(build_engine_parts, self.config)
+        self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
+        self._vocab_size = parts.runner.arch.vocab_size
+        self.calibration = parts.calibration
+        self._stage = StageActor(parts.runner)
+        self._scheduler_actor = SchedulerActor(
+            parts.scheduler, self._stage, self._clock, self._record_iterations
+        )
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._stage.run)
+        self._task_group.start_soon(self._scheduler_actor.run)
+        _log.info(
+            "engine started",
+            model=self.config.model,
+            policy=self.config.policy,
+            kv_blocks=parts.scheduler.config.num_blocks,
+        )
+
+    async def stop(self) -> None:
+        """Stop serving: open streams end with EngineClosedError; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        group = self._task_group
+        if group is None:
+            return
+        group.cancel_scope.cancel()
+        try:
+            await group.__aexit__(None, None, None)
+        except Exception as exc:  # the actors' failure was already delivered to the streams
+            _log.warning("engine stopped after a failure", error=repr(exc))
+
+    def _clock(self) -> float:
+        return time.monotonic() - self._t0
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        deadline: float | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """Validate and return an async iterator of the request's TokenEvents.
+
+        Invalid input raises here, before anything is queued. The request is queued when the
+        iteration starts; leaving the `async for` early, closing the iterator or cancelling the
+        consuming task aborts it and frees its KV cache.
+        """
+        request = self._prepare(prompt, sampling, deadline, request_id)
+        return self._stream(request)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        deadline: float | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Completion:
+        """Run a request to the end and return its Completion."""
+        request = self._prepare(prompt, sampling, deadline, request_id)
+        async for _ in self._stream(request):
+            pass
+        return Completion(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_ids,
+            token_ids=list(request.token_ids),
+            text=request.text,
+            finish_reason=request.finish_reason or "abort",
+            metrics=request.metrics,
+            logprobs=list(request.logprobs) if request.params.logprobs else None,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by id (no-op if it already finished)."""
+        self._actor().tell(Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        actor = self._actor()
+        s = actor.scheduler.stats()
+        return EngineStats(
+            free_blocks=sum(s.free_blocks),
+            total_blocks=sum(s.total_blocks),
+            waiting=s.waiting,
+            running=s.prefilling + s.decoding,
+            preempted=s.preempted,
+            finished=s.finished,
+            aborted=s.aborted,
+            preemptions=s.preemptions,
+            iterations=actor.iterations,
+        )
+
+    @property
+    def iteration_history(self) -> list[IterationRecord]:
+        history = self._actor().history
+        if history is None:
+            raise RuntimeError("create the Engine with record_iterations=True")
+        return history
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _actor(self) -> SchedulerActor:
+        actor = self._scheduler_actor
+        if actor is None or self._closed:
+            raise EngineClosedError("the engine is not running (use `async with Engine(...)`)")
+        if actor.failure is not None:
+            raise EngineFailedError("the engine has failed") from actor.failure
+        return actor
+
+    async def _stream(self, request: TrackedRequest) -> AsyncGenerator[TokenEvent, None]:
+        actor = self._actor()
+        request.metrics.arrival = self._clock()
+        actor.tell(Submit(request))
+        finished = False
+        try:
+            async with request.receive:
+                async for item in request.receive:
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    finished = item.finish_reason is not None
+                    yield item
+        finally:
+            if not finished and not self._closed and actor.failure is None:
+                actor.tell(Abort(request.request_id))
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None,
+        deadline: float | None,
+        request_id: str | None,
+    ) -> TrackedRequest:
+        actor = self._actor()
+        params = SamplingParams() if sampling is None else sampling
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
+            )
+        prompt_ids = self._prompt_ids(prompt)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"{total} tokens exceed the context of {self.max_model_len}"
+            )
+        config = actor.scheduler.config
+        blocks = -(-total // config.block_size)
+        if blocks > config.num_blocks:
+            raise RequestTooLargeError(
+                f"the request needs {blocks} KV blocks ({total} tokens); the cache has "
+                f"{config.num_blocks} (raise num_blocks or kv_cache_gib)"
+            )
+        checked_deadline = check_deadline(deadline)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string")
+        elif actor.scheduler.get(request_id) is not None:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        return TrackedRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            output=OutputText(self.tokenizer, prompt_ids, params, self.tokenizer.eos_token_ids),
+            metrics=RequestMetrics(
+                arrival=0.0,
+                deadline=checked_deadline or 0.0,
+                deadline_given=checked_deadline is not None,
+            ),
+            deadline=checked_deadline,
+        )
+
+    def _prompt_ids(self, prompt: object) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list | tuple):
+            vocab = self._vocab_size
+            for token in prompt:
+                if isinstance(token, bool) or not isinstance(token, int):
+                    raise InvalidRequestError(
+                        f"a token-id prompt must hold ints, found {type(token).__name__}"
+                    )
+                if not 0 <= token < vocab:
+                    raise InvalidRequestError(
+                        f"token id {token} is outside the vocabulary [0, {vocab})"
+                    )
+            ids = list(prompt)
+        else:
+            raise InvalidRequestError(
+                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids

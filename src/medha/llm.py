@@ -1,0 +1,97 @@
+"""LLM: a synchronous front for scripts that do not want to write async code.
+
+    llm = medha.LLM(medha.EngineConfig(model="smollm2-135m"))
+    print(llm.generate(["What is the capital of France?"])[0].text)
+    llm.close()
+
+The engine runs on an event loop in a background thread (an anyio blocking portal), so this
+also works where a loop already runs in the main thread (Jupyter): the library never takes over
+the caller's loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from medha.config import EngineConfig
+from medha.engine import Engine
+from medha.request import Completion
+from medha.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, config: EngineConfig) -> None:
+        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self.engine = Engine(config)
+        self._stop: anyio.Event | None = None
+        try:
+            # The engine lives inside one long task of the portal: a task group must be
+            # entered and left by the same task.
+            self._served, _ = self._portal.start_task(self._serve)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    async def _serve(self, *, task_status: TaskStatus[None]) -> None:
+        self._stop = anyio.Event()
+        async with self.engine:
+            task_status.started()
+            await self._stop.wait()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling: SamplingParams | None = None,
+        deadlines: Sequence[float | None] | None = None,
+    ) -> list[Completion]:
+        """Run every prompt concurrently (they share batches) and return their Completions in
+        order. A single str or token-id list counts as one prompt."""
+        batch: list[Prompt] = (
+            [prompts]
+            if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+            else list(prompts)  # type: ignore[arg-type]
+        )
+        if deadlines is not None and len(deadlines) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
+
+        async def run_all() -> list[Completion]:
+            results: list[Completion | None] = [None] * len(batch)
+
+            async def one(index: int) -> None:
+                deadline = None if deadlines is None else deadlines[index]
+                results[index] = await self.engine.generate(batch[index], sampling, deadline)
+
+            async with anyio.create_task_group() as group:
+                for index in range(len(batch)):
+                    group.start_soon(one, index)
+            return [r for r in results if r is not None]
+
+        return self._portal.call(run_all)
+
+    def close(self) -> None:
+        try:
+            if self._stop is not None:
+                self._portal.call(self._stop.set)
+                self._served.result()
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,94 @@
+"""What callers see of a request: events while it streams, and the completion at the end."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token, streamed as soon as it is sampled."""
+
+    request_id: str
+    token_id: int
+    text: str
+    """Text that became final with this token (may be empty: held back while it could still be
+    part of a stop string or of a multi-byte character)."""
+    finish_reason: str | None = None
+    """None until the last event; then "stop" (eos, stop token or string) or "length"."""
+    logprob: float | None = None
+    """Log-probability of the token under the model, when SamplingParams.logprobs is set."""
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Timings of one request in seconds on the engine's clock (time.monotonic)."""
+
+    arrival: float
+    deadline: float
+    """Seconds after arrival by which the first token was due (the caller's, or the default
+    max(1.5 x predicted prefill time, 0.5 s))."""
+    deadline_given: bool = False
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_output_tokens: int = 0
+    finished_time: float | None = None
+    token_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first (None with fewer than two tokens)."""
+        if self.num_output_tokens < 2 or self.first_token_time is None:
+            return None
+        assert self.last_token_time is not None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival
+
+    @property
+    def deadline_met(self) -> bool | None:
+        """Whether the first token came within the deadline (None before it came)."""
+        ttft = self.ttft
+        return None if ttft is None else ttft <= self.deadline
+
+    def record_token(self, now: float) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.num_output_tokens += 1
+        self.token_times.append(now)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The whole result of a request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    metrics: RequestMetrics
+    logprobs: list[float | None] | None = None
+
+
+def check_deadline(deadline: object) -> float | None:
+    """Validate a caller's TTFT deadline (seconds, > 0, finite) or None."""
+    from medha.errors import InvalidRequestError
+
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        raise InvalidRequestError(f"deadline must be seconds (a number) or None, got {deadline!r}")
+    if math.isnan(deadline) or math.isinf(deadline) or deadline <= 0:
+        raise InvalidRequestError(
+            f"deadline must be a finite number of seconds > 0, got {deadline}"
+        )
+    return float(deadline)

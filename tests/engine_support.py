@@ -1,0 +1,52 @@
+"""Shared set-up of the engine tests: a tiny model, a cost profile calibrated once per session,
+and the "request alone" reference outputs."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from medha.config import EngineConfig
+from medha.model.setup import build_runner
+from medha.model.single import generate_single
+from medha.sampling import SamplingParams
+
+MODEL = "tiny-random"
+
+
+@cache
+def cost_profile_path() -> Path:
+    """Calibrate the tiny model once and save the profile, so engines start in ~0.2 s."""
+    import tempfile
+
+    from medha.calibration import calibrate_runner
+    from medha.perf import save_profile
+
+    runner, _ = build_runner(MODEL, num_blocks=512)
+    result, _ = calibrate_runner(runner, budget_s=1.5)
+    path = Path(tempfile.mkdtemp(prefix="medha-test-")) / "tiny-cpu-profile.json"
+    save_profile(result.profile, path)
+    return path
+
+
+def engine_config(**overrides: Any) -> EngineConfig:
+    settings: dict[str, Any] = {
+        "model": MODEL,
+        "cost_profile": cost_profile_path(),
+        "num_blocks": 1024,
+    }
+    settings.update(overrides)
+    return EngineConfig(**settings)
+
+
+@cache
+def _alone_runner() -> Any:
+    return build_runner(MODEL, num_blocks=512)
+
+
+def greedy_alone(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    """The greedy tokens of `prompt` run alone, chunk by chunk, without any scheduler."""
+    runner, tokenizer = _alone_runner()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [t.token_id for t in generate_single(runner, list(prompt), params, tokenizer)]

@@ -1,0 +1,199 @@
+"""The public Engine API: stream() and generate() agree, inputs are validated with typed errors
+before anything is queued, leaving a stream aborts its request, a closed engine says so."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import pytest
+
+import medha
+from medha import (
+    EngineClosedError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestTooLargeError,
+    SamplingParams,
+)
+from tests.engine_support import engine_config
+
+pytestmark = pytest.mark.anyio
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _wait_idle(engine: medha.Engine) -> medha.EngineStats:
+    with anyio.fail_after(10):
+        while True:
+            stats = engine.stats()
+            if stats.running == 0 and stats.waiting == 0 and stats.preempted == 0:
+                return stats
+            await anyio.sleep(0.01)
+
+
+async def test_stream_and_generate_give_the_same_tokens_and_text() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        events = [ev async for ev in engine.stream("The quick brown fox", GREEDY)]
+        done = await engine.generate("The quick brown fox", GREEDY)
+    assert [ev.token_id for ev in events] == done.token_ids
+    assert "".join(ev.text for ev in events) == done.text
+    assert [ev.finish_reason for ev in events] == [None] * 11 + ["length"]
+    assert done.finish_reason == "length"
+    assert done.metrics.ttft is not None and done.metrics.ttft > 0
+    assert done.metrics.tpot is not None and done.metrics.e2e >= done.metrics.ttft
+
+
+async def test_prompt_may_be_token_ids_and_sampling_is_reproducible_with_a_seed() -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=11, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        first = await engine.generate([5, 6, 7, 8, 9], params)
+        second = await engine.generate([5, 6, 7, 8, 9], params)
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 8
+
+
+async def test_deadline_met_compares_ttft_with_the_callers_deadline() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        relaxed = await engine.generate("hello", GREEDY, deadline=30.0)
+        impossible = await engine.generate("hello", GREEDY, deadline=1e-9)
+        default = await engine.generate("hello", GREEDY)
+    assert relaxed.metrics.deadline == 30.0 and relaxed.metrics.deadline_met is True
+    assert impossible.metrics.deadline_met is False
+    # No deadline given: the scheduler's default, max(1.5 x predicted prefill, 0.5 s).
+    assert default.metrics.deadline == pytest.approx(0.5) and not default.metrics.deadline_given
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda e: e.stream(""), InvalidRequestError),
+        (lambda e: e.stream([]), InvalidRequestError),
+        (lambda e: e.stream(42), InvalidRequestError),
+        (lambda e: e.stream([1, "2"]), InvalidRequestError),
+        (lambda e: e.stream([1, True]), InvalidRequestError),
+        (lambda e: e.stream([1, 10**6]), InvalidRequestError),
+        (lambda e: e.stream([-1]), InvalidRequestError),
+        (lambda e: e.stream([1] * 5000), PromptTooLongError),
+        (lambda e: e.stream("hi", SamplingParams(max_tokens=5000)), PromptTooLongError),
+        (lambda e: e.stream("hi", {"max_tokens": 3}), InvalidRequestError),
+        (lambda e: e.stream("hi", deadline=-1.0), InvalidRequestError),
+        (lambda e: e.stream("hi", deadline=math.nan), InvalidRequestError),
+        (lambda e: e.stream("hi", deadline="soon"), InvalidRequestError),
+        (lambda e: e.stream("hi", SamplingParams(max_tokens=4000)), RequestTooLargeError),
+    ],
+)
+async def test_bad_input_raises_a_typed_error_before_queueing(call, error) -> None:  # type: ignore[no-untyped-def]
+    async with medha.Engine(engine_config(num_blocks=64)) as engine:
+        with pytest.raises(error):
+            call(engine)
+        assert issubclass(error, ValueError)
+        stats = engine.stats()
+        assert stats.waiting == stats.running == 0 and stats.free_blocks == stats.total_blocks
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SamplingParams(max_tokens=0),
+        lambda: SamplingParams(temperature=-0.1),
+        lambda: SamplingParams(top_p=0.0),
+        lambda: SamplingParams(top_p=1.5),
+        lambda: SamplingParams(stop=5),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_sampling_params_raise_a_typed_error(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidSamplingParamsError):
+        make()
+
+
+async def test_bad_input_does_not_disturb_a_request_already_streaming() -> None:
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        tokens: list[int] = []
+        async for ev in engine.stream("keep going", params):
+            tokens.append(ev.token_id)
+            if len(tokens) == 3:
+                for bad in ("", [10**6], 3.5):
+                    with pytest.raises(InvalidRequestError):
+                        engine.stream(bad)  # type: ignore[arg-type]
+        alone = await engine.generate("keep going", params)
+    assert tokens == alone.token_ids
+
+
+async def test_leaving_async_for_early_aborts_the_request_and_frees_its_kv() -> None:
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        async for ev in engine.stream("a long answer please", params):
+            if ev.token_id is not None:
+                break
+        stats = await _wait_idle(engine)
+        assert stats.free_blocks == stats.total_blocks
+        assert stats.aborted == 1 and stats.finished == 0
+
+
+async def test_cancelling_the_consuming_task_aborts_the_request() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        seen = 0
+
+        async def consume() -> None:
+            nonlocal seen
+            async for _ in engine.stream("cancel me", params):
+                seen += 1
+
+        with anyio.move_on_after(0.3):
+            await consume()
+        assert 0 < seen < 500
+        stats = await _wait_idle(engine)
+        assert stats.aborted == 1 and stats.free_blocks == stats.total_blocks
+
+
+async def test_abort_by_request_id_ends_the_stream() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        stream = engine.stream("abort me", params, request_id="victim")
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count == 2:
+                await engine.abort("victim")
+        assert count < 500
+        stats = await _wait_idle(engine)
+        assert stats.free_blocks == stats.total_blocks
+
+
+async def test_a_closed_engine_raises_engine_closed_error() -> None:
+    engine = medha.Engine(engine_config())
+    with pytest.raises(EngineClosedError):
+        engine.stream("not started")
+    async with engine:
+        pass
+    with pytest.raises(EngineClosedError):
+        engine.stream("closed")
+    with pytest.raises(EngineClosedError):
+        await engine.generate("closed")
+
+
+async def test_open_streams_end_with_engine_closed_error_when_the_engine_stops() -> None:
+    params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+    received = 0
+    with pytest.raises(EngineClosedError):
+        async with medha.Engine(engine_config()) as engine:
+            async for _ in engine.stream("endless", params):
+                received += 1
+                if received == 3:
+                    await engine.stop()
+    assert received == 3
+
+
+def test_llm_generates_synchronously_in_order() -> None:
+    with medha.LLM(engine_config()) as llm:
+        results = llm.generate(["one", "two", [7, 8, 9]], GREEDY)
+    assert [len(r.token_ids) for r in results] == [12, 12, 12]
+    assert results[0].prompt_token_ids != results[1].prompt_token_ids
