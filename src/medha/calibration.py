@@ -14,7 +14,7 @@ import torch
 
 from medha.model.runner import ModelRunner, StepSeq
 from medha.perf import CPU, CalibrationResult, DeviceProfile, Measurement, fit_profile
-from medha.scheduler import SeqShape
+from medha.scheduler import BatchCostModel, SeqShape
 
 
 def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
@@ -22,7 +22,7 @@ def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
     prefix lengths (attention), decode batches (weight and KV reads), and mixes of both."""
     grid: list[tuple[SeqShape, ...]] = []
     for chunk in (16, 64, 256, 1024):
-        for prefix in (0, 512, 2048):
+        for prefix in (0, 512, 2048, 6144):
             if chunk + prefix <= max_tokens:
                 grid.append((SeqShape(chunk, prefix),))
     for batch in (1, 4, 16):
@@ -31,7 +31,34 @@ def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
                 grid.append(tuple(SeqShape(1, context) for _ in range(batch)))
     if max_tokens >= 4 * 257 + 256:
         grid.append((*(SeqShape(1, 256) for _ in range(4)), SeqShape(256, 0)))
+    if max_tokens >= 4 * 2049 + 4096 + 128:
+        grid.append((*(SeqShape(1, 2048) for _ in range(4)), SeqShape(128, 4096)))
     return grid
+
+
+def mixed_validation_batches(
+    max_tokens: int, count: int = 12, seed: int = 0
+) -> list[tuple[SeqShape, ...]]:
+    """Random mixed batches unlike the grid (decodes at various contexts plus a prefill chunk
+    over a prefix): what the engine runs, to check the fitted model's predictions."""
+    import random
+
+    rng = random.Random(seed)
+    batches: list[tuple[SeqShape, ...]] = []
+    while len(batches) < count:
+        decodes = [SeqShape(1, rng.randint(16, 3000)) for _ in range(rng.randint(0, 8))]
+        chunk = SeqShape(rng.choice((32, 96, 160, 384, 768)), rng.randint(0, 4000))
+        batch = (*decodes, chunk)
+        if sum(s.q_tokens + s.kv_tokens for s in batch) + 16 * len(batch) <= max_tokens:
+            batches.append(batch)
+    return batches
+
+
+def prediction_errors(
+    runner: ModelRunner, cost: BatchCostModel, batches: Sequence[tuple[SeqShape, ...]]
+) -> list[tuple[float, float]]:
+    """(predicted, measured) seconds of each batch."""
+    return [(cost.batch_time(batch), time_batch(runner, batch)) for batch in batches]
 
 
 def time_batch(runner: ModelRunner, shapes: Sequence[SeqShape], repeats: int = 2) -> float:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medha.commands import generate
+from medha.commands import calibrate, demo, generate, simulate
 
-COMMANDS = [generate]
+COMMANDS = [generate, demo, simulate, calibrate]

@@ -94,12 +94,45 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Store this step's keys/values [T, Hkv, D] at their slots; slot -1 means not stored here."""
-    if slot_mapping.numel() == 0:
-        return
+    _store(k, v, k_cache, v_cache, *_stored_slots(slot_mapping))
+
+
+def write_step_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> None:
+    """`write_kv` at `meta.slot_mapping`, with the stored tokens picked once per step (cached in
+    the metadata) rather than once per layer."""
+    stored = meta.scratch.get("stored_slots")
+    if stored is None:
+        stored = meta.scratch["stored_slots"] = _stored_slots(meta.slot_mapping)
+    _store(k, v, k_cache, v_cache, *stored)
+
+
+def _stored_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(slots stored in this shard, mask of their tokens or None when all are stored)."""
     keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if bool(keep.all()):
+        return slot_mapping, None
+    return slot_mapping[keep], keep
+
+
+def _store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> None:
+    if slots.numel() == 0:
+        return
+    if keep is not None:
+        k, v = k[keep], v[keep]
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)

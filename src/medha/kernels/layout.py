@@ -26,6 +26,9 @@ class SeqView:
     causal_tail: bool
     """The queries are the shard's last q_len keys (a prefill chunk, or a decode, appending to
     this shard): attention = full over the prefix + causal over the chunk itself."""
+    first_block: int | None = None
+    """The first block id when the blocks are consecutive ids: the keys are then read in place,
+    without a gather."""
 
 
 def seq_views(meta: AttentionMetadata) -> list[SeqView]:
@@ -37,6 +40,7 @@ def seq_views(meta: AttentionMetadata) -> list[SeqView]:
     for i in range(meta.num_seqs):
         q_len, kv_len = meta.q_lens[i], meta.kv_lens[i]
         num_blocks = -(-kv_len // meta.block_size)
+        block_ids = meta.block_tables[i, :num_blocks]
         first_q, first_k = meta.q_start_pos[i], meta.kv_start_pos[i]
         # The last key must not lie beyond the first query for the mask to be all-true.
         all_visible = first_k + kv_len - 1 <= first_q
@@ -48,10 +52,11 @@ def seq_views(meta: AttentionMetadata) -> list[SeqView]:
         views.append(
             SeqView(
                 q_slice=slice(meta.cu_q_lens[i], meta.cu_q_lens[i + 1]),
-                block_ids=meta.block_tables[i, :num_blocks],
+                block_ids=block_ids,
                 kv_len=kv_len,
                 visible=visible,
                 causal_tail=kv_len >= q_len and first_k + kv_len == first_q + q_len,
+                first_block=_first_of_consecutive(block_ids),
             )
         )
     meta.scratch["seq_views"] = views
@@ -59,6 +64,17 @@ def seq_views(meta: AttentionMetadata) -> list[SeqView]:
 
 
 def gather_kv(cache: torch.Tensor, view: SeqView) -> torch.Tensor:
-    """The sequence's keys (or values) from a block pool: [kv_len, kv_heads, head_dim]."""
+    """The sequence's keys (or values) from a block pool: [kv_len, kv_heads, head_dim]; a view
+    of the pool when the blocks are consecutive, else a copy."""
+    if view.first_block is not None:
+        flat = cache.view(-1, *cache.shape[2:])
+        return flat.narrow(0, view.first_block * cache.shape[1], view.kv_len)
     blocks = cache.index_select(0, view.block_ids)
-    return blocks.reshape(-1, *cache.shape[2:])[: view.kv_len]
+    return blocks.view(-1, *cache.shape[2:])[: view.kv_len]
+
+
+def _first_of_consecutive(block_ids: torch.Tensor) -> int | None:
+    ids = block_ids.tolist()
+    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        return None
+    return int(ids[0])

@@ -7,14 +7,15 @@ sequence: the batch is ragged.
 A prefill chunk over a cached prefix needs bottom-right causal masking, which these kernels'
 `is_causal` (top-left) does not do. Rather than pay for a dense mask, the chunk attends in two
 calls, fully to the prefix and causally to itself, and the two partials are merged exactly by
-their lse: causal calls skip the masked half of the work. Decode rows skip the fused kernel: for
-one query its launch and the K/V head expansion cost more than the plain math.
+their lse: causal calls skip the masked half of the work. A decode row that sees all its keys
+goes to `medha.kernels.decode`, which reads K/V in place without expanding their heads.
 """
 
 from __future__ import annotations
 
 import torch
 
+from medha.kernels.decode import attend_one_query
 from medha.kernels.layout import SeqView, gather_kv, seq_views
 from medha.kernels.merge import merge_attention_partials
 from medha.kernels.metadata import AttentionMetadata
@@ -29,33 +30,47 @@ def sdpa_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `reference_attention`."""
+    views = seq_views(meta)
+    if len(views) == 1 and views[0].kv_len > 0:
+        # One sequence owns every row (a lone request's decode): no scatter into a batch.
+        o, row_lse = _attend_seq(q, k_cache, v_cache, views[0], scale)
+        return (o if o.dtype == q.dtype else o.to(q.dtype)), row_lse
     num_tokens, num_heads, _head_dim = q.shape
-    group = num_heads // k_cache.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for view in seq_views(meta):
+    for view in views:
         if view.kv_len == 0:
             continue
-        k, v = gather_kv(k_cache, view), gather_kv(v_cache, view)
-        if view.q_slice.stop - view.q_slice.start == 1:
-            o, row_lse = attend(q[view.q_slice], k, v, view.visible, scale)
-            out[view.q_slice], lse[view.q_slice] = o.to(q.dtype), row_lse
-            continue
-        qs = q[view.q_slice].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-        k, v = _expand_heads(k, group), _expand_heads(v, group)
-        if view.causal_tail:
-            o, row_lse = _prefix_then_causal(qs, k, v, scale)
-        else:
-            o, row_lse = _fused(qs, k, v, scale, mask=_additive_mask(view, q.dtype))
-            if view.visible is not None:
-                # Fused kernels leave rows that see no key undefined; attention over nothing is
-                # out = 0, lse = -inf (the merge's neutral element: a KVP shard after q).
-                blind = ~view.visible.any(dim=-1)
-                o = o.masked_fill(blind[:, None, None], 0.0)
-                row_lse = row_lse.masked_fill(blind[:, None], float("-inf"))
+        o, row_lse = _attend_seq(q[view.q_slice], k_cache, v_cache, view, scale)
         out[view.q_slice] = o
         lse[view.q_slice] = row_lse
     return out, lse
+
+
+def _attend_seq(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: SeqView, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's queries [q_len, H, D] over its keys -> (out [q_len, H, D], lse fp32)."""
+    k, v = gather_kv(k_cache, view), gather_kv(v_cache, view)
+    if q.shape[0] == 1:
+        if view.visible is None:
+            return attend_one_query(q, k, v, scale)
+        return attend(q, k, v, view.visible, scale)
+    qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    # The CPU flash kernel maps query head h to kv head h // group itself; CUDA's wants equal
+    # head counts.
+    group = 1 if q.is_cpu else q.shape[1] // k_cache.shape[2]
+    k, v = _expand_heads(k, group), _expand_heads(v, group)
+    if view.causal_tail:
+        return _prefix_then_causal(qs, k, v, scale)
+    o, row_lse = _fused(qs, k, v, scale, mask=_additive_mask(view, q.dtype))
+    if view.visible is not None:
+        # Fused kernels leave rows that see no key undefined; attention over nothing is
+        # out = 0, lse = -inf (the merge's neutral element: a KVP shard after q).
+        blind = ~view.visible.any(dim=-1)
+        o = o.masked_fill(blind[:, None, None], 0.0)
+        row_lse = row_lse.masked_fill(blind[:, None], float("-inf"))
+    return o, row_lse
 
 
 def _prefix_then_causal(

@@ -8,6 +8,7 @@ million positions would cost more memory than it saves time).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +61,28 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+    def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """The rotation of the tokens at `positions`, computed once per step for every layer."""
+        cos, sin = self.cos_sin(positions, dtype)
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin = swap_halves(x) * [-sin_1, sin_2]: the sign moves into sin once
+        # per step, exactly (negation is exact), instead of into x at every layer.
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return Rotation(cos, signed_sin)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """Rotary embedding of one step's tokens: cos and the half-negated sin, [T, 1, head_dim]."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] rotated as `apply_rotary` does (q and k heads may be rotated in one call)."""
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # [x_2, x_1]
+        return torch.addcmul(x * self.cos, swapped, self.signed_sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

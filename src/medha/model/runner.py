@@ -49,13 +49,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LlamaForCausalLM:
-    """Build the model without initialising it, then fill every parameter from `get_tensor`."""
+    """Build the model without initialising it, lay its weights out for fast matmuls, then
+    fill every parameter from `get_tensor`."""
     with torch.device("meta"):
         model = LlamaForCausalLM(arch)
     model = model.to(dtype=dtype).to_empty(device=device)
     if arch.tie_word_embeddings:
         # to_empty materialises the two names of a tied weight separately: tie them again.
         model.lm_head.weight = model.model.embed_tokens.weight
+    # Packing before loading writes each tensor straight into its final layout: no transient
+    # second copy of the weights.
+    model.pack_weights(copy=False)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(get_tensor(name, dtype))

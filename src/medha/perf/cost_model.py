@@ -18,14 +18,15 @@ import math
 from collections.abc import Sequence
 
 from medha.model.arch import ModelArch
+from medha.perf.batch_sums import BatchSums, RooflinePricer
 from medha.perf.hardware import DeviceProfile
 from medha.perf.prefill_table import PrefillTable
 from medha.perf.replica import ReplicaSpec
 from medha.perf.roofline import (
     LSE_BYTES,
+    AttentionShape,
     Terms,
     allgather_wire_bytes,
-    attention_work,
     elementwise_bytes,
     linear_work,
     ring_allreduce_wire_bytes,
@@ -61,11 +62,21 @@ class RooflineCostModel:
         self._linears = ((h, q_dim + 2 * kv_dim), (q_dim, h), (h, 2 * inter), (inter, h))
         self._elementwise_per_token = elementwise_bytes(1, h, q_dim, kv_dim, inter, dtype_bytes)
         self._vocab_shard = math.ceil(arch.vocab_size / tp)
+        self._attention = AttentionShape(self._q_heads, self._kv_heads, arch.head_dim, dtype_bytes)
+        eff = profile.efficiency
+        self._attention_rates = (
+            profile.peak_flops,
+            profile.peak_flops * eff.attention,
+            profile.hbm_bandwidth,
+            profile.hbm_bandwidth * eff.kv_read,
+        )
 
         gpn = profile.gpus_per_node
         self._tp_link = self._link(replica.tp_spans_one_node(gpn))
         self._kvp_link = self._link(replica.kvp_spans_one_node(gpn))
         self._pp_link = self._link(replica.pp_neighbours_share_node(gpn))
+        self._token_cache: dict[int, tuple[float, float, float, float]] = {}
+        self._head_cache: dict[int, float] = {}
         self._prefill = PrefillTable(self.chunk_times, replica, reference_chunk_tokens)
 
     def _link(self, intra_node: bool) -> tuple[float, float]:
@@ -77,10 +88,10 @@ class RooflineCostModel:
     # -- BatchCostModel ---------------------------------------------------------------------
 
     def batch_time(self, seqs: Sequence[SeqShape]) -> float:
-        return self.batch_terms(seqs).seconds(self.profile.efficiency)
+        return self.batch_seconds(self.sums_of(seqs))
 
     def stage_time(self, seqs: Sequence[SeqShape]) -> float:
-        return self.stage_terms(seqs).seconds(self.profile.efficiency)
+        return self.stage_seconds(self.sums_of(seqs))
 
     def prefill_time(self, prompt_tokens: int) -> float:
         return self._prefill.prefill_time(prompt_tokens)
@@ -88,60 +99,191 @@ class RooflineCostModel:
     def remaining_prefill_time(self, processed_tokens: int, prompt_tokens: int) -> float:
         return self._prefill.remaining_prefill_time(processed_tokens, prompt_tokens)
 
+    def batch_pricer(self) -> RooflinePricer:
+        """An empty batch that prices "this batch plus one sequence" in O(1) (the optional
+        medha.scheduler.pricing protocol the scheduler's adaptive chunking uses)."""
+        return RooflinePricer(self)
+
     # -- decomposition ----------------------------------------------------------------------
 
     def chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
         """(batch_time, stage_time) of a batch holding only `chunk` (feeds the prefill table)."""
-        eff = self.profile.efficiency
-        stages = self._stages_terms([chunk])
-        return _batch_of(stages).seconds(eff), max(t.seconds(eff) for t in stages)
+        sums = self.seq_sums(chunk)
+        return self.batch_seconds(sums), max(self._stage_seconds(sums))
 
     def batch_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The batch's time through every stage, as additive terms (see roofline.Terms)."""
-        return _batch_of(self._stages_terms(seqs)) if seqs else Terms()
+        return _batch_of(self._stages_terms(self.sums_of(seqs))) if seqs else Terms()
 
     def stage_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The slowest pipeline stage's share of the batch, including its send downstream."""
         if not seqs:
             return Terms()
         eff = self.profile.efficiency
-        return max(self._stages_terms(seqs), key=lambda t: t.seconds(eff))
+        return max(self._stages_terms(self.sums_of(seqs)), key=lambda t: t.seconds(eff))
 
     def breakdown(self, seqs: Sequence[SeqShape]) -> dict[str, float]:
         """Seconds of `batch_time` per term (matmul, attention, memory, kv_read, ...)."""
         return self.batch_terms(seqs).seconds_by_term(self.profile.efficiency)
 
-    def _stages_terms(self, seqs: Sequence[SeqShape]) -> list[Terms]:
+    def sums_of(self, seqs: Sequence[SeqShape]) -> BatchSums:
+        sums = BatchSums()
         for seq in seqs:
-            self._check_seq(seq)
-        tokens = sum(s.q_tokens for s in seqs)
-        layer = self._layer_terms(seqs, tokens)
-        send = self._send_terms(tokens)
+            self.accumulate(sums, seq)
+        return sums
+
+    def seq_sums(self, seq: SeqShape) -> BatchSums:
+        """One sequence's share of a layer: its tokens, attention work and KVP merge bytes."""
+        sums = BatchSums()
+        self.accumulate(sums, seq)
+        return sums
+
+    def accumulate(self, sums: BatchSums, seq: SeqShape) -> None:
+        """Add one sequence's share of a layer to `sums`.
+
+        Called for every sequence of every batch priced (hundreds of decodes per iteration), so
+        it allocates nothing and its constants are looked up once, in `__init__`."""
+        q_tokens, kv_tokens, groups = seq.q_tokens, seq.kv_tokens, seq.kvp_groups
+        if q_tokens < 0 or kv_tokens < 0:
+            raise ValueError(f"token counts must be >= 0: {seq}")
+        if not 1 <= groups <= self.replica.kvp:
+            raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
+        flops, nbytes = self._attention.work(q_tokens, kv_tokens / groups)
+        peak, attention_rate, hbm, kv_read_rate = self._attention_rates
+        sums.tokens += q_tokens
+        sums.seqs += 1
+        # The roofline branch is chosen per sequence: a decode reads KV, a long chunk computes.
+        if flops / attention_rate >= nbytes / kv_read_rate:
+            sums.attention += flops / peak
+        else:
+            sums.kv_read += nbytes / hbm
+        if groups > 1:
+            partial = q_tokens * self._q_heads * (self.arch.head_dim * self.dtype_bytes + LSE_BYTES)
+            sums.merge_bytes += allgather_wire_bytes(partial, groups)
+
+    def batch_seconds(self, sums: BatchSums) -> float:
+        """`batch_time` of a batch given as its sums (what the pricer calls)."""
+        if not sums.seqs:
+            return 0.0
+        layer, first, last, send, iteration = self._seconds_parts(sums)
+        sends = len(self._stage_layers) - 1
+        return self.arch.num_layers * layer + first + last + sends * send + iteration
+
+    def stage_seconds(self, sums: BatchSums) -> float:
+        """`stage_time` of a batch given as its sums: its slowest pipeline stage."""
+        if len(self._stage_layers) == 1 or not sums.seqs:
+            return self.batch_seconds(sums)
+        return max(self._stage_seconds(sums))
+
+    def _stage_seconds(self, sums: BatchSums) -> list[float]:
+        layer, first, last, send, iteration = self._seconds_parts(sums)
+        final = len(self._stage_layers) - 1
+        return [
+            layers * layer
+            + iteration
+            + (first if stage == 0 else 0.0)
+            + (last if stage == final else send)
+            for stage, layers in enumerate(self._stage_layers)
+        ]
+
+    def _seconds_parts(self, sums: BatchSums) -> tuple[float, float, float, float, float]:
+        """Seconds of (one layer, stage 0's embedding, the last stage's head, one send between
+        stages, the per-iteration overhead): the same sums as `_stages_terms` gives as Terms,
+        without building Terms, since this is the hot path of adaptive chunking (a test checks
+        that both agree)."""
+        eff = self.profile.efficiency
+        token_layer, embedding, norm, send = self._token_seconds(sums.tokens)
+        layer = (
+            token_layer
+            + sums.attention / eff.attention
+            + sums.kv_read / eff.kv_read
+            + eff.layer_overhead_s
+            + sums.seqs * eff.sequence_overhead_s
+        )
+        if sums.merge_bytes:
+            bandwidth, latency = self._kvp_link
+            layer += sums.merge_bytes / bandwidth / eff.collective + latency
+        head = norm + self._lm_head_seconds(sums.seqs)
+        return layer, embedding, head, send, eff.iteration_overhead_s
+
+    def _token_seconds(self, tokens: int) -> tuple[float, float, float, float]:
+        """Seconds of what depends only on the batch's query tokens: (one layer's linears,
+        elementwise ops and TP all-reduces, the embedding, the final norm, one stage send).
+        Memoised: batches of the same size recur all the time."""
+        cached = self._token_cache.get(tokens)
+        if cached is None:
+            eff = self.profile.efficiency
+            matmul, memory = self._linear_ideal(tokens)
+            collective, latency = self._tp_ideal(tokens)
+            send_collective, send_latency = self._send_ideal(tokens)
+            cached = (
+                matmul / eff.matmul + memory / eff.memory + collective / eff.collective + latency,
+                self._embedding_ideal(tokens) / eff.memory,
+                self._norm_ideal(tokens) / eff.memory,
+                send_collective / eff.collective + send_latency,
+            )
+            if len(self._token_cache) >= _CACHE_LIMIT:
+                self._token_cache.clear()
+            self._token_cache[tokens] = cached
+        return cached
+
+    def _lm_head_seconds(self, num_seqs: int) -> float:
+        cached = self._head_cache.get(num_seqs)
+        if cached is None:
+            eff = self.profile.efficiency
+            matmul, memory = self._lm_head_ideal(num_seqs)
+            cached = matmul / eff.matmul + memory / eff.memory
+            if len(self._head_cache) >= _CACHE_LIMIT:
+                self._head_cache.clear()
+            self._head_cache[num_seqs] = cached
+        return cached
+
+    def _stages_terms(self, sums: BatchSums) -> list[Terms]:
+        layer = self._layer_terms(sums)
+        send_collective, send_latency = self._send_ideal(sums.tokens)
+        send = Terms(collective=send_collective, latency=send_latency)
         last = len(self._stage_layers) - 1
         stages = []
         for stage, layers in enumerate(self._stage_layers):
             terms = layer.scaled(layers) + Terms(iterations=1.0)
             if stage == 0:
-                terms += self._embedding_terms(tokens)
+                terms += Terms(memory=self._embedding_ideal(sums.tokens))
             if stage == last:
-                terms += self._head_terms(seqs, tokens)
+                head_matmul, head_memory = self._lm_head_ideal(sums.seqs)
+                terms += Terms(
+                    matmul=head_matmul, memory=self._norm_ideal(sums.tokens) + head_memory
+                )
             else:
                 terms += send
             stages.append(terms)
         return stages
 
-    def _check_seq(self, seq: SeqShape) -> None:
-        if seq.q_tokens < 0 or seq.kv_tokens < 0:
-            raise ValueError(f"token counts must be >= 0: {seq}")
-        if not 1 <= seq.kvp_groups <= self.replica.kvp:
-            raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
-
-    def _layer_terms(self, seqs: Sequence[SeqShape], tokens: int) -> Terms:
+    def _layer_terms(self, sums: BatchSums) -> Terms:
         """One decoder layer on one device, for the whole batch."""
+        matmul, memory = self._linear_ideal(sums.tokens)
+        collective, latency = self._tp_ideal(sums.tokens)
+        if sums.merge_bytes:
+            bandwidth, lat = self._kvp_link
+            collective += sums.merge_bytes / bandwidth
+            latency += lat
+        return Terms(
+            matmul=matmul,
+            attention=sums.attention,
+            memory=memory,
+            kv_read=sums.kv_read,
+            collective=collective,
+            latency=latency,
+            layers=1.0,
+            sequence_layers=float(sums.seqs),
+        )
+
+    # Ideal seconds (work / peak rate) per term; each op is charged to its binding branch.
+
+    def _linear_ideal(self, tokens: int) -> tuple[float, float]:
+        """(matmul, memory) of one layer's projections, MLP and elementwise ops."""
         p, eff, d = self.profile, self.profile.efficiency, self.dtype_bytes
         peak, hbm = p.peak_flops, p.hbm_bandwidth
-        matmul = memory = attention = kv_read = collective = latency = 0.0
-
+        matmul = memory = 0.0
         for in_f, out_f in self._linears:
             work = linear_work(tokens, in_f, out_f, d)
             if work.flops / (peak * eff.matmul) >= work.bytes / (hbm * eff.memory):
@@ -149,70 +291,50 @@ class RooflineCostModel:
             else:
                 memory += work.bytes / hbm
         memory += tokens * self._elementwise_per_token / hbm
+        return matmul, memory
 
-        head_dim = self.arch.head_dim
-        merge_bytes = 0.0
-        for seq in seqs:
-            groups = seq.kvp_groups
-            work = attention_work(
-                seq.q_tokens, seq.kv_tokens / groups, self._q_heads, self._kv_heads, head_dim, d
-            )
-            if work.flops / (peak * eff.attention) >= work.bytes / (hbm * eff.kv_read):
-                attention += work.flops / peak
-            else:
-                kv_read += work.bytes / hbm
-            if groups > 1:
-                partial = seq.q_tokens * self._q_heads * (head_dim * d + LSE_BYTES)
-                merge_bytes += allgather_wire_bytes(partial, groups)
-        if merge_bytes:
-            bandwidth, lat = self._kvp_link
-            collective += merge_bytes / bandwidth
-            latency += lat
+    def _tp_ideal(self, tokens: int) -> tuple[float, float]:
+        """(collective, latency) of one layer's TP all-reduces."""
+        if self.replica.tp == 1:
+            return 0.0, 0.0
+        # Two all-reduces per layer: after the attention output projection and after the MLP.
+        bandwidth, lat = self._tp_link
+        message = tokens * self.arch.hidden_size * self.dtype_bytes
+        return 2 * ring_allreduce_wire_bytes(message, self.replica.tp) / bandwidth, 2 * lat
 
-        if self.replica.tp > 1:
-            # Two all-reduces per layer: after the attention output projection and after the MLP.
-            bandwidth, lat = self._tp_link
-            wire = ring_allreduce_wire_bytes(tokens * self.arch.hidden_size * d, self.replica.tp)
-            collective += 2 * wire / bandwidth
-            latency += 2 * lat
+    def _embedding_ideal(self, tokens: int) -> float:
+        """Memory: gather one embedding row per token and write it out."""
+        return 2 * tokens * self.arch.hidden_size * self.dtype_bytes / self._hbm
 
-        return Terms(
-            matmul=matmul,
-            attention=attention,
-            memory=memory,
-            kv_read=kv_read,
-            collective=collective,
-            latency=latency,
-            layers=1.0,
-            sequence_layers=float(len(seqs)),
-        )
+    def _norm_ideal(self, tokens: int) -> float:
+        """Memory: the final norm over every token of the batch (last stage)."""
+        return 2 * tokens * self.arch.hidden_size * self.dtype_bytes / self._hbm
 
-    def _embedding_terms(self, tokens: int) -> Terms:
-        # Gather one embedding row per token and write it out.
-        return Terms(memory=2 * tokens * self.arch.hidden_size * self.dtype_bytes / self._hbm)
-
-    def _head_terms(self, seqs: Sequence[SeqShape], tokens: int) -> Terms:
-        """Final norm over the batch, then the (vocab-parallel) lm head on one row per sequence.
+    def _lm_head_ideal(self, num_seqs: int) -> tuple[float, float]:
+        """(matmul, memory) of the (vocab-parallel) lm head on one row per sequence.
 
         SeqShape does not say whether a prefill chunk is its prompt's last, so every sequence is
         charged one row: the weight read, which dominates, happens once per iteration anyway.
         """
         p, eff = self.profile, self.profile.efficiency
-        norm = 2 * tokens * self.arch.hidden_size * self.dtype_bytes / self._hbm
-        work = linear_work(len(seqs), self.arch.hidden_size, self._vocab_shard, self.dtype_bytes)
+        work = linear_work(num_seqs, self.arch.hidden_size, self._vocab_shard, self.dtype_bytes)
         if work.flops / (p.peak_flops * eff.matmul) >= work.bytes / (self._hbm * eff.memory):
-            return Terms(matmul=work.flops / p.peak_flops, memory=norm)
-        return Terms(memory=norm + work.bytes / self._hbm)
+            return work.flops / p.peak_flops, 0.0
+        return 0.0, work.bytes / self._hbm
 
-    def _send_terms(self, tokens: int) -> Terms:
-        """Hidden states to the next stage; every TP rank sends its copy over its own link."""
+    def _send_ideal(self, tokens: int) -> tuple[float, float]:
+        """(collective, latency): hidden states to the next stage; every TP rank sends its copy
+        over its own link."""
         bandwidth, latency = self._pp_link
-        message = tokens * self.arch.hidden_size * self.dtype_bytes
-        return Terms(collective=message / bandwidth, latency=latency)
+        return tokens * self.arch.hidden_size * self.dtype_bytes / bandwidth, latency
 
     @property
     def _hbm(self) -> float:
         return self.profile.hbm_bandwidth
+
+
+_CACHE_LIMIT = 1 << 16
+"""Entries per memo table before it is cleared (bounds memory on very long runs)."""
 
 
 def _batch_of(stages: list[Terms]) -> Terms:

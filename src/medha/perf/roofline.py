@@ -7,6 +7,7 @@ caller passes already-sharded dimensions. Formulas are in docs/cost-model.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from medha.perf.hardware import Efficiency
 
@@ -14,8 +15,10 @@ LSE_BYTES = 4
 """Attention log-sum-exp partials travel as fp32 whatever the activation dtype."""
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
+class Work(NamedTuple):
+    """FLOPs and bytes of one op. A NamedTuple: the cost model builds one per sequence per
+    question, hundreds of thousands per simulated minute, and tuples are cheap to create."""
+
     flops: float
     bytes: float
 
@@ -43,13 +46,29 @@ def attention_work(
     of the chunk are read once (GQA: shared by q_heads / kv_heads query heads, which is why the
     arithmetic intensity is ~ q * q_heads / kv_heads), Q is read and O written.
     """
-    keys_seen = q_tokens * (kv_tokens + (q_tokens + 1) / 2.0)
-    kv_elements = (kv_tokens + q_tokens) * 2 * kv_heads * head_dim
-    qo_elements = 2 * q_tokens * q_heads * head_dim
-    return Work(
-        flops=4.0 * keys_seen * q_heads * head_dim,
-        bytes=(kv_elements + qo_elements) * dtype_bytes,
-    )
+    shape = AttentionShape(q_heads, kv_heads, head_dim, dtype_bytes)
+    return Work(*shape.work(q_tokens, kv_tokens))
+
+
+class AttentionShape:
+    """attention_work for fixed head counts, with the constant factors multiplied out: the cost
+    model asks this for every sequence of every batch it prices."""
+
+    __slots__ = ("flops_per_key", "kv_bytes_per_token", "qo_bytes_per_query")
+
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> None:
+        self.flops_per_key = 4.0 * q_heads * head_dim
+        """FLOPs per (query, key) pair over all query heads: QK^T and PV."""
+        self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype_bytes
+        self.qo_bytes_per_query = 2 * q_heads * head_dim * dtype_bytes
+
+    def work(self, q_tokens: float, kv_tokens: float) -> tuple[float, float]:
+        """(FLOPs, bytes) of attention_work."""
+        keys_seen = q_tokens * (kv_tokens + (q_tokens + 1) / 2.0)
+        return (
+            self.flops_per_key * keys_seen,
+            (kv_tokens + q_tokens) * self.kv_bytes_per_token + q_tokens * self.qo_bytes_per_query,
+        )
 
 
 def elementwise_bytes(

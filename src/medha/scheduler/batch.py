@@ -12,6 +12,7 @@ from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel, SeqShape
 from medha.scheduler.plan import ScheduledSeq
 from medha.scheduler.policies import ChunkingMode
+from medha.scheduler.pricing import new_pricer
 
 
 class BatchBuilder:
@@ -22,8 +23,10 @@ class BatchBuilder:
         self.chunking = chunking
         self.cost = cost
         self.seqs: list[ScheduledSeq] = []
-        self.shapes: list[list[SeqShape]] = [[] for _ in range(config.kvp_groups)]
+        self.pricers = [new_pricer(cost) for _ in range(config.kvp_groups)]
+        """Each group's batch as its cost model prices it (see pricing.py)."""
         self.tokens = [0] * config.kvp_groups
+        """Query tokens per group (every sequence has at least one, so 0 means empty)."""
         self._times: list[float | None] = [0.0] * config.kvp_groups
         """Predicted time of each group's batch so far; None when it must be recomputed."""
         self.closed_groups: set[int] = set()
@@ -46,9 +49,9 @@ class BatchBuilder:
     def add(self, seq: ScheduledSeq, groups: list[int]) -> None:
         q_tokens = seq.end - seq.start
         shape = SeqShape(q_tokens, seq.start, len(groups))
-        shapes, tokens, times = self.shapes, self.tokens, self._times
+        pricers, tokens, times = self.pricers, self.tokens, self._times
         for group in groups:
-            shapes[group].append(shape)
+            pricers[group].add(shape)
             tokens[group] += q_tokens
             times[group] = None
         self.seqs.append(seq)
@@ -67,14 +70,16 @@ class BatchBuilder:
     def group_time(self, group: int) -> float:
         time = self._times[group]
         if time is None:
-            time = self.cost.batch_time(self.shapes[group]) if self.shapes[group] else 0.0
+            time = self.pricers[group].time()
             self._times[group] = time
         return time
 
     def predict(self, groups: list[int], q_tokens: int, kv_tokens: int) -> float:
         """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added."""
         shape = SeqShape(q_tokens, kv_tokens, len(groups))
-        return max(self.cost.batch_time([*self.shapes[group], shape]) for group in groups)
+        if len(groups) == 1:
+            return self.pricers[groups[0]].time_with(shape)
+        return max(self.pricers[group].time_with(shape) for group in groups)
 
     def prefill_chunk(
         self, groups: list[int], kv_tokens: int, tokens_left: int, budget_fraction: float = 1.0
@@ -131,13 +136,13 @@ class BatchBuilder:
     def predicted_times(self) -> tuple[float, float]:
         """(batch time, stage time) of the finished batch: its slowest group."""
         batch_time = stage_time = 0.0
-        for group, shapes in enumerate(self.shapes):
-            if not shapes:
+        for group, tokens in enumerate(self.tokens):
+            if not tokens:
                 continue
             group_time = self.group_time(group)
             batch_time = max(batch_time, group_time)
             if self.config.pp_stages > 1:
-                stage_time = max(stage_time, self.cost.stage_time(shapes))
+                stage_time = max(stage_time, self.pricers[group].stage_time())
             else:
                 stage_time = max(stage_time, group_time)
         return batch_time, stage_time

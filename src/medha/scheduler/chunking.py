@@ -2,8 +2,10 @@
 
 Candidates are multiples of `chunk_multiple` from `min_chunk` to `max_chunk`, plus the exact
 number of tokens left when that finishes the prompt (or reaches a KVP boundary). The batch time
-grows with the chunk, so a binary search needs O(log(max_chunk / chunk_multiple)) cost-model
-calls; it stops early once a chunk lands within +-tolerance of the budget.
+grows with the chunk, piecewise nearly linearly, so interpolating between the ends of the bracket
+usually lands within +-tolerance of the budget in one or two steps; bisection takes over when
+interpolation does not pay, so the worst case is one call more than a binary search:
+O(log(max_chunk / chunk_multiple)) cost-model calls.
 """
 
 from __future__ import annotations
@@ -41,23 +43,48 @@ def largest_fitting_chunk(
     top_time = predict(top)
     if top_time <= ceiling:
         return ChunkChoice(top, top_time)
-    smallest = config.min_chunk
+    smallest, step = config.min_chunk, config.chunk_multiple
     if top <= smallest:
         return None
-    smallest_time = predict(smallest)
-    if smallest_time > ceiling:
-        return None
 
-    step = config.chunk_multiple
-    # Invariant: grid point `low` fits, grid point `high` does not (or lies at/after `top`,
-    # which is known not to fit). Grid point k is the chunk smallest + k * step.
-    low, low_time = 0, smallest_time
-    high = -(-(top - smallest) // step)
+    # Grid point k is the chunk smallest + k * step. Invariant: grid point `low` fits, grid
+    # point `high` does not (or lies at/after `top`, which is known not to fit).
+    high, high_chunk, high_time = -(-(top - smallest) // step), top, top_time
+    calls_left = 1 + _bisections(high)
+    """Calls still allowed: at most one more than a plain binary search would make."""
+    # Batch time grows with the chunk about linearly (flat while the weight read dominates,
+    # plus a small quadratic attention term), so first guess where the line through the
+    # origin and `top` meets the budget; later guesses interpolate between the bracket's ends.
+    guess = min(max(int((top * budget / top_time - smallest) // step), 0), high - 1)
+    guess_time = predict(smallest + guess * step)
+    if guess_time <= ceiling:
+        low, low_time = guess, guess_time
+    else:
+        if guess == 0:
+            return None
+        high, high_chunk, high_time = guess, smallest + guess * step, guess_time
+        low, low_time = 0, predict(smallest)
+        calls_left -= 1
+        if low_time > ceiling:
+            return None
     while high - low > 1 and low_time < good_enough:
-        middle = (low + high) // 2
+        low_chunk = smallest + low * step
+        if calls_left > _bisections(high - low - 1):
+            aim = low_chunk + (high_chunk - low_chunk) * (budget - low_time) / (
+                high_time - low_time
+            )
+            middle = min(max(int((aim - smallest) // step), low + 1), high - 1)
+        else:
+            middle = (low + high) // 2
+        calls_left -= 1
         middle_time = predict(smallest + middle * step)
         if middle_time <= ceiling:
             low, low_time = middle, middle_time
         else:
-            high = middle
+            high, high_chunk, high_time = middle, smallest + middle * step, middle_time
     return ChunkChoice(smallest + low * step, low_time)
+
+
+def _bisections(width: int) -> int:
+    """Bisection steps that shrink a bracket of `width` grid steps to one: ceil(log2(width))."""
+    return max(width - 1, 0).bit_length()

@@ -1,0 +1,234 @@
+"""A long document among short chats on SmolLM2-135M, on this CPU: medha (lars, fcfs,
+fcfs-chunked) vs OpenVINO GenAI's continuous-batching pipeline (dynamic split-fuse, default
+budget) on the same GGUF, in one run.
+
+Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when it runs alone
+on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
+writes JSON (default benchmarks/results/mixed_cpu.json).
+
+    OMP_NUM_THREADS=2 python benchmarks/mixed_cpu.py [--shorts 16] [--skip-openvino]
+
+OpenVINO reads the Q4_1 GGUF itself (its own dequantization and kernels); medha runs the same
+file dequantized to fp32. Greedy decoding, ignore-eos, same prompts (token ids) for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from medha.bench.engine_run import RequestResult, run_workload
+from medha.bench.mixed_workload import MixedRequest, build_mixed_workload
+from medha.config import EngineConfig
+from medha.engine import Engine
+from medha.model.presets import smollm2_gguf_path
+from medha.perf import save_profile
+from medha.sim.metrics import percentile
+
+
+async def medha_run(
+    policy: str, workload: list[MixedRequest], args: Any, profile: Path
+) -> tuple[list[RequestResult], float]:
+    config = EngineConfig(
+        model="smollm2-135m",
+        policy=policy,
+        cost_profile=profile,
+        target_batch_time=args.target_batch_time,
+        fixed_chunk=args.fixed_chunk,
+    )
+    async with Engine(config) as engine:
+        start = time.perf_counter()
+        results = await run_workload(engine, workload)
+        return results, time.perf_counter() - start
+
+
+async def medha_alone(workload: list[MixedRequest], profile: Path) -> dict[str, float]:
+    config = EngineConfig(model="smollm2-135m", cost_profile=profile)
+    alone: dict[str, float] = {}
+    async with Engine(config) as engine:
+        for request in workload:
+            if request.kind == "short":
+                rows = await run_workload(
+                    engine, [MixedRequest(request.request_id, "short", 0.0, request.prompt_ids, 1)]
+                )
+                alone[request.request_id] = rows[0].ttft
+    return alone
+
+
+def openvino_run(
+    workload: list[MixedRequest], alone: bool = False
+) -> tuple[list[RequestResult], float]:
+    """Play the workload on OpenVINO GenAI's ContinuousBatchingPipeline (arrival times honoured
+    by a driver loop around pipe.step()); with `alone`, each short request by itself."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as genai
+
+    pipe = genai.ContinuousBatchingPipeline(
+        str(smollm2_gguf_path()), genai.SchedulerConfig(), "CPU"
+    )
+    if alone:
+        results = []
+        for request in workload:
+            if request.kind == "short":
+                rows, _ = _drive(
+                    pipe,
+                    [MixedRequest(request.request_id, "short", 0.0, request.prompt_ids, 1)],
+                    np,
+                    ov,
+                    genai,
+                )
+                results.extend(rows)
+        return results, 0.0
+    return _drive(pipe, workload, np, ov, genai)
+
+
+def _drive(
+    pipe: Any, workload: list[MixedRequest], np: Any, ov: Any, genai: Any
+) -> tuple[list[RequestResult], float]:
+    pending = sorted(workload, key=lambda r: r.arrival)
+    handles: dict[int, tuple[MixedRequest, Any]] = {}
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    count: dict[int, int] = {}
+    done: dict[int, float] = {}
+    start = time.perf_counter()
+    next_id = 0
+    while pending or len(done) < len(handles):
+        now = time.perf_counter() - start
+        while pending and pending[0].arrival <= now:
+            request = pending.pop(0)
+            config = genai.GenerationConfig()
+            config.max_new_tokens = request.max_tokens
+            config.ignore_eos = True
+            ids = ov.Tensor(np.array([request.prompt_ids], dtype=np.int64))
+            handles[next_id] = (request, pipe.add_request(next_id, ids, config))
+            next_id += 1
+        if not pipe.has_non_finished_requests():
+            if pending:
+                time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - start)))
+            continue
+        pipe.step()
+        now = time.perf_counter() - start
+        for key, (_request, handle) in handles.items():
+            if key in done:
+                continue
+            if handle.can_read():
+                outputs = handle.read()
+                produced = sum(len(o.generated_ids) for o in outputs.values())
+                if produced:
+                    first.setdefault(key, now)
+                    last[key] = now
+                    count[key] = count.get(key, 0) + produced
+            if handle.get_status() == genai.GenerationStatus.FINISHED:
+                done[key] = now
+    wall = time.perf_counter() - start
+    results = []
+    for key, (request, _) in handles.items():
+        n = count.get(key, 0)
+        ttft = first[key] - request.arrival
+        tpot = (last[key] - first[key]) / (n - 1) if n > 1 else None
+        results.append(
+            RequestResult(
+                request.request_id,
+                request.kind,
+                request.arrival,
+                ttft,
+                tpot,
+                done[key] - request.arrival,
+                n,
+                (),
+                True,
+            )
+        )
+    return results, wall
+
+
+def summarize(rows: list[RequestResult], alone: dict[str, float], wall: float) -> dict[str, float]:
+    shorts = [r for r in rows if r.kind == "short"]
+    slowdowns = [r.ttft / alone[r.request_id] for r in shorts if alone.get(r.request_id)]
+    tpots = [r.tpot for r in rows if r.tpot is not None]
+    return {
+        "short_slowdown_p50": percentile(slowdowns, 50),
+        "short_slowdown_p99": percentile(slowdowns, 99),
+        "short_ttft_p50": percentile([r.ttft for r in shorts], 50),
+        "short_ttft_p99": percentile([r.ttft for r in shorts], 99),
+        "long_ttft": max((r.ttft for r in rows if r.kind == "long"), default=math.nan),
+        "tpot_p50": percentile(tpots, 50),
+        "tpot_p99": percentile(tpots, 99),
+        "throughput_tok_s": sum(r.output_tokens for r in rows) / wall,
+    }
+
+
+async def main(args: Any) -> None:
+    profile = args.profile
+    async with Engine(EngineConfig(model="smollm2-135m", calibration_seconds=20.0)) as engine:
+        if profile is None:
+            profile = Path("/tmp/medha-mixed-cpu-profile.json")
+            save_profile(engine.calibration.profile, profile)
+        workload = build_mixed_workload(
+            engine.tokenizer,
+            long_tokens=args.long_tokens,
+            num_shorts=args.shorts,
+            short_rate=args.rate,
+            seed=args.seed,
+        )
+    print(
+        f"workload: 1 long ({len(workload[0].prompt_ids) if workload[0].kind == 'long' else '?'} tokens) "
+        f"+ {args.shorts} shorts at {args.rate}/s"
+    )
+    alone = await medha_alone(workload, profile)
+    table: dict[str, dict[str, float]] = {}
+    for policy in args.policies.split(","):
+        rows, wall = await medha_run(policy, workload, args, profile)
+        table[f"medha {policy}"] = summarize(rows, alone, wall)
+        print(f"done: medha {policy}", flush=True)
+    if not args.skip_openvino:
+        ov_alone_rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
+        ov_alone = {r.request_id: r.ttft for r in ov_alone_rows}
+        rows, wall = await anyio.to_thread.run_sync(openvino_run, workload)
+        table["openvino-genai CB"] = summarize(rows, ov_alone, wall)
+    header = (
+        f"{'system':<22}{'slowdown p50':>13}{'p99':>8}{'short TTFT p50':>15}{'p99':>8}"
+        f"{'long TTFT':>10}{'TPOT p50':>10}{'p99':>8}{'tok/s':>8}"
+    )
+    print(header)
+    for name, s in table.items():
+        print(
+            f"{name:<22}{s['short_slowdown_p50']:>13.2f}{s['short_slowdown_p99']:>8.2f}"
+            f"{s['short_ttft_p50']:>14.2f}s{s['short_ttft_p99']:>7.2f}s{s['long_ttft']:>9.1f}s"
+            f"{s['tpot_p50'] * 1000:>8.0f}ms{s['tpot_p99'] * 1000:>6.0f}ms{s['throughput_tok_s']:>8.1f}"
+        )
+    if "medha lars" in table and "medha fcfs" in table:
+        ratio = (
+            table["medha fcfs"]["short_slowdown_p99"] / table["medha lars"]["short_slowdown_p99"]
+        )
+        print(f"lars vs fcfs, short p99 slowdown: {ratio:.1f}x better")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"setup": {k: str(v) for k, v in vars(args).items()}, "results": table}, indent=2
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="lars,fcfs,fcfs-chunked")
+    parser.add_argument("--long-tokens", type=int, default=6144)
+    parser.add_argument("--shorts", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=0.5)
+    parser.add_argument("--target-batch-time", type=float, default=0.25)
+    parser.add_argument("--fixed-chunk", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--skip-openvino", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/mixed_cpu.json"))
+    anyio.run(main, parser.parse_args())

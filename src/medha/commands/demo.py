@@ -1,0 +1,148 @@
+"""`medha demo`: one long document and a stream of short chats on SmolLM2-135M, under LARS and
+then under FCFS, with a comparison table and plots."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="LARS vs FCFS on a long document mixed with short chats",
+        description="Run a long document request among Poisson-arriving short chat requests, "
+        "under each policy in turn, and compare short-request latency.",
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policies", default="lars,fcfs")
+    p.add_argument("--long-tokens", type=int, default=6144)
+    p.add_argument("--shorts", type=int, default=20, help="number of short requests")
+    p.add_argument("--rate", type=float, default=0.5, help="short requests per second")
+    p.add_argument("--target-batch-time", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import anyio
+
+    return anyio.run(_run, args)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from medha.bench.engine_run import run_workload, summarize
+    from medha.bench.mixed_workload import build_mixed_workload
+    from medha.config import EngineConfig
+    from medha.engine import Engine
+    from medha.perf import save_profile
+
+    console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
+    profile_path = args.out / "cpu-profile.json"
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    summaries: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {}
+    histories: dict[str, Any] = {}
+    workload = None
+    for policy in policies:
+        config = EngineConfig(
+            model=args.model,
+            policy=policy,
+            target_batch_time=args.target_batch_time,
+            cost_profile=profile_path if profile_path.exists() else None,
+            calibration_seconds=6.0,
+        )
+        with console.status(f"[bold]{policy}[/]: loading {args.model} and calibrating"):
+            engine = Engine(config, record_iterations=True)
+            await engine.start()
+        try:
+            if engine.calibration is not None:
+                save_profile(engine.calibration.profile, profile_path)
+            if workload is None:
+                workload = build_mixed_workload(
+                    engine.tokenizer,
+                    long_tokens=args.long_tokens,
+                    num_shorts=args.shorts,
+                    short_rate=args.rate,
+                    seed=args.seed,
+                )
+            columns = (
+                TextColumn(f"[bold]{policy}[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("requests"),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(policy, total=len(workload))
+                started = time.perf_counter()
+                rows = await run_workload(
+                    engine, workload, on_done=lambda _, task=task: progress.advance(task)
+                )
+                wall = time.perf_counter() - started
+            results[policy] = rows
+            summaries[policy] = summarize(rows, wall)
+            histories[policy] = list(engine.iteration_history)
+        finally:
+            await engine.stop()
+
+    table = Table(
+        title=f"{args.model}: one {args.long_tokens}-token document + "
+        f"{args.shorts} short chats ({args.rate}/s)"
+    )
+    table.add_column("policy")
+    for name in (
+        "short TTFT p50",
+        "short TTFT p99",
+        "long TTFT",
+        "TPOT p50",
+        "TPOT p99",
+        "tokens/s",
+    ):
+        table.add_column(name, justify="right")
+    for policy, s in summaries.items():
+        table.add_row(
+            policy,
+            _s(s["short_ttft_p50"]),
+            _s(s["short_ttft_p99"]),
+            _s(s["long_ttft"]),
+            _ms(s["tpot_p50"]),
+            _ms(s["tpot_p99"]),
+            f"{s['throughput_tok_s']:.1f}",
+        )
+    console.print(table)
+    if "lars" in summaries and "fcfs" in summaries:
+        ratio = summaries["fcfs"]["short_ttft_p99"] / summaries["lars"]["short_ttft_p99"]
+        console.print(f"short-request p99 TTFT: lars is {ratio:.1f}x lower than fcfs")
+    try:
+        from medha.bench.plots import plot_timeline, plot_ttft_cdf
+    except RuntimeError as exc:
+        console.print(f"[yellow]no plots: {exc}[/]")
+        return 0
+    assert workload is not None
+    long_ids = {r.request_id for r in workload if r.kind == "long"}
+    try:
+        timeline = plot_timeline(histories, args.out / "timeline.png", long_ids)
+        cdf = plot_ttft_cdf(results, args.out / "ttft_cdf.png")
+    except RuntimeError as exc:
+        console.print(f"[yellow]no plots: {exc}[/]")
+        return 0
+    console.print(f"plots: {timeline}, {cdf}")
+    return 0
+
+
+def _s(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f} s"
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 1000:.0f} ms"

@@ -1,0 +1,133 @@
+"""The decode fast paths give what the general paths give: one-query attention with a single
+softmax pass, keys read in place from consecutive blocks, the per-step KV write, and whole
+models decoding on several threads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medha.kernels import AttentionMetadata, paged_attention, write_kv
+from medha.kernels.attention import write_step_kv
+from medha.kernels.decode import attend_one_query, attend_one_query_matmul
+from medha.kernels.layout import gather_kv, seq_views
+from medha.kernels.reference import attend
+from medha.model.runner import StepSeq
+from tests.hf_models import hf_greedy, hf_logits, max_relative_error
+from tests.runner_support import ShuffledBlocks, blocks_for, greedy_continue, make_runner
+from tests.test_packed_projections import torch_threads
+
+BLOCK = 16
+
+
+@pytest.mark.parametrize("attend_fn", [attend_one_query, attend_one_query_matmul])
+@settings(max_examples=30, deadline=None)
+@given(
+    kv_len=st.integers(1, 300),
+    heads=st.sampled_from([(4, 4), (8, 2), (6, 1)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_one_query_attention_equals_the_reference_softmax(
+    attend_fn, kv_len: int, heads: tuple[int, int], dtype: torch.dtype, seed: int
+) -> None:
+    num_heads, kv_heads = heads
+    gen = torch.Generator().manual_seed(seed)
+    q = (3 * torch.randn(1, num_heads, 16, generator=gen)).to(dtype)
+    k = (3 * torch.randn(kv_len, kv_heads, 16, generator=gen)).to(dtype)
+    v = torch.randn(kv_len, kv_heads, 16, generator=gen).to(dtype)
+    out, lse = attend_fn(q, k, v, 0.25)
+    ref_out, ref_lse = attend(q, k, v, None, 0.25)
+    assert out.shape == ref_out.shape
+    assert lse.dtype == torch.float32
+    # bf16 inputs: the flash kernel rounds its output to bf16 (the model casts to it anyway).
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref_out, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+
+def _meta(tables: list[list[int]], kv_lens: list[int]) -> AttentionMetadata:
+    return AttentionMetadata.build(
+        q_lens=[1] * len(tables),
+        q_start_pos=[n - 1 for n in kv_lens],
+        kv_lens=kv_lens,
+        block_tables=tables,
+        block_size=BLOCK,
+    )
+
+
+def test_keys_of_consecutive_blocks_are_read_in_place_and_equal_a_gather() -> None:
+    cache = torch.randn(32, BLOCK, 2, 8)
+    meta = _meta([[5, 6, 7, 8], [9, 3, 4]], [60, 40])
+    consecutive, scattered = seq_views(meta)
+    assert consecutive.first_block == 5
+    assert scattered.first_block is None
+    in_place = gather_kv(cache, consecutive)
+    assert in_place.data_ptr() == cache[5].data_ptr()
+    assert torch.equal(in_place, cache.index_select(0, consecutive.block_ids).view(-1, 2, 8)[:60])
+    assert torch.equal(gather_kv(cache, scattered), cache[[9, 3, 4]].reshape(-1, 2, 8)[:40])
+
+
+def test_decode_batch_over_consecutive_and_scattered_blocks_matches_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(32, BLOCK, 2, 8, generator=gen)
+    v_cache = torch.randn(32, BLOCK, 2, 8, generator=gen)
+    q = torch.randn(3, 8, 8, generator=gen)
+    meta = _meta([[0, 1, 2], [10, 4], [20]], [35, 17, 1])
+    fast = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="sdpa")
+    ref = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="reference")
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    alone = _meta([[10, 4]], [17])
+    single = paged_attention(q[1:2], k_cache, v_cache, alone, 0.3, backend="sdpa")
+    torch.testing.assert_close(single[0], ref[0][1:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single[1], ref[1][1:2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[5, 17, 40], [5, -1, 17], [-1, -1, -1]])
+def test_per_step_kv_write_equals_write_kv(slots: list[int]) -> None:
+    k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    caches = [torch.zeros(4, BLOCK, 2, 4) for _ in range(4)]
+    write_kv(k, v, caches[0], caches[1], torch.tensor(slots))
+    meta = AttentionMetadata.build(
+        q_lens=[3], q_start_pos=[0], kv_lens=[3], block_tables=[[0]], block_size=BLOCK
+    )
+    meta = dataclasses.replace(meta, slot_mapping=torch.tensor(slots))
+    write_step_kv(k, v, caches[2], caches[3], meta)
+    write_step_kv(k, v, caches[2], caches[3], meta)  # the cached slot choice is reused
+    assert torch.equal(caches[0], caches[2])
+    assert torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", ["llama3-gqa", "qwen2-bias", "llama-biases"])
+def test_decoding_on_consecutive_blocks_and_any_thread_count_matches_hf(
+    variant: str, threads: int
+) -> None:
+    ids = [(7 * i + 3) % 384 for i in range(40)]
+    new_tokens = 12
+    runner = make_runner(variant, "sdpa")
+    table = list(range(3, 3 + blocks_for(len(ids) + new_tokens)))
+    with torch_threads(threads):
+        logits = runner.step([StepSeq(ids, 0, table)], all_logits=True)
+        assert max_relative_error(logits, hf_logits(variant, ids)) <= 1e-4
+        tokens = greedy_continue(runner, int(logits[-1].argmax()), len(ids), table, new_tokens)
+    assert tokens == hf_greedy(variant, ids, new_tokens)
+
+
+def test_batched_decodes_on_two_threads_equal_each_decode_alone() -> None:
+    variant = "llama3-gqa"
+    prompts = [[(5 * i + s) % 384 for i in range(20 + 7 * s)] for s in range(3)]
+    blocks = ShuffledBlocks(256, seed=3)
+    tables = [blocks.take(blocks_for(len(p) + 1)) for p in prompts]
+    runner = make_runner(variant, "sdpa")
+    for prompt, table in zip(prompts, tables, strict=True):
+        runner.step([StepSeq(prompt, 0, table, sample=False)])
+    decodes = [StepSeq([7], len(p), t) for p, t in zip(prompts, tables, strict=True)]
+    with torch_threads(2):
+        together = runner.step(decodes)
+        alone = torch.cat([runner.step([d]) for d in decodes])
+    assert max_relative_error(together, alone) <= 1e-4
