@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory docs
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -32,26 +32,32 @@ from medha.perf import save_profile
 from medha.sim.metrics import percentile
 
 
-async def medha_run(
-    policy: str, workload: list[MixedRequest], args: Any, profile: Path
-) -> tuple[list[RequestResult], float]:
-    config = EngineConfig(
+def medha_config(policy: str, args: Any, profile: Path) -> EngineConfig:
+    return EngineConfig(
         model="smollm2-135m",
         policy=policy,
         cost_profile=profile,
         target_batch_time=args.target_batch_time,
         fixed_chunk=args.fixed_chunk,
     )
-    async with Engine(config) as engine:
+
+
+async def medha_run(
+    policy: str, workload: list[MixedRequest], args: Any, profile: Path
+) -> tuple[list[RequestResult], float]:
+    async with Engine(medha_config(policy, args, profile)) as engine:
         start = time.perf_counter()
         results = await run_workload(engine, workload)
         return results, time.perf_counter() - start
 
 
-async def medha_alone(workload: list[MixedRequest], profile: Path) -> dict[str, float]:
-    config = EngineConfig(model="smollm2-135m", cost_profile=profile)
+async def medha_alone(
+    policy: str, workload: list[MixedRequest], args: Any, profile: Path
+) -> dict[str, float]:
+    """Each short request's TTFT on an idle engine with the same configuration: the
+    denominator of its slowdown, so every system is compared with itself."""
     alone: dict[str, float] = {}
-    async with Engine(config) as engine:
+    async with Engine(medha_config(policy, args, profile)) as engine:
         for request in workload:
             if request.kind == "short":
                 rows = await run_workload(
@@ -183,9 +189,9 @@ async def main(args: Any) -> None:
         f"workload: 1 long ({len(workload[0].prompt_ids) if workload[0].kind == 'long' else '?'} tokens) "
         f"+ {args.shorts} shorts at {args.rate}/s"
     )
-    alone = await medha_alone(workload, profile)
     table: dict[str, dict[str, float]] = {}
     for policy in args.policies.split(","):
+        alone = await medha_alone(policy, workload, args, profile)
         rows, wall = await medha_run(policy, workload, args, profile)
         table[f"medha {policy}"] = summarize(rows, alone, wall)
         print(f"done: medha {policy}", flush=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from medha.actors.scheduler_actor import IterationRecord
 from medha.bench.mixed_workload import MixedRequest
 from medha.engine import Engine
 from medha.sampling import SamplingParams
@@ -77,3 +78,14 @@ def summarize(results: Sequence[RequestResult], wall_seconds: float) -> dict[str
         "throughput_tok_s": sum(r.output_tokens for r in results) / wall_seconds,
         "short_deadlines_met": sum(r.deadline_met for r in shorts) / max(1, len(shorts)),
     }
+
+
+def iteration_time_error(history: Sequence[IterationRecord]) -> float:
+    """Median |predicted - measured| / measured over the iterations an engine ran: how well
+    the calibrated cost model the scheduler plans with matches the executor on a live mix."""
+    errors = [
+        abs(record.predicted_seconds - record.seconds) / record.seconds
+        for record in history
+        if record.seconds > 0
+    ]
+    return percentile(errors, 50)

@@ -39,7 +39,7 @@ async def _run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from medha.bench.engine_run import run_workload, summarize
+    from medha.bench.engine_run import iteration_time_error, run_workload, summarize
     from medha.bench.mixed_workload import build_mixed_workload
     from medha.config import EngineConfig
     from medha.engine import Engine
@@ -92,6 +92,7 @@ async def _run(args: argparse.Namespace) -> int:
             results[policy] = rows
             summaries[policy] = summarize(rows, wall)
             histories[policy] = list(engine.iteration_history)
+            summaries[policy]["iteration_error"] = iteration_time_error(histories[policy])
         finally:
             await engine.stop()
 
@@ -107,6 +108,7 @@ async def _run(args: argparse.Namespace) -> int:
         "TPOT p50",
         "TPOT p99",
         "tokens/s",
+        "iter. time error",
     ):
         table.add_column(name, justify="right")
     for policy, s in summaries.items():
@@ -118,8 +120,13 @@ async def _run(args: argparse.Namespace) -> int:
             _ms(s["tpot_p50"]),
             _ms(s["tpot_p99"]),
             f"{s['throughput_tok_s']:.1f}",
+            f"{s['iteration_error']:.0%}",
         )
     console.print(table)
+    console.print(
+        "iter. time error: median |predicted - measured| / measured iteration time, i.e. how "
+        "well the calibrated cost model the scheduler plans with tracks this machine"
+    )
     if "lars" in summaries and "fcfs" in summaries:
         ratio = summaries["fcfs"]["short_ttft_p99"] / summaries["lars"]["short_ttft_p99"]
         console.print(f"short-request p99 TTFT: lars is {ratio:.1f}x lower than fcfs")

@@ -49,11 +49,17 @@ class BatchBuilder:
     def add(self, seq: ScheduledSeq, groups: list[int]) -> None:
         q_tokens = seq.end - seq.start
         shape = SeqShape(q_tokens, seq.start, len(groups))
-        pricers, tokens, times = self.pricers, self.tokens, self._times
-        for group in groups:
-            pricers[group].add(shape)
-            tokens[group] += q_tokens
-            times[group] = None
+        if len(groups) == 1:  # the common case, once per running decode per iteration
+            group = groups[0]
+            self.pricers[group].add(shape)
+            self.tokens[group] += q_tokens
+            self._times[group] = None
+        else:
+            pricers, tokens, times = self.pricers, self.tokens, self._times
+            for group in groups:
+                pricers[group].add(shape)
+                tokens[group] += q_tokens
+                times[group] = None
         self.seqs.append(seq)
 
     def add_prefill(

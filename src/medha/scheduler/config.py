@@ -6,6 +6,7 @@ per-iteration time budget, 16-token KV blocks, 256K tokens before a prefill coun
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,6 +46,10 @@ class SchedulerConfig(BaseModel):
     has left stage 0 (only matters when pp_stages > 1)."""
     long_prefill_threshold: int = Field(default=262_144, ge=1)
     """Processed tokens from which a prefill is "long" (space sharing, one per KVP group set)."""
+    check_blocks: bool = Field(default_factory=lambda: os.environ.get("MEDHA_CHECK_BLOCKS") == "1")
+    """Verify every freed KV block id (a debugging aid; it costs a set update per block, most
+    of a scheduling call when a long prompt starts). Default: on when MEDHA_CHECK_BLOCKS=1, as
+    the test suite sets it."""
     deadline_factor: float = Field(default=1.5, gt=0)
     min_deadline: float = Field(default=0.5, gt=0)
     """Default TTFT deadline: max(deadline_factor x predicted prefill time, min_deadline)."""

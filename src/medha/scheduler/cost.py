@@ -7,13 +7,14 @@ The scheduler only ever asks these questions; it never sees FLOPs, bytes or hard
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class SeqShape:
-    """The work one sequence contributes to one iteration."""
+class SeqShape(NamedTuple):
+    """The work one sequence contributes to one iteration.
+
+    A NamedTuple: the scheduler prices every running decode every iteration, and tuples are
+    the cheapest immutable records Python builds."""
 
     q_tokens: int
     """Query tokens this step: a prefill chunk's length, or 1 for a decode."""

@@ -218,14 +218,24 @@ class Scheduler:
     # -- building a batch ---------------------------------------------------------------------
 
     def _schedule_decodes(self, batch: BatchBuilder, now: float) -> tuple[str, ...]:
-        """Every ready decode, oldest first; evicts other requests when a decode needs a block."""
+        """Every ready decode, oldest first; evicts other requests when a decode needs a block.
+
+        The hot loop of every iteration (one pass per running decode), so attribute lookups
+        are hoisted and the plan tuples are built directly."""
         layout = self.table.layout
+        decoding, decode = RequestStatus.DECODING, SeqKind.DECODE
+        needing_block, shards, active_groups = (
+            layout.group_needing_block,
+            layout.shards,
+            layout.active_groups,
+        )
+        add = batch.add
         preempted: list[str] = []
         for request in list(self.table.running.values()):
             position = request.prompt_len + request.generated - 1
-            if request.status is not RequestStatus.DECODING or request.issued != position:
+            if request.status is not decoding or request.issued != position:
                 continue  # prefilling, or its previous token is not sampled yet
-            group = layout.group_needing_block(request, position)
+            group = needing_block(request, position)
             new_blocks: NewBlocks = ()
             if group is not None:
                 block = self._allocate_for_decode(request, group, batch, now, preempted)
@@ -235,14 +245,14 @@ class Scheduler:
                 new_blocks = ((group, (block,)),)
             seq = ScheduledSeq(
                 request.request_id,
-                SeqKind.DECODE,
+                decode,
                 position,
                 position + 1,
-                layout.shards(request, position),
+                shards(request, position),
                 new_blocks,
                 True,
             )
-            batch.add(seq, layout.active_groups(request, position))
+            add(seq, active_groups(request, position))
         return tuple(preempted)
 
     def _allocate_for_decode(

@@ -26,7 +26,7 @@ class RequestTable:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.layout = KvpLayout(config)
-        self.pool = BlockPool(config.kvp_groups, config.num_blocks)
+        self.pool = BlockPool(config.kvp_groups, config.num_blocks, config.check_blocks)
         self.requests: dict[str, SchedRequest] = {}
         """Every request not done yet, plus done ones a plan in flight still refers to."""
         self.queued: dict[str, SchedRequest] = {}
