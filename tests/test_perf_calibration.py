@@ -49,6 +49,7 @@ CPU_TRUTH = CPU.with_efficiency(
         collective=1.0,
         iteration_overhead_s=5e-3,
         sequence_overhead_s=50e-6,
+        kv_gather_s=3e-7,
     )
 )
 
@@ -123,6 +124,8 @@ def test_cpu_profile_is_fitted_from_nominal_units_and_predicts_unseen_batches() 
     fitted = efficiencies(fit.profile)
     for name in ("matmul", "attention", "memory", "kv_read"):
         assert fitted[name] == pytest.approx(efficiencies(CPU_TRUTH)[name], rel=0.03)
+    # The KV gather pass is what a prefill chunk over a long prefix pays beyond its FLOPs.
+    assert fit.profile.efficiency.kv_gather_s == pytest.approx(3e-7, rel=0.1)
     assert "collective" in fit.held  # one process: no collective to learn from
     assert fitted["collective"] == CPU.efficiency.collective
 

@@ -29,9 +29,13 @@ class BatchSums:
     """Ideal seconds per layer of bandwidth-bound attention."""
     merge_bytes: float = 0.0
     """KVP merge bytes on the wire per layer."""
+    kv_tokens: float = 0.0
+    """Cached KV tokens attended to per layer, on the busiest group (for kv_gather_s)."""
 
     def copy(self) -> BatchSums:
-        return BatchSums(self.tokens, self.seqs, self.attention, self.kv_read, self.merge_bytes)
+        return BatchSums(
+            self.tokens, self.seqs, self.attention, self.kv_read, self.merge_bytes, self.kv_tokens
+        )
 
 
 class RooflinePricer:

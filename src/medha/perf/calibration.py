@@ -2,6 +2,7 @@
 
 The cost model splits every prediction into terms that are each linear in one coefficient:
     time = sum_k ideal_k / efficiency_k + latency + fixed + seq_layers * sequence_overhead
+           + gathered_kv * kv_gather
 where ideal_k is the work charged to term k at peak rate (roofline.Terms). Given the binding
 roofline branch of every op, the unknowns 1/efficiency_k and the overheads enter linearly, so
 they are fitted by non-negative least squares on relative errors. Which branch binds depends on
@@ -30,8 +31,10 @@ from medha.scheduler.cost import SeqShape
 
 FIXED = "fixed_overhead"
 SEQUENCE = "sequence_overhead"
-FITTABLE = (*EFFICIENCY_TERMS, FIXED, SEQUENCE)
-"""Column names of the fit: the five efficiencies, iteration + layer overhead, per-seq overhead."""
+GATHER = "kv_gather"
+FITTABLE = (*EFFICIENCY_TERMS, FIXED, SEQUENCE, GATHER)
+"""Column names of the fit: the five efficiencies, iteration + layer overhead, per-seq overhead,
+seconds per gathered KV token."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def _columns(row: Terms) -> dict[str, float]:
         "collective": row.collective,
         FIXED: row.iterations,
         SEQUENCE: row.sequence_layers,
+        GATHER: row.gathered_kv,
     }
 
 
@@ -177,6 +181,7 @@ def _coefficients(eff: Efficiency, layers: float) -> dict[str, float]:
     values = {name: 1.0 / getattr(eff, name) for name in EFFICIENCY_TERMS}
     values[FIXED] = eff.iteration_overhead_s + layers * eff.layer_overhead_s
     values[SEQUENCE] = eff.sequence_overhead_s
+    values[GATHER] = eff.kv_gather_s
     return values
 
 
@@ -192,6 +197,7 @@ def _efficiency(values: dict[str, float], base: Efficiency, layers: float) -> Ef
         iteration_overhead_s=iteration,
         layer_overhead_s=per_layer,
         sequence_overhead_s=values[SEQUENCE],
+        kv_gather_s=values[GATHER],
     )
 
 

@@ -148,10 +148,12 @@ class RooflineCostModel:
             raise ValueError(f"token counts must be >= 0: {seq}")
         if not 1 <= groups <= self.replica.kvp:
             raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
-        flops, nbytes = self._attention.work(q_tokens, kv_tokens / groups)
+        local_kv = kv_tokens / groups
+        flops, nbytes = self._attention.work(q_tokens, local_kv)
         peak, attention_rate, hbm, kv_read_rate = self._attention_rates
         sums.tokens += q_tokens
         sums.seqs += 1
+        sums.kv_tokens += local_kv
         # The roofline branch is chosen per sequence: a decode reads KV, a long chunk computes.
         if flops / attention_rate >= nbytes / kv_read_rate:
             sums.attention += flops / peak
@@ -199,6 +201,7 @@ class RooflineCostModel:
             + sums.kv_read / eff.kv_read
             + eff.layer_overhead_s
             + sums.seqs * eff.sequence_overhead_s
+            + sums.kv_tokens * eff.kv_gather_s
         )
         if sums.merge_bytes:
             bandwidth, latency = self._kvp_link
@@ -275,6 +278,7 @@ class RooflineCostModel:
             latency=latency,
             layers=1.0,
             sequence_layers=float(sums.seqs),
+            gathered_kv=sums.kv_tokens,
         )
 
     # Ideal seconds (work / peak rate) per term; each op is charged to its binding branch.

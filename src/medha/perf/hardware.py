@@ -47,6 +47,9 @@ class Efficiency:
     """Seconds per iteration (input preparation, sampling, host synchronisation)."""
     sequence_overhead_s: float = 0.0
     """Seconds per sequence per layer (per-sequence attention setup; ~0 with one varlen kernel)."""
+    kv_gather_s: float = 0.0
+    """Seconds per cached KV token per layer copied out of the paged cache before attention:
+    0 for kernels that read paged KV in place (GPU), the gather pass of the CPU executor."""
 
     def __post_init__(self) -> None:
         for name in EFFICIENCY_TERMS:
@@ -58,7 +61,12 @@ class Efficiency:
 
 
 EFFICIENCY_TERMS = ("matmul", "attention", "memory", "kv_read", "collective")
-OVERHEAD_TERMS = ("layer_overhead_s", "iteration_overhead_s", "sequence_overhead_s")
+OVERHEAD_TERMS = (
+    "layer_overhead_s",
+    "iteration_overhead_s",
+    "sequence_overhead_s",
+    "kv_gather_s",
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ _GPU_COMMON: dict[str, Any] = {
     "layer_overhead_s": 10 * US,
     "iteration_overhead_s": 1 * MS,
     "sequence_overhead_s": 0.0,
+    "kv_gather_s": 0.0,
 }
 
 A100_80GB = DeviceProfile(

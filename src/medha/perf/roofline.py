@@ -117,6 +117,8 @@ class Terms:
     layers: float = 0.0
     sequence_layers: float = 0.0
     iterations: float = 0.0
+    gathered_kv: float = 0.0
+    """Cached KV tokens copied before attention, summed over layers (see kv_gather_s)."""
 
     def __add__(self, other: Terms) -> Terms:
         return Terms(
@@ -129,6 +131,7 @@ class Terms:
             self.layers + other.layers,
             self.sequence_layers + other.sequence_layers,
             self.iterations + other.iterations,
+            self.gathered_kv + other.gathered_kv,
         )
 
     def scaled(self, factor: float) -> Terms:
@@ -142,6 +145,7 @@ class Terms:
             self.layers * factor,
             self.sequence_layers * factor,
             self.iterations * factor,
+            self.gathered_kv * factor,
         )
 
     def seconds_by_term(self, eff: Efficiency) -> dict[str, float]:
@@ -156,6 +160,7 @@ class Terms:
             "overhead": self.layers * eff.layer_overhead_s
             + self.sequence_layers * eff.sequence_overhead_s
             + self.iterations * eff.iteration_overhead_s,
+            "kv_gather": self.gathered_kv * eff.kv_gather_s,
         }
 
     def seconds(self, eff: Efficiency) -> float:
