@@ -4,7 +4,8 @@ budget) on the same GGUF, in one run.
 
 Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when it runs alone
 on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
-writes JSON (default benchmarks/results/mixed_cpu.json).
+writes JSON (default benchmarks/results/mixed_cpu.json). One more row runs the shorts under lars
+with no long request: their slowdown from queueing behind each other alone, the floor.
 
     OMP_NUM_THREADS=2 python benchmarks/mixed_cpu.py [--shorts 16] [--skip-openvino]
 
@@ -156,6 +157,10 @@ def _drive(
     return results, wall
 
 
+def _seconds(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}s"
+
+
 def summarize(rows: list[RequestResult], alone: dict[str, float], wall: float) -> dict[str, float]:
     shorts = [r for r in rows if r.kind == "short"]
     slowdowns = [r.ttft / alone[r.request_id] for r in shorts if alone.get(r.request_id)]
@@ -195,6 +200,13 @@ async def main(args: Any) -> None:
         rows, wall = await medha_run(policy, workload, args, profile)
         table[f"medha {policy}"] = summarize(rows, alone, wall)
         print(f"done: medha {policy}", flush=True)
+        if policy == "lars":
+            # The floor: the same shorts with no document at all. What is left of their
+            # slowdown is queueing behind each other, which no policy can remove; the gap
+            # to this row is what the long request costs them.
+            shorts = [r for r in workload if r.kind == "short"]
+            rows, wall = await medha_run(policy, shorts, args, profile)
+            table["medha lars, shorts only"] = summarize(rows, alone, wall)
     if not args.skip_openvino:
         ov_alone_rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
         ov_alone = {r.request_id: r.ttft for r in ov_alone_rows}
@@ -208,7 +220,7 @@ async def main(args: Any) -> None:
     for name, s in table.items():
         print(
             f"{name:<22}{s['short_slowdown_p50']:>13.2f}{s['short_slowdown_p99']:>8.2f}"
-            f"{s['short_ttft_p50']:>14.2f}s{s['short_ttft_p99']:>7.2f}s{s['long_ttft']:>9.1f}s"
+            f"{s['short_ttft_p50']:>14.2f}s{s['short_ttft_p99']:>7.2f}s{_seconds(s['long_ttft']):>10}"
             f"{s['tpot_p50'] * 1000:>8.0f}ms{s['tpot_p99'] * 1000:>6.0f}ms{s['throughput_tok_s']:>8.1f}"
         )
     if "medha lars" in table and "medha fcfs" in table:
