@@ -47,19 +47,25 @@ class BatchBuilder:
         return not any(group in self.closed_groups for group in groups)
 
     def add(self, seq: ScheduledSeq, groups: list[int]) -> None:
+        if len(groups) == 1:
+            self.add_on_group(seq, groups[0])
+            return
         q_tokens = seq.end - seq.start
         shape = SeqShape(q_tokens, seq.start, len(groups))
-        if len(groups) == 1:  # the common case, once per running decode per iteration
-            group = groups[0]
-            self.pricers[group].add(shape)
-            self.tokens[group] += q_tokens
-            self._times[group] = None
-        else:
-            pricers, tokens, times = self.pricers, self.tokens, self._times
-            for group in groups:
-                pricers[group].add(shape)
-                tokens[group] += q_tokens
-                times[group] = None
+        pricers, tokens, times = self.pricers, self.tokens, self._times
+        for group in groups:
+            pricers[group].add(shape)
+            tokens[group] += q_tokens
+            times[group] = None
+        self.seqs.append(seq)
+
+    def add_on_group(self, seq: ScheduledSeq, group: int) -> None:
+        """`add` for a sequence whose KV lives on one group: every decode of an unsplit request,
+        so once per running decode per iteration."""
+        q_tokens = seq.end - seq.start
+        self.pricers[group].add(SeqShape(q_tokens, seq.start, 1))
+        self.tokens[group] += q_tokens
+        self._times[group] = None
         self.seqs.append(seq)
 
     def add_prefill(

@@ -20,7 +20,7 @@ from medha.errors import InvalidRequestError, RequestTooLargeError
 from medha.scheduler.batch import BatchBuilder
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
-from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
+from medha.scheduler.plan import BatchPlan, KvShard, ScheduledSeq, SeqKind
 from medha.scheduler.policies import (
     ChunkingMode,
     default_deadline,
@@ -221,38 +221,54 @@ class Scheduler:
         """Every ready decode, oldest first; evicts other requests when a decode needs a block.
 
         The hot loop of every iteration (one pass per running decode), so attribute lookups
-        are hoisted and the plan tuples are built directly."""
+        are hoisted, the plan tuples are built directly, and requests on one KVP group (every
+        request when KV is not split across groups) skip the layout's general bookkeeping."""
         layout = self.table.layout
         decoding, decode = RequestStatus.DECODING, SeqKind.DECODE
-        needing_block, shards, active_groups = (
-            layout.group_needing_block,
-            layout.shards,
-            layout.active_groups,
-        )
-        add = batch.add
+        unsplit = layout.limit is None
+        block_size = layout.block_size
+        add, add_one = batch.add, batch.add_on_group
         preempted: list[str] = []
         for request in list(self.table.running.values()):
             position = request.prompt_len + request.generated - 1
             if request.status is not decoding or request.issued != position:
                 continue  # prefilling, or its previous token is not sampled yet
-            group = needing_block(request, position)
-            new_blocks: NewBlocks = ()
-            if group is not None:
-                block = self._allocate_for_decode(request, group, batch, now, preempted)
+            if unsplit:
+                group = request.groups[0]
+                new_blocks: NewBlocks = ()
+                table = request.block_tables[0]
+                if position // block_size >= len(table):
+                    block = self._allocate_for_decode(request, group, batch, now, preempted)
+                    if block is None:
+                        continue
+                    table.append(block)
+                    new_blocks = ((group, (block,)),)
+                shards = (KvShard(group, 0, position),)
+                add_one(
+                    ScheduledSeq(
+                        request.request_id, decode, position, position + 1, shards, new_blocks, True
+                    ),
+                    group,
+                )
+                continue
+            needs_block = layout.group_needing_block(request, position)
+            new_blocks = ()
+            if needs_block is not None:
+                block = self._allocate_for_decode(request, needs_block, batch, now, preempted)
                 if block is None:
                     continue
                 layout.append_block(request, position, block)
-                new_blocks = ((group, (block,)),)
+                new_blocks = ((needs_block, (block,)),)
             seq = ScheduledSeq(
                 request.request_id,
                 decode,
                 position,
                 position + 1,
-                shards(request, position),
+                layout.shards(request, position),
                 new_blocks,
                 True,
             )
-            add(seq, active_groups(request, position))
+            add(seq, layout.active_groups(request, position))
         return tuple(preempted)
 
     def _allocate_for_decode(
