@@ -27,7 +27,7 @@ from medha.errors import (
 from medha.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from medha.config import EngineConfig
+    from medha.config import EngineConfig, ParallelConfig
     from medha.engine import Engine, EngineStats
     from medha.llm import LLM
     from medha.request import Completion, RequestMetrics, TokenEvent
@@ -38,6 +38,7 @@ _LAZY = {
     "Engine": "medha.engine",
     "EngineStats": "medha.engine",
     "EngineConfig": "medha.config",
+    "ParallelConfig": "medha.config",
     "LLM": "medha.llm",
     "Completion": "medha.request",
     "RequestMetrics": "medha.request",
@@ -68,6 +69,7 @@ __all__ = [
     "InvalidSamplingParamsError",
     "MedhaError",
     "ModelLoadError",
+    "ParallelConfig",
     "PromptTooLongError",
     "RequestMetrics",
     "RequestTooLargeError",

@@ -9,9 +9,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medha.scheduler import PolicyName
+
+
+class ParallelConfig(BaseModel):
+    """How one model replica spreads over processes (DESIGN.md sections 7 to 9).
+
+    world = tp x pp x kvp worker processes; with world 1 (the default) the engine runs
+    embedded in the caller's process. See docs/parallelism.md.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tp: int = Field(default=1, ge=1)
+    """Tensor parallelism: heads and MLP columns split over tp ranks (one node)."""
+    pp: int = Field(default=1, ge=1)
+    """Pipeline stages, each holding a contiguous range of layers."""
+    kvp: int = Field(default=1, ge=1)
+    """KV-cache parallel groups: a long request's KV is split along the sequence over them."""
+    max_tokens_per_kvp_group: int | None = Field(default=None, ge=1)
+    """M: a request's tokens [0, M) live on its first KVP group, [M, 2M) on the next. Required
+    when kvp > 1."""
+    spp: bool = True
+    """Stream pipeline parallelism: a prompt's next chunk enters stage 0 as soon as the previous
+    one left it (pp > 1 only)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.kvp > 1 and self.max_tokens_per_kvp_group is None:
+            raise ValueError("kvp > 1 needs max_tokens_per_kvp_group (tokens per KVP shard)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.kvp
 
 
 class EngineConfig(BaseModel):
@@ -50,3 +83,7 @@ class EngineConfig(BaseModel):
     """A device profile saved by `medha calibrate`; None: a short calibration at start."""
     calibration_seconds: float = Field(default=3.0, gt=0)
     """Time budget of the start-up calibration (when no cost_profile is given)."""
+
+    # -- parallelism --------------------------------------------------------------------------
+    parallel: ParallelConfig = ParallelConfig()
+    """TP x PP x KVP; world > 1 runs the model in that many worker processes."""

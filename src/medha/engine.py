@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -89,6 +89,9 @@ class Engine:
         """Load the model (in a worker thread), calibrate, and start the actors."""
         if self._task_group is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
+        if self.config.parallel.world_size > 1:
+            await self._start_parallel()
+            return
         from medha.engine_setup import build_engine_parts
 
         parts = await anyio.to_thread.run_sync(build_engine_parts, self.config)
@@ -101,14 +104,49 @@ class Engine:
         )
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._stage.run)
-        self._task_group.start_soon(self._scheduler_actor.run)
+        self._task_group.start_soon(self._contained, self._stage.run)
+        self._task_group.start_soon(self._contained, self._scheduler_actor.run)
         _log.info(
             "engine started",
             model=self.config.model,
             policy=self.config.policy,
             kv_blocks=parts.scheduler.config.num_blocks,
         )
+
+    async def _start_parallel(self) -> None:
+        """world > 1: the model runs in worker processes (medha.parallel); this process keeps
+        the scheduler actor, which talks to them by RPC, and a supervisor of the workers."""
+        from medha.actors.pipeline_scheduler import PipelineSchedulerActor, WorkersFailed
+        from medha.parallel.engine_parts import build_parallel_parts
+
+        parts = await anyio.to_thread.run_sync(build_parallel_parts, self.config)
+        self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
+        self._vocab_size = parts.vocab_size
+        self.calibration = parts.calibration
+        actor = PipelineSchedulerActor(
+            parts.scheduler, parts.cluster, self._clock, self._record_iterations
+        )
+        self._scheduler_actor = actor
+
+        def workers_failed(error: BaseException) -> None:
+            if actor.failure is None:
+                actor.tell(WorkersFailed(error))
+
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(parts.cluster.supervise, workers_failed)
+        self._task_group.start_soon(self._contained, actor.run)
+        _log.info("engine started", model=self.config.model, parallel=str(self.config.parallel))
+
+    async def _contained(self, run: Callable[[], Awaitable[None]]) -> None:
+        """Run an actor loop; if it fails, keep the failure here instead of raising it into the
+        task group. The task group was entered in the caller's task, so an error raised in it
+        would cancel the CALLER (a web handler, a notebook cell). The actor has already
+        delivered the failure where it belongs: to every open stream, and to later calls."""
+        try:
+            await run()
+        except Exception as exc:
+            _log.error("engine failed", error=repr(exc))
 
     async def stop(self) -> None:
         """Stop serving: open streams end with EngineClosedError; idempotent."""
@@ -243,10 +281,10 @@ class Engine:
             )
         config = actor.scheduler.config
         blocks = -(-total // config.block_size)
-        if blocks > config.num_blocks:
+        if blocks > config.total_blocks:
             raise RequestTooLargeError(
                 f"the request needs {blocks} KV blocks ({total} tokens); the cache has "
-                f"{config.num_blocks} (raise num_blocks or kv_cache_gib)"
+                f"{config.total_blocks} (raise num_blocks or kv_cache_gib)"
             )
         checked_deadline = check_deadline(deadline)
         if request_id is None:

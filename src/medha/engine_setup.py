@@ -3,19 +3,22 @@ and the Scheduler. Runs in a worker thread at start (loading takes seconds)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from medha.calibration import calibrate_runner
 from medha.config import EngineConfig
 from medha.log import get_logger
+from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
 from medha.model.loader import load_checkpoint
 from medha.model.runner import ModelRunner, load_model
 from medha.model.setup import resolve_dtype
 from medha.model.tokenizer import Tokenizer
-from medha.perf import CalibrationResult, RooflineCostModel, load_profile
+from medha.perf import CalibrationResult, DeviceProfile, RooflineCostModel, load_profile
 from medha.scheduler import Scheduler, SchedulerConfig
 
 _log = get_logger(__name__)
@@ -36,26 +39,51 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     arch = checkpoint.arch
     dtype = resolve_dtype(config.dtype)
     model = load_model(arch, checkpoint.get_tensor, dtype, config.device)
-    element = torch.empty((), dtype=dtype).element_size()
-    num_blocks = config.num_blocks or max(
-        1,
-        int(config.kv_cache_gib * 2**30)
-        // KVCache.bytes_per_block(arch, config.block_size, dtype, arch.num_layers),
-    )
+    num_blocks = kv_blocks_for(config, arch, dtype, arch.num_layers)
     cache = KVCache(arch, num_blocks, config.block_size, dtype, config.device)
     runner = ModelRunner(model, cache, config.attention_backend)
+    profile, calibration = device_profile(config, lambda: runner)
+    cost = RooflineCostModel(arch, profile, dtype_bytes=dtype_bytes(dtype))
+    scheduler = build_scheduler(config, num_blocks, cost)
+    max_model_len = config.max_model_len or arch.max_position_embeddings
+    return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
-    calibration = None
+
+# -- shared with the multi-process engine (medha.parallel.engine_parts) -------------------------
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_blocks_for(config: EngineConfig, arch: ModelArch, dtype: torch.dtype, layers: int) -> int:
+    """`num_blocks` if given, else as many blocks of `layers` layers as kv_cache_gib holds."""
+    if config.num_blocks:
+        return config.num_blocks
+    per_block = KVCache.bytes_per_block(arch, config.block_size, dtype, layers)
+    return max(1, int(config.kv_cache_gib * 2**30) // per_block)
+
+
+def device_profile(
+    config: EngineConfig, runner: Callable[[], ModelRunner]
+) -> tuple[DeviceProfile, CalibrationResult | None]:
+    """The saved profile named by `cost_profile`, else one calibrated now on `runner()`."""
     if config.cost_profile is not None:
-        profile = load_profile(config.cost_profile)
-    else:
-        calibration, _ = calibrate_runner(
-            runner, budget_s=config.calibration_seconds, dtype_bytes=element
-        )
-        profile = calibration.profile
-        _log.info("calibrated cost model", median_error=round(calibration.median_abs_rel_error, 3))
-    cost = RooflineCostModel(arch, profile, dtype_bytes=element)
-    scheduler = Scheduler(
+        return load_profile(config.cost_profile), None
+    calibration, _ = calibrate_runner(
+        runner(),
+        budget_s=config.calibration_seconds,
+        dtype_bytes=dtype_bytes(resolve_dtype(config.dtype)),
+    )
+    _log.info("calibrated cost model", median_error=round(calibration.median_abs_rel_error, 3))
+    return calibration.profile, calibration
+
+
+def build_scheduler(
+    config: EngineConfig, num_blocks: int, cost: RooflineCostModel, **parallel: Any
+) -> Scheduler:
+    """The Scheduler of `config`; `parallel` adds the KVP/SPP fields of SchedulerConfig."""
+    return Scheduler(
         SchedulerConfig(
             policy=config.policy,
             target_batch_time=config.target_batch_time,
@@ -64,8 +92,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             max_batch_size=config.max_num_seqs,
             block_size=config.block_size,
             num_blocks=num_blocks,
+            **parallel,
         ),
         cost,
     )
-    max_model_len = config.max_model_len or arch.max_position_embeddings
-    return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)

@@ -20,6 +20,7 @@ from medha.actors.tracked import TrackedRequest
 from medha.errors import EngineClosedError, EngineFailedError
 from medha.log import get_logger
 from medha.request import TokenEvent
+from medha.sampling import SamplingParams
 from medha.scheduler import BatchPlan, Scheduler
 
 _log = get_logger(__name__)
@@ -132,11 +133,7 @@ class SchedulerActor(Actor[Submit | Abort]):
     async def _iterate(self) -> None:
         if not self.scheduler.has_work:
             return
-        plan = self.scheduler.schedule(self.clock())
-        for request_id in plan.preempted:
-            if request_id in self.requests:
-                self.requests[request_id].preemptions += 1
-            _log.info("request preempted", request_id=request_id)
+        plan = self._schedule()
         if plan.is_empty:
             if plan.released or plan.preempted:
                 await self.stage.ask(Forget(plan.released, plan.preempted))
@@ -150,17 +147,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_stage0_done(plan)
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
-        self.iterations += 1
-        if self.history is not None:
-            self.history.append(
-                IterationRecord(
-                    plan.plan_id,
-                    started,
-                    output.seconds,
-                    plan.predicted_time,
-                    tuple((s.request_id, s.q_tokens, s.kind.value == "prefill") for s in plan.seqs),
-                )
-            )
+        self._record(plan, started, output.seconds)
         _log.debug(
             "iteration",
             step=plan.plan_id,
@@ -175,21 +162,47 @@ class SchedulerActor(Actor[Submit | Abort]):
         works = []
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
-            sampling = None
-            if not request.sampling_sent:
-                sampling, request.sampling_sent = request.params, True
-            new_blocks = tuple(block for _, blocks in seq.new_blocks for block in blocks)
             works.append(
                 SeqWork(
                     seq.request_id,
                     seq.start,
                     request.tokens(seq.start, seq.end),
-                    new_blocks,
+                    tuple(block for _, blocks in seq.new_blocks for block in blocks),
                     seq.samples,
-                    sampling,
+                    self._first_sampling(request),
                 )
             )
         return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted)
+
+    # -- shared with the multi-process actor -----------------------------------------------------
+
+    def _schedule(self) -> BatchPlan:
+        plan = self.scheduler.schedule(self.clock())
+        for request_id in plan.preempted:
+            if request_id in self.requests:
+                self.requests[request_id].preemptions += 1
+            _log.info("request preempted", request_id=request_id)
+        return plan
+
+    def _first_sampling(self, request: TrackedRequest) -> SamplingParams | None:
+        """The request's sampling params on its first step, None afterwards (a delta)."""
+        if request.sampling_sent:
+            return None
+        request.sampling_sent = True
+        return request.params
+
+    def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
+        self.iterations += 1
+        if self.history is not None:
+            self.history.append(
+                IterationRecord(
+                    plan.plan_id,
+                    started,
+                    seconds,
+                    plan.predicted_time,
+                    tuple((s.request_id, s.q_tokens, s.kind.value == "prefill") for s in plan.seqs),
+                )
+            )
 
     def _deliver(self, output: StepOutput, now: float) -> set[str]:
         """Stream each sampled token; returns the requests whose stop conditions ended them."""

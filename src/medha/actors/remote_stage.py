@@ -1,0 +1,203 @@
+"""The stage actor of a worker process: runs its stage of every step, in order, off the RPC threads.
+
+RPC handlers only enqueue (`submit` returns a torch Future at once); one step thread runs the
+steps strictly in `seq_no` order, because every worker of a group must enter the same
+collectives in the same order, whatever order the RPCs arrived in. Per request it keeps this KVP
+group's block table and, on the sampling rank, the sampling state.
+
+Stage 0 embeds the tokens; later stages receive the previous stage's hidden states; every stage
+but the last sends its output on (isend: the stage is free for the next micro-batch as soon as
+its own work is done, which is what SPP needs) and reports done at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from medha.actors.messages import SampledToken, StepOutput
+from medha.kernels import AttentionFn, AttentionMetadata
+from medha.model.kv_cache import KVCache
+from medha.model.runner import StepSeq
+from medha.model.sampler import make_generator, sample
+from medha.parallel.kvp import KvpMerge, shard_step_seq
+from medha.parallel.messages import ShardStep, StageDone
+from medha.parallel.stage_model import StageModel
+from medha.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class _SeqState:
+    block_table: list[int]
+    sampling: SamplingParams | None = None
+    generator: torch.Generator | None = None
+
+
+class RemoteStage:
+    def __init__(
+        self,
+        rank: int,
+        model: StageModel,
+        cache: KVCache,
+        attention: AttentionFn,
+        *,
+        prev_rank: int | None,
+        next_rank: int | None,
+        samples: bool,
+        kvp_merge: KvpMerge | None,
+        device: torch.device,
+    ) -> None:
+        self.rank = rank
+        self.model, self.cache, self.attention = model, cache, attention
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        self.samples = samples
+        self.kvp_merge = kvp_merge
+        self.device = device
+        self._seqs: dict[str, _SeqState] = {}
+        self._queue: dict[int, tuple[ShardStep, torch.futures.Future[StageDone]]] = {}
+        self._next = 0
+        self._cond = threading.Condition()
+        self._sends: list[tuple[Any, torch.Tensor]] = []
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"stage-{rank}", daemon=True)
+        self._thread.start()
+
+    # -- called on RPC threads ------------------------------------------------------------------
+
+    def submit(self, step: ShardStep) -> torch.futures.Future[StageDone]:
+        future: torch.futures.Future[StageDone] = torch.futures.Future()
+        with self._cond:
+            self._queue[step.seq_no] = (step, future)
+            self._cond.notify()
+        return future
+
+    # -- the step thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._next not in self._queue:
+                    self._cond.wait()
+                step, future = self._queue.pop(self._next)
+                self._next += 1
+            if self.failure is not None:
+                # After a failure the collectives are out of step: refuse everything.
+                future.set_exception(RuntimeError(f"worker {self.rank} failed earlier"))
+                continue
+            try:
+                done = self.run(step)
+            except BaseException as exc:
+                self.failure = exc
+                future.set_exception(exc)
+            else:
+                future.set_result(done)
+
+    def run(self, step: ShardStep) -> StageDone:
+        for request_id in step.release:
+            self._seqs.pop(request_id, None)
+        for request_id in step.preempted:
+            state = self._seqs.get(request_id)
+            if state is not None:
+                state.block_table.clear()
+        if not step.seqs:
+            return StageDone(step.seq_no, self.rank)
+        batch: list[StepSeq] = []
+        for work in step.seqs:
+            state = self._seqs.get(work.request_id)
+            if state is None:
+                state = self._seqs[work.request_id] = _SeqState([])
+            if work.sampling is not None and self.samples:
+                state.sampling = work.sampling
+                state.generator = (
+                    None
+                    if work.sampling.is_greedy
+                    else make_generator(work.sampling.seed, self.device)
+                )
+            # Blocks reserved for a later part of the prompt arrive before this group holds any
+            # of its KV: keep them all the same.
+            state.block_table.extend(work.new_blocks)
+            batch.append(shard_step_seq(work, state.block_table))
+        started = time.perf_counter()
+        out = self._forward(step, batch)
+        if self.next_rank is not None:
+            self._send(out)
+            return StageDone(step.seq_no, self.rank)
+        if not self.samples:
+            return StageDone(step.seq_no, self.rank)
+        return self._sample(step, out, time.perf_counter() - started)
+
+    def _forward(self, step: ShardStep, batch: list[StepSeq]) -> torch.Tensor:
+        meta = self._metadata(batch)
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        for seq in batch:
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
+            if seq.sample:
+                rows.append(len(ids) - 1)
+        device = self.device
+        pos = torch.tensor(positions, dtype=torch.int64, device=device)
+        if self.prev_rank is None:
+            inputs = torch.tensor(ids, dtype=torch.int64, device=device)
+        else:
+            inputs = torch.empty(
+                len(ids), self.model.arch.hidden_size, dtype=self.cache.k[0].dtype, device=device
+            )
+            dist.recv(inputs, src=self.prev_rank)
+        logit_rows = None
+        if self.next_rank is None and not step.all_logits:
+            logit_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        return self.model(inputs, pos, self.cache, meta, self.attention, self.kvp_merge, logit_rows)
+
+    def _metadata(self, batch: list[StepSeq]) -> AttentionMetadata:
+        return AttentionMetadata.build(
+            q_lens=[len(s.token_ids) for s in batch],
+            q_start_pos=[s.start_pos for s in batch],
+            kv_lens=[
+                s.kv_len
+                if s.kv_len is not None
+                else s.start_pos + len(s.token_ids) - s.kv_start_pos
+                for s in batch
+            ],
+            kv_start_pos=[s.kv_start_pos for s in batch],
+            block_tables=[s.block_table for s in batch],
+            block_size=self.cache.block_size,
+            appends=[s.appends for s in batch],
+            device=self.device,
+        )
+
+    def _send(self, hidden: torch.Tensor) -> None:
+        # Keep the tensor alive until the send completes; reap finished sends as we go.
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+        tensor = hidden.contiguous()
+        self._sends.append((dist.isend(tensor, dst=self.next_rank), tensor))
+
+    def _sample(self, step: ShardStep, logits: torch.Tensor, seconds: float) -> StageDone:
+        sampling_works = [w for w in step.seqs if w.samples]
+        sampled: dict[str, SampledToken] = {}
+        if sampling_works:
+            if step.all_logits:
+                ends, total = [], 0
+                for work in step.seqs:
+                    total += len(work.token_ids)
+                    if work.samples:
+                        ends.append(total - 1)
+                rows = logits[torch.tensor(ends, device=logits.device)]
+            else:
+                rows = logits
+            states = [self._seqs[w.request_id] for w in sampling_works]
+            params = [s.sampling or SamplingParams(temperature=0.0) for s in states]
+            out = sample(rows, params, [s.generator for s in states])
+            for work, token, logprob in zip(
+                sampling_works, out.token_ids, out.logprobs, strict=True
+            ):
+                sampled[work.request_id] = SampledToken(token, logprob)
+        output = StepOutput(step.step_id, sampled, seconds)
+        returned = logits.cpu() if step.return_logits else None
+        return StageDone(step.seq_no, self.rank, output, returned)

@@ -1,0 +1,256 @@
+"""The engine's side of the worker processes: launch, rendezvous, send steps, supervise, stop.
+
+Launch: `world` processes from the multiprocessing spawn context (a fork would copy the caller's
+event loop and threads). Both rendezvous (the RPC world of engine + workers, and the workers'
+collective world) go through file:// stores in a private temporary folder, and TensorPipe and
+gloo are pinned to the loopback interface: nothing listens beyond 127.0.0.1.
+
+The engine joins the RPC world as rank 0 ("driver"): it talks to workers only by RPC; the data
+(hidden states, all-reduces, KVP partials) moves between workers by collectives.
+
+Blocking methods (`start`, `close`) run in a worker thread of the engine's event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medha.errors import EngineFailedError
+from medha.log import get_logger
+from medha.parallel.layout import RankLayout
+from medha.parallel.messages import ShardStep, StageDone
+from medha.parallel.worker import (
+    WorkerSpec,
+    driver_name,
+    stop_worker,
+    submit_step,
+    worker_main,
+    worker_name,
+)
+
+_log = get_logger(__name__)
+
+# How often the engine checks that its workers are alive.
+_SUPERVISE_PERIOD_S = 0.1
+
+
+class WorkerStartError(EngineFailedError):
+    """A worker process failed to start; the message carries its traceback."""
+
+
+class Cluster:
+    def __init__(self, spec_args: dict[str, Any], layout: RankLayout) -> None:
+        self.layout = layout
+        self._spec_args = spec_args
+        self._folder: Path | None = None
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self._rpc_started = False
+        self._closed = False
+        self._session = ""
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Spawn the workers and wait until every one has loaded its shard. On any failure the
+        workers are stopped and the error (with the failing worker's traceback) raised."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
+        import torch.distributed.rpc as rpc
+
+        self._folder = Path(tempfile.mkdtemp(prefix="medha-workers-"))
+        self._session = secrets.token_hex(4)
+        world = self.world_size
+        cpus = os.cpu_count() or 1
+        spec = WorkerSpec(
+            **self._spec_args,
+            layout=self.layout,
+            rpc_init=f"file://{self._folder / 'rpc-store'}",
+            pg_init=f"file://{self._folder / 'pg-store'}",
+            session=self._session,
+            threads=max(1, cpus // world),
+            timeout_s=timeout_s,
+        )
+        context = multiprocessing.get_context("spawn")
+        status = context.Queue()
+        for rank in range(world):
+            process = context.Process(
+                target=worker_main, args=(rank, spec, status), name=f"medha-worker-{rank}"
+            )
+            process.daemon = True  # the interpreter's exit reaps them even if close() is skipped
+            process.start()
+            self.processes.append(process)
+
+        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+        rpc_error: list[BaseException] = []
+
+        def join_rpc() -> None:
+            # torch prefixes the rendezvous keys with a per-process count of init_rpc calls;
+            # fresh workers count from 0, so an engine that is not this process's first must
+            # too. Every engine has its own store, so reusing the prefix is harmless.
+            with rpc._init_counter_lock:
+                rpc._init_counter = 0
+            try:
+                with warnings.catch_warnings():
+                    # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
+                    warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
+                    rpc.init_rpc(
+                        driver_name(self._session),
+                        rank=0,
+                        world_size=world + 1,
+                        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                            init_method=spec.rpc_init, num_worker_threads=8, rpc_timeout=timeout_s
+                        ),
+                    )
+                self._rpc_started = True
+            except BaseException as exc:
+                rpc_error.append(exc)
+
+        # The rendezvous blocks until every worker joined: wait for it beside the processes, so
+        # a worker that dies early is reported instead of waited for.
+        joiner = threading.Thread(target=join_rpc, name="rpc-rendezvous", daemon=True)
+        joiner.start()
+        deadline = time.monotonic() + timeout_s
+        ready: set[int] = set()
+        while len(ready) < world or joiner.is_alive():
+            if time.monotonic() > deadline:
+                raise WorkerStartError(f"workers did not start within {timeout_s:.0f} s")
+            try:
+                kind, rank, detail = status.get(timeout=0.1)
+            except queue.Empty:
+                self._raise_if_dead(status)
+                continue
+            if kind == "error":
+                raise _start_error(rank, detail)
+            ready.add(rank)
+        if rpc_error:
+            raise WorkerStartError(f"RPC rendezvous failed: {rpc_error[0]!r}") from rpc_error[0]
+        _log.info("workers ready", world=world, layout=str(self.layout))
+
+    def _raise_if_dead(self, status: Any) -> None:
+        for rank, process in enumerate(self.processes):
+            if process.exitcode is not None:
+                # Its error report may still be in flight on the queue.
+                with contextlib.suppress(queue.Empty):
+                    kind, failed, detail = status.get(timeout=1.0)
+                    if kind == "error":
+                        raise _start_error(failed, detail)
+                raise WorkerStartError(
+                    f"worker {rank} exited with code {process.exitcode} during start-up"
+                )
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def submit(
+        self, steps: list[ShardStep], on_done: Callable[[int, StageDone | BaseException], None]
+    ) -> None:
+        """Send KVP group g's ShardStep to every worker of group g; `on_done(rank, result)` is
+        called (on an RPC thread) as each worker finishes its stage."""
+        import torch.distributed.rpc as rpc
+
+        layout = self.layout
+        for rank in range(self.world_size):
+            step = steps[layout.coords(rank).kvp]
+            future = rpc.rpc_async(worker_name(rank, self._session), submit_step, args=(step,))
+            future.add_done_callback(_reporter(rank, on_done))
+
+    def dead_workers(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of every worker that has exited."""
+        return [
+            (rank, process.exitcode)
+            for rank, process in enumerate(self.processes)
+            if process.exitcode is not None
+        ]
+
+    async def supervise(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Run as a task beside the scheduler actor: report the first worker that dies, and
+        stop every worker when the task ends (the engine stops or fails)."""
+        import anyio
+
+        try:
+            while True:
+                await anyio.sleep(_SUPERVISE_PERIOD_S)
+                dead = self.dead_workers()
+                if dead:
+                    rank, code = dead[0]
+                    on_failure(EngineFailedError(f"worker {rank} exited with code {code}"))
+                    break
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.close)
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def close(self, grace_s: float = 3.0) -> None:
+        """Stop every worker (politely, then by force) and leave the RPC world. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        import torch.distributed.rpc as rpc
+
+        if self._rpc_started:
+            for rank, process in enumerate(self.processes):
+                if process.exitcode is None:
+                    with contextlib.suppress(Exception):
+                        rpc.rpc_async(
+                            worker_name(rank, self._session), stop_worker, timeout=grace_s
+                        )
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.exitcode is None:
+                process.terminate()
+        for process in self.processes:
+            process.join(timeout=2.0)
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=2.0)
+        if self._rpc_started:
+            # Not graceful: a graceful shutdown is a barrier with workers that are gone now.
+            with contextlib.suppress(Exception):
+                rpc.shutdown(graceful=False)
+            self._rpc_started = False
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        _log.info("workers stopped", world=self.world_size)
+
+
+def _reporter(
+    rank: int, on_done: Callable[[int, StageDone | BaseException], None]
+) -> Callable[[Any], None]:
+    def report(future: Any) -> None:
+        try:
+            result = future.value()
+        except BaseException as exc:
+            on_done(rank, exc)
+        else:
+            on_done(rank, result)
+
+    return report
+
+
+def _start_error(rank: int, detail: str) -> Exception:
+    last = detail.strip().splitlines()[-1] if detail else "unknown error"
+    return WorkerStartError(f"worker {rank} failed to start: {last}\n{detail}")

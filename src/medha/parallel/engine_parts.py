@@ -1,0 +1,103 @@
+"""Build what a multi-process Engine runs: tokenizer, cost model of the TP x PP x KVP replica, the
+Scheduler with KVP groups and SPP, and the started worker processes.
+
+The engine's own process never holds the model: it validates the checkpoint (config and tensor
+headers only, so a bad path fails here, in milliseconds, before any process is spawned), checks
+that the layout fits the model, and launches the workers. Runs in a worker thread at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medha.config import EngineConfig
+from medha.log import get_logger
+from medha.model.arch import ModelArch
+from medha.model.loader import load_checkpoint
+from medha.parallel.cluster import Cluster
+from medha.parallel.layout import RankLayout, split_layers
+from medha.parallel.tp import check_tp
+from medha.scheduler import Scheduler
+
+_log = get_logger(__name__)
+
+
+@dataclass
+class ParallelParts:
+    tokenizer: Any
+    scheduler: Scheduler
+    cost: Any
+    max_model_len: int
+    vocab_size: int
+    calibration: Any
+    cluster: Cluster
+
+
+def build_parallel_parts(config: EngineConfig) -> ParallelParts:
+    from medha.engine_setup import build_scheduler, device_profile, dtype_bytes, kv_blocks_for
+    from medha.model.setup import build_runner, resolve_dtype
+    from medha.parallel.tp import local_arch
+    from medha.perf import ReplicaSpec, RooflineCostModel
+
+    parallel = config.parallel
+    layout = RankLayout(tp=parallel.tp, pp=parallel.pp, kvp=parallel.kvp)
+    checkpoint = load_checkpoint(config.model)
+    arch = checkpoint.arch
+    _check_layout(arch, layout)
+    dtype = resolve_dtype(config.dtype)
+    # One worker's pool: its TP shard of the heads, for the layers of the largest stage.
+    stage_layers = max(len(r) for r in split_layers(arch.num_layers, layout.pp))
+    num_blocks = kv_blocks_for(config, local_arch(arch, layout.tp), dtype, stage_layers)
+
+    # Without a saved profile, the device's coefficients are calibrated on one device in this
+    # process (the parallel costs then come from the roofline's collective terms). Pass
+    # `cost_profile` to skip this (recommended for large models).
+    profile, calibration = device_profile(
+        config,
+        lambda: build_runner(
+            config.model,
+            num_blocks=512,
+            dtype=config.dtype,
+            device=config.device,
+            attention_backend=config.attention_backend,
+        )[0],
+    )
+    replica = ReplicaSpec(
+        tp=layout.tp,
+        pp=layout.pp,
+        kvp=layout.kvp,
+        kvp_max_tokens_per_group=parallel.max_tokens_per_kvp_group,
+    )
+    cost = RooflineCostModel(arch, profile, replica, dtype_bytes=dtype_bytes(dtype))
+    scheduler = build_scheduler(
+        config,
+        num_blocks,
+        cost,
+        kvp_groups=layout.kvp,
+        max_tokens_per_kvp_group=parallel.max_tokens_per_kvp_group,
+        pp_stages=layout.pp,
+        spp=parallel.spp,
+    )
+    cluster = Cluster(
+        dict(
+            model=str(checkpoint.path),
+            dtype=config.dtype,
+            device=config.device,
+            attention_backend=config.attention_backend,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+        ),
+        layout,
+    )
+    cluster.start()
+    max_model_len = config.max_model_len or arch.max_position_embeddings
+    return ParallelParts(
+        checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
+    )
+
+
+def _check_layout(arch: ModelArch, layout: RankLayout) -> None:
+    check_tp(arch, layout.tp)
+    if arch.num_layers < layout.pp:
+        raise ValueError(f"pp={layout.pp} exceeds the model's {arch.num_layers} layers")

@@ -1,0 +1,52 @@
+"""Messages from the scheduler actor to the worker processes: one ShardStep per KVP group per
+step, carrying deltas only (the step's query tokens, this group's new blocks, this group's part of
+each sequence's KV). Results come back as medha.actors.messages.StepOutput.
+
+Small frozen dataclasses: they are pickled by torch.distributed.rpc for every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medha.actors.messages import SeqWork
+
+
+@dataclass(frozen=True, slots=True)
+class ShardWork(SeqWork):
+    """A sequence's step as one KVP group sees it: the single-process SeqWork (new tokens, this
+    group's new blocks, sampling on the first step) plus the group's part of the KV."""
+
+    kv_start: int | None = None
+    """First position of the request's KV this group holds; None: it holds none of it."""
+    kv_end: int = 0
+    """End of that range before the step (ignored when `appends`)."""
+    appends: bool = False
+    """This group is the request's last: it stores the step's new KV and attends causally."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStep:
+    seq_no: int
+    """Every message to the workers is numbered; each worker runs them in this order."""
+    step_id: int
+    """The plan id (-1 for housekeeping only)."""
+    seqs: tuple[ShardWork, ...]
+    release: tuple[str, ...] = ()
+    preempted: tuple[str, ...] = ()
+    all_logits: bool = False
+    """Return the logits of every query token (exactness tests), not only sampling rows."""
+    return_logits: bool = False
+    """Send the logits back with the sampled tokens (exactness tests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageDone:
+    """What one worker reports for a step: when it finished its stage, and on the sampling rank
+    the step's output (and logits when asked for)."""
+
+    seq_no: int
+    rank: int
+    output: object | None = None
+    """A medha.actors.messages.StepOutput from the sampling rank, else None."""
+    logits: object | None = None

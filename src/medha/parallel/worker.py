@@ -1,0 +1,180 @@
+"""A worker process: one (pipeline stage, KVP group, TP rank) of the replica.
+
+Start-up: join the RPC world (the engine is RPC rank 0, worker r is RPC rank r + 1) and the
+collective world of the workers, build the process groups, load this rank's shard of the model,
+then report "ready" (or the error) on the start-up queue. Afterwards it only serves RPCs:
+`submit_step` (a ShardStep, answered when this rank's stage of it is done) and `stop_worker`.
+
+A worker never outlives the engine: it exits when told to, and on its own when its parent
+process disappears.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed.rpc as rpc
+
+from medha.parallel.layout import RankLayout, split_layers
+from medha.parallel.messages import ShardStep, StageDone
+
+# Test hook: the rank named here raises during start-up (the fault tests' "bad worker").
+FAIL_AT_START_ENV = "MEDHA_TEST_WORKER_FAIL_AT_START"
+
+_STAGE: Any = None
+_STOP = threading.Event()
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, picklable (it crosses the spawn boundary)."""
+
+    model: str
+    dtype: str
+    device: str
+    attention_backend: str
+    layout: RankLayout
+    num_blocks: int
+    block_size: int
+    rpc_init: str
+    """file:// rendezvous of the RPC world (engine + workers)."""
+    session: str
+    """Suffix of every RPC name of this engine's world. Unique per engine: torch's RPC keeps
+    per-name-set counters across worlds, so a second engine in the same process reusing the
+    names of the first would wait forever in the rendezvous."""
+    pg_init: str
+    """file:// rendezvous of the collective world (workers only)."""
+    threads: int
+    """torch intra-op threads per worker (CPU)."""
+    timeout_s: float = 300.0
+
+
+def worker_name(rank: int, session: str) -> str:
+    return f"worker{rank}-{session}"
+
+
+def driver_name(session: str) -> str:
+    return f"driver-{session}"
+
+
+def device_for(spec: WorkerSpec, rank: int) -> torch.device:
+    if spec.device.startswith("cuda"):
+        # One GPU per worker, round-robin over the visible ones (torchrun-style local rank).
+        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    return torch.device(spec.device)
+
+
+def worker_main(rank: int, spec: WorkerSpec, status: Any) -> None:
+    """Entry point of the spawned process."""
+    try:
+        _watch_parent(os.getppid())
+        _start(rank, spec)
+    except BaseException:
+        status.put(("error", rank, traceback.format_exc()))
+        # Do not run teardown that may wait on peers that are gone: leave at once.
+        time.sleep(0.2)  # let the queue's feeder thread flush
+        os._exit(1)
+    status.put(("ready", rank, None))
+    _STOP.wait()
+    time.sleep(0.1)  # let the reply to stop_worker go out
+    os._exit(0)
+
+
+def _start(rank: int, spec: WorkerSpec) -> None:
+    import torch.distributed as dist
+
+    from medha.actors.remote_stage import RemoteStage
+    from medha.kernels import select_backend
+    from medha.model.kv_cache import KVCache
+    from medha.model.loader import load_checkpoint
+    from medha.model.setup import resolve_dtype
+    from medha.parallel.groups import build_groups
+    from medha.parallel.kvp import KvpMerge
+    from medha.parallel.stage_model import StageModel
+
+    global _STAGE
+    # Loopback only unless the user chose interfaces (multi-node attach sets these).
+    os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    device = device_for(spec, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    else:
+        torch.cuda.set_device(device)
+    layout = spec.layout
+    world = layout.world_size
+    timeout = timedelta(seconds=spec.timeout_s)
+    with warnings.catch_warnings():
+        # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
+        warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
+        rpc.init_rpc(
+            worker_name(rank, spec.session),
+            rank=rank + 1,
+            world_size=world + 1,
+            rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                init_method=spec.rpc_init, num_worker_threads=8, rpc_timeout=spec.timeout_s
+            ),
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=spec.pg_init, rank=rank, world_size=world, timeout=timeout
+    )
+    if os.environ.get(FAIL_AT_START_ENV) == str(rank):
+        raise RuntimeError(f"worker {rank}: failure injected by {FAIL_AT_START_ENV}")
+    groups = build_groups(layout, rank)
+    coords = layout.coords(rank)
+    checkpoint = load_checkpoint(spec.model)
+    layers = split_layers(checkpoint.arch.num_layers, layout.pp)[coords.pp]
+    dtype = resolve_dtype(spec.dtype)
+    first, last = coords.pp == 0, coords.pp == layout.pp - 1
+    model = StageModel.load(
+        checkpoint, layers, first, last, coords.tp, layout.tp, groups.tp, dtype, device
+    )
+    cache = KVCache(model.arch, spec.num_blocks, spec.block_size, dtype, device, layers)
+    _, attention = select_backend(device, spec.attention_backend)
+    _STAGE = RemoteStage(
+        rank,
+        model,
+        cache,
+        attention,
+        prev_rank=layout.prev_stage(rank),
+        next_rank=layout.next_stage(rank),
+        samples=rank == layout.sampler_rank,
+        kvp_merge=KvpMerge(groups.kvp, layout.kvp) if layout.kvp > 1 else None,
+        device=device,
+    )
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit if the engine's process dies without stopping us (killed, crashed)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# -- RPC entry points (run on the worker's RPC threads) -------------------------------------
+
+
+@rpc.functions.async_execution
+def submit_step(step: ShardStep) -> torch.futures.Future[StageDone]:
+    """Queue `step`; the future completes when this rank's stage of it is done."""
+    if _STAGE is None:
+        raise RuntimeError("the worker is not ready")
+    return _STAGE.submit(step)
+
+
+def stop_worker() -> None:
+    _STOP.set()

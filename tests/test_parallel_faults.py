@@ -1,0 +1,99 @@
+"""Worker processes never outlive the engine and never hang it: a worker killed mid-stream fails
+every open stream with EngineFailedError within 10 s, leaving the engine reaps every child, and a
+worker that cannot start (or a bad model path) is a clear error at start, not a hang."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import anyio
+import pytest
+
+import medha
+from medha import EngineFailedError, SamplingParams
+from medha.parallel.cluster import WorkerStartError
+from medha.parallel.worker import FAIL_AT_START_ENV
+from tests.parallel_support import parallel_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _worker_pids(engine: medha.Engine) -> list[int]:
+    cluster = engine._scheduler_actor.cluster  # type: ignore[union-attr]
+    return [p.pid for p in cluster.processes if p.pid is not None]
+
+
+async def test_leaving_the_engine_terminates_every_worker() -> None:
+    async with medha.Engine(parallel_config(2, 1, 1)) as engine:
+        pids = _worker_pids(engine)
+        assert len(pids) == 2
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        assert len((await engine.generate([1, 2, 3], params)).token_ids) == 3
+    _assert_gone(pids)
+
+
+async def test_killing_a_worker_mid_stream_fails_every_open_stream_within_10_s() -> None:
+    params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+    errors: list[BaseException] = []
+    first_tokens = anyio.Event()
+    counts = [0, 0]
+
+    async def consume(engine: medha.Engine, index: int) -> None:
+        try:
+            async for _ in engine.stream([5 + index, 6, 7], params):
+                counts[index] += 1
+                if all(counts):
+                    first_tokens.set()
+        except EngineFailedError as exc:
+            errors.append(exc)
+
+    async with medha.Engine(parallel_config(1, 2, 1, num_blocks=256)) as engine:
+        pids = _worker_pids(engine)
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume, engine, 0)
+            group.start_soon(consume, engine, 1)
+            with anyio.fail_after(30):
+                await first_tokens.wait()
+            cluster = engine._scheduler_actor.cluster  # type: ignore[union-attr]
+            killed_at = time.monotonic()
+            cluster.processes[1].kill()
+            with anyio.fail_after(10):
+                while len(errors) < 2:
+                    await anyio.sleep(0.01)
+            assert time.monotonic() - killed_at < 10
+    assert len(errors) == 2 and max(counts) < 1500
+    _assert_gone(pids)
+
+
+async def test_a_worker_failing_at_start_up_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(FAIL_AT_START_ENV, "1")  # spawned workers inherit the environment
+    engine = medha.Engine(parallel_config(2, 1, 1))
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError, match=r"worker 1 failed to start.*injected"):
+        await engine.start()
+    assert time.monotonic() - started < 60
+    assert not multiprocessing.active_children()
+
+
+async def test_a_bad_model_path_fails_before_any_worker_starts() -> None:
+    config = parallel_config(2, 1, 1).model_copy(update={"model": "/nonexistent/model"})
+    started = time.monotonic()
+    with pytest.raises(medha.ModelLoadError):
+        await medha.Engine(config).start()
+    assert time.monotonic() - started < 5
+    assert not multiprocessing.active_children()
