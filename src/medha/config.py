@@ -36,15 +36,29 @@ class ParallelConfig(BaseModel):
     """Stream pipeline parallelism: a prompt's next chunk enters stage 0 as soon as the previous
     one left it (pp > 1 only)."""
 
+    attach: str | None = None
+    """HOST:PORT where the engine waits for workers started by torchrun on one or more nodes
+    (`torchrun ... --no-python medha worker --engine HOST:PORT`); None: the engine spawns its
+    workers on this machine. See docs/parallelism.md."""
+
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
         if self.kvp > 1 and self.max_tokens_per_kvp_group is None:
             raise ValueError("kvp > 1 needs max_tokens_per_kvp_group (tokens per KVP shard)")
+        if self.attach is not None:
+            host, _, port = self.attach.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"attach must be HOST:PORT, got {self.attach!r}")
         return self
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.kvp
+
+    @property
+    def uses_workers(self) -> bool:
+        """The model runs in worker processes (else embedded in the engine's process)."""
+        return self.world_size > 1 or self.attach is not None
 
 
 class EngineConfig(BaseModel):

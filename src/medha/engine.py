@@ -89,7 +89,7 @@ class Engine:
         """Load the model (in a worker thread), calibrate, and start the actors."""
         if self._task_group is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
-        if self.config.parallel.world_size > 1:
+        if self.config.parallel.uses_workers:
             await self._start_parallel()
             return
         from medha.engine_setup import build_engine_parts

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medha.commands import calibrate, demo, generate, simulate
+from medha.commands import calibrate, demo, generate, simulate, worker
 
-COMMANDS = [generate, demo, simulate, calibrate]
+COMMANDS = [generate, demo, simulate, calibrate, worker]

@@ -32,7 +32,9 @@ from medha.log import get_logger
 from medha.parallel.layout import RankLayout
 from medha.parallel.messages import ShardStep, StageDone
 from medha.parallel.worker import (
+    ATTACHED_SESSION,
     WorkerSpec,
+    configure_worker,
     driver_name,
     stop_worker,
     submit_step,
@@ -51,8 +53,13 @@ class WorkerStartError(EngineFailedError):
 
 
 class Cluster:
-    def __init__(self, spec_args: dict[str, Any], layout: RankLayout) -> None:
+    def __init__(
+        self, spec_args: dict[str, Any], layout: RankLayout, attach: str | None = None
+    ) -> None:
         self.layout = layout
+        self.attach = attach
+        """HOST:PORT where torchrun-started workers join (see docs/parallelism.md); None: spawn
+        the workers on this machine."""
         self._spec_args = spec_args
         self._folder: Path | None = None
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -76,19 +83,52 @@ class Cluster:
             raise
 
     def _start(self, timeout_s: float) -> None:
+        if self.attach is None:
+            self._spawn(timeout_s)
+        else:
+            self._attach(timeout_s)
+
+    def _spec(self, rpc_init: str, pg_init: str, threads: int, timeout_s: float) -> WorkerSpec:
+        return WorkerSpec(
+            **self._spec_args,
+            layout=self.layout,
+            rpc_init=rpc_init,
+            pg_init=pg_init,
+            session=self._session,
+            threads=threads,
+            timeout_s=timeout_s,
+        )
+
+    def _join_rpc(self, init_method: str, timeout_s: float) -> None:
+        """Join the RPC world as rank 0; blocks until every worker joined."""
         import torch.distributed.rpc as rpc
 
+        # torch prefixes the rendezvous keys with a per-process count of init_rpc calls; fresh
+        # workers count from 0, so an engine that is not this process's first must too. Every
+        # engine has its own store, so reusing the prefix is harmless.
+        with rpc._init_counter_lock:
+            rpc._init_counter = 0
+        with warnings.catch_warnings():
+            # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
+            warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
+            rpc.init_rpc(
+                driver_name(self._session),
+                rank=0,
+                world_size=self.world_size + 1,
+                rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                    init_method=init_method, num_worker_threads=8, rpc_timeout=timeout_s
+                ),
+            )
+        self._rpc_started = True
+
+    def _spawn(self, timeout_s: float) -> None:
         self._folder = Path(tempfile.mkdtemp(prefix="medha-workers-"))
         self._session = secrets.token_hex(4)
         world = self.world_size
-        cpus = os.cpu_count() or 1
-        spec = WorkerSpec(
-            **self._spec_args,
-            layout=self.layout,
+        spec = self._spec(
             rpc_init=f"file://{self._folder / 'rpc-store'}",
             pg_init=f"file://{self._folder / 'pg-store'}",
-            session=self._session,
-            threads=max(1, cpus // world),
+            threads=max(1, (os.cpu_count() or 1) // world),
             timeout_s=timeout_s,
         )
         context = multiprocessing.get_context("spawn")
@@ -105,24 +145,8 @@ class Cluster:
         rpc_error: list[BaseException] = []
 
         def join_rpc() -> None:
-            # torch prefixes the rendezvous keys with a per-process count of init_rpc calls;
-            # fresh workers count from 0, so an engine that is not this process's first must
-            # too. Every engine has its own store, so reusing the prefix is harmless.
-            with rpc._init_counter_lock:
-                rpc._init_counter = 0
             try:
-                with warnings.catch_warnings():
-                    # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
-                    warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
-                    rpc.init_rpc(
-                        driver_name(self._session),
-                        rank=0,
-                        world_size=world + 1,
-                        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-                            init_method=spec.rpc_init, num_worker_threads=8, rpc_timeout=timeout_s
-                        ),
-                    )
-                self._rpc_started = True
+                self._join_rpc(spec.rpc_init, timeout_s)
             except BaseException as exc:
                 rpc_error.append(exc)
 
@@ -158,6 +182,39 @@ class Cluster:
                 raise WorkerStartError(
                     f"worker {rank} exited with code {process.exitcode} during start-up"
                 )
+
+    def _attach(self, timeout_s: float) -> None:
+        """Wait for `world` workers started by torchrun (`medha worker --engine HOST:PORT`) to
+        join at self.attach, then have every one load its shard."""
+        import torch.distributed.rpc as rpc
+
+        self._session = ATTACHED_SESSION
+        world = self.world_size
+        spec = self._spec(
+            rpc_init=f"tcp://{self.attach}", pg_init="env://", threads=0, timeout_s=timeout_s
+        )
+        _log.info("waiting for workers", address=self.attach, world=world)
+        try:
+            self._join_rpc(spec.rpc_init, timeout_s)
+        except Exception as exc:
+            raise WorkerStartError(
+                f"{world} workers did not join the engine at {self.attach}: {exc}"
+            ) from exc
+        # Every worker at once: loading joins the workers' collective world.
+        futures = [
+            rpc.rpc_async(
+                worker_name(rank, self._session), configure_worker, args=(spec,), timeout=timeout_s
+            )
+            for rank in range(world)
+        ]
+        while not all(f.done() for f in futures):
+            for rank, future in enumerate(futures):
+                if future.done():
+                    _raise_start_failure(rank, future)
+            time.sleep(0.05)
+        for rank, future in enumerate(futures):
+            _raise_start_failure(rank, future)
+        _log.info("workers attached", world=world, layout=str(self.layout))
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -210,12 +267,23 @@ class Cluster:
         import torch.distributed.rpc as rpc
 
         if self._rpc_started:
-            for rank, process in enumerate(self.processes):
-                if process.exitcode is None:
-                    with contextlib.suppress(Exception):
+            if self.attach is None:
+                live = [r for r, p in enumerate(self.processes) if p.exitcode is None]
+            else:
+                live = list(range(self.world_size))
+            stops = []
+            for rank in live:
+                with contextlib.suppress(Exception):
+                    stops.append(
                         rpc.rpc_async(
                             worker_name(rank, self._session), stop_worker, timeout=grace_s
                         )
+                    )
+            if self.attach is not None:
+                # No processes to wait for: wait for the workers to acknowledge instead.
+                for stop in stops:
+                    with contextlib.suppress(Exception):
+                        stop.wait()
         deadline = time.monotonic() + grace_s
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -249,6 +317,13 @@ def _reporter(
             on_done(rank, result)
 
     return report
+
+
+def _raise_start_failure(rank: int, future: Any) -> None:
+    try:
+        future.wait()
+    except Exception as exc:
+        raise WorkerStartError(f"worker {rank} failed to start: {exc}") from exc
 
 
 def _start_error(rank: int, detail: str) -> Exception:

@@ -89,6 +89,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
             block_size=config.block_size,
         ),
         layout,
+        attach=parallel.attach,
     )
     cluster.start()
     max_model_len = config.max_model_len or arch.max_position_embeddings

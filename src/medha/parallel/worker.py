@@ -29,6 +29,9 @@ from medha.parallel.messages import ShardStep, StageDone
 # Test hook: the rank named here raises during start-up (the fault tests' "bad worker").
 FAIL_AT_START_ENV = "MEDHA_TEST_WORKER_FAIL_AT_START"
 
+ATTACHED_SESSION = "attached"
+"""The RPC name suffix of an engine and the torchrun-started workers it attaches to."""
+
 _STAGE: Any = None
 _STOP = threading.Event()
 
@@ -53,7 +56,7 @@ class WorkerSpec:
     pg_init: str
     """file:// rendezvous of the collective world (workers only)."""
     threads: int
-    """torch intra-op threads per worker (CPU)."""
+    """torch intra-op threads per worker (CPU); 0: the worker's node decides."""
     timeout_s: float = 300.0
 
 
@@ -67,8 +70,10 @@ def driver_name(session: str) -> str:
 
 def device_for(spec: WorkerSpec, rank: int) -> torch.device:
     if spec.device.startswith("cuda"):
-        # One GPU per worker, round-robin over the visible ones (torchrun-style local rank).
-        return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        # One GPU per worker: torchrun's LOCAL_RANK when attached, else round-robin over the
+        # visible ones (spawned workers all run on this node).
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
     return torch.device(spec.device)
 
 
@@ -89,6 +94,30 @@ def worker_main(rank: int, spec: WorkerSpec, status: Any) -> None:
 
 
 def _start(rank: int, spec: WorkerSpec) -> None:
+    # Loopback only unless the user chose interfaces (a multi-node attach sets these).
+    os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    _join_rpc(rank, spec.layout.world_size, spec.rpc_init, spec.session, spec.timeout_s)
+    _load_stage(rank, spec)
+
+
+def _join_rpc(rank: int, world: int, init_method: str, session: str, timeout_s: float) -> None:
+    """Join the RPC world of the engine (RPC rank 0) and the `world` workers (ranks 1..world)."""
+    with warnings.catch_warnings():
+        # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
+        warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
+        rpc.init_rpc(
+            worker_name(rank, session),
+            rank=rank + 1,
+            world_size=world + 1,
+            rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
+                init_method=init_method, num_worker_threads=8, rpc_timeout=timeout_s
+            ),
+        )
+
+
+def _load_stage(rank: int, spec: WorkerSpec) -> None:
+    """Join the workers' collective world, build the groups, load this rank's shard."""
     import torch.distributed as dist
 
     from medha.actors.remote_stage import RemoteStage
@@ -101,28 +130,16 @@ def _start(rank: int, spec: WorkerSpec) -> None:
     from medha.parallel.stage_model import StageModel
 
     global _STAGE
-    # Loopback only unless the user chose interfaces (multi-node attach sets these).
-    os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = device_for(spec, rank)
     if device.type == "cpu":
-        torch.set_num_threads(spec.threads)
+        # 0 (attached workers): share this node's cores among torchrun's local workers.
+        local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // local_workers))
     else:
         torch.cuda.set_device(device)
     layout = spec.layout
     world = layout.world_size
     timeout = timedelta(seconds=spec.timeout_s)
-    with warnings.catch_warnings():
-        # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
-        warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
-        rpc.init_rpc(
-            worker_name(rank, spec.session),
-            rank=rank + 1,
-            world_size=world + 1,
-            rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-                init_method=spec.rpc_init, num_worker_threads=8, rpc_timeout=spec.timeout_s
-            ),
-        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend, init_method=spec.pg_init, rank=rank, world_size=world, timeout=timeout
@@ -153,6 +170,34 @@ def _start(rank: int, spec: WorkerSpec) -> None:
     )
 
 
+def serve_attached(engine: str, timeout_s: float = 600.0) -> None:
+    """A worker started by torchrun (`medha worker --engine HOST:PORT`): join the engine's RPC
+    world at tcp://HOST:PORT as worker RANK of WORLD_SIZE (torchrun's variables), wait for the
+    engine to send the WorkerSpec (`configure_worker`), then serve steps until stopped. The
+    workers' collective world uses torchrun's own rendezvous (MASTER_ADDR, MASTER_PORT)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _join_rpc(rank, world, f"tcp://{engine}", ATTACHED_SESSION, timeout_s)
+    _watch_engine()
+    _STOP.wait()
+    time.sleep(0.1)  # let the reply to stop_worker go out
+    os._exit(0)
+
+
+def _watch_engine() -> None:
+    """Exit if the engine stops answering (its process died without stopping us)."""
+
+    def watch() -> None:
+        engine = driver_name(ATTACHED_SESSION)
+        while True:
+            time.sleep(2.0)
+            try:
+                rpc.rpc_sync(engine, engine_alive, timeout=10.0)
+            except Exception:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+
+
 def _watch_parent(parent: int) -> None:
     """Exit if the engine's process dies without stopping us (killed, crashed)."""
 
@@ -174,6 +219,23 @@ def submit_step(step: ShardStep) -> torch.futures.Future[StageDone]:
     if _STAGE is None:
         raise RuntimeError("the worker is not ready")
     return _STAGE.submit(step)
+
+
+def configure_worker(spec: WorkerSpec) -> None:
+    """Attached workers: load this rank's shard as `spec` says (the engine calls every worker at
+    once: loading joins the workers' collective world, which waits for all of them)."""
+    rank = int(os.environ["RANK"])
+    if spec.layout.world_size != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(
+            f"the engine's layout needs {spec.layout.world_size} workers; torchrun started "
+            f"{os.environ['WORLD_SIZE']}"
+        )
+    _load_stage(rank, spec)
+
+
+def engine_alive() -> bool:
+    """Runs on the engine: attached workers call it to notice an engine that is gone."""
+    return True
 
 
 def stop_worker() -> None:
