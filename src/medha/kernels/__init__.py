@@ -14,6 +14,7 @@ from medha.kernels.attention import (
 )
 from medha.kernels.merge import merge_attention_partials
 from medha.kernels.metadata import AttentionMetadata
+from medha.kernels.triton_backend import triton_attention  # registers "triton"; imports no triton
 
 __all__ = [
     "AttentionFn",
@@ -23,5 +24,6 @@ __all__ = [
     "paged_attention",
     "register_backend",
     "select_backend",
+    "triton_attention",
     "write_kv",
 ]

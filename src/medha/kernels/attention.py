@@ -32,6 +32,9 @@ _AVAILABLE: dict[str, Callable[[torch.device], bool]] = {
     "reference": lambda device: True,
     "sdpa": sdpa_available,
 }
+# Availability when asked for by name, where it differs (Triton's CPU interpreter, for tests).
+_NAMED_AVAILABLE: dict[str, Callable[[torch.device], bool]] = {}
+_REQUIREMENT: dict[str, str] = {}
 # Best first. A GPU backend registers itself in front of "sdpa".
 _PREFERENCE: list[str] = ["sdpa", "reference"]
 
@@ -42,10 +45,20 @@ def register_backend(
     available: Callable[[torch.device], bool],
     *,
     preferred: bool = False,
+    available_by_name: Callable[[torch.device], bool] | None = None,
+    requirement: str = "",
 ) -> None:
-    """Add an attention backend; `preferred` puts it first in automatic selection."""
+    """Add an attention backend; `preferred` puts it first in automatic selection.
+
+    `available_by_name`, if given, replaces `available` when the backend is named explicitly;
+    `requirement` says what the backend needs, for the error when it is not available.
+    """
     _BACKENDS[name] = fn
     _AVAILABLE[name] = available
+    if available_by_name is not None:
+        _NAMED_AVAILABLE[name] = available_by_name
+    if requirement:
+        _REQUIREMENT[name] = requirement
     if name in _PREFERENCE:
         _PREFERENCE.remove(name)
     _PREFERENCE.insert(0 if preferred else len(_PREFERENCE) - 1, name)
@@ -61,8 +74,9 @@ def select_backend(device: torch.device | str, name: str = "auto") -> tuple[str,
     if name != "auto":
         if name not in _BACKENDS:
             raise ValueError(f"unknown attention backend {name!r} (known: {backend_names()})")
-        if not _AVAILABLE[name](device):
-            raise ValueError(f"attention backend {name!r} is not available on {device}")
+        if not _NAMED_AVAILABLE.get(name, _AVAILABLE[name])(device):
+            need = f": {_REQUIREMENT[name]}" if name in _REQUIREMENT else ""
+            raise ValueError(f"attention backend {name!r} is not available on {device}{need}")
         chosen = name
     else:
         chosen = next(n for n in _PREFERENCE if _AVAILABLE[n](device))

@@ -1,0 +1,58 @@
+"""Flash-decoding over a paged KV cache: decode tokens (one query per sequence) with the keys
+split into partitions.
+
+A decode is memory bound: it reads every cached key and value once and does little arithmetic
+with them. With one program per (sequence, kv head) a batch of 1 at long context would keep only
+Hkv programs busy, a few percent of an H100's SMs. So the keys are cut into partitions, one
+program each, that stream K/V at full bandwidth and write a partial (output, lse); a reduction
+kernel (`medha.kernels.triton_merge`) then merges the partitions exactly.
+
+The per-partition kernel is `medha.kernels.triton_prefill.paged_attention_kernel` with one token
+per tile: the group of query heads sharing a kv head form the tile's rows (padded to 16 for the
+tensor-core dot), so each K/V tile is read once for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from medha.kernels.metadata import AttentionMetadata
+from medha.kernels.triton_prefill import LaunchPlan, TileConfig, plan_launch
+
+# A partition shorter than this costs more in its partial's write and merge than it gains in
+# parallelism.
+MIN_PARTITION_KEYS = 1024
+
+
+def decode_config(device: torch.device, group: int) -> TileConfig:
+    block_m = max(16, triton.next_power_of_2(group))
+    if device.type != "cuda":
+        return TileConfig(block_m=block_m, block_n=16)
+    return TileConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
+
+
+def plan_decode(
+    meta: AttentionMetadata,
+    seqs: Sequence[int],
+    *,
+    group: int,
+    kv_heads: int,
+    target_programs: int,
+    num_partitions: int | None = None,
+) -> LaunchPlan:
+    """Partition the keys of decode sequences `seqs` (one query token each) so that sequences x
+    kv heads x partitions reaches `target_programs`, or into exactly `num_partitions`."""
+    device = meta.block_tables.device
+    return plan_launch(
+        meta,
+        seqs,
+        group=group,
+        kv_heads=kv_heads,
+        config=decode_config(device, group),
+        target_programs=target_programs,
+        min_split_keys=MIN_PARTITION_KEYS,
+        num_splits=num_partitions,
+    )
