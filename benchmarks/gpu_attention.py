@@ -400,7 +400,6 @@ def _at_least(value: float | None, target: str) -> bool | None:
 
 def print_report(report: Report) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     c = report.ceilings
@@ -408,36 +407,14 @@ def print_report(report: Report) -> None:
         f"[bold]{report.device}[/bold]: copy {c['copy_gbps']:.0f} GB/s, "
         f"bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s"
     )
-    table = Table(title="chunked-prefill attention (Triton vs SDPA flash)")
-    for col in ("KV", "chunk", "blocks", "ms", "TFLOP/s", "of matmul", "SDPA ms", "speedup"):
-        table.add_column(col, justify="right")
-    for r in report.prefill:
-        table.add_row(
-            _tokens(r["kv_len"]),
-            str(r["q_len"]),
-            "shuffled" if r["shuffled_blocks"] else "in order",
-            f"{r['ms']:.3f}",
-            f"{r['tflops']:.0f}",
-            f"{r['fraction_of_matmul']:.0%}",
-            _opt(r.get("sdpa_ms"), ".3f"),
-            _opt(r.get("speedup_vs_sdpa"), ".2f", "x"),
-        )
-    console.print(table)
-    table = Table(title="decode attention (flash-decoding vs SDPA flash)")
-    for col in ("KV", "batch", "blocks", "ms", "GB/s", "of copy", "SDPA ms", "speedup"):
-        table.add_column(col, justify="right")
-    for r in report.decode:
-        table.add_row(
-            _tokens(r["kv_len"]),
-            str(r["batch"]),
-            "shuffled" if r["shuffled_blocks"] else "in order",
-            f"{r['ms']:.3f}",
-            f"{r['gbps']:.0f}",
-            f"{r['fraction_of_copy']:.0%}",
-            _opt(r.get("sdpa_ms"), ".3f"),
-            _opt(r.get("speedup_vs_sdpa"), ".2f", "x"),
-        )
-    console.print(table)
+    prefill_cols = ("chunk", "TFLOP/s", "of matmul")
+    console.print(
+        _table("chunked-prefill attention (Triton vs SDPA flash)", report.prefill, prefill_cols)
+    )
+    decode_cols = ("batch", "GB/s", "of copy")
+    console.print(
+        _table("decode attention (flash-decoding vs SDPA flash)", report.decode, decode_cols)
+    )
     e = report.e2e
     console.print(
         f"end-to-end prefill ({e['backend']}): {e['prompt']} tokens in chunks of {e['chunk']}: "
@@ -445,6 +422,31 @@ def print_report(report: Report) -> None:
         f"({e['fraction_of_matmul']:.0%} of the measured matmul ceiling)"
     )
     console.print_json(data=report.summary)
+
+
+def _table(title: str, rows: list[dict[str, Any]], cols: tuple[str, str, str]) -> Any:
+    """A rich table of attention rows; `cols` names the size, rate and fraction columns."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("KV", cols[0], "blocks", "ms", *cols[1:], "SDPA ms", "speedup"):
+        table.add_column(col, justify="right")
+    size, rate, fraction = {
+        "chunk": ("q_len", "tflops", "fraction_of_matmul"),
+        "batch": ("batch", "gbps", "fraction_of_copy"),
+    }[cols[0]]
+    for r in rows:
+        table.add_row(
+            _tokens(r["kv_len"]),
+            str(r[size]),
+            "shuffled" if r["shuffled_blocks"] else "in order",
+            f"{r['ms']:.3f}",
+            f"{r[rate]:.0f}",
+            f"{r[fraction]:.0%}",
+            _opt(r.get("sdpa_ms"), ".3f"),
+            _opt(r.get("speedup_vs_sdpa"), ".2f", "x"),
+        )
+    return table
 
 
 def _tokens(n: int) -> str:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 from pathlib import Path
+
+from tests.docs_support import run_documented_example
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cost-model.md"
 
 
 def test_cost_model_doc_example_prints_the_documented_output() -> None:
-    text = DOC.read_text(encoding="utf-8")
-    match = re.search(r"```python\n(.*?)```\n\nprints[^\n]*\n\n```text\n(.*?)```", text, re.S)
-    assert match, "the example block followed by its printed output was not found"
-    code, expected = match.groups()
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, str(DOC), "exec"), {})
-    assert out.getvalue() == expected
+    printed, expected = run_documented_example(DOC)
+    assert printed == expected

@@ -3,11 +3,11 @@ of the committed benchmark results."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
+
+from tests.docs_support import run_documented_example
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "simulator.md"
@@ -15,14 +15,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "paper_comparison.json"
 
 
 def test_the_documented_example_prints_the_documented_output() -> None:
-    text = DOC.read_text(encoding="utf-8")
-    match = re.search(r"```python\n(.*?)```\n\nprints\n\n```text\n(.*?)```", text, re.S)
-    assert match, "the example block followed by its printed output was not found"
-    code, expected = match.groups()
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, str(DOC), "exec"), {"__name__": "docs_example"})
-    assert out.getvalue() == expected
+    printed, expected = run_documented_example(DOC)
+    assert printed == expected
 
 
 def test_the_page_quotes_the_committed_paper_comparison() -> None:

@@ -110,43 +110,44 @@ def _plans(
     decode_partitions: int | None,
 ) -> Sequence[LaunchPlan]:
     """Launch plans of the step, built by the first layer and reused by the others."""
-    key = ("triton_plans", heads, prefill_splits, decode_partitions)
+    key = f"triton_plans{heads}:{prefill_splits}:{decode_partitions}"
     cached: Sequence[LaunchPlan] | None = meta.scratch.get(key)
     if cached is not None:
         return cached
-    from medha.kernels.triton_decode import plan_decode
-    from medha.kernels.triton_prefill import plan_launch, prefill_config
+    from medha.kernels import triton_decode, triton_prefill
 
     num_heads, kv_heads, head_dim = heads
     group = num_heads // kv_heads
-    target = _target_programs(device)
     chunks = [i for i, n in enumerate(meta.q_lens) if n > 1]
     decodes = [i for i, n in enumerate(meta.q_lens) if n == 1]
-    plans = []
-    if chunks:
-        plans.append(
-            plan_launch(
-                meta,
-                chunks,
-                group=group,
-                kv_heads=kv_heads,
-                config=prefill_config(device, head_dim),
-                target_programs=target,
-                min_split_keys=4096,
-                num_splits=prefill_splits,
-            )
+    kinds = [
+        (
+            chunks,
+            triton_prefill.prefill_config(device, head_dim),
+            triton_prefill.MIN_SPLIT_KEYS,
+            prefill_splits,
+        ),
+        (
+            decodes,
+            triton_decode.decode_config(device, group),
+            triton_decode.MIN_PARTITION_KEYS,
+            decode_partitions,
+        ),
+    ]
+    plans = [
+        triton_prefill.plan_launch(
+            meta,
+            seqs,
+            group=group,
+            kv_heads=kv_heads,
+            config=config,
+            target_programs=_target_programs(device),
+            min_split_keys=min_keys,
+            num_splits=splits,
         )
-    if decodes:
-        plans.append(
-            plan_decode(
-                meta,
-                decodes,
-                group=group,
-                kv_heads=kv_heads,
-                target_programs=target,
-                num_partitions=decode_partitions,
-            )
-        )
+        for seqs, config, min_keys, splits in kinds
+        if seqs
+    ]
     meta.scratch[key] = plans
     return plans
 

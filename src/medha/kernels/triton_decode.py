@@ -9,18 +9,16 @@ kernel (`medha.kernels.triton_merge`) then merges the partitions exactly.
 
 The per-partition kernel is `medha.kernels.triton_prefill.paged_attention_kernel` with one token
 per tile: the group of query heads sharing a kv head form the tile's rows (padded to 16 for the
-tensor-core dot), so each K/V tile is read once for all of them.
+tensor-core dot), so each K/V tile is read once for all of them. `triton_backend` plans the
+launch (`triton_prefill.plan_launch`) with the tile shape and partition length defined here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 
-from medha.kernels.metadata import AttentionMetadata
-from medha.kernels.triton_prefill import LaunchPlan, TileConfig, plan_launch
+from medha.kernels.triton_prefill import TileConfig
 
 # A partition shorter than this costs more in its partial's write and merge than it gains in
 # parallelism.
@@ -28,31 +26,8 @@ MIN_PARTITION_KEYS = 1024
 
 
 def decode_config(device: torch.device, group: int) -> TileConfig:
+    """One token's group of query heads per tile, padded to the 16 rows a tensor-core dot needs."""
     block_m = max(16, triton.next_power_of_2(group))
     if device.type != "cuda":
         return TileConfig(block_m=block_m, block_n=16)
     return TileConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
-
-
-def plan_decode(
-    meta: AttentionMetadata,
-    seqs: Sequence[int],
-    *,
-    group: int,
-    kv_heads: int,
-    target_programs: int,
-    num_partitions: int | None = None,
-) -> LaunchPlan:
-    """Partition the keys of decode sequences `seqs` (one query token each) so that sequences x
-    kv heads x partitions reaches `target_programs`, or into exactly `num_partitions`."""
-    device = meta.block_tables.device
-    return plan_launch(
-        meta,
-        seqs,
-        group=group,
-        kv_heads=kv_heads,
-        config=decode_config(device, group),
-        target_programs=target_programs,
-        min_split_keys=MIN_PARTITION_KEYS,
-        num_splits=num_partitions,
-    )

@@ -38,6 +38,9 @@ from medha.kernels.triton_merge import merge_rows_into
 _LOG2E = math.log2(math.e)
 # Columns of the per-sequence table a launch reads (int32 [num_seqs, 8]).
 _INFO_COLS = 8
+# A chunk's KV split is at least this long: a split's partial costs a write and a merge of
+# rows x heads x D floats, worth it only over thousands of keys.
+MIN_SPLIT_KEYS = 4096
 
 
 @triton.jit
