@@ -140,7 +140,9 @@ def test_flash_decoding_over_several_partitions(dtype: torch.dtype) -> None:
     assert_matches_reference(*batch, decode_partitions=4)
 
 
-@pytest.mark.parametrize(("heads", "head_dim"), [((8, 2), 64), ((4, 1), 128), ((6, 2), 32)])
+@pytest.mark.parametrize(
+    ("heads", "head_dim"), [((8, 2), 64), ((4, 1), 128), ((6, 2), 32), ((4, 2), 24)]
+)
 def test_gqa_groups_and_head_dims(heads: tuple[int, int], head_dim: int) -> None:
     batch = make_batch([(9, 7), (30, 1)], heads=heads, head_dim=head_dim, seed=3)
     assert_matches_reference(*batch)

@@ -87,9 +87,8 @@ def triton_attention(
         )
     num_heads, head_dim = q.shape[1:]
     out, lse = new_outputs(q)
-    plans = _plans(
-        meta, (num_heads, k_cache.shape[2], head_dim), q.device, prefill_splits, decode_partitions
-    )
+    heads = (num_heads, k_cache.shape[2], head_dim)
+    plans = _plans(meta, heads, q.dtype, q.device, prefill_splits, decode_partitions)
     for plan in plans:
         launch(plan, q, k_cache, v_cache, meta.block_tables, scale, out, lse)
     return out, lse
@@ -105,12 +104,13 @@ def new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _plans(
     meta: AttentionMetadata,
     heads: tuple[int, int, int],
+    dtype: torch.dtype,
     device: torch.device,
     prefill_splits: int | None,
     decode_partitions: int | None,
 ) -> Sequence[LaunchPlan]:
     """Launch plans of the step, built by the first layer and reused by the others."""
-    key = f"triton_plans{heads}:{prefill_splits}:{decode_partitions}"
+    key = f"triton_plans{heads}:{dtype}:{prefill_splits}:{decode_partitions}"
     cached: Sequence[LaunchPlan] | None = meta.scratch.get(key)
     if cached is not None:
         return cached
@@ -123,13 +123,13 @@ def _plans(
     kinds = [
         (
             chunks,
-            triton_prefill.prefill_config(device, head_dim),
+            triton_prefill.prefill_config(device, head_dim, dtype),
             triton_prefill.MIN_SPLIT_KEYS,
             prefill_splits,
         ),
         (
             decodes,
-            triton_decode.decode_config(device, group),
+            triton_decode.decode_config(device, group, dtype),
             triton_decode.MIN_PARTITION_KEYS,
             decode_partitions,
         ),

@@ -25,9 +25,10 @@ from medha.kernels.triton_prefill import TileConfig
 MIN_PARTITION_KEYS = 1024
 
 
-def decode_config(device: torch.device, group: int) -> TileConfig:
+def decode_config(device: torch.device, group: int, dtype: torch.dtype) -> TileConfig:
     """One token's group of query heads per tile, padded to the 16 rows a tensor-core dot needs."""
     block_m = max(16, triton.next_power_of_2(group))
     if device.type != "cuda":
         return TileConfig(block_m=block_m, block_n=16)
-    return TileConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
+    stages = 2 if dtype == torch.float32 else 3  # fp32 tiles take twice the shared memory
+    return TileConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=stages)

@@ -69,27 +69,32 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Online-softmax update of one tile of BLOCK_N keys starting at shard offset `start`."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    # A plain if on the constexpr (not a ternary): Triton compiles only the branch taken.
-    if MASKED:  # noqa: SIM108
+    if MASKED:
         n_ok = offs_n < kv_len
-    else:
-        n_ok = offs_n >= 0  # every key of an unmasked tile exists and is visible
-    blk = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        blk = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    else:  # every key of an unmasked tile exists and is visible
+        blk = tl.load(table + offs_n // PAGE).to(tl.int64)
     slot = offs_n % PAGE
-    k = tl.load(
-        K
-        + blk[None, :] * stride_kb
-        + slot[None, :] * stride_ks
-        + kvh * stride_kh
-        + offs_d[:, None],
-        mask=n_ok[None, :] & d_ok[:, None],
-        other=0.0,
-    )
+    k_ptrs = K + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
+    k_ptrs += offs_d[:, None]
+    v_ptrs = V + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+    v_ptrs += offs_d[None, :]
+    # Masks only where needed: unmasked tiles of a power-of-two head dim load without one.
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, k, input_precision=PRECISION) * scale_log2
@@ -102,15 +107,6 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        V
-        + blk[:, None] * stride_vb
-        + slot[:, None] * stride_vs
-        + kvh * stride_vh
-        + offs_d[None, :],
-        mask=n_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
     p = p.to(v.dtype)
     if UPCAST:
         p, v = p.to(tl.float32), v.to(tl.float32)
@@ -202,13 +198,13 @@ def paged_attention_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, K, V, table, kvh, start, kv_len, kv_start, q_pos, offs_d, d_ok,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            BLOCK_N, PAGE, False, PRECISION, UPCAST,
+            BLOCK_N, PAGE, False, BLOCK_D == HEAD_DIM, PRECISION, UPCAST,
         )  # fmt: skip
     for start in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, K, V, table, kvh, start, kv_len, kv_start, q_pos, offs_d, d_ok,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            BLOCK_N, PAGE, True, PRECISION, UPCAST,
+            BLOCK_N, PAGE, True, BLOCK_D == HEAD_DIM, PRECISION, UPCAST,
         )  # fmt: skip
 
     # A row that saw no key: out = 0, lse = -inf (the merge's neutral element).
@@ -368,11 +364,14 @@ def new_partials(
     )
 
 
-def prefill_config(device: torch.device, head_dim: int) -> TileConfig:
+def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """Tile sizes for query chunks. The interpreter gets small tiles (fast, and several tiles per
-    test sequence); the GPU the shapes of Triton's fused-attention tutorial."""
+    test sequence); the GPU the shapes of Triton's fused-attention tutorial for 16-bit inputs,
+    and smaller key tiles and fewer stages for fp32, whose tiles take twice the shared memory."""
     if device.type != "cuda":
         return TileConfig(block_m=16, block_n=16)
+    if dtype == torch.float32:
+        return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
