@@ -30,6 +30,7 @@ Memory: the largest case (decode, batch 8 x 1M keys) holds 32 GiB of K/V.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -363,39 +364,28 @@ def nominal_peak(device: torch.device) -> float | None:
 
 
 def summarize(report: Report, sizes: Sizes) -> dict[str, Any]:
-    longest = max(sizes.prefill_kv)
-    per_token = {
-        r["q_len"]: r["ms"] / r["q_len"]
-        for r in report.prefill
-        if r["kv_len"] == longest and not r["shuffled_blocks"]
+    """The four target quantities (smallest over largest chunk for the per-token ratio) and
+    whether each meets its target."""
+    longest, small, large = max(sizes.prefill_kv), min(sizes.chunks), max(sizes.chunks)
+    at_longest = [r for r in report.prefill if r["kv_len"] == longest and not r["shuffled_blocks"]]
+    per_token = {r["q_len"]: r["ms"] / r["q_len"] for r in at_longest}
+    values = {
+        "attention_fraction_of_matmul": max(
+            (r["fraction_of_matmul"] for r in at_longest if r["q_len"] == large), default=None
+        ),
+        "decode_fraction_of_copy": max(
+            (r["fraction_of_copy"] for r in report.decode), default=None
+        ),
+        "chunk32_over_chunk2048_per_token": per_token[small] / per_token[large],
+        "prefill_mfu": report.e2e.get("mfu"),
     }
-    small, large = min(sizes.chunks), max(sizes.chunks)
-    ratio = (
-        per_token[small] / per_token[large] if small in per_token and large in per_token else None
-    )
-    long_ctx = [r for r in report.prefill if r["kv_len"] == longest and r["q_len"] == large]
-    attention_fraction = max((r["fraction_of_matmul"] for r in long_ctx), default=None)
-    decode_fraction = max((r["fraction_of_copy"] for r in report.decode), default=None)
-    mfu = report.e2e.get("mfu")
-    return {
-        f"chunk{small}_over_chunk{large}_per_token_at_{longest}": ratio,
-        "attention_fraction_of_matmul_at_longest": attention_fraction,
-        "best_decode_fraction_of_copy": decode_fraction,
-        "prefill_mfu": mfu,
-        "meets_target": {
-            "attention_fraction_of_matmul": _at_least(attention_fraction, "attention_fraction"),
-            "decode_fraction_of_copy": _at_least(decode_fraction, "decode_fraction"),
-            "chunk32_over_chunk2048_per_token": None
-            if ratio is None
-            else ratio <= TARGETS["chunk32_over_chunk2048_per_token"],
-            "prefill_mfu": _at_least(mfu, "prefill_mfu"),
-        },
-    }
+    return {**values, "meets_target": {key: _meets(key, v) for key, v in values.items()}}
 
 
-def _at_least(value: float | None, target: str) -> bool | None:
-    key = next(k for k in TARGETS if k.startswith(target))
-    return None if value is None else value >= TARGETS[key]
+def _meets(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    return value <= TARGETS[key] if key.startswith("chunk") else value >= TARGETS[key]
 
 
 def print_report(report: Report) -> None:
@@ -488,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "device": report.device,
             "torch": torch.__version__,
-            "triton": _triton_version(),
+            "triton": importlib.metadata.version("triton"),
             "python": platform.python_version(),
             "sizes": {k: v for k, v in vars(sizes).items() if k not in ("arch", "dtype")},
             "targets": TARGETS,
@@ -501,12 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
-
-
-def _triton_version() -> str:
-    import triton
-
-    return str(triton.__version__)
 
 
 if __name__ == "__main__":
