@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 import medha
@@ -88,3 +89,17 @@ def test_worker_outside_torchrun_says_how_to_start_it(monkeypatch: pytest.Monkey
 def test_attach_address_is_validated() -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         medha.ParallelConfig(tp=2, attach="no-port")
+
+
+async def test_attaching_at_a_port_in_use_is_a_clear_error() -> None:
+    from medha.parallel.cluster import WorkerStartError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        config = parallel_config(2, 1, 1).model_copy(
+            update={"parallel": medha.ParallelConfig(tp=2, attach=address)}
+        )
+        with anyio.fail_after(60), pytest.raises(WorkerStartError, match=address):
+            await medha.Engine(config).start()
