@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from medha.model.tokenizer import Tokenizer
 from medha.sim.traces import load_trace
 
-_WORDS = ["the", "system", "schedules", "long", "prompts", "in", "chunks", "so", "that", "short", "requests", "arriving", "later", "are", "not", "stuck", "behind", "them", "while", "every", "token", "is", "computed", "exactly", "as", "the", "model", "defines", "it", "and", "the", "cache", "grows", "block", "by", "block", "across", "memory", "that", "other", "requests", "share", "fairly", "over", "time"]
+_WORDS = (
+    "the system schedules long prompts in chunks so that short requests arriving later are "
+    "not stuck behind them while every token is computed exactly as the model defines it and "
+    "the cache grows block by block across memory that other requests share fairly over time"
+).split()
 
 _QUESTIONS = (
     "What is the capital of France?",
