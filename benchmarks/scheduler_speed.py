@@ -70,6 +70,10 @@ class AnalyticPricer:
         self.total += AnalyticCost.seq_time(seq)
         self.empty = False
 
+    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
+        for kv in kv_tokens:
+            self.add(SeqShape(1, kv, 1))
+
     def time(self) -> float:
         return 0.0 if self.empty else self.total
 

@@ -210,3 +210,31 @@ def test_a_stage_never_takes_longer_than_the_whole_batch(
 ) -> None:
     cost, batch = case
     assert 0 < cost.stage_time(batch) <= cost.batch_time(batch) * (1 + 1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    prior=st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 200_000)), max_size=4),
+    contexts=st.lists(st.integers(0, 2_000_000), max_size=40),
+)
+def test_bulk_decode_pricing_gives_the_same_sums_bit_for_bit(
+    prior: list[tuple[int, int]], contexts: list[int]
+) -> None:
+    # The scheduler prices a group's decodes in one call; it must equal one add per decode,
+    # whatever the batch held before (a prefill chunk, say).
+    cost = model()
+    one_by_one, bulk = cost.batch_pricer(), cost.batch_pricer()
+    for q, kv in prior:
+        one_by_one.add(SeqShape(q, kv, 1))
+        bulk.add(SeqShape(q, kv, 1))
+    for kv in contexts:
+        one_by_one.add(SeqShape(1, kv, 1))
+    bulk.add_decodes(contexts)
+    assert bulk._sums == one_by_one._sums  # every term, kv_tokens included
+    assert bulk.time() == one_by_one.time()
+    assert bulk.stage_time() == one_by_one.stage_time()
+
+
+def test_bulk_decode_pricing_rejects_negative_contexts() -> None:
+    with pytest.raises(ValueError, match="kv_tokens"):
+        model().batch_pricer().add_decodes([5, -1])

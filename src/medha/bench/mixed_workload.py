@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from medha.model.tokenizer import Tokenizer
 from medha.sim.traces import load_trace
 
-_WORDS = (
+_FILLER = (
     "the system schedules long prompts in chunks so that short requests arriving later are "
     "not stuck behind them while every token is computed exactly as the model defines it and "
     "the cache grows block by block across memory that other requests share fairly over time"
-).split()
+)
+_WORDS = _FILLER.split()
 
 _QUESTIONS = (
     "What is the capital of France?",

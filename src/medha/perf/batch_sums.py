@@ -9,6 +9,7 @@ question O(1) instead of O(batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,10 @@ class RooflinePricer:
 
     def add(self, seq: SeqShape) -> None:
         self._model.accumulate(self._sums, seq)
+        self._time = None
+
+    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
+        self._model.accumulate_decodes(self._sums, kv_tokens)
         self._time = None
 
     def time(self) -> float:

@@ -163,6 +163,31 @@ class RooflineCostModel:
             partial = q_tokens * self._q_heads * (self.arch.head_dim * self.dtype_bytes + LSE_BYTES)
             sums.merge_bytes += allgather_wire_bytes(partial, groups)
 
+    def accumulate_decodes(self, sums: BatchSums, kv_tokens: Sequence[int]) -> None:
+        """`accumulate` of SeqShape(1, kv, 1) for each kv in `kv_tokens`: the one-token steps of
+        requests whose KV lives on one group (every decode without a KVP split), in one loop
+        with the same arithmetic in the same order (so the same sums, bit for bit)."""
+        attention_work = self._attention
+        flops_per_key = attention_work.flops_per_key
+        kv_bytes, qo_bytes = attention_work.kv_bytes_per_token, attention_work.qo_bytes_per_query
+        peak, attention_rate, hbm, kv_read_rate = self._attention_rates
+        attention, kv_read, local = sums.attention, sums.kv_read, sums.kv_tokens
+        for kv in kv_tokens:
+            if kv < 0:
+                raise ValueError(f"token counts must be >= 0: kv_tokens={kv}")
+            kv_f = float(kv)
+            local += kv_f
+            flops = flops_per_key * (kv_f + 1.0)
+            nbytes = (kv_f + 1) * kv_bytes + qo_bytes
+            if flops / attention_rate >= nbytes / kv_read_rate:
+                attention += flops / peak
+            else:
+                kv_read += nbytes / hbm
+        count = len(kv_tokens)
+        sums.tokens += count
+        sums.seqs += count
+        sums.attention, sums.kv_read, sums.kv_tokens = attention, kv_read, local
+
     def batch_seconds(self, sums: BatchSums) -> float:
         """`batch_time` of a batch given as its sums (what the pricer calls)."""
         if not sums.seqs:

@@ -60,13 +60,20 @@ class BatchBuilder:
         self.seqs.append(seq)
 
     def add_on_group(self, seq: ScheduledSeq, group: int) -> None:
-        """`add` for a sequence whose KV lives on one group: every decode of an unsplit request,
-        so once per running decode per iteration."""
+        """`add` for a sequence whose KV lives on one group."""
         q_tokens = seq.end - seq.start
         self.pricers[group].add(SeqShape(q_tokens, seq.start, 1))
         self.tokens[group] += q_tokens
         self._times[group] = None
         self.seqs.append(seq)
+
+    def price_decodes(self, group: int, kv_tokens: list[int]) -> None:
+        """Price one-token steps on `group` (SeqShape(1, kv, 1) each) whose ScheduledSeqs the
+        caller appended to `seqs` itself: the decode loop's bulk path (see `add_on_group`)."""
+        if kv_tokens:
+            self.pricers[group].add_decodes(kv_tokens)
+            self.tokens[group] += len(kv_tokens)
+            self._times[group] = None
 
     def add_prefill(
         self, seq: ScheduledSeq, groups: list[int], is_long: bool, predicted: float | None

@@ -11,6 +11,7 @@ the price of the batch as it stands.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from medha.scheduler.cost import BatchCostModel, SeqShape
@@ -21,6 +22,11 @@ class BatchPricer(Protocol):
     0.0 while nothing was added."""
 
     def add(self, seq: SeqShape) -> None: ...
+
+    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
+        """`add(SeqShape(1, kv, 1))` for each kv: the decodes of requests on one KVP group, in
+        bulk (once per group per iteration rather than once per decode)."""
+        ...
 
     def time(self) -> float: ...
 
@@ -43,6 +49,10 @@ class ListPricer:
 
     def add(self, seq: SeqShape) -> None:
         self._seqs.append(seq)
+        self._time = None
+
+    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
+        self._seqs.extend(SeqShape(1, kv, 1) for kv in kv_tokens)
         self._time = None
 
     def time(self) -> float:

@@ -222,12 +222,14 @@ class Scheduler:
 
         The hot loop of every iteration (one pass per running decode), so attribute lookups
         are hoisted, the plan tuples are built directly, and requests on one KVP group (every
-        request when KV is not split across groups) skip the layout's general bookkeeping."""
+        request when KV is not split across groups) skip the layout's general bookkeeping and
+        are priced in bulk, per group, after the loop."""
         layout = self.table.layout
         decoding, decode = RequestStatus.DECODING, SeqKind.DECODE
         unsplit = layout.limit is None
         block_size = layout.block_size
-        add, add_one = batch.add, batch.add_on_group
+        add, append_seq = batch.add, batch.seqs.append
+        contexts: list[list[int]] = [[] for _ in range(self.config.kvp_groups)]
         preempted: list[str] = []
         for request in list(self.table.running.values()):
             position = request.prompt_len + request.generated - 1
@@ -244,12 +246,12 @@ class Scheduler:
                     table.append(block)
                     new_blocks = ((group, (block,)),)
                 shards = (KvShard(group, 0, position),)
-                add_one(
+                append_seq(
                     ScheduledSeq(
                         request.request_id, decode, position, position + 1, shards, new_blocks, True
-                    ),
-                    group,
+                    )
                 )
+                contexts[group].append(position)
                 continue
             needs_block = layout.group_needing_block(request, position)
             new_blocks = ()
@@ -269,6 +271,8 @@ class Scheduler:
                 True,
             )
             add(seq, layout.active_groups(request, position))
+        for group, group_contexts in enumerate(contexts):
+            batch.price_decodes(group, group_contexts)
         return tuple(preempted)
 
     def _allocate_for_decode(
