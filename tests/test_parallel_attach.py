@@ -4,6 +4,7 @@ tokens as one process, and leaving the engine stops the workers and torchrun wit
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import anyio
 import pytest
 
 import medha
+from medha import EngineFailedError, SamplingParams
 from medha.cli import main
 from tests.parallel_support import (
     parallel_config,
@@ -37,16 +39,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-async def test_engine_attaches_to_torchrun_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # One machine here: keep both the engine's and the workers' traffic on loopback.
-    for name in ("TP_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
-        monkeypatch.setenv(name, "lo")
-    address = f"127.0.0.1:{_free_port()}"
-    log = (tmp_path / "torchrun.log").open("w")
-    torchrun = subprocess.Popen(
+def _start_torchrun(address: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [
             str(BIN / "torchrun"),
             "--standalone",
@@ -61,23 +55,81 @@ async def test_engine_attaches_to_torchrun_workers(
             "120",
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=log,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
+
+
+def _attached(address: str) -> medha.EngineConfig:
+    return parallel_config(2, 1, 1).model_copy(
+        update={"parallel": medha.ParallelConfig(tp=2, attach=address)}
+    )
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One machine here: keep both the engine's and the workers' traffic on loopback.
+    for name in ("TP_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.setenv(name, "lo")
+
+
+@pytest.mark.slow
+async def test_engine_attaches_to_torchrun_workers(tmp_path: Path, loopback: None) -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "torchrun.log"
+    torchrun = _start_torchrun(address, log)
     try:
-        config = parallel_config(2, 1, 1).model_copy(
-            update={"parallel": medha.ParallelConfig(tp=2, attach=address)}
-        )
         work = workload(seed=3, count=4, long_prompts=1)
-        async with medha.Engine(config) as engine:
+        async with medha.Engine(_attached(address)) as engine:
             outputs = await run_concurrently(engine, work)
         for (prompt, max_tokens), tokens in zip(work, outputs, strict=True):
             assert tokens == single_process_greedy(prompt, max_tokens)
-        assert torchrun.wait(timeout=60) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+        assert torchrun.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
         if torchrun.poll() is None:
             torchrun.kill()
             torchrun.wait()
+
+
+@pytest.mark.slow
+async def test_an_attached_worker_that_dies_fails_every_open_stream(
+    tmp_path: Path, loopback: None
+) -> None:
+    # Run after the test above, this is also the second attached engine of this process (torch
+    # numbers RPC start-up rounds per set of names, which attached engines reuse).
+    address = f"127.0.0.1:{_free_port()}"
+    torchrun = _start_torchrun(address, tmp_path / "torchrun.log")
+    params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+    errors: list[BaseException] = []
+    streaming = anyio.Event()
+
+    async def consume(engine: medha.Engine) -> None:
+        try:
+            async for _ in engine.stream([5, 6, 7], params):
+                streaming.set()
+        except EngineFailedError as exc:
+            errors.append(exc)
+
+    try:
+        config = _attached(address).model_copy(update={"num_blocks": 256})
+        async with medha.Engine(config) as engine, anyio.create_task_group() as group:
+            group.start_soon(consume, engine)
+            group.start_soon(consume, engine)
+            with anyio.fail_after(30):
+                await streaming.wait()
+            os.kill(_children(torchrun.pid)[0], signal.SIGKILL)
+            with anyio.fail_after(10):
+                while len(errors) < 2:
+                    await anyio.sleep(0.01)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+        torchrun.wait()
 
 
 def test_worker_outside_torchrun_says_how_to_start_it(monkeypatch: pytest.MonkeyPatch) -> None:

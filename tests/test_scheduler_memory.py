@@ -55,6 +55,20 @@ def test_a_decode_that_needs_a_block_evicts_the_partial_prefill_which_recomputes
     assert result.chunks_of("b")[0][0] == 0  # recomputed from scratch
 
 
+def test_a_preempted_request_aborted_while_queued_is_still_released_to_the_stages() -> None:
+    # The stages keep a preempted request's sampling state (its seeded random stream goes on
+    # after the recompute), so they must hear when it ends, even though it holds no blocks.
+    scheduler = make_scheduler(policy="fcfs-chunked", fixed_chunk=64, num_blocks=10)
+    scheduler.add_request("a", 32, 100, arrival=0.0)
+    scheduler.add_request("b", 128, 4, arrival=0.1)
+    step(scheduler, 0.1)
+    second, _ = step(scheduler, 0.2)
+    assert second.preempted == ("b",)
+    assert scheduler.abort("b")
+    third, _ = step(scheduler, 0.3)
+    assert third.released == ("b",)
+
+
 def test_when_no_prefill_can_be_evicted_the_newest_decode_goes_and_keeps_its_tokens() -> None:
     scheduler = make_scheduler(num_blocks=4)  # 64 tokens
     scheduler.add_request("old", 16, 40, arrival=0.0)

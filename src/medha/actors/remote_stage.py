@@ -79,6 +79,10 @@ class RemoteStage:
     # -- the step thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            # The current device is per thread, and kernels launched by device-less APIs
+            # (Triton) run on it: make it this worker's GPU here, on the step thread.
+            torch.cuda.set_device(self.device)
         while True:
             with self._cond:
                 while self._next not in self._queue:
@@ -192,7 +196,11 @@ class RemoteStage:
             else:
                 rows = logits
             states = [self._seqs[w.request_id] for w in sampling_works]
-            params = [s.sampling or SamplingParams(temperature=0.0) for s in states]
+            params = []
+            for work, state in zip(sampling_works, states, strict=True):
+                if state.sampling is None:
+                    raise RuntimeError(f"no sampling parameters for {work.request_id!r}")
+                params.append(state.sampling)
             out = sample(rows, params, [s.generator for s in states])
             for work, token, logprob in zip(
                 sampling_works, out.token_ids, out.logprobs, strict=True

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from medha.parallel.worker import (
     WorkerSpec,
     configure_worker,
     driver_name,
+    ping_worker,
     stop_worker,
     submit_step,
     worker_main,
@@ -44,8 +45,11 @@ from medha.parallel.worker import (
 
 _log = get_logger(__name__)
 
-# How often the engine checks that its workers are alive.
+# How often the engine checks that its workers are alive: spawned ones by their exit code,
+# attached ones (on other machines) by a ping that must come back within _PING_TIMEOUT_S.
 _SUPERVISE_PERIOD_S = 0.1
+_PING_PERIOD_S = 1.0
+_PING_TIMEOUT_S = 5.0
 
 
 class WorkerStartError(EngineFailedError):
@@ -108,6 +112,11 @@ class Cluster:
         # engine has its own store, so reusing the prefix is harmless.
         with rpc._init_counter_lock:
             rpc._init_counter = 0
+        # Likewise torch numbers the start-up all-gathers per set of RPC names, and an attached
+        # engine's names are the same every time: a second one in this process would wait for
+        # a sequence number its fresh workers never send.
+        with rpc.api._all_gather_dict_lock:
+            rpc.api._all_gather_sequence_id.clear()
         with warnings.catch_warnings():
             # torch's RPC start-up makes a deprecated gloo call of its own (torch 2.13).
             warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
@@ -141,12 +150,16 @@ class Cluster:
             process.start()
             self.processes.append(process)
 
-        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
         rpc_error: list[BaseException] = []
 
         def join_rpc() -> None:
             try:
-                self._join_rpc(spec.rpc_init, timeout_s)
+                # Spawned workers talk on loopback only, unless the user chose an interface.
+                with _environ(
+                    TP_SOCKET_IFNAME=os.environ.get("TP_SOCKET_IFNAME", "lo"),
+                    GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                ):
+                    self._join_rpc(spec.rpc_init, timeout_s)
             except BaseException as exc:
                 rpc_error.append(exc)
 
@@ -157,6 +170,8 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         ready: set[int] = set()
         while len(ready) < world or joiner.is_alive():
+            if rpc_error:
+                break  # this side's rendezvous failed: the workers would wait for it in vain
             if time.monotonic() > deadline:
                 raise WorkerStartError(f"workers did not start within {timeout_s:.0f} s")
             try:
@@ -239,6 +254,22 @@ class Cluster:
             if process.exitcode is not None
         ]
 
+    def unreachable_workers(self) -> list[tuple[int, str]]:
+        """(rank, error) of every worker that does not answer a ping within _PING_TIMEOUT_S."""
+        import torch.distributed.rpc as rpc
+
+        pings = [
+            rpc.rpc_async(worker_name(rank, self._session), ping_worker, timeout=_PING_TIMEOUT_S)
+            for rank in range(self.world_size)
+        ]
+        silent = []
+        for rank, ping in enumerate(pings):
+            try:
+                ping.wait()
+            except Exception as exc:
+                silent.append((rank, str(exc).splitlines()[0] if str(exc) else repr(exc)))
+        return silent
+
     async def supervise(self, on_failure: Callable[[BaseException], None]) -> None:
         """Run as a task beside the scheduler actor: report the first worker that dies, and
         stop every worker when the task ends (the engine stops or fails)."""
@@ -246,12 +277,21 @@ class Cluster:
 
         try:
             while True:
-                await anyio.sleep(_SUPERVISE_PERIOD_S)
-                dead = self.dead_workers()
-                if dead:
-                    rank, code = dead[0]
-                    on_failure(EngineFailedError(f"worker {rank} exited with code {code}"))
-                    break
+                if self.attach is None:
+                    await anyio.sleep(_SUPERVISE_PERIOD_S)
+                    dead = self.dead_workers()
+                    if dead:
+                        rank, code = dead[0]
+                        on_failure(EngineFailedError(f"worker {rank} exited with code {code}"))
+                        break
+                else:
+                    # No processes of ours to watch: every worker must answer a ping.
+                    await anyio.sleep(_PING_PERIOD_S)
+                    silent = await anyio.to_thread.run_sync(self.unreachable_workers)
+                    if silent:
+                        rank, error = silent[0]
+                        on_failure(EngineFailedError(f"worker {rank} stopped answering: {error}"))
+                        break
             await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
@@ -317,6 +357,21 @@ def _reporter(
             on_done(rank, result)
 
     return report
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _raise_start_failure(rank: int, future: Any) -> None:

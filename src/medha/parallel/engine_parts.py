@@ -1,9 +1,12 @@
 """Build what a multi-process Engine runs: tokenizer, cost model of the TP x PP x KVP replica, the
 Scheduler with KVP groups and SPP, and the started worker processes.
 
-The engine's own process never holds the model: it validates the checkpoint (config and tensor
+The engine's own process does not serve the model: it validates the checkpoint (config and tensor
 headers only, so a bad path fails here, in milliseconds, before any process is spawned), checks
-that the layout fits the model, and launches the workers. Runs in a worker thread at start.
+that the layout fits the model, and launches the workers. Only without `cost_profile` does it
+load the whole model once, on one device, to calibrate the cost model, and release it after:
+pass a profile saved by `medha calibrate` for a model that does not fit one device. Runs in a
+worker thread at start.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class ParallelParts:
 
 
 def build_parallel_parts(config: EngineConfig) -> ParallelParts:
+    import torch
+
     from medha.engine_setup import build_scheduler, device_profile, dtype_bytes, kv_blocks_for
     from medha.model.setup import build_runner, resolve_dtype
     from medha.parallel.tp import local_arch
@@ -63,6 +68,8 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
             attention_backend=config.attention_backend,
         )[0],
     )
+    if torch.device(config.device).type == "cuda":
+        torch.cuda.empty_cache()  # the calibration model is gone; give its memory back
     replica = ReplicaSpec(
         tp=layout.tp,
         pp=layout.pp,

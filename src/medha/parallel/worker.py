@@ -193,6 +193,8 @@ def _watch_engine() -> None:
             try:
                 rpc.rpc_sync(engine, engine_alive, timeout=10.0)
             except Exception:
+                if _STOP.is_set():
+                    return  # a clean stop: the engine left the RPC world first
                 os._exit(3)
 
     threading.Thread(target=watch, name="engine-watch", daemon=True).start()
@@ -231,6 +233,11 @@ def configure_worker(spec: WorkerSpec) -> None:
             f"{os.environ['WORLD_SIZE']}"
         )
     _load_stage(rank, spec)
+
+
+def ping_worker() -> bool:
+    """Runs on a worker: the engine's supervisor calls it to notice a worker that is gone."""
+    return True
 
 
 def engine_alive() -> bool:

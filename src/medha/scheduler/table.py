@@ -93,8 +93,12 @@ class RequestTable:
         if request.in_flight:
             return
         del self.requests[request.request_id]
-        if request.groups:
+        placed = bool(request.groups)
+        if placed:
             self.layout.release(request, self.pool)
+        if placed or request.num_preemptions:
+            # The stages know it (a preempted request keeps its sampling state there): tell
+            # them to forget it.
             self.released.append(request.request_id)
 
     def take_released(self) -> tuple[str, ...]:
