@@ -114,7 +114,11 @@ def parallel_config(tp: int, pp: int, kvp: int, **overrides: Any) -> medha.Engin
         "num_blocks": 64,
         "target_batch_time": 0.004,
         "parallel": medha.ParallelConfig(
-            tp=tp, pp=pp, kvp=kvp, max_tokens_per_kvp_group=KVP_TOKENS if kvp > 1 else None
+            tp=tp,
+            pp=pp,
+            kvp=kvp,
+            max_tokens_per_kvp_group=KVP_TOKENS if kvp > 1 else None,
+            timeout_s=120,  # a hang fails the test in minutes, not after the 300 s default
         ),
     }
     settings.update(overrides)

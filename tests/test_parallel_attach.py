@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -62,7 +63,7 @@ def _start_torchrun(address: str, log: Path) -> subprocess.Popen[bytes]:
 
 def _attached(address: str) -> medha.EngineConfig:
     return parallel_config(2, 1, 1).model_copy(
-        update={"parallel": medha.ParallelConfig(tp=2, attach=address)}
+        update={"parallel": medha.ParallelConfig(tp=2, attach=address, timeout_s=120)}
     )
 
 
@@ -151,7 +152,20 @@ async def test_attaching_at_a_port_in_use_is_a_clear_error() -> None:
         busy.listen()
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         config = parallel_config(2, 1, 1).model_copy(
-            update={"parallel": medha.ParallelConfig(tp=2, attach=address)}
+            update={"parallel": medha.ParallelConfig(tp=2, attach=address, timeout_s=120)}
         )
         with anyio.fail_after(60), pytest.raises(WorkerStartError, match=address):
             await medha.Engine(config).start()
+
+
+async def test_an_engine_nobody_attaches_to_gives_up_after_timeout_s() -> None:
+    from medha.parallel.cluster import WorkerStartError
+
+    address = f"127.0.0.1:{_free_port()}"
+    config = parallel_config(2, 1, 1).model_copy(
+        update={"parallel": medha.ParallelConfig(tp=2, attach=address, timeout_s=2)}
+    )
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError, match="did not join"):
+        await medha.Engine(config).start()
+    assert time.monotonic() - started < 20

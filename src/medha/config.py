@@ -41,6 +41,10 @@ class ParallelConfig(BaseModel):
     (`torchrun ... --no-python medha worker --engine HOST:PORT`); None: the engine spawns its
     workers on this machine. See docs/parallelism.md."""
 
+    timeout_s: float = Field(default=300.0, gt=0)
+    """How long to wait for the workers to start (load their shards) and for any one step or
+    control message; a worker that takes longer is a failure (EngineFailedError)."""
+
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
         if self.kvp > 1 and self.max_tokens_per_kvp_group is None:

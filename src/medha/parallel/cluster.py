@@ -209,12 +209,23 @@ class Cluster:
             rpc_init=f"tcp://{self.attach}", pg_init="env://", threads=0, timeout_s=timeout_s
         )
         _log.info("waiting for workers", address=self.attach, world=world)
-        try:
-            self._join_rpc(spec.rpc_init, timeout_s)
-        except Exception as exc:
-            raise WorkerStartError(
-                f"{world} workers did not join the engine at {self.attach}: {exc}"
-            ) from exc
+        # torch's TCP rendezvous waits for every member for 30 minutes, whatever the RPC
+        # timeout: wait for it beside, for timeout_s. (If it times out, the rendezvous thread
+        # stays blocked, holding the port, until the process exits.)
+        errors: list[BaseException] = []
+
+        def join_rpc() -> None:
+            try:
+                self._join_rpc(spec.rpc_init, timeout_s)
+            except BaseException as exc:
+                errors.append(exc)
+
+        joiner = threading.Thread(target=join_rpc, name="rpc-rendezvous", daemon=True)
+        joiner.start()
+        joiner.join(timeout_s)
+        if joiner.is_alive() or errors:
+            why = f": {errors[0]}" if errors else f" within {timeout_s:.0f} s"
+            raise WorkerStartError(f"{world} workers did not join the engine at {self.attach}{why}")
         # Every worker at once: loading joins the workers' collective world.
         futures = [
             rpc.rpc_async(

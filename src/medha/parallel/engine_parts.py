@@ -98,7 +98,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         layout,
         attach=parallel.attach,
     )
-    cluster.start()
+    cluster.start(parallel.timeout_s)
     max_model_len = config.max_model_len or arch.max_position_embeddings
     return ParallelParts(
         checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
