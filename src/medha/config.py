@@ -17,8 +17,8 @@ from medha.scheduler import PolicyName
 class ParallelConfig(BaseModel):
     """How one model replica spreads over processes (DESIGN.md sections 7 to 9).
 
-    world = tp x pp x kvp worker processes; with world 1 (the default) the engine runs
-    embedded in the caller's process. See docs/parallelism.md.
+    world = tp x pp x kvp worker processes; with world 1 and no `attach` (the default) the
+    engine runs embedded in the caller's process. See docs/parallelism.md.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
