@@ -78,8 +78,9 @@ class Cluster:
     # -- start ----------------------------------------------------------------------------
 
     def start(self, timeout_s: float = 300.0) -> None:
-        """Spawn the workers and wait until every one has loaded its shard. On any failure the
-        workers are stopped and the error (with the failing worker's traceback) raised."""
+        """Spawn the workers (or wait for attached ones) until every one has loaded its shard,
+        for at most `timeout_s`. On any failure the workers are stopped and the error (with the
+        failing worker's traceback) raised."""
         try:
             self._start(timeout_s)
         except BaseException:
