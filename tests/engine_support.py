@@ -7,7 +7,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import anyio
+from anyio.abc import TaskGroup
+
 from medha.config import EngineConfig
+from medha.errors import EngineFailedError
 from medha.model.setup import build_runner
 from medha.model.single import generate_single
 from medha.sampling import SamplingParams
@@ -50,3 +54,38 @@ def greedy_alone(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
     runner, tokenizer = _alone_runner()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return [t.token_id for t in generate_single(runner, list(prompt), params, tokenizer)]
+
+
+class StreamsUntilFailure:
+    """Long greedy streams that count their tokens and keep the EngineFailedError that ends
+    them: the fault tests open them, break something, and wait for every one to fail."""
+
+    def __init__(self, count: int = 2, max_tokens: int = 1500) -> None:
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.counts = [0] * count
+        self.errors: list[BaseException] = []
+        self._all_streaming = anyio.Event()
+
+    def start(self, group: TaskGroup, engine: Any) -> None:
+        for index in range(len(self.counts)):
+            group.start_soon(self._consume, engine, index)
+
+    async def _consume(self, engine: Any, index: int) -> None:
+        try:
+            async for _ in engine.stream([5 + index, 6, 7], self.params):
+                self.counts[index] += 1
+                if all(self.counts):
+                    self._all_streaming.set()
+        except EngineFailedError as exc:
+            self.errors.append(exc)
+
+    async def wait_streaming(self, timeout_s: float = 30.0) -> None:
+        """Until every stream has its first token."""
+        with anyio.fail_after(timeout_s):
+            await self._all_streaming.wait()
+
+    async def wait_failed(self, timeout_s: float = 10.0) -> None:
+        """Until every stream has ended with EngineFailedError (TimeoutError otherwise)."""
+        with anyio.fail_after(timeout_s):
+            while len(self.errors) < len(self.counts):
+                await anyio.sleep(0.01)

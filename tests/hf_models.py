@@ -108,7 +108,11 @@ def hf_logits(variant: str, ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(variant: str, ids: list[int], new_tokens: int) -> list[int]:
-    model = hf_model(variant)
+    return greedy_continuation(hf_model(variant), ids, new_tokens)
+
+
+def greedy_continuation(model: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:
+    """HF `generate`'s greedy tokens after `ids` (no padding, no early stop)."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),

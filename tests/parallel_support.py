@@ -15,6 +15,7 @@ import torch
 import medha
 from medha import SamplingParams
 from tests.engine_support import cost_profile_path
+from tests.hf_models import greedy_continuation
 
 # Odd vocabulary (uneven vocab-parallel shards), q/k/v/o and MLP biases (row-parallel biases are
 # added once), GQA (kv heads split over TP ranks), 3 layers (uneven pipeline stages).
@@ -66,15 +67,7 @@ def hf_logits(ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_twin().generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.int64),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+    return greedy_continuation(hf_twin(), prompt, new_tokens)
 
 
 @cache

@@ -8,12 +8,10 @@ import anyio
 import pytest
 
 import medha
-from medha import EngineFailedError, SamplingParams
-from tests.engine_support import engine_config
+from medha import EngineFailedError
+from tests.engine_support import StreamsUntilFailure, engine_config
 
 pytestmark = pytest.mark.anyio
-
-LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture
@@ -22,36 +20,20 @@ def anyio_backend() -> str:
 
 
 async def test_a_failing_step_fails_every_stream_but_not_the_caller() -> None:
-    errors: list[BaseException] = []
-    counts = [0, 0]
-    both_streaming = anyio.Event()
-
-    async def consume(engine: medha.Engine, index: int) -> None:
-        try:
-            async for _ in engine.stream([3 + index, 4, 5], LONG):
-                counts[index] += 1
-                if all(counts):
-                    both_streaming.set()
-        except EngineFailedError as exc:
-            errors.append(exc)
-
+    streams = StreamsUntilFailure(max_tokens=400)
     async with medha.Engine(engine_config()) as engine:
         async with anyio.create_task_group() as group:
-            group.start_soon(consume, engine, 0)
-            group.start_soon(consume, engine, 1)
-            with anyio.fail_after(30):
-                await both_streaming.wait()
+            streams.start(group, engine)
+            await streams.wait_streaming()
             runner = engine._stage.runner  # type: ignore[union-attr]
 
             def broken_step(*args: object, **kwargs: object) -> None:
                 raise RuntimeError("device lost")
 
             runner.step = broken_step
-            with anyio.fail_after(10):
-                while len(errors) < 2:
-                    await anyio.sleep(0.01)
+            await streams.wait_failed()
         # Still here: this task was not cancelled. New requests fail at once, not hang.
         with anyio.fail_after(5), pytest.raises(EngineFailedError):
-            await engine.generate([1, 2, 3], LONG)
-    assert max(counts) < LONG.max_tokens
-    assert all("device lost" in repr(e.__cause__) for e in errors)
+            await engine.generate([1, 2, 3], streams.params)
+    assert max(streams.counts) < streams.params.max_tokens
+    assert all("device lost" in repr(e.__cause__) for e in streams.errors)

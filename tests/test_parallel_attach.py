@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 import medha
-from medha import EngineFailedError, SamplingParams
 from medha.cli import main
+from tests.engine_support import StreamsUntilFailure
 from tests.parallel_support import (
     parallel_config,
     run_concurrently,
@@ -105,28 +105,14 @@ async def test_an_attached_worker_that_dies_fails_every_open_stream(
     # numbers RPC start-up rounds per set of names, which attached engines reuse).
     address = f"127.0.0.1:{_free_port()}"
     torchrun = _start_torchrun(address, tmp_path / "torchrun.log")
-    params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
-    errors: list[BaseException] = []
-    streaming = anyio.Event()
-
-    async def consume(engine: medha.Engine) -> None:
-        try:
-            async for _ in engine.stream([5, 6, 7], params):
-                streaming.set()
-        except EngineFailedError as exc:
-            errors.append(exc)
-
+    streams = StreamsUntilFailure()
     try:
         config = _attached(address).model_copy(update={"num_blocks": 256})
         async with medha.Engine(config) as engine, anyio.create_task_group() as group:
-            group.start_soon(consume, engine)
-            group.start_soon(consume, engine)
-            with anyio.fail_after(30):
-                await streaming.wait()
+            streams.start(group, engine)
+            await streams.wait_streaming()
             os.kill(_children(torchrun.pid)[0], signal.SIGKILL)
-            with anyio.fail_after(10):
-                while len(errors) < 2:
-                    await anyio.sleep(0.01)
+            await streams.wait_failed(10.0)
     finally:
         if torchrun.poll() is None:
             torchrun.kill()

@@ -12,9 +12,10 @@ import anyio
 import pytest
 
 import medha
-from medha import EngineFailedError, SamplingParams
+from medha import SamplingParams
 from medha.parallel.cluster import WorkerStartError
 from medha.parallel.worker import FAIL_AT_START_ENV
+from tests.engine_support import StreamsUntilFailure
 from tests.parallel_support import parallel_config
 
 pytestmark = pytest.mark.anyio
@@ -46,35 +47,18 @@ async def test_leaving_the_engine_terminates_every_worker() -> None:
 
 
 async def test_killing_a_worker_mid_stream_fails_every_open_stream_within_10_s() -> None:
-    params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
-    errors: list[BaseException] = []
-    first_tokens = anyio.Event()
-    counts = [0, 0]
-
-    async def consume(engine: medha.Engine, index: int) -> None:
-        try:
-            async for _ in engine.stream([5 + index, 6, 7], params):
-                counts[index] += 1
-                if all(counts):
-                    first_tokens.set()
-        except EngineFailedError as exc:
-            errors.append(exc)
-
+    streams = StreamsUntilFailure()
     async with medha.Engine(parallel_config(1, 2, 1, num_blocks=256)) as engine:
         pids = _worker_pids(engine)
         async with anyio.create_task_group() as group:
-            group.start_soon(consume, engine, 0)
-            group.start_soon(consume, engine, 1)
-            with anyio.fail_after(30):
-                await first_tokens.wait()
+            streams.start(group, engine)
+            await streams.wait_streaming()
             cluster = engine._scheduler_actor.cluster  # type: ignore[union-attr]
             killed_at = time.monotonic()
             cluster.processes[1].kill()
-            with anyio.fail_after(10):
-                while len(errors) < 2:
-                    await anyio.sleep(0.01)
+            await streams.wait_failed(10.0)
             assert time.monotonic() - killed_at < 10
-    assert len(errors) == 2 and max(counts) < 1500
+    assert max(streams.counts) < streams.params.max_tokens
     _assert_gone(pids)
 
 
