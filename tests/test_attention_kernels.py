@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medha.kernels import AttentionMetadata, merge_attention_partials, paged_attention, write_kv
+from medha.kernels.layout import new_kv_pool
 from tests.runner_support import ShuffledBlocks
 
 BLOCK = 16
@@ -34,16 +35,33 @@ def _dense_reference(
     return out.float(), lse.T.float()
 
 
-def _paged_case(seqs: list[tuple[int, int]], seed: int = 0):
-    """Fill a paged cache with the keys of sequences given as (cached, new query tokens)."""
+def _paged_case(
+    seqs: list[tuple[int, int]],
+    seed: int = 0,
+    pool: str = "head-major",
+    tables_are: str = "scrambled",
+):
+    """Fill a paged cache with the keys of sequences given as (cached, new query tokens).
+
+    `pool`: "head-major" (KVCache's memory order) or "token-major" (plain contiguous tensors);
+    `tables_are`: "scrambled" block ids, or "consecutive" ones (read in place, not gathered)."""
     gen = torch.Generator().manual_seed(seed)
     blocks = ShuffledBlocks(128, seed)
     k_cache = torch.randn(128, BLOCK, HKV, D, generator=gen)  # garbage everywhere else
     v_cache = torch.randn(128, BLOCK, HKV, D, generator=gen)
+    if pool == "head-major":
+        k_cache = new_kv_pool(128, BLOCK, HKV, D, torch.float32, "cpu").copy_(k_cache)
+        v_cache = new_kv_pool(128, BLOCK, HKV, D, torch.float32, "cpu").copy_(v_cache)
+        assert k_cache.permute(2, 0, 1, 3).is_contiguous()
     tables, dense = [], []
+    next_block = 0
     for cached, q_len in seqs:
         total = cached + q_len
-        table = blocks.take(-(-total // BLOCK))
+        if tables_are == "consecutive":
+            table = list(range(next_block, next_block + -(-total // BLOCK)))
+            next_block = table[-1] + 2  # a gap: neighbours' blocks are not read by mistake
+        else:
+            table = blocks.take(-(-total // BLOCK))
         k = torch.randn(total, HKV, D, generator=gen)
         v = torch.randn(total, HKV, D, generator=gen)
         q = torch.randn(q_len, HQ, D, generator=gen)
@@ -72,8 +90,14 @@ MIXED = [(0, 37), (21, 9), (50, 1), (0, 1), (33, 1), (16, 16), (5, 64)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_output_and_lse_match_dense_attention_on_a_mixed_ragged_batch(backend: str) -> None:
-    q, k_cache, v_cache, meta, dense = _paged_case(MIXED)
+@pytest.mark.parametrize(
+    ("pool", "tables_are"),
+    [("head-major", "scrambled"), ("head-major", "consecutive"), ("token-major", "scrambled")],
+)
+def test_output_and_lse_match_dense_attention_on_a_mixed_ragged_batch(
+    backend: str, pool: str, tables_are: str
+) -> None:
+    q, k_cache, v_cache, meta, dense = _paged_case(MIXED, pool=pool, tables_are=tables_are)
     out, lse = paged_attention(q, k_cache, v_cache, meta, SCALE, backend=backend)
     assert lse.dtype == torch.float32
     offset = 0

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from medha.kernels import AttentionMetadata, paged_attention, write_kv
 from medha.kernels.attention import write_step_kv
-from medha.kernels.decode import attend_one_query, attend_one_query_matmul
-from medha.kernels.layout import gather_kv, seq_views
+from medha.kernels.decode import attend_one_query_flash, attend_one_query_matmul
+from medha.kernels.layout import gather_kv, new_kv_pool, seq_views
 from medha.kernels.reference import attend
 from medha.model.runner import StepSeq
 from tests.hf_models import hf_greedy, hf_logits, max_relative_error
@@ -24,7 +24,7 @@ from tests.test_packed_projections import torch_threads
 BLOCK = 16
 
 
-@pytest.mark.parametrize("attend_fn", [attend_one_query, attend_one_query_matmul])
+@pytest.mark.parametrize("attend_fn", [attend_one_query_flash, attend_one_query_matmul])
 @settings(max_examples=30, deadline=None)
 @given(
     kv_len=st.integers(1, 300),
@@ -60,14 +60,20 @@ def _meta(tables: list[list[int]], kv_lens: list[int]) -> AttentionMetadata:
     )
 
 
-def test_keys_of_consecutive_blocks_are_read_in_place_and_equal_a_gather() -> None:
+@pytest.mark.parametrize("head_major", [True, False])
+def test_keys_of_consecutive_blocks_are_read_in_place_and_equal_a_gather(head_major: bool) -> None:
     cache = torch.randn(32, BLOCK, 2, 8)
+    if head_major:
+        cache = new_kv_pool(32, BLOCK, 2, 8, torch.float32, "cpu").copy_(cache)
     meta = _meta([[5, 6, 7, 8], [9, 3, 4]], [60, 40])
     consecutive, scattered = seq_views(meta)
     assert consecutive.first_block == 5
     assert scattered.first_block is None
     in_place = gather_kv(cache, consecutive)
     assert in_place.data_ptr() == cache[5].data_ptr()
+    if head_major:
+        # Each kv head's keys are one [tokens, head_dim] matrix, and so is a gather's copy.
+        assert in_place.stride()[0] == 8 and gather_kv(cache, scattered).stride()[0] == 8
     assert torch.equal(in_place, cache.index_select(0, consecutive.block_ids).view(-1, 2, 8)[:60])
     assert torch.equal(gather_kv(cache, scattered), cache[[9, 3, 4]].reshape(-1, 2, 8)[:40])
 

@@ -24,6 +24,7 @@ from medha.kernels import (
     triton_backend,
     write_kv,
 )
+from medha.kernels.layout import new_kv_pool
 from medha.model.runner import StepSeq
 from medha.model.setup import build_runner
 from tests.runner_support import ShuffledBlocks
@@ -69,6 +70,7 @@ def make_batch(
     q_start: list[int] | None = None,
     appends: list[bool] | None = None,
     seed: int = 0,
+    head_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     """A ragged batch of sequences given as (keys in the shard before the step, query tokens)
     over a randomly filled paged cache with scrambled block tables. By default each sequence's
@@ -94,6 +96,10 @@ def make_batch(
     # Random everywhere (never zeros), so keys read from a wrong slot change the result.
     shape = (num_blocks, BLOCK, kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in "kv")
+    if head_major:  # KVCache's memory order: the kernels must index through the strides
+        k_cache, v_cache = (
+            new_kv_pool(*shape, dtype, DEVICE).copy_(cache) for cache in (k_cache, v_cache)
+        )
     new_k, new_v = (torch.randn(meta.num_tokens, kv_heads, head_dim, generator=gen) for _ in "kv")
     write_kv(new_k.to(DEVICE, dtype), new_v.to(DEVICE, dtype), k_cache, v_cache, meta.slot_mapping)
     q = torch.randn(meta.num_tokens, num_heads, head_dim, generator=gen).to(DEVICE, dtype)
@@ -123,8 +129,11 @@ MIXED = [(0, 21), (19, 1), (33, 12), (0, 1), (16, 16), (70, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_of_chunks_and_decodes_matches_reference(dtype: torch.dtype) -> None:
-    assert_matches_reference(*make_batch(MIXED, dtype=dtype))
+@pytest.mark.parametrize("head_major", [False, True])
+def test_mixed_batch_of_chunks_and_decodes_matches_reference(
+    dtype: torch.dtype, head_major: bool
+) -> None:
+    assert_matches_reference(*make_batch(MIXED, dtype=dtype, head_major=head_major))
 
 
 def test_keys_split_across_programs_merge_to_the_unsplit_result() -> None:

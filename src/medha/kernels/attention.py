@@ -95,7 +95,9 @@ def paged_attention(
     """Attention of a mixed prefill/decode batch over a paged cache -> (out, lse).
 
     q: [T, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] already holding this step's
-    keys (see `write_kv`); returns out [T, Hq, D] in q's dtype and lse [T, Hq] in fp32.
+    keys (see `write_kv`), in any memory order whose head_dim is contiguous and whose block and
+    token dims merge (`new_kv_pool`'s head-major one, or plain contiguous); returns out
+    [T, Hq, D] in q's dtype and lse [T, Hq] in fp32.
     """
     return _BACKENDS[backend](q, k_cache, v_cache, meta, scale)
 

@@ -63,14 +63,32 @@ def seq_views(meta: AttentionMetadata) -> list[SeqView]:
     return views
 
 
+def new_kv_pool(
+    num_blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """A zeroed block pool of shape [num_blocks, block_size, kv_heads, head_dim] stored
+    head-major ([kv_heads, num_blocks, block_size, head_dim] in memory; see `KVCache`).
+
+    Backends accept any pool whose head_dim is contiguous and whose (block, token) dims merge
+    into one: they index by shape and read strides."""
+    storage = torch.zeros(kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+    return storage.permute(1, 2, 0, 3)
+
+
 def gather_kv(cache: torch.Tensor, view: SeqView) -> torch.Tensor:
     """The sequence's keys (or values) from a block pool: [kv_len, kv_heads, head_dim]; a view
-    of the pool when the blocks are consecutive, else a copy."""
+    of the pool when the blocks are consecutive, else a copy laid out head-major (each kv
+    head's keys one contiguous matrix, as attention reads them)."""
     if view.first_block is not None:
-        flat = cache.view(-1, *cache.shape[2:])
+        flat = cache.flatten(0, 1)  # a view: the pool's block and token dims merge
         return flat.narrow(0, view.first_block * cache.shape[1], view.kv_len)
-    blocks = cache.index_select(0, view.block_ids)
-    return blocks.view(-1, *cache.shape[2:])[: view.kv_len]
+    blocks = cache.permute(2, 0, 1, 3).index_select(1, view.block_ids)
+    return blocks.flatten(1, 2)[:, : view.kv_len].transpose(0, 1)
 
 
 def _first_of_consecutive(block_ids: torch.Tensor) -> int | None:

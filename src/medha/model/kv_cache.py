@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from medha.kernels.layout import new_kv_pool
 from medha.model.arch import ModelArch
 
 
 class KVCache:
-    """K and V pools of shape [num_blocks, block_size, kv_heads, head_dim] for each layer."""
+    """K and V pools of shape [num_blocks, block_size, kv_heads, head_dim] for each layer.
+
+    That is the shape every attention backend indexes; the memory under it is head-major,
+    [kv_heads, num_blocks, block_size, head_dim], so one kv head's keys over consecutive blocks
+    are one contiguous [tokens, head_dim] matrix. A decode reads them as a plain matrix product
+    or stream (measured on this 2-core CPU: CPU flash attention 0.32 -> 0.21 ms per layer over
+    1K tokens of SmolLM2's 3 kv heads, warm) instead of 3 rows of 256 bytes every 768.
+    """
 
     def __init__(
         self,
@@ -30,9 +38,15 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.layers = layers if layers is not None else range(arch.num_layers)
-        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.k = [self._pool(arch, dtype, device) for _ in self.layers]
+        self.v = [self._pool(arch, dtype, device) for _ in self.layers]
+
+    def _pool(
+        self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
+        return new_kv_pool(
+            self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim, dtype, device
+        )
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pools of model layer `index` (an absolute layer number)."""

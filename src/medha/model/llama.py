@@ -33,12 +33,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as HF does (matters for bf16). In
-        # place where HF's result is unchanged: fewer ops, bitwise the same in fp32.
-        x32 = x if x.dtype == torch.float32 else x.float()
-        normed = x32 * (x32 * x32).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return normed.mul_(self.weight)
+            # One op instead of six; bitwise equal to HF's formula in fp32 (checked on CPU
+            # over hidden sizes 64-4096, 1-1000 rows, 1 and 2 threads).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Otherwise normalise in fp32 and cast back before the weight, exactly as HF does
+        # (F.rms_norm would apply the weight before the cast).
+        x32 = x.float()
+        normed = x32 * (x32 * x32).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * normed.to(x.dtype)
 
 
