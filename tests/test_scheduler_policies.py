@@ -14,6 +14,7 @@ from medha.scheduler.policies import (
     relative_slack,
     slack,
 )
+from medha.scheduler.ranking import CandidateOrder
 from medha.scheduler.request import SchedRequest
 from tests.scheduler_support import ToyCost, make_scheduler
 
@@ -130,3 +131,49 @@ def test_ranking_refreshes_a_key_once_the_requests_cursor_moves() -> None:
     after = lars.ranked([request], 0.0, COST)[0][0]
     assert after > before
     assert after == pytest.approx(relative_slack(request, 0.0, COST))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    started_keys=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), max_size=6),
+    queued_keys=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), max_size=12),
+    drop_after=st.integers(0, 20),
+    data=st.data(),
+)
+def test_candidate_order_pops_what_one_sorted_list_of_key_and_arrival_would(
+    started_keys: list[float], queued_keys: list[float], drop_after: int, data: st.DataObject
+) -> None:
+    """Merging the running prefills' heap with the queue sorted by float key alone must give
+    exactly the (key, arrival order) order, ties included, and drop_queued must leave the
+    running ones in that order."""
+    orders = data.draw(st.permutations(range(len(started_keys) + len(queued_keys))))
+    requests = [_request(f"r{i}", 0.0, 1.0, 0.0, order=o) for i, o in enumerate(orders)]
+    started = [
+        (key, r.order, r)
+        for key, r in zip(started_keys, requests[: len(started_keys)], strict=True)
+    ]
+    queued = sorted(requests[len(started_keys) :], key=lambda r: r.order)
+    queued_ids = [r.request_id for r in requests[len(started_keys) :]]
+    keys_by_id = dict(zip(queued_ids, queued_keys, strict=True))
+    queued_keys_in_order = [keys_by_id[r.request_id] for r in queued]
+    expected = sorted(started + [(keys_by_id[r.request_id], r.order, r) for r in queued])
+    candidates = CandidateOrder(list(started), queued, queued_keys_in_order)
+    popped: list[SchedRequest] = []
+    dropped = False
+    while candidates:
+        if len(popped) == drop_after and not dropped:
+            candidates.drop_queued()
+            dropped = True
+            expected = expected[:drop_after] + [e for e in expected[drop_after:] if e in started]
+            continue
+        popped.append(candidates.pop())
+    assert [r.request_id for r in popped] == [e[2].request_id for e in expected]
+
+
+def test_a_preempted_request_goes_back_to_its_arrival_place_in_the_queue() -> None:
+    scheduler = make_scheduler(num_blocks=10_000)
+    first = scheduler.add_request("first", 100, 4, arrival=0.0)
+    scheduler.schedule(0.0)  # starts "first" (and nothing else is queued yet)
+    scheduler.add_request("second", 100, 4, arrival=1.0)
+    scheduler.table.preempt(first)
+    assert [r.request_id for r in scheduler.table.queued_by_arrival()] == ["first", "second"]

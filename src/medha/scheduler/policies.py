@@ -62,25 +62,22 @@ class PriorityPolicy(ABC):
         request.key_cursor, request.key_known = request.issued, request.known_tokens
 
     def ranked(
-        self,
-        requests: Iterable[SchedRequest],
-        now: float,
-        cost: BatchCostModel,
-        fresh: bool = False,
+        self, requests: Iterable[SchedRequest], now: float, cost: BatchCostModel
     ) -> list[tuple[float, int, SchedRequest]]:
-        """(key, arrival order, request) for each request, from cached key terms.
-
-        Stale terms (the cursor moved since `refresh`) are recomputed first, unless the caller
-        promises they are `fresh`: the scheduler refreshes a request whenever it is queued, and
-        a queued request's cursor does not move.
-        """
+        """(key, arrival order, request) for each request, from cached key terms, recomputing
+        stale ones (the cursor moved since `refresh`) first."""
         requests = list(requests)
-        if not fresh:
-            for request in requests:
-                known = request.prompt_len + request.generated
-                if request.key_cursor != request.issued or request.key_known != known:
-                    self.refresh(request, cost)
+        for request in requests:
+            known = request.prompt_len + request.generated
+            if request.key_cursor != request.issued or request.key_known != known:
+                self.refresh(request, cost)
         return [(r.key_base - r.key_rate * now, r.order, r) for r in requests]
+
+    @staticmethod
+    def keys(requests: list[SchedRequest], now: float) -> list[float]:
+        """Keys at `now` from cached terms the caller knows are fresh: the scheduler refreshes a
+        request whenever it is queued, and a queued request's cursor does not move."""
+        return [r.key_base - r.key_rate * now for r in requests]
 
 
 class FirstComeFirstServed(PriorityPolicy):

@@ -13,7 +13,6 @@ scheduler never reads a clock and never touches a tensor.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Collection
 
 from medha.errors import InvalidRequestError, RequestTooLargeError
@@ -27,6 +26,7 @@ from medha.scheduler.policies import (
     policy_for,
     relative_slack,
 )
+from medha.scheduler.ranking import CandidateOrder
 from medha.scheduler.request import RequestStatus, SchedRequest
 from medha.scheduler.stats import SchedulerStats
 from medha.scheduler.table import NewBlocks, RequestTable
@@ -322,7 +322,7 @@ class Scheduler:
         """Prefill chunks in priority order while the batch has room (see BatchBuilder);
         queued requests are started only when `admit`."""
         policy, cost, table = self.policy.priority, self.cost, self.table
-        candidates = policy.ranked(
+        started = policy.ranked(
             (
                 r
                 for r in table.running.values()
@@ -331,32 +331,25 @@ class Scheduler:
             now,
             cost,
         )
-        started_left = len(candidates)
         admitting = admit and len(table.running) < self.config.max_batch_size
-        if admitting:
-            # Queued requests do not move: their key terms were set when they were queued.
-            candidates.extend(policy.ranked(table.queued.values(), now, cost, fresh=True))
-        heapq.heapify(candidates)
+        # Queued requests do not move: their key terms were set when they were queued.
+        queued = table.queued_by_arrival() if admitting else []
+        candidates = CandidateOrder(started, queued, policy.keys(queued, now))
         pending_work: list[tuple[float, int]] | None = None
         while candidates and not batch.is_full and not batch.all_groups_closed:
-            if not admitting and not started_left:
-                break
-            request = heapq.heappop(candidates)[2]
+            request = candidates.pop()
             if not request.status.is_queued:
-                started_left -= 1
                 groups = table.layout.active_groups(request, request.issued)
                 if batch.accepts_prefill_on(groups):
                     self._add_prefill_chunk(batch, request, groups, now)
                 continue
-            if not admitting:
-                continue
             if len(table.running) >= self.config.max_batch_size:
-                admitting = False
+                candidates.drop_queued()
                 continue
             feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool)
             if not feasible:
                 # Admit nobody behind a request that waits for memory, or it could starve.
-                admitting = False
+                candidates.drop_queued()
                 continue
             open_groups = [group for group in feasible if group not in batch.closed_groups]
             if not open_groups:

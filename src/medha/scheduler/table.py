@@ -30,7 +30,7 @@ class RequestTable:
         self.requests: dict[str, SchedRequest] = {}
         """Every request not done yet, plus done ones a plan in flight still refers to."""
         self.queued: dict[str, SchedRequest] = {}
-        """Waiting or preempted: no KV blocks."""
+        """Waiting or preempted: no KV blocks. In arrival order (`SchedRequest.order`)."""
         self.running: dict[str, SchedRequest] = {}
         """Prefilling or decoding, oldest start first."""
         self.released: list[str] = []
@@ -64,7 +64,14 @@ class RequestTable:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
+        last = next(reversed(self.queued.values()), None)
         self.queued[request.request_id] = request
+        if last is not None and last.order > request.order:
+            # Back in its arrival place (preemption is rare; ranking relies on the order).
+            self.queued = dict(sorted(self.queued.items(), key=lambda item: item[1].order))
+
+    def queued_by_arrival(self) -> list[SchedRequest]:
+        return list(self.queued.values())
 
     def record_token(self, request: SchedRequest, now: float, stop: bool) -> bool:
         """A step of `request` sampled a token. Returns True when that ends the request."""

@@ -1,0 +1,57 @@
+"""The order in which one iteration considers prefill candidates: smallest key first, ties by
+arrival order, over the prefills already running and the queue.
+
+The queue holds ~1,000 requests of which an iteration starts a handful, every iteration. Ranking
+it as (key, order, request) tuples kept 1,000 tuples alive per call: enough allocations to run
+Python's cyclic garbage collector about once a call, and its older generations (which walk
+every live request) often enough to set the p99 of `schedule()` (measured: p99 0.83-0.94 ms
+with the collector, 0.64-0.66 ms without, p50 0.50 either way; 1,000 queued, 128 decoding,
+KVP 4). Queued keys are therefore plain floats (which the collector does not track), sorted by
+index; only the few running prefills get tuples.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from medha.scheduler.request import SchedRequest
+
+Ranked = tuple[float, int, SchedRequest]
+
+
+class CandidateOrder:
+    """Pops candidates in (key, arrival order) order, merging a heap of running prefills with
+    the queue sorted once by key."""
+
+    def __init__(
+        self, started: list[Ranked], queued: list[SchedRequest], queued_keys: list[float]
+    ) -> None:
+        """`queued` in ascending arrival order (so that a stable sort breaks key ties by it),
+        `queued_keys` their keys; `started` is heapified in place."""
+        heapq.heapify(started)
+        self._started = started
+        self._queued = queued
+        self._keys = queued_keys
+        self._by_key = sorted(range(len(queued)), key=queued_keys.__getitem__)
+        self._next = 0
+
+    @property
+    def started_left(self) -> int:
+        return len(self._started)
+
+    def __bool__(self) -> bool:
+        return bool(self._started) or self._next < len(self._by_key)
+
+    def drop_queued(self) -> None:
+        """Consider no more queued requests (the iteration admits nobody else)."""
+        self._next = len(self._by_key)
+
+    def pop(self) -> SchedRequest:
+        if self._next < len(self._by_key):
+            index = self._by_key[self._next]
+            request = self._queued[index]
+            started = self._started
+            if not started or (self._keys[index], request.order) < started[0][:2]:
+                self._next += 1
+                return request
+        return heapq.heappop(self._started)[2]
