@@ -137,3 +137,11 @@ def test_batched_decodes_on_two_threads_equal_each_decode_alone() -> None:
         together = runner.step(decodes)
         alone = torch.cat([runner.step([d]) for d in decodes])
     assert max_relative_error(together, alone) <= 1e-4
+
+
+def test_the_engines_kv_cache_is_head_major() -> None:
+    """Decode reads a kv head's keys in place only if the pools keep each head contiguous."""
+    runner = make_runner("llama3-gqa", num_blocks=8)
+    for pool in (*runner.kv_cache.k, *runner.kv_cache.v):
+        assert pool.shape == (8, runner.block_size, runner.arch.num_kv_heads, runner.arch.head_dim)
+        assert pool.permute(2, 0, 1, 3).is_contiguous()
