@@ -3,6 +3,8 @@ on any number of threads, while the layers keep their Hugging Face names, shapes
 
 from __future__ import annotations
 
+import itertools
+import mmap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from medha.model.llama import layer_projections
 from medha.model.projections import MAX_SPLIT_ROWS, PackedProjection
+from medha.model.weight_arena import HUGE_PAGE, allocate_arena
 from tests.hf_models import VARIANTS, hf_arch, hf_model, medha_model
 
 
@@ -131,3 +135,29 @@ def test_tied_embedding_reads_rows_of_the_packed_lm_head() -> None:
     ids = torch.tensor([0, 5, 383])
     expected = hf_model("tied-smollm2").get_input_embeddings()(ids)
     assert torch.equal(model.model.embed_tokens(ids), expected)
+
+
+def test_a_models_projections_are_packed_back_to_back_in_the_order_a_step_reads_them() -> None:
+    model = medha_model("tied-smollm2")
+    order = [*layer_projections(model.model.layers.values()), model.logits]
+    assert order[:4] == [
+        model.model.layers["0"].self_attn.qkv,
+        model.model.layers["0"].self_attn.out,
+        model.model.layers["0"].mlp.gate_up,
+        model.model.layers["0"].mlp.down,
+    ]
+    element = order[0].linears[0].weight.element_size()
+    for before, after in itertools.pairwise(order):
+        assert before.is_packed and after.is_packed
+        expected = before.weight.data_ptr() + before.packed_numel * element
+        assert after.weight.data_ptr() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_arena_is_writable_and_starts_on_a_huge_page(dtype: torch.dtype) -> None:
+    arena = allocate_arena(3_000_001, dtype, "cpu")
+    assert arena.shape == (3_000_001,) and arena.dtype == dtype
+    arena.fill_(2.0)
+    assert float(arena[-1]) == 2.0
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert arena.data_ptr() % HUGE_PAGE == 0

@@ -9,7 +9,7 @@ AttentionMetadata.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from medha.kernels import AttentionFn, AttentionMetadata
 from medha.kernels.attention import write_step_kv
 from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
-from medha.model.projections import PackedProjection
+from medha.model.projections import PackedProjection, pack_in_read_order
 from medha.model.rope import RotaryEmbedding, Rotation
 
 # Combines this shard's attention partial with the other KVP groups' (identity without KVP).
@@ -55,9 +55,10 @@ class MLP(nn.Module):
         self.gate_up = PackedProjection([self.gate_proj, self.up_proj])
         self.down = PackedProjection([self.down_proj])
 
-    def pack_weights(self, copy: bool = True) -> None:
-        self.gate_up.pack(copy)
-        self.down.pack(copy)
+    @property
+    def projections(self) -> tuple[PackedProjection, ...]:
+        """In the order forward reads them."""
+        return (self.gate_up, self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
@@ -81,9 +82,10 @@ class Attention(nn.Module):
         self.qkv = PackedProjection([self.q_proj, self.k_proj, self.v_proj])
         self.out = PackedProjection([self.o_proj])
 
-    def pack_weights(self, copy: bool = True) -> None:
-        self.qkv.pack(copy)
-        self.out.pack(copy)
+    @property
+    def projections(self) -> tuple[PackedProjection, ...]:
+        """In the order forward reads them."""
+        return (self.qkv, self.out)
 
     def forward(
         self,
@@ -133,6 +135,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def layer_projections(layers: Iterable[nn.Module]) -> list[PackedProjection]:
+    """The packed projections of `layers` (DecoderLayers), in the order a step reads them."""
+    return [
+        projection
+        for layer in layers
+        for projection in (*layer.self_attn.projections, *layer.mlp.projections)
+    ]
+
+
 class LlamaModel(nn.Module):
     """Embeddings, the decoder layers of `layers` (all by default: a pipeline stage holds a
     range) and the final norm."""
@@ -167,10 +178,7 @@ class LlamaForCausalLM(nn.Module):
         """Lay the projections out for fast matmuls (see `medha.model.projections`); with
         `copy=False` the weights are left uninitialised, to be loaded into afterwards. Run it
         after any move of the model to another device or dtype."""
-        for layer in self.model.layers.values():
-            layer.self_attn.pack_weights(copy)
-            layer.mlp.pack_weights(copy)
-        self.logits.pack(copy)
+        pack_in_read_order([*layer_projections(self.model.layers.values()), self.logits], copy)
         if self.arch.tie_word_embeddings:
             # The embedding reads rows of the packed LM head ([in, vocab] storage): one strided
             # row per token, and no second copy of the largest matrix.

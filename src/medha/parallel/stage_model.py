@@ -17,8 +17,8 @@ from torch import nn
 from medha.kernels import AttentionFn, AttentionMetadata
 from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
-from medha.model.llama import DecoderLayer, PartialCombiner, RMSNorm
-from medha.model.projections import PackedProjection
+from medha.model.llama import DecoderLayer, PartialCombiner, RMSNorm, layer_projections
+from medha.model.projections import PackedProjection, pack_in_read_order
 from medha.model.rope import RotaryEmbedding
 from medha.parallel.tp import (
     RowParallel,
@@ -77,11 +77,8 @@ class StageModel(nn.Module):
             stage = cls(arch, layers, first, last, tp_rank, tp)
         stage = stage.to(dtype=dtype).to_empty(device=device)
         # Pack first, then load into the packed buffers (as medha.model.runner.load_model does).
-        for layer in stage.model.layers.values():
-            layer.self_attn.pack_weights(copy=False)
-            layer.mlp.pack_weights(copy=False)
-        if last:
-            stage.logits.pack(copy=False)
+        head = [stage.logits] if last else []
+        pack_in_read_order([*layer_projections(stage.model.layers.values()), *head], copy=False)
         load_sharded(stage, stage.shard, checkpoint, dtype, arch.tie_word_embeddings)
         stage.tp_group = tp_group
         if tp > 1:
