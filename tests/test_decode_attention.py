@@ -145,3 +145,24 @@ def test_the_engines_kv_cache_is_head_major() -> None:
     for pool in (*runner.kv_cache.k, *runner.kv_cache.v):
         assert pool.shape == (8, runner.block_size, runner.arch.num_kv_heads, runner.arch.head_dim)
         assert pool.permute(2, 0, 1, 3).is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threads", "uses_flash"),
+    [(torch.float32, 1, False), (torch.float32, 2, True), (torch.bfloat16, 2, False)],
+)
+def test_decode_takes_the_flash_kernel_only_where_it_is_faster(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, threads: int, uses_flash: bool
+) -> None:
+    """fp32 on several threads: flash; one thread, or bf16 (where flash is ~6x slower): the
+    matmul form."""
+    import medha.kernels.decode as decode
+
+    called = []
+    monkeypatch.setattr(
+        decode, "attend_one_query_flash", lambda *args: called.append(1) or ("flash", None)
+    )
+    q, k, v = torch.randn(1, 4, 8).to(dtype), *(torch.randn(5, 2, 8).to(dtype) for _ in "kv")
+    with torch_threads(threads):
+        decode.attend_one_query(q, k, v, 0.3)
+    assert bool(called) is uses_flash

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from medha.model.llama import layer_projections
-from medha.model.projections import MAX_SPLIT_ROWS, PackedProjection
-from medha.model.weight_arena import HUGE_PAGE, allocate_arena
+from medha.model.projections import MAX_SPLIT_ROWS, PackedProjection, pack_in_read_order
+from medha.model.weight_arena import HUGE_PAGE, advise_huge_pages, allocate_arena
 from tests.hf_models import VARIANTS, hf_arch, hf_model, medha_model
 
 
@@ -161,3 +161,33 @@ def test_weight_arena_is_writable_and_starts_on_a_huge_page(dtype: torch.dtype) 
     assert float(arena[-1]) == 2.0
     if hasattr(mmap, "MADV_HUGEPAGE"):
         assert arena.data_ptr() % HUGE_PAGE == 0
+
+
+@pytest.mark.parametrize(("first", "last"), [(True, False), (False, True)])
+def test_a_pipeline_stage_packs_its_layers_and_head_back_to_back(first: bool, last: bool) -> None:
+    from medha.model.loader import load_checkpoint
+    from medha.parallel.stage_model import StageModel
+
+    checkpoint = load_checkpoint("tiny-random")
+    layers = range(0, 1) if first else range(1, checkpoint.arch.num_layers)
+    stage = StageModel.load(checkpoint, layers, first, last, 0, 1, None, torch.float32, "cpu")
+    order = layer_projections(stage.model.layers.values()) + ([stage.logits] if last else [])
+    element = order[0].linears[0].weight.element_size()
+    for before, after in itertools.pairwise(order):
+        assert after.weight.data_ptr() == before.weight.data_ptr() + before.packed_numel * element
+    assert all(p.is_packed for p in order)
+
+
+def test_packing_projections_of_different_dtypes_together_is_refused() -> None:
+    a = PackedProjection(_linears(8, [4], False, 0))
+    b = PackedProjection([nn.Linear(8, 4, bias=False, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="share dtype and device"):
+        pack_in_read_order([a, b])
+
+
+def test_a_kernel_refusing_huge_pages_still_gets_its_weights_loaded() -> None:
+    class Refusing:
+        def madvise(self, option: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+    assert advise_huge_pages(Refusing()) is False  # type: ignore[arg-type]

@@ -154,7 +154,9 @@ def paged_attention_kernel(
     """Grid (tiles, kv heads, splits). Without SPLIT, writes out [T, Hq, D] and lse [T, Hq] at the
     query rows; with SPLIT, writes fp32 partials [splits, rows of this launch, Hq, (D)]."""
     tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # int64: in head-major pools a kv head's stride is the whole pool's blocks x tokens x D,
+    # so kvh * stride passes 2^31 elements once a layer's pool is a few GiB.
+    kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq = tl.load(tiles + 2 * tile)
     row0 = tl.load(tiles + 2 * tile + 1)

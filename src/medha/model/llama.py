@@ -136,7 +136,8 @@ class DecoderLayer(nn.Module):
 
 
 def layer_projections(layers: Iterable[nn.Module]) -> list[PackedProjection]:
-    """The packed projections of `layers` (DecoderLayers), in the order a step reads them."""
+    """The packed projections of `layers` (DecoderLayers), in the order a step reads them. For
+    packing: call it before a tensor-parallel stage wraps projections (RowParallel)."""
     return [
         projection
         for layer in layers

@@ -146,6 +146,13 @@ def pack_in_read_order(projections: Sequence[PackedProjection], copy: bool = Tru
     if not projections:
         return
     first = projections[0].linears[0].weight
+    for projection in projections:
+        weight = projection.linears[0].weight
+        if weight.dtype != first.dtype or weight.device != first.device:
+            raise ValueError(
+                f"projections packed together must share dtype and device: {weight.dtype} on "
+                f"{weight.device} vs {first.dtype} on {first.device}"
+            )
     arena = allocate_arena(sum(p.packed_numel for p in projections), first.dtype, first.device)
     offset = 0
     for projection in projections:

@@ -11,7 +11,7 @@ x 30 layers, fp32, one thread, one-row matmuls, median of 40 passes):
 Linux backs anonymous memory with huge pages only where asked (`madvise` mode, the common
 default), so on CPU the arena is an anonymous mapping advised with MADV_HUGEPAGE, aligned to
 2 MiB, and wrapped as a tensor without a copy. Where that is not available (another OS, a GPU
-device) it is an ordinary `torch.empty`.
+device) it is an ordinary `torch.empty`; where the kernel refuses the advice, ordinary pages.
 """
 
 from __future__ import annotations
@@ -32,7 +32,17 @@ def allocate_arena(numel: int, dtype: torch.dtype, device: torch.device | str) -
     # One huge page extra, to start the tensor on a huge-page boundary.
     # Private: shared anonymous memory is shmem, which has its own (usually off) THP switch.
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)
+    advise_huge_pages(mapping)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive
     start = -raw.data_ptr() % HUGE_PAGE
     return raw[start : start + nbytes].view(dtype)
+
+
+def advise_huge_pages(mapping: mmap.mmap) -> bool:
+    """Ask for huge pages; False (and ordinary pages) where the kernel refuses, e.g. one built
+    without transparent huge pages (EINVAL): the weights still load, only the speed-up is lost."""
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return False
+    return True
