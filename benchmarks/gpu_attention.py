@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from medha.kernels import AttentionMetadata, triton_attention
+from medha.kernels.layout import new_kv_pool
 from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
 from medha.model.llama import LlamaForCausalLM
@@ -152,10 +153,11 @@ def matmul_tflops(sizes: Sizes, device: torch.device) -> float:
 def make_cache(
     sizes: Sizes, tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pools laid out as the engine's KVCache lays them out (head-major)."""
     _, kv_heads, head_dim = sizes.heads
     shape = (-(-tokens // sizes.block_size), sizes.block_size, kv_heads, head_dim)
-    k = torch.empty(shape, dtype=sizes.dtype, device=device).normal_()
-    return k, torch.empty_like(k).normal_()
+    k, v = (new_kv_pool(*shape, sizes.dtype, device).normal_() for _ in "kv")
+    return k, v
 
 
 def sequence_tables(
