@@ -138,6 +138,10 @@ class PlanChecker:
         config = self.config
         for request_id in (*plan.released, *plan.preempted):
             self.drop(request_id)
+        table = self.scheduler.table
+        assert set(table.prefilling) == {
+            r.request_id for r in table.running.values() if r.status is RequestStatus.PREFILLING
+        }, "the prefilling index disagrees with the running requests"
         if plan.is_empty:
             return
         assert could_issue, "a plan was issued while stage 0 was busy or the pipeline full"

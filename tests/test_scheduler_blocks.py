@@ -104,7 +104,7 @@ def test_reservation_spans_consecutive_groups_and_shards_cover_the_prefix() -> N
     request = _request(prompt_len=150)
     request.prefill_len = 150
     new_blocks = layout.reserve(request, first=2, pool=pool)
-    assert request.groups == [2, 0, 1]
+    assert request.groups == (2, 0, 1)
     assert [(group, len(ids)) for group, ids in new_blocks] == [(2, 4), (0, 4), (1, 2)]
     assert layout.shards(request, 0) == (KvShard(2, 0, 0),)
     assert layout.shards(request, 64) == (KvShard(2, 0, 64), KvShard(0, 64, 64))
@@ -113,7 +113,7 @@ def test_reservation_spans_consecutive_groups_and_shards_cover_the_prefix() -> N
         KvShard(0, 64, 128),
         KvShard(1, 128, 140),
     )
-    assert layout.active_groups(request, 140) == [2, 0, 1]
+    assert layout.active_groups(request, 140) == (2, 0, 1)
     layout.release(request, pool)
     assert pool.free_counts == pool.total_counts
 
@@ -128,7 +128,7 @@ def test_decode_growth_needs_a_block_at_block_boundaries_and_onboards_the_next_g
     assert layout.group_needing_block(request, 31) is None
     assert layout.group_needing_block(request, 32) == 0  # crosses M: onboard group 0
     layout.append_block(request, 32, pool.allocate(0, 1)[0])
-    assert request.groups == [1, 0]
+    assert request.groups == (1, 0)
     assert layout.group_needing_block(request, 47) is None
     assert layout.group_needing_block(request, 48) == 0
 

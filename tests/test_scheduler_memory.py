@@ -47,7 +47,7 @@ def test_a_decode_that_needs_a_block_evicts_the_partial_prefill_which_recomputes
     assert [(s.request_id, s.kind) for s in second.seqs] == [("a", SeqKind.DECODE)]
     victim = scheduler.get("b")
     assert victim is not None and victim.status is RequestStatus.PREEMPTED
-    assert (victim.issued, victim.computed, victim.groups) == (0, 0, [])
+    assert (victim.issued, victim.computed, victim.groups) == (0, 0, ())
     stats = scheduler.stats()
     assert (stats.preempted, stats.preemptions) == (1, 1)
     result = drive(scheduler, [], now=0.3)

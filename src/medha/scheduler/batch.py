@@ -7,6 +7,8 @@ iteration takes as long as its slowest group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from medha.scheduler.chunking import largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel, SeqShape
@@ -43,10 +45,10 @@ class BatchBuilder:
     def all_groups_closed(self) -> bool:
         return len(self.closed_groups) == self.config.kvp_groups
 
-    def accepts_prefill_on(self, groups: list[int]) -> bool:
+    def accepts_prefill_on(self, groups: Sequence[int]) -> bool:
         return not any(group in self.closed_groups for group in groups)
 
-    def add(self, seq: ScheduledSeq, groups: list[int]) -> None:
+    def add(self, seq: ScheduledSeq, groups: Sequence[int]) -> None:
         if len(groups) == 1:
             self.add_on_group(seq, groups[0])
             return
@@ -76,7 +78,7 @@ class BatchBuilder:
             self._times[group] = None
 
     def add_prefill(
-        self, seq: ScheduledSeq, groups: list[int], is_long: bool, predicted: float | None
+        self, seq: ScheduledSeq, groups: Sequence[int], is_long: bool, predicted: float | None
     ) -> None:
         """Add a prefill chunk; `predicted` is the batch time measured with it (if known)."""
         self.add(seq, groups)
@@ -93,7 +95,7 @@ class BatchBuilder:
             self._times[group] = time
         return time
 
-    def predict(self, groups: list[int], q_tokens: int, kv_tokens: int) -> float:
+    def predict(self, groups: Sequence[int], q_tokens: int, kv_tokens: int) -> float:
         """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added."""
         shape = SeqShape(q_tokens, kv_tokens, len(groups))
         if len(groups) == 1:
@@ -101,7 +103,7 @@ class BatchBuilder:
         return max(self.pricers[group].time_with(shape) for group in groups)
 
     def prefill_chunk(
-        self, groups: list[int], kv_tokens: int, tokens_left: int, budget_fraction: float = 1.0
+        self, groups: Sequence[int], kv_tokens: int, tokens_left: int, budget_fraction: float = 1.0
     ) -> tuple[int, float | None] | None:
         """(tokens, predicted batch time if known) for the next prefill on `groups`, at most
         `tokens_left` tokens; None when those groups' budget is spent, which closes them."""
@@ -128,7 +130,7 @@ class BatchBuilder:
         return chunk, predicted
 
     def _adaptive_chunk(
-        self, groups: list[int], kv_tokens: int, tokens_left: int, budget_fraction: float
+        self, groups: Sequence[int], kv_tokens: int, tokens_left: int, budget_fraction: float
     ) -> tuple[int | None, float | None]:
         budget = self.config.target_batch_time * budget_fraction
         if self.num_prefills and max(self.group_time(group) for group in groups) >= budget * (

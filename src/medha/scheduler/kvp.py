@@ -52,8 +52,8 @@ class KvpLayout:
         counts = self.blocks_by_group_index(tokens)
         return len(counts) <= self.num_groups and max(counts) <= self.blocks_per_group
 
-    def group_sequence(self, first: int, count: int) -> list[int]:
-        return [(first + offset) % self.num_groups for offset in range(count)]
+    def group_sequence(self, first: int, count: int) -> tuple[int, ...]:
+        return tuple((first + offset) % self.num_groups for offset in range(count))
 
     def feasible_first_groups(self, tokens: int, pool: BlockPool) -> list[int]:
         """First groups from which a reservation of `tokens` finds free blocks on every group
@@ -76,9 +76,9 @@ class KvpLayout:
         prefill will reach (incremental allocation can deadlock several long prompts)."""
         counts = self.blocks_by_group_index(request.prefill_len)
         request.groups = self.group_sequence(first, len(counts))
-        request.block_tables = [
+        request.block_tables = tuple(
             pool.allocate(group, count) for group, count in zip(request.groups, counts, strict=True)
-        ]
+        )
         return tuple(
             (group, tuple(table))
             for group, table in zip(request.groups, request.block_tables, strict=True)
@@ -102,9 +102,9 @@ class KvpLayout:
 
     def append_block(self, request: SchedRequest, position: int, block: int) -> None:
         index = self.group_index(position)
-        if index == len(request.groups):
-            request.groups.append((request.groups[0] + index) % self.num_groups)
-            request.block_tables.append([])
+        if index == len(request.groups):  # onboarding the next group: rare, so rebuild
+            request.groups = (*request.groups, (request.groups[0] + index) % self.num_groups)
+            request.block_tables = (*request.block_tables, [])
         request.block_tables[index].append(block)
 
     def shards(self, request: SchedRequest, query_start: int) -> tuple[KvShard, ...]:
@@ -119,8 +119,8 @@ class KvpLayout:
         shards.append(KvShard(request.groups[last], last * self.limit, query_start))
         return tuple(shards)
 
-    def active_groups(self, request: SchedRequest, query_start: int) -> list[int]:
-        """The groups a step starting at `query_start` runs on (do not mutate the result)."""
+    def active_groups(self, request: SchedRequest, query_start: int) -> tuple[int, ...]:
+        """The groups a step starting at `query_start` runs on."""
         if self.limit is None:
             return request.groups
         return request.groups[: query_start // self.limit + 1]
@@ -129,5 +129,5 @@ class KvpLayout:
         """Give back every block the request holds."""
         for group, table in zip(request.groups, request.block_tables, strict=True):
             pool.free(group, table)
-        request.groups = []
-        request.block_tables = []
+        request.groups = ()
+        request.block_tables = ()

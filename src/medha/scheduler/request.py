@@ -9,7 +9,7 @@ issued (entered stage 0) >= stage0 (left stage 0) >= computed (left the last sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from medha.scheduler.cost import BatchCostModel
@@ -69,10 +69,12 @@ class SchedRequest:
     computed: int = 0
     in_flight: int = 0
     """Plans in flight that contain a step of this request."""
-    groups: list[int] = field(default_factory=list)
+    groups: tuple[int, ...] = ()
     """KVP groups holding this request's KV, in token order (group i holds [i*M, (i+1)*M))."""
-    block_tables: list[list[int]] = field(default_factory=list)
-    """Block ids per entry of `groups`."""
+    block_tables: tuple[list[int], ...] = ()
+    """Block ids per entry of `groups`. Both are tuples, empty until the request is placed:
+    the empty tuple is shared, so the ~1,000 queued requests of a busy scheduler hold no
+    containers of their own for the garbage collector to track and traverse."""
     start_order: int = -1
     """When it was (re)started: decodes are evicted newest first."""
     first_scheduled_time: float | None = None
@@ -137,7 +139,7 @@ class SchedRequest:
         """Forget all KV progress (after a preemption): the prefill restarts from token 0."""
         self.issued = self.stage0 = self.computed = 0
         self.prefill_len = 0
-        self.groups = []
-        self.block_tables = []
+        self.groups = ()
+        self.block_tables = ()
         self._remaining_cache_at = -1
         self.key_cursor = -1

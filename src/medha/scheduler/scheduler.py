@@ -13,7 +13,7 @@ scheduler never reads a clock and never touches a tensor.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from medha.errors import InvalidRequestError, RequestTooLargeError
 from medha.scheduler.batch import BatchBuilder
@@ -229,6 +229,9 @@ class Scheduler:
         unsplit = layout.limit is None
         block_size = layout.block_size
         add, append_seq = batch.add, batch.seqs.append
+        # NamedTuple construction runs a Python-level __new__; tuple.__new__ builds the same
+        # object in C, ~0.2 us less per decode (fields in declaration order).
+        new_tuple = tuple.__new__
         contexts: list[list[int]] = [[] for _ in range(self.config.kvp_groups)]
         preempted: list[str] = []
         for request in list(self.table.running.values()):
@@ -245,10 +248,19 @@ class Scheduler:
                         continue
                     table.append(block)
                     new_blocks = ((group, (block,)),)
-                shards = (KvShard(group, 0, position),)
+                shard = new_tuple(KvShard, (group, 0, position))
                 append_seq(
-                    ScheduledSeq(
-                        request.request_id, decode, position, position + 1, shards, new_blocks, True
+                    new_tuple(
+                        ScheduledSeq,
+                        (
+                            request.request_id,
+                            decode,
+                            position,
+                            position + 1,
+                            (shard,),
+                            new_blocks,
+                            True,
+                        ),
                     )
                 )
                 contexts[group].append(position)
@@ -301,13 +313,18 @@ class Scheduler:
     def _choose_victim(self, group: int, batch: BatchBuilder, now: float) -> SchedRequest | None:
         """Lowest-priority partial prefill holding blocks on `group`, else the newest decode
         not scheduled yet. Requests in flight are never evicted: a step still writes their KV."""
-        holders = [r for r in self.table.running.values() if r.in_flight == 0 and group in r.groups]
-        prefills = [r for r in holders if r.status is RequestStatus.PREFILLING]
+        prefills = [
+            r for r in self.table.prefilling.values() if r.in_flight == 0 and group in r.groups
+        ]
         if prefills:
             key = self.policy.priority.key
             return max(prefills, key=lambda r: (key(r, now, self.cost), r.order))
         scheduled = {seq.request_id for seq in batch.seqs}
-        decodes = [r for r in holders if r.request_id not in scheduled]
+        decodes = [
+            r
+            for r in self.table.running.values()
+            if r.in_flight == 0 and group in r.groups and r.request_id not in scheduled
+        ]
         return max(decodes, key=lambda r: r.start_order) if decodes else None
 
     def _prefill_ready(self, request: SchedRequest) -> bool:
@@ -323,13 +340,7 @@ class Scheduler:
         queued requests are started only when `admit`."""
         policy, cost, table = self.policy.priority, self.cost, self.table
         started = policy.ranked(
-            (
-                r
-                for r in table.running.values()
-                if r.status is RequestStatus.PREFILLING and self._prefill_ready(r)
-            ),
-            now,
-            cost,
+            (r for r in table.prefilling.values() if self._prefill_ready(r)), now, cost
         )
         admitting = admit and len(table.running) < self.config.max_batch_size
         # Queued requests do not move: their key terms were set when they were queued.
@@ -364,7 +375,7 @@ class Scheduler:
                 table.add_pending(pending_work, request, cost)
 
     def _add_prefill_chunk(
-        self, batch: BatchBuilder, request: SchedRequest, groups: list[int], now: float
+        self, batch: BatchBuilder, request: SchedRequest, groups: Sequence[int], now: float
     ) -> bool:
         """Size and add the next chunk of `request` (starting it if queued). False if no room."""
         start = request.issued

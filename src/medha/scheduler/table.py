@@ -33,6 +33,9 @@ class RequestTable:
         """Waiting or preempted: no KV blocks. In arrival order (`SchedRequest.order`)."""
         self.running: dict[str, SchedRequest] = {}
         """Prefilling or decoding, oldest start first."""
+        self.prefilling: dict[str, SchedRequest] = {}
+        """The prefilling part of `running`: a handful among hundreds of decodes, which every
+        iteration ranks and sums without walking the decodes."""
         self.released: list[str] = []
         """Requests whose blocks were freed since the last plan was built."""
         self.num_finished = 0
@@ -48,6 +51,7 @@ class RequestTable:
         """Move a queued request to prefilling and reserve KV for its whole prefill."""
         del self.queued[request.request_id]
         self.running[request.request_id] = request
+        self.prefilling[request.request_id] = request
         request.status = RequestStatus.PREFILLING
         request.prefill_len = request.known_tokens
         request.start_order = self._next_start
@@ -59,6 +63,7 @@ class RequestTable:
     def preempt(self, request: SchedRequest) -> None:
         """Evict a running request: free all its KV; it will recompute everything it knows."""
         del self.running[request.request_id]
+        self.prefilling.pop(request.request_id, None)
         self.layout.release(request, self.pool)
         request.reset_progress()
         request.status = RequestStatus.PREEMPTED
@@ -76,6 +81,7 @@ class RequestTable:
     def record_token(self, request: SchedRequest, now: float, stop: bool) -> bool:
         """A step of `request` sampled a token. Returns True when that ends the request."""
         request.generated += 1
+        self.prefilling.pop(request.request_id, None)  # its prefill ended with this token
         if request.first_token_time is None:
             request.first_token_time = now
         if stop or request.generated >= request.max_new_tokens:
@@ -91,6 +97,7 @@ class RequestTable:
     def abort(self, request: SchedRequest) -> None:
         self.queued.pop(request.request_id, None)
         self.running.pop(request.request_id, None)
+        self.prefilling.pop(request.request_id, None)
         request.status = RequestStatus.ABORTED
         self.num_aborted += 1
         self.retire_if_idle(request)
@@ -117,14 +124,12 @@ class RequestTable:
         """Per KVP group: (predicted prefill seconds still to issue, resident requests)."""
         seconds = [0.0] * self.layout.num_groups
         residents = [0] * self.layout.num_groups
-        for request in self.running.values():
-            remaining = (
-                request.remaining_prefill_s(cost)
-                if request.status is RequestStatus.PREFILLING
-                else 0.0
-            )
+        for request in self.prefilling.values():
+            remaining = request.remaining_prefill_s(cost)
             for group in request.groups:
                 seconds[group] += remaining
+        for request in self.running.values():
+            for group in request.groups:
                 residents[group] += 1
         return list(zip(seconds, residents, strict=True))
 
