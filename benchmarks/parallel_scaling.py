@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medha.perf import H100_80GB, LLAMA_3_8B, ReplicaSpec
+from medha.perf import H100_80GB, LLAMA_3_8B, ChunkBudget, ReplicaSpec
 from medha.sim import Deployment, SimRequest, Simulator
 
 OUTPUT_TOKENS = 64
@@ -38,7 +38,7 @@ def run_shape(prompt: int, tp: int, pp: int, kvp: int, spp: bool) -> dict[str, A
     replica = ReplicaSpec(tp=tp, pp=pp, kvp=kvp, kvp_max_tokens_per_group=per_group)
     deployment = Deployment(LLAMA_3_8B, H100_80GB, replica)
     config = deployment.scheduler_config(policy="lars", target_batch_time=0.05, spp=spp)
-    result = Simulator(config, deployment.cost_model()).run(
+    result = Simulator(config, deployment.cost_model(ChunkBudget.of(config))).run(
         [SimRequest("long", 0.0, prompt, OUTPUT_TOKENS, label="long")]
     )
     summary = result.summary("long")

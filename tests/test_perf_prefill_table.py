@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medha.perf import H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ReplicaSpec, RooflineCostModel
+from medha.perf import (
+    CPU,
+    H100_80GB,
+    LLAMA_3_8B,
+    LLAMA_3_70B,
+    SMOLLM2_135M,
+    ChunkBudget,
+    ReplicaSpec,
+    RooflineCostModel,
+)
 from medha.perf.prefill_table import PrefillTable
 from medha.scheduler.cost import SeqShape
+from medha.sim import Deployment, SimRequest, Simulator
 
 MILLION = 1_000_000
 
@@ -112,3 +124,65 @@ def test_negative_token_counts_are_rejected() -> None:
         COST_8B.prefill_time(-1)
     with pytest.raises(ValueError):
         COST_8B.remaining_prefill_time(-1, 10)
+
+
+CPU_SMOLLM2 = Deployment(
+    SMOLLM2_135M,
+    # The coefficients the engine's start-up calibration fitted on the 2-core CPU (2026-11-29):
+    # 7 ms per iteration and 0.2 ms per sequence on top of the matmuls and attention.
+    CPU.with_efficiency(
+        dataclasses.replace(
+            CPU.efficiency,
+            matmul=1.21,
+            attention=0.87,
+            iteration_overhead_s=0.0074,
+            sequence_overhead_s=0.0002,
+            kv_gather_s=6.3e-8,
+        )
+    ),
+    ReplicaSpec(),
+    dtype_bytes=4,
+)
+
+
+def lone_prefill_seconds(deployment: Deployment, prompt: int, budget: ChunkBudget | None) -> float:
+    """Simulated TTFT of one prompt on an idle replica under LARS with a `budget`-second
+    iteration target, the executor being the same cost model (so every step is exact)."""
+    config = deployment.scheduler_config(policy="lars", target_batch_time=0.25)
+    cost = deployment.cost_model(budget)
+    result = Simulator(config, cost).run([SimRequest("alone", 0.0, prompt, 1)])
+    (record,) = result.records
+    return record.first_token_time
+
+
+@pytest.mark.parametrize(
+    ("deployment", "prompt"),
+    [
+        # A CPU: every iteration re-reads the weights, so small chunks cost more per token.
+        (CPU_SMOLLM2, 6_000),
+        # A GPU node at the end of a long prompt, where the budget shrinks chunks below 2048.
+        (Deployment(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8)), 2_000_000 // 8),
+    ],
+)
+def test_with_the_schedulers_budget_a_lone_prompt_takes_exactly_its_predicted_time(
+    deployment: Deployment, prompt: int
+) -> None:
+    # LARS's invariant: a request running alone keeps its slack, so its remaining work must
+    # fall exactly as fast as it runs. That holds when the table cuts chunks as the scheduler.
+    budget = ChunkBudget(0.25)
+    predicted = deployment.cost_model(budget).prefill_time(prompt)
+    assert lone_prefill_seconds(deployment, prompt, budget) == pytest.approx(predicted, rel=0.01)
+
+
+def test_a_fixed_reference_chunk_underestimates_a_cpus_lone_prefill() -> None:
+    # Why the budget is passed: 2048-token reference chunks hide the per-iteration cost that
+    # the 0.25 s budget's ~100-token chunks pay.
+    reference = CPU_SMOLLM2.cost_model().prefill_time(6_000)
+    assert lone_prefill_seconds(CPU_SMOLLM2, 6_000, None) > 1.1 * reference
+
+
+def test_a_chunk_budget_is_checked_when_made() -> None:
+    with pytest.raises(ValueError):
+        ChunkBudget(0.0)
+    with pytest.raises(ValueError):
+        ChunkBudget(0.05, min_chunk=48, multiple=32)

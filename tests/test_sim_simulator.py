@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medha.perf import A100_80GB, H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ReplicaSpec
+from medha.perf import A100_80GB, H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ChunkBudget, ReplicaSpec
 from medha.scheduler import POLICY_NAMES, SchedulerConfig, SeqShape
 from medha.sim import (
     Deployment,
@@ -31,7 +31,8 @@ NODE_8B = Deployment(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8))
 def simulate(
     deployment: Deployment, requests: Sequence[SimRequest], **settings: object
 ) -> SimResult:
-    return Simulator(deployment.scheduler_config(**settings), deployment.cost_model()).run(requests)
+    config = deployment.scheduler_config(**settings)
+    return Simulator(config, deployment.cost_model(ChunkBudget.of(config))).run(requests)
 
 
 def convoy_workload() -> list[SimRequest]:
@@ -61,7 +62,7 @@ def assert_conserved(result: SimResult, requests: Sequence[SimRequest]) -> None:
 
 def test_fcfs_makes_short_requests_wait_for_a_long_prefill_and_lars_does_not() -> None:
     requests = convoy_workload()
-    long_alone = NODE_8B.cost_model().prefill_time(200_000)
+    long_alone = NODE_8B.cost_model(ChunkBudget.of(SchedulerConfig())).prefill_time(200_000)
     fcfs, lars = (simulate(NODE_8B, requests, policy=p) for p in ("fcfs", "lars"))
     # FCFS: the shorts that arrive during the long prefill wait for all of it (the convoy).
     assert fcfs.summary("short").ttft_p90 > 0.6 * long_alone

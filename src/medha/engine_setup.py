@@ -18,7 +18,13 @@ from medha.model.loader import load_checkpoint
 from medha.model.runner import ModelRunner, load_model
 from medha.model.setup import resolve_dtype
 from medha.model.tokenizer import Tokenizer
-from medha.perf import CalibrationResult, DeviceProfile, RooflineCostModel, load_profile
+from medha.perf import (
+    CalibrationResult,
+    ChunkBudget,
+    DeviceProfile,
+    RooflineCostModel,
+    load_profile,
+)
 from medha.scheduler import Scheduler, SchedulerConfig
 
 _log = get_logger(__name__)
@@ -43,8 +49,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     cache = KVCache(arch, num_blocks, config.block_size, dtype, config.device)
     runner = ModelRunner(model, cache, config.attention_backend)
     profile, calibration = device_profile(config, lambda: runner)
-    cost = RooflineCostModel(arch, profile, dtype_bytes=dtype_bytes(dtype))
-    scheduler = build_scheduler(config, num_blocks, cost)
+    scheduler_config = build_scheduler_config(config, num_blocks)
+    cost = RooflineCostModel(
+        arch,
+        profile,
+        dtype_bytes=dtype_bytes(dtype),
+        prefill_chunking=ChunkBudget.of(scheduler_config),
+    )
+    scheduler = Scheduler(scheduler_config, cost)
     max_model_len = config.max_model_len or arch.max_position_embeddings
     return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
@@ -79,20 +91,17 @@ def device_profile(
     return calibration.profile, calibration
 
 
-def build_scheduler(
-    config: EngineConfig, num_blocks: int, cost: RooflineCostModel, **parallel: Any
-) -> Scheduler:
-    """The Scheduler of `config`; `parallel` adds the KVP/SPP fields of SchedulerConfig."""
-    return Scheduler(
-        SchedulerConfig(
-            policy=config.policy,
-            target_batch_time=config.target_batch_time,
-            max_chunk=config.max_chunk,
-            fixed_chunk=config.fixed_chunk,
-            max_batch_size=config.max_num_seqs,
-            block_size=config.block_size,
-            num_blocks=num_blocks,
-            **parallel,
-        ),
-        cost,
+def build_scheduler_config(
+    config: EngineConfig, num_blocks: int, **parallel: Any
+) -> SchedulerConfig:
+    """The SchedulerConfig of `config`; `parallel` adds its KVP/SPP fields."""
+    return SchedulerConfig(
+        policy=config.policy,
+        target_batch_time=config.target_batch_time,
+        max_chunk=config.max_chunk,
+        fixed_chunk=config.fixed_chunk,
+        max_batch_size=config.max_num_seqs,
+        block_size=config.block_size,
+        num_blocks=num_blocks,
+        **parallel,
     )

@@ -40,10 +40,15 @@ class ParallelParts:
 def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     import torch
 
-    from medha.engine_setup import build_scheduler, device_profile, dtype_bytes, kv_blocks_for
+    from medha.engine_setup import (
+        build_scheduler_config,
+        device_profile,
+        dtype_bytes,
+        kv_blocks_for,
+    )
     from medha.model.setup import build_runner, resolve_dtype
     from medha.parallel.tp import local_arch
-    from medha.perf import ReplicaSpec, RooflineCostModel
+    from medha.perf import ChunkBudget, ReplicaSpec, RooflineCostModel
 
     parallel = config.parallel
     layout = RankLayout(tp=parallel.tp, pp=parallel.pp, kvp=parallel.kvp)
@@ -76,16 +81,22 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         kvp=layout.kvp,
         kvp_max_tokens_per_group=parallel.max_tokens_per_kvp_group,
     )
-    cost = RooflineCostModel(arch, profile, replica, dtype_bytes=dtype_bytes(dtype))
-    scheduler = build_scheduler(
+    scheduler_config = build_scheduler_config(
         config,
         num_blocks,
-        cost,
         kvp_groups=layout.kvp,
         max_tokens_per_kvp_group=parallel.max_tokens_per_kvp_group,
         pp_stages=layout.pp,
         spp=parallel.spp,
     )
+    cost = RooflineCostModel(
+        arch,
+        profile,
+        replica,
+        dtype_bytes=dtype_bytes(dtype),
+        prefill_chunking=ChunkBudget.of(scheduler_config),
+    )
+    scheduler = Scheduler(scheduler_config, cost)
     cluster = Cluster(
         dict(
             model=str(checkpoint.path),

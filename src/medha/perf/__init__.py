@@ -22,7 +22,7 @@ from medha.perf.hardware import (
     save_profile,
 )
 from medha.perf.models import LLAMA_3_8B, LLAMA_3_70B, MODEL_PRESETS, SMOLLM2_135M, model_preset
-from medha.perf.prefill_table import PrefillTable
+from medha.perf.prefill_table import ChunkBudget, PrefillTable
 from medha.perf.replica import ReplicaSpec
 from medha.perf.roofline import Terms
 
@@ -37,6 +37,7 @@ __all__ = [
     "MODEL_PRESETS",
     "SMOLLM2_135M",
     "CalibrationResult",
+    "ChunkBudget",
     "DeviceProfile",
     "Efficiency",
     "Measurement",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from medha.model.arch import ModelArch
 from medha.perf.batch_sums import BatchSums, RooflinePricer
 from medha.perf.hardware import DeviceProfile
-from medha.perf.prefill_table import PrefillTable
+from medha.perf.prefill_table import ChunkBudget, PrefillTable
 from medha.perf.replica import ReplicaSpec
 from medha.perf.roofline import (
     LSE_BYTES,
@@ -45,7 +45,11 @@ class RooflineCostModel:
         *,
         dtype_bytes: int = 2,
         reference_chunk_tokens: int = 2048,
+        prefill_chunking: ChunkBudget | None = None,
     ) -> None:
+        """`prefill_chunking`: how the scheduler sizes a lone prompt's chunks, which sets the
+        predicted prefill time LARS ranks by (see prefill_table.py); without it, prompts are
+        walked in chunks of `reference_chunk_tokens`."""
         replica = replica or ReplicaSpec()
         _check_shardable(arch, replica)
         self.arch, self.profile, self.replica = arch, profile, replica
@@ -77,7 +81,9 @@ class RooflineCostModel:
         self._pp_link = self._link(replica.pp_neighbours_share_node(gpn))
         self._token_cache: dict[int, tuple[float, float, float, float]] = {}
         self._head_cache: dict[int, float] = {}
-        self._prefill = PrefillTable(self.chunk_times, replica, reference_chunk_tokens)
+        self._prefill = PrefillTable(
+            self.chunk_times, replica, reference_chunk_tokens, budget=prefill_chunking
+        )
 
     def _link(self, intra_node: bool) -> tuple[float, float]:
         p = self.profile

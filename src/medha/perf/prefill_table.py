@@ -10,20 +10,68 @@ once chunk i has left it. So a prompt's time is the sum of its chunks' stage tim
 pipeline drain, which for chunks with equal per-stage times is set by the slowest chunk:
     prefill(n) = sum_chunks stage_time + max_chunks (batch_time - stage_time).
 With pp = 1 the drain is zero and this is the plain sum of batch times.
+
+Chunk sizes. By default the walk uses a fixed reference chunk. Given a `ChunkBudget` (the engine
+and the simulator pass their scheduler's), it cuts the prompt as adaptive chunking would with the
+prompt alone: at each position the largest chunk whose batch time fits the iteration budget.
+That is what "alone" means to LARS: while a request runs by itself, its predicted remaining work
+must fall exactly as fast as time passes, or its slack would drain while it runs unhindered
+(DESIGN section 4). Where small chunks cost more per token than the reference chunk (a CPU, where
+each iteration re-reads the weights; the end of a long prompt, whose chunks shrink), a fixed
+reference would under-predict the work and make every long request look late.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from medha.perf.replica import ReplicaSpec
+from medha.scheduler.chunking import largest_fitting_chunk
+from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import SeqShape
 
 ChunkTimes = Callable[[SeqShape], tuple[float, float]]
 """(batch_time, stage_time) of a batch holding only this chunk."""
 
 MIN_TABLE_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ChunkBudget:
+    """The scheduler's chunking fields (see SchedulerConfig): a lone prompt's chunks are what
+    its chunk search (`largest_fitting_chunk`) picks against a budget of `seconds`."""
+
+    seconds: float
+    min_chunk: int = 32
+    max_chunk: int = 8192
+    multiple: int = 32
+    tolerance: float = 0.10
+
+    @classmethod
+    def of(cls, config: SchedulerConfig) -> ChunkBudget:
+        """The budget `config`'s adaptive chunking works to."""
+        return cls(
+            config.target_batch_time,
+            config.min_chunk,
+            config.max_chunk,
+            config.chunk_multiple,
+            config.chunk_tolerance,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """A SchedulerConfig with these chunking fields (it validates them)."""
+        return SchedulerConfig(
+            target_batch_time=self.seconds,
+            min_chunk=self.min_chunk,
+            max_chunk=self.max_chunk,
+            chunk_multiple=self.multiple,
+            chunk_tolerance=self.tolerance,
+        )
+
+    def __post_init__(self) -> None:
+        self.scheduler_config()  # fail here, not at the first lookup
 
 
 class PrefillTable:
@@ -35,7 +83,9 @@ class PrefillTable:
         replica: ReplicaSpec,
         chunk_tokens: int = 2048,
         grid_ratio: float = 2 ** (1 / 16),
+        budget: ChunkBudget | None = None,
     ) -> None:
+        """Chunks of `chunk_tokens`, or sized by `budget` when given."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if grid_ratio <= 1:
@@ -44,6 +94,10 @@ class PrefillTable:
         self._replica = replica
         self._chunk_tokens = chunk_tokens
         self._grid_ratio = grid_ratio
+        self._budget = budget
+        self._budget_config = None if budget is None else budget.scheduler_config()
+        self._budget_chunk_at = (-1, 0)
+        """(position, chunk size) of the last budget search: the walk asks for it repeatedly."""
         self._tokens: list[int] = [0]
         self._cum_stage: list[float] = [0.0]
         self._drain: list[float] = [0.0]
@@ -116,7 +170,7 @@ class PrefillTable:
             self._walk_pos = end
 
     def _next_chunk_end(self, pos: int) -> int:
-        end = pos + self._chunk_tokens
+        end = pos + (self._chunk_tokens if self._budget is None else self._budget_chunk(pos))
         shard = self._replica.kvp_max_tokens_per_group
         if shard is not None and pos // shard + 1 < self._replica.kvp:
             # A chunk never straddles a KVP shard boundary (DESIGN section 8).
@@ -125,3 +179,21 @@ class PrefillTable:
 
     def _chunk(self, start: int, end: int) -> SeqShape:
         return SeqShape(end - start, start, self._replica.kvp_groups_at(start))
+
+    def _budget_chunk(self, pos: int) -> int:
+        """The chunk the scheduler's own search gives a prompt alone at `pos` with at least
+        `max_chunk` tokens left (a shorter rest is one chunk whenever it fits, in both)."""
+        cached_pos, cached = self._budget_chunk_at
+        if cached_pos == pos:
+            return cached
+        config = self._budget_config
+        assert config is not None
+        choice = largest_fitting_chunk(
+            lambda chunk: self._chunk_times(self._chunk(pos, pos + chunk))[0],
+            config.max_chunk,
+            config.target_batch_time,
+            config,
+        )
+        chunk = config.min_chunk if choice is None else choice.tokens
+        self._budget_chunk_at = (pos, chunk)
+        return chunk

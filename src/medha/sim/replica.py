@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medha.model.arch import ModelArch
-from medha.perf import ReplicaSpec, RooflineCostModel
+from medha.perf import ChunkBudget, ReplicaSpec, RooflineCostModel
 from medha.perf.hardware import DeviceProfile
 from medha.scheduler import BatchPlan, SchedulerConfig, SeqShape
 from medha.scheduler.cost import BatchCostModel
@@ -44,8 +44,16 @@ class Deployment:
     def num_gpus(self) -> int:
         return self.replica.world_size * self.num_replicas
 
-    def cost_model(self) -> RooflineCostModel:
-        return RooflineCostModel(self.arch, self.device, self.replica, dtype_bytes=self.dtype_bytes)
+    def cost_model(self, prefill_chunking: ChunkBudget | None = None) -> RooflineCostModel:
+        """The deployment's cost model; `prefill_chunking`: the scheduler's chunk budget, which
+        sets predicted prefill times (pass `ChunkBudget.of(scheduler_config)`)."""
+        return RooflineCostModel(
+            self.arch,
+            self.device,
+            self.replica,
+            dtype_bytes=self.dtype_bytes,
+            prefill_chunking=prefill_chunking,
+        )
 
     def kv_tokens_per_group(self) -> int:
         """KV tokens one KVP group (a full TP x PP model copy) holds: the tightest stage's free

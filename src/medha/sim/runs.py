@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from medha.perf import ChunkBudget, RooflineCostModel
 from medha.scheduler import POLICY_NAMES
 from medha.sim.replica import Deployment
 from medha.sim.simulator import LONG_PROMPT_TOKENS, Routing, SimResult, Simulator
@@ -66,14 +67,20 @@ def run_policies(
     `scheduler_settings`: SchedulerConfig fields for every run (target_batch_time, spp, ...);
     a spec's own chunk size overrides `fixed_chunk`.
     """
-    cost = deployment.cost_model()
+    costs: dict[ChunkBudget, RooflineCostModel] = {}
     runs = []
     for spec in specs:
         name, overrides = parse_policy(spec)
         settings = {**(scheduler_settings or {}), "policy": name, **overrides}
+        config = deployment.scheduler_config(**settings)
+        # Policies with the same chunk budget share a cost model, and so its prefill table:
+        # identical requests get identical default deadlines under every policy.
+        budget = ChunkBudget.of(config)
+        if budget not in costs:
+            costs[budget] = deployment.cost_model(budget)
         simulator = Simulator(
-            deployment.scheduler_config(**settings),
-            cost,
+            config,
+            costs[budget],
             num_replicas=deployment.num_replicas,
             routing=routing,
             trace_chunks_from=trace_chunks_from,
