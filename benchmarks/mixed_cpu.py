@@ -40,6 +40,7 @@ def medha_config(policy: str, args: Any, profile: Path) -> EngineConfig:
         cost_profile=profile,
         target_batch_time=args.target_batch_time,
         fixed_chunk=args.fixed_chunk,
+        online_time_scale=not args.no_online_time_scale,
     )
 
 
@@ -248,5 +249,10 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--skip-openvino", action="store_true")
+    parser.add_argument(
+        "--no-online-time-scale",
+        action="store_true",
+        help="keep medha's cost model at its calibrated level (EngineConfig.online_time_scale)",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/mixed_cpu.json"))
     anyio.run(main, parser.parse_args())

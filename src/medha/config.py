@@ -101,6 +101,10 @@ class EngineConfig(BaseModel):
     """A device profile saved by `medha calibrate`; None: a short calibration at start."""
     calibration_seconds: float = Field(default=3.0, gt=0)
     """Time budget of the start-up calibration (when no cost_profile is given)."""
+    online_time_scale: bool = True
+    """Rescale the cost model's batch times from measured iterations as the engine runs
+    (medha.perf.OnlineTimeScale): the executor's speed drifts after calibration. Single-process
+    engine only; off: predictions stay exactly as calibrated."""
 
     # -- parallelism --------------------------------------------------------------------------
     parallel: ParallelConfig = ParallelConfig()

@@ -35,6 +35,7 @@ from medha.errors import (
 )
 from medha.log import get_logger
 from medha.output_text import OutputText
+from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, RequestMetrics, TokenEvent, check_deadline
 from medha.sampling import SamplingParams
 
@@ -52,6 +53,8 @@ class EngineStats:
     aborted: int
     preemptions: int
     iterations: int
+    time_scale: float = 1.0
+    """Measured over calibrated iteration time, as learned online (1.0 when off)."""
 
 
 class Engine:
@@ -100,7 +103,11 @@ class Engine:
         self.calibration = parts.calibration
         self._stage = StageActor(parts.runner)
         self._scheduler_actor = SchedulerActor(
-            parts.scheduler, self._stage, self._clock, self._record_iterations
+            parts.scheduler,
+            self._stage,
+            self._clock,
+            self._record_iterations,
+            OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
         )
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
@@ -223,6 +230,7 @@ class Engine:
             aborted=s.aborted,
             preemptions=s.preemptions,
             iterations=actor.iterations,
+            time_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.time_scale,
         )
 
     @property

@@ -19,6 +19,7 @@ from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.errors import EngineClosedError, EngineFailedError
 from medha.log import get_logger
+from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
 from medha.sampling import SamplingParams
 from medha.scheduler import BatchPlan, Scheduler
@@ -59,11 +60,14 @@ class SchedulerActor(Actor[Submit | Abort]):
         stage: StageActor,
         clock: Callable[[], float],
         record_iterations: bool = False,
+        time_scale: OnlineTimeScale | None = None,
     ) -> None:
         super().__init__("scheduler")
         self.scheduler = scheduler
         self.stage = stage
         self.clock = clock
+        self.time_scale = time_scale
+        """Learns how much slower or faster than predicted the stage runs (None: never)."""
         self.requests: dict[str, TrackedRequest] = {}
         self.iterations = 0
         self.history: list[IterationRecord] | None = [] if record_iterations else None
@@ -148,6 +152,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
         self._record(plan, started, output.seconds)
+        if self.time_scale is not None:
+            self.time_scale.observe(plan.predicted_time, output.seconds)
         _log.debug(
             "iteration",
             step=plan.plan_id,
@@ -156,6 +162,9 @@ class SchedulerActor(Actor[Submit | Abort]):
             tokens=plan.num_tokens,
             predicted_s=round(plan.predicted_time, 5),
             measured_s=round(output.seconds, 5),
+            time_scale=None
+            if self.time_scale is None
+            else round(self.time_scale.cost.time_scale, 4),
         )
 
     def _model_step(self, plan: BatchPlan) -> ModelStep:

@@ -25,6 +25,7 @@ from medha.perf.models import LLAMA_3_8B, LLAMA_3_70B, MODEL_PRESETS, SMOLLM2_13
 from medha.perf.prefill_table import ChunkBudget, PrefillTable
 from medha.perf.replica import ReplicaSpec
 from medha.perf.roofline import Terms
+from medha.perf.time_scale import OnlineTimeScale
 
 __all__ = [
     "A100_80GB",
@@ -41,6 +42,7 @@ __all__ = [
     "DeviceProfile",
     "Efficiency",
     "Measurement",
+    "OnlineTimeScale",
     "PrefillTable",
     "ReplicaSpec",
     "RooflineCostModel",

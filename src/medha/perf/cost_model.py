@@ -82,8 +82,11 @@ class RooflineCostModel:
         self._token_cache: dict[int, tuple[float, float, float, float]] = {}
         self._head_cache: dict[int, float] = {}
         self._prefill = PrefillTable(
-            self.chunk_times, replica, reference_chunk_tokens, budget=prefill_chunking
+            self._raw_chunk_times, replica, reference_chunk_tokens, budget=prefill_chunking
         )
+        self.time_scale = 1.0
+        """Factor on every batch and stage time, e.g. learned online by OnlineTimeScale
+        (time_scale.py); prefill times and `breakdown` stay at the profile's level."""
 
     def _link(self, intra_node: bool) -> tuple[float, float]:
         p = self.profile
@@ -113,9 +116,14 @@ class RooflineCostModel:
     # -- decomposition ----------------------------------------------------------------------
 
     def chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
-        """(batch_time, stage_time) of a batch holding only `chunk` (feeds the prefill table)."""
+        """(batch_time, stage_time) of a batch holding only `chunk`."""
+        batch, stage = self._raw_chunk_times(chunk)
+        return batch * self.time_scale, stage * self.time_scale
+
+    def _raw_chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
+        """`chunk_times` at the profile's level (feeds the prefill table)."""
         sums = self.seq_sums(chunk)
-        return self.batch_seconds(sums), max(self._stage_seconds(sums))
+        return self._raw_batch_seconds(sums), max(self._stage_seconds(sums))
 
     def batch_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The batch's time through every stage, as additive terms (see roofline.Terms)."""
@@ -196,17 +204,20 @@ class RooflineCostModel:
 
     def batch_seconds(self, sums: BatchSums) -> float:
         """`batch_time` of a batch given as its sums (what the pricer calls)."""
-        if not sums.seqs:
-            return 0.0
-        layer, first, last, send, iteration = self._seconds_parts(sums)
-        sends = len(self._stage_layers) - 1
-        return self.arch.num_layers * layer + first + last + sends * send + iteration
+        return self._raw_batch_seconds(sums) * self.time_scale
 
     def stage_seconds(self, sums: BatchSums) -> float:
         """`stage_time` of a batch given as its sums: its slowest pipeline stage."""
         if len(self._stage_layers) == 1 or not sums.seqs:
             return self.batch_seconds(sums)
-        return max(self._stage_seconds(sums))
+        return max(self._stage_seconds(sums)) * self.time_scale
+
+    def _raw_batch_seconds(self, sums: BatchSums) -> float:
+        if not sums.seqs:
+            return 0.0
+        layer, first, last, send, iteration = self._seconds_parts(sums)
+        sends = len(self._stage_layers) - 1
+        return self.arch.num_layers * layer + first + last + sends * send + iteration
 
     def _stage_seconds(self, sums: BatchSums) -> list[float]:
         layer, first, last, send, iteration = self._seconds_parts(sums)

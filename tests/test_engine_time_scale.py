@@ -1,0 +1,45 @@
+"""The engine keeps its cost model level with the executor: every iteration it runs is an
+observation, and the learned factor is in `stats()`."""
+
+from __future__ import annotations
+
+import pytest
+
+import medha
+from medha import SamplingParams
+from tests.engine_support import engine_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _generate_some(engine: medha.Engine) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for prompt in ([1, 2, 3] * 40, [7, 8] * 10):
+        await engine.generate(prompt, params)
+
+
+async def test_each_iteration_rescales_the_cost_model() -> None:
+    async with medha.Engine(engine_config(policy="lars")) as engine:
+        await _generate_some(engine)
+        stats = engine.stats()
+        tracker = engine._actor().time_scale
+        assert tracker is not None
+        assert tracker.observations == stats.iterations > 0
+        # Calibration never predicts a live iteration exactly, so the factor moved; the
+        # scheduler prices batches with the very model it rescales.
+        assert stats.time_scale != 1.0
+        assert tracker.cost is engine._actor().scheduler.cost
+
+
+async def test_with_the_switch_off_predictions_stay_as_calibrated() -> None:
+    config = engine_config(policy="lars", online_time_scale=False)
+    async with medha.Engine(config) as engine:
+        await _generate_some(engine)
+        assert engine._actor().time_scale is None
+        assert engine.stats().time_scale == 1.0
+        assert engine._actor().scheduler.cost.time_scale == 1.0  # type: ignore[attr-defined]

@@ -1,0 +1,68 @@
+"""OnlineTimeScale: the cost model's batch times follow the executor's measured speed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medha.perf import CPU, SMOLLM2_135M, OnlineTimeScale, RooflineCostModel
+from medha.scheduler.cost import SeqShape
+
+BATCH = [SeqShape(64, 2_000), SeqShape(1, 300), SeqShape(1, 900)]
+
+
+def cpu_cost() -> RooflineCostModel:
+    return RooflineCostModel(SMOLLM2_135M, CPU, dtype_bytes=4)
+
+
+def test_the_scale_converges_to_how_much_slower_the_executor_runs() -> None:
+    cost = cpu_cost()
+    calibrated = cost.batch_time(BATCH)
+    tracker = OnlineTimeScale(cost, weight=0.1)
+    for _ in range(100):
+        tracker.observe(cost.batch_time(BATCH), 1.3 * calibrated)
+    assert cost.time_scale == pytest.approx(1.3, rel=1e-3)
+    assert cost.batch_time(BATCH) == pytest.approx(1.3 * calibrated, rel=1e-3)
+    assert cost.stage_time(BATCH) == pytest.approx(cost.batch_time(BATCH))
+    pricer = cost.batch_pricer()
+    for seq in BATCH:
+        pricer.add(seq)
+    assert pricer.time() == pytest.approx(cost.batch_time(BATCH))
+    assert tracker.observations == 100
+
+
+def test_prefill_predictions_and_the_breakdown_keep_the_calibrated_level() -> None:
+    cost = cpu_cost()
+    prefill, breakdown = cost.prefill_time(5_000), cost.breakdown(BATCH)
+    remaining = cost.remaining_prefill_time(1_000, 5_000)
+    cost.time_scale = 2.0
+    assert cost.prefill_time(5_000) == prefill
+    assert cost.remaining_prefill_time(1_000, 5_000) == remaining
+    assert cost.breakdown(BATCH) == breakdown
+
+
+def test_one_observation_moves_the_log_scale_by_weight_times_the_log_error() -> None:
+    cost = cpu_cost()
+    tracker = OnlineTimeScale(cost, weight=0.2)
+    tracker.observe(0.1, 0.8)  # one 8x outlier
+    assert math.log(cost.time_scale) == pytest.approx(0.2 * math.log(8.0))
+
+
+def test_the_scale_is_bounded_and_meaningless_observations_are_ignored() -> None:
+    cost = cpu_cost()
+    tracker = OnlineTimeScale(cost, weight=1.0, bounds=(0.5, 2.0))
+    tracker.observe(0.1, 10.0)
+    assert cost.time_scale == pytest.approx(2.0)
+    for predicted, measured in [(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0), (1.0, math.nan)]:
+        tracker.observe(predicted, measured)
+    assert cost.time_scale == pytest.approx(2.0)
+    assert tracker.observations == 1
+    tracker.observe(1.0, 0.01)
+    assert cost.time_scale == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs", [{"weight": 0.0}, {"weight": 1.5}, {"bounds": (1.5, 2.0)}])
+def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        OnlineTimeScale(cpu_cost(), **kwargs)  # type: ignore[arg-type]
