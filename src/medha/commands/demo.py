@@ -125,7 +125,8 @@ async def _run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         "iter. time error: median |predicted - measured| / measured iteration time, i.e. how "
-        "well the calibrated cost model the scheduler plans with tracks this machine"
+        "well the cost model the scheduler plans with (calibrated at start, its level then "
+        "tracked online) follows this machine"
     )
     if "lars" in summaries and "fcfs" in summaries:
         ratio = summaries["fcfs"]["short_ttft_p99"] / summaries["lars"]["short_ttft_p99"]
