@@ -173,6 +173,9 @@ class PlanChecker:
         config = self.config
         request = self.scheduler.get(seq.request_id)
         assert request is not None
+        # The decode loop builds these tuples with tuple.__new__, which checks no field count.
+        assert len(seq) == len(type(seq)._fields)
+        assert all(len(shard) == len(type(shard)._fields) for shard in seq.shards)
         assert seq.end > seq.start >= 0
         limit = config.max_tokens_per_kvp_group
         if limit is not None:

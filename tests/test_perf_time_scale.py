@@ -7,6 +7,7 @@ import math
 import pytest
 
 from medha.perf import CPU, SMOLLM2_135M, OnlineTimeScale, RooflineCostModel
+from medha.scheduler import RequestStatus, Scheduler, SchedulerConfig
 from medha.scheduler.cost import SeqShape
 
 BATCH = [SeqShape(64, 2_000), SeqShape(1, 300), SeqShape(1, 900)]
@@ -32,14 +33,19 @@ def test_the_scale_converges_to_how_much_slower_the_executor_runs() -> None:
     assert tracker.observations == 100
 
 
-def test_prefill_predictions_and_the_breakdown_keep_the_calibrated_level() -> None:
+def test_prefill_predictions_follow_the_scale_in_steps_and_the_breakdown_stays() -> None:
     cost = cpu_cost()
     prefill, breakdown = cost.prefill_time(5_000), cost.breakdown(BATCH)
     remaining = cost.remaining_prefill_time(1_000, 5_000)
+    cost.time_scale = 1.08  # within 10%: prefill predictions wait
+    assert (cost.prefill_time(5_000), cost.prefill_version) == (prefill, 0)
     cost.time_scale = 2.0
-    assert cost.prefill_time(5_000) == prefill
-    assert cost.remaining_prefill_time(1_000, 5_000) == remaining
+    assert cost.prefill_version == 1
+    assert cost.prefill_time(5_000) == pytest.approx(2.0 * prefill)
+    assert cost.remaining_prefill_time(1_000, 5_000) == pytest.approx(2.0 * remaining)
     assert cost.breakdown(BATCH) == breakdown
+    with pytest.raises(ValueError):
+        cost.time_scale = 0.0
 
 
 def test_one_observation_moves_the_log_scale_by_weight_times_the_log_error() -> None:
@@ -51,7 +57,7 @@ def test_one_observation_moves_the_log_scale_by_weight_times_the_log_error() -> 
 
 def test_the_scale_is_bounded_and_meaningless_observations_are_ignored() -> None:
     cost = cpu_cost()
-    tracker = OnlineTimeScale(cost, weight=1.0, bounds=(0.5, 2.0))
+    tracker = OnlineTimeScale(cost, weight=1.0, bounds=(0.5, 2.0), max_step=1000.0)
     tracker.observe(0.1, 10.0)
     assert cost.time_scale == pytest.approx(2.0)
     for predicted, measured in [(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0), (1.0, math.nan)]:
@@ -62,7 +68,36 @@ def test_the_scale_is_bounded_and_meaningless_observations_are_ignored() -> None
     assert cost.time_scale == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kwargs", [{"weight": 0.0}, {"weight": 1.5}, {"bounds": (1.5, 2.0)}])
+def test_one_step_moves_the_scale_by_at_most_max_step() -> None:
+    cost = cpu_cost()
+    tracker = OnlineTimeScale(cost, weight=0.5, max_step=1.5)
+    tracker.observe(0.01, 1.0)  # a 100x outlier, a first-call compile say
+    assert cost.time_scale == pytest.approx(1.5)
+    tracker.observe(1.0, 0.0001)
+    assert cost.time_scale == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"weight": 0.0}, {"weight": 1.5}, {"bounds": (1.5, 2.0)}, {"max_step": 1.0}],
+)
 def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         OnlineTimeScale(cpu_cost(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_scheduler_reprices_queued_requests_when_the_prefill_level_moves() -> None:
+    cost = cpu_cost()
+    scheduler = Scheduler(SchedulerConfig(policy="lars", max_batch_size=1), cost)
+    scheduler.add_request("a", 3_000, 4, arrival=0.0)
+    scheduler.add_request("b", 2_000, 4, arrival=0.0)
+    plan = scheduler.schedule(0.0)  # starts one; the other waits (one request at a time)
+    scheduler.on_step_done(plan, plan.predicted_time)
+    (queued,) = [r for r in scheduler.table.requests.values() if r.status is RequestStatus.WAITING]
+    work, key_base = queued.remaining_prefill_s(cost), queued.key_base
+    cost.time_scale = 2.0
+    scheduler.schedule(plan.predicted_time)
+    assert queued.remaining_prefill_s(cost) == pytest.approx(2.0 * work)
+    # LARS: base = (arrival + d - w) / d; twice the work leaves less slack. The deadline stays.
+    assert queued.key_base == pytest.approx(key_base - work / queued.deadline)
+    assert queued.deadline == pytest.approx(max(1.5 * work, 0.5))

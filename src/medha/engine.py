@@ -54,7 +54,8 @@ class EngineStats:
     preemptions: int
     iterations: int
     time_scale: float = 1.0
-    """Measured over calibrated iteration time, as learned online (1.0 when off)."""
+    """Measured over calibrated iteration time, as learned online (1.0 when off, and in the
+    multi-process engine, which does not rescale yet)."""
 
 
 class Engine:
@@ -134,6 +135,10 @@ class Engine:
             parts.scheduler, parts.cluster, self._clock, self._record_iterations
         )
         self._scheduler_actor = actor
+        if self.config.online_time_scale:
+            # A plan's measured time here includes waiting behind others in the pipeline, so
+            # it does not measure the cost model's prediction.
+            _log.info("online time scale is single-process only; planning at the calibrated level")
 
         def workers_failed(error: BaseException) -> None:
             if actor.failure is None:

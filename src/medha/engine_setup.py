@@ -56,8 +56,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         dtype_bytes=dtype_bytes(dtype),
         prefill_chunking=ChunkBudget.of(scheduler_config),
     )
-    scheduler = Scheduler(scheduler_config, cost)
     max_model_len = config.max_model_len or arch.max_position_embeddings
+    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
+    # not in the first long request's add_request, which would stall every decode.
+    cost.prefill_time(max_model_len)
+    scheduler = Scheduler(scheduler_config, cost)
     return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
 

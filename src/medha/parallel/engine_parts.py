@@ -96,6 +96,10 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         dtype_bytes=dtype_bytes(dtype),
         prefill_chunking=ChunkBudget.of(scheduler_config),
     )
+    max_model_len = config.max_model_len or arch.max_position_embeddings
+    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
+    # not in the first long request's add_request, which would stall every decode.
+    cost.prefill_time(max_model_len)
     scheduler = Scheduler(scheduler_config, cost)
     cluster = Cluster(
         dict(
@@ -110,7 +114,6 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         attach=parallel.attach,
     )
     cluster.start(parallel.timeout_s)
-    max_model_len = config.max_model_len or arch.max_position_embeddings
     return ParallelParts(
         checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
     )

@@ -84,9 +84,11 @@ class RooflineCostModel:
         self._prefill = PrefillTable(
             self._raw_chunk_times, replica, reference_chunk_tokens, budget=prefill_chunking
         )
-        self.time_scale = 1.0
-        """Factor on every batch and stage time, e.g. learned online by OnlineTimeScale
-        (time_scale.py); prefill times and `breakdown` stay at the profile's level."""
+        self._time_scale = 1.0
+        self.prefill_scale = 1.0
+        """The factor on prefill times: `time_scale`, followed in steps of more than 10%."""
+        self.prefill_version = 0
+        """Bumped whenever `prefill_scale` moves: the scheduler then re-prices its requests."""
 
     def _link(self, intra_node: bool) -> tuple[float, float]:
         p = self.profile
@@ -103,10 +105,28 @@ class RooflineCostModel:
         return self.stage_seconds(self.sums_of(seqs))
 
     def prefill_time(self, prompt_tokens: int) -> float:
-        return self._prefill.prefill_time(prompt_tokens)
+        return self._prefill.prefill_time(prompt_tokens) * self.prefill_scale
 
     def remaining_prefill_time(self, processed_tokens: int, prompt_tokens: int) -> float:
-        return self._prefill.remaining_prefill_time(processed_tokens, prompt_tokens)
+        remaining = self._prefill.remaining_prefill_time(processed_tokens, prompt_tokens)
+        return remaining * self.prefill_scale
+
+    @property
+    def time_scale(self) -> float:
+        """Factor on every batch, stage and chunk time (1.0: as calibrated), e.g. learned online
+        by OnlineTimeScale (time_scale.py). Prefill times follow it in steps (`prefill_scale`):
+        LARS's slack stays true only if predicted work is on the same level as the batches
+        that do it, but every change re-prices every request, so small moves wait."""
+        return self._time_scale
+
+    @time_scale.setter
+    def time_scale(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"time_scale must be > 0, got {value}")
+        self._time_scale = value
+        if abs(math.log(value / self.prefill_scale)) > _PREFILL_RESCALE_LOG:
+            self.prefill_scale = value
+            self.prefill_version += 1
 
     def batch_pricer(self) -> RooflinePricer:
         """An empty batch that prices "this batch plus one sequence" in O(1) (the optional
@@ -378,6 +398,9 @@ class RooflineCostModel:
     def _hbm(self) -> float:
         return self.profile.hbm_bandwidth
 
+
+_PREFILL_RESCALE_LOG = math.log(1.1)
+"""`prefill_scale` follows `time_scale` once they differ by more than 10%."""
 
 _CACHE_LIMIT = 1 << 16
 """Entries per memo table before it is cleared (bounds memory on very long runs)."""

@@ -18,7 +18,9 @@ That is what "alone" means to LARS: while a request runs by itself, its predicte
 must fall exactly as fast as time passes, or its slack would drain while it runs unhindered
 (DESIGN section 4). Where small chunks cost more per token than the reference chunk (a CPU, where
 each iteration re-reads the weights; the end of a long prompt, whose chunks shrink), a fixed
-reference would under-predict the work and make every long request look late.
+reference would under-predict the work and make every long request look late. Not modelled:
+LARS's space sharing past `long_prefill_threshold`, which leaves part of a long prompt's budget
+to others even when it runs alone (a lone 1M-token prompt then runs ~2% over its prediction).
 """
 
 from __future__ import annotations

@@ -12,9 +12,13 @@ log(measured / predicted), so a 2x overshoot and a 2x undershoot weigh alike and
 moves the factor by at most `weight` of its log ratio. Replayed on that workload's iteration
 trace, it brings the median |predicted - measured| / measured from 17% to 6%.
 
-Only batch times are rescaled. Predicted prefill times (LARS's work estimates and default
-deadlines) keep the calibrated level: the scheduler caches keys computed from them, and a
-uniform drift shifts every request's estimate alike.
+Batch times follow the factor at once. Predicted prefill times (LARS's work estimates) follow
+it in steps of more than 10% (`RooflineCostModel.prefill_scale`): slack is only true if the
+predicted work is on the level of the batches that do it, but each step makes the scheduler
+re-price every request. Deadlines already promised do not move.
+
+One observation moves the factor by at most `max_step` (2x by default): a single pathological
+step (a first-call JIT, a page-cache miss) must not halve the next hundred chunks.
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ class OnlineTimeScale:
     """Learns `cost.time_scale` from (predicted, measured) seconds of finished iterations."""
 
     def __init__(
-        self, cost: Rescalable, weight: float = 0.1, bounds: tuple[float, float] = (0.25, 4.0)
+        self,
+        cost: Rescalable,
+        weight: float = 0.1,
+        bounds: tuple[float, float] = (0.25, 4.0),
+        max_step: float = 2.0,
     ) -> None:
         if not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight}")
+        if not max_step > 1:
+            raise ValueError(f"max_step must be > 1, got {max_step}")
         low, high = bounds
         if not 0 < low <= 1 <= high:
             raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high, got {bounds}")
         self.cost = cost
         self.weight = weight
         self._log_bounds = (math.log(low), math.log(high))
+        self._max_log_step = math.log(max_step)
         self.observations = 0
 
     def observe(self, predicted: float, measured: float) -> None:
@@ -50,6 +61,8 @@ class OnlineTimeScale:
         if not (predicted > 0 and measured > 0 and math.isfinite(predicted * measured)):
             return
         low, high = self._log_bounds
-        log_scale = math.log(self.cost.time_scale) + self.weight * math.log(measured / predicted)
+        step = self.weight * math.log(measured / predicted)
+        step = min(max(step, -self._max_log_step), self._max_log_step)
+        log_scale = math.log(self.cost.time_scale) + step
         self.cost.time_scale = math.exp(min(max(log_scale, low), high))
         self.observations += 1

@@ -122,7 +122,8 @@ class SchedRequest:
         """w_i(t): predicted seconds of prefill work not issued yet (0 once decoding).
 
         Cached per cursor position: priorities and placement ask for it every iteration, and
-        it only changes when the cursor moves (or a preemption resets it).
+        it only changes when the cursor moves, a preemption resets it, or the cost model's
+        prefill level moves (`reprice`).
         """
         if self.status is RequestStatus.DECODING or self.status.is_done:
             return 0.0
@@ -134,6 +135,13 @@ class SchedRequest:
                 self._remaining_cache_s = cost.remaining_prefill_time(self.issued, total)
             self._remaining_cache_at = self.issued
         return self._remaining_cache_s
+
+    def reprice(self, cost: BatchCostModel) -> None:
+        """The cost model's prefill level moved: re-predict the whole prefill and drop the
+        cached remaining work and priority key. The deadline stays: it was promised."""
+        self.total_prefill_s = cost.prefill_time(self.prompt_len)
+        self._remaining_cache_at = -1
+        self.key_cursor = -1
 
     def reset_progress(self) -> None:
         """Forget all KV progress (after a preemption): the prefill restarts from token 0."""

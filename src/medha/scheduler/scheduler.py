@@ -44,6 +44,9 @@ class Scheduler:
         self._in_stage0: int | None = None
         self._next_plan_id = 0
         self._next_order = 0
+        self._prefill_version = getattr(cost, "prefill_version", 0)
+        """The cost model's prefill level that cached work and keys were computed at (a cost
+        model may expose `prefill_version`, bumped when its prefill times change level)."""
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -129,6 +132,8 @@ class Scheduler:
         (stage 0 busy, the pipeline full, or no work ready)."""
         if self._in_stage0 is not None or len(self._in_flight) >= self.config.pp_stages:
             return self._empty_plan(now, ())
+        if getattr(self.cost, "prefill_version", 0) != self._prefill_version:
+            self._reprice()
         batch = BatchBuilder(self.config, self.policy.chunking, self.cost)
         preempted = self._schedule_decodes(batch, now)
         # After an eviction memory is tight: admitting anyone now would only invite the next one.
@@ -214,6 +219,17 @@ class Scheduler:
             aborted=table.num_aborted,
             preemptions=table.num_preemptions,
         )
+
+    def _reprice(self) -> None:
+        """The cost model's prefill level moved (an online time scale; rare): recompute every
+        request's remaining work and priority terms. Deadlines stay: they were promised at
+        arrival."""
+        self._prefill_version = getattr(self.cost, "prefill_version", 0)
+        priority = self.policy.priority
+        for request in self.table.requests.values():
+            request.reprice(self.cost)
+        for request in self.table.queued.values():
+            priority.refresh(request, self.cost)  # ranked by cached terms alone (see keys())
 
     # -- building a batch ---------------------------------------------------------------------
 
