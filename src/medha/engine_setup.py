@@ -22,6 +22,7 @@ from medha.perf import (
     CalibrationResult,
     ChunkBudget,
     DeviceProfile,
+    ReplicaSpec,
     RooflineCostModel,
     load_profile,
 )
@@ -49,18 +50,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     cache = KVCache(arch, num_blocks, config.block_size, dtype, config.device)
     runner = ModelRunner(model, cache, config.attention_backend)
     profile, calibration = device_profile(config, lambda: runner)
-    scheduler_config = build_scheduler_config(config, num_blocks)
-    cost = RooflineCostModel(
-        arch,
-        profile,
-        dtype_bytes=dtype_bytes(dtype),
-        prefill_chunking=ChunkBudget.of(scheduler_config),
-    )
+    scheduler, cost = build_scheduler(config, num_blocks, arch, profile, ReplicaSpec(), dtype)
     max_model_len = config.max_model_len or arch.max_position_embeddings
-    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
-    # not in the first long request's add_request, which would stall every decode.
-    cost.prefill_time(max_model_len)
-    scheduler = Scheduler(scheduler_config, cost)
     return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
 
@@ -92,6 +83,31 @@ def device_profile(
     )
     _log.info("calibrated cost model", median_error=round(calibration.median_abs_rel_error, 3))
     return calibration.profile, calibration
+
+
+def build_scheduler(
+    config: EngineConfig,
+    num_blocks: int,
+    arch: ModelArch,
+    profile: DeviceProfile,
+    replica: ReplicaSpec,
+    dtype: torch.dtype,
+    **parallel: Any,
+) -> tuple[Scheduler, RooflineCostModel]:
+    """The Scheduler of `config` and the cost model it plans with; `parallel` adds the
+    KVP/SPP fields of SchedulerConfig."""
+    scheduler_config = build_scheduler_config(config, num_blocks, **parallel)
+    cost = RooflineCostModel(
+        arch,
+        profile,
+        replica,
+        dtype_bytes=dtype_bytes(dtype),
+        prefill_chunking=ChunkBudget.of(scheduler_config),
+    )
+    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
+    # not in the first long request's add_request, which would stall every decode.
+    cost.prefill_time(config.max_model_len or arch.max_position_embeddings)
+    return Scheduler(scheduler_config, cost), cost
 
 
 def build_scheduler_config(

@@ -40,15 +40,10 @@ class ParallelParts:
 def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     import torch
 
-    from medha.engine_setup import (
-        build_scheduler_config,
-        device_profile,
-        dtype_bytes,
-        kv_blocks_for,
-    )
+    from medha.engine_setup import build_scheduler, device_profile, kv_blocks_for
     from medha.model.setup import build_runner, resolve_dtype
     from medha.parallel.tp import local_arch
-    from medha.perf import ChunkBudget, ReplicaSpec, RooflineCostModel
+    from medha.perf import ReplicaSpec
 
     parallel = config.parallel
     layout = RankLayout(tp=parallel.tp, pp=parallel.pp, kvp=parallel.kvp)
@@ -81,26 +76,18 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         kvp=layout.kvp,
         kvp_max_tokens_per_group=parallel.max_tokens_per_kvp_group,
     )
-    scheduler_config = build_scheduler_config(
+    scheduler, cost = build_scheduler(
         config,
         num_blocks,
+        arch,
+        profile,
+        replica,
+        dtype,
         kvp_groups=layout.kvp,
         max_tokens_per_kvp_group=parallel.max_tokens_per_kvp_group,
         pp_stages=layout.pp,
         spp=parallel.spp,
     )
-    cost = RooflineCostModel(
-        arch,
-        profile,
-        replica,
-        dtype_bytes=dtype_bytes(dtype),
-        prefill_chunking=ChunkBudget.of(scheduler_config),
-    )
-    max_model_len = config.max_model_len or arch.max_position_embeddings
-    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
-    # not in the first long request's add_request, which would stall every decode.
-    cost.prefill_time(max_model_len)
-    scheduler = Scheduler(scheduler_config, cost)
     cluster = Cluster(
         dict(
             model=str(checkpoint.path),
@@ -114,6 +101,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         attach=parallel.attach,
     )
     cluster.start(parallel.timeout_s)
+    max_model_len = config.max_model_len or arch.max_position_embeddings
     return ParallelParts(
         checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
     )
