@@ -1,4 +1,4 @@
-"""docs/engine.md's online time scale example runs as written and prints the learned factor."""
+"""docs/engine.md's examples run as written: the online time scale and the bf16 engine."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "engine.md"
 
 
-def test_the_time_scale_example_runs_and_prints_the_factor() -> None:
+def _run_block_with(marker: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    (code,) = [block for block in blocks if "time_scale" in block]
+    (code,) = [block for block in blocks if marker in block]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(DOC), "exec"), {"__name__": "docs_example"})
-    assert re.fullmatch(r"iterations run \d+\.\d\dx the calibrated time\n", out.getvalue())
+    return out.getvalue()
+
+
+def test_the_time_scale_example_runs_and_prints_the_factor() -> None:
+    printed = _run_block_with("time_scale")
+    assert re.fullmatch(r"iterations run \d+\.\d\dx the calibrated time\n", printed)
+
+
+def test_the_bf16_example_runs() -> None:
+    assert _run_block_with('dtype="bfloat16"') == "4 tokens in bf16\n"

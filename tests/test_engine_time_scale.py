@@ -33,6 +33,9 @@ async def test_each_iteration_rescales_the_cost_model() -> None:
         # Calibration never predicts a live iteration exactly, so the factor moved; the
         # scheduler prices batches with the very model it rescales.
         assert stats.time_scale != 1.0
+        # Every iteration attends over a context, so each one also moved the context factor.
+        assert stats.context_scale != 1.0
+        assert stats.context_scale == tracker.cost.context_scale
         assert tracker.cost is engine._actor().scheduler.cost
 
 
@@ -41,5 +44,5 @@ async def test_with_the_switch_off_predictions_stay_as_calibrated() -> None:
     async with medha.Engine(config) as engine:
         await _generate_some(engine)
         assert engine._actor().time_scale is None
-        assert engine.stats().time_scale == 1.0
+        assert engine.stats().time_scale == engine.stats().context_scale == 1.0
         assert engine._actor().scheduler.cost.time_scale == 1.0  # type: ignore[attr-defined]

@@ -1,14 +1,16 @@
-"""docs/cost-model.md's example runs and prints what the page says it prints."""
+"""docs/cost-model.md's examples run and print what the page says they print."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.docs_support import run_documented_example
+from tests.docs_support import run_documented_examples
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cost-model.md"
 
 
-def test_cost_model_doc_example_prints_the_documented_output() -> None:
-    printed, expected = run_documented_example(DOC)
-    assert printed == expected
+def test_cost_model_doc_examples_print_the_documented_output() -> None:
+    examples = run_documented_examples(DOC)
+    assert len(examples) == 2  # the model, and the online factors learning an executor
+    for printed, expected in examples:
+        assert printed == expected

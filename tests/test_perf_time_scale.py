@@ -101,3 +101,86 @@ def test_the_scheduler_reprices_queued_requests_when_the_prefill_level_moves() -
     # LARS: base = (arrival + d - w) / d; twice the work leaves less slack. The deadline stays.
     assert queued.key_base == pytest.approx(key_base - work / queued.deadline)
     assert queued.deadline == pytest.approx(max(1.5 * work, 0.5))
+
+
+# -- the context factor ---------------------------------------------------------------------------
+
+PREFILL = [SeqShape(256, 0)]
+"""Mostly linears: a short prompt's chunk."""
+LATE_CHUNK = [SeqShape(32, 6_000), SeqShape(1, 400)]
+"""Mostly attention: a small chunk at the end of a long prompt, plus a decode."""
+
+
+def _split(cost: RooflineCostModel, seqs: list[SeqShape]) -> tuple[float, float]:
+    """(rest, context) seconds of `seqs` at the calibrated level."""
+    total = cost.batch_time(seqs)
+    share = cost.context_share(seqs)
+    return total * (1 - share), total * share
+
+
+def test_the_context_factor_multiplies_only_the_context_terms() -> None:
+    cost = cpu_cost()
+    rest, context = _split(cost, LATE_CHUNK)
+    assert 0.5 < context / (rest + context) < 1.0
+    cost.context_scale = 2.0
+    cost.time_scale = 1.5
+    assert cost.batch_time(LATE_CHUNK) == pytest.approx(1.5 * (rest + 2.0 * context))
+    pricer = cost.batch_pricer()
+    for seq in LATE_CHUNK:
+        pricer.add(seq)
+    assert pricer.time() == pytest.approx(cost.batch_time(LATE_CHUNK))
+    assert cost.context_share(LATE_CHUNK) == pytest.approx(2 * context / (rest + 2 * context))
+    with pytest.raises(ValueError):
+        cost.context_scale = -1.0
+
+
+def test_prefill_predictions_are_rewalked_when_the_context_factor_steps() -> None:
+    cost = cpu_cost()
+    long_prompt, short_prompt = cost.prefill_time(6_000), cost.prefill_time(300)
+    tail = cost.remaining_prefill_time(5_000, 6_000)
+    cost.context_scale = 1.05  # within 10% of the walked table: nothing moves
+    assert (cost.prefill_time(6_000), cost.prefill_version) == (long_prompt, 0)
+    cost.context_scale = 1.5
+    assert cost.prefill_version == 1
+    # More of a long prompt's time is attention, and most of its tail's: they grow by more
+    # than a short prompt does, and by less than 1.5x.
+    short_growth = cost.prefill_time(300) / short_prompt
+    long_growth = cost.prefill_time(6_000) / long_prompt
+    tail_growth = cost.remaining_prefill_time(5_000, 6_000) / tail
+    assert 1.0 <= short_growth < long_growth < tail_growth < 1.5
+
+
+def test_two_factors_learn_an_executor_whose_attention_is_off_by_a_different_factor() -> None:
+    """The executor runs 1.2x slower overall and its attention 1.5x slower again than
+    calibrated. One factor can only split the difference: short prefills come out too dear and
+    late chunks too cheap. Two factors learn both, from alternating batches."""
+    truth = {}
+    for name, seqs in (("prefill", PREFILL), ("late", LATE_CHUNK)):
+        rest, context = _split(cpu_cost(), seqs)
+        truth[name] = (seqs, 1.2 * (rest + 1.5 * context))
+
+    def errors(cost: RooflineCostModel) -> dict[str, float]:
+        return {n: cost.batch_time(s) / t - 1 for n, (s, t) in truth.items()}
+
+    two, one = cpu_cost(), cpu_cost()
+    learn_two, learn_one = OnlineTimeScale(two), OnlineTimeScale(one)
+    for _ in range(300):
+        for seqs, measured in truth.values():
+            learn_two.observe_batch(seqs, two.batch_time(seqs), measured)
+            learn_one.observe(one.batch_time(seqs), measured)
+    assert two.time_scale == pytest.approx(1.2, rel=0.02)
+    assert two.context_scale == pytest.approx(1.5, rel=0.02)
+    assert max(abs(e) for e in errors(two).values()) < 0.01
+    assert one.context_scale == 1.0
+    assert errors(one)["prefill"] > 0.05 and errors(one)["late"] < -0.05
+
+
+def test_a_batch_without_context_leaves_the_context_factor_and_a_bad_share_is_refused() -> None:
+    cost = cpu_cost()
+    tracker = OnlineTimeScale(cost)
+    tracker.observe(0.1, 0.2, context_share=0.0)
+    assert cost.context_scale == 1.0 and cost.time_scale > 1.0
+    tracker.observe(0.1, 0.2, context_share=0.5)
+    assert cost.context_scale == pytest.approx(math.exp(0.5 * 0.1 * math.log(2.0)))
+    with pytest.raises(ValueError, match="context_share"):
+        tracker.observe(0.1, 0.2, context_share=1.5)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medha.scheduler import POLICY_NAMES, SchedulerConfig
+from medha.scheduler import POLICY_NAMES, SchedulerConfig, SeqKind
 from medha.scheduler.policies import (
     ChunkingMode,
     default_deadline,
@@ -16,7 +16,7 @@ from medha.scheduler.policies import (
 )
 from medha.scheduler.ranking import CandidateOrder
 from medha.scheduler.request import SchedRequest
-from tests.scheduler_support import ToyCost, make_scheduler
+from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler, step
 
 COST = ToyCost()
 
@@ -177,3 +177,46 @@ def test_a_preempted_request_goes_back_to_its_arrival_place_in_the_queue() -> No
     scheduler.add_request("second", 100, 4, arrival=1.0)
     scheduler.table.preempt(first)
     assert [r.request_id for r in scheduler.table.queued_by_arrival()] == ["first", "second"]
+
+
+# -- ranking at the next decision (SchedulerConfig.rank_ahead) -------------------------------------
+
+
+def _first_prefill_after_a_tight_short_arrives(rank_ahead: bool) -> str:
+    """A long prompt is running (rho ~ 1/3) when a short one with a 0.3 s deadline arrives.
+    Its rho is ~0.91 now and ~0.08 one 0.25 s iteration later: it can wait this iteration only
+    if the scheduler forgets that it decides again only when the iteration is over."""
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.25, num_blocks=20_000, rank_ahead=rank_ahead
+    )
+    scheduler.add_request("long", 100_000, 4, arrival=0.0)
+    plan, _ = step(scheduler, 0.0)
+    assert [seq.request_id for seq in plan.seqs] == ["long"]
+    scheduler.add_request("short", 1_000, 4, arrival=0.25, deadline=0.3)
+    plan = scheduler.schedule(0.25)
+    return next(seq.request_id for seq in plan.seqs if seq.kind is SeqKind.PREFILL)
+
+
+def test_lars_ranks_at_the_next_decision_so_a_short_deadline_is_not_left_one_iteration_late() -> (
+    None
+):
+    assert _first_prefill_after_a_tight_short_arrives(rank_ahead=True) == "short"
+    assert _first_prefill_after_a_tight_short_arrives(rank_ahead=False) == "long"
+
+
+@pytest.mark.parametrize("policy", ["fcfs-chunked", "edf", "srpt", "lrs", "lars"])
+def test_ranking_ahead_changes_nothing_for_policies_whose_keys_move_together(policy: str) -> None:
+    """...and does change LARS's plans on the same workload, so the workload can tell."""
+    arrivals = [Arrival("long", 0.0, 60_000, 4)]
+    arrivals += [
+        Arrival(f"s{i}", 0.3 + 0.17 * i, 300 + 97 * i, 3, 0.2 + 0.1 * i) for i in range(30)
+    ]
+
+    def plans(rank_ahead: bool) -> list[tuple[tuple[str, int, int], ...]]:
+        scheduler = make_scheduler(
+            policy=policy, target_batch_time=0.05, num_blocks=20_000, rank_ahead=rank_ahead
+        )
+        result = drive(scheduler, arrivals)
+        return [tuple((s.request_id, s.start, s.end) for s in p.seqs) for p in result.plans]
+
+    assert (plans(True) == plans(False)) == (policy != "lars")

@@ -56,6 +56,8 @@ class EngineStats:
     time_scale: float = 1.0
     """Measured over calibrated iteration time, as learned online (1.0 when off, and in the
     multi-process engine, which does not rescale yet)."""
+    context_scale: float = 1.0
+    """The context-dependent terms' (attention, KV reads) factor on top of `time_scale`."""
 
 
 class Engine:
@@ -236,6 +238,7 @@ class Engine:
             preemptions=s.preemptions,
             iterations=actor.iterations,
             time_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.time_scale,
+            context_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.context_scale,
         )
 
     @property

@@ -23,6 +23,7 @@ from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
 from medha.sampling import SamplingParams
 from medha.scheduler import BatchPlan, Scheduler
+from medha.scheduler.cost import SeqShape
 
 _log = get_logger(__name__)
 
@@ -153,7 +154,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_step_done(plan, now, finished)
         self._record(plan, started, output.seconds)
         if self.time_scale is not None:
-            self.time_scale.observe(plan.predicted_time, output.seconds)
+            shapes = [SeqShape(seq.q_tokens, seq.kv_tokens) for seq in plan.seqs]
+            self.time_scale.observe_batch(shapes, plan.predicted_time, output.seconds)
         _log.debug(
             "iteration",
             step=plan.plan_id,
@@ -165,6 +167,9 @@ class SchedulerActor(Actor[Submit | Abort]):
             time_scale=None
             if self.time_scale is None
             else round(self.time_scale.cost.time_scale, 4),
+            context_scale=None
+            if self.time_scale is None
+            else round(self.time_scale.cost.context_scale, 4),
         )
 
     def _model_step(self, plan: BatchPlan) -> ModelStep:

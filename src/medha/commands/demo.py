@@ -24,6 +24,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--rate", type=float, default=0.5, help="short requests per second")
     p.add_argument("--target-batch-time", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16 runs 2-4x faster on CPUs with AVX-512 BF16 (docs/engine.md#precision)",
+    )
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.set_defaults(func=run)
 
@@ -47,7 +53,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
-    profile_path = args.out / "cpu-profile.json"
+    profile_path = args.out / f"cpu-profile-{args.dtype}.json"
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     summaries: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {}
@@ -60,6 +66,7 @@ async def _run(args: argparse.Namespace) -> int:
             target_batch_time=args.target_batch_time,
             cost_profile=profile_path if profile_path.exists() else None,
             calibration_seconds=6.0,
+            dtype=args.dtype,
         )
         with console.status(f"[bold]{policy}[/]: loading {args.model} and calibrating"):
             engine = Engine(config, record_iterations=True)

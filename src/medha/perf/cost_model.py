@@ -81,10 +81,12 @@ class RooflineCostModel:
         self._pp_link = self._link(replica.pp_neighbours_share_node(gpn))
         self._token_cache: dict[int, tuple[float, float, float, float]] = {}
         self._head_cache: dict[int, float] = {}
-        self._prefill = PrefillTable(
-            self._raw_chunk_times, replica, reference_chunk_tokens, budget=prefill_chunking
-        )
+        self._prefill_args = (reference_chunk_tokens, prefill_chunking)
+        self._prefill = self._new_prefill_table()
         self._time_scale = 1.0
+        self._context_scale = 1.0
+        self._table_context_scale = 1.0
+        """The `context_scale` the prefill table was walked with."""
         self.prefill_scale = 1.0
         """The factor on prefill times: `time_scale`, followed in steps of more than 10%."""
         self.prefill_version = 0
@@ -128,6 +130,34 @@ class RooflineCostModel:
             self.prefill_scale = value
             self.prefill_version += 1
 
+    @property
+    def context_scale(self) -> float:
+        """Factor on the terms that grow with the KV context (attention FLOPs, KV reads and
+        gathers), relative to the rest, on top of `time_scale` (1.0: as calibrated). Learned
+        online by OnlineTimeScale where the calibrated shape is off: on a 2-core CPU, batches
+        of small chunks over long prefixes ran ~1.3x slower against the linears than the
+        calibration grid said. Prefill predictions are re-walked once it moves by more than 10%
+        from the value they were walked with (a `prefill_version` step)."""
+        return self._context_scale
+
+    @context_scale.setter
+    def context_scale(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"context_scale must be > 0, got {value}")
+        self._context_scale = value
+        if abs(math.log(value / self._table_context_scale)) > _PREFILL_RESCALE_LOG:
+            self._table_context_scale = value
+            self._prefill = self._new_prefill_table()
+            self.prefill_version += 1
+
+    def context_share(self, seqs: Sequence[SeqShape]) -> float:
+        """The fraction of `batch_time(seqs)` that `context_scale` multiplies."""
+        sums = self.sums_of(seqs)
+        total = self._raw_batch_seconds(sums)
+        if total <= 0:
+            return 0.0
+        return self.arch.num_layers * self._context_seconds(sums) / total
+
     def batch_pricer(self) -> RooflinePricer:
         """An empty batch that prices "this batch plus one sequence" in O(1) (the optional
         medha.scheduler.pricing protocol the scheduler's adaptive chunking uses)."""
@@ -141,12 +171,14 @@ class RooflineCostModel:
         return batch * self.time_scale, stage * self.time_scale
 
     def _raw_chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
-        """`chunk_times` at the profile's level (feeds the prefill table)."""
+        """`chunk_times` without `time_scale` (feeds the prefill table, which applies
+        `prefill_scale` instead)."""
         sums = self.seq_sums(chunk)
         return self._raw_batch_seconds(sums), max(self._stage_seconds(sums))
 
     def batch_terms(self, seqs: Sequence[SeqShape]) -> Terms:
-        """The batch's time through every stage, as additive terms (see roofline.Terms)."""
+        """The batch's time through every stage, as additive terms (see roofline.Terms), as
+        calibrated: without the online `time_scale` and `context_scale`."""
         return _batch_of(self._stages_terms(self.sums_of(seqs))) if seqs else Terms()
 
     def stage_terms(self, seqs: Sequence[SeqShape]) -> Terms:
@@ -157,7 +189,8 @@ class RooflineCostModel:
         return max(self._stages_terms(self.sums_of(seqs)), key=lambda t: t.seconds(eff))
 
     def breakdown(self, seqs: Sequence[SeqShape]) -> dict[str, float]:
-        """Seconds of `batch_time` per term (matmul, attention, memory, kv_read, ...)."""
+        """Seconds per term (matmul, attention, memory, kv_read, ...) as calibrated; they sum to
+        `batch_time` while the online scales are 1."""
         return self.batch_terms(seqs).seconds_by_term(self.profile.efficiency)
 
     def sums_of(self, seqs: Sequence[SeqShape]) -> BatchSums:
@@ -259,17 +292,29 @@ class RooflineCostModel:
         token_layer, embedding, norm, send = self._token_seconds(sums.tokens)
         layer = (
             token_layer
-            + sums.attention / eff.attention
-            + sums.kv_read / eff.kv_read
+            + self._context_seconds(sums)
             + eff.layer_overhead_s
             + sums.seqs * eff.sequence_overhead_s
-            + sums.kv_tokens * eff.kv_gather_s
         )
         if sums.merge_bytes:
             bandwidth, latency = self._kvp_link
             layer += sums.merge_bytes / bandwidth / eff.collective + latency
         head = norm + self._lm_head_seconds(sums.seqs)
         return layer, embedding, head, send, eff.iteration_overhead_s
+
+    def _context_seconds(self, sums: BatchSums) -> float:
+        """One layer's seconds that grow with the KV context: attention, KV reads, gathers."""
+        eff = self.profile.efficiency
+        seconds = (
+            sums.attention / eff.attention
+            + sums.kv_read / eff.kv_read
+            + sums.kv_tokens * eff.kv_gather_s
+        )
+        return seconds * self._context_scale
+
+    def _new_prefill_table(self) -> PrefillTable:
+        chunk_tokens, budget = self._prefill_args
+        return PrefillTable(self._raw_chunk_times, self.replica, chunk_tokens, budget=budget)
 
     def _token_seconds(self, tokens: int) -> tuple[float, float, float, float]:
         """Seconds of what depends only on the batch's query tokens: (one layer's linears,

@@ -333,8 +333,8 @@ class Scheduler:
             r for r in self.table.prefilling.values() if r.in_flight == 0 and group in r.groups
         ]
         if prefills:
-            key = self.policy.priority.key
-            return max(prefills, key=lambda r: (key(r, now, self.cost), r.order))
+            key, rank_at = self.policy.priority.key, self._rank_time(now)
+            return max(prefills, key=lambda r: (key(r, rank_at, self.cost), r.order))
         scheduled = {seq.request_id for seq in batch.seqs}
         decodes = [
             r
@@ -342,6 +342,10 @@ class Scheduler:
             if r.in_flight == 0 and group in r.groups and r.request_id not in scheduled
         ]
         return max(decodes, key=lambda r: r.start_order) if decodes else None
+
+    def _rank_time(self, now: float) -> float:
+        """When priorities are compared: the next decision point (see rank_ahead)."""
+        return now + self.config.target_batch_time if self.config.rank_ahead else now
 
     def _prefill_ready(self, request: SchedRequest) -> bool:
         """Whether the next chunk of a started prompt may be issued now."""
@@ -355,13 +359,14 @@ class Scheduler:
         """Prefill chunks in priority order while the batch has room (see BatchBuilder);
         queued requests are started only when `admit`."""
         policy, cost, table = self.policy.priority, self.cost, self.table
+        rank_at = self._rank_time(now)
         started = policy.ranked(
-            (r for r in table.prefilling.values() if self._prefill_ready(r)), now, cost
+            (r for r in table.prefilling.values() if self._prefill_ready(r)), rank_at, cost
         )
         admitting = admit and len(table.running) < self.config.max_batch_size
         # Queued requests do not move: their key terms were set when they were queued.
         queued = table.queued_by_arrival() if admitting else []
-        candidates = CandidateOrder(started, queued, policy.keys(queued, now))
+        candidates = CandidateOrder(started, queued, policy.keys(queued, rank_at))
         pending_work: list[tuple[float, int]] | None = None
         while candidates and not batch.is_full and not batch.all_groups_closed:
             request = candidates.pop()
