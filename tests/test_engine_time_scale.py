@@ -33,9 +33,10 @@ async def test_each_iteration_rescales_the_cost_model() -> None:
         # Calibration never predicts a live iteration exactly, so the factor moved; the
         # scheduler prices batches with the very model it rescales.
         assert stats.time_scale != 1.0
-        # Every iteration attends over a context, so each one also moved the context factor.
+        # Prefill and decode iterations have different context shares: the context factor
+        # learned from them too.
         assert stats.context_scale != 1.0
-        assert stats.context_scale == tracker.cost.context_scale
+        assert tracker.mean_share is not None
         assert tracker.cost is engine._actor().scheduler.cost
 
 

@@ -150,6 +150,22 @@ def test_prefill_predictions_are_rewalked_when_the_context_factor_steps() -> Non
     assert 1.0 <= short_growth < long_growth < tail_growth < 1.5
 
 
+def test_the_prefill_table_extends_at_the_context_factor_it_was_walked_with() -> None:
+    """The table grows on demand: a prompt longer than any asked for before extends it. That
+    extension must not pick up a move of the factor below the re-walk threshold, or a
+    prediction would depend on when each length was first asked for."""
+    cost, fresh = cpu_cost(), cpu_cost()
+    cost.prefill_time(6_000)  # walks the table to 8,192 tokens
+    cost.context_scale = 1.09
+    assert cost.prefill_version == 0
+    assert cost.prefill_time(20_000) == fresh.prefill_time(20_000)
+    cost.context_scale = 1.2
+    walked_at_1_2 = cpu_cost()
+    walked_at_1_2.context_scale = 1.2
+    assert cost.prefill_time(20_000) == pytest.approx(walked_at_1_2.prefill_time(20_000))
+    assert cost.prefill_time(20_000) > fresh.prefill_time(20_000)
+
+
 def test_two_factors_learn_an_executor_whose_attention_is_off_by_a_different_factor() -> None:
     """The executor runs 1.2x slower overall and its attention 1.5x slower again than
     calibrated. One factor can only split the difference: short prefills come out too dear and
@@ -164,23 +180,44 @@ def test_two_factors_learn_an_executor_whose_attention_is_off_by_a_different_fac
 
     two, one = cpu_cost(), cpu_cost()
     learn_two, learn_one = OnlineTimeScale(two), OnlineTimeScale(one)
-    for _ in range(300):
+    for _ in range(400):
         for seqs, measured in truth.values():
             learn_two.observe_batch(seqs, two.batch_time(seqs), measured)
             learn_one.observe(one.batch_time(seqs), measured)
     assert two.time_scale == pytest.approx(1.2, rel=0.02)
     assert two.context_scale == pytest.approx(1.5, rel=0.02)
     assert max(abs(e) for e in errors(two).values()) < 0.01
-    assert one.context_scale == 1.0
     assert errors(one)["prefill"] > 0.05 and errors(one)["late"] < -0.05
 
 
-def test_a_batch_without_context_leaves_the_context_factor_and_a_bad_share_is_refused() -> None:
+@pytest.mark.parametrize("shares", ["constant", "mixed"])
+def test_a_uniform_drift_moves_the_level_and_not_the_context_factor(shares: str) -> None:
+    """Everything 1.3x slower, the calibrated shape right: whatever mix of batches the drift
+    is learned on, the context factor stays put (it learns from share deviations only)."""
+    batches = [LATE_CHUNK] if shares == "constant" else [LATE_CHUNK, LATE_CHUNK, PREFILL]
+    calibrated = {id(seqs): cpu_cost().batch_time(seqs) for seqs in batches}
     cost = cpu_cost()
     tracker = OnlineTimeScale(cost)
-    tracker.observe(0.1, 0.2, context_share=0.0)
-    assert cost.context_scale == 1.0 and cost.time_scale > 1.0
-    tracker.observe(0.1, 0.2, context_share=0.5)
-    assert cost.context_scale == pytest.approx(math.exp(0.5 * 0.1 * math.log(2.0)))
+    for _ in range(150):
+        for seqs in batches:
+            tracker.observe_batch(seqs, cost.batch_time(seqs), 1.3 * calibrated[id(seqs)])
+    assert cost.time_scale == pytest.approx(1.3, rel=0.01)
+    assert cost.context_scale == pytest.approx(1.0, abs=0.02)
+    # Prefill predictions followed the level alone: no re-walk at another context factor.
+    assert cost.prefill_time(6_000) == pytest.approx(
+        cost.prefill_scale * cpu_cost().prefill_time(6_000), rel=1e-12
+    )
+
+
+def test_the_context_factor_learns_from_share_deviations_only() -> None:
+    cost = cpu_cost()
+    tracker = OnlineTimeScale(cost)
+    tracker.observe(0.1, 0.2)  # no share: the level alone
+    assert cost.context_scale == 1.0 and cost.time_scale > 1.0 and tracker.mean_share is None
+    tracker.observe(0.1, 0.2, context_share=0.5)  # the first share is the mean: no deviation
+    assert cost.context_scale == 1.0 and tracker.mean_share == 0.5
+    tracker.observe(0.1, 0.2, context_share=0.9)
+    assert cost.context_scale == pytest.approx(math.exp(0.1 * math.log(2.0) * (0.9 - 0.5)))
+    assert tracker.mean_share == pytest.approx(0.54)
     with pytest.raises(ValueError, match="context_share"):
         tracker.observe(0.1, 0.2, context_share=1.5)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medha.scheduler import POLICY_NAMES, SchedulerConfig, SeqKind
+from medha.scheduler import POLICY_NAMES, SchedulerConfig
 from medha.scheduler.policies import (
     ChunkingMode,
     default_deadline,
@@ -182,41 +182,62 @@ def test_a_preempted_request_goes_back_to_its_arrival_place_in_the_queue() -> No
 # -- ranking at the next decision (SchedulerConfig.rank_ahead) -------------------------------------
 
 
-def _first_prefill_after_a_tight_short_arrives(rank_ahead: bool) -> str:
-    """A long prompt is running (rho ~ 1/3) when a short one with a 0.3 s deadline arrives.
-    Its rho is ~0.91 now and ~0.08 one 0.25 s iteration later: it can wait this iteration only
-    if the scheduler forgets that it decides again only when the iteration is over."""
+def _short_prefill_in_the_next_batch(rank_ahead: bool, pp_stages: int = 1) -> tuple[int, bool]:
+    """A long prompt is running (rho ~ 1/3) when a 5,000-token prompt (~0.13 s of prefill)
+    with a 0.4 s deadline arrives: its rho is ~0.68 now and ~0.05 one 0.25 s iteration later.
+    Only one of the two fits the budget. (Tokens of the short prompt in the next batch, whether
+    that batch gives its first token.)"""
     scheduler = make_scheduler(
-        policy="lars", target_batch_time=0.25, num_blocks=20_000, rank_ahead=rank_ahead
+        policy="lars",
+        target_batch_time=0.25,
+        num_blocks=20_000,
+        rank_ahead=rank_ahead,
+        pp_stages=pp_stages,
     )
     scheduler.add_request("long", 100_000, 4, arrival=0.0)
     plan, _ = step(scheduler, 0.0)
     assert [seq.request_id for seq in plan.seqs] == ["long"]
-    scheduler.add_request("short", 1_000, 4, arrival=0.25, deadline=0.3)
+    scheduler.add_request("short", 5_000, 4, arrival=0.25, deadline=0.4)
     plan = scheduler.schedule(0.25)
-    return next(seq.request_id for seq in plan.seqs if seq.kind is SeqKind.PREFILL)
+    short = [seq for seq in plan.seqs if seq.request_id == "short"]
+    return (short[0].q_tokens, short[0].samples) if short else (0, False)
 
 
 def test_lars_ranks_at_the_next_decision_so_a_short_deadline_is_not_left_one_iteration_late() -> (
     None
 ):
-    assert _first_prefill_after_a_tight_short_arrives(rank_ahead=True) == "short"
-    assert _first_prefill_after_a_tight_short_arrives(rank_ahead=False) == "long"
+    # Ranked now, the fresh prompt looks safe to defer: the long one takes the budget and the
+    # short one's first token waits an iteration, past its 0.4 s deadline (0.25 + 0.25 + 0.13 s).
+    tokens, first_token = _short_prefill_in_the_next_batch(rank_ahead=False)
+    assert not first_token and tokens < 5_000
+    # Ranked where the next decision will be, it goes now and meets it.
+    assert _short_prefill_in_the_next_batch(rank_ahead=True) == (5_000, True)
 
 
-@pytest.mark.parametrize("policy", ["fcfs-chunked", "edf", "srpt", "lrs", "lars"])
-def test_ranking_ahead_changes_nothing_for_policies_whose_keys_move_together(policy: str) -> None:
-    """...and does change LARS's plans on the same workload, so the workload can tell."""
+def test_with_two_pipeline_stages_the_next_decision_is_half_a_budget_away() -> None:
+    # The next micro-batch is planned when this one leaves stage 0, ~0.125 s from now: the
+    # fresh prompt's rho then (~0.36) is still above the running one's, so it may wait.
+    tokens, first_token = _short_prefill_in_the_next_batch(rank_ahead=True, pp_stages=2)
+    assert not first_token and tokens < 5_000
+
+
+def _plans(policy: str, rank_ahead: bool) -> list[tuple[tuple[str, int, int], ...]]:
     arrivals = [Arrival("long", 0.0, 60_000, 4)]
     arrivals += [
         Arrival(f"s{i}", 0.3 + 0.17 * i, 300 + 97 * i, 3, 0.2 + 0.1 * i) for i in range(30)
     ]
+    scheduler = make_scheduler(
+        policy=policy, target_batch_time=0.05, num_blocks=20_000, rank_ahead=rank_ahead
+    )
+    result = drive(scheduler, arrivals)
+    return [tuple((s.request_id, s.start, s.end) for s in p.seqs) for p in result.plans]
 
-    def plans(rank_ahead: bool) -> list[tuple[tuple[str, int, int], ...]]:
-        scheduler = make_scheduler(
-            policy=policy, target_batch_time=0.05, num_blocks=20_000, rank_ahead=rank_ahead
-        )
-        result = drive(scheduler, arrivals)
-        return [tuple((s.request_id, s.start, s.end) for s in p.seqs) for p in result.plans]
 
-    assert (plans(True) == plans(False)) == (policy != "lars")
+@pytest.mark.parametrize("policy", ["fcfs-chunked", "edf", "srpt", "lrs"])
+def test_ranking_ahead_changes_nothing_for_policies_whose_keys_move_together(policy: str) -> None:
+    assert _plans(policy, rank_ahead=True) == _plans(policy, rank_ahead=False)
+
+
+def test_ranking_ahead_does_change_lars_plans_on_the_same_workload() -> None:
+    """The workload above can tell: LARS's keys fall at rates 1/d that differ per request."""
+    assert _plans("lars", rank_ahead=True) != _plans("lars", rank_ahead=False)

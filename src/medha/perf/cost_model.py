@@ -81,12 +81,12 @@ class RooflineCostModel:
         self._pp_link = self._link(replica.pp_neighbours_share_node(gpn))
         self._token_cache: dict[int, tuple[float, float, float, float]] = {}
         self._head_cache: dict[int, float] = {}
-        self._prefill_args = (reference_chunk_tokens, prefill_chunking)
-        self._prefill = self._new_prefill_table()
         self._time_scale = 1.0
         self._context_scale = 1.0
         self._table_context_scale = 1.0
-        """The `context_scale` the prefill table was walked with."""
+        """The `context_scale` the prefill table walks with."""
+        self._prefill_args = (reference_chunk_tokens, prefill_chunking)
+        self._prefill = self._new_prefill_table()
         self.prefill_scale = 1.0
         """The factor on prefill times: `time_scale`, followed in steps of more than 10%."""
         self.prefill_version = 0
@@ -167,14 +167,17 @@ class RooflineCostModel:
 
     def chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
         """(batch_time, stage_time) of a batch holding only `chunk`."""
-        batch, stage = self._raw_chunk_times(chunk)
+        batch, stage = self._raw_chunk_times(chunk, self._context_scale)
         return batch * self.time_scale, stage * self.time_scale
 
-    def _raw_chunk_times(self, chunk: SeqShape) -> tuple[float, float]:
-        """`chunk_times` without `time_scale` (feeds the prefill table, which applies
-        `prefill_scale` instead)."""
+    def _raw_chunk_times(self, chunk: SeqShape, context_scale: float) -> tuple[float, float]:
+        """`chunk_times` without `time_scale`, at the given `context_scale` (the prefill table
+        walks at the one it was created with, and applies `prefill_scale` itself)."""
         sums = self.seq_sums(chunk)
-        return self._raw_batch_seconds(sums), max(self._stage_seconds(sums))
+        return (
+            self._raw_batch_seconds(sums, context_scale),
+            max(self._stage_seconds(sums, context_scale)),
+        )
 
     def batch_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The batch's time through every stage, as additive terms (see roofline.Terms), as
@@ -265,15 +268,15 @@ class RooflineCostModel:
             return self.batch_seconds(sums)
         return max(self._stage_seconds(sums)) * self.time_scale
 
-    def _raw_batch_seconds(self, sums: BatchSums) -> float:
+    def _raw_batch_seconds(self, sums: BatchSums, context_scale: float | None = None) -> float:
         if not sums.seqs:
             return 0.0
-        layer, first, last, send, iteration = self._seconds_parts(sums)
+        layer, first, last, send, iteration = self._seconds_parts(sums, context_scale)
         sends = len(self._stage_layers) - 1
         return self.arch.num_layers * layer + first + last + sends * send + iteration
 
-    def _stage_seconds(self, sums: BatchSums) -> list[float]:
-        layer, first, last, send, iteration = self._seconds_parts(sums)
+    def _stage_seconds(self, sums: BatchSums, context_scale: float | None = None) -> list[float]:
+        layer, first, last, send, iteration = self._seconds_parts(sums, context_scale)
         final = len(self._stage_layers) - 1
         return [
             layers * layer
@@ -283,7 +286,9 @@ class RooflineCostModel:
             for stage, layers in enumerate(self._stage_layers)
         ]
 
-    def _seconds_parts(self, sums: BatchSums) -> tuple[float, float, float, float, float]:
+    def _seconds_parts(
+        self, sums: BatchSums, context_scale: float | None = None
+    ) -> tuple[float, float, float, float, float]:
         """Seconds of (one layer, stage 0's embedding, the last stage's head, one send between
         stages, the per-iteration overhead): the same sums as `_stages_terms` gives as Terms,
         without building Terms, since this is the hot path of adaptive chunking (a test checks
@@ -292,7 +297,7 @@ class RooflineCostModel:
         token_layer, embedding, norm, send = self._token_seconds(sums.tokens)
         layer = (
             token_layer
-            + self._context_seconds(sums)
+            + self._context_seconds(sums, context_scale)
             + eff.layer_overhead_s
             + sums.seqs * eff.sequence_overhead_s
         )
@@ -302,19 +307,27 @@ class RooflineCostModel:
         head = norm + self._lm_head_seconds(sums.seqs)
         return layer, embedding, head, send, eff.iteration_overhead_s
 
-    def _context_seconds(self, sums: BatchSums) -> float:
-        """One layer's seconds that grow with the KV context: attention, KV reads, gathers."""
+    def _context_seconds(self, sums: BatchSums, context_scale: float | None = None) -> float:
+        """One layer's seconds that grow with the KV context: attention, KV reads, gathers;
+        at `context_scale` (default: the live one)."""
         eff = self.profile.efficiency
         seconds = (
             sums.attention / eff.attention
             + sums.kv_read / eff.kv_read
             + sums.kv_tokens * eff.kv_gather_s
         )
-        return seconds * self._context_scale
+        return seconds * (self._context_scale if context_scale is None else context_scale)
 
     def _new_prefill_table(self) -> PrefillTable:
         chunk_tokens, budget = self._prefill_args
-        return PrefillTable(self._raw_chunk_times, self.replica, chunk_tokens, budget=budget)
+        # The table extends itself on demand: it must keep walking at the scale it started
+        # with, or its predictions would depend on when each length was first asked for.
+        scale = self._table_context_scale
+
+        def chunk_times(chunk: SeqShape) -> tuple[float, float]:
+            return self._raw_chunk_times(chunk, scale)
+
+        return PrefillTable(chunk_times, self.replica, chunk_tokens, budget=budget)
 
     def _token_seconds(self, tokens: int) -> tuple[float, float, float, float]:
         """Seconds of what depends only on the batch's query tokens: (one layer's linears,

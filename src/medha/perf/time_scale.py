@@ -24,12 +24,15 @@ A single factor keeps the level but not the shape. On that CPU the calibration u
 small chunks over long prefixes and over-predicted prefill chunks with no prefix, so under one
 factor the long document's attention-heavy iterations pushed it up and the short prompts' chunks,
 priced too dear, were cut in two. So a second factor, `context_scale`, multiplies the terms that
-grow with the KV context (attention, KV reads and gathers) against the rest. Both follow the
-gradient of the squared log error: with P = s * (R + c * A), d log P / d log s = 1 and
-d log P / d log c = c * A / P, the iteration's context share. A batch of linears alone moves only
-`s`; batches of different shares separate the two. Replayed on a bf16 mixed_cpu trace (153
-iterations), the median error went from 4.3% to 2.5%, and the signed error of prefill-heavy
-iterations from +6.5% to +1.9% (context factor learned: 1.28).
+grow with the KV context (attention, KV reads and gathers) against the rest. With
+P = s * (R + c * A), an iteration's log error L = log(measured / P) moves log s by weight * L
+and log c by weight * L * (share - mean share), where share = c * A / P (d log P / d log c) and
+the mean is a moving average over recent iterations. Centring the share is what keeps the two
+apart: a uniform drift (every iteration slower, whatever its share) moves only the level, and
+only an error that differs between iterations of more and less context moves `c`. Replayed
+once on the iteration trace of one bf16 mixed_cpu run (153 iterations; a scratch replay, not in
+the repository), the median error went from 4.3% to 2.5%, and prefill-heavy iterations went
+from 6.5% over-predicted to 1.9% (learned context factor 1.28).
 """
 
 from __future__ import annotations
@@ -74,26 +77,36 @@ class OnlineTimeScale:
         self._log_bounds = (math.log(low), math.log(high))
         self._max_log_step = math.log(max_step)
         self.observations = 0
+        self.mean_share: float | None = None
+        """Moving average of the context shares observed (None before the first)."""
 
-    def observe(self, predicted: float, measured: float, context_share: float = 0.0) -> None:
+    def observe(
+        self, predicted: float, measured: float, context_share: float | None = None
+    ) -> None:
         """An iteration predicted (with the current factors) to take `predicted` seconds took
         `measured`; `context_share` is the fraction of `predicted` that `context_scale`
-        multiplies (RooflineCostModel.context_share; 0 learns the level only). Non-positive or
-        non-finite values carry no information and are ignored."""
+        multiplies (RooflineCostModel.context_share; None learns the level only). Non-positive
+        or non-finite times carry no information and are ignored."""
         if not (predicted > 0 and measured > 0 and math.isfinite(predicted * measured)):
             return
-        if not 0.0 <= context_share <= 1.0:
+        if context_share is not None and not 0.0 <= context_share <= 1.0:
             raise ValueError(f"context_share must be in [0, 1], got {context_share}")
         step = self.weight * math.log(measured / predicted)
         step = min(max(step, -self._max_log_step), self._max_log_step)
         self.cost.time_scale = self._moved(self.cost.time_scale, step)
-        if context_share > 0.0:
-            self.cost.context_scale = self._moved(self.cost.context_scale, step * context_share)
+        if context_share is not None:
+            mean = context_share if self.mean_share is None else self.mean_share
+            self.cost.context_scale = self._moved(
+                self.cost.context_scale, step * (context_share - mean)
+            )
+            self.mean_share = mean + self.weight * (context_share - mean)
         self.observations += 1
 
     def observe_batch(self, seqs: Sequence[SeqShape], predicted: float, measured: float) -> None:
-        """`observe` for an iteration that ran `seqs`, with their context share."""
-        self.observe(predicted, measured, self.cost.context_share(seqs) if seqs else 0.0)
+        """`observe` for an iteration that ran `seqs`, with their context share (clamped to
+        [0, 1] against rounding: it is a ratio of non-negative times)."""
+        share = min(max(self.cost.context_share(seqs), 0.0), 1.0) if seqs else None
+        self.observe(predicted, measured, share)
 
     def _moved(self, factor: float, log_step: float) -> float:
         low, high = self._log_bounds

@@ -54,11 +54,12 @@ class SchedulerConfig(BaseModel):
     min_deadline: float = Field(default=0.5, gt=0)
     """Default TTFT deadline: max(deadline_factor x predicted prefill time, min_deadline)."""
     rank_ahead: bool = True
-    """Rank prefills by their priority at the next decision, target_batch_time from now, not
-    at this one: a request left out of this batch cannot start before the batch ends. For
-    LARS this is rho at t + target_batch_time, which moves a request with a short deadline ahead
-    of a long one by target_batch_time / d (see docs/scheduler.md); for the other policies, whose
-    keys share one rate of change, the order is the same either way."""
+    """Rank prefills by their priority at the next decision, not at this one: a request left
+    out of this batch cannot start before the next batch is planned, target_batch_time from now
+    (with pipeline stages, target_batch_time / pp_stages: when this micro-batch leaves stage 0).
+    For LARS this moves a request with a short deadline d ahead of a long one by lookahead / d
+    (see docs/scheduler.md); for the other policies, whose keys share one rate of change, the
+    order is the same either way."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SchedulerConfig:

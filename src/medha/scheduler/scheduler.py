@@ -344,8 +344,13 @@ class Scheduler:
         return max(decodes, key=lambda r: r.start_order) if decodes else None
 
     def _rank_time(self, now: float) -> float:
-        """When priorities are compared: the next decision point (see rank_ahead)."""
-        return now + self.config.target_batch_time if self.config.rank_ahead else now
+        """When priorities are compared: the next decision point (see rank_ahead). With a
+        pipeline the next micro-batch is issued once this one leaves stage 0: after about the
+        budget over the number of stages."""
+        config = self.config
+        if not config.rank_ahead:
+            return now
+        return now + config.target_batch_time / config.pp_stages
 
     def _prefill_ready(self, request: SchedRequest) -> bool:
         """Whether the next chunk of a started prompt may be issued now."""
@@ -409,8 +414,9 @@ class Scheduler:
         if is_long:
             if any(group in batch.long_groups for group in groups):
                 return False
-            # Space sharing: a long prefill ahead of schedule leaves part of the budget to others.
-            rho = relative_slack(request, now, self.cost)
+            # Space sharing: a long prefill ahead of schedule leaves part of the budget to others
+            # (its slack judged where the ranking judges it).
+            rho = relative_slack(request, self._rank_time(now), self.cost)
             budget_fraction = 1.0 - min(max(rho, 0.0), 0.5)
         tokens_left = request.tokens_left
         to_boundary = self.table.layout.tokens_to_boundary(start)
