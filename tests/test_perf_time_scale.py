@@ -79,7 +79,13 @@ def test_one_step_moves_the_scale_by_at_most_max_step() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"weight": 0.0}, {"weight": 1.5}, {"bounds": (1.5, 2.0)}, {"max_step": 1.0}],
+    [
+        {"weight": 0.0},
+        {"weight": 1.5},
+        {"bounds": (1.5, 2.0)},
+        {"max_step": 1.0},
+        {"context_gain": -1.0},
+    ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -217,7 +223,7 @@ def test_the_context_factor_learns_from_share_deviations_only() -> None:
     tracker.observe(0.1, 0.2, context_share=0.5)  # the first share is the mean: no deviation
     assert cost.context_scale == 1.0 and tracker.mean_share == 0.5
     tracker.observe(0.1, 0.2, context_share=0.9)
-    assert cost.context_scale == pytest.approx(math.exp(0.1 * math.log(2.0) * (0.9 - 0.5)))
+    assert cost.context_scale == pytest.approx(math.exp(3 * 0.1 * math.log(2.0) * (0.9 - 0.5)))
     assert tracker.mean_share == pytest.approx(0.54)
     with pytest.raises(ValueError, match="context_share"):
         tracker.observe(0.1, 0.2, context_share=1.5)
