@@ -152,3 +152,10 @@ async def test_kv_cache_a_quarter_of_the_workload_completes_through_preemption()
     assert stats.preemptions > 0, "the small cache never forced a preemption"
     assert constrained == unconstrained
     assert stats.free_blocks == stats.total_blocks == quarter
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.4])
+async def test_the_engine_plans_with_the_configured_finish_tolerance(tolerance: float) -> None:
+    async with medha.Engine(engine_config(finish_tolerance=tolerance)) as engine:
+        assert engine._scheduler_actor is not None
+        assert engine._scheduler_actor.scheduler.config.finish_tolerance == tolerance

@@ -16,15 +16,15 @@ SHORT_DEADLINE = 0.5
 
 
 def _worked_example(policy: str) -> tuple[DriverResult, list[Arrival]]:
-    """A ~10 s long prompt at t=0, then bursts of 22 short prompts (0.5 s deadlines) every
+    """A ~10 s long prompt at t=0, then bursts of 24 short prompts (0.5 s deadlines) every
     0.4 s from t=1 s to t=22 s.
 
-    Margins (checked when written): EDF's long prompt is ~1 s late and ~25 shorts queue behind
-    it; with LARS the long prompt has ~1.9 s to spare and the slowest short ~80 ms."""
+    Margins (checked when written): EDF's long prompt is ~1.8 s late and 26 shorts miss behind
+    it; with LARS the long prompt has ~1 s to spare and the slowest short ~90 ms."""
     arrivals = [Arrival("long", 0.0, LONG_PROMPT, 4)]
     burst_time, index = 1.0, 0
     while burst_time < 22.0:
-        for _ in range(22):
+        for _ in range(24):
             arrivals.append(Arrival(f"s{index}", burst_time, SHORT_PROMPT, 2, SHORT_DEADLINE))
             index += 1
         burst_time += 0.4

@@ -100,3 +100,14 @@ def test_kvp_workloads_release_every_block_on_every_group() -> None:
     ]
     result = drive(scheduler, arrivals)
     assert len(result.finished) == 16
+
+
+def test_a_chunk_that_only_reaches_a_kvp_boundary_gets_no_finishing_allowance() -> None:
+    # 2400 fresh tokens take ~53 ms on ToyCost: within the finishing allowance (1.25 x 50 ms)
+    # but over the ordinary +10%. As a whole prompt they are one chunk; as the first shard of a
+    # longer prompt they are not, for the prompt does not finish there.
+    whole = drive(_kvp_scheduler(max_tokens_per_kvp_group=2400), [Arrival("r", 0.0, 2400, 2)])
+    assert whole.chunks_of("r") == [(0, 2400)]
+    longer = drive(_kvp_scheduler(max_tokens_per_kvp_group=2400), [Arrival("r", 0.0, 4800, 2)])
+    first_shard = [(s, e) for s, e in longer.chunks_of("r") if e <= 2400]
+    assert len(first_shard) == 2 and first_shard[-1][1] == 2400

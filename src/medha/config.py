@@ -82,6 +82,9 @@ class EngineConfig(BaseModel):
     """fcfs (no chunking: the convoy baseline), fcfs-chunked, edf, srpt, lrs or lars."""
     target_batch_time: float = Field(default=0.05, gt=0)
     """Seconds per iteration the adaptive chunking aims at (the decode latency budget)."""
+    finish_tolerance: float = Field(default=0.25, ge=0, lt=1)
+    """How far over target_batch_time an iteration may go when that completes a prompt (its
+    first token then comes one iteration sooner); 0 keeps every iteration within +-10%."""
     max_chunk: int = Field(default=8192, ge=32)
     fixed_chunk: int = Field(default=512, ge=1)
     """Per-iteration token budget of the fcfs-chunked baseline."""

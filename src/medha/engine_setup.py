@@ -117,6 +117,7 @@ def build_scheduler_config(
     return SchedulerConfig(
         policy=config.policy,
         target_batch_time=config.target_batch_time,
+        finish_tolerance=config.finish_tolerance,
         max_chunk=config.max_chunk,
         fixed_chunk=config.fixed_chunk,
         max_batch_size=config.max_num_seqs,

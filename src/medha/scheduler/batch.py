@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medha.scheduler.chunking import largest_fitting_chunk
+from medha.scheduler.chunking import finish_ceiling, largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel, SeqShape
 from medha.scheduler.plan import ScheduledSeq
@@ -103,10 +103,16 @@ class BatchBuilder:
         return max(self.pricers[group].time_with(shape) for group in groups)
 
     def prefill_chunk(
-        self, groups: Sequence[int], kv_tokens: int, tokens_left: int, budget_fraction: float = 1.0
+        self,
+        groups: Sequence[int],
+        kv_tokens: int,
+        tokens_left: int,
+        budget_fraction: float = 1.0,
+        finishes: bool = False,
     ) -> tuple[int, float | None] | None:
         """(tokens, predicted batch time if known) for the next prefill on `groups`, at most
-        `tokens_left` tokens; None when those groups' budget is spent, which closes them."""
+        `tokens_left` tokens (`finishes`: they complete the prompt); None when those groups'
+        budget is spent, which closes them."""
         first = self.num_prefills == 0
         chunk: int | None
         predicted: float | None = None
@@ -120,7 +126,9 @@ class BatchBuilder:
             room = min(self.config.fixed_chunk - self.tokens[group] for group in groups)
             chunk = min(room, tokens_left) if room > 0 else None
         else:
-            chunk, predicted = self._adaptive_chunk(groups, kv_tokens, tokens_left, budget_fraction)
+            chunk, predicted = self._adaptive_chunk(
+                groups, kv_tokens, tokens_left, budget_fraction, finishes
+            )
         if chunk is None and first:
             # Progress guarantee: decodes alone may exceed the budget, yet prefills must move.
             return min(self.config.min_chunk, tokens_left), None
@@ -130,7 +138,12 @@ class BatchBuilder:
         return chunk, predicted
 
     def _adaptive_chunk(
-        self, groups: Sequence[int], kv_tokens: int, tokens_left: int, budget_fraction: float
+        self,
+        groups: Sequence[int],
+        kv_tokens: int,
+        tokens_left: int,
+        budget_fraction: float,
+        finishes: bool,
     ) -> tuple[int | None, float | None]:
         budget = self.config.target_batch_time * budget_fraction
         if self.num_prefills and max(self.group_time(group) for group in groups) >= budget * (
@@ -141,11 +154,20 @@ class BatchBuilder:
             # but no partial top-up chunk: it would start, and reserve memory for, a prompt
             # that barely moves.
             predicted = self.predict(groups, tokens_left, kv_tokens)
-            if predicted <= budget * (1.0 + self.config.chunk_tolerance):
+            ceiling = (
+                finish_ceiling(budget, self.config)
+                if finishes
+                else budget * (1.0 + self.config.chunk_tolerance)
+            )
+            if predicted <= ceiling:
                 return tokens_left, predicted
             return None, None
         choice = largest_fitting_chunk(
-            lambda c: self.predict(groups, c, kv_tokens), tokens_left, budget, self.config
+            lambda c: self.predict(groups, c, kv_tokens),
+            tokens_left,
+            budget,
+            self.config,
+            finishes,
         )
         if choice is None:
             return None, None

@@ -28,11 +28,13 @@ def largest_fitting_chunk(
     tokens_left: int,
     budget: float,
     config: SchedulerConfig,
+    finishes: bool = False,
 ) -> ChunkChoice | None:
     """The largest chunk c (c <= tokens_left) with predict(c) <= budget x (1 + tolerance).
 
     `predict(c)` is the batch time with a c-token chunk added; it must not decrease with c.
-    Returns None when even the smallest candidate is over budget.
+    With `finishes` (the `tokens_left` complete the prompt), that whole rest is accepted up to
+    budget x (1 + finish_tolerance). Returns None when even the smallest candidate is over budget.
     """
     if tokens_left < 1:
         raise ValueError(f"no tokens left to chunk ({tokens_left})")
@@ -41,7 +43,9 @@ def largest_fitting_chunk(
 
     top = min(tokens_left, config.max_chunk)
     top_time = predict(top)
-    if top_time <= ceiling:
+    if top_time <= ceiling or (
+        finishes and top == tokens_left and top_time <= finish_ceiling(budget, config)
+    ):
         return ChunkChoice(top, top_time)
     smallest, step = config.min_chunk, config.chunk_multiple
     if top <= smallest:
@@ -83,6 +87,11 @@ def largest_fitting_chunk(
         else:
             high, high_chunk, high_time = middle, smallest + middle * step, middle_time
     return ChunkChoice(smallest + low * step, low_time)
+
+
+def finish_ceiling(budget: float, config: SchedulerConfig) -> float:
+    """The most a batch may take when its last chunk completes a prompt."""
+    return budget * (1.0 + max(config.finish_tolerance, config.chunk_tolerance))
 
 
 def _bisections(width: int) -> int:

@@ -422,7 +422,9 @@ class Scheduler:
         to_boundary = self.table.layout.tokens_to_boundary(start)
         if to_boundary is not None:
             tokens_left = min(tokens_left, to_boundary)
-        sized = batch.prefill_chunk(groups, start, tokens_left, budget_fraction)
+        sized = batch.prefill_chunk(
+            groups, start, tokens_left, budget_fraction, tokens_left == request.tokens_left
+        )
         if sized is None:
             return False
         chunk, predicted = sized
