@@ -54,8 +54,8 @@ class EngineStats:
     preemptions: int
     iterations: int
     time_scale: float = 1.0
-    """Measured over calibrated iteration time, as learned online (1.0 when off, and in the
-    multi-process engine, which does not rescale yet)."""
+    """Measured over calibrated iteration time (stage time with a pipeline), as learned online
+    (1.0 when off)."""
     context_scale: float = 1.0
     """The context-dependent terms' (attention, KV reads) factor on top of `time_scale`."""
 
@@ -134,13 +134,13 @@ class Engine:
         self._vocab_size = parts.vocab_size
         self.calibration = parts.calibration
         actor = PipelineSchedulerActor(
-            parts.scheduler, parts.cluster, self._clock, self._record_iterations
+            parts.scheduler,
+            parts.cluster,
+            self._clock,
+            self._record_iterations,
+            OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
         )
         self._scheduler_actor = actor
-        if self.config.online_time_scale:
-            # A plan's measured time here includes waiting behind others in the pipeline, so
-            # it does not measure the cost model's prediction.
-            _log.info("online time scale is single-process only; planning at the calibrated level")
 
         def workers_failed(error: BaseException) -> None:
             if actor.failure is None:

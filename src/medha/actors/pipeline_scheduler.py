@@ -9,7 +9,10 @@ same):
   SPP it may issue the next chunk of the same prompt while the previous one is still in the
   later stages;
 - plans complete in issue order (a pipeline is FIFO); their sampled tokens come from the
-  sampling worker.
+  sampling worker;
+- the online time scale compares a plan's predicted stage time with the longest any worker
+  computed it (each worker times its step from holding its inputs, so waiting behind other
+  micro-batches or for the previous stage does not count).
 Worker replies arrive on RPC threads and are handed to the event loop thread-safely.
 """
 
@@ -28,7 +31,9 @@ from medha.errors import EngineFailedError
 from medha.log import get_logger
 from medha.parallel.cluster import Cluster
 from medha.parallel.messages import ShardStep, ShardWork, StageDone
+from medha.perf.time_scale import OnlineTimeScale
 from medha.scheduler import BatchPlan, Scheduler
+from medha.scheduler.cost import SeqShape
 
 _log = get_logger(__name__)
 
@@ -54,6 +59,8 @@ class _Flight:
     output: StepOutput | None = None
     logits: object | None = None
     done_at: float = field(default=0.0)
+    compute_seconds: float = 0.0
+    """The longest any worker computed this plan (its stage time as measured)."""
 
 
 class PipelineSchedulerActor(SchedulerActor):
@@ -63,8 +70,9 @@ class PipelineSchedulerActor(SchedulerActor):
         cluster: Cluster,
         clock: Callable[[], float],
         record_iterations: bool = False,
+        time_scale: OnlineTimeScale | None = None,
     ) -> None:
-        super().__init__(scheduler, None, clock, record_iterations)  # type: ignore[arg-type]
+        super().__init__(scheduler, None, clock, record_iterations, time_scale)  # type: ignore[arg-type]
         self.cluster = cluster
         self.layout = cluster.layout
         self._flights: dict[int, _Flight] = {}
@@ -108,6 +116,7 @@ class PipelineSchedulerActor(SchedulerActor):
             if flight is not None:
                 flight.stage0_left.discard(rank)
                 flight.left.discard(rank)
+                flight.compute_seconds = max(flight.compute_seconds, result.seconds)
                 if result.output is not None:
                     flight.output = result.output  # type: ignore[assignment]
                     flight.logits = result.logits
@@ -159,6 +168,11 @@ class PipelineSchedulerActor(SchedulerActor):
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
         self._record(plan, flight.issued_at, now - flight.issued_at)
+        if self.time_scale is not None and flight.compute_seconds > 0:
+            shapes = [
+                SeqShape(seq.q_tokens, seq.kv_tokens, max(len(seq.shards), 1)) for seq in plan.seqs
+            ]
+            self.time_scale.observe_batch(shapes, plan.predicted_stage_time, flight.compute_seconds)
 
     # -- sending --------------------------------------------------------------------------------
 

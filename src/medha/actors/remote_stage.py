@@ -126,16 +126,23 @@ class RemoteStage:
             # of its KV: keep them all the same.
             state.block_table.extend(work.new_blocks)
             batch.append(shard_step_seq(work, state.block_table))
-        started = time.perf_counter()
-        out = self._forward(step, batch)
+        out, started = self._forward(step, batch)
         if self.next_rank is not None:
             self._send(out)
-            return StageDone(step.seq_no, self.rank)
+            return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
         if not self.samples:
-            return StageDone(step.seq_no, self.rank)
-        return self._sample(step, out, time.perf_counter() - started)
+            return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
+        return self._sample(step, out, started)
 
-    def _forward(self, step: ShardStep, batch: list[StepSeq]) -> torch.Tensor:
+    def _seconds_since(self, started: float) -> float:
+        """Compute time of this step so far; on CUDA, once the queued kernels are done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _forward(self, step: ShardStep, batch: list[StepSeq]) -> tuple[torch.Tensor, float]:
+        """This stage's output, and when its inputs were in hand (after the previous stage's
+        hidden states arrived: waiting for them is not this stage's time)."""
         meta = self._metadata(batch)
         ids: list[int] = []
         positions: list[int] = []
@@ -154,10 +161,12 @@ class RemoteStage:
                 len(ids), self.model.arch.hidden_size, dtype=self.cache.k[0].dtype, device=device
             )
             dist.recv(inputs, src=self.prev_rank)
+        started = time.perf_counter()
         logit_rows = None
         if self.next_rank is None and not step.all_logits:
             logit_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-        return self.model(inputs, pos, self.cache, meta, self.attention, self.kvp_merge, logit_rows)
+        out = self.model(inputs, pos, self.cache, meta, self.attention, self.kvp_merge, logit_rows)
+        return out, started
 
     def _metadata(self, batch: list[StepSeq]) -> AttentionMetadata:
         return AttentionMetadata.build(
@@ -182,7 +191,7 @@ class RemoteStage:
         tensor = hidden.contiguous()
         self._sends.append((dist.isend(tensor, dst=self.next_rank), tensor))
 
-    def _sample(self, step: ShardStep, logits: torch.Tensor, seconds: float) -> StageDone:
+    def _sample(self, step: ShardStep, logits: torch.Tensor, started: float) -> StageDone:
         sampling_works = [w for w in step.seqs if w.samples]
         sampled: dict[str, SampledToken] = {}
         if sampling_works:
@@ -206,6 +215,7 @@ class RemoteStage:
                 sampling_works, out.token_ids, out.logprobs, strict=True
             ):
                 sampled[work.request_id] = SampledToken(token, logprob)
+        seconds = self._seconds_since(started)
         output = StepOutput(step.step_id, sampled, seconds)
         returned = logits.cpu() if step.return_logits else None
-        return StageDone(step.seq_no, self.rank, output, returned)
+        return StageDone(step.seq_no, self.rank, output, returned, seconds)

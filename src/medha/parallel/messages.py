@@ -50,3 +50,6 @@ class StageDone:
     output: object | None = None
     """A medha.actors.messages.StepOutput from the sampling rank, else None."""
     logits: object | None = None
+    seconds: float = 0.0
+    """How long this rank computed the step: from holding its inputs (the previous stage's
+    hidden states received) to its output, collectives with its TP and KVP peers included."""
