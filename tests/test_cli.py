@@ -1,10 +1,20 @@
-"""`medha generate` streams a completion and reports bad input without a traceback."""
+"""`medha generate` streams a completion; every command reports a user's mistake in one line
+(exit status 2) and keeps the traceback of a bug."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import time
+from pathlib import Path
+
+import pydantic
 import pytest
 
 from medha.cli import main
+from medha.commands import generate
+from medha.commands.user_errors import user_error_message
+from medha.config import EngineConfig
 
 
 def test_generate_prints_the_greedy_completion(capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,3 +52,121 @@ def test_generate_reports_bad_sampling_params(capsys: pytest.CaptureFixture[str]
 def test_generate_reports_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "/no/such/model", "Hi"]) == 2
     assert "/no/such/model" in capsys.readouterr().err
+
+
+# -- user errors: one line, exit status 2; bugs keep their traceback ---------------------------
+
+
+def _user_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run `medha argv`, check it failed as a user error should, and return its message."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("medha: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attention", "bogus"], "unknown attention backend 'bogus'"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--device", "cuda:99"], "'cuda:99' is not available"),
+        (["--max-tokens", "5000"], "tokens exceed the model's context of 4096"),
+    ],
+)
+def test_generate_reports_what_cannot_run_in_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert message in _user_error(capsys, ["generate", "tiny-random", "Hi", *argv])
+
+
+def test_generate_refuses_an_empty_prompt_as_the_engine_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert "the prompt is empty" in _user_error(capsys, ["generate", "tiny-random", ""])
+
+
+def test_an_empty_chat_message_is_still_a_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "tiny-random", "", "--chat", "--max-tokens", "3"]) == 0
+
+
+def test_demo_reports_a_missing_model_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["demo", "--model", "no-such-model", "--shorts", "1", "--out", str(tmp_path)]
+    assert "no-such-model" in _user_error(capsys, argv)
+
+
+def test_calibrate_reports_a_missing_model_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "profiles" / "p.json"
+    assert "no-such-model" in _user_error(capsys, ["calibrate", "no-such-model", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_calibrate_checks_its_output_path_before_calibrating(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["calibrate", "tiny-random", "--seconds", "60", "--out", str(blocker / "p.json")]
+    started = time.perf_counter()
+    assert f"cannot create the folder {blocker}" in _user_error(capsys, argv)
+    assert time.perf_counter() - started < 30  # refused before the 60 s of timing
+    argv = ["calibrate", "tiny-random", "--out", str(tmp_path)]
+    assert "it is a folder" in _user_error(capsys, argv)
+
+
+@pytest.mark.parametrize("seconds", ["-1", "0", "nan", "inf", "soon"])
+def test_calibrate_refuses_a_time_budget_that_is_not_a_positive_number(
+    capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "tiny-random", "--seconds", seconds])
+    assert exit_info.value.code == 2
+    assert "argument --seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policies", ["bogus", "lars,nope", ","])
+def test_demo_refuses_unknown_policies_before_running_any(
+    capsys: pytest.CaptureFixture[str], policies: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--policies", policies])
+    assert exit_info.value.code == 2
+    assert "argument --policies" in capsys.readouterr().err
+
+
+def test_verbose_adds_the_traceback_of_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-v", "generate", "/no/such/model", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("medha: error: ")
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("boom"), ValueError("boom"), AssertionError()])
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, bug: Exception) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise bug
+
+    monkeypatch.setattr(generate, "run", broken)
+    with pytest.raises(type(bug)):
+        main(["generate", "tiny-random", "Hi"])
+
+
+def test_a_config_validation_error_reads_as_one_line() -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        EngineConfig(model="tiny-random", policy="nope", kv_cache_gib=math.inf)  # type: ignore[arg-type]
+    message = user_error_message(info.value)
+    assert message is not None and "\n" not in message
+    assert message.startswith("invalid EngineConfig: policy: ") and "kv_cache_gib: " in message
+
+
+def test_calibrate_help_describes_the_command_in_whole_sentences(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "checks the fit on random mixed batches it was not fitted on and prints" in help_text

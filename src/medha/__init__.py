@@ -14,15 +14,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from medha.errors import (
+    DeviceUnavailableError,
     EngineClosedError,
     EngineFailedError,
+    InvalidConfigError,
     InvalidRequestError,
     InvalidSamplingParamsError,
+    KVCacheTooLargeError,
     MedhaError,
     ModelLoadError,
     PromptTooLongError,
     RequestTooLargeError,
     UnsupportedModelError,
+    WrongEventLoopError,
 )
 from medha.sampling import SamplingParams
 
@@ -60,13 +64,16 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LLM",
     "Completion",
+    "DeviceUnavailableError",
     "Engine",
     "EngineClosedError",
     "EngineConfig",
     "EngineFailedError",
     "EngineStats",
+    "InvalidConfigError",
     "InvalidRequestError",
     "InvalidSamplingParamsError",
+    "KVCacheTooLargeError",
     "MedhaError",
     "ModelLoadError",
     "ParallelConfig",
@@ -76,5 +83,6 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "UnsupportedModelError",
+    "WrongEventLoopError",
     "__version__",
 ]

@@ -1,16 +1,20 @@
 """The `medha` command: one subcommand per module of medha.commands.
 
 Each module exposes `add_parser(subparsers)` and sets `func` on its parser; heavy imports
-(torch, transformers) happen inside `func`, so `medha --help` stays instant.
+(torch, transformers) happen inside `func`, so `medha --help` stays instant. An error the user
+can fix (medha.commands.user_errors) ends the command with one `medha: error: ...` line and exit
+status 2, like a bad argument; -v adds its traceback. Any other error is a bug and shows one.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
 from medha.commands import COMMANDS
+from medha.commands.user_errors import user_error_message
 from medha.log import configure_cli_logging
 
 
@@ -35,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"medha: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,12 +6,17 @@ validated and passed around (or serialised) anywhere.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medha.scheduler import PolicyName
+
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "reference")
+"""Every attention backend medha registers (medha.kernels), whether or not this machine can run
+it: that is checked when the engine starts, on its device."""
 
 
 class ParallelConfig(BaseModel):
@@ -21,7 +26,8 @@ class ParallelConfig(BaseModel):
     engine runs embedded in the caller's process. See docs/parallelism.md.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: an infinite timeout overflows timedelta when the workers start.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tp: int = Field(default=1, ge=1)
     """Tensor parallelism: heads and MLP columns split over tp ranks (one node)."""
@@ -68,14 +74,19 @@ class ParallelConfig(BaseModel):
 class EngineConfig(BaseModel):
     """How to run a model. Bad values raise pydantic's ValidationError, naming the field."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: every float here is a size or a time that must be finite (an infinite
+    # kv_cache_gib or calibration budget would only fail, or never end, once the engine starts).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: str
     """A preset ("smollm2-135m", "tiny-random"), an HF checkpoint folder or a .gguf file."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    """A torch device ("cpu", "cuda", "cuda:1"); one this machine cannot use is refused when the
+    engine starts (medha.errors.DeviceUnavailableError)."""
     attention_backend: str = "auto"
-    """"auto" picks the best available (logged); or "reference", "sdpa", ..."""
+    """"auto" picks the best available on the device (logged); or "triton", "sdpa", "reference"
+    (or a backend registered with medha.kernels.register_backend)."""
 
     # -- scheduling ---------------------------------------------------------------------------
     policy: PolicyName = "lars"
@@ -96,8 +107,12 @@ class EngineConfig(BaseModel):
     num_blocks: int | None = Field(default=None, ge=1)
     """KV cache blocks; None sizes the cache from kv_cache_gib."""
     kv_cache_gib: float = Field(default=1.0, gt=0)
+    """KV cache size when num_blocks is None; one larger than the device's memory is refused
+    when the engine starts (medha.errors.KVCacheTooLargeError)."""
     max_model_len: int | None = Field(default=None, ge=1)
-    """Longest prompt + output accepted; None: the model's max_position_embeddings."""
+    """Longest prompt + output accepted; None: the model's max_position_embeddings. Beyond the
+    model's context (ModelArch.context_len) it is refused when the engine starts
+    (medha.errors.InvalidConfigError), as vLLM does."""
 
     # -- cost model ---------------------------------------------------------------------------
     cost_profile: Path | None = None
@@ -112,3 +127,18 @@ class EngineConfig(BaseModel):
     # -- parallelism --------------------------------------------------------------------------
     parallel: ParallelConfig = ParallelConfig()
     """TP x PP x KVP; world > 1 runs the model in that many worker processes."""
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name in ATTENTION_BACKENDS:
+            return name
+        # A backend registered at run time is accepted too. Look it up only if the registry is
+        # already imported: whoever registered one has imported it, and importing it here would
+        # pull torch into building a config.
+        registry = sys.modules.get("medha.kernels.attention")
+        if registry is not None and name in registry.backend_names():
+            return name
+        raise ValueError(
+            f"unknown attention backend {name!r} (choose from {', '.join(ATTENTION_BACKENDS)})"
+        )

@@ -4,24 +4,29 @@
         async for ev in engine.stream("Hello", deadline=2.0):
             print(ev.text, end="")
 
-Inside, two actors run as tasks of the caller's event loop: the scheduler actor (the pure LARS
-Scheduler plus every request's record) and the stage actor (the model and its KV cache, stepping
-in a worker thread). The library never starts an event loop of its own: it works from
-`asyncio.run`/`anyio.run` scripts, web servers and Jupyter alike.
+Inside, two actors run on the caller's event loop, in a task of their own (actors/host.py): the
+scheduler actor (the pure LARS Scheduler plus every request's record) and the stage actor (the
+model and its KV cache, stepping in a worker thread). The library never starts an event loop of
+its own: it works from `asyncio.run`/`anyio.run` scripts, web servers and Jupyter alike. An
+engine belongs to the loop it was started on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import numbers
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 
+from medha.actors.host import ActorHost
 from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor, Submit
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
@@ -32,6 +37,7 @@ from medha.errors import (
     InvalidRequestError,
     PromptTooLongError,
     RequestTooLargeError,
+    WrongEventLoopError,
 )
 from medha.log import get_logger
 from medha.output_text import OutputText
@@ -66,11 +72,16 @@ class Engine:
     def __init__(self, config: EngineConfig, *, record_iterations: bool = False) -> None:
         self.config = config
         self._record_iterations = record_iterations
-        self._task_group: TaskGroup | None = None
+        self._host: ActorHost | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler_actor: SchedulerActor | None = None
         self._stage: StageActor | None = None
         self._closed = False
         self._ids = itertools.count()
+        self._by_id: weakref.WeakValueDictionary[str, TrackedRequest] = (
+            weakref.WeakValueDictionary()
+        )
+        """Requests by id, for the in-use check (weak: a stream never iterated holds none)."""
         self._t0 = time.monotonic()
         self.tokenizer: Any = None
         self.max_model_len = 0
@@ -93,8 +104,9 @@ class Engine:
 
     async def start(self) -> None:
         """Load the model (in a worker thread), calibrate, and start the actors."""
-        if self._task_group is not None or self._closed:
+        if self._loop is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
+        self._loop = asyncio.get_running_loop()
         if self.config.parallel.uses_workers:
             await self._start_parallel()
             return
@@ -112,10 +124,7 @@ class Engine:
             self._record_iterations,
             OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
         )
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._contained, self._stage.run)
-        self._task_group.start_soon(self._contained, self._scheduler_actor.run)
+        await self._start_actors(self._stage.run, self._scheduler_actor.run)
         _log.info(
             "engine started",
             model=self.config.model,
@@ -146,16 +155,17 @@ class Engine:
             if actor.failure is None:
                 actor.tell(WorkersFailed(error))
 
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(parts.cluster.supervise, workers_failed)
-        self._task_group.start_soon(self._contained, actor.run)
+        await self._start_actors(partial(parts.cluster.supervise, workers_failed), actor.run)
         _log.info("engine started", model=self.config.model, parallel=str(self.config.parallel))
 
-    async def _contained(self, run: Callable[[], Awaitable[None]]) -> None:
-        """Run an actor loop; if it fails, keep the failure here instead of raising it into the
-        task group. The task group was entered in the caller's task, so an error raised in it
-        would cancel the CALLER (a web handler, a notebook cell). The actor has already
+    async def _start_actors(self, *loops: Callable[[], Awaitable[None]]) -> None:
+        self._host = ActorHost(f"medha-engine-{self.config.model}")
+        await self._host.start([partial(self._contained, loop) for loop in loops])
+
+    @staticmethod
+    async def _contained(run: Callable[[], Awaitable[None]]) -> None:
+        """Run an actor loop; if it fails, keep the failure here: one failed loop must not
+        cancel the others before they have told their streams. The actor has already
         delivered the failure where it belongs: to every open stream, and to later calls."""
         try:
             await run()
@@ -166,15 +176,26 @@ class Engine:
         """Stop serving: open streams end with EngineClosedError; idempotent."""
         if self._closed:
             return
+        self._check_loop()
         self._closed = True
-        group = self._task_group
-        if group is None:
+        if self._host is not None:
+            await self._host.stop()
+
+    def _check_loop(self) -> None:
+        """An engine serves the event loop it was started on: its actors are tasks there, and
+        replies from its worker threads go there. From another loop a call would wait for a
+        wake-up that never comes."""
+        if self._loop is None:
             return
-        group.cancel_scope.cancel()
         try:
-            await group.__aexit__(None, None, None)
-        except Exception as exc:  # the actors' failure was already delivered to the streams
-            _log.warning("engine stopped after a failure", error=repr(exc))
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise WrongEventLoopError(
+                "this Engine was started on another event loop; use it from that loop (from "
+                "another thread: asyncio.run_coroutine_threadsafe(..., loop)), or use medha.LLM"
+            )
 
     def _clock(self) -> float:
         return time.monotonic() - self._t0
@@ -208,6 +229,10 @@ class Engine:
     ) -> Completion:
         """Run a request to the end and return its Completion."""
         request = self._prepare(prompt, sampling, deadline, request_id)
+        return await self._complete(request)
+
+    async def _complete(self, request: TrackedRequest) -> Completion:
+        """Stream a prepared request to its end; its Completion."""
         async for _ in self._stream(request):
             pass
         return Completion(
@@ -221,7 +246,9 @@ class Engine:
         )
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request by id (no-op if it already finished)."""
+        """Abort a request by id (a no-op if no running request has it); its stream ends with
+        finish_reason "abort"."""
+        self._check_loop()
         self._actor().tell(Abort(request_id))
 
     def stats(self) -> EngineStats:
@@ -272,8 +299,10 @@ class Engine:
                     finished = item.finish_reason is not None
                     yield item
         finally:
-            if not finished and not self._closed and actor.failure is None:
-                actor.tell(Abort(request.request_id))
+            if not finished:
+                request.abandoned = True
+                if not self._closed and actor.failure is None:
+                    actor.tell(Abort(request.request_id, request))
 
     def _prepare(
         self,
@@ -282,6 +311,8 @@ class Engine:
         deadline: float | None,
         request_id: str | None,
     ) -> TrackedRequest:
+        """Validate a request and reserve its id; nothing is queued."""
+        self._check_loop()
         actor = self._actor()
         params = SamplingParams() if sampling is None else sampling
         if not isinstance(params, SamplingParams):
@@ -307,9 +338,11 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
-        elif actor.scheduler.get(request_id) is not None:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        return TrackedRequest(
+        else:
+            holder = self._by_id.get(request_id)
+            if holder is not None and holder.holds_id:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request = TrackedRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
@@ -321,6 +354,8 @@ class Engine:
             ),
             deadline=checked_deadline,
         )
+        self._by_id[request_id] = request
+        return request
 
     def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):
@@ -330,7 +365,8 @@ class Engine:
         elif isinstance(prompt, list | tuple):
             vocab = self._vocab_size
             for token in prompt:
-                if isinstance(token, bool) or not isinstance(token, int):
+                # numbers.Integral: numpy's integers too (a tokenizer's array output).
+                if isinstance(token, bool) or not isinstance(token, numbers.Integral):
                     raise InvalidRequestError(
                         f"a token-id prompt must hold ints, found {type(token).__name__}"
                     )
@@ -338,7 +374,7 @@ class Engine:
                     raise InvalidRequestError(
                         f"token id {token} is outside the vocabulary [0, {vocab})"
                     )
-            ids = list(prompt)
+            ids = [int(token) for token in prompt]
         else:
             raise InvalidRequestError(
                 f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"

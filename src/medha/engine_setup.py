@@ -11,12 +11,14 @@ import torch
 
 from medha.calibration import calibrate_runner
 from medha.config import EngineConfig
+from medha.errors import InvalidConfigError
 from medha.log import get_logger
 from medha.model.arch import ModelArch
+from medha.model.device import check_device
 from medha.model.kv_cache import KVCache
 from medha.model.loader import load_checkpoint
 from medha.model.runner import ModelRunner, load_model
-from medha.model.setup import resolve_dtype
+from medha.model.setup import new_kv_cache, open_runner, resolve_dtype
 from medha.model.tokenizer import Tokenizer
 from medha.perf import (
     CalibrationResult,
@@ -42,20 +44,39 @@ class EngineParts:
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
+    """Every part, or the first thing about `config` that cannot work with this model on this
+    machine, as an InvalidConfigError (the cheap checks come before loading the weights)."""
+    device = check_device(config.device)
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
+    max_model_len = max_model_len_for(config, arch)
     dtype = resolve_dtype(config.dtype)
-    model = load_model(arch, checkpoint.get_tensor, dtype, config.device)
+    model = load_model(arch, checkpoint.get_tensor, dtype, device)
     num_blocks = kv_blocks_for(config, arch, dtype, arch.num_layers)
-    cache = KVCache(arch, num_blocks, config.block_size, dtype, config.device)
-    runner = ModelRunner(model, cache, config.attention_backend)
+    cache = new_kv_cache(arch, num_blocks, config.block_size, dtype, device)
+    runner = open_runner(model, cache, config.attention_backend)
     profile, calibration = device_profile(config, lambda: runner)
     scheduler, cost = build_scheduler(config, num_blocks, arch, profile, ReplicaSpec(), dtype)
-    max_model_len = config.max_model_len or arch.max_position_embeddings
     return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
 
 # -- shared with the multi-process engine (medha.parallel.engine_parts) -------------------------
+
+
+def max_model_len_for(config: EngineConfig, arch: ModelArch) -> int:
+    """config.max_model_len (None: max_position_embeddings); InvalidConfigError beyond the
+    model's context, where its positions were never trained (vLLM refuses it too)."""
+    if config.max_model_len is None:
+        return arch.max_position_embeddings
+    context = arch.context_len
+    if config.max_model_len > context:
+        scaled = "" if context == arch.max_position_embeddings else ", scaled by its linear RoPE"
+        raise InvalidConfigError(
+            f"max_model_len={config.max_model_len} exceeds the model's context of {context} "
+            f"tokens (max_position_embeddings={arch.max_position_embeddings}{scaled}); "
+            f"set max_model_len <= {context} or leave it unset"
+        )
+    return config.max_model_len
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -106,7 +127,7 @@ def build_scheduler(
     )
     # Build the prefill table out to the longest prompt now (this runs in a worker thread),
     # not in the first long request's add_request, which would stall every decode.
-    cost.prefill_time(config.max_model_len or arch.max_position_embeddings)
+    cost.prefill_time(max_model_len_for(config, arch))
     return Scheduler(scheduler_config, cost), cost
 
 

@@ -49,3 +49,23 @@ class EngineClosedError(MedhaError):
 
 class EngineFailedError(MedhaError):
     """The engine died (a worker crashed); every open stream raises this."""
+
+
+class WrongEventLoopError(MedhaError, RuntimeError):
+    """An Engine was used from an event loop other than the one it was started on."""
+
+
+class InvalidConfigError(MedhaError, ValueError):
+    """The EngineConfig does not fit the model or this machine; raised when the engine starts.
+
+    EngineConfig itself checks only what needs no I/O (pydantic's ValidationError); what needs
+    the model or the device (its context, memory, attention backends) is checked here.
+    """
+
+
+class DeviceUnavailableError(InvalidConfigError):
+    """The configured device does not exist, or this torch build or machine cannot use it."""
+
+
+class KVCacheTooLargeError(InvalidConfigError):
+    """The KV cache asked for (kv_cache_gib or num_blocks) does not fit the device's memory."""

@@ -21,6 +21,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from medha.config import EngineConfig
 from medha.engine import Engine
+from medha.errors import EngineClosedError, InvalidRequestError
 from medha.request import Completion
 from medha.sampling import SamplingParams
 
@@ -33,6 +34,7 @@ class LLM:
         self._portal = self._portal_cm.__enter__()
         self.engine = Engine(config)
         self._stop: anyio.Event | None = None
+        self._closed = False
         try:
             # The engine lives inside one long task of the portal: a task group must be
             # entered and left by the same task.
@@ -54,21 +56,28 @@ class LLM:
         deadlines: Sequence[float | None] | None = None,
     ) -> list[Completion]:
         """Run every prompt concurrently (they share batches) and return their Completions in
-        order. A single str or token-id list counts as one prompt."""
+        order. A single str or token-id list counts as one prompt. Every prompt is validated
+        before any is queued: one bad prompt raises its typed error and nothing runs."""
+        if self._closed:
+            raise EngineClosedError("this LLM was closed")
         batch: list[Prompt] = (
             [prompts]
             if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
             else list(prompts)  # type: ignore[arg-type]
         )
         if deadlines is not None and len(deadlines) != len(batch):
-            raise ValueError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
+            raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
 
         async def run_all() -> list[Completion]:
+            engine = self.engine
+            requests = [
+                engine._prepare(prompt, sampling, None if deadlines is None else deadlines[i], None)
+                for i, prompt in enumerate(batch)
+            ]
             results: list[Completion | None] = [None] * len(batch)
 
             async def one(index: int) -> None:
-                deadline = None if deadlines is None else deadlines[index]
-                results[index] = await self.engine.generate(batch[index], sampling, deadline)
+                results[index] = await engine._complete(requests[index])
 
             async with anyio.create_task_group() as group:
                 for index in range(len(batch)):
@@ -78,6 +87,10 @@ class LLM:
         return self._portal.call(run_all)
 
     def close(self) -> None:
+        """Stop the engine and its thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self._stop is not None:
                 self._portal.call(self._stop.set)

@@ -4,7 +4,9 @@ reaches whoever waits.
 An actor handles one message at a time, so its state needs no locks. `tell` sends and forgets;
 `ask` sends and awaits the reply, which is the handler's return value or its exception. If the
 actor dies (its handler raised on a `tell`, or its loop failed), every pending and later `ask`
-raises ActorFailedError with the original error as the cause, instead of hanging.
+raises ActorFailedError with the original error as the cause, instead of hanging. If it is
+stopped (its loop cancelled: the engine is closing), they raise ActorStoppedError, an
+EngineClosedError: stopping is not a failure.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from typing import Any, Generic, TypeVar
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from medha.errors import EngineFailedError
+from medha.errors import EngineClosedError, EngineFailedError
 
 Msg = TypeVar("Msg")
 
 
 class ActorFailedError(EngineFailedError):
     """The actor an `ask` went to has died; `__cause__` is what killed it."""
+
+
+class ActorStoppedError(EngineClosedError):
+    """The actor an `ask` went to was stopped before it replied (the engine is closing)."""
 
 
 @dataclass(eq=False)
@@ -48,6 +54,7 @@ class Actor(Generic[Msg]):
         self._send, self._receive = anyio.create_memory_object_stream[_Envelope[Msg]](math.inf)
         self._pending: set[_Envelope[Msg]] = set()
         self.failure: BaseException | None = None
+        self.stopped = False
 
     async def handle(self, message: Msg) -> Any:
         raise NotImplementedError
@@ -81,11 +88,14 @@ class Actor(Generic[Msg]):
             async with self._receive:
                 async for envelope in self._receive:
                     await self._dispatch(envelope)
+        except anyio.get_cancelled_exc_class():
+            self.stop()
+            raise
         except BaseException as exc:
             self.fail(exc)
             raise
         finally:
-            self._fail_pending(self.failure)
+            self._resolve_pending()
 
     async def receive(self) -> Msg:
         """For actors with a custom loop: the next message (only `tell` messages expected)."""
@@ -118,15 +128,28 @@ class Actor(Generic[Msg]):
         if self.failure is None:
             self.failure = error
         self._send.close()
-        self._fail_pending(error)
+        self._resolve_pending()
 
-    def _fail_pending(self, error: BaseException | None) -> None:
+    def stop(self) -> None:
+        """Mark the actor stopped (its loop was cancelled): later tells and asks, and those
+        still waiting, raise ActorStoppedError."""
+        self.stopped = True
+        self._send.close()
+        self._resolve_pending()
+
+    def _resolve_pending(self) -> None:
         for envelope in list(self._pending):
             if not envelope.done.is_set():
-                failure = ActorFailedError(f"actor {self.name} stopped before replying")
-                failure.__cause__ = error
-                envelope.resolve(error=failure)
+                error: BaseException
+                if self.failure is not None:
+                    error = ActorFailedError(f"actor {self.name} stopped before replying")
+                    error.__cause__ = self.failure
+                else:
+                    error = ActorStoppedError(f"actor {self.name} stopped before replying")
+                envelope.resolve(error=error)
 
     def _check_alive(self) -> None:
         if self.failure is not None:
             raise ActorFailedError(f"actor {self.name} has failed") from self.failure
+        if self.stopped:
+            raise ActorStoppedError(f"actor {self.name} has stopped")

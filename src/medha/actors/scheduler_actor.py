@@ -40,6 +40,10 @@ class Submit:
 @dataclass(frozen=True, slots=True)
 class Abort:
     request_id: str
+    request: TrackedRequest | None = None
+    """The request to abort when its own stream ends early; None (`Engine.abort`): whichever
+    request holds the id. A stream may end long after its request finished (an abandoned async
+    generator is closed when it is collected), and the id may be a new request's by then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         try:
             while await self._take_messages():
                 await self._iterate()
+        except EngineClosedError:
+            pass  # the stage was stopped under a step: the engine is closing, nothing failed
         except Exception as exc:
             self.fail(exc)
             self._fail_requests(EngineFailedError(f"the engine failed: {exc!r}"), exc)
@@ -129,6 +135,9 @@ class SchedulerActor(Actor[Submit | Abort]):
                 deadline=request.metrics.deadline,
             )
         else:
+            tracked = self.requests.get(message.request_id)
+            if message.request is not None and tracked is not message.request:
+                return  # that request has finished; the id is free, or another request's
             request = self.requests.pop(message.request_id, None)
             if self.scheduler.abort(message.request_id) or request is not None:
                 _log.info("request aborted", request_id=message.request_id)

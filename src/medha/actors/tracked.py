@@ -32,6 +32,8 @@ class TrackedRequest:
     finish_reason: str | None = None
     sampling_sent: bool = False
     preemptions: int = 0
+    abandoned: bool = False
+    """Its stream ended before the request did (the consumer left): the id is free again."""
     _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
     receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
 
@@ -72,6 +74,11 @@ class TrackedRequest:
         # The consumer may have gone away (it aborted): then there is nobody to tell.
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._send.send_nowait(item)
+
+    @property
+    def holds_id(self) -> bool:
+        """Whether its request id is taken: until it finishes, fails or its consumer leaves."""
+        return self.finish_reason is None and not self.abandoned
 
     @property
     def text(self) -> str:

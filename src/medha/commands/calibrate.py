@@ -11,19 +11,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from medha.commands.arg_types import doc_paragraph, positive_float, positive_int
+from medha.commands.user_errors import UsageError, check_output_file
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "calibrate",
         help="fit the cost model to this machine and save a device profile",
-        description=__doc__.splitlines()[2] if __doc__ else None,
+        description=doc_paragraph(__doc__, 1),
     )
     p.add_argument("model", help="a preset, an HF folder or a .gguf file")
     p.add_argument("--out", type=Path, default=None, help="profile path (default: cache dir)")
-    p.add_argument("--seconds", type=float, default=30.0, help="time budget of the grid")
+    p.add_argument(
+        "--seconds", type=positive_float, default=30.0, help="time budget of the grid (30)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--num-blocks", type=int, default=1024)
+    p.add_argument("--num-blocks", type=positive_int, default=1024)
     p.set_defaults(func=run)
 
 
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from medha.model.setup import build_runner
     from medha.perf import RooflineCostModel, save_profile
 
+    # Before minutes of timing, not after: a profile that cannot be saved is time lost.
+    out = check_output_file(args.out or default_profile_path(args.model, args.device, args.dtype))
     console = Console()
     with console.status(f"loading {args.model}"):
         runner, _ = build_runner(
@@ -55,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
             runner, cost, mixed_validation_batches(runner.kv_cache.capacity_tokens)
         )
     errors = [abs(p - m) / m for p, m in pairs]
-    out = args.out or default_profile_path(args.model, args.device, args.dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_profile(result.profile, out)
+    try:
+        save_profile(result.profile, out)
+    except OSError as exc:  # the path was writable at start; the disk may be full by now
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
     console.print(
         f"fitted on {len(measurements)} batch shapes: median error "
         f"{result.median_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}"

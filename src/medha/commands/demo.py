@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medha.commands.arg_types import policy_list, positive_float
+from medha.commands.user_errors import prepare_output_dir
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -18,13 +21,18 @@ def add_parser(subparsers: Any) -> None:
         "under each policy in turn, and compare short-request latency.",
     )
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--policies", default="lars,fcfs")
+    p.add_argument(
+        "--policies",
+        type=policy_list,
+        default="lars,fcfs",
+        help="comma-separated, run in turn (default lars,fcfs)",
+    )
     p.add_argument("--long-tokens", type=int, default=6144)
     p.add_argument("--shorts", type=int, default=20, help="number of short requests")
-    p.add_argument("--rate", type=float, default=0.5, help="short requests per second")
+    p.add_argument("--rate", type=positive_float, default=0.5, help="short requests per second")
     p.add_argument(
         "--target-batch-time",
-        type=float,
+        type=positive_float,
         default=None,
         help="iteration budget; default 0.25 s in fp32, 0.15 s in bf16 (chunks of about the "
         "same size: a bf16 step runs ~1.5-2x faster)",
@@ -60,9 +68,9 @@ async def _run(args: argparse.Namespace) -> int:
     console = Console()
     if args.target_batch_time is None:
         args.target_batch_time = 0.15 if args.dtype == "bfloat16" else 0.25
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(args.out)
     profile_path = args.out / f"cpu-profile-{args.dtype}.json"
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies: list[str] = args.policies
     summaries: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}

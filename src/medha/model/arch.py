@@ -59,6 +59,15 @@ class ModelArch:
         return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
 
     @property
+    def context_len(self) -> int:
+        """The longest sequence the model is made for: max_position_embeddings, times the factor
+        of a linear RoPE scaling (whose configs give the unscaled length; vLLM reads them the
+        same way). Llama 3.1's scaling is already counted in max_position_embeddings."""
+        if self.rope_type == "linear" and self.rope_scaling is not None:
+            return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))
+        return self.max_position_embeddings
+
+    @property
     def o_proj_bias(self) -> bool:
         """Llama/Mistral with attention_bias put a bias on o_proj too; Qwen2 only on q/k/v."""
         return self.attention_bias and self.architecture != "Qwen2ForCausalLM"

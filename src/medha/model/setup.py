@@ -1,10 +1,16 @@
-"""From a model name to a ready ModelRunner and its tokenizer (one request at a time)."""
+"""From a model name to a ready ModelRunner and its tokenizer (one request at a time), and the
+pieces the engine builds one from, with a config that cannot work here reported as a typed
+InvalidConfigError."""
 
 from __future__ import annotations
 
 import torch
 
+from medha.errors import InvalidConfigError, KVCacheTooLargeError
+from medha.model.arch import ModelArch
+from medha.model.device import check_device, memory_bytes
 from medha.model.kv_cache import KVCache
+from medha.model.llama import LlamaForCausalLM
 from medha.model.loader import load_checkpoint
 from medha.model.runner import ModelRunner, load_model
 from medha.model.tokenizer import Tokenizer
@@ -31,12 +37,50 @@ def build_runner(
     attention_backend: str = "auto",
 ) -> tuple[ModelRunner, Tokenizer]:
     """Load `model` and give it a KV cache of `num_blocks`, by default enough for the model's
-    whole context (plus `max_tokens`, for models whose config undersells their context)."""
+    whole context (`ModelArch.context_len`) plus `max_tokens`.
+
+    A device this machine lacks, a KV cache too large for it or an attention backend it cannot
+    run raise InvalidConfigError subclasses (the device before anything is loaded)."""
+    torch_device = check_device(device)
     checkpoint = load_checkpoint(model)
     torch_dtype = resolve_dtype(dtype)
-    net = load_model(checkpoint.arch, checkpoint.get_tensor, torch_dtype, device)
+    net = load_model(checkpoint.arch, checkpoint.get_tensor, torch_dtype, torch_device)
     if num_blocks is None:
-        tokens = checkpoint.arch.max_position_embeddings + (max_tokens or 0)
+        tokens = checkpoint.arch.context_len + (max_tokens or 0)
         num_blocks = -(-tokens // block_size)
-    cache = KVCache(checkpoint.arch, num_blocks, block_size, torch_dtype, device)
-    return ModelRunner(net, cache, attention_backend), checkpoint.tokenizer
+    cache = new_kv_cache(checkpoint.arch, num_blocks, block_size, torch_dtype, torch_device)
+    return open_runner(net, cache, attention_backend), checkpoint.tokenizer
+
+
+def new_kv_cache(
+    arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> KVCache:
+    """A KVCache of all `arch`'s layers; KVCacheTooLargeError if it cannot fit the device."""
+    size = num_blocks * KVCache.bytes_per_block(arch, block_size, dtype, arch.num_layers)
+    room = memory_bytes(device)
+    # Checked before allocating: on CPU an oversized allocation fails with a bare RuntimeError,
+    # or (overcommitted) succeeds and gets the process killed once the pages are touched.
+    if room is not None and size > room:
+        raise _kv_too_large(size, num_blocks, device, f"its {room / 2**30:.1f} GiB")
+    try:
+        return KVCache(arch, num_blocks, block_size, dtype, device)
+    except torch.OutOfMemoryError as exc:
+        raise _kv_too_large(size, num_blocks, device, "what is left of its memory") from exc
+
+
+def _kv_too_large(size: int, num_blocks: int, device: torch.device, room: str) -> Exception:
+    return KVCacheTooLargeError(
+        f"a KV cache of {size / 2**30:.1f} GiB ({num_blocks} blocks) does not fit in {device}'s "
+        f"memory ({room}); lower kv_cache_gib or num_blocks"
+    )
+
+
+def open_runner(
+    model: LlamaForCausalLM, cache: KVCache, attention_backend: str = "auto"
+) -> ModelRunner:
+    """ModelRunner(model, cache, attention_backend), with a backend the device cannot run (or
+    one nobody registered) reported as InvalidConfigError."""
+    try:
+        return ModelRunner(model, cache, attention_backend)
+    except ValueError as exc:  # raised only by select_backend, whose message says what it needs
+        raise InvalidConfigError(str(exc)) from exc

@@ -40,16 +40,25 @@ class ParallelParts:
 def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     import torch
 
-    from medha.engine_setup import build_scheduler, device_profile, kv_blocks_for
+    from medha.engine_setup import (
+        build_scheduler,
+        device_profile,
+        kv_blocks_for,
+        max_model_len_for,
+    )
+    from medha.model.device import check_device
     from medha.model.setup import build_runner, resolve_dtype
     from medha.parallel.tp import local_arch
     from medha.perf import ReplicaSpec
 
     parallel = config.parallel
     layout = RankLayout(tp=parallel.tp, pp=parallel.pp, kvp=parallel.kvp)
+    if parallel.attach is None:  # spawned workers use this machine's devices
+        check_device(config.device)
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     _check_layout(arch, layout)
+    max_model_len = max_model_len_for(config, arch)
     dtype = resolve_dtype(config.dtype)
     # One worker's pool: its TP shard of the heads, for the layers of the largest stage.
     stage_layers = max(len(r) for r in split_layers(arch.num_layers, layout.pp))
@@ -101,7 +110,6 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         attach=parallel.attach,
     )
     cluster.start(parallel.timeout_s)
-    max_model_len = config.max_model_len or arch.max_position_embeddings
     return ParallelParts(
         checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
     )

@@ -20,7 +20,11 @@ must fall exactly as fast as time passes, or its slack would drain while it runs
 each iteration re-reads the weights; the end of a long prompt, whose chunks shrink), a fixed
 reference would under-predict the work and make every long request look late. Not modelled:
 LARS's space sharing past `long_prefill_threshold`, which leaves part of a long prompt's budget
-to others even when it runs alone (a lone 1M-token prompt then runs ~2% over its prediction).
+to others even when it runs alone (a lone 1M-token prompt then runs ~2% over its prediction);
+and the finishing allowance (`SchedulerConfig.finish_tolerance`), which lets a prompt's last
+chunk run over the budget: a prompt up to ~1.2 chunks long, which the scheduler prefills in one
+iteration, is predicted as two (one iteration's fixed cost too dear; the table is cumulative
+over positions, and where a prompt ends is not known to it).
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""A config that cannot work is refused early, with a typed error that says why: at construction
+what needs no I/O (names, finite numbers), at engine start what needs the model or the machine
+(its context, the device, the device's memory, the backends it runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pydantic
+import pytest
+import torch
+
+from medha.config import ATTENTION_BACKENDS, EngineConfig, ParallelConfig
+from medha.engine_setup import build_engine_parts, max_model_len_for
+from medha.errors import (
+    DeviceUnavailableError,
+    InvalidConfigError,
+    KVCacheTooLargeError,
+    MedhaError,
+)
+from medha.kernels import attention, backend_names, register_backend
+from medha.kernels.sdpa import sdpa_attention
+from medha.model import device as device_module
+from medha.model import setup as model_setup
+from medha.model.arch import ModelArch
+from medha.model.device import check_device
+from medha.model.kv_cache import KVCache
+from medha.model.loader import load_checkpoint
+from medha.model.setup import new_kv_cache
+
+# -- at construction ----------------------------------------------------------------------------
+
+
+def test_an_unknown_attention_backend_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(pydantic.ValidationError, match="unknown attention backend 'bogus'"):
+        EngineConfig(model="tiny-random", attention_backend="bogus")
+
+
+def test_every_backend_medha_registers_is_accepted_whether_or_not_it_runs_here() -> None:
+    registered = set(backend_names())  # medha.kernels imported: "triton" registered too
+    assert registered <= set(ATTENTION_BACKENDS) and "triton" in registered
+    for name in ATTENTION_BACKENDS:
+        assert EngineConfig(model="tiny-random", attention_backend=name).attention_backend == name
+
+
+def test_a_backend_registered_at_run_time_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _isolate_registry(monkeypatch)
+    register_backend("mine", sdpa_attention, lambda device: True)
+    assert EngineConfig(model="tiny-random", attention_backend="mine").attention_backend == "mine"
+
+
+@pytest.mark.parametrize("field", ["kv_cache_gib", "calibration_seconds", "target_batch_time"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_sizes_and_times_must_be_finite(field: str, value: float) -> None:
+    with pytest.raises(pydantic.ValidationError, match=field):
+        EngineConfig.model_validate({"model": "tiny-random", field: value})
+
+
+def test_an_infinite_worker_timeout_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="timeout_s"):
+        ParallelConfig(timeout_s=math.inf)
+
+
+def test_building_a_config_imports_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from medha.config import EngineConfig\n"
+        "EngineConfig(model='tiny-random', attention_backend='triton', device='cuda:3')\n"
+        "try:\n"
+        "    EngineConfig(model='tiny-random', attention_backend='bogus')\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- at engine start ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_a_device_this_machine_lacks_fails_the_start_with_a_typed_error(device: str) -> None:
+    config = EngineConfig(model="tiny-random", device=device, num_blocks=16)
+    with pytest.raises(DeviceUnavailableError, match=device):
+        build_engine_parts(config)
+
+
+def test_cuda_on_a_cpu_only_torch_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(DeviceUnavailableError, match=r"'cuda:0' is not available: .*no CUDA"):
+        check_device("cuda:0")
+
+
+def test_a_cuda_index_past_the_last_device_names_the_ones_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceUnavailableError, match="cuda:0 to cuda:1"):
+        check_device("cuda:2")
+    assert check_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_max_model_len_beyond_the_models_context_fails_the_start_naming_both() -> None:
+    config = EngineConfig(model="tiny-random", max_model_len=100_000, num_blocks=16)
+    with pytest.raises(InvalidConfigError, match=r"max_model_len=100000 .* 4096"):
+        build_engine_parts(config)
+
+
+def test_max_model_len_up_to_the_context_is_kept() -> None:
+    arch = _tiny_arch()
+    assert max_model_len_for(EngineConfig(model="tiny-random"), arch) == 4096
+    config = EngineConfig(model="tiny-random", max_model_len=4096)
+    assert max_model_len_for(config, arch) == 4096
+
+
+def test_a_linear_rope_scaling_stretches_the_context_as_vllm_reads_it() -> None:
+    arch = dataclasses.replace(_tiny_arch(), rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert arch.context_len == 8192
+    assert max_model_len_for(EngineConfig(model="tiny-random", max_model_len=8192), arch) == 8192
+    with pytest.raises(InvalidConfigError, match="8192"):
+        max_model_len_for(EngineConfig(model="tiny-random", max_model_len=8193), arch)
+
+
+def test_a_kv_cache_larger_than_the_machines_memory_fails_the_start() -> None:
+    config = EngineConfig(model="tiny-random", kv_cache_gib=1e6)
+    with pytest.raises(KVCacheTooLargeError, match=r"1000000\.0 GiB .* does not fit"):
+        build_engine_parts(config)
+
+
+def test_running_out_of_device_memory_while_allocating_the_cache_is_typed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(model_setup, "memory_bytes", lambda device: None)
+    monkeypatch.setattr(KVCache, "__init__", out_of_memory)
+    with pytest.raises(KVCacheTooLargeError, match="does not fit"):
+        new_kv_cache(_tiny_arch(), 16, 16, torch.float32, torch.device("cpu"))
+
+
+def test_the_cpu_memory_is_known() -> None:
+    room = device_module.memory_bytes(torch.device("cpu"))
+    assert room is None or room > 2**20
+
+
+def test_an_attention_backend_the_device_cannot_run_fails_the_start_typed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _isolate_registry(monkeypatch)
+    register_backend("nowhere", sdpa_attention, lambda device: False, requirement="a TPU")
+    config = EngineConfig(model="tiny-random", attention_backend="nowhere", num_blocks=16)
+    with pytest.raises(InvalidConfigError, match="'nowhere' is not available on cpu: a TPU"):
+        build_engine_parts(config)
+
+
+def test_config_errors_are_value_errors_and_medha_errors() -> None:
+    for error in (InvalidConfigError, DeviceUnavailableError, KVCacheTooLargeError):
+        assert issubclass(error, ValueError) and issubclass(error, MedhaError)
+
+
+def _tiny_arch() -> ModelArch:
+    return load_checkpoint("tiny-random").arch
+
+
+def _isolate_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a test register backends without leaving them behind for the others."""
+    for name in ("_BACKENDS", "_AVAILABLE", "_NAMED_AVAILABLE", "_REQUIREMENT"):
+        monkeypatch.setattr(attention, name, dict(getattr(attention, name)))
+    monkeypatch.setattr(attention, "_PREFERENCE", list(attention._PREFERENCE))
