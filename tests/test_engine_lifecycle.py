@@ -163,3 +163,18 @@ def test_a_closed_llm_says_so_and_closes_twice() -> None:
     llm.close()
     with pytest.raises(EngineClosedError):
         llm.generate(["too late"], SHORT)
+
+
+async def test_every_concurrent_stop_returns_once_the_actors_have_stopped() -> None:
+    engine = medha.Engine(engine_config())
+    await engine.start()
+    host_task = engine._host._task  # type: ignore[union-attr]
+    assert host_task is not None
+
+    async def stop_and_check() -> None:
+        await engine.stop()
+        assert host_task.done()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(stop_and_check)
+        group.start_soon(stop_and_check)

@@ -4,6 +4,7 @@ time a micro-batch spends waiting in the pipeline."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -27,15 +28,18 @@ def anyio_backend() -> str:
 
 
 class _Observations:
-    """Wraps a tracker's observe_batch to keep what it was given."""
+    """Wraps a tracker's observe_batch to keep what it was given, and every level the cost
+    model has had (the level when each observation came)."""
 
     def __init__(self, tracker: OnlineTimeScale) -> None:
-        self.seen: list[tuple[float, float]] = []
+        self.seen: list[tuple[float, float, float]] = []
+        self.levels = [tracker.cost.time_scale]
         observe = tracker.observe_batch
 
         def recording(seqs: Sequence[SeqShape], predicted: float, measured: float) -> None:
-            self.seen.append((predicted, measured))
+            self.seen.append((predicted, measured, tracker.cost.time_scale))
             observe(seqs, predicted, measured)
+            self.levels.append(tracker.cost.time_scale)
 
         tracker.observe_batch = recording  # type: ignore[method-assign]
 
@@ -65,11 +69,16 @@ async def test_a_pipeline_learns_from_stage_compute_time_not_time_in_flight() ->
     assert tracker.cost is actor.scheduler.cost
     assert len(completed) == len(history)
     stage_differs = 0
-    for (predicted, measured), record, plan in zip(
-        observations.seen, history, completed, strict=True
+    for index, ((predicted, measured, level), record, plan) in enumerate(
+        zip(observations.seen, history, completed, strict=True)
     ):
-        # Two stages: one stage's predicted time, not the whole batch's.
-        assert predicted == plan.predicted_stage_time
+        # Two stages: one stage's predicted time, not the whole batch's, brought to the level
+        # of now from the level it was priced at (one the cost model had before).
+        level_priced_at = level * plan.predicted_stage_time / predicted
+        assert any(
+            math.isclose(level_priced_at, earlier, rel_tol=1e-9)
+            for earlier in observations.levels[: index + 1]
+        )
         stage_differs += plan.predicted_stage_time < plan.predicted_time
         # One stage's compute, not the plan's time from issue to tokens (both stages and the
         # hand-over between them, and any wait behind the micro-batch ahead).

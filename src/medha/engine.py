@@ -81,7 +81,7 @@ class Engine:
         self._by_id: weakref.WeakValueDictionary[str, TrackedRequest] = (
             weakref.WeakValueDictionary()
         )
-        """Requests by id, for the in-use check (weak: a stream never iterated holds none)."""
+        """Requests by id, for the in-use check (weak: a stream dropped unstarted frees its id)."""
         self._t0 = time.monotonic()
         self.tokenizer: Any = None
         self.max_model_len = 0
@@ -174,12 +174,14 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop serving: open streams end with EngineClosedError; idempotent."""
-        if self._closed:
+        if self._host is None:
+            self._closed = True
             return
         self._check_loop()
         self._closed = True
-        if self._host is not None:
-            await self._host.stop()
+        # Not returning early when closed already: a second caller (a shutdown hook racing
+        # `async with`) waits for the actors to stop too.
+        await self._host.stop()
 
     def _check_loop(self) -> None:
         """An engine serves the event loop it was started on: its actors are tasks there, and
@@ -190,7 +192,10 @@ class Engine:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
-            running = None
+            raise WrongEventLoopError(
+                "no event loop is running here: call the Engine from a coroutine on the loop it "
+                "was started on (from synchronous code, use medha.LLM)"
+            ) from None
         if running is not self._loop:
             raise WrongEventLoopError(
                 "this Engine was started on another event loop; use it from that loop (from "
@@ -336,12 +341,12 @@ class Engine:
         checked_deadline = check_deadline(deadline)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
+            while self._taken(request_id):  # a caller may have named a request "req-7"
+                request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
-        else:
-            holder = self._by_id.get(request_id)
-            if holder is not None and holder.holds_id:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        elif self._taken(request_id):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = TrackedRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -356,6 +361,10 @@ class Engine:
         )
         self._by_id[request_id] = request
         return request
+
+    def _taken(self, request_id: str) -> bool:
+        holder = self._by_id.get(request_id)
+        return holder is not None and holder.holds_id
 
     def _prompt_ids(self, prompt: object) -> list[int]:
         if isinstance(prompt, str):

@@ -11,6 +11,7 @@ the caller's loop.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -36,8 +37,8 @@ class LLM:
         self._stop: anyio.Event | None = None
         self._closed = False
         try:
-            # The engine lives inside one long task of the portal: a task group must be
-            # entered and left by the same task.
+            # The engine starts and stops in one long task of the portal's loop, the loop it
+            # belongs to.
             self._served, _ = self._portal.start_task(self._serve)
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
@@ -62,7 +63,7 @@ class LLM:
             raise EngineClosedError("this LLM was closed")
         batch: list[Prompt] = (
             [prompts]
-            if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+            if isinstance(prompts, str) or (prompts and _is_token_id(prompts[0]))
             else list(prompts)  # type: ignore[arg-type]
         )
         if deadlines is not None and len(deadlines) != len(batch):
@@ -108,3 +109,8 @@ class LLM:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _is_token_id(item: object) -> bool:
+    """As the engine reads token ids: any integer (numpy's too), not a bool."""
+    return isinstance(item, numbers.Integral) and not isinstance(item, bool)

@@ -43,12 +43,17 @@ class ActorHost:
                 running.set()
                 await anyio.sleep_forever()
 
-        self._task = asyncio.get_running_loop().create_task(host(), name=self.name)
+        task = self._task = asyncio.get_running_loop().create_task(host(), name=self.name)
         waiter = asyncio.ensure_future(running.wait())
-        await asyncio.wait([waiter, self._task], return_when=asyncio.FIRST_COMPLETED)
-        if not running.is_set():
+        try:
+            await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()  # the caller was cancelled while starting: leave nothing running
+            raise
+        finally:
             waiter.cancel()
-            self._task.result()  # the host ended before its loops ran: raise why
+        if not running.is_set():
+            task.result()  # the host ended before its loops ran: raise why
 
     async def stop(self) -> None:
         """Cancel the host task and wait until every loop has ended; idempotent."""

@@ -61,6 +61,8 @@ class _Flight:
     done_at: float = field(default=0.0)
     compute_seconds: float = 0.0
     """The longest any worker computed this plan (its stage time as measured)."""
+    level_at_issue: float = 1.0
+    """The cost model's time_scale when the plan was predicted."""
 
 
 class PipelineSchedulerActor(SchedulerActor):
@@ -167,12 +169,18 @@ class PipelineSchedulerActor(SchedulerActor):
             self.logits_log.append((plan, flight.logits))
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
+        self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
         if self.time_scale is not None and flight.compute_seconds > 0:
             shapes = [
                 SeqShape(seq.q_tokens, seq.kv_tokens, max(len(seq.shards), 1)) for seq in plan.seqs
             ]
-            self.time_scale.observe_batch(shapes, plan.predicted_stage_time, flight.compute_seconds)
+            # Up to pp plans are in flight: the level may have moved since this one was priced,
+            # and the error it shows is only what the level has not learned yet.
+            level = self.time_scale.cost.time_scale / flight.level_at_issue
+            self.time_scale.observe_batch(
+                shapes, plan.predicted_stage_time * level, flight.compute_seconds
+            )
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -235,6 +243,8 @@ class PipelineSchedulerActor(SchedulerActor):
             set(self.layout.stage_ranks(0)) if plan is not None else set(),
             world,
         )
+        if self.time_scale is not None:
+            flight.level_at_issue = self.time_scale.cost.time_scale
         self._flights[seq_no] = flight
         self._order.append(flight)
         self.cluster.submit(steps, self._on_reply)

@@ -128,17 +128,23 @@ class RemoteStage:
             batch.append(shard_step_seq(work, state.block_table))
         out, started = self._forward(step, batch)
         if self.next_rank is not None:
+            # Timed before the send: handing the output on is not this stage's compute.
+            seconds = self._seconds_since(started)
             self._send(out)
-            return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
+            return StageDone(step.seq_no, self.rank, seconds=seconds)
         if not self.samples:
             return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
         return self._sample(step, out, started)
 
     def _seconds_since(self, started: float) -> float:
-        """Compute time of this step so far; on CUDA, once the queued kernels are done."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Compute time of this step so far: on CUDA once this thread's stream has run what
+        it queued (its stream only: a device-wide sync would also wait for NCCL's sends)."""
+        self._sync_stream()
         return time.perf_counter() - started
+
+    def _sync_stream(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _forward(self, step: ShardStep, batch: list[StepSeq]) -> tuple[torch.Tensor, float]:
         """This stage's output, and when its inputs were in hand (after the previous stage's
@@ -161,6 +167,9 @@ class RemoteStage:
                 len(ids), self.model.arch.hidden_size, dtype=self.cache.k[0].dtype, device=device
             )
             dist.recv(inputs, src=self.prev_rank)
+            # With NCCL the recv only queues a wait on the stream: wait for the data itself
+            # before the clock starts, or the previous stage's compute would count as ours.
+            self._sync_stream()
         started = time.perf_counter()
         logit_rows = None
         if self.next_rank is None and not step.all_logits:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from medha.actors.base import Actor
+from medha.actors.base import Actor, ActorStoppedError
 from medha.actors.messages import Forget, ModelStep, SeqWork, StepOutput
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
@@ -74,6 +74,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.time_scale = time_scale
         """Learns how much slower or faster than predicted the stage runs (None: never)."""
         self.requests: dict[str, TrackedRequest] = {}
+        self._parked: list[TrackedRequest] = []
+        """Submitted under an id whose aborted request is still in flight (see _handle)."""
         self.iterations = 0
         self.history: list[IterationRecord] | None = [] if record_iterations else None
 
@@ -81,8 +83,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         try:
             while await self._take_messages():
                 await self._iterate()
-        except EngineClosedError:
-            pass  # the stage was stopped under a step: the engine is closing, nothing failed
+        except ActorStoppedError:
+            self.stop()  # the stage was stopped under a step: the engine is closing
         except Exception as exc:
             self.fail(exc)
             self._fail_requests(EngineFailedError(f"the engine failed: {exc!r}"), exc)
@@ -113,36 +115,59 @@ class SchedulerActor(Actor[Submit | Abort]):
     def _handle(self, message: Submit | Abort) -> None:
         if isinstance(message, Submit):
             request = message.request
-            try:
-                self.scheduler.add_request(
-                    request.request_id,
-                    len(request.prompt_ids),
-                    request.params.max_tokens,
-                    request.metrics.arrival,
-                    request.deadline,
-                )
-            except Exception as exc:  # checked before submitting; a late refusal ends only it
-                request.fail(exc)
+            retiring = self.scheduler.get(request.request_id) is not None
+            if retiring and request.request_id not in self.requests:
+                # The id's previous request was aborted but a plan in flight still refers to it
+                # (a pipeline): admit this one when that plan is done and the old one retires.
+                self._parked.append(request)
                 return
-            scheduled = self.scheduler.get(request.request_id)
-            if scheduled is not None:
-                request.metrics.deadline = scheduled.deadline
-            self.requests[request.request_id] = request
-            _log.info(
-                "request queued",
-                request_id=request.request_id,
-                prompt_tokens=len(request.prompt_ids),
-                deadline=request.metrics.deadline,
+            self._admit(request)
+            return
+        parked = next((r for r in self._parked if r.request_id == message.request_id), None)
+        if parked is not None and message.request in (None, parked):
+            self._parked.remove(parked)
+            parked.abort()
+            return
+        tracked = self.requests.get(message.request_id)
+        if message.request is not None and tracked is not message.request:
+            return  # that request has finished; the id is free, or another request's
+        request = self.requests.pop(message.request_id, None)
+        if self.scheduler.abort(message.request_id) or request is not None:
+            _log.info("request aborted", request_id=message.request_id)
+        if request is not None:
+            request.abort()
+
+    def _admit(self, request: TrackedRequest) -> None:
+        try:
+            self.scheduler.add_request(
+                request.request_id,
+                len(request.prompt_ids),
+                request.params.max_tokens,
+                request.metrics.arrival,
+                request.deadline,
             )
-        else:
-            tracked = self.requests.get(message.request_id)
-            if message.request is not None and tracked is not message.request:
-                return  # that request has finished; the id is free, or another request's
-            request = self.requests.pop(message.request_id, None)
-            if self.scheduler.abort(message.request_id) or request is not None:
-                _log.info("request aborted", request_id=message.request_id)
-            if request is not None:
-                request.abort()
+        except Exception as exc:  # checked before submitting; a late refusal ends only it
+            request.fail(exc)
+            return
+        scheduled = self.scheduler.get(request.request_id)
+        if scheduled is not None:
+            request.metrics.deadline = scheduled.deadline
+        self.requests[request.request_id] = request
+        _log.info(
+            "request queued",
+            request_id=request.request_id,
+            prompt_tokens=len(request.prompt_ids),
+            deadline=request.metrics.deadline,
+        )
+
+    def _admit_parked(self) -> None:
+        """Admit the parked requests whose id's previous request has retired."""
+        if not self._parked:
+            return
+        waiting = self._parked
+        self._parked = []
+        for request in waiting:
+            self._handle(Submit(request))
 
     async def _iterate(self) -> None:
         if not self.scheduler.has_work:
@@ -161,6 +186,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_stage0_done(plan)
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
+        self._admit_parked()
         self._record(plan, started, output.seconds)
         if self.time_scale is not None:
             shapes = [SeqShape(seq.q_tokens, seq.kv_tokens) for seq in plan.seqs]
@@ -254,8 +280,9 @@ class SchedulerActor(Actor[Submit | Abort]):
         return finished
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
-        for request in self.requests.values():
+        for request in [*self.requests.values(), *self._parked]:
             failure = type(error)(str(error))
             failure.__cause__ = cause
             request.fail(failure)
         self.requests.clear()
+        self._parked.clear()

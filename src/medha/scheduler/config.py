@@ -32,8 +32,8 @@ class SchedulerConfig(BaseModel):
     finish_tolerance: float = Field(default=0.25, ge=0, lt=1)
     """A chunk that completes its prompt may take the batch up to target x (1 + this): the
     prompt's first token comes one iteration sooner, rather than a small tail paying a whole
-    iteration's fixed cost (weights read, per-step overhead) later. Never below
-    chunk_tolerance."""
+    iteration's fixed cost (weights read, per-step overhead) later. A value below
+    chunk_tolerance acts as chunk_tolerance."""
     max_batch_size: int = Field(default=256, ge=1)
     """Most sequences (decodes + prefills) in one batch; also caps the running requests."""
     fixed_chunk: int = Field(default=512, ge=1)
