@@ -6,9 +6,9 @@
 
 Inside, two actors run on the caller's event loop, in a task of their own (actors/host.py): the
 scheduler actor (the pure LARS Scheduler plus every request's record) and the stage actor (the
-model and its KV cache, stepping in a worker thread). The library never starts an event loop of
-its own: it works from `asyncio.run`/`anyio.run` scripts, web servers and Jupyter alike. An
-engine belongs to the loop it was started on.
+model and its KV cache, stepping on the engine's model thread, actors/model_thread.py). The
+library never starts an event loop of its own: it works from `asyncio.run`/`anyio.run` scripts,
+web servers and Jupyter alike. An engine belongs to the loop it was started on.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from medha.actors.host import ActorHost
+from medha.actors.model_thread import ModelThread
 from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor, Submit
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
@@ -76,6 +77,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler_actor: SchedulerActor | None = None
         self._stage: StageActor | None = None
+        self._model_thread: ModelThread | None = None
         self._closed = False
         self._ids = itertools.count()
         self._by_id: weakref.WeakValueDictionary[str, TrackedRequest] = (
@@ -103,7 +105,7 @@ class Engine:
         await self.stop()
 
     async def start(self) -> None:
-        """Load the model (in a worker thread), calibrate, and start the actors."""
+        """Load the model (on the model thread), calibrate, and start the actors."""
         if self._loop is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
         self._loop = asyncio.get_running_loop()
@@ -112,11 +114,17 @@ class Engine:
             return
         from medha.engine_setup import build_engine_parts
 
-        parts = await anyio.to_thread.run_sync(build_engine_parts, self.config)
+        # Loading, calibration and every step on one thread: see medha.actors.model_thread.
+        thread = self._model_thread = ModelThread(f"medha-model-{self.config.model}")
+        try:
+            parts = await thread.run(build_engine_parts, self.config)
+        except BaseException:
+            thread.close()
+            raise
         self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
         self._vocab_size = parts.runner.arch.vocab_size
         self.calibration = parts.calibration
-        self._stage = StageActor(parts.runner)
+        self._stage = StageActor(parts.runner, thread)
         self._scheduler_actor = SchedulerActor(
             parts.scheduler,
             self._stage,
@@ -182,10 +190,12 @@ class Engine:
         # Not returning early when closed already: a second caller (a shutdown hook racing
         # `async with`) waits for the actors to stop too.
         await self._host.stop()
+        if self._model_thread is not None:
+            self._model_thread.close()
 
     def _check_loop(self) -> None:
         """An engine serves the event loop it was started on: its actors are tasks there, and
-        replies from its worker threads go there. From another loop a call would wait for a
+        replies from its threads go there. From another loop a call would wait for a
         wake-up that never comes."""
         if self._loop is None:
             return

@@ -1,5 +1,5 @@
 """Build what an Engine runs from its config: model runner, tokenizer, calibrated cost model,
-and the Scheduler. Runs in a worker thread at start (loading takes seconds)."""
+and the Scheduler. Runs on the engine's model thread at start (loading takes seconds)."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def build_scheduler(
         dtype_bytes=dtype_bytes(dtype),
         prefill_chunking=ChunkBudget.of(scheduler_config),
     )
-    # Build the prefill table out to the longest prompt now (this runs in a worker thread),
+    # Build the prefill table out to the longest prompt now (this runs off the event loop),
     # not in the first long request's add_request, which would stall every decode.
     cost.prefill_time(max_model_len_for(config, arch))
     return Scheduler(scheduler_config, cost), cost

@@ -23,6 +23,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from medha.config import EngineConfig
 from medha.engine import Engine
 from medha.errors import EngineClosedError, InvalidRequestError
+from medha.model.openmp import release_idle_threads
 from medha.request import Completion
 from medha.sampling import SamplingParams
 
@@ -68,6 +69,9 @@ class LLM:
         )
         if deadlines is not None and len(deadlines) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
+        # This thread only waits while the model thread works; an idle OpenMP pool of its own
+        # (any torch op the caller ran) would slow the model thread's (medha.model.openmp).
+        release_idle_threads()
 
         async def run_all() -> list[Completion]:
             engine = self.engine

@@ -3,7 +3,7 @@
 Its loop: take new requests and aborts from the mailbox, ask the Scheduler for the next plan,
 send it to the stage actor as a ModelStep, then turn the sampled tokens into stream events and
 tell the Scheduler the step is done. One plan is in flight at a time in one process (one
-pipeline stage); the stage runs it in a worker thread, so the event loop stays free meanwhile.
+pipeline stage); the stage runs it on the model thread, so the event loop stays free meanwhile.
 """
 
 from __future__ import annotations

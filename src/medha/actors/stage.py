@@ -1,4 +1,5 @@
-"""The stage actor: runs model steps on its ModelRunner, off the event loop, and samples.
+"""The stage actor: runs model steps on its ModelRunner, on the engine's model thread (off the
+event loop), and samples.
 
 In one process there is one stage holding every layer and the whole KV cache, so it is also the
 last stage: it samples. It keeps, per request, the KV block table (extended by each step's new
@@ -10,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import anyio
 import torch
 
 from medha.actors.base import Actor
 from medha.actors.messages import Forget, ModelStep, SampledToken, StepOutput
+from medha.actors.model_thread import ModelThread
 from medha.model.runner import ModelRunner, StepSeq
 from medha.model.sampler import make_generator, sample
 from medha.sampling import SamplingParams
@@ -28,18 +29,19 @@ class _SeqState:
 
 
 class StageActor(Actor[ModelStep | Forget]):
-    def __init__(self, runner: ModelRunner, name: str = "stage-0") -> None:
+    def __init__(self, runner: ModelRunner, thread: ModelThread, name: str = "stage-0") -> None:
         super().__init__(name)
         self.runner = runner
+        self.thread = thread
         self._seqs: dict[str, _SeqState] = {}
 
     async def handle(self, message: ModelStep | Forget) -> StepOutput | None:
         if isinstance(message, Forget):
             self._forget(message.release, message.preempted)
             return None
-        # The model step runs in a worker thread so the event loop keeps streaming tokens and
-        # accepting requests meanwhile. torch releases the GIL inside its kernels.
-        return await anyio.to_thread.run_sync(self.run_step, message)
+        # On the model thread, so the event loop keeps streaming tokens and accepting requests
+        # meanwhile. torch releases the GIL inside its kernels.
+        return await self.thread.run(self.run_step, message)
 
     def run_step(self, step: ModelStep) -> StepOutput:
         started = time.perf_counter()

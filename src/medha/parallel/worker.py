@@ -124,6 +124,7 @@ def _load_stage(rank: int, spec: WorkerSpec) -> None:
     from medha.kernels import select_backend
     from medha.model.kv_cache import KVCache
     from medha.model.loader import load_checkpoint
+    from medha.model.openmp import release_idle_threads
     from medha.model.setup import resolve_dtype
     from medha.parallel.groups import build_groups
     from medha.parallel.kvp import KvpMerge
@@ -168,6 +169,9 @@ def _load_stage(rank: int, spec: WorkerSpec) -> None:
         kvp_merge=KvpMerge(groups.kvp, layout.kvp) if layout.kvp > 1 else None,
         device=device,
     )
+    # Loading ran parallel regions on this thread; the steps run on the stage's thread. Free
+    # this thread's idle OpenMP pool, or libgomp would slow the stage's (medha.model.openmp).
+    release_idle_threads()
 
 
 def serve_attached(engine: str, timeout_s: float = 600.0) -> None:
