@@ -19,9 +19,11 @@
 #     gguf==0.19.0 hypothesis==6.170.15 sortedcontainers==2.4.0 typing_extensions==4.16.0
 #
 # Then, from the device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"],
-# timeout_s=540). Results land in $OUT (tests.txt, gpu_attention.txt, gpu_attention.json,
-# gpu.txt); copy gpu_attention.json to benchmarks/results/.
-set -u
+# timeout_s=480). The two steps are capped at 150 s and 270 s, so that a machine start (1-2
+# minutes) plus one run fit the 15 minutes with room to spare. Results land in $OUT (gpu.txt,
+# tests.txt, gpu_attention.txt, gpu_attention.json, status.txt: each step's exit status, 124
+# for a step cut at its cap); copy gpu_attention.json to benchmarks/results/.
+set -u -o pipefail
 OUT=${OUT:-/tmp/medha-gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -30,12 +32,14 @@ export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+  python3 -c 'import importlib.metadata as m, torch, triton, anyio, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "anyio", m.version("anyio"), torch.cuda.get_device_name())'
 } 2>&1 | tee "$OUT/gpu.txt"
 
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
   tests/test_triton_attention.py tests/test_decode_attention.py tests/test_attention_kernels.py \
   tests/test_device_exactness.py 2>&1 | tee "$OUT/tests.txt"
+echo "tests: $?" | tee "$OUT/status.txt"
 
-timeout 240 python3 benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" 2>&1 \
+timeout 270 python3 benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" 2>&1 \
   | tee "$OUT/gpu_attention.txt"
+echo "gpu_attention: $?" | tee -a "$OUT/status.txt"

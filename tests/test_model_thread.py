@@ -4,6 +4,7 @@ OpenMP pool is freed, which libgomp would otherwise count against the model thre
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -30,11 +31,11 @@ def anyio_backend() -> str:
 async def test_every_call_runs_on_one_thread_off_the_loop() -> None:
     thread = ModelThread("test-model")
     try:
-        idents = {await thread.run(threading.get_ident) for _ in range(6)}
+        threads = {await thread.run(threading.current_thread) for _ in range(6)}
     finally:
         thread.close()
-    assert idents == {thread.ident}
-    assert thread.ident != threading.get_ident()
+    assert threads == {thread.thread}
+    assert thread.thread is not threading.current_thread()
 
 
 async def test_a_cancelled_caller_waits_for_the_call_to_finish() -> None:
@@ -50,6 +51,23 @@ async def test_a_cancelled_caller_waits_for_the_call_to_finish() -> None:
             await thread.run(slow_step)
         assert scope.cancelled_caught
         # The cancellation surfaced only after the work ended: no step overlaps the next.
+        assert finished.is_set()
+    finally:
+        thread.close()
+
+
+async def test_a_plain_asyncio_cancel_also_waits_for_the_call() -> None:
+    # A timeout around Engine.start, or Ctrl-C in asyncio.run, cancels without anyio.
+    thread = ModelThread("test-model")
+    finished = threading.Event()
+
+    def slow_load() -> None:
+        time.sleep(0.3)
+        finished.set()
+
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(thread.run(slow_load), timeout=0.05)
         assert finished.is_set()
     finally:
         thread.close()
@@ -101,12 +119,14 @@ async def test_the_engine_loads_and_steps_on_its_model_thread_which_ends_with_it
     monkeypatch.setattr(ModelRunner, "step", recording_step)
     async with medha.Engine(config) as engine:
         model_thread = engine._model_thread
-        assert model_thread is not None and model_thread.ident is not None  # it built the parts
+        assert model_thread is not None
+        built_on = model_thread.thread  # set by the first call: the build
+        assert built_on is not None and built_on is not threading.current_thread()
         done = await engine.generate([5, 6, 7, 8], medha.SamplingParams(max_tokens=4))
         assert len(done.token_ids) == 4
-    assert step_threads == {model_thread.ident}
+        assert step_threads == {built_on.ident}
     for _ in range(100):
-        if not any(t.ident == model_thread.ident for t in threading.enumerate()):
+        if not built_on.is_alive():
             break
         await anyio.sleep(0.02)
     else:
@@ -116,18 +136,27 @@ async def test_the_engine_loads_and_steps_on_its_model_thread_which_ends_with_it
 _POOL_SCRIPT = textwrap.dedent(
     """
     import os
+    import time
     import torch
     from medha.model.openmp import release_idle_threads
 
     def threads():
         return len(os.listdir("/proc/self/task"))
 
+    def settled(expected):
+        # The pool's workers leave after the call returns: wait up to 2 s for them.
+        for _ in range(200):
+            if threads() == expected:
+                break
+            time.sleep(0.01)
+        return threads()
+
     x = torch.randn(512, 4096)
     before = threads()
     (x * x).sum()  # a parallel region: this thread gets a pool of one more OpenMP thread
     with_pool = threads()
     released = release_idle_threads()
-    after = threads()
+    after = settled(before)
     (x * x).sum()  # works again, with a new pool
     print(before, with_pool, released, after, threads())
     """

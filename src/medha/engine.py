@@ -112,15 +112,18 @@ class Engine:
         if self.config.parallel.uses_workers:
             await self._start_parallel()
             return
-        from medha.engine_setup import build_engine_parts
-
         # Loading, calibration and every step on one thread: see medha.actors.model_thread.
         thread = self._model_thread = ModelThread(f"medha-model-{self.config.model}")
         try:
-            parts = await thread.run(build_engine_parts, self.config)
+            await self._start_single(thread)
         except BaseException:
             thread.close()
             raise
+
+    async def _start_single(self, thread: ModelThread) -> None:
+        from medha.engine_setup import build_engine_parts
+
+        parts = await thread.run(build_engine_parts, self.config)
         self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
         self._vocab_size = parts.runner.arch.vocab_size
         self.calibration = parts.calibration
@@ -189,9 +192,11 @@ class Engine:
         self._closed = True
         # Not returning early when closed already: a second caller (a shutdown hook racing
         # `async with`) waits for the actors to stop too.
-        await self._host.stop()
-        if self._model_thread is not None:
-            self._model_thread.close()
+        try:
+            await self._host.stop()
+        finally:
+            if self._model_thread is not None:
+                self._model_thread.close()
 
     def _check_loop(self) -> None:
         """An engine serves the event loop it was started on: its actors are tasks there, and

@@ -47,6 +47,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Every part, or the first thing about `config` that cannot work with this model on this
     machine, as an InvalidConfigError (the cheap checks come before loading the weights)."""
     device = check_device(config.device)
+    if device.type == "cuda":
+        # The current device is per thread and device-less launches (Triton's) use it: this
+        # runs on the thread every step will run on (medha.actors.model_thread).
+        torch.cuda.set_device(device)
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     max_model_len = max_model_len_for(config, arch)

@@ -12,11 +12,12 @@ loop runs on another. Once the loop's thread has run a single parallel torch op 
 cell, a web app's preprocessing), both pools exist and the model thread is throttled. Measured
 on the 2-core development machine with OMP_NUM_THREADS=2 and SmolLM2-135M in bf16: elementwise
 ops on the model thread took 3-7x longer (torch.cat of two 96x3072 tensors: 19 us -> 60-130 us),
-a 96-token prefill step 105-115 ms -> 150-170 ms, and eight concurrent requests 1.2-1.5x longer.
+a 96-token prefill step 105-115 ms -> 150-170 ms, and eight concurrent requests 1.3-1.5x longer.
 
 The OpenMP 5.0 call `omp_pause_resource_all(omp_pause_soft)` frees the pool of the thread that
 calls it (libgomp: `gomp_pause_host`): its idle workers exit, and the next parallel region on
-that thread builds a new pool. The engine calls `release_idle_threads` on the loop's thread
+that thread builds a new pool. It is made on every libgomp the process has loaded, since a
+library may bring its own copy, with pools of its own. The engine calls `release_idle_threads` on the loop's thread
 before each step, so that only the model thread's pool is left while the step runs.
 
 Only libgomp is released, whose call frees the calling thread's pool alone (read from its
@@ -40,24 +41,25 @@ _OMP_PAUSE_SOFT = 1
 
 
 def release_idle_threads() -> bool:
-    """Free the calling thread's idle OpenMP worker pool (libgomp only); True if the runtime was
+    """Free the calling thread's idle OpenMP worker pools (libgomp only); True if a runtime was
     asked to. Harmless anywhere: without a pool it does nothing, and a later parallel region on
     this thread starts a new pool. Must not be called inside a parallel region (it cannot be
     from Python: the region's thread is busy in torch)."""
-    pause = _libgomp_pause()
-    if pause is None:
-        return False
-    pause(_OMP_PAUSE_SOFT)
-    return True
+    pauses = _libgomp_pauses()
+    for pause in pauses:
+        pause(_OMP_PAUSE_SOFT)
+    return bool(pauses)
 
 
 @functools.cache
-def _libgomp_pause() -> Callable[[int], int] | None:
-    """`omp_pause_resource_all` of the libgomp this process has loaded, or None (not Linux, no
-    libgomp, or one older than GCC 9)."""
+def _libgomp_pauses() -> tuple[Callable[[int], int], ...]:
+    """`omp_pause_resource_all` of every libgomp this process has loaded (torch's, and any
+    other copy a library brought: each keeps its own pools); empty where there is none (not
+    Linux, or a libgomp older than GCC 9). Read once: torch's is loaded when this module is."""
+    pauses = []
     for path in _loaded_libgomp():
         try:
-            # RTLD_NOLOAD: the handle of the copy already loaded (torch's), never a new one.
+            # RTLD_NOLOAD: the handle of the copy already loaded, never a new one.
             library = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD)
         except OSError:
             continue
@@ -65,8 +67,8 @@ def _libgomp_pause() -> Callable[[int], int] | None:
         if pause is not None:
             pause.argtypes = [ctypes.c_int]
             pause.restype = ctypes.c_int
-            return pause  # type: ignore[no-any-return]
-    return None
+            pauses.append(pause)
+    return tuple(pauses)
 
 
 def _loaded_libgomp() -> list[Path]:
