@@ -13,6 +13,11 @@ run's 16 shorts is its slowest one and moves by more than most changes do. The p
 and long TTFTs are kept in the JSON and printed under the table; long TTFT and throughput are
 medians over the runs.
 
+The alone TTFTs are measured again right before each play, on the same system: this shared
+machine's speed drifts by up to 1.7x within an hour (the same attention call took 4.2 ms, then
+7.3 ms), so a denominator measured once at the start would put that drift into the slowdowns.
+Their median per play is printed, which shows the drift.
+
     OMP_NUM_THREADS=2 python benchmarks/mixed_cpu.py [--shorts 16] [--repeats 3] [--skip-openvino]
 
 OpenVINO reads the Q4_1 GGUF itself (its own dequantization and int4 kernels); medha runs the
@@ -27,6 +32,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,41 +177,50 @@ def _seconds(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}s"
 
 
-Run = tuple[list[RequestResult], float]
-"""One play of the workload: its requests' results and its wall time."""
+@dataclass(frozen=True)
+class Run:
+    """One play of the workload on one system."""
+
+    rows: list[RequestResult]
+    wall: float
+    alone: dict[str, float]
+    """Each short request's TTFT alone on the same system, measured right before the play."""
 
 
-def summarize(runs: list[Run], alone: dict[str, float]) -> dict[str, Any]:
-    """Percentiles over the requests of every run pooled; long TTFT and throughput: medians
-    over the runs; per-run p99 slowdowns and long TTFTs listed."""
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Percentiles over the requests of every run pooled, each short's slowdown against its
+    alone TTFT of the same run; long TTFT and throughput: medians over the runs; per-run p99
+    slowdowns, long TTFTs and median alone TTFTs listed."""
 
-    def slowdowns(rows: list[RequestResult]) -> list[float]:
+    def slowdowns(rows: list[RequestResult], alone: dict[str, float]) -> list[float]:
         return [
             r.ttft / alone[r.request_id]
             for r in rows
             if r.kind == "short" and alone.get(r.request_id)
         ]
 
-    rows = [row for run_rows, _ in runs for row in run_rows]
+    per_run = [slowdowns(run.rows, run.alone) for run in runs]
+    pooled = [s for run in per_run for s in run]
+    rows = [row for run in runs for row in run.rows]
     shorts = [r for r in rows if r.kind == "short"]
     tpots = [r.tpot for r in rows if r.tpot is not None]
     long_ttfts = [
-        max((r.ttft for r in run_rows if r.kind == "long"), default=math.nan)
-        for run_rows, _ in runs
+        max((r.ttft for r in run.rows if r.kind == "long"), default=math.nan) for run in runs
     ]
     return {
         "runs": len(runs),
-        "short_slowdown_p50": percentile(slowdowns(rows), 50),
-        "short_slowdown_p99": percentile(slowdowns(rows), 99),
-        "short_slowdown_p99_per_run": [percentile(slowdowns(r), 99) for r, _ in runs],
+        "short_slowdown_p50": percentile(pooled, 50),
+        "short_slowdown_p99": percentile(pooled, 99),
+        "short_slowdown_p99_per_run": [percentile(run, 99) for run in per_run],
         "short_ttft_p50": percentile([r.ttft for r in shorts], 50),
         "short_ttft_p99": percentile([r.ttft for r in shorts], 99),
+        "alone_ttft_median_per_run": [statistics.median(run.alone.values()) for run in runs],
         "long_ttft": statistics.median(long_ttfts),
         "long_ttft_per_run": long_ttfts,
         "tpot_p50": percentile(tpots, 50),
         "tpot_p99": percentile(tpots, 99),
         "throughput_tok_s": statistics.median(
-            sum(r.output_tokens for r in run_rows) / wall for run_rows, wall in runs
+            sum(r.output_tokens for r in run.rows) / run.wall for run in runs
         ),
     }
 
@@ -230,32 +245,33 @@ async def main(args: Any) -> None:
         f"{args.target_batch_time} s budget"
     )
     policies = args.policies.split(",")
-    alone: dict[str, dict[str, float]] = {}
-    for policy in policies:
-        alone[f"medha {policy}"] = await medha_alone(policy, workload, args, profile)
-        if policy == "lars":
-            alone["medha lars, shorts only"] = alone["medha lars"]
-    if not args.skip_openvino:
-        ov_alone_rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
-        alone["openvino-genai CB"] = {r.request_id: r.ttft for r in ov_alone_rows}
     shorts = [r for r in workload if r.kind == "short"]
-    runs: dict[str, list[Run]] = {name: [] for name in alone}
+    names = [f"medha {p}" for p in policies]
+    if "lars" in policies:
+        names.insert(names.index("medha lars") + 1, "medha lars, shorts only")
+    if not args.skip_openvino:
+        names.append("openvino-genai CB")
+    runs: dict[str, list[Run]] = {name: [] for name in names}
     # Systems alternate within each round, so a slow spell of the shared machine falls on all
     # of them rather than on one system's runs.
     for round_index in range(args.repeats):
         for policy in policies:
-            runs[f"medha {policy}"].append(await medha_run(policy, workload, args, profile))
+            alone = await medha_alone(policy, workload, args, profile)
+            rows, wall = await medha_run(policy, workload, args, profile)
+            runs[f"medha {policy}"].append(Run(rows, wall, alone))
             if policy == "lars":
                 # The floor: the same shorts with no document at all. What is left of their
                 # slowdown is queueing behind each other, which no policy can remove; the gap
                 # to this row is what the long request costs them.
-                runs["medha lars, shorts only"].append(
-                    await medha_run(policy, shorts, args, profile)
-                )
+                rows, wall = await medha_run(policy, shorts, args, profile)
+                runs["medha lars, shorts only"].append(Run(rows, wall, alone))
         if not args.skip_openvino:
-            runs["openvino-genai CB"].append(await anyio.to_thread.run_sync(openvino_run, workload))
+            alone_rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
+            rows, wall = await anyio.to_thread.run_sync(openvino_run, workload)
+            alone = {r.request_id: r.ttft for r in alone_rows}
+            runs["openvino-genai CB"].append(Run(rows, wall, alone))
         print(f"done: round {round_index + 1} of {args.repeats}", flush=True)
-    table = {name: summarize(runs[name], alone[name]) for name in runs}
+    table = {name: summarize(runs[name]) for name in runs}
     header = (
         f"{'system':<22}{'slowdown p50':>13}{'p99':>8}{'short TTFT p50':>15}{'p99':>8}"
         f"{'long TTFT':>10}{'TPOT p50':>10}{'p99':>8}{'tok/s':>8}"
@@ -273,11 +289,12 @@ async def main(args: Any) -> None:
         )
         print(f"lars vs fcfs, short p99 slowdown: {ratio:.1f}x better")
     if args.repeats > 1:
-        print("per run: short p99 slowdown | long TTFT")
+        print("per run: short p99 slowdown | long TTFT | median alone TTFT")
         for name, s in table.items():
             p99s = " ".join(f"{v:.2f}" for v in s["short_slowdown_p99_per_run"])
             longs = " ".join(_seconds(v) for v in s["long_ttft_per_run"])
-            print(f"  {name:<24}{p99s} | {longs}")
+            alones = " ".join(f"{v:.2f}s" for v in s["alone_ttft_median_per_run"])
+            print(f"  {name:<24}{p99s} | {longs} | {alones}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
