@@ -21,6 +21,7 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -113,7 +114,8 @@ class Engine:
             await self._start_parallel()
             return
         # Loading, calibration and every step on one thread: see medha.actors.model_thread.
-        thread = self._model_thread = ModelThread(f"medha-model-{self.config.model}")
+        name = Path(self.config.model).name or "model"
+        thread = self._model_thread = ModelThread(f"medha-model-{name}")
         try:
             await self._start_single(thread)
         except BaseException:

@@ -17,8 +17,9 @@ a 96-token prefill step 105-115 ms -> 150-170 ms, and eight concurrent requests 
 The OpenMP 5.0 call `omp_pause_resource_all(omp_pause_soft)` frees the pool of the thread that
 calls it (libgomp: `gomp_pause_host`): its idle workers exit, and the next parallel region on
 that thread builds a new pool. It is made on every libgomp the process has loaded, since a
-library may bring its own copy, with pools of its own. The engine calls `release_idle_threads` on the loop's thread
-before each step, so that only the model thread's pool is left while the step runs.
+library may bring its own copy, with pools of its own. The engine calls `release_idle_threads`
+on the loop's thread before each step, so that only the model thread's pool is left while the
+step runs.
 
 Only libgomp is released, whose call frees the calling thread's pool alone (read from its
 source, libgomp/team.c). The LLVM and Intel runtimes pause the whole runtime, which would be
@@ -56,7 +57,7 @@ def _libgomp_pauses() -> tuple[Callable[[int], int], ...]:
     """`omp_pause_resource_all` of every libgomp this process has loaded (torch's, and any
     other copy a library brought: each keeps its own pools); empty where there is none (not
     Linux, or a libgomp older than GCC 9). Read once: torch's is loaded when this module is."""
-    pauses = []
+    pauses: list[Callable[[int], int]] = []
     for path in _loaded_libgomp():
         try:
             # RTLD_NOLOAD: the handle of the copy already loaded, never a new one.
