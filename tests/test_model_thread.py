@@ -174,3 +174,20 @@ def test_release_frees_the_calling_threads_openmp_pool_and_a_new_one_follows() -
     assert int(with_pool) == int(before) + 1
     assert int(after) == int(before)
     assert int(again) == int(with_pool)
+
+
+def test_llm_frees_the_calling_threads_pool_before_each_batch(monkeypatch) -> None:
+    # The caller only waits while the model thread works: its idle pool must not count.
+    import medha.llm as llm_module
+
+    config = engine_config()
+    released_on: list[int] = []
+    monkeypatch.setattr(
+        llm_module,
+        "release_idle_threads",
+        lambda: released_on.append(threading.get_ident()) or True,
+    )
+    with medha.LLM(config) as llm:
+        llm.generate([5, 6, 7], medha.SamplingParams(max_tokens=2))
+        llm.generate(["one", "two"], medha.SamplingParams(max_tokens=2))
+    assert released_on == [threading.get_ident()] * 2
