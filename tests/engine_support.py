@@ -3,6 +3,7 @@ and the "request alone" reference outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,25 @@ def engine_config(**overrides: Any) -> EngineConfig:
     }
     settings.update(overrides)
     return EngineConfig(**settings)
+
+
+async def run_all_greedy(
+    engine: Any, work: Sequence[tuple[Sequence[int], int]], stagger: float = 0.0
+) -> list[list[int]]:
+    """Run every (prompt, max_tokens) of `work` concurrently and greedily, request i arriving
+    `stagger * i` seconds after the first; their token ids, in order."""
+    results: list[list[int]] = [[] for _ in work]
+
+    async def one(i: int) -> None:
+        await anyio.sleep(stagger * i)
+        prompt, max_tokens = work[i]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        results[i] = (await engine.generate(list(prompt), params)).token_ids
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(work)):
+            group.start_soon(one, i)
+    return results
 
 
 @cache

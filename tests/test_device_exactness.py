@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 
-import anyio
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from medha.model.kv_cache import KVCache
 from medha.model.runner import ModelRunner, StepSeq, load_model
 from medha.model.setup import build_runner
 from medha.model.single import generate_single
-from tests.engine_support import MODEL, engine_config
+from tests.engine_support import MODEL, engine_config, run_all_greedy
 from tests.hf_models import VOCAB, hf_arch, hf_logits, hf_model, max_relative_error
 from tests.runner_support import BLOCK_SIZE, ShuffledBlocks, blocks_for
 
@@ -99,18 +98,8 @@ async def test_engine_greedy_tokens_under_interleaving_equal_each_request_alone(
     # The CPU-calibrated profile with a tiny budget: small chunks, batched together, whatever
     # the device's real speed.
     config = engine_config(device=DEVICE, attention_backend=backend, target_batch_time=0.002)
-    results: list[list[int]] = [[] for _ in work]
     async with medha.Engine(config, record_iterations=True) as engine:
-
-        async def one(i: int) -> None:
-            await anyio.sleep(0.003 * i)
-            prompt, max_tokens = work[i]
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            results[i] = (await engine.generate(list(prompt), params)).token_ids
-
-        async with anyio.create_task_group() as group:
-            for i in range(len(work)):
-                group.start_soon(one, i)
+        results = await run_all_greedy(engine, work, stagger=0.003)
         history = engine.iteration_history
         stats = engine.stats()
     assert stats.free_blocks == stats.total_blocks

@@ -11,7 +11,7 @@ import pytest
 
 import medha
 from medha import SamplingParams
-from tests.engine_support import engine_config, greedy_alone
+from tests.engine_support import engine_config, greedy_alone, run_all_greedy
 
 pytestmark = pytest.mark.anyio
 
@@ -29,27 +29,12 @@ def _workload(seed: int, count: int, max_prompt: int) -> list[tuple[tuple[int, .
     ]
 
 
-async def _run_all(engine: medha.Engine, work, stagger: float = 0.0) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    results: list[list[int]] = [[] for _ in work]
-
-    async def one(i: int) -> None:
-        await anyio.sleep(stagger * i)
-        prompt, max_tokens = work[i]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        results[i] = (await engine.generate(list(prompt), params)).token_ids
-
-    async with anyio.create_task_group() as group:
-        for i in range(len(work)):
-            group.start_soon(one, i)
-    return results
-
-
 async def test_greedy_outputs_under_heavy_lars_interleaving_equal_each_request_alone() -> None:
     work = _workload(seed=3, count=14, max_prompt=700)
     # A tiny time budget forces small chunks: prompts are split and batched with others.
     config = engine_config(policy="lars", target_batch_time=0.002)
     async with medha.Engine(config, record_iterations=True) as engine:
-        outputs = await _run_all(engine, work, stagger=0.003)
+        outputs = await run_all_greedy(engine, work, stagger=0.003)
         history = engine.iteration_history
     for (prompt, max_tokens), tokens in zip(work, outputs, strict=True):
         assert tokens == greedy_alone(prompt, max_tokens)
@@ -145,9 +130,9 @@ async def test_kv_cache_a_quarter_of_the_workload_completes_through_preemption()
     largest = max(-(-(len(p) + m) // 16) for p, m in work)
     quarter = max(needed_blocks // 4, largest)
     async with medha.Engine(engine_config(num_blocks=1024)) as engine:
-        unconstrained = await _run_all(engine, work)
+        unconstrained = await run_all_greedy(engine, work)
     async with medha.Engine(engine_config(num_blocks=quarter, target_batch_time=0.003)) as engine:
-        constrained = await _run_all(engine, work)
+        constrained = await run_all_greedy(engine, work)
         stats = engine.stats()
     assert stats.preemptions > 0, "the small cache never forced a preemption"
     assert constrained == unconstrained
