@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from medha.kernels import AttentionMetadata, paged_attention, write_kv
 from medha.kernels.attention import write_step_kv
 from medha.kernels.decode import attend_one_query_flash, attend_one_query_matmul
+from medha.kernels.decode_batch import decode_buckets
 from medha.kernels.layout import gather_kv, new_kv_pool, seq_views
 from medha.kernels.reference import attend
 from medha.model.runner import StepSeq
@@ -93,6 +94,84 @@ def test_decode_batch_over_consecutive_and_scattered_blocks_matches_reference() 
     torch.testing.assert_close(single[1], ref[1][1:2], rtol=1e-5, atol=1e-5)
 
 
+def _decode_case(kv_lens: list[int], dtype: torch.dtype, head_major: bool, seed: int = 0):
+    """Decodes over scrambled blocks of a cache full of random keys (poison wherever a decode
+    has no key), plus a 9-token prefill chunk among them, as a step mixes them."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = ShuffledBlocks(256, seed)
+    caches = []
+    for _ in "kv":
+        cache = (3 * torch.randn(256, BLOCK, 2, 8, generator=gen)).to(dtype)
+        if head_major:
+            cache = new_kv_pool(256, BLOCK, 2, 8, dtype, "cpu").copy_(cache)
+        caches.append(cache)
+    lens = [*kv_lens[:2], 30, *kv_lens[2:]]  # the prefill chunk is the third sequence
+    q_lens = [1, 1, 9] + [1] * (len(kv_lens) - 2)
+    meta = AttentionMetadata.build(
+        q_lens=q_lens,
+        q_start_pos=[n - q for n, q in zip(lens, q_lens, strict=True)],
+        kv_lens=lens,
+        block_tables=[blocks.take(-(-n // BLOCK)) for n in lens],
+        block_size=BLOCK,
+    )
+    q = (3 * torch.randn(sum(q_lens), 8, 8, generator=gen)).to(dtype)
+    return q, *caches, meta
+
+
+@pytest.mark.parametrize("head_major", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decodes_attended_in_buckets_equal_the_reference(
+    dtype: torch.dtype, head_major: bool
+) -> None:
+    kv_lens = [1, 700, 35, 17, 640, 33, 16, 200]
+    q, k_cache, v_cache, meta = _decode_case(kv_lens, dtype, head_major)
+    buckets = decode_buckets(seq_views(meta), BLOCK)
+    # {700, 640, 200} and {35, 33, 17, 16}; the 1-key decode would pad past 1.5x, so it runs alone.
+    assert sorted(len(b.rows) for b in buckets) == [3, 4]
+    with torch_threads(1):  # one thread: fp32 decodes take the buckets too
+        out, lse = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="sdpa")
+    ref_out, ref_lse = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="reference")
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_buckets_keep_padding_within_the_allowance() -> None:
+    """A long-context decode is not padded against short chats: sorted by context, a bucket
+    grows while size x longest <= 1.5 x its keys; a decode left alone gets no bucket."""
+    lens = [1000, 20, 20, 20, 900, 5000]
+    meta = _meta([list(range(-(-n // BLOCK))) for n in lens], lens)
+    buckets = decode_buckets(seq_views(meta), BLOCK)
+    rows = sorted(sorted(b.rows.tolist()) for b in buckets)
+    assert rows == [[0, 4], [1, 2, 3]]
+    wide = next(b for b in buckets if b.width == 1000)
+    # Padded keys point at slot 0 and are masked; real keys follow the block table.
+    assert wide.slots.tolist()[1000 + 899 : 1000 + 901] == [899, 0]
+    assert wide.bias[1, 0, 899] == 0 and wide.bias[1, 0, 900] == float("-inf")
+
+
+def test_decodes_of_an_earlier_kvp_shard_are_bucketed_too() -> None:
+    """A KVP group holding an earlier range of two sequences: every key visible, nothing
+    appended; bucketed, they equal the reference."""
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache = torch.randn(2, 16, BLOCK, 2, 8, generator=gen)
+    meta = AttentionMetadata.build(
+        q_lens=[1, 1],
+        q_start_pos=[90, 70],
+        kv_lens=[48, 40],
+        kv_start_pos=[0, 16],
+        block_tables=[[3, 7, 1], [9, 2, 12]],
+        block_size=BLOCK,
+        appends=[False, False],
+    )
+    assert len(decode_buckets(seq_views(meta), BLOCK)) == 1
+    q = torch.randn(2, 8, 8, generator=gen)
+    with torch_threads(1):
+        fast = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="sdpa")
+    ref = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="reference")
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("slots", [[5, 17, 40], [5, -1, 17], [-1, -1, -1]])
 def test_per_step_kv_write_equals_write_kv(slots: list[int]) -> None:
     k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
@@ -124,7 +203,8 @@ def test_decoding_on_consecutive_blocks_and_any_thread_count_matches_hf(
     assert tokens == hf_greedy(variant, ids, new_tokens)
 
 
-def test_batched_decodes_on_two_threads_equal_each_decode_alone() -> None:
+@pytest.mark.parametrize("threads", [1, 2])  # decode buckets on one thread, flash on two
+def test_batched_decodes_equal_each_decode_alone(threads: int) -> None:
     variant = "llama3-gqa"
     prompts = [[(5 * i + s) % 384 for i in range(20 + 7 * s)] for s in range(3)]
     blocks = ShuffledBlocks(256, seed=3)
@@ -133,7 +213,7 @@ def test_batched_decodes_on_two_threads_equal_each_decode_alone() -> None:
     for prompt, table in zip(prompts, tables, strict=True):
         runner.step([StepSeq(prompt, 0, table, sample=False)])
     decodes = [StepSeq([7], len(p), t) for p, t in zip(prompts, tables, strict=True)]
-    with torch_threads(2):
+    with torch_threads(threads):
         together = runner.step(decodes)
         alone = torch.cat([runner.step([d]) for d in decodes])
     assert max_relative_error(together, alone) <= 1e-4

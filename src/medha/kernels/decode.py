@@ -32,14 +32,20 @@ def attend_one_query(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [1, Hq, D], k/v [kv_len >= 1, Hkv, D] -> (out [1, Hq, D], lse fp32 [1, Hq]); out is
     fp32 or q's dtype."""
-    if (
+    if takes_flash(q):
+        return attend_one_query_flash(q, k, v, scale)
+    return attend_one_query_matmul(q, k, v, scale)
+
+
+def takes_flash(q: torch.Tensor) -> bool:
+    """Whether a decode with queries like `q` runs faster through the CPU flash kernel (fp32 on
+    several threads) than in the matmul form."""
+    return (
         q.is_cpu
         and _CPU_FLASH is not None
         and q.dtype == torch.float32
         and torch.get_num_threads() > 1
-    ):
-        return attend_one_query_flash(q, k, v, scale)
-    return attend_one_query_matmul(q, k, v, scale)
+    )
 
 
 def attend_one_query_flash(
