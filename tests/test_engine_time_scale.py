@@ -47,3 +47,26 @@ async def test_with_the_switch_off_predictions_stay_as_calibrated() -> None:
         assert engine._actor().time_scale is None
         assert engine.stats().time_scale == engine.stats().context_scale == 1.0
         assert engine._actor().scheduler.cost.time_scale == 1.0  # type: ignore[attr-defined]
+
+
+async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_token() -> None:
+    """When the prefill level moves after a request was queued, its default deadline follows
+    the re-predicted work (the caller's does not), and its metrics report that deadline."""
+    config = engine_config(policy="lars", online_time_scale=False)
+    async with medha.Engine(config) as engine:
+        scheduler = engine._actor().scheduler
+        schedule = scheduler.schedule
+
+        def slower_then_schedule(now: float):  # type: ignore[no-untyped-def]
+            scheduler.cost.time_scale = 1000.0  # type: ignore[attr-defined]
+            return schedule(now)
+
+        scheduler.schedule = slower_then_schedule  # type: ignore[method-assign]
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        default = await engine.generate([1, 2, 3] * 40, params)
+        given = await engine.generate([1, 2, 3] * 40, params, deadline=0.7)
+        predicted = scheduler.cost.prefill_time(120)
+    assert predicted > 1.0  # the level moved a lot: the default is 1.5x the new prediction
+    assert default.metrics.deadline == pytest.approx(1.5 * predicted)
+    assert default.metrics.deadline_met is True
+    assert given.metrics.deadline == 0.7

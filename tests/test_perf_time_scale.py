@@ -97,16 +97,42 @@ def test_the_scheduler_reprices_queued_requests_when_the_prefill_level_moves() -
     scheduler = Scheduler(SchedulerConfig(policy="lars", max_batch_size=1), cost)
     scheduler.add_request("a", 3_000, 4, arrival=0.0)
     scheduler.add_request("b", 2_000, 4, arrival=0.0)
-    plan = scheduler.schedule(0.0)  # starts one; the other waits (one request at a time)
+    scheduler.add_request("c", 2_000, 4, arrival=0.0, deadline=9.0)
+    plan = scheduler.schedule(0.0)  # starts one; the others wait (one request at a time)
     scheduler.on_step_done(plan, plan.predicted_time)
-    (queued,) = [r for r in scheduler.table.requests.values() if r.status is RequestStatus.WAITING]
-    work, key_base = queued.remaining_prefill_s(cost), queued.key_base
+    waiting = [r for r in scheduler.table.requests.values() if r.status is RequestStatus.WAITING]
+    (queued,) = [r for r in waiting if not r.deadline_given]
+    (given,) = [r for r in waiting if r.deadline_given]
+    work, deadline = queued.remaining_prefill_s(cost), queued.deadline
+    assert deadline == pytest.approx(max(1.5 * work, 0.5)) and deadline > 0.5
+    given_base, given_work = given.key_base, given.remaining_prefill_s(cost)
     cost.time_scale = 2.0
     scheduler.schedule(plan.predicted_time)
     assert queued.remaining_prefill_s(cost) == pytest.approx(2.0 * work)
-    # LARS: base = (arrival + d - w) / d; twice the work leaves less slack. The deadline stays.
-    assert queued.key_base == pytest.approx(key_base - work / queued.deadline)
-    assert queued.deadline == pytest.approx(max(1.5 * work, 0.5))
+    # A default deadline is derived from the predicted work, so it follows it: the request is
+    # exactly as (relatively) urgent as before. LARS: base = (arrival + d - w) / d.
+    assert queued.deadline == pytest.approx(2.0 * deadline)
+    assert queued.key_base == pytest.approx((2.0 * deadline - 2.0 * work) / (2.0 * deadline))
+    # A caller's deadline was promised and stays; twice the work leaves it less slack.
+    assert given.deadline == 9.0
+    assert given.key_base == pytest.approx(given_base - given_work / 9.0)
+
+
+def test_a_default_deadline_stops_following_the_level_at_the_first_token() -> None:
+    cost = cpu_cost()
+    scheduler = Scheduler(SchedulerConfig(policy="lars"), cost)
+    scheduler.add_request("a", 2_000, 4, arrival=0.0)
+    plan = scheduler.schedule(0.0)
+    while not any(seq.samples for seq in plan.seqs):
+        scheduler.on_step_done(plan, plan.predicted_time)
+        plan = scheduler.schedule(plan.predicted_time)
+    scheduler.on_step_done(plan, 1.0)
+    request = scheduler.get("a")
+    assert request is not None and request.first_token_time == 1.0
+    deadline = request.deadline
+    cost.time_scale = 3.0
+    scheduler.schedule(1.0)
+    assert request.deadline == deadline  # decided: the first token met it or not
 
 
 # -- the context factor ---------------------------------------------------------------------------

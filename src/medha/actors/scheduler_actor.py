@@ -262,6 +262,11 @@ class SchedulerActor(Actor[Submit | Abort]):
                 continue  # aborted while its step ran
             update = request.output.push(sampled.token_id)
             request.metrics.record_token(now)
+            if request.metrics.num_output_tokens == 1 and request.deadline is None:
+                # A default deadline follows the scheduler's re-predictions until now.
+                scheduled = self.scheduler.get(request_id)
+                if scheduled is not None:
+                    request.metrics.deadline = scheduled.deadline
             event = TokenEvent(
                 request_id, sampled.token_id, update.text, update.finish_reason, sampled.logprob
             )

@@ -15,7 +15,8 @@ trace, it brings the median |predicted - measured| / measured from 17% to 6%.
 Batch times follow the factor at once. Predicted prefill times (LARS's work estimates) follow
 it in steps of more than 10% (`RooflineCostModel.prefill_scale`): slack is only true if the
 predicted work is on the level of the batches that do it, but each step makes the scheduler
-re-price every request. Deadlines already promised do not move.
+re-price every request. A caller's deadline does not move; a default one (derived from the
+predicted work) follows the new prediction until the request's first token (Scheduler._reprice).
 
 One observation moves the factor by at most `max_step` (2x by default): a single pathological
 step (a first-call JIT, a page-cache miss) must not halve the next hundred chunks.

@@ -138,7 +138,7 @@ class SchedRequest:
 
     def reprice(self, cost: BatchCostModel) -> None:
         """The cost model's prefill level moved: re-predict the whole prefill and drop the
-        cached remaining work and priority key. The deadline stays: it was promised."""
+        cached remaining work and priority key (the scheduler decides about the deadline)."""
         self.total_prefill_s = cost.prefill_time(self.prompt_len)
         self._remaining_cache_at = -1
         self.key_cursor = -1

@@ -222,12 +222,22 @@ class Scheduler:
 
     def _reprice(self) -> None:
         """The cost model's prefill level moved (an online time scale; rare): recompute every
-        request's remaining work and priority terms. Deadlines stay: they were promised at
-        arrival."""
+        request's remaining work and priority terms.
+
+        A caller's deadline stays: it was promised. A default deadline, max(1.5 x predicted
+        work, 0.5 s), follows the new prediction until the first token: it was derived from a
+        prediction now known to be off. Left at the old level, a long prompt's deadline would
+        stay in the old units while its remaining work is counted in the new ones: when the
+        machine runs 1.4x slower than calibrated (the mixed_cpu runs), a document exactly on
+        its own schedule looks late, and LARS holds every newly arrived chat behind it for
+        one or two iterations (DESIGN.md section 4: a short request should briefly preempt a
+        long prefill, not wait for it)."""
         self._prefill_version = getattr(self.cost, "prefill_version", 0)
         priority = self.policy.priority
         for request in self.table.requests.values():
             request.reprice(self.cost)
+            if not request.deadline_given and request.first_token_time is None:
+                request.deadline = default_deadline(request.total_prefill_s, self.config)
         for request in self.table.queued.values():
             priority.refresh(request, self.cost)  # ranked by cached terms alone (see keys())
 
