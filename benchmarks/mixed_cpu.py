@@ -13,10 +13,12 @@ run's 16 shorts is its slowest one and moves by more than most changes do. The p
 and long TTFTs are kept in the JSON and printed under the table; long TTFT and throughput are
 medians over the runs.
 
-The alone TTFTs are measured again right before each play, on the same system: this shared
-machine's speed drifts by up to 1.7x within an hour (the same attention call took 4.2 ms, then
-7.3 ms), so a denominator measured once at the start would put that drift into the slowdowns.
-Their median per play is printed, which shows the drift.
+The alone TTFTs are measured on the same system right before and right after each play, and
+each short's denominator is the mean of the two: this shared machine's speed drifts by up to
+1.7x within an hour (the same attention call took 4.2 ms, then 7.3 ms; one minute's play moved
+the median alone TTFT from 0.30 to 0.38 s), so a denominator measured once, or only before,
+would put that drift into the slowdowns. The median alone TTFT per play and its after/before
+ratio are printed, which shows the drift.
 
     OMP_NUM_THREADS=2 python benchmarks/mixed_cpu.py [--shorts 16] [--repeats 3] [--skip-openvino]
 
@@ -112,6 +114,12 @@ def openvino_run(
     return _drive(pipe, workload, np, ov, genai)
 
 
+async def openvino_alone(workload: list[MixedRequest]) -> dict[str, float]:
+    """Each short request's TTFT alone on OpenVINO GenAI."""
+    rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
+    return {r.request_id: r.ttft for r in rows}
+
+
 def _drive(
     pipe: Any, workload: list[MixedRequest], np: Any, ov: Any, genai: Any
 ) -> tuple[list[RequestResult], float]:
@@ -183,8 +191,24 @@ class Run:
 
     rows: list[RequestResult]
     wall: float
-    alone: dict[str, float]
-    """Each short request's TTFT alone on the same system, measured right before the play."""
+    before: dict[str, float]
+    """Each short request's TTFT alone on the same system, measured right before the play..."""
+    after: dict[str, float]
+    """...and right after it."""
+
+    @property
+    def alone(self) -> dict[str, float]:
+        """The slowdown's denominator: the mean of the two."""
+        return {
+            key: (value + self.after[key]) / 2
+            for key, value in self.before.items()
+            if key in self.after
+        }
+
+    @property
+    def drift(self) -> float:
+        """How much slower the system ran alone after the play than before it (median)."""
+        return statistics.median(self.after.values()) / statistics.median(self.before.values())
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -215,6 +239,15 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "short_ttft_p50": percentile([r.ttft for r in shorts], 50),
         "short_ttft_p99": percentile([r.ttft for r in shorts], 99),
         "alone_ttft_median_per_run": [statistics.median(run.alone.values()) for run in runs],
+        "alone_drift_per_run": [run.drift for run in runs],
+        "shorts_per_run": [
+            [
+                {"id": r.request_id, "ttft": r.ttft, "alone": run.alone.get(r.request_id)}
+                for r in run.rows
+                if r.kind == "short"
+            ]
+            for run in runs
+        ],
         "long_ttft": statistics.median(long_ttfts),
         "long_ttft_per_run": long_ttfts,
         "tpot_p50": percentile(tpots, 50),
@@ -256,20 +289,22 @@ async def main(args: Any) -> None:
     # of them rather than on one system's runs.
     for round_index in range(args.repeats):
         for policy in policies:
-            alone = await medha_alone(policy, workload, args, profile)
+            before = await medha_alone(policy, workload, args, profile)
             rows, wall = await medha_run(policy, workload, args, profile)
-            runs[f"medha {policy}"].append(Run(rows, wall, alone))
+            after = await medha_alone(policy, workload, args, profile)
+            runs[f"medha {policy}"].append(Run(rows, wall, before, after))
             if policy == "lars":
                 # The floor: the same shorts with no document at all. What is left of their
                 # slowdown is queueing behind each other, which no policy can remove; the gap
                 # to this row is what the long request costs them.
                 rows, wall = await medha_run(policy, shorts, args, profile)
-                runs["medha lars, shorts only"].append(Run(rows, wall, alone))
+                later = await medha_alone(policy, workload, args, profile)
+                runs["medha lars, shorts only"].append(Run(rows, wall, after, later))
         if not args.skip_openvino:
-            alone_rows, _ = await anyio.to_thread.run_sync(openvino_run, workload, True)
+            before = await openvino_alone(workload)
             rows, wall = await anyio.to_thread.run_sync(openvino_run, workload)
-            alone = {r.request_id: r.ttft for r in alone_rows}
-            runs["openvino-genai CB"].append(Run(rows, wall, alone))
+            after = await openvino_alone(workload)
+            runs["openvino-genai CB"].append(Run(rows, wall, before, after))
         print(f"done: round {round_index + 1} of {args.repeats}", flush=True)
     table = {name: summarize(runs[name]) for name in runs}
     header = (
@@ -289,11 +324,16 @@ async def main(args: Any) -> None:
         )
         print(f"lars vs fcfs, short p99 slowdown: {ratio:.1f}x better")
     if args.repeats > 1:
-        print("per run: short p99 slowdown | long TTFT | median alone TTFT")
+        print("per run: short p99 slowdown | long TTFT | median alone TTFT (after/before)")
         for name, s in table.items():
             p99s = " ".join(f"{v:.2f}" for v in s["short_slowdown_p99_per_run"])
             longs = " ".join(_seconds(v) for v in s["long_ttft_per_run"])
-            alones = " ".join(f"{v:.2f}s" for v in s["alone_ttft_median_per_run"])
+            alones = " ".join(
+                f"{v:.2f}s ({d:.2f})"
+                for v, d in zip(
+                    s["alone_ttft_median_per_run"], s["alone_drift_per_run"], strict=True
+                )
+            )
             print(f"  {name:<24}{p99s} | {longs} | {alones}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
