@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from medha.kernels import AttentionMetadata, paged_attention, write_kv
 from medha.kernels.attention import write_step_kv
 from medha.kernels.decode import attend_one_query_flash, attend_one_query_matmul
-from medha.kernels.decode_batch import decode_buckets
+from medha.kernels.decode_batch import MAX_PADDED_KEYS, decode_buckets
 from medha.kernels.layout import gather_kv, new_kv_pool, seq_views
 from medha.kernels.reference import attend
 from medha.model.runner import StepSeq
@@ -95,23 +95,29 @@ def test_decode_batch_over_consecutive_and_scattered_blocks_matches_reference() 
 
 
 def _decode_case(kv_lens: list[int], dtype: torch.dtype, head_major: bool, seed: int = 0):
-    """Decodes over scrambled blocks of a cache full of random keys (poison wherever a decode
-    has no key), plus a 9-token prefill chunk among them, as a step mixes them."""
+    """Decodes over scrambled blocks, plus a 9-token prefill chunk among them, as a step mixes
+    them. Every cache slot that holds none of their keys (other blocks, and the stale tails of
+    their last blocks) is NaN: a read of someone else's KV shows."""
     gen = torch.Generator().manual_seed(seed)
     blocks = ShuffledBlocks(256, seed)
+    lens = [*kv_lens[:2], 30, *kv_lens[2:]]  # the prefill chunk is the third sequence
+    q_lens = [1, 1, 9] + [1] * (len(kv_lens) - 2)
+    tables = [blocks.take(-(-n // BLOCK)) for n in lens]
     caches = []
     for _ in "kv":
-        cache = (3 * torch.randn(256, BLOCK, 2, 8, generator=gen)).to(dtype)
+        keys = torch.full((256 * BLOCK, 2, 8), float("nan"))
+        for table, n in zip(tables, lens, strict=True):
+            slots = torch.tensor([table[i // BLOCK] * BLOCK + i % BLOCK for i in range(n)])
+            keys[slots] = 3 * torch.randn(n, 2, 8, generator=gen)
+        cache = keys.view(256, BLOCK, 2, 8).to(dtype)
         if head_major:
             cache = new_kv_pool(256, BLOCK, 2, 8, dtype, "cpu").copy_(cache)
         caches.append(cache)
-    lens = [*kv_lens[:2], 30, *kv_lens[2:]]  # the prefill chunk is the third sequence
-    q_lens = [1, 1, 9] + [1] * (len(kv_lens) - 2)
     meta = AttentionMetadata.build(
         q_lens=q_lens,
         q_start_pos=[n - q for n, q in zip(lens, q_lens, strict=True)],
         kv_lens=lens,
-        block_tables=[blocks.take(-(-n // BLOCK)) for n in lens],
+        block_tables=tables,
         block_size=BLOCK,
     )
     q = (3 * torch.randn(sum(q_lens), 8, 8, generator=gen)).to(dtype)
@@ -123,31 +129,35 @@ def _decode_case(kv_lens: list[int], dtype: torch.dtype, head_major: bool, seed:
 def test_decodes_attended_in_buckets_equal_the_reference(
     dtype: torch.dtype, head_major: bool
 ) -> None:
-    kv_lens = [1, 700, 35, 17, 640, 33, 16, 200]
+    kv_lens = [1, 480, 35, 17, 440, 33, 16, 200, 600]
     q, k_cache, v_cache, meta = _decode_case(kv_lens, dtype, head_major)
-    buckets = decode_buckets(seq_views(meta), BLOCK)
-    # {700, 640, 200} and {35, 33, 17, 16}; the 1-key decode would pad past 1.5x, so it runs alone.
-    assert sorted(len(b.rows) for b in buckets) == [3, 4]
     with torch_threads(1):  # one thread: fp32 decodes take the buckets too
         out, lse = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="sdpa")
+    # {480, 440, 200} and {35, 33, 17, 16}; the 1-key decode would pad past 1.5x and the
+    # 600-key one is over MAX_KEYS: each runs alone.
+    buckets = meta.scratch["decode_buckets"]
+    assert sorted(len(b.rows) for b in buckets) == [3, 4]
     ref_out, ref_lse = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="reference")
+    assert torch.isfinite(ref_out).all()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
 
 
-def test_buckets_keep_padding_within_the_allowance() -> None:
-    """A long-context decode is not padded against short chats: sorted by context, a bucket
-    grows while size x longest <= 1.5 x its keys; a decode left alone gets no bucket."""
-    lens = [1000, 20, 20, 20, 900, 5000]
+def test_buckets_keep_to_short_contexts_and_padding_within_the_allowance() -> None:
+    """Sorted by context, a bucket grows while size x longest <= 1.5 x its keys and <=
+    MAX_PADDED_KEYS; decodes over more than MAX_KEYS keys, or left alone, get none."""
+    lens = [500, 20, 20, 20, 450, 5000]
     meta = _meta([list(range(-(-n // BLOCK))) for n in lens], lens)
     buckets = decode_buckets(seq_views(meta), BLOCK)
-    rows = sorted(sorted(b.rows.tolist()) for b in buckets)
-    assert rows == [[0, 4], [1, 2, 3]]
-    wide = next(b for b in buckets if b.width == 1000)
-    # Padded keys point at slot 0 and are masked; real keys follow the block table.
-    assert wide.slots.tolist()[1000 + 899 : 1000 + 901] == [899, 0]
-    assert wide.bias[1, 0, 899] == 0 and wide.bias[1, 0, 900] == float("-inf")
+    assert sorted(sorted(b.rows.tolist()) for b in buckets) == [[0, 4], [1, 2, 3]]
+    many = _meta([list(range(-(-300 // BLOCK)))] * 30, [300] * 30)
+    sizes = [len(b.rows) for b in decode_buckets(seq_views(many), BLOCK)]
+    assert sizes == [MAX_PADDED_KEYS // 300, 30 - MAX_PADDED_KEYS // 300]
+    wide = next(b for b in buckets if b.width == 500)
+    # Real keys follow the block table; padding repeats the decode's own first key, masked.
+    assert wide.slots.tolist()[500 + 449 : 500 + 451] == [449, 0]
+    assert wide.bias[1, 0, 449] == 0 and wide.bias[1, 0, 450] == float("-inf")
 
 
 def test_decodes_of_an_earlier_kvp_shard_are_bucketed_too() -> None:
@@ -164,10 +174,10 @@ def test_decodes_of_an_earlier_kvp_shard_are_bucketed_too() -> None:
         block_size=BLOCK,
         appends=[False, False],
     )
-    assert len(decode_buckets(seq_views(meta), BLOCK)) == 1
     q = torch.randn(2, 8, 8, generator=gen)
     with torch_threads(1):
         fast = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="sdpa")
+    assert len(meta.scratch["decode_buckets"]) == 1
     ref = paged_attention(q, k_cache, v_cache, meta, 0.3, backend="reference")
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 

@@ -55,18 +55,31 @@ async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_toke
     config = engine_config(policy="lars", online_time_scale=False)
     async with medha.Engine(config) as engine:
         scheduler = engine._actor().scheduler
+        cost = scheduler.cost
         schedule = scheduler.schedule
+        level = {"next": 1000.0, "moves": 0}
+        given_deadlines: set[float] = set()
 
         def slower_then_schedule(now: float):  # type: ignore[no-untyped-def]
-            scheduler.cost.time_scale = 1000.0  # type: ignore[attr-defined]
-            return schedule(now)
+            # The engine schedules only while it has work: the level moves after admission.
+            if cost.time_scale != level["next"]:  # type: ignore[attr-defined]
+                cost.time_scale = level["next"]  # type: ignore[attr-defined]
+                level["moves"] += 1
+            plan = schedule(now)
+            given_deadlines.update(
+                r.deadline for r in scheduler.table.requests.values() if r.deadline_given
+            )
+            return plan
 
         scheduler.schedule = slower_then_schedule  # type: ignore[method-assign]
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         default = await engine.generate([1, 2, 3] * 40, params)
+        predicted = cost.prefill_time(120)
+        level["next"] = 2000.0
         given = await engine.generate([1, 2, 3] * 40, params, deadline=0.7)
-        predicted = scheduler.cost.prefill_time(120)
+    assert level["moves"] == 2  # once with each request pending
     assert predicted > 1.0  # the level moved a lot: the default is 1.5x the new prediction
     assert default.metrics.deadline == pytest.approx(1.5 * predicted)
     assert default.metrics.deadline_met is True
     assert given.metrics.deadline == 0.7
+    assert given_deadlines == {0.7}  # re-priced while pending, the scheduler kept it too

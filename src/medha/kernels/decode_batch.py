@@ -7,10 +7,18 @@ decoding beside a prefill chunk that is 12 ms of a 150 ms iteration. Here every 
 bucket reads its keys through one gather of padded slot lists, and the bucket attends in one
 pass of two batched matmuls (fp32, one max, one exp, one sum), padding masked by a -inf bias.
 
-Padding costs arithmetic: B decodes padded to the longest context L do B x L work where they
-needed sum(L_i). So decodes are sorted by context and cut into buckets whose padded work stays
-within `PADDING_ALLOWANCE` of the real work; a long-context decode among short chats gets a
-bucket of its own (or the per-sequence path, when alone).
+The win is the calls saved, so it holds only while the keys are few. The gather copies every
+key (a lone decode over consecutive blocks reads them in place), and it grows with the context:
+on that machine, whole SmolLM2 steps of decodes in bf16 on two threads took 61 against 68 ms
+(8 decodes over 200 keys), 84 against 88 ms (over 500), but 97-118 against 78 ms (8 over 1,000)
+and 302-446 against 90-182 ms (4 over 4,000, where the large temporaries also made glibc's
+allocator map and unmap pages on every call). So only decodes over at most `MAX_KEYS` keys are
+bucketed, a bucket holds at most `MAX_PADDED_KEYS` keys in all, and decodes are sorted by
+context and cut so that a bucket's padded keys (size x longest context) stay within
+`PADDING_ALLOWANCE` of its real keys. A decode left without a partner keeps its own call.
+
+Padding repeats the decode's own first key, masked: a padded slot never reads another request's
+KV (or a block's stale tail), so a NaN in someone else's cache cannot leak into this one.
 
 Every decode here sees all of its keys (a decode appending to this shard, or a KVP group's
 earlier shard), so the result is the softmax up to rounding, as in `decode.attend_one_query`.
@@ -27,6 +35,11 @@ from medha.kernels.layout import SeqView
 
 PADDING_ALLOWANCE = 1.5
 """A bucket's padded keys (size x longest context) may exceed its real keys by this factor."""
+MAX_KEYS = 512
+"""Decodes over more keys keep their own call (see the module docstring)."""
+MAX_PADDED_KEYS = 8192
+"""A bucket's size x longest context at most: its fp32 K and V copies stay ~6 MB each at
+SmolLM2's head layout."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +50,21 @@ class DecodeBucket:
     """int64 [B]: each decode's query row in the step."""
     slots: torch.Tensor
     """int64 [B * width]: flat cache slots (block * block_size + offset) of each decode's keys,
-    padded with slot 0 to `width` per decode."""
+    padded to `width` with the decode's own first slot."""
     bias: torch.Tensor
     """fp32 [B, 1, width]: 0 on a decode's keys, -inf on its padding."""
     width: int
 
 
 def decode_buckets(views: Sequence[SeqView], block_size: int) -> list[DecodeBucket]:
-    """Buckets of two or more decodes (one query row that sees every key) among `views`."""
+    """Buckets of two or more decodes (one query row that sees all of its 1 to `MAX_KEYS`
+    keys) among `views`."""
     decodes = [
         view
         for view in views
-        if view.q_slice.stop - view.q_slice.start == 1 and view.visible is None and view.kv_len
+        if view.q_slice.stop - view.q_slice.start == 1
+        and view.visible is None
+        and 0 < view.kv_len <= MAX_KEYS
     ]
     decodes.sort(key=lambda view: view.kv_len, reverse=True)
     buckets = []
@@ -56,8 +72,10 @@ def decode_buckets(views: Sequence[SeqView], block_size: int) -> list[DecodeBuck
     while start < len(decodes):
         width = decodes[start].kv_len
         end, real = start + 1, width
-        while end < len(decodes) and (end - start + 1) * width <= PADDING_ALLOWANCE * (
-            real + decodes[end].kv_len
+        while (
+            end < len(decodes)
+            and (end - start + 1) * width <= MAX_PADDED_KEYS
+            and (end - start + 1) * width <= PADDING_ALLOWANCE * (real + decodes[end].kv_len)
         ):
             real += decodes[end].kv_len
             end += 1
@@ -74,7 +92,8 @@ def _bucket(views: Sequence[SeqView], width: int, block_size: int) -> DecodeBuck
     slots = []
     for view in views:
         blocks = view.block_ids.index_select(0, block_of.clamp(max=len(view.block_ids) - 1))
-        slots.append((blocks * block_size + within).masked_fill(offsets >= view.kv_len, 0))
+        own = blocks * block_size + within
+        slots.append(torch.where(offsets < view.kv_len, own, own[0]))
     lengths = torch.tensor([view.kv_len for view in views], device=device)
     bias = torch.zeros(len(views), 1, width, dtype=torch.float32, device=device)
     bias.masked_fill_(offsets[None, None, :] >= lengths[:, None, None], float("-inf"))

@@ -2,13 +2,13 @@
 
 The public `F.scaled_dot_product_attention` drops the lse, which KVP needs, so this calls the aten
 ops underneath it: the flash kernel on CPU and the memory-efficient kernel on CUDA. One call per
-sequence: the batch is ragged.
+prefill chunk: the batch is ragged.
 
 A prefill chunk over a cached prefix needs bottom-right causal masking, which these kernels'
 `is_causal` (top-left) does not do. Rather than pay for a dense mask, the chunk attends in two
 calls, fully to the prefix and causally to itself, and the two partials are merged exactly by
 their lse: causal calls skip the masked half of the work. Decode rows that see all their keys
-are attended together in buckets (`medha.kernels.decode_batch`); a decode left alone goes to
+are attended together in buckets on a CPU (`medha.kernels.decode_batch`); any other goes to
 `medha.kernels.decode`, which reads K/V in place without expanding their heads.
 """
 
@@ -57,13 +57,15 @@ def sdpa_attention(
 
 def _buckets(q: torch.Tensor, meta: AttentionMetadata, views: list[SeqView]) -> list[DecodeBucket]:
     """The step's decode buckets (built by its first layer) and, in the scratch, the query rows
-    they cover. None where single decodes take the CPU flash kernel, which reads consecutive
-    blocks in place: there the bucket's gather costs more than the calls it saves (fp32 on two
-    threads, 8 decodes over 300 keys: 34 against 17 ms per SmolLM2 step; bf16 on two threads:
-    12.5 against 24 ms)."""
+    they cover. CPU only: they were measured there, and on CUDA the Triton backend is the one
+    for speed. No buckets where single decodes take the CPU flash kernel, which reads
+    consecutive blocks in place: there the gather costs more than the calls it saves (fp32 on
+    two threads, attention of 8 decodes over 300 keys in a SmolLM2 step: 34 against 17 ms; in
+    bf16, where a decode takes the matmul form: 12.5 against 24 ms)."""
     buckets: list[DecodeBucket] | None = meta.scratch.get("decode_buckets")
     if buckets is None:
-        buckets = [] if takes_flash(q) else decode_buckets(views, meta.block_size)
+        use = q.is_cpu and not takes_flash(q)
+        buckets = decode_buckets(views, meta.block_size) if use else []
         meta.scratch["decode_buckets"] = buckets
         meta.scratch["bucketed_rows"] = {row for bucket in buckets for row in bucket.rows.tolist()}
     return buckets
