@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -38,39 +39,38 @@ async def test_every_call_runs_on_one_thread_off_the_loop() -> None:
     assert thread.thread is not threading.current_thread()
 
 
-async def test_a_cancelled_caller_waits_for_the_call_to_finish() -> None:
-    thread = ModelThread("test-model")
-    finished = threading.Event()
+class SlowCall:
+    """A model thread and a 0.3 s call on it that records when it ends."""
 
-    def slow_step() -> None:
+    def __init__(self) -> None:
+        self.thread = ModelThread("test-model")
+        self.finished = threading.Event()
+
+    def call(self) -> None:
         time.sleep(0.3)
-        finished.set()
-
-    try:
-        with anyio.move_on_after(0.05) as scope:
-            await thread.run(slow_step)
-        assert scope.cancelled_caught
-        # The cancellation surfaced only after the work ended: no step overlaps the next.
-        assert finished.is_set()
-    finally:
-        thread.close()
+        self.finished.set()
 
 
-async def test_a_plain_asyncio_cancel_also_waits_for_the_call() -> None:
+@pytest.fixture
+def slow() -> Iterator[SlowCall]:
+    slow = SlowCall()
+    yield slow
+    slow.thread.close()
+
+
+async def test_a_cancelled_caller_waits_for_the_call_to_finish(slow: SlowCall) -> None:
+    with anyio.move_on_after(0.05) as scope:
+        await slow.thread.run(slow.call)
+    assert scope.cancelled_caught
+    # The cancellation surfaced only after the work ended: no step overlaps the next.
+    assert slow.finished.is_set()
+
+
+async def test_a_plain_asyncio_cancel_also_waits_for_the_call(slow: SlowCall) -> None:
     # A timeout around Engine.start, or Ctrl-C in asyncio.run, cancels without anyio.
-    thread = ModelThread("test-model")
-    finished = threading.Event()
-
-    def slow_load() -> None:
-        time.sleep(0.3)
-        finished.set()
-
-    try:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(thread.run(slow_load), timeout=0.05)
-        assert finished.is_set()
-    finally:
-        thread.close()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slow.thread.run(slow.call), timeout=0.05)
+    assert slow.finished.is_set()
 
 
 async def test_errors_reach_the_caller_and_the_thread_keeps_serving() -> None:
