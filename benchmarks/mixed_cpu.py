@@ -49,10 +49,14 @@ from medha.perf import save_profile
 from medha.sim.metrics import percentile
 
 
-def medha_config(policy: str, args: Any, profile: Path) -> EngineConfig:
+def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
+    """`system`: a policy name, or one with "-unpaused" appended: iterations never pause
+    between layers for a newly arrived request (EngineConfig.pause_iterations)."""
+    policy = system.removesuffix("-unpaused")
     return EngineConfig(
         model="smollm2-135m",
         policy=policy,
+        pause_iterations=False if policy != system else None,
         cost_profile=profile,
         target_batch_time=args.target_batch_time,
         fixed_chunk=args.fixed_chunk,

@@ -30,7 +30,7 @@ async def test_a_failing_step_fails_every_stream_but_not_the_caller() -> None:
             def broken_step(*args: object, **kwargs: object) -> None:
                 raise RuntimeError("device lost")
 
-            runner.step = broken_step
+            runner.start_step = broken_step  # where every engine step begins
             await streams.wait_failed()
         # Still here: this task was not cancelled. New requests fail at once, not hang.
         with anyio.fail_after(5), pytest.raises(EngineFailedError):

@@ -106,17 +106,24 @@ async def test_each_call_first_frees_the_calling_threads_idle_pool(monkeypatch) 
 async def test_the_engine_loads_and_steps_on_its_model_thread_which_ends_with_it(
     monkeypatch,
 ) -> None:
+    from medha.model.layerwise import LayerwiseStep
     from medha.model.runner import ModelRunner
 
     config = engine_config()  # calibrates the test profile here, once per session
     step_threads: set[int] = set()
-    real_step = ModelRunner.step
+    real_start, real_advance = ModelRunner.start_step, LayerwiseStep.advance
 
-    def recording_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    # Every step starts with start_step, and its layers run in advance (a paused step's too).
+    def recording_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         step_threads.add(threading.get_ident())
-        return real_step(self, *args, **kwargs)
+        return real_start(self, *args, **kwargs)
 
-    monkeypatch.setattr(ModelRunner, "step", recording_step)
+    def recording_advance(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        step_threads.add(threading.get_ident())
+        return real_advance(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "start_step", recording_start)
+    monkeypatch.setattr(LayerwiseStep, "advance", recording_advance)
     async with medha.Engine(config) as engine:
         model_thread = engine._model_thread
         assert model_thread is not None

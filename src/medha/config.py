@@ -99,6 +99,13 @@ class EngineConfig(BaseModel):
     max_chunk: int = Field(default=8192, ge=32)
     fixed_chunk: int = Field(default=512, ge=1)
     """Per-iteration token budget of the fcfs-chunked baseline."""
+    pause_iterations: bool | None = None
+    """Let an iteration stop between layers when a request arrives that the policy ranks ahead
+    of the iteration's prefills: the newcomer's prefill runs, then the iteration carries on
+    where it stopped, its result unchanged (docs/scheduler.md, "Pausing an iteration"). None:
+    on when the model runs on a CPU, where one iteration over a long prompt takes hundreds of
+    ms; off elsewhere (a GPU's iterations are short, and a pause point between layers would
+    cost a synchronization per layer). Single-process engine only."""
     max_num_seqs: int = Field(default=256, ge=1)
     """Most requests running (prefilling or decoding) at once."""
 

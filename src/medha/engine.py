@@ -136,6 +136,7 @@ class Engine:
             self._clock,
             self._record_iterations,
             OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
+            pause_steps=self._pauses_steps(parts.runner.device.type),
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
         _log.info(
@@ -144,6 +145,11 @@ class Engine:
             policy=self.config.policy,
             kv_blocks=parts.scheduler.config.num_blocks,
         )
+
+    def _pauses_steps(self, device_type: str) -> bool:
+        if self.config.pause_iterations is not None:
+            return self.config.pause_iterations
+        return device_type == "cpu"
 
     async def _start_parallel(self) -> None:
         """world > 1: the model runs in worker processes (medha.parallel); this process keeps

@@ -6,6 +6,7 @@ the stage keeps each request's block table and sampling state from earlier steps
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from medha.sampling import SamplingParams
@@ -34,6 +35,26 @@ class ModelStep:
     preempted: tuple[str, ...] = ()
     """Requests whose block table to clear (evicted; they will recompute their KV). Their
     sampling state stays, so a seeded request's random stream continues where it was."""
+    pause: threading.Event | None = None
+    """Set (from the event loop) to stop the step at its next layer boundary: the stage then
+    answers StepPaused and keeps the step until a ResumeStep. None: the step runs through."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeStep:
+    """Carry on with a paused step where it stopped."""
+
+    step_id: int
+    pause: threading.Event | None = None
+    """As ModelStep.pause, for the rest of the step."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepPaused:
+    step_id: int
+    layers_done: int
+    seconds: float
+    """Compute time so far."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +68,8 @@ class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken]
     seconds: float
-    """Wall time the model step took (for calibration and the predicted-vs-measured report)."""
+    """Wall time the model step took (for calibration and the predicted-vs-measured report);
+    for a step that was paused, the sum of its pieces."""
 
 
 @dataclass(frozen=True, slots=True)

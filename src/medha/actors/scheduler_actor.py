@@ -4,17 +4,30 @@ Its loop: take new requests and aborts from the mailbox, ask the Scheduler for t
 send it to the stage actor as a ModelStep, then turn the sampled tokens into stream events and
 tell the Scheduler the step is done. One plan is in flight at a time in one process (one
 pipeline stage); the stage runs it on the model thread, so the event loop stays free meanwhile.
+
+With `pause_steps`, the mailbox is also read while a step runs: when a newly arrived request
+ranks ahead of the step's prefills (Scheduler.should_pause), the step stops at its next layer
+boundary, the newcomer's plans run, and the step resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 
 from medha.actors.base import Actor, ActorStoppedError
-from medha.actors.messages import Forget, ModelStep, SeqWork, StepOutput
+from medha.actors.messages import (
+    Forget,
+    ModelStep,
+    ResumeStep,
+    SeqWork,
+    StepOutput,
+    StepPaused,
+)
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.errors import EngineClosedError, EngineFailedError
@@ -66,6 +79,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         clock: Callable[[], float],
         record_iterations: bool = False,
         time_scale: OnlineTimeScale | None = None,
+        pause_steps: bool = False,
     ) -> None:
         super().__init__("scheduler")
         self.scheduler = scheduler
@@ -76,6 +90,14 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.requests: dict[str, TrackedRequest] = {}
         self._parked: list[TrackedRequest] = []
         """Submitted under an id whose aborted request is still in flight (see _handle)."""
+        self.pause_steps = pause_steps
+        """Let a step stop between layers for a request that ranks ahead of it."""
+        self.pauses = 0
+        """Steps stopped between layers so far."""
+        self._held: list[Submit | Abort] | None = None
+        """While a pausable step is in flight: aborts received, and every message after the
+        first of them (in order: a request may reuse an aborted one's id), handled once the
+        step is done. An abort takes effect between steps, when the KV can be freed at once."""
         self.iterations = 0
         self.history: list[IterationRecord] | None = [] if record_iterations else None
 
@@ -113,6 +135,10 @@ class SchedulerActor(Actor[Submit | Abort]):
         return True
 
     def _handle(self, message: Submit | Abort) -> None:
+        held = self._held
+        if held is not None and (held or isinstance(message, Abort)):
+            held.append(message)
+            return
         if isinstance(message, Submit):
             request = message.request
             retiring = self.scheduler.get(request.request_id) is not None
@@ -180,8 +206,14 @@ class SchedulerActor(Actor[Submit | Abort]):
                 message = await self.receive()
                 self._handle(message)
             return
+        await self._run_plan(plan, self.pause_steps)
+
+    async def _run_plan(self, plan: BatchPlan, pausable: bool) -> None:
         started = self.clock()
-        output: StepOutput = await self.stage.ask(self._model_step(plan))
+        if pausable:
+            output = await self._run_pausable(plan)
+        else:
+            output = await self.stage.ask(self._model_step(plan))
         now = self.clock()
         self.scheduler.on_stage0_done(plan)
         finished = self._deliver(output, now)
@@ -207,7 +239,79 @@ class SchedulerActor(Actor[Submit | Abort]):
             else round(self.time_scale.cost.context_scale, 4),
         )
 
-    def _model_step(self, plan: BatchPlan) -> ModelStep:
+    # -- pausing a step between layers ----------------------------------------------------------
+
+    async def _run_pausable(self, plan: BatchPlan) -> StepOutput:
+        """Run `plan`'s step, taking messages meanwhile; whenever it pauses, run the plans of
+        the requests it paused for, then resume it."""
+        pause = threading.Event()
+        message: ModelStep | ResumeStep = self._model_step(plan, pause)
+        self._held = []
+        try:
+            while True:
+                result = await self._ask_watching(message, plan, pause)
+                if isinstance(result, StepOutput):
+                    return result
+                self.pauses += 1
+                self.scheduler.suspend(plan)
+                _log.debug("iteration paused", step=plan.plan_id, layers_done=result.layers_done)
+                await self._run_while_paused(plan)
+                self.scheduler.resume(plan)
+                pause = threading.Event()
+                message = ResumeStep(plan.plan_id, pause)
+        finally:
+            held, self._held = self._held, None
+            for waiting in held:
+                self._handle(waiting)
+
+    async def _ask_watching(
+        self, message: ModelStep | ResumeStep, plan: BatchPlan, pause: threading.Event
+    ) -> StepOutput | StepPaused:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._watch, plan, pause)
+            result: StepOutput | StepPaused = await self.stage.ask(message)
+            group.cancel_scope.cancel()
+        return result
+
+    async def _watch(self, plan: BatchPlan, pause: threading.Event) -> None:
+        """While `plan`'s step runs: handle messages as they come, and ask the step to pause as
+        soon as a newer request should go first: when one arrives that is ahead already, or
+        when one overtakes (Scheduler.pause_time). Cancelled when the step returns."""
+        try:
+            while True:
+                due = None if pause.is_set() else self.scheduler.pause_time(plan, self.clock())
+                if due is not None and due <= self.clock():
+                    pause.set()
+                    continue
+                wait = math.inf if due is None else due - self.clock()
+                with anyio.move_on_after(wait):
+                    self._handle(await self.receive())
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return  # the engine is closing: the step finishes, then the run loop ends
+
+    async def _run_while_paused(self, paused: BatchPlan) -> None:
+        """Plans for the requests `paused` stopped for, one at a time, while the Scheduler
+        says they still rank ahead of it (and its pause budget lasts)."""
+        while True:
+            plan = self._schedule()
+            if plan.is_empty:
+                if plan.released or plan.preempted:
+                    await self.stage.ask(Forget(plan.released, plan.preempted))
+                return
+            await self._run_plan(plan, pausable=False)
+            self._handle_pending()
+            if not self.scheduler.should_pause(paused, self.clock()):
+                return
+
+    def _handle_pending(self) -> None:
+        """Handle the messages already in the mailbox, without waiting for more."""
+        try:
+            while (message := self.receive_nowait()) is not None:
+                self._handle(message)
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return
+
+    def _model_step(self, plan: BatchPlan, pause: threading.Event | None = None) -> ModelStep:
         works = []
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
@@ -221,7 +325,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     self._first_sampling(request),
                 )
             )
-        return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted)
+        return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted, pause)
 
     # -- shared with the multi-process actor -----------------------------------------------------
 

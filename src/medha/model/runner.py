@@ -16,6 +16,7 @@ import torch
 from medha.kernels import AttentionMetadata, select_backend
 from medha.model.arch import ModelArch
 from medha.model.kv_cache import KVCache
+from medha.model.layerwise import LayerwiseStep
 from medha.model.llama import LlamaForCausalLM, PartialCombiner
 
 
@@ -85,7 +86,6 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.kv_cache.block_size
 
-    @torch.inference_mode()
     def step(
         self,
         seqs: Sequence[StepSeq],
@@ -95,6 +95,18 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run one step; logits (fp32) of each sampling sequence's last query token, in batch
         order, or with `all_logits` of every query token."""
+        return self.start_step(seqs, all_logits=all_logits, combine=combine).run()
+
+    @torch.inference_mode()
+    def start_step(
+        self,
+        seqs: Sequence[StepSeq],
+        *,
+        all_logits: bool = False,
+        combine: PartialCombiner | None = None,
+    ) -> LayerwiseStep:
+        """A step up to its first layer, to be run layer by layer (`LayerwiseStep.advance`):
+        it may stop between layers while other steps run (see medha.model.layerwise)."""
         if not seqs:
             raise ValueError("a step needs at least one sequence")
         meta = self.build_metadata(seqs)
@@ -111,7 +123,10 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
         pos = torch.tensor(positions, dtype=torch.int64, device=device)
         rows = None if all_logits else torch.tensor(logit_rows, dtype=torch.int64, device=device)
-        return self.model(input_ids, pos, self.kv_cache, meta, self.attention, rows, combine)
+        hidden, rotation = self.model.embed(input_ids, pos)
+        return LayerwiseStep(
+            self.model, self.kv_cache, meta, self.attention, combine, rows, hidden, rotation
+        )
 
     def build_metadata(self, seqs: Sequence[StepSeq]) -> AttentionMetadata:
         kv_lens = [

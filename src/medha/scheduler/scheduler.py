@@ -6,6 +6,9 @@ The engine and the discrete-event simulator drive the same object:
     ...stage 0 finishes...  scheduler.on_stage0_done(plan)
     ...last stage samples... scheduler.on_step_done(plan, now, finished={...})
 
+With one stage, a plan in flight may also pause between layers while newer plans run
+(`should_pause`, `suspend`, `resume`): see docs/scheduler.md, "Pausing an iteration".
+
 Each request's KV cache catches up with its known tokens under a per-iteration time budget
 (the vLLM v1 model); there are no separate prefill and decode phases beyond that. The
 scheduler never reads a clock and never touches a tensor.
@@ -19,6 +22,7 @@ from medha.errors import InvalidRequestError, RequestTooLargeError
 from medha.scheduler.batch import BatchBuilder
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
+from medha.scheduler.pausing import overtake_time
 from medha.scheduler.plan import BatchPlan, KvShard, ScheduledSeq, SeqKind
 from medha.scheduler.policies import (
     ChunkingMode,
@@ -42,6 +46,10 @@ class Scheduler:
         self.table = RequestTable(config)
         self._in_flight: dict[int, BatchPlan] = {}
         self._in_stage0: int | None = None
+        self._paused: set[int] = set()
+        """Plans in flight that stopped between layers and left stage 0 to newer plans."""
+        self._waited: dict[int, int] = {}
+        """Plans issued while each plan in flight was paused, over all its pauses."""
         self._next_plan_id = 0
         self._next_order = 0
         self._prefill_version = getattr(cost, "prefill_version", 0)
@@ -130,7 +138,8 @@ class Scheduler:
     def schedule(self, now: float) -> BatchPlan:
         """The next micro-batch to issue, or an empty plan when nothing can be issued now
         (stage 0 busy, the pipeline full, or no work ready)."""
-        if self._in_stage0 is not None or len(self._in_flight) >= self.config.pp_stages:
+        running = len(self._in_flight) - len(self._paused)
+        if self._in_stage0 is not None or running >= self.config.pp_stages:
             return self._empty_plan(now, ())
         if getattr(self.cost, "prefill_version", 0) != self._prefill_version:
             self._reprice()
@@ -151,6 +160,8 @@ class Scheduler:
             predicted_stage_time=stage_time,
         )
         self._next_plan_id += 1
+        for paused_id in self._paused:
+            self._waited[paused_id] += 1
         self._in_flight[plan.plan_id] = plan
         self._in_stage0 = plan.plan_id
         for seq in plan.seqs:
@@ -181,7 +192,11 @@ class Scheduler:
             return []
         if plan.plan_id not in self._in_flight:
             raise ValueError(f"plan {plan.plan_id} is not in flight")
-        oldest = next(iter(self._in_flight))
+        if plan.plan_id in self._paused:
+            raise ValueError(f"plan {plan.plan_id} is paused")
+        # A paused plan is passed by the plans issued while it waits: they never share a
+        # request with it (its requests are in flight, so none of them is scheduled again).
+        oldest = next(p for p in self._in_flight if p not in self._paused)
         if plan.plan_id != oldest:
             # A pipeline finishes micro-batches in the order they entered it; anything else
             # would move a request's cursors backwards.
@@ -189,6 +204,7 @@ class Scheduler:
         if self._in_stage0 == plan.plan_id:
             self.on_stage0_done(plan)
         del self._in_flight[plan.plan_id]
+        self._waited.pop(plan.plan_id, None)
         done: list[SchedRequest] = []
         for seq in plan.seqs:
             request = self.table.requests[seq.request_id]
@@ -201,6 +217,76 @@ class Scheduler:
             if seq.samples and self.table.record_token(request, now, stop):
                 done.append(request)
         return done
+
+    # -- pausing a plan between layers ----------------------------------------------------------
+
+    def should_pause(self, plan: BatchPlan, now: float) -> bool:
+        """Whether `plan`, in flight, should stop at its next layer boundary (or, paused, stay
+        paused for one more plan): see `pause_time`."""
+        due = self.pause_time(plan, now)
+        return due is not None and due <= now
+
+    def pause_time(self, plan: BatchPlan, now: float) -> float | None:
+        """When `plan`, in flight, should stop between layers so that a request that arrived
+        after it was planned goes first (`now` if at once); None: not as things stand.
+
+        That is when one of those requests, with prefill left, not in flight and able to start,
+        ranks ahead of every prefill in `plan` (medha.scheduler.pausing). A plan of decodes
+        alone never pauses, nor one that has already waited through `pause_budget` plans over
+        all its pauses (its decodes wait too); one plan is paused at a time.
+        """
+        if self.config.pp_stages > 1 or plan.plan_id not in self._in_flight:
+            return None
+        if plan.plan_id not in self._paused and (self._in_stage0 != plan.plan_id or self._paused):
+            return None
+        if self._waited.get(plan.plan_id, 0) >= self.config.pause_budget:
+            return None
+        table, policy, cost = self.table, self.policy.priority, self.cost
+        incumbents = [
+            policy.key_terms(request, cost)
+            for seq in plan.seqs
+            if seq.kind is SeqKind.PREFILL
+            and (request := table.requests.get(seq.request_id)) is not None
+            and not request.status.is_done
+        ]
+        if not incumbents:
+            return None
+        lookahead = self._rank_time(now) - now
+        admits = len(table.running) < self.config.max_batch_size
+        earliest: float | None = None
+        for request in (*table.prefilling.values(), *table.queued.values()):
+            if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
+                continue
+            if request.status.is_queued and not (
+                admits and table.layout.feasible_first_groups(request.known_tokens, table.pool)
+            ):
+                continue
+            at = overtake_time(policy.key_terms(request, cost), incumbents, now + lookahead)
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
+        if earliest is None:
+            return None
+        return now if earliest <= now + lookahead else earliest - lookahead
+
+    def suspend(self, plan: BatchPlan) -> None:
+        """`plan` stopped between layers: stage 0 is free for other plans until `resume`."""
+        if self.config.pp_stages > 1:
+            raise ValueError("plans pause only with one pipeline stage")
+        if self._in_stage0 != plan.plan_id:
+            raise ValueError(f"plan {plan.plan_id} is not in pipeline stage 0")
+        self._in_stage0 = None
+        self._paused.add(plan.plan_id)
+        self._waited.setdefault(plan.plan_id, 0)
+
+    def resume(self, plan: BatchPlan) -> None:
+        """`plan` carries on: it holds stage 0 again (every plan issued meanwhile is done)."""
+        if plan.plan_id not in self._paused:
+            raise ValueError(f"plan {plan.plan_id} is not paused")
+        running = len(self._in_flight) - len(self._paused)
+        if self._in_stage0 is not None or running:
+            raise ValueError(f"plan {plan.plan_id} cannot resume while another plan runs")
+        self._paused.remove(plan.plan_id)
+        self._in_stage0 = plan.plan_id
 
     def stats(self) -> SchedulerStats:
         table = self.table

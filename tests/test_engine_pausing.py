@@ -1,0 +1,147 @@
+"""The engine pauses a long prompt's iteration between layers for a request that should go
+first: when it arrives ahead of it, or when it overtakes it later (LARS); never under FCFS or
+with pausing off. Outputs stay exactly those of each request alone, and an abort that comes
+while an iteration is paused frees everything.
+
+The model's layers are slowed down for chunks of the long prompt only, so that its iterations
+last long enough for the short request to arrive, and overtake, inside one."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+import medha
+from medha import SamplingParams
+from medha.model.llama import DecoderLayer
+from tests.engine_support import engine_config, greedy_alone
+
+pytestmark = pytest.mark.anyio
+
+LONG = tuple(random.Random(5).randrange(384) for _ in range(1024))
+SHORT = (1, 2, 3, 4)
+PARAMS = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def slow_long_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer sleeps 0.4 s before a chunk of >= 256 tokens (the long prompt's)."""
+    forward = DecoderLayer.forward
+
+    def slow(self: DecoderLayer, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if x.shape[0] >= 256:
+            time.sleep(0.4)
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "forward", slow)
+
+
+@dataclass
+class Played:
+    long: medha.Completion
+    short: medha.Completion
+    order: list[tuple[int, str]]
+    """(step id, request ids) per iteration, in the order iterations completed."""
+    pauses: int
+    stats: medha.EngineStats
+
+
+async def _long_then_short(
+    short_deadline: float | None,
+    long_deadline: float | None = None,
+    after_iterations: int = 0,
+    abort_long: bool = False,
+    **config: Any,
+) -> Played:
+    """Play the long prompt (chunks of 512: two iterations), and the short one once
+    `after_iterations` iterations are done and the next is under way; with `abort_long`,
+    abort the long one once its iteration is paused."""
+    settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
+    results: dict[str, medha.Completion] = {}
+    async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:
+        actor = engine._scheduler_actor
+        assert actor is not None
+
+        async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
+            results[name] = await engine.generate(list(prompt), PARAMS, deadline, request_id=name)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(run, "long", LONG, long_deadline)
+                while engine.stats().running == 0 or engine.stats().iterations < after_iterations:
+                    await anyio.sleep(0.002)
+                group.start_soon(run, "short", SHORT, short_deadline)
+                if abort_long:
+                    while actor.pauses == 0:
+                        await anyio.sleep(0.002)
+                    await engine.abort("long")
+            while (stats := engine.stats()).running or stats.waiting:
+                await anyio.sleep(0.01)
+        order = [
+            (record.step_id, ",".join(sorted({rid for rid, _, _ in record.tokens})))
+            for record in engine.iteration_history
+        ]
+        return Played(results["long"], results["short"], order, actor.pauses, stats)
+
+
+async def test_a_short_request_ahead_of_a_long_iteration_pauses_it(slow_long_chunks: None) -> None:
+    played = await _long_then_short(short_deadline=0.05)
+    assert played.pauses == 1
+    # The short's prompt ran while the long prompt's first iteration waited; its decodes come
+    # after (a decode never keeps an iteration paused).
+    assert played.order[0][1] == "short" and played.order[0][0] > 0
+    assert played.order[1] == (0, "long")
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+    assert played.long.token_ids == greedy_alone(LONG, PARAMS.max_tokens)
+    assert played.stats.free_blocks == played.stats.total_blocks
+
+
+async def test_a_short_request_that_overtakes_later_pauses_the_iteration(
+    slow_long_chunks: None,
+) -> None:
+    # At arrival (after the long prompt's first iteration, ~0.8 s) the long prompt's relative
+    # slack, (2 s - 0.8 s) / 2 s, is below the short's, 1; the short's falls 5x faster and
+    # overtakes ~0.2 s later, while the long prompt's second iteration is in its first layer.
+    # The time scale stays put: learning that layers sleep would reprice the long prompt.
+    played = await _long_then_short(
+        short_deadline=0.4, long_deadline=2.0, after_iterations=1, online_time_scale=False
+    )
+    assert played.pauses == 1
+    assert played.order[0] == (0, "long")
+    assert played.order[1][1] == "short" and played.order[1][0] > 1
+    assert (1, "long") in played.order[2:]
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+    assert played.long.token_ids == greedy_alone(LONG, PARAMS.max_tokens)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"policy": "fcfs"}, {"policy": "fcfs-chunked"}, {"pause_iterations": False}]
+)
+async def test_no_pause_under_fcfs_or_with_pausing_off(
+    slow_long_chunks: None, settings: dict[str, Any]
+) -> None:
+    played = await _long_then_short(short_deadline=0.05, **settings)
+    assert played.pauses == 0
+    steps = [step_id for step_id, _ in played.order]
+    assert steps == sorted(steps)  # every iteration ran through, in order
+    assert played.order[0] == (0, "long")
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+
+
+async def test_aborting_the_paused_request_frees_its_blocks(slow_long_chunks: None) -> None:
+    played = await _long_then_short(short_deadline=0.05, abort_long=True)
+    assert played.pauses == 1
+    assert played.long.finish_reason == "abort" and not played.long.token_ids
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+    assert played.stats.aborted == 1
+    assert played.stats.free_blocks == played.stats.total_blocks
