@@ -26,6 +26,7 @@ pytestmark = pytest.mark.anyio
 LONG = tuple(random.Random(5).randrange(384) for _ in range(1024))
 SHORT = (1, 2, 3, 4)
 PARAMS = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+TALKER_PARAMS = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture
@@ -48,12 +49,19 @@ def slow_long_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @dataclass
 class Played:
-    long: medha.Completion
-    short: medha.Completion
+    results: dict[str, medha.Completion]
     order: list[tuple[int, str]]
     """(step id, request ids) per iteration, in the order iterations completed."""
     pauses: int
     stats: medha.EngineStats
+
+    @property
+    def long(self) -> medha.Completion:
+        return self.results["long"]
+
+    @property
+    def short(self) -> medha.Completion:
+        return self.results["short"]
 
 
 async def _long_then_short(
@@ -61,11 +69,13 @@ async def _long_then_short(
     long_deadline: float | None = None,
     after_iterations: int = 0,
     abort_long: bool = False,
+    talker: bool = False,
     **config: Any,
 ) -> Played:
     """Play the long prompt (chunks of 512: two iterations), and the short one once
     `after_iterations` iterations are done and the next is under way; with `abort_long`,
-    abort the long one once its iteration is paused."""
+    abort the long one once its iteration is paused; with `talker`, a request decoding
+    TALKER_TOKENS tokens starts first, so its decodes share the long prompt's iterations."""
     settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
     results: dict[str, medha.Completion] = {}
     async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:
@@ -73,12 +83,18 @@ async def _long_then_short(
         assert actor is not None
 
         async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
-            results[name] = await engine.generate(list(prompt), PARAMS, deadline, request_id=name)
+            params = TALKER_PARAMS if name == "talker" else PARAMS
+            results[name] = await engine.generate(list(prompt), params, deadline, request_id=name)
 
         with anyio.fail_after(30):
             async with anyio.create_task_group() as group:
+                if talker:
+                    group.start_soon(run, "talker", SHORT, None)
+                    while engine.stats().iterations == 0:  # its prompt: it decodes now
+                        await anyio.sleep(0.001)
                 group.start_soon(run, "long", LONG, long_deadline)
-                while engine.stats().running == 0 or engine.stats().iterations < after_iterations:
+                busy = 1 + talker
+                while engine.stats().running < busy or engine.stats().iterations < after_iterations:
                     await anyio.sleep(0.002)
                 group.start_soon(run, "short", SHORT, short_deadline)
                 if abort_long:
@@ -91,7 +107,7 @@ async def _long_then_short(
             (record.step_id, ",".join(sorted({rid for rid, _, _ in record.tokens})))
             for record in engine.iteration_history
         ]
-        return Played(results["long"], results["short"], order, actor.pauses, stats)
+        return Played(results, order, actor.pauses, stats)
 
 
 async def test_a_short_request_ahead_of_a_long_iteration_pauses_it(slow_long_chunks: None) -> None:
@@ -145,3 +161,22 @@ async def test_aborting_the_paused_request_frees_its_blocks(slow_long_chunks: No
     assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
     assert played.stats.aborted == 1
     assert played.stats.free_blocks == played.stats.total_blocks
+
+
+async def test_a_paused_iterations_decodes_finish_at_once_and_go_on_decoding(
+    slow_long_chunks: None,
+) -> None:
+    played = await _long_then_short(short_deadline=0.05, talker=True)
+    assert played.pauses == 1
+    paused_at = next(i for i, (_, ids) in enumerate(played.order) if "long" in ids)
+    paused_id, paused_ids = played.order[paused_at]
+    assert paused_ids == "long,talker"  # the talker's decode shared the paused iteration
+    # ...and it decoded again, beside the short's prompt, while that iteration waited.
+    assert any(
+        "talker" in ids and "short" in ids and step_id > paused_id
+        for step_id, ids in played.order[:paused_at]
+    )
+    talker = played.results["talker"]
+    assert talker.token_ids == greedy_alone(SHORT, TALKER_PARAMS.max_tokens)
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+    assert played.long.token_ids == greedy_alone(LONG, PARAMS.max_tokens)

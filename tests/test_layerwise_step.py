@@ -79,3 +79,37 @@ def test_advance_asks_after_every_layer_but_the_last(backend: str) -> None:
     assert stops == layers - 1 and step.done
     one_layer_at_a_time = step.logits()
     assert torch.equal(one_layer_at_a_time, runner.step([StepSeq(_prompt(4, 20), 0, table)]))
+
+
+def test_a_split_step_goes_on_with_each_part_as_in_the_whole(backend: str) -> None:
+    runner = make_runner("llama3-gqa", backend)
+    blocks = ShuffledBlocks(runner.kv_cache.num_blocks, seed=9)
+    decoded = _prompt(6, 40)
+    decode_table = blocks.take(blocks_for(len(decoded) + 1))
+    runner.step([StepSeq(decoded, 0, decode_table)])
+    prompt, other = _prompt(7, 30), _prompt(8, 20)
+    prompt_table = blocks.take(blocks_for(len(prompt)))
+    other_table = blocks.take(blocks_for(len(other)))
+    batch = [
+        StepSeq(prompt, 0, prompt_table, sample=False),
+        StepSeq([7], len(decoded), decode_table),
+        StepSeq(other, 0, other_table),
+    ]
+    # The same steps on a twin runner, the second one whole.
+    twin = make_runner("llama3-gqa", backend)
+    twin.model.load_state_dict(runner.model.state_dict())
+    twin.step([StepSeq(decoded, 0, decode_table)])
+    whole = twin.step(batch, all_logits=True)
+
+    step = runner.start_step(batch, all_logits=True)
+    assert not step.advance(lambda: True)
+    with pytest.raises(ValueError, match="both sides"):
+        runner.split_step(step, [0, 1, 2])
+    decode_part, rest = runner.split_step(step, [1])
+    assert [len(s.token_ids) for s in rest.seqs] == [30, 20]
+    decode_logits = decode_part.run()
+    rest_logits = rest.run()
+    torch.testing.assert_close(decode_logits, whole[30:31], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rest_logits, torch.cat([whole[:30], whole[31:]]), rtol=1e-5, atol=1e-5
+    )

@@ -156,3 +156,31 @@ def test_overtake_time_solves_the_key_inequalities() -> None:
     # ...but only until T = 0.4 against this one: never ahead of both.
     assert overtake_time((1.0, 2.0), [(0.5, 1.0), (1.8, 4.0)], now=0.0) is None
     assert overtake_time((0.0, 0.0), [], now=0.0) is None
+
+
+def test_a_pausing_plans_decodes_finish_at_once_and_decode_again_while_it_waits() -> None:
+    scheduler = make_scheduler(num_blocks=20_000)
+    scheduler.add_request("talker", CHAT, 8, arrival=0.0)
+    step(scheduler, 0.0)  # its prompt: it decodes from now on
+    scheduler.add_request("doc", DOC, 4, arrival=0.01)
+    paused = scheduler.schedule(0.01)
+    assert {(s.request_id, s.kind) for s in paused.seqs} == {
+        ("talker", SeqKind.DECODE),
+        ("doc", SeqKind.PREFILL),
+    }
+    scheduler.add_request("chat", CHAT, 4, arrival=0.02, deadline=0.1)
+    assert scheduler.should_pause(paused, 0.02)
+    assert scheduler.on_seqs_done(paused, ["talker"], 0.02) == []
+    scheduler.suspend(paused)
+    talker = scheduler.get("talker")
+    assert talker is not None and talker.generated == 2 and talker.in_flight == 0
+    inner = _run_inner(scheduler, 0.03)
+    assert {s.request_id for s in inner.seqs} == {"talker", "chat"}  # its next decode
+    assert talker.generated == 3
+    scheduler.resume(paused)
+    scheduler.on_stage0_done(paused)
+    scheduler.on_step_done(paused, 0.3)
+    assert talker.generated == 3  # counted once
+    assert scheduler.get("doc").computed == paused.seqs[-1].end  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="stage 0"):
+        scheduler.on_seqs_done(inner, ["talker"], 0.3)

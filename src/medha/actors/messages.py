@@ -24,6 +24,8 @@ class SeqWork:
     """Sample a token after this step (the last chunk of a prompt, or a decode)."""
     sampling: SamplingParams | None = None
     """Sent with the request's first step only; None afterwards."""
+    decode: bool = False
+    """A decode: when the step pauses, it is finished at once (see StepPaused.sampled)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +52,20 @@ class ResumeStep:
 
 
 @dataclass(frozen=True, slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StepPaused:
     step_id: int
     layers_done: int
     seconds: float
     """Compute time so far."""
-
-
-@dataclass(frozen=True, slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None
+    sampled: dict[str, SampledToken]
+    """The step's decodes, run through their remaining layers when it paused: a pause holds
+    back prefill chunks only, never a token a stream is waiting for."""
 
 
 @dataclass(frozen=True, slots=True)

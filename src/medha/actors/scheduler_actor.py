@@ -6,8 +6,9 @@ tell the Scheduler the step is done. One plan is in flight at a time in one proc
 pipeline stage); the stage runs it on the model thread, so the event loop stays free meanwhile.
 
 With `pause_steps`, the mailbox is also read while a step runs: when a newly arrived request
-ranks ahead of the step's prefills (Scheduler.should_pause), the step stops at its next layer
-boundary, the newcomer's plans run, and the step resumes where it stopped.
+ranks ahead of the step's prefills (Scheduler.pause_time), the step stops at its next layer
+boundary, its decodes are finished at once, the newcomer's plans run (with those decodes' next
+tokens), and the step's prefill chunks resume where they stopped.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from medha.log import get_logger
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
 from medha.sampling import SamplingParams
-from medha.scheduler import BatchPlan, Scheduler
+from medha.scheduler import BatchPlan, Scheduler, SeqKind
 from medha.scheduler.cost import SeqShape
 
 _log = get_logger(__name__)
@@ -253,6 +254,11 @@ class SchedulerActor(Actor[Submit | Abort]):
                 if isinstance(result, StepOutput):
                     return result
                 self.pauses += 1
+                if result.sampled:  # the step's decodes, finished as it paused
+                    now = self.clock()
+                    early = StepOutput(plan.plan_id, result.sampled, result.seconds)
+                    finished = self._deliver(early, now)
+                    self.scheduler.on_seqs_done(plan, result.sampled.keys(), now, finished)
                 self.scheduler.suspend(plan)
                 _log.debug("iteration paused", step=plan.plan_id, layers_done=result.layers_done)
                 await self._run_while_paused(plan)
@@ -323,6 +329,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     tuple(block for _, blocks in seq.new_blocks for block in blocks),
                     seq.samples,
                     self._first_sampling(request),
+                    seq.kind is SeqKind.DECODE,
                 )
             )
         return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted, pause)

@@ -6,13 +6,16 @@ last stage: it samples. It keeps, per request, the KV block table (extended by e
 blocks) and the sampling state (params and the request's own random generator).
 
 A step may be paused between layers (ModelStep.pause) and resumed later (ResumeStep); the stage
-keeps it meanwhile, and other steps, over other requests, may run in between.
+keeps it meanwhile, and other steps, over other requests, may run in between. Its decodes are
+not paused: they run through their remaining layers when it stops, and their tokens come back
+with StepPaused.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,7 @@ from medha.actors.messages import (
     ModelStep,
     ResumeStep,
     SampledToken,
+    SeqWork,
     StepOutput,
     StepPaused,
 )
@@ -42,7 +46,9 @@ class _SeqState:
 
 @dataclass(slots=True)
 class _PausedStep:
-    step: ModelStep
+    step_id: int
+    works: tuple[SeqWork, ...]
+    """The sequences `progress` runs, in its order."""
     progress: LayerwiseStep
     seconds: float
 
@@ -86,7 +92,9 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
             state.block_table.extend(work.new_blocks)
             batch.append(StepSeq(work.token_ids, work.start, state.block_table, work.samples))
         progress = self.runner.start_step(batch)
-        return self._advance(_PausedStep(step, progress, 0.0), step.pause, started)
+        return self._advance(
+            _PausedStep(step.step_id, step.seqs, progress, 0.0), step.pause, started
+        )
 
     def resume_step(self, message: ResumeStep) -> StepOutput | StepPaused:
         started = time.perf_counter()
@@ -98,23 +106,38 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
     def _advance(
         self, paused: _PausedStep, pause: threading.Event | None, started: float
     ) -> StepOutput | StepPaused:
-        step, progress = paused.step, paused.progress
-        finished = progress.advance(None if pause is None else pause.is_set)
+        if not paused.progress.advance(None if pause is None else pause.is_set):
+            sampled = self._finish_decodes(paused)
+            paused.seconds += time.perf_counter() - started
+            self._paused[paused.step_id] = paused
+            return StepPaused(paused.step_id, paused.progress.next_layer, paused.seconds, sampled)
+        sampled = self._sample(paused.works, paused.progress.logits())
         seconds = paused.seconds + time.perf_counter() - started
-        if not finished:
-            self._paused[step.step_id] = _PausedStep(step, progress, seconds)
-            return StepPaused(step.step_id, progress.next_layer, seconds)
-        logits = progress.logits()
-        sampling_seqs = [w for w in step.seqs if w.samples]
-        sampled: dict[str, SampledToken] = {}
-        if sampling_seqs:
-            states = [self._seqs[w.request_id] for w in sampling_seqs]
-            out = sample(logits, [s.sampling for s in states], [s.generator for s in states])
-            for work, token, logprob in zip(
-                sampling_seqs, out.token_ids, out.logprobs, strict=True
-            ):
-                sampled[work.request_id] = SampledToken(token, logprob)
-        return StepOutput(step.step_id, sampled, paused.seconds + time.perf_counter() - started)
+        return StepOutput(paused.step_id, sampled, seconds)
+
+    def _finish_decodes(self, paused: _PausedStep) -> dict[str, SampledToken]:
+        """Run the paused step's decodes through their remaining layers now, and keep only
+        its other sequences paused."""
+        decodes = [i for i, work in enumerate(paused.works) if work.decode]
+        if not decodes or len(decodes) == len(paused.works):
+            return {}
+        done, rest = self.runner.split_step(paused.progress, decodes)
+        sampled = self._sample([paused.works[i] for i in decodes], done.run())
+        paused.works = tuple(work for work in paused.works if not work.decode)
+        paused.progress = rest
+        return sampled
+
+    def _sample(self, works: Sequence[SeqWork], logits: torch.Tensor) -> dict[str, SampledToken]:
+        """The tokens of `works`' sampling sequences, from their logits rows (in order)."""
+        sampling = [work for work in works if work.samples]
+        if not sampling:
+            return {}
+        states = [self._seqs[work.request_id] for work in sampling]
+        out = sample(logits, [s.sampling for s in states], [s.generator for s in states])
+        return {
+            work.request_id: SampledToken(token, logprob)
+            for work, token, logprob in zip(sampling, out.token_ids, out.logprobs, strict=True)
+        }
 
     def _forget(self, release: tuple[str, ...], preempted: tuple[str, ...]) -> None:
         for request_id in release:

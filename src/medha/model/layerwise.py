@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,10 +21,13 @@ from medha.model.kv_cache import KVCache
 from medha.model.llama import LlamaForCausalLM, PartialCombiner
 from medha.model.rope import Rotation
 
+if TYPE_CHECKING:
+    from medha.model.runner import StepSeq
+
 
 @dataclass(eq=False)
 class LayerwiseStep:
-    """One step's state between layers: made by `ModelRunner.start_step`."""
+    """One step's state between layers: made by `ModelRunner.start_step` (or `split_step`)."""
 
     model: LlamaForCausalLM
     kv_cache: KVCache
@@ -33,6 +37,8 @@ class LayerwiseStep:
     logits_indices: torch.Tensor | None
     hidden: torch.Tensor
     rotation: Rotation
+    seqs: tuple[StepSeq, ...]
+    all_logits: bool
     next_layer: int = 0
     """Index (in the model's layer order) of the next layer to run."""
 

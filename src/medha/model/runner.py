@@ -109,23 +109,72 @@ class ModelRunner:
         it may stop between layers while other steps run (see medha.model.layerwise)."""
         if not seqs:
             raise ValueError("a step needs at least one sequence")
-        meta = self.build_metadata(seqs)
-        ids: list[int] = []
+        ids = [token for seq in seqs for token in seq.token_ids]
+        self._check_vocab(ids)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        hidden = self.model.model.embed_tokens(input_ids)
+        return self._layerwise(seqs, hidden, 0, all_logits, combine)
+
+    @torch.inference_mode()
+    def split_step(
+        self, step: LayerwiseStep, indices: Sequence[int]
+    ) -> tuple[LayerwiseStep, LayerwiseStep]:
+        """The sequences of `step` at `indices`, and the others, as two steps that go on from
+        the layer where `step` stopped (e.g. to finish a paused step's decodes now and its
+        prefill chunks later). Each sequence's rows go on exactly as before, in a smaller
+        batch."""
+        chosen = set(indices)
+        if not chosen or len(chosen) == len(step.seqs):
+            raise ValueError("a split needs sequences on both sides")
+        rows: tuple[list[int], list[int]] = ([], [])
+        parts: tuple[list[StepSeq], list[StepSeq]] = ([], [])
+        offset = 0
+        for index, seq in enumerate(step.seqs):
+            side = 0 if index in chosen else 1
+            rows[side].extend(range(offset, offset + len(seq.token_ids)))
+            parts[side].append(seq)
+            offset += len(seq.token_ids)
+        first, second = (
+            self._layerwise(
+                part,
+                step.hidden.index_select(0, torch.tensor(side_rows, device=self.device)),
+                step.next_layer,
+                step.all_logits,
+                step.combine,
+            )
+            for part, side_rows in zip(parts, rows, strict=True)
+        )
+        return first, second
+
+    def _layerwise(
+        self,
+        seqs: Sequence[StepSeq],
+        hidden: torch.Tensor,
+        next_layer: int,
+        all_logits: bool,
+        combine: PartialCombiner | None,
+    ) -> LayerwiseStep:
         positions: list[int] = []
         logit_rows: list[int] = []
         for seq in seqs:
-            ids.extend(seq.token_ids)
             positions.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
             if seq.sample:
-                logit_rows.append(len(ids) - 1)
-        self._check_vocab(ids)
+                logit_rows.append(len(positions) - 1)
         device = self.device
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
         pos = torch.tensor(positions, dtype=torch.int64, device=device)
         rows = None if all_logits else torch.tensor(logit_rows, dtype=torch.int64, device=device)
-        hidden, rotation = self.model.embed(input_ids, pos)
         return LayerwiseStep(
-            self.model, self.kv_cache, meta, self.attention, combine, rows, hidden, rotation
+            self.model,
+            self.kv_cache,
+            self.build_metadata(seqs),
+            self.attention,
+            combine,
+            rows,
+            hidden,
+            self.model.rotary.rotation(pos, hidden.dtype),
+            tuple(seqs),
+            all_logits,
+            next_layer,
         )
 
     def build_metadata(self, seqs: Sequence[StepSeq]) -> AttentionMetadata:

@@ -50,6 +50,8 @@ class Scheduler:
         """Plans in flight that stopped between layers and left stage 0 to newer plans."""
         self._waited: dict[int, int] = {}
         """Plans issued while each plan in flight was paused, over all its pauses."""
+        self._done_early: dict[int, set[str]] = {}
+        """Requests of a plan in flight whose sequences finished before the plan (on_seqs_done)."""
         self._next_plan_id = 0
         self._next_order = 0
         self._prefill_version = getattr(cost, "prefill_version", 0)
@@ -178,8 +180,10 @@ class Scheduler:
         if self._in_stage0 != plan.plan_id:
             raise ValueError(f"plan {plan.plan_id} is not in pipeline stage 0")
         self._in_stage0 = None
+        early = self._done_early.get(plan.plan_id, ())
         for seq in plan.seqs:
-            self.table.requests[seq.request_id].stage0 = seq.end
+            if seq.request_id not in early:
+                self.table.requests[seq.request_id].stage0 = seq.end
 
     def on_step_done(
         self, plan: BatchPlan, now: float, finished: Collection[str] = ()
@@ -205,8 +209,33 @@ class Scheduler:
             self.on_stage0_done(plan)
         del self._in_flight[plan.plan_id]
         self._waited.pop(plan.plan_id, None)
+        early = self._done_early.pop(plan.plan_id, None)
+        seqs = plan.seqs if early is None else [s for s in plan.seqs if s.request_id not in early]
+        return self._complete(seqs, now, finished)
+
+    def on_seqs_done(
+        self,
+        plan: BatchPlan,
+        request_ids: Collection[str],
+        now: float,
+        finished: Collection[str] = (),
+    ) -> list[SchedRequest]:
+        """The sequences of `request_ids` in `plan`, in stage 0, finished before the rest of
+        it (a plan that pauses finishes its decodes at once, so that their next tokens can be
+        scheduled while it waits); as on_step_done for them. Returns the requests that
+        finished; on_step_done completes the others."""
+        if plan.plan_id not in self._in_flight or self._in_stage0 != plan.plan_id:
+            raise ValueError(f"plan {plan.plan_id} is not in pipeline stage 0")
+        early = self._done_early.setdefault(plan.plan_id, set())
+        seqs = [s for s in plan.seqs if s.request_id in request_ids and s.request_id not in early]
+        early.update(seq.request_id for seq in seqs)
+        return self._complete(seqs, now, finished)
+
+    def _complete(
+        self, seqs: Sequence[ScheduledSeq], now: float, finished: Collection[str]
+    ) -> list[SchedRequest]:
         done: list[SchedRequest] = []
-        for seq in plan.seqs:
+        for seq in seqs:
             request = self.table.requests[seq.request_id]
             request.in_flight -= 1
             if request.status.is_done:
