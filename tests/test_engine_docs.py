@@ -1,4 +1,4 @@
-"""docs/engine.md's examples run as written: the online time scale and the bf16 engine."""
+"""docs/engine.md's examples run as written: the online time scale, the bf16 engine, pausing."""
 
 from __future__ import annotations
 
@@ -26,3 +26,8 @@ def test_the_time_scale_example_runs_and_prints_the_factor() -> None:
 
 def test_the_bf16_example_runs() -> None:
     assert _run_block_with('dtype="bfloat16"') == "4 tokens in bf16\n"
+
+
+def test_the_pausing_example_pauses_the_long_iteration_for_the_chat() -> None:
+    printed = _run_block_with("pause_iterations=True")
+    assert re.fullmatch(r"pauses: 1, chat TTFT \d+ ms\n", printed)

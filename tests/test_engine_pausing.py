@@ -19,6 +19,7 @@ import pytest
 import medha
 from medha import SamplingParams
 from medha.model.llama import DecoderLayer
+from medha.perf.time_scale import OnlineTimeScale
 from tests.engine_support import engine_config, greedy_alone
 
 pytestmark = pytest.mark.anyio
@@ -79,8 +80,6 @@ async def _long_then_short(
     settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
     results: dict[str, medha.Completion] = {}
     async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:
-        actor = engine._scheduler_actor
-        assert actor is not None
 
         async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
             params = TALKER_PARAMS if name == "talker" else PARAMS
@@ -98,7 +97,7 @@ async def _long_then_short(
                     await anyio.sleep(0.002)
                 group.start_soon(run, "short", SHORT, short_deadline)
                 if abort_long:
-                    while actor.pauses == 0:
+                    while engine.stats().pauses == 0:
                         await anyio.sleep(0.002)
                     await engine.abort("long")
             while (stats := engine.stats()).running or stats.waiting:
@@ -107,12 +106,24 @@ async def _long_then_short(
             (record.step_id, ",".join(sorted({rid for rid, _, _ in record.tokens})))
             for record in engine.iteration_history
         ]
-        return Played(results, order, actor.pauses, stats)
+        return Played(results, order, stats.pauses, stats)
 
 
-async def test_a_short_request_ahead_of_a_long_iteration_pauses_it(slow_long_chunks: None) -> None:
+async def test_a_short_request_ahead_of_a_long_iteration_pauses_it(
+    slow_long_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    observed: list[int] = []
+    observe = OnlineTimeScale.observe_batch
+
+    def spy(self: OnlineTimeScale, seqs: Any, *args: Any, **kwargs: Any) -> Any:
+        observed.append(len(seqs))
+        return observe(self, seqs, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTimeScale, "observe_batch", spy)
     played = await _long_then_short(short_deadline=0.05)
     assert played.pauses == 1
+    # The paused iteration ran as two batches: its time says nothing of the predicted one.
+    assert len(observed) == played.stats.iterations - 1
     # The short's prompt ran while the long prompt's first iteration waited; its decodes come
     # after (a decode never keeps an iteration paused).
     assert played.order[0][1] == "short" and played.order[0][0] > 0

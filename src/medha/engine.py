@@ -66,6 +66,9 @@ class EngineStats:
     (1.0 when off)."""
     context_scale: float = 1.0
     """The context-dependent terms' (attention, KV reads) factor on top of `time_scale`."""
+    pauses: int = 0
+    """Times an iteration stopped between layers for a newer request that ranked ahead of it
+    (EngineConfig.pause_iterations)."""
 
 
 class Engine:
@@ -294,6 +297,7 @@ class Engine:
             iterations=actor.iterations,
             time_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.time_scale,
             context_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.context_scale,
+            pauses=actor.pauses,
         )
 
     @property

@@ -210,7 +210,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         await self._run_plan(plan, self.pause_steps)
 
     async def _run_plan(self, plan: BatchPlan, pausable: bool) -> None:
-        started = self.clock()
+        started, pauses = self.clock(), self.pauses
         if pausable:
             output = await self._run_pausable(plan)
         else:
@@ -221,7 +221,9 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_step_done(plan, now, finished)
         self._admit_parked()
         self._record(plan, started, output.seconds)
-        if self.time_scale is not None:
+        # A step that paused ran as two batches (its decodes, split off, and the rest): its
+        # time is not the predicted batch's.
+        if self.time_scale is not None and self.pauses == pauses:
             shapes = [SeqShape(seq.q_tokens, seq.kv_tokens) for seq in plan.seqs]
             self.time_scale.observe_batch(shapes, plan.predicted_time, output.seconds)
         _log.debug(
@@ -311,11 +313,8 @@ class SchedulerActor(Actor[Submit | Abort]):
 
     def _handle_pending(self) -> None:
         """Handle the messages already in the mailbox, without waiting for more."""
-        try:
-            while (message := self.receive_nowait()) is not None:
-                self._handle(message)
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            return
+        while (message := self.receive_nowait()) is not None:
+            self._handle(message)
 
     def _model_step(self, plan: BatchPlan, pause: threading.Event | None = None) -> ModelStep:
         works = []

@@ -58,9 +58,10 @@ class SchedulerConfig(BaseModel):
     deadline_factor: float = Field(default=1.5, gt=0)
     min_deadline: float = Field(default=0.5, gt=0)
     """Default TTFT deadline: max(deadline_factor x predicted prefill time, min_deadline)."""
-    pause_budget: int = Field(default=4, ge=0)
-    """Most plans issued while a paused plan waits (see Scheduler.should_pause): its decodes
-    wait as long. 0: never pause."""
+    pause_budget: int = Field(default=8, ge=0)
+    """Most plans issued while a plan is paused, over all its pauses (Scheduler.pause_time): a
+    bound on how long its prefill chunks wait, on top of the policy's own ranking (a paused
+    plan resumes as soon as nothing newer ranks ahead of it). 0: never pause."""
     rank_ahead: bool = True
     """Rank prefills by their priority at the next decision, not at this one: a request left
     out of this batch cannot start before the next batch is planned, target_batch_time from now
