@@ -5,7 +5,9 @@ budget) on the same GGUF, in one run.
 Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when it runs alone
 on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
 writes JSON (default benchmarks/results/mixed_cpu.json). One more row runs the shorts under lars
-with no long request: their slowdown from queueing behind each other alone, the floor.
+with no long request: their slowdown from queueing behind each other alone, the floor. A policy
+name with "-unpaused" appended (`--policies lars,lars-unpaused`) runs it with
+EngineConfig.pause_iterations=False: no iteration stops between layers for a newer request.
 
 With `--repeats N` every system plays the workload N times, alternating systems within each
 round, and the percentiles pool the N x 16 short requests: on a shared machine the p99 of one
@@ -350,7 +352,11 @@ async def main(args: Any) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="lars,fcfs,fcfs-chunked")
+    parser.add_argument(
+        "--policies",
+        default="lars,fcfs,fcfs-chunked,lars-unpaused",
+        help="medha systems, comma-separated: policy names, optionally with -unpaused",
+    )
     parser.add_argument("--long-tokens", type=int, default=6144)
     parser.add_argument("--shorts", type=int, default=16)
     parser.add_argument("--rate", type=float, default=0.5)

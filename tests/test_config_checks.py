@@ -39,6 +39,14 @@ def test_an_unknown_attention_backend_is_refused_when_the_config_is_built() -> N
         EngineConfig(model="tiny-random", attention_backend="bogus")
 
 
+def test_pausing_iterations_is_refused_with_worker_processes() -> None:
+    with pytest.raises(pydantic.ValidationError, match="single-process engine"):
+        EngineConfig(model="tiny-random", pause_iterations=True, parallel=ParallelConfig(tp=2))
+    # Left to its default it is simply off there; off is always accepted.
+    EngineConfig(model="tiny-random", parallel=ParallelConfig(tp=2))
+    EngineConfig(model="tiny-random", pause_iterations=False, parallel=ParallelConfig(tp=2))
+
+
 def test_every_backend_medha_registers_is_accepted_whether_or_not_it_runs_here() -> None:
     registered = set(backend_names())  # medha.kernels imported: "triton" registered too
     assert registered <= set(ATTENTION_BACKENDS) and "triton" in registered

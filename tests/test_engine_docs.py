@@ -30,4 +30,6 @@ def test_the_bf16_example_runs() -> None:
 
 def test_the_pausing_example_pauses_the_long_iteration_for_the_chat() -> None:
     printed = _run_block_with("pause_iterations=True")
-    assert re.fullmatch(r"pauses: 1, chat TTFT \d+ ms\n", printed)
+    # 1 unless the long iteration's first layer was done before the chat arrived (a loaded
+    # machine); tests/test_engine_pausing.py checks pausing with layers slow enough to be sure.
+    assert re.fullmatch(r"pauses: [01], chat TTFT \d+ ms\n", printed)

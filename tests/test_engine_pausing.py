@@ -26,6 +26,8 @@ pytestmark = pytest.mark.anyio
 
 LONG = tuple(random.Random(5).randrange(384) for _ in range(1024))
 SHORT = (1, 2, 3, 4)
+SLOW_SHORT = LONG[:300]
+"""A short prompt whose chunk (>= 256 tokens) the slow_long_chunks fixture slows down too."""
 PARAMS = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 TALKER_PARAMS = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
@@ -71,6 +73,7 @@ async def _long_then_short(
     after_iterations: int = 0,
     abort_long: bool = False,
     talker: bool = False,
+    short_prompt: tuple[int, ...] = SHORT,
     **config: Any,
 ) -> Played:
     """Play the long prompt (chunks of 512: two iterations), and the short one once
@@ -95,7 +98,7 @@ async def _long_then_short(
                 busy = 1 + talker
                 while engine.stats().running < busy or engine.stats().iterations < after_iterations:
                     await anyio.sleep(0.002)
-                group.start_soon(run, "short", SHORT, short_deadline)
+                group.start_soon(run, "short", short_prompt, short_deadline)
                 if abort_long:
                     while engine.stats().pauses == 0:
                         await anyio.sleep(0.002)
@@ -166,10 +169,11 @@ async def test_no_pause_under_fcfs_or_with_pausing_off(
 
 
 async def test_aborting_the_paused_request_frees_its_blocks(slow_long_chunks: None) -> None:
-    played = await _long_then_short(short_deadline=0.05, abort_long=True)
+    # A slow short prompt: the long iteration stays paused ~0.8 s, and the abort lands then.
+    played = await _long_then_short(short_deadline=0.05, abort_long=True, short_prompt=SLOW_SHORT)
     assert played.pauses == 1
     assert played.long.finish_reason == "abort" and not played.long.token_ids
-    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+    assert played.short.token_ids == greedy_alone(SLOW_SHORT, PARAMS.max_tokens)
     assert played.stats.aborted == 1
     assert played.stats.free_blocks == played.stats.total_blocks
 
@@ -191,3 +195,28 @@ async def test_a_paused_iterations_decodes_finish_at_once_and_go_on_decoding(
     assert talker.token_ids == greedy_alone(SHORT, TALKER_PARAMS.max_tokens)
     assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
     assert played.long.token_ids == greedy_alone(LONG, PARAMS.max_tokens)
+
+
+async def test_closing_the_engine_while_an_iteration_is_paused_ends_every_stream(
+    slow_long_chunks: None,
+) -> None:
+    outcomes: dict[str, BaseException | medha.Completion] = {}
+    with anyio.fail_after(30):
+        async with medha.Engine(engine_config(max_chunk=512)) as engine:
+
+            async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
+                try:
+                    outcomes[name] = await engine.generate(list(prompt), PARAMS, deadline)
+                except medha.EngineClosedError as exc:
+                    outcomes[name] = exc
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(run, "long", LONG, None)
+                while engine.stats().running == 0:
+                    await anyio.sleep(0.002)
+                group.start_soon(run, "short", SLOW_SHORT, 0.05)
+                while engine.stats().pauses == 0:
+                    await anyio.sleep(0.002)
+                await engine.stop()  # the short's prefill is running; the long one waits
+    assert isinstance(outcomes["long"], medha.EngineClosedError)
+    assert isinstance(outcomes["short"], medha.EngineClosedError)

@@ -128,7 +128,17 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
             lambda rows, params, generators: SimpleNamespace(token_ids=[3], logprobs=[-0.1]),
         )
     greedy = medha.SamplingParams(max_tokens=1, temperature=0.0)
-    work = ShardWork("r", 0, (1, 2, 3), (0,), True, greedy, 0, 0, True)
+    work = ShardWork(
+        request_id="r",
+        start=0,
+        token_ids=(1, 2, 3),
+        new_blocks=(0,),
+        samples=True,
+        sampling=greedy,
+        kv_start=0,
+        kv_end=0,
+        appends=True,
+    )
     done = stage.submit(ShardStep(0, 0, (work,))).wait()
     assert 0.05 <= done.seconds < 0.3
     if last:

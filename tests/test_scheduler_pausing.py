@@ -184,3 +184,25 @@ def test_a_pausing_plans_decodes_finish_at_once_and_decode_again_while_it_waits(
     assert scheduler.get("doc").computed == paused.seqs[-1].end  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="stage 0"):
         scheduler.on_seqs_done(inner, ["talker"], 0.3)
+
+
+def test_a_plans_prefills_are_ranked_with_the_work_it_counted_when_it_was_made() -> None:
+    # The plan holds a whole small prompt: once issued, no work is left for it. Ranked that
+    # way, an identical request arriving 10 ms later would look more urgent and pause it.
+    scheduler = make_scheduler(num_blocks=20_000)
+    scheduler.add_request("first", CHAT, 4, arrival=0.0)
+    plan = scheduler.schedule(0.0)
+    assert plan.seqs[0].end == CHAT
+    scheduler.add_request("second", CHAT, 4, arrival=0.01)
+    assert scheduler.pause_time(plan, 0.01) is None
+    assert not scheduler.should_pause(plan, 10.0)
+
+
+def test_a_plan_whose_pause_ran_nothing_may_not_pause_again() -> None:
+    scheduler, paused = _doc_in_flight()
+    scheduler.add_request("chat", CHAT, 4, arrival=0.01, deadline=0.1)
+    scheduler.suspend(paused)
+    scheduler.resume(paused, pause_again=False)
+    assert scheduler.pause_time(paused, 0.02) is None
+    scheduler.add_request("urgent", CHAT, 4, arrival=0.03, deadline=0.01)
+    assert scheduler.pause_time(paused, 0.03) is None

@@ -101,11 +101,13 @@ class EngineConfig(BaseModel):
     """Per-iteration token budget of the fcfs-chunked baseline."""
     pause_iterations: bool | None = None
     """Let an iteration stop between layers when a request arrives that the policy ranks ahead
-    of the iteration's prefills: the newcomer's prefill runs, then the iteration carries on
-    where it stopped, its result unchanged (docs/scheduler.md, "Pausing an iteration"). None:
-    on when the model runs on a CPU, where one iteration over a long prompt takes hundreds of
-    ms; off elsewhere (a GPU's iterations are short, and a pause point between layers would
-    cost a synchronization per layer). Single-process engine only."""
+    of the iteration's prefills: its decodes finish at once, the newcomer's prefill runs, then
+    its prefill chunks carry on where they stopped, nothing recomputed (docs/engine.md,
+    "Pausing an iteration for a newer request"). None: on when the model runs on a CPU, where
+    one iteration over a long prompt takes hundreds of ms; off elsewhere (a GPU's iterations
+    are short, and its host runs ahead of its kernels: a pause that stops the GPU's work
+    between layers would need a synchronization per layer). Single-process engine only: True with worker processes
+    (parallel world > 1, or attach) is refused."""
     max_num_seqs: int = Field(default=256, ge=1)
     """Most requests running (prefilling or decoding) at once."""
 
@@ -134,6 +136,15 @@ class EngineConfig(BaseModel):
     # -- parallelism --------------------------------------------------------------------------
     parallel: ParallelConfig = ParallelConfig()
     """TP x PP x KVP; world > 1 runs the model in that many worker processes."""
+
+    @model_validator(mode="after")
+    def _pausing_needs_one_process(self) -> EngineConfig:
+        if self.pause_iterations and self.parallel.uses_workers:
+            raise ValueError(
+                "pause_iterations=True needs the single-process engine (parallel world 1, no "
+                "attach): worker processes run every iteration through"
+            )
+        return self
 
     @field_validator("attention_backend")
     @classmethod

@@ -199,15 +199,15 @@ class PipelineSchedulerActor(SchedulerActor):
                 shard = shards.get(group)
                 works.append(
                     ShardWork(
-                        seq.request_id,
-                        seq.start,
-                        tokens,
-                        blocks.get(group, ()),
-                        seq.samples,
-                        sampling,
-                        None if shard is None else shard.start,
-                        0 if shard is None else shard.end,
-                        group == appender,
+                        request_id=seq.request_id,
+                        start=seq.start,
+                        token_ids=tokens,
+                        new_blocks=blocks.get(group, ()),
+                        samples=seq.samples,
+                        sampling=sampling,
+                        kv_start=None if shard is None else shard.start,
+                        kv_end=0 if shard is None else shard.end,
+                        appends=group == appender,
                     )
                 )
         self._send_steps(plan, groups, plan.released, plan.preempted)

@@ -96,9 +96,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.pauses = 0
         """Steps stopped between layers so far."""
         self._held: list[Submit | Abort] | None = None
-        """While a pausable step is in flight: aborts received, and every message after the
-        first of them (in order: a request may reuse an aborted one's id), handled once the
-        step is done. An abort takes effect between steps, when the KV can be freed at once."""
+        """While a pausable step is in flight (None otherwise): messages that wait until it is
+        done (see _must_wait), in order."""
         self.iterations = 0
         self.history: list[IterationRecord] | None = [] if record_iterations else None
 
@@ -136,9 +135,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         return True
 
     def _handle(self, message: Submit | Abort) -> None:
-        held = self._held
-        if held is not None and (held or isinstance(message, Abort)):
-            held.append(message)
+        if self._held is not None and self._must_wait(message):
+            self._held.append(message)
             return
         if isinstance(message, Submit):
             request = message.request
@@ -163,6 +161,18 @@ class SchedulerActor(Actor[Submit | Abort]):
             _log.info("request aborted", request_id=message.request_id)
         if request is not None:
             request.abort()
+
+    def _must_wait(self, message: Submit | Abort) -> bool:
+        """While a pausable step is in flight: an abort of a request in flight waits until
+        the step is done, so that it takes effect as between steps (its KV freed at once, and
+        `stats()` never shows it gone while its blocks are still held); a request submitted
+        under the id of such an abort waits behind it."""
+        assert self._held is not None
+        if isinstance(message, Abort):
+            scheduled = self.scheduler.get(message.request_id)
+            return scheduled is not None and scheduled.in_flight > 0
+        request_id = message.request.request_id
+        return any(isinstance(m, Abort) and m.request_id == request_id for m in self._held)
 
     def _admit(self, request: TrackedRequest) -> None:
         try:
@@ -263,8 +273,8 @@ class SchedulerActor(Actor[Submit | Abort]):
                     self.scheduler.on_seqs_done(plan, result.sampled.keys(), now, finished)
                 self.scheduler.suspend(plan)
                 _log.debug("iteration paused", step=plan.plan_id, layers_done=result.layers_done)
-                await self._run_while_paused(plan)
-                self.scheduler.resume(plan)
+                ran = await self._run_while_paused(plan)
+                self.scheduler.resume(plan, pause_again=ran)
                 pause = threading.Event()
                 message = ResumeStep(plan.plan_id, pause)
         finally:
@@ -275,10 +285,18 @@ class SchedulerActor(Actor[Submit | Abort]):
     async def _ask_watching(
         self, message: ModelStep | ResumeStep, plan: BatchPlan, pause: threading.Event
     ) -> StepOutput | StepPaused:
+        # The step's own error is re-raised as it is, not wrapped in the task group's
+        # ExceptionGroup: run() tells a stopped stage (the engine closing) from a failure.
+        error: Exception | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch, plan, pause)
-            result: StepOutput | StepPaused = await self.stage.ask(message)
+            try:
+                result: StepOutput | StepPaused = await self.stage.ask(message)
+            except Exception as exc:
+                error = exc
             group.cancel_scope.cancel()
+        if error is not None:
+            raise error
         return result
 
     async def _watch(self, plan: BatchPlan, pause: threading.Event) -> None:
@@ -297,19 +315,22 @@ class SchedulerActor(Actor[Submit | Abort]):
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             return  # the engine is closing: the step finishes, then the run loop ends
 
-    async def _run_while_paused(self, paused: BatchPlan) -> None:
+    async def _run_while_paused(self, paused: BatchPlan) -> bool:
         """Plans for the requests `paused` stopped for, one at a time, while the Scheduler
-        says they still rank ahead of it (and its pause budget lasts)."""
+        says they still rank ahead of it (and its pause budget lasts). False if there was
+        nothing to run."""
+        ran = False
         while True:
             plan = self._schedule()
             if plan.is_empty:
                 if plan.released or plan.preempted:
                     await self.stage.ask(Forget(plan.released, plan.preempted))
-                return
+                return ran
             await self._run_plan(plan, pausable=False)
+            ran = True
             self._handle_pending()
             if not self.scheduler.should_pause(paused, self.clock()):
-                return
+                return ran
 
     def _handle_pending(self) -> None:
         """Handle the messages already in the mailbox, without waiting for more."""

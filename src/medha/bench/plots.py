@@ -37,7 +37,8 @@ def plot_timeline(
         len(histories), 1, figsize=(10, 3.2 * len(histories)), squeeze=False, sharey=True
     )
     for ax, (policy, history) in zip(axes[:, 0], histories.items(), strict=True):
-        t0 = history[0].started if history else 0.0
+        # A paused iteration completes after the ones run while it waited, but started first.
+        t0 = min((r.started for r in history), default=0.0)
         starts = [r.started - t0 for r in history]
         widths = [max(r.seconds, 1e-3) for r in history]
         long_tokens = [sum(q for rid, q, _ in r.tokens if rid in long_ids) for r in history]

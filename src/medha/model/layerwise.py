@@ -5,7 +5,9 @@ a short request that arrives just after it started waits for all of it before it
 can begin. A step paused between layers keeps its hidden states (a few KB per token); other
 steps may run meanwhile, since they read and write only their own sequences' KV blocks, and the
 step then resumes at the layer where it stopped. The result is bitwise the uninterrupted one:
-the same operations on the same inputs, in the same order.
+the same operations on the same inputs, in the same order. (`ModelRunner.split_step` cuts a
+paused step in two, e.g. to finish its decodes first; each part is then a smaller batch, which
+changes float rounding as any change of batch does.)
 """
 
 from __future__ import annotations

@@ -196,20 +196,14 @@ class LlamaForCausalLM(nn.Module):
         combine: PartialCombiner | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> logits [len(logits_indices) or T, vocab] in fp32."""
-        x, rotation = self.embed(input_ids, positions)
+        x = self.model.embed_tokens(input_ids)
+        rotation = self.rotary.rotation(positions, x.dtype)
         for layer in self.model.layers.values():
             x = layer(x, rotation, kv_cache, meta, attention, combine)
         return self.head(x, logits_indices)
 
-    # The three parts of forward, for a step that may stop between layers (medha.model.layerwise).
-
-    def embed(
-        self, input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, Rotation]:
-        x = self.model.embed_tokens(input_ids)
-        return x, self.rotary.rotation(positions, x.dtype)
-
     def head(self, x: torch.Tensor, logits_indices: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and LM head (also the end of a step run layer by layer)."""
         if logits_indices is not None:
             # Norm and LM head only where a token is sampled: the LM head is the largest matmul
             # of a small model's prefill.

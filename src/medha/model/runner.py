@@ -121,8 +121,9 @@ class ModelRunner:
     ) -> tuple[LayerwiseStep, LayerwiseStep]:
         """The sequences of `step` at `indices`, and the others, as two steps that go on from
         the layer where `step` stopped (e.g. to finish a paused step's decodes now and its
-        prefill chunks later). Each sequence's rows go on exactly as before, in a smaller
-        batch."""
+        prefill chunks later). Each sequence goes on as in the whole batch, up to float
+        rounding (matmuls over fewer rows may round differently, as any change of batch
+        does)."""
         chosen = set(indices)
         if not chosen or len(chosen) == len(step.seqs):
             raise ValueError("a split needs sequences on both sides")

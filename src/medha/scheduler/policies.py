@@ -27,14 +27,20 @@ def default_deadline(total_prefill_s: float, config: SchedulerConfig) -> float:
     return max(config.deadline_factor * total_prefill_s, config.min_deadline)
 
 
-def slack(request: SchedRequest, now: float, cost: BatchCostModel) -> float:
-    """Seconds to spare if the rest of the prefill ran alone from now on."""
-    return request.arrival + request.deadline - now - request.remaining_prefill_s(cost)
+def slack(
+    request: SchedRequest, now: float, cost: BatchCostModel, cursor: int | None = None
+) -> float:
+    """Seconds to spare if the rest of the prefill (from `cursor`, default the request's
+    issued cursor) ran alone from now on."""
+    remaining = request.remaining_prefill_s(cost, cursor)
+    return request.arrival + request.deadline - now - remaining
 
 
-def relative_slack(request: SchedRequest, now: float, cost: BatchCostModel) -> float:
+def relative_slack(
+    request: SchedRequest, now: float, cost: BatchCostModel, cursor: int | None = None
+) -> float:
     """Slack as a fraction of the request's deadline budget (falls at rate 1/d_i)."""
-    return slack(request, now, cost) / request.deadline
+    return slack(request, now, cost, cursor) / request.deadline
 
 
 class PriorityPolicy(ABC):
@@ -48,8 +54,11 @@ class PriorityPolicy(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
-        """(base, rate) such that the request's key at time t is base - rate * t."""
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
+        """(base, rate) such that the request's key at time t is base - rate * t, its
+        remaining work counted from `cursor` (default: its issued cursor)."""
 
     def key(self, request: SchedRequest, now: float, cost: BatchCostModel) -> float:
         """The request's priority at time `now` (ties broken by arrival order)."""
@@ -83,22 +92,28 @@ class PriorityPolicy(ABC):
 class FirstComeFirstServed(PriorityPolicy):
     name = "fcfs"
 
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
         return request.arrival, 0.0
 
 
 class EarliestDeadlineFirst(PriorityPolicy):
     name = "edf"
 
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
         return request.deadline_at, 0.0
 
 
 class ShortestRemainingFirst(PriorityPolicy):
     name = "srpt"
 
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
-        return request.remaining_prefill_s(cost), 0.0
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
+        return request.remaining_prefill_s(cost, cursor), 0.0
 
 
 class LeastRawSlack(PriorityPolicy):
@@ -106,8 +121,10 @@ class LeastRawSlack(PriorityPolicy):
 
     name = "lrs"
 
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
-        return slack(request, 0.0, cost), 1.0
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
+        return slack(request, 0.0, cost, cursor), 1.0
 
 
 class LengthAwareRelativeSlack(PriorityPolicy):
@@ -115,8 +132,10 @@ class LengthAwareRelativeSlack(PriorityPolicy):
 
     name = "lars"
 
-    def key_terms(self, request: SchedRequest, cost: BatchCostModel) -> tuple[float, float]:
-        return relative_slack(request, 0.0, cost), 1.0 / request.deadline
+    def key_terms(
+        self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None
+    ) -> tuple[float, float]:
+        return relative_slack(request, 0.0, cost, cursor), 1.0 / request.deadline
 
 
 class ChunkingMode(Enum):

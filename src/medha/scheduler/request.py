@@ -118,8 +118,10 @@ class SchedRequest:
             return None
         return self.first_token_time <= self.deadline_at
 
-    def remaining_prefill_s(self, cost: BatchCostModel) -> float:
-        """w_i(t): predicted seconds of prefill work not issued yet (0 once decoding).
+    def remaining_prefill_s(self, cost: BatchCostModel, cursor: int | None = None) -> float:
+        """w_i(t): predicted seconds of prefill work not issued yet (0 once decoding); with
+        `cursor`, the work from that prompt position on (the work a plan in flight still
+        counted when it was made).
 
         Cached per cursor position: priorities and placement ask for it every iteration, and
         it only changes when the cursor moves, a preemption resets it, or the cost model's
@@ -127,6 +129,10 @@ class SchedRequest:
         """
         if self.status is RequestStatus.DECODING or self.status.is_done:
             return 0.0
+        if cursor is not None and cursor != self.issued:
+            if cursor == 0 and self.known_tokens == self.prompt_len:
+                return self.total_prefill_s
+            return cost.remaining_prefill_time(cursor, self.known_tokens)
         if self._remaining_cache_at != self.issued:
             total = self.known_tokens
             if self.issued == 0 and total == self.prompt_len:

@@ -7,7 +7,8 @@ The engine and the discrete-event simulator drive the same object:
     ...last stage samples... scheduler.on_step_done(plan, now, finished={...})
 
 With one stage, a plan in flight may also pause between layers while newer plans run
-(`should_pause`, `suspend`, `resume`): see docs/scheduler.md, "Pausing an iteration".
+(`pause_time`, `on_seqs_done`, `suspend`, `resume`): see docs/scheduler.md, "Pausing an
+iteration".
 
 Each request's KV cache catches up with its known tokens under a per-iteration time budget
 (the vLLM v1 model); there are no separate prefill and decode phases beyond that. The
@@ -198,8 +199,9 @@ class Scheduler:
             raise ValueError(f"plan {plan.plan_id} is not in flight")
         if plan.plan_id in self._paused:
             raise ValueError(f"plan {plan.plan_id} is paused")
-        # A paused plan is passed by the plans issued while it waits: they never share a
-        # request with it (its requests are in flight, so none of them is scheduled again).
+        # A paused plan is passed by the plans issued while it waits: they share no request
+        # with what is left of it (its other requests are in flight, so none of them is
+        # scheduled again; only its decodes, finished early, may be).
         oldest = next(p for p in self._in_flight if p not in self._paused)
         if plan.plan_id != oldest:
             # A pipeline finishes micro-batches in the order they entered it; anything else
@@ -229,11 +231,14 @@ class Scheduler:
         early = self._done_early.setdefault(plan.plan_id, set())
         seqs = [s for s in plan.seqs if s.request_id in request_ids and s.request_id not in early]
         early.update(seq.request_id for seq in seqs)
+        for seq in seqs:
+            self.table.requests[seq.request_id].stage0 = seq.end
         return self._complete(seqs, now, finished)
 
     def _complete(
         self, seqs: Sequence[ScheduledSeq], now: float, finished: Collection[str]
     ) -> list[SchedRequest]:
+        """Move the cursors of `seqs`' requests past them and record their sampled tokens."""
         done: list[SchedRequest] = []
         for seq in seqs:
             request = self.table.requests[seq.request_id]
@@ -262,7 +267,7 @@ class Scheduler:
         That is when one of those requests, with prefill left, not in flight and able to start,
         ranks ahead of every prefill in `plan` (medha.scheduler.pausing). A plan of decodes
         alone never pauses, nor one that has already waited through `pause_budget` plans over
-        all its pauses (its decodes wait too); one plan is paused at a time.
+        all its pauses; one plan is paused at a time.
         """
         if self.config.pp_stages > 1 or plan.plan_id not in self._in_flight:
             return None
@@ -271,8 +276,9 @@ class Scheduler:
         if self._waited.get(plan.plan_id, 0) >= self.config.pause_budget:
             return None
         table, policy, cost = self.table, self.policy.priority, self.cost
+        # Ranked as the plan ranked them: their work counted from where its chunks start.
         incumbents = [
-            policy.key_terms(request, cost)
+            policy.key_terms(request, cost, seq.start)
             for seq in plan.seqs
             if seq.kind is SeqKind.PREFILL
             and (request := table.requests.get(seq.request_id)) is not None
@@ -307,8 +313,11 @@ class Scheduler:
         self._paused.add(plan.plan_id)
         self._waited.setdefault(plan.plan_id, 0)
 
-    def resume(self, plan: BatchPlan) -> None:
-        """`plan` carries on: it holds stage 0 again (every plan issued meanwhile is done)."""
+    def resume(self, plan: BatchPlan, *, pause_again: bool = True) -> None:
+        """`plan` carries on: it holds stage 0 again (every plan issued meanwhile is done).
+        `pause_again=False`: it may not pause again, as when its pause found nothing to run
+        (the newcomer could not start after all: admission waits for memory, say); pausing
+        it again would find the same at every layer."""
         if plan.plan_id not in self._paused:
             raise ValueError(f"plan {plan.plan_id} is not paused")
         running = len(self._in_flight) - len(self._paused)
@@ -316,6 +325,8 @@ class Scheduler:
             raise ValueError(f"plan {plan.plan_id} cannot resume while another plan runs")
         self._paused.remove(plan.plan_id)
         self._in_stage0 = plan.plan_id
+        if not pause_again:
+            self._waited[plan.plan_id] = self.config.pause_budget
 
     def stats(self) -> SchedulerStats:
         table = self.table
