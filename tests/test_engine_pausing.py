@@ -1,10 +1,11 @@
 """The engine pauses a long prompt's iteration between layers for a request that should go
 first: when it arrives ahead of it, or when it overtakes it later (LARS); never under FCFS or
-with pausing off. Outputs stay exactly those of each request alone, and an abort that comes
-while an iteration is paused frees everything.
+with pausing off. Outputs stay exactly those of each request alone; an abort that comes while
+an iteration is paused frees everything, and closing the engine then ends every stream.
 
-The model's layers are slowed down for chunks of the long prompt only, so that its iterations
-last long enough for the short request to arrive, and overtake, inside one."""
+The model's layers are slowed down for chunks of >= 256 tokens only (the long prompt's, and
+SLOW_SHORT's), so that an iteration lasts long enough for the short request to arrive, and
+overtake, inside it."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ async def _long_then_short(
     """Play the long prompt (chunks of 512: two iterations), and the short one once
     `after_iterations` iterations are done and the next is under way; with `abort_long`,
     abort the long one once its iteration is paused; with `talker`, a request decoding
-    TALKER_TOKENS tokens starts first, so its decodes share the long prompt's iterations."""
+    TALKER_PARAMS.max_tokens tokens starts first, so its decodes share the long prompt's iterations."""
     settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
     results: dict[str, medha.Completion] = {}
     async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:

@@ -106,8 +106,8 @@ class EngineConfig(BaseModel):
     "Pausing an iteration for a newer request"). None: on when the model runs on a CPU, where
     one iteration over a long prompt takes hundreds of ms; off elsewhere (a GPU's iterations
     are short, and its host runs ahead of its kernels: a pause that stops the GPU's work
-    between layers would need a synchronization per layer). Single-process engine only: True with worker processes
-    (parallel world > 1, or attach) is refused."""
+    between layers would need a synchronization per layer). Single-process engine only: True
+    with worker processes (parallel world > 1, or attach) is refused."""
     max_num_seqs: int = Field(default=256, ge=1)
     """Most requests running (prefilling or decoding) at once."""
 
