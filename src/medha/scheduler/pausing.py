@@ -16,6 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from medha.scheduler.plan import SeqKind
+
+if TYPE_CHECKING:
+    from medha.scheduler.cost import BatchCostModel
+    from medha.scheduler.plan import BatchPlan
+    from medha.scheduler.policies import PriorityPolicy
+    from medha.scheduler.table import RequestTable
 
 KeyTerms = tuple[float, float]
 """(base, rate): the key at ranking time T is base - rate x T (smaller goes first)."""
@@ -43,3 +52,80 @@ def overtake_time(newcomer: KeyTerms, incumbents: Sequence[KeyTerms], now: float
         else:
             upper = min(upper, gap / closing)
     return lower if lower < upper else None
+
+
+class PausedPlans:
+    """The plans in flight that stopped between layers (and left stage 0 to newer plans), and
+    how many plans each has waited through over all its pauses (bounded by `budget`)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._paused: set[int] = set()
+        self._waited: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._paused)
+
+    def __contains__(self, plan_id: int) -> bool:
+        return plan_id in self._paused
+
+    def within_budget(self, plan_id: int) -> bool:
+        return self._waited.get(plan_id, 0) < self.budget
+
+    def plan_issued(self) -> None:
+        """Another plan was issued: each paused plan has waited through one more."""
+        for plan_id in self._paused:
+            self._waited[plan_id] += 1
+
+    def pause(self, plan_id: int) -> None:
+        self._paused.add(plan_id)
+        self._waited.setdefault(plan_id, 0)
+
+    def resume(self, plan_id: int, pause_again: bool) -> None:
+        self._paused.remove(plan_id)
+        if not pause_again:
+            self._waited[plan_id] = self.budget
+
+    def forget(self, plan_id: int) -> None:
+        """The plan is done."""
+        self._waited.pop(plan_id, None)
+
+
+def newcomers_pause_time(
+    plan: BatchPlan,
+    table: RequestTable,
+    policy: PriorityPolicy,
+    cost: BatchCostModel,
+    now: float,
+    lookahead: float,
+    max_batch_size: int,
+) -> float | None:
+    """When a request that arrived after `plan` was made, with prefill left, not in flight and
+    able to start, first ranks ahead of every prefill in `plan` (`now` if it does already;
+    None: none ever will, as things stand). Priorities are compared `lookahead` seconds ahead,
+    as the scheduler ranks them, and the plan's prefills with the work it counted when it was
+    made (from their chunks' start)."""
+    incumbents = [
+        policy.key_terms(request, cost, seq.start)
+        for seq in plan.seqs
+        if seq.kind is SeqKind.PREFILL
+        and (request := table.requests.get(seq.request_id)) is not None
+        and not request.status.is_done
+    ]
+    if not incumbents:
+        return None  # decodes alone: they come first anyway
+    admits = len(table.running) < max_batch_size
+    earliest: float | None = None
+    for request in (*table.prefilling.values(), *table.queued.values()):
+        if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
+            continue
+        if request.status.is_queued and not (
+            admits and table.layout.feasible_first_groups(request.known_tokens, table.pool)
+        ):
+            continue
+        at = overtake_time(policy.key_terms(request, cost), incumbents, now + lookahead)
+        if at is not None and (earliest is None or at < earliest):
+            earliest = at
+    if earliest is None:
+        return None
+    return now if earliest <= now + lookahead else earliest - lookahead

@@ -23,8 +23,9 @@ from medha.errors import InvalidRequestError, RequestTooLargeError
 from medha.scheduler.batch import BatchBuilder
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
-from medha.scheduler.pausing import overtake_time
-from medha.scheduler.plan import BatchPlan, KvShard, ScheduledSeq, SeqKind
+from medha.scheduler.decodes import DecodeScheduler
+from medha.scheduler.pausing import PausedPlans, newcomers_pause_time
+from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
 from medha.scheduler.policies import (
     ChunkingMode,
     default_deadline,
@@ -47,10 +48,8 @@ class Scheduler:
         self.table = RequestTable(config)
         self._in_flight: dict[int, BatchPlan] = {}
         self._in_stage0: int | None = None
-        self._paused: set[int] = set()
-        """Plans in flight that stopped between layers and left stage 0 to newer plans."""
-        self._waited: dict[int, int] = {}
-        """Plans issued while each plan in flight was paused, over all its pauses."""
+        self._paused = PausedPlans(config.pause_budget)
+        self._decodes = DecodeScheduler(self.table, self.policy.priority, cost, self._rank_time)
         self._done_early: dict[int, set[str]] = {}
         """Requests of a plan in flight whose sequences finished before the plan (on_seqs_done)."""
         self._next_plan_id = 0
@@ -147,7 +146,7 @@ class Scheduler:
         if getattr(self.cost, "prefill_version", 0) != self._prefill_version:
             self._reprice()
         batch = BatchBuilder(self.config, self.policy.chunking, self.cost)
-        preempted = self._schedule_decodes(batch, now)
+        preempted = self._decodes.schedule(batch, now)
         # After an eviction memory is tight: admitting anyone now would only invite the next one.
         self._schedule_prefills(batch, now, admit=not preempted)
         if not batch.seqs:
@@ -163,8 +162,7 @@ class Scheduler:
             predicted_stage_time=stage_time,
         )
         self._next_plan_id += 1
-        for paused_id in self._paused:
-            self._waited[paused_id] += 1
+        self._paused.plan_issued()
         self._in_flight[plan.plan_id] = plan
         self._in_stage0 = plan.plan_id
         for seq in plan.seqs:
@@ -210,7 +208,7 @@ class Scheduler:
         if self._in_stage0 == plan.plan_id:
             self.on_stage0_done(plan)
         del self._in_flight[plan.plan_id]
-        self._waited.pop(plan.plan_id, None)
+        self._paused.forget(plan.plan_id)
         early = self._done_early.pop(plan.plan_id, None)
         seqs = plan.seqs if early is None else [s for s in plan.seqs if s.request_id not in early]
         return self._complete(seqs, now, finished)
@@ -262,46 +260,26 @@ class Scheduler:
 
     def pause_time(self, plan: BatchPlan, now: float) -> float | None:
         """When `plan`, in flight, should stop between layers so that a request that arrived
-        after it was planned goes first (`now` if at once); None: not as things stand.
-
-        That is when one of those requests, with prefill left, not in flight and able to start,
-        ranks ahead of every prefill in `plan` (medha.scheduler.pausing). A plan of decodes
-        alone never pauses, nor one that has already waited through `pause_budget` plans over
-        all its pauses; one plan is paused at a time.
-        """
-        if self.config.pp_stages > 1 or plan.plan_id not in self._in_flight:
+        after it was planned goes first (`now` if at once); None: not as things stand
+        (medha.scheduler.pausing). One plan is paused at a time, for at most `pause_budget`
+        plans over all its pauses; pipelines never pause."""
+        plan_id = plan.plan_id
+        if self.config.pp_stages > 1 or plan_id not in self._in_flight:
             return None
-        if plan.plan_id not in self._paused and (self._in_stage0 != plan.plan_id or self._paused):
+        if plan_id not in self._paused and (self._in_stage0 != plan_id or self._paused):
             return None
-        if self._waited.get(plan.plan_id, 0) >= self.config.pause_budget:
-            return None
-        table, policy, cost = self.table, self.policy.priority, self.cost
-        # Ranked as the plan ranked them: their work counted from where its chunks start.
-        incumbents = [
-            policy.key_terms(request, cost, seq.start)
-            for seq in plan.seqs
-            if seq.kind is SeqKind.PREFILL
-            and (request := table.requests.get(seq.request_id)) is not None
-            and not request.status.is_done
-        ]
-        if not incumbents:
+        if not self._paused.within_budget(plan_id):
             return None
         lookahead = self._rank_time(now) - now
-        admits = len(table.running) < self.config.max_batch_size
-        earliest: float | None = None
-        for request in (*table.prefilling.values(), *table.queued.values()):
-            if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
-                continue
-            if request.status.is_queued and not (
-                admits and table.layout.feasible_first_groups(request.known_tokens, table.pool)
-            ):
-                continue
-            at = overtake_time(policy.key_terms(request, cost), incumbents, now + lookahead)
-            if at is not None and (earliest is None or at < earliest):
-                earliest = at
-        if earliest is None:
-            return None
-        return now if earliest <= now + lookahead else earliest - lookahead
+        return newcomers_pause_time(
+            plan,
+            self.table,
+            self.policy.priority,
+            self.cost,
+            now,
+            lookahead,
+            self.config.max_batch_size,
+        )
 
     def suspend(self, plan: BatchPlan) -> None:
         """`plan` stopped between layers: stage 0 is free for other plans until `resume`."""
@@ -310,8 +288,7 @@ class Scheduler:
         if self._in_stage0 != plan.plan_id:
             raise ValueError(f"plan {plan.plan_id} is not in pipeline stage 0")
         self._in_stage0 = None
-        self._paused.add(plan.plan_id)
-        self._waited.setdefault(plan.plan_id, 0)
+        self._paused.pause(plan.plan_id)
 
     def resume(self, plan: BatchPlan, *, pause_again: bool = True) -> None:
         """`plan` carries on: it holds stage 0 again (every plan issued meanwhile is done).
@@ -320,13 +297,10 @@ class Scheduler:
         it again would find the same at every layer."""
         if plan.plan_id not in self._paused:
             raise ValueError(f"plan {plan.plan_id} is not paused")
-        running = len(self._in_flight) - len(self._paused)
-        if self._in_stage0 is not None or running:
+        if self._in_stage0 is not None or len(self._in_flight) > len(self._paused):
             raise ValueError(f"plan {plan.plan_id} cannot resume while another plan runs")
-        self._paused.remove(plan.plan_id)
+        self._paused.resume(plan.plan_id, pause_again)
         self._in_stage0 = plan.plan_id
-        if not pause_again:
-            self._waited[plan.plan_id] = self.config.pause_budget
 
     def stats(self) -> SchedulerStats:
         table = self.table
@@ -368,116 +342,6 @@ class Scheduler:
             priority.refresh(request, self.cost)  # ranked by cached terms alone (see keys())
 
     # -- building a batch ---------------------------------------------------------------------
-
-    def _schedule_decodes(self, batch: BatchBuilder, now: float) -> tuple[str, ...]:
-        """Every ready decode, oldest first; evicts other requests when a decode needs a block.
-
-        The hot loop of every iteration (one pass per running decode), so attribute lookups
-        are hoisted, the plan tuples are built directly, and requests on one KVP group (every
-        request when KV is not split across groups) skip the layout's general bookkeeping and
-        are priced in bulk, per group, after the loop."""
-        layout = self.table.layout
-        decoding, decode = RequestStatus.DECODING, SeqKind.DECODE
-        unsplit = layout.limit is None
-        block_size = layout.block_size
-        add, append_seq = batch.add, batch.seqs.append
-        # NamedTuple construction runs a Python-level __new__; tuple.__new__ builds the same
-        # object in C, ~0.2 us less per decode (fields in declaration order).
-        new_tuple = tuple.__new__
-        contexts: list[list[int]] = [[] for _ in range(self.config.kvp_groups)]
-        preempted: list[str] = []
-        for request in list(self.table.running.values()):
-            position = request.prompt_len + request.generated - 1
-            if request.status is not decoding or request.issued != position:
-                continue  # prefilling, or its previous token is not sampled yet
-            if unsplit:
-                group = request.groups[0]
-                new_blocks: NewBlocks = ()
-                table = request.block_tables[0]
-                if position // block_size >= len(table):
-                    block = self._allocate_for_decode(request, group, batch, now, preempted)
-                    if block is None:
-                        continue
-                    table.append(block)
-                    new_blocks = ((group, (block,)),)
-                shard = new_tuple(KvShard, (group, 0, position))
-                append_seq(
-                    new_tuple(
-                        ScheduledSeq,
-                        (
-                            request.request_id,
-                            decode,
-                            position,
-                            position + 1,
-                            (shard,),
-                            new_blocks,
-                            True,
-                        ),
-                    )
-                )
-                contexts[group].append(position)
-                continue
-            needs_block = layout.group_needing_block(request, position)
-            new_blocks = ()
-            if needs_block is not None:
-                block = self._allocate_for_decode(request, needs_block, batch, now, preempted)
-                if block is None:
-                    continue
-                layout.append_block(request, position, block)
-                new_blocks = ((needs_block, (block,)),)
-            seq = ScheduledSeq(
-                request.request_id,
-                decode,
-                position,
-                position + 1,
-                layout.shards(request, position),
-                new_blocks,
-                True,
-            )
-            add(seq, layout.active_groups(request, position))
-        for group, group_contexts in enumerate(contexts):
-            batch.price_decodes(group, group_contexts)
-        return tuple(preempted)
-
-    def _allocate_for_decode(
-        self,
-        request: SchedRequest,
-        group: int,
-        batch: BatchBuilder,
-        now: float,
-        preempted: list[str],
-    ) -> int | None:
-        """A block on `group` for the decode's next token, evicting others if none is free.
-        None when the decode cannot run this iteration (it was evicted itself, or every other
-        holder of the group's blocks is in flight)."""
-        pool = self.table.pool
-        while pool.num_free(group) == 0:
-            victim = self._choose_victim(group, batch, now)
-            if victim is None:
-                return None
-            self.table.preempt(victim)
-            self.policy.priority.refresh(victim, self.cost)
-            preempted.append(victim.request_id)
-            if victim is request:
-                return None
-        return pool.allocate(group, 1)[0]
-
-    def _choose_victim(self, group: int, batch: BatchBuilder, now: float) -> SchedRequest | None:
-        """Lowest-priority partial prefill holding blocks on `group`, else the newest decode
-        not scheduled yet. Requests in flight are never evicted: a step still writes their KV."""
-        prefills = [
-            r for r in self.table.prefilling.values() if r.in_flight == 0 and group in r.groups
-        ]
-        if prefills:
-            key, rank_at = self.policy.priority.key, self._rank_time(now)
-            return max(prefills, key=lambda r: (key(r, rank_at, self.cost), r.order))
-        scheduled = {seq.request_id for seq in batch.seqs}
-        decodes = [
-            r
-            for r in self.table.running.values()
-            if r.in_flight == 0 and group in r.groups and r.request_id not in scheduled
-        ]
-        return max(decodes, key=lambda r: r.start_order) if decodes else None
 
     def _rank_time(self, now: float) -> float:
         """When priorities are compared: the next decision point (see rank_ahead). With a
