@@ -5,9 +5,13 @@ budget) on the same GGUF, in one run.
 Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when it runs alone
 on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
 writes JSON (default benchmarks/results/mixed_cpu.json). One more row runs the shorts under lars
-with no long request: their slowdown from queueing behind each other alone, the floor. A policy
-name with "-unpaused" appended (`--policies lars,lars-unpaused`) runs it with
-EngineConfig.pause_iterations=False: no iteration stops between layers for a newer request.
+with no long request: their slowdown from queueing behind each other alone, the floor. Under
+the table, the least possible short slowdown p99 of the trace: what no schedule that runs one
+prefill at a time at its alone speed could beat (chats that arrive together wait for each
+other; `medha.bench.stretch_bound`), and per run the worst slowdown against its least
+possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)
+runs it with EngineConfig.pause_iterations=False: no iteration stops between layers for a
+newer request.
 
 With `--repeats N` every system plays the workload N times, alternating systems within each
 round, and the percentiles pool the N x 16 short requests: on a shared machine the p99 of one
@@ -44,6 +48,7 @@ import anyio
 
 from medha.bench.engine_run import RequestResult, run_workload
 from medha.bench.mixed_workload import MixedRequest, build_mixed_workload
+from medha.bench.stretch_bound import least_worst_slowdown, pooled_percentile_floor
 from medha.config import EngineConfig
 from medha.engine import Engine
 from medha.model.presets import smollm2_gguf_path
@@ -212,6 +217,15 @@ class Run:
         }
 
     @property
+    def least_worst_slowdown(self) -> float:
+        """The smallest worst short slowdown any one-prefill-at-a-time schedule of this play's
+        shorts could give, each costing its alone TTFT (medha.bench.stretch_bound)."""
+        shorts = [r for r in self.rows if r.kind == "short" and self.alone.get(r.request_id)]
+        return least_worst_slowdown(
+            [r.arrival for r in shorts], [self.alone[r.request_id] for r in shorts]
+        )
+
+    @property
     def drift(self) -> float:
         """How much slower the system ran alone after the play than before it (median)."""
         return statistics.median(self.after.values()) / statistics.median(self.before.values())
@@ -231,6 +245,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 
     per_run = [slowdowns(run.rows, run.alone) for run in runs]
     pooled = [s for run in per_run for s in run]
+    floors = [run.least_worst_slowdown for run in runs]
     rows = [row for run in runs for row in run.rows]
     shorts = [r for r in rows if r.kind == "short"]
     tpots = [r.tpot for r in rows if r.tpot is not None]
@@ -242,6 +257,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "short_slowdown_p50": percentile(pooled, 50),
         "short_slowdown_p99": percentile(pooled, 99),
         "short_slowdown_p99_per_run": [percentile(run, 99) for run in per_run],
+        "short_slowdown_worst_per_run": [max(run, default=math.nan) for run in per_run],
+        "short_slowdown_least_worst_per_run": floors,
+        "short_slowdown_p99_least_possible": pooled_percentile_floor(floors, len(pooled), 99),
         "short_ttft_p50": percentile([r.ttft for r in shorts], 50),
         "short_ttft_p99": percentile([r.ttft for r in shorts], 99),
         "alone_ttft_median_per_run": [statistics.median(run.alone.values()) for run in runs],
@@ -329,10 +347,27 @@ async def main(args: Any) -> None:
             table["medha fcfs"]["short_slowdown_p99"] / table["medha lars"]["short_slowdown_p99"]
         )
         print(f"lars vs fcfs, short p99 slowdown: {ratio:.1f}x better")
+    least = table[names[0]]["short_slowdown_p99_least_possible"]
+    if least is not None:
+        print(
+            f"least possible short p99 slowdown: {least:.2f} (any schedule that runs one prefill "
+            f"at a time at its alone speed, {names[0]}'s alone TTFTs; medha.bench.stretch_bound)"
+        )
     if args.repeats > 1:
-        print("per run: short p99 slowdown | long TTFT | median alone TTFT (after/before)")
+        print(
+            "per run: short p99 slowdown | worst (least possible worst) | long TTFT | "
+            "median alone TTFT (after/before)"
+        )
         for name, s in table.items():
             p99s = " ".join(f"{v:.2f}" for v in s["short_slowdown_p99_per_run"])
+            worsts = " ".join(
+                f"{w:.2f} ({b:.2f})"
+                for w, b in zip(
+                    s["short_slowdown_worst_per_run"],
+                    s["short_slowdown_least_worst_per_run"],
+                    strict=True,
+                )
+            )
             longs = " ".join(_seconds(v) for v in s["long_ttft_per_run"])
             alones = " ".join(
                 f"{v:.2f}s ({d:.2f})"
@@ -340,7 +375,7 @@ async def main(args: Any) -> None:
                     s["alone_ttft_median_per_run"], s["alone_drift_per_run"], strict=True
                 )
             )
-            print(f"  {name:<24}{p99s} | {longs} | {alones}")
+            print(f"  {name:<24}{p99s} | {worsts} | {longs} | {alones}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
