@@ -11,7 +11,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from medha.cli import main
+from medha.cli import build_parser, main
 from medha.commands import generate
 from medha.commands.user_errors import user_error_message
 from medha.config import EngineConfig
@@ -139,10 +139,22 @@ def test_demo_refuses_unknown_policies_before_running_any(
     assert "argument --policies" in capsys.readouterr().err
 
 
-def test_verbose_adds_the_traceback_of_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["-v", "generate", "/no/such/model", "Hi"]) == 2
+@pytest.mark.parametrize(
+    "argv", [["-v", "generate", "/no/such/model", "Hi"], ["generate", "/no/such/model", "Hi", "-v"]]
+)
+def test_verbose_adds_the_traceback_of_a_user_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("medha: error: ")
+
+
+def test_verbose_counts_before_or_after_the_command() -> None:
+    parse = build_parser().parse_args
+    assert parse(["generate", "m", "p"]).verbose == 0
+    assert parse(["-v", "generate", "m", "p"]).verbose == 1
+    assert parse(["generate", "m", "p", "-vv"]).verbose == 2
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("boom"), ValueError("boom"), AssertionError()])

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -182,3 +183,14 @@ def _isolate_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("_BACKENDS", "_AVAILABLE", "_NAMED_AVAILABLE", "_REQUIREMENT"):
         monkeypatch.setattr(attention, name, dict(getattr(attention, name)))
     monkeypatch.setattr(attention, "_PREFERENCE", list(attention._PREFERENCE))
+
+
+@pytest.mark.parametrize("content", [None, "{}", "not json", '{"efficiency": 3}'])
+def test_a_cost_profile_that_is_missing_or_not_a_profile_fails_the_start_typed(
+    tmp_path: Path, content: str | None
+) -> None:
+    path = tmp_path / "profile.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InvalidConfigError, match=r"profile\.json"):
+        build_engine_parts(EngineConfig(model="tiny-random", cost_profile=path))

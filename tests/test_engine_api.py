@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import anyio
+import numpy as np
 import pytest
+import torch
 
 import medha
 from medha import (
@@ -17,7 +19,7 @@ from medha import (
     RequestTooLargeError,
     SamplingParams,
 )
-from tests.engine_support import engine_config
+from tests.engine_support import MODEL, cost_profile_path, engine_config
 
 pytestmark = pytest.mark.anyio
 
@@ -154,18 +156,53 @@ async def test_cancelling_the_consuming_task_aborts_the_request() -> None:
         assert stats.aborted == 1 and stats.free_blocks == stats.total_blocks
 
 
-async def test_abort_by_request_id_ends_the_stream() -> None:
+async def test_abort_by_request_id_ends_the_stream_with_an_abort_event() -> None:
     params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
         stream = engine.stream("abort me", params, request_id="victim")
-        count = 0
-        async for _ in stream:
-            count += 1
-            if count == 2:
+        events = []
+        async for ev in stream:
+            events.append(ev)
+            if len(events) == 2:
                 await engine.abort("victim")
-        assert count < 500
+        assert len(events) < 500
+        # As vLLM's final output of an aborted request: the reason, and no new token.
+        last = events[-1]
+        assert (last.finish_reason, last.token_id, last.text) == ("abort", None, "")
+        assert all(ev.token_id is not None and ev.finish_reason is None for ev in events[:-1])
         stats = await _wait_idle(engine)
         assert stats.free_blocks == stats.total_blocks
+
+
+async def test_abort_by_id_of_a_stream_not_yet_iterated_queues_nothing() -> None:
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        stream = engine.stream("never started", params, request_id="early")
+        await engine.abort("early")
+        events = [ev async for ev in stream]
+        assert [(ev.finish_reason, ev.token_id) for ev in events] == [("abort", None)]
+        stats = engine.stats()
+        assert stats.iterations == 0 and stats.waiting == 0 and stats.running == 0
+        # The id is free again.
+        assert (await engine.generate("fine", params, request_id="early")).finish_reason == "length"
+
+
+async def test_an_aborted_completion_has_its_end_time() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        async with anyio.create_task_group() as group:
+            results = []
+
+            async def run() -> None:
+                results.append(await engine.generate("long one", params, request_id="cut"))
+
+            group.start_soon(run)
+            while engine.stats().iterations < 3:
+                await anyio.sleep(0.01)
+            await engine.abort("cut")
+        (done,) = results
+        assert done.finish_reason == "abort" and 0 < len(done.token_ids) < 500
+        assert done.metrics.e2e is not None and done.metrics.e2e >= done.metrics.ttft
 
 
 async def test_a_closed_engine_raises_engine_closed_error() -> None:
@@ -197,3 +234,35 @@ def test_llm_generates_synchronously_in_order() -> None:
         results = llm.generate(["one", "two", [7, 8, 9]], GREEDY)
     assert [len(r.token_ids) for r in results] == [12, 12, 12]
     assert results[0].prompt_token_ids != results[1].prompt_token_ids
+
+
+def test_llm_takes_prompts_as_arrays_and_iterables() -> None:
+    with medha.LLM(engine_config()) as llm:
+        (one,) = llm.generate(np.array([7, 8, 9]), GREEDY)
+        rows = llm.generate(np.array([[7, 8, 9], [4, 5, 6]]), GREEDY)
+        lazy = llm.generate((p for p in ("one", [4, 5, 6])), GREEDY)
+        with pytest.raises(InvalidRequestError, match="prompts must be"):
+            llm.generate(3.5, GREEDY)  # type: ignore[arg-type]
+    assert one.prompt_token_ids == [7, 8, 9] == rows[0].prompt_token_ids
+    assert rows[1].prompt_token_ids == [4, 5, 6] == lazy[1].prompt_token_ids
+    assert one.token_ids == rows[0].token_ids
+
+
+def test_llm_takes_a_model_name_and_config_fields_as_vllm_does() -> None:
+    with medha.LLM(MODEL, cost_profile=cost_profile_path(), num_blocks=64) as llm:
+        assert llm.engine.config == engine_config(num_blocks=64)
+    with pytest.raises(TypeError, match="not both"):
+        medha.LLM(engine_config(), dtype="bfloat16")
+    with pytest.raises(TypeError, match="twice"):
+        medha.LLM(MODEL, model=MODEL)
+    with pytest.raises(TypeError, match="EngineConfig"):
+        medha.Engine(MODEL)  # type: ignore[arg-type]
+
+
+async def test_token_id_prompts_may_be_numpy_arrays_or_tensors() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        expected = (await engine.generate([7, 8, 9], GREEDY)).token_ids
+        for prompt in (np.array([7, 8, 9]), torch.tensor([7, 8, 9])):
+            assert (await engine.generate(prompt, GREEDY)).token_ids == expected
+        with pytest.raises(InvalidRequestError, match="must hold ints"):
+            engine.stream(np.array([[7, 8], [9, 10]]))

@@ -1,4 +1,4 @@
-"""The rank layout is DESIGN.md section 9 exactly, and ParallelConfig validates its degrees."""
+"""The rank layout is docs/parallelism.md's exactly, and ParallelConfig validates its degrees."""
 
 from __future__ import annotations
 

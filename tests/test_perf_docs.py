@@ -11,6 +11,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "cost-model.md"
 
 def test_cost_model_doc_examples_print_the_documented_output() -> None:
     examples = run_documented_examples(DOC)
-    assert len(examples) == 2  # the model, and the online factors learning an executor
+    # The model, fitting a profile to timings, and the online factors learning an executor.
+    assert len(examples) == 3
     for printed, expected in examples:
         assert printed == expected

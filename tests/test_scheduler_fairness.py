@@ -1,4 +1,4 @@
-"""Policy behaviour end to end (DESIGN.md section 4): FCFS convoys, EDF starves then convoys,
+"""Policy behaviour end to end (docs/scheduler.md, Policies): FCFS convoys, EDF starves then convoys,
 SRPT starves long requests, LARS meets every deadline of the worked example and bounds the
 wait of long requests."""
 
@@ -8,7 +8,7 @@ from tests.scheduler_support import Arrival, DriverResult, ToyCost, drive, make_
 
 # Linear layers cost at least 20 ms per iteration (weights stream from memory), so a short
 # prompt riding along with a late, attention-bound chunk of a long prompt is almost free:
-# the multi-prefill batching that DESIGN.md section 5 builds on.
+# the multi-prefill batching (space sharing) of the Medha paper builds on.
 ROOFLINE = ToyCost(linear_floor=0.02, iteration_budget=0.05)
 LONG_PROMPT = 70_000  # ~10.6 s of chunked prefill on ROOFLINE: default deadline ~16 s
 SHORT_PROMPT = 400

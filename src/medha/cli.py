@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        # Also after the command (`medha generate ... -v`); SUPPRESS keeps a -v given before it.
+        subparser.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="log more (-v info, -vv debug)",
+        )
     return parser
 
 

@@ -20,7 +20,7 @@ it: that is checked when the engine starts, on its device."""
 
 
 class ParallelConfig(BaseModel):
-    """How one model replica spreads over processes (DESIGN.md sections 7 to 9).
+    """How one model replica spreads over processes (docs/parallelism.md).
 
     world = tp x pp x kvp worker processes; with world 1 and no `attach` (the default) the
     engine runs embedded in the caller's process. See docs/parallelism.md.

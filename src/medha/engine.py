@@ -75,6 +75,11 @@ class Engine:
     """Serve one model; use as `async with Engine(config) as engine:`."""
 
     def __init__(self, config: EngineConfig, *, record_iterations: bool = False) -> None:
+        if not isinstance(config, EngineConfig):
+            raise TypeError(
+                f"Engine takes a medha.EngineConfig, got {type(config).__name__}: "
+                "Engine(medha.EngineConfig(model=...))"
+            )
         self.config = config
         self._record_iterations = record_iterations
         self._host: ActorHost | None = None
@@ -277,10 +282,18 @@ class Engine:
         )
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request by id (a no-op if no running request has it); its stream ends with
-        finish_reason "abort"."""
+        """Abort a request by id (a no-op if no request holds it); its stream ends with an
+        event of finish_reason "abort" and no token. A stream made but not iterated yet is
+        aborted too: its iteration then yields only that event, and nothing is queued."""
         self._check_loop()
-        self._actor().tell(Abort(request_id))
+        actor = self._actor()
+        request = self._by_id.get(request_id)
+        if request is not None and request.holds_id and not request.submitted:
+            now = self._clock()
+            request.metrics.arrival = now
+            request.abort(now)
+            return
+        actor.tell(Abort(request_id))
 
     def stats(self) -> EngineStats:
         actor = self._actor()
@@ -319,8 +332,10 @@ class Engine:
 
     async def _stream(self, request: TrackedRequest) -> AsyncGenerator[TokenEvent, None]:
         actor = self._actor()
-        request.metrics.arrival = self._clock()
-        actor.tell(Submit(request))
+        if request.finish_reason is None:  # else aborted before its iteration started
+            request.metrics.arrival = self._clock()
+            request.submitted = True
+            actor.tell(Submit(request))
         finished = False
         try:
             async with request.receive:
@@ -394,6 +409,8 @@ class Engine:
         return holder is not None and holder.holds_id
 
     def _prompt_ids(self, prompt: object) -> list[int]:
+        if not isinstance(prompt, str) and callable(getattr(prompt, "tolist", None)):
+            prompt = prompt.tolist()  # type: ignore[attr-defined]  # a numpy array or a tensor
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
@@ -401,7 +418,7 @@ class Engine:
         elif isinstance(prompt, list | tuple):
             vocab = self._vocab_size
             for token in prompt:
-                # numbers.Integral: numpy's integers too (a tokenizer's array output).
+                # numbers.Integral: numpy's integers too.
                 if isinstance(token, bool) or not isinstance(token, numbers.Integral):
                     raise InvalidRequestError(
                         f"a token-id prompt must hold ints, found {type(token).__name__}"
@@ -413,7 +430,8 @@ class Engine:
             ids = [int(token) for token in prompt]
         else:
             raise InvalidRequestError(
-                f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+                f"prompt must be a str or a list of token ids (or a 1-D array of them), got "
+                f"{type(prompt).__name__}"
             )
         if not ids:
             raise InvalidRequestError("the prompt is empty")

@@ -100,7 +100,13 @@ def device_profile(
 ) -> tuple[DeviceProfile, CalibrationResult | None]:
     """The saved profile named by `cost_profile`, else one calibrated now on `runner()`."""
     if config.cost_profile is not None:
-        return load_profile(config.cost_profile), None
+        try:
+            return load_profile(config.cost_profile), None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise InvalidConfigError(
+                f"cost_profile {str(config.cost_profile)!r} is not a readable device profile "
+                f"(write one with `medha calibrate` or medha.perf.save_profile): {exc}"
+            ) from exc
     calibration, _ = calibrate_runner(
         runner(),
         budget_s=config.calibration_seconds,

@@ -1,6 +1,6 @@
 """LLM: a synchronous front for scripts that do not want to write async code.
 
-    llm = medha.LLM(medha.EngineConfig(model="smollm2-135m"))
+    llm = medha.LLM(medha.EngineConfig(model="smollm2-135m"))  # or medha.LLM("smollm2-135m")
     print(llm.generate(["What is the capital of France?"])[0].text)
     llm.close()
 
@@ -12,9 +12,10 @@ the caller's loop.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -31,7 +32,10 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig | str | None = None, **fields: Any) -> None:
+        """`config`: an EngineConfig; or, as vLLM's `LLM(model, **kwargs)`, a model path or
+        preset name and/or EngineConfig fields as keywords (validated as EngineConfig is)."""
+        config = _engine_config(config, fields)
         self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self.engine = Engine(config)
@@ -62,11 +66,7 @@ class LLM:
         before any is queued: one bad prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
-        batch: list[Prompt] = (
-            [prompts]
-            if isinstance(prompts, str) or (prompts and _is_token_id(prompts[0]))
-            else list(prompts)  # type: ignore[arg-type]
-        )
+        batch = _prompt_batch(prompts)
         if deadlines is not None and len(deadlines) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
         # This thread only waits while the model thread works; an idle OpenMP pool of its own
@@ -113,6 +113,38 @@ class LLM:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _engine_config(config: EngineConfig | str | None, fields: dict[str, Any]) -> EngineConfig:
+    if isinstance(config, EngineConfig):
+        if fields:
+            raise TypeError("pass an EngineConfig or EngineConfig fields as keywords, not both")
+        return config
+    if isinstance(config, str):
+        if "model" in fields:
+            raise TypeError("the model is given twice (positionally and as model=)")
+        return EngineConfig(model=config, **fields)
+    if config is None:
+        return EngineConfig(**fields)
+    raise TypeError(f"LLM takes an EngineConfig or a model name, got {type(config).__name__}")
+
+
+def _prompt_batch(prompts: object) -> list[Prompt]:
+    """One prompt (a str, a token-id sequence, a 1-D array) as a batch of one; a sequence or
+    iterable of prompts (a 2-D array: one per row) as the batch."""
+    if not isinstance(prompts, str) and callable(getattr(prompts, "tolist", None)):
+        prompts = prompts.tolist()  # type: ignore[attr-defined]  # numpy array, tensor
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise InvalidRequestError(
+            f"prompts must be a str, a list of token ids or a list of prompts, got "
+            f"{type(prompts).__name__}"
+        )
+    items = list(prompts)
+    if items and _is_token_id(items[0]):
+        return [items]
+    return items
 
 
 def _is_token_id(item: object) -> bool:

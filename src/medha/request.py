@@ -8,15 +8,18 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """One generated token, streamed as soon as it is sampled."""
+    """One generated token, streamed as soon as it is sampled; or the end of an aborted stream."""
 
     request_id: str
-    token_id: int
+    token_id: int | None
+    """The token; None only on the last event of a request aborted by `Engine.abort` (as
+    vLLM's final output of an aborted request, it carries no new token)."""
     text: str
     """Text that became final with this token (may be empty: held back while it could still be
     part of a stop string or of a multi-byte character)."""
     finish_reason: str | None = None
-    """None until the last event; then "stop" (eos, stop token or string) or "length"."""
+    """None until the last event; then "stop" (eos, stop token or string), "length", or "abort"
+    (`Engine.abort`; a stream its own consumer leaves gets no more events)."""
     logprob: float | None = None
     """Log-probability of the token under the model, when SamplingParams.logprobs is set."""
 

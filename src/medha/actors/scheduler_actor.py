@@ -117,7 +117,7 @@ class SchedulerActor(Actor[Submit | Abort]):
             # Requests submitted but never taken from the mailbox end too.
             while (message := self.receive_nowait()) is not None:
                 if isinstance(message, Submit):
-                    message.request.fail(EngineClosedError("the engine was closed"))
+                    message.request.fail(EngineClosedError("the engine was closed"), self.clock())
 
     async def _take_messages(self) -> bool:
         """Handle what the mailbox holds; block for a message when there is no work at all.
@@ -151,7 +151,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         parked = next((r for r in self._parked if r.request_id == message.request_id), None)
         if parked is not None and message.request in (None, parked):
             self._parked.remove(parked)
-            parked.abort()
+            parked.abort(self.clock())
             return
         tracked = self.requests.get(message.request_id)
         if message.request is not None and tracked is not message.request:
@@ -160,7 +160,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         if self.scheduler.abort(message.request_id) or request is not None:
             _log.info("request aborted", request_id=message.request_id)
         if request is not None:
-            request.abort()
+            request.abort(self.clock())
 
     def _must_wait(self, message: Submit | Abort) -> bool:
         """While a pausable step is in flight: an abort of a request in flight waits until
@@ -184,7 +184,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 request.deadline,
             )
         except Exception as exc:  # checked before submitting; a late refusal ends only it
-            request.fail(exc)
+            request.fail(exc, self.clock())
             return
         scheduled = self.scheduler.get(request.request_id)
         if scheduled is not None:
@@ -419,6 +419,6 @@ class SchedulerActor(Actor[Submit | Abort]):
         for request in [*self.requests.values(), *self._parked]:
             failure = type(error)(str(error))
             failure.__cause__ = cause
-            request.fail(failure)
+            request.fail(failure, self.clock())
         self.requests.clear()
         self._parked.clear()

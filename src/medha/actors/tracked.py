@@ -34,6 +34,8 @@ class TrackedRequest:
     preemptions: int = 0
     abandoned: bool = False
     """Its stream ended before the request did (the consumer left): the id is free again."""
+    submitted: bool = False
+    """Handed to the scheduler actor (its stream's iteration started)."""
     _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
     receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
 
@@ -48,6 +50,7 @@ class TrackedRequest:
         return tuple((self.prompt_ids + self.token_ids)[start:end])
 
     def emit(self, event: TokenEvent) -> None:
+        assert event.token_id is not None, "a sampled token's event"
         self.token_ids.append(event.token_id)
         self.logprobs.append(event.logprob)
         self.text_parts.append(event.text)
@@ -57,16 +60,20 @@ class TrackedRequest:
         if event.finish_reason is not None:
             self._send.close()
 
-    def abort(self) -> None:
-        """End the stream quietly (the consumer's `async for` stops; finish_reason "abort")."""
+    def abort(self, now: float) -> None:
+        """End the stream at time `now` with a last event of finish_reason "abort" and no
+        token (a consumer that left gets nothing: nobody reads its stream any more)."""
         if self.finish_reason is None:
             self.finish_reason = "abort"
+            self.metrics.finished_time = now
+            self._send_item(TokenEvent(self.request_id, None, "", "abort"))
         self._send.close()
 
-    def fail(self, error: BaseException) -> None:
-        """End the stream with `error` (raised in the consumer)."""
+    def fail(self, error: BaseException, now: float) -> None:
+        """End the stream with `error` (raised in the consumer) at time `now`."""
         if self.finish_reason is None:
             self.finish_reason = "abort"
+            self.metrics.finished_time = now
         self._send_item(error)
         self._send.close()
 

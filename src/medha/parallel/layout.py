@@ -1,6 +1,6 @@
 """The rank layout of a TP x PP x KVP replica: one frozen object every process group is built from.
 
-DESIGN.md section 9: world = tp * pp * kvp and
+As the Medha paper's 3D parallelism (docs/parallelism.md): world = tp * pp * kvp and
 
     rank = pp_rank * (kvp * tp) + kvp_rank * tp + tp_rank
 

@@ -330,7 +330,7 @@ class Scheduler:
         stay in the old units while its remaining work is counted in the new ones: when the
         machine runs 1.4x slower than calibrated (the mixed_cpu runs), a document exactly on
         its own schedule looks late, and LARS holds every newly arrived chat behind it for
-        one or two iterations (DESIGN.md section 4: a short request should briefly preempt a
+        one or two iterations (LARS's premise, docs/scheduler.md: a short request should briefly preempt a
         long prefill, not wait for it)."""
         self._prefill_version = getattr(self.cost, "prefill_version", 0)
         priority = self.policy.priority
