@@ -64,6 +64,8 @@ def test_chat_template_renders_turns_and_the_generation_prompt(tokenizer: Tokeni
     without_prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=False)
     assert ids[: len(without_prompt)] == without_prompt
     assert ids.count(tokenizer.bos_token_id) == 1
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert text == tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def test_eos_ids_are_the_union_of_config_and_tokenizer_without_duplicates(

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from medha.errors import InvalidRequestError, ModelLoadError
 
@@ -91,10 +91,34 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    @overload
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result."""
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: Literal[True] = True,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: Literal[False],
+    ) -> str: ...
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool = True,
+    ) -> list[int] | str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result;
+        with `tokenize=False` (as in transformers) the rendered text. Give the engine the ids:
+        encoding the text again adds the tokenizer's special tokens (a second BOS)."""
         if not self.has_chat_template:
             raise ModelLoadError(
                 self.folder / TOKENIZER_CONFIG_FILE,
@@ -107,11 +131,13 @@ class Tokenizer:
             rendered = self._hf.apply_chat_template(
                 messages,
                 add_generation_prompt=add_generation_prompt,
-                tokenize=True,
+                tokenize=tokenize,
                 return_dict=False,
             )
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
+        if not tokenize:
+            return cast("str", rendered)
         # Some transformers versions return a BatchEncoding even when asked for plain ids.
         ids = cast(
             "Sequence[int]", rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
