@@ -181,6 +181,7 @@ def _drive(
                 request.request_id,
                 request.kind,
                 request.arrival,
+                request.arrival,  # TTFT counts from the arrival: the step in flight is the wait
                 ttft,
                 tpot,
                 done[key] - request.arrival,
@@ -219,10 +220,12 @@ class Run:
     @property
     def least_worst_slowdown(self) -> float:
         """The smallest worst short slowdown any one-prefill-at-a-time schedule of this play's
-        shorts could give, each costing its alone TTFT (medha.bench.stretch_bound)."""
-        shorts = [r for r in self.rows if r.kind == "short" and self.alone.get(r.request_id)]
+        shorts could give, each submitted when it was and costing its alone TTFT
+        (medha.bench.stretch_bound)."""
+        alone = self.alone
+        shorts = [r for r in self.rows if r.kind == "short" and alone.get(r.request_id)]
         return least_worst_slowdown(
-            [r.arrival for r in shorts], [self.alone[r.request_id] for r in shorts]
+            [r.submitted for r in shorts], [alone[r.request_id] for r in shorts]
         )
 
     @property

@@ -46,20 +46,56 @@ def test_equals_the_best_order_when_everything_arrives_together() -> None:
         assert least_worst_slowdown([1.0] * len(works), works) == pytest.approx(best, rel=1e-5)
 
 
-def test_never_above_first_come_first_served() -> None:
+def _fixed_priority_worst(arrivals: list[float], works: list[float], order: list[int]) -> float:
+    """Worst slowdown when the server always runs the waiting job that comes first in `order`
+    (preemptive), simulated in time steps between arrivals and completions."""
+    rank = {job: position for position, job in enumerate(order)}
+    left = dict(enumerate(works))
+    now, worst = min(arrivals), 1.0
+    while left:
+        ready = [j for j in left if arrivals[j] <= now]
+        if not ready:
+            now = min(arrivals[j] for j in left)
+            continue
+        job = min(ready, key=rank.__getitem__)
+        later = [arrivals[j] for j in left if arrivals[j] > now]
+        ran = min([left[job], *(a - now for a in later)])
+        now += ran
+        left[job] -= ran
+        if left[job] <= 1e-12:
+            del left[job]
+            worst = max(worst, (now - arrivals[job]) / works[job])
+    return worst
+
+
+def test_equals_the_best_fixed_priority_schedule_for_staggered_arrivals() -> None:
+    # EDF with the deadlines a_j + S w_j is a fixed priority order, so the optimum is the best
+    # worst slowdown over all priority orders: a brute force independent of the bisection.
     rng = random.Random(3)
-    for _ in range(50):
-        arrivals = sorted(rng.uniform(0, 3) for _ in range(rng.randint(1, 8)))
-        works = [rng.uniform(0.05, 1.0) for _ in arrivals]
-        now, fcfs = 0.0, 1.0
-        for arrival, work in zip(arrivals, works, strict=True):
-            now = max(now, arrival) + work
-            fcfs = max(fcfs, (now - arrival) / work)
-        bound = least_worst_slowdown(arrivals, works)
-        assert 1.0 <= bound <= fcfs * (1 + 1e-9)
+    for _ in range(60):
+        count = rng.randint(2, 5)
+        arrivals = [rng.uniform(0, 1.5) for _ in range(count)]
+        works = [rng.uniform(0.05, 1.0) for _ in range(count)]
+        best = min(
+            _fixed_priority_worst(arrivals, works, list(order))
+            for order in itertools.permutations(range(count))
+        )
+        bound = least_worst_slowdown(arrivals, works, tolerance=1e-9)
+        assert bound == pytest.approx(best, rel=1e-6)
+        assert bound <= best * (1 + 1e-9)  # from below
+
+
+def test_only_the_gaps_between_arrivals_matter() -> None:
+    reference = least_worst_slowdown([0.0, 0.051], [0.3, 0.3])
+    for shift in (-5.0, 1e6):
+        shifted = least_worst_slowdown([shift, shift + 0.051], [0.3, 0.3])
+        assert shifted == pytest.approx(reference, rel=1e-6)
+    assert least_worst_slowdown([-5.0], [1.0]) == 1.0
 
 
 def test_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="tolerance"):
+        least_worst_slowdown([0.0], [1.0], tolerance=0.0)
     with pytest.raises(ValueError, match="arrivals but"):
         least_worst_slowdown([0.0], [])
     with pytest.raises(ValueError, match="positive"):

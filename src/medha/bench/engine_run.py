@@ -19,6 +19,10 @@ class RequestResult:
     request_id: str
     kind: str
     arrival: float
+    """When the workload says it arrives (seconds after the run starts)."""
+    submitted: float
+    """When it was submitted, on the same clock: later than `arrival` when the event loop
+    woke late. Its TTFT counts from here."""
     ttft: float
     tpot: float | None
     e2e: float
@@ -38,6 +42,7 @@ async def run_workload(
 
     async def one(request: MixedRequest) -> None:
         await anyio.sleep_until(start + request.arrival)
+        submitted = anyio.current_time() - start
         params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
         done = await engine.generate(
             list(request.prompt_ids), params, request_id=request.request_id
@@ -48,6 +53,7 @@ async def run_workload(
             request.request_id,
             request.kind,
             request.arrival,
+            submitted,
             m.ttft,
             m.tpot,
             m.e2e,

@@ -25,7 +25,9 @@ import heapq
 import math
 from collections.abc import Sequence
 
-_EPS = 1e-12
+_RELATIVE_SLACK = 1e-12
+"""Rounding allowance, relative to the times involved, when a job is said to have no work left
+or to finish by its deadline: sums of floats are not exact."""
 
 
 def least_worst_slowdown(
@@ -33,7 +35,9 @@ def least_worst_slowdown(
 ) -> float:
     """The smallest S such that some preemptive one-at-a-time schedule finishes every request
     j by arrivals[j] + S * works[j] (works: seconds alone, > 0). 1.0 when no two overlap.
-    Accurate to `tolerance` (relative)."""
+    From below, within `tolerance` (relative): no schedule achieves less than the value."""
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
     if len(arrivals) != len(works):
         raise ValueError(f"{len(arrivals)} arrivals but {len(works)} works")
     if any(w <= 0 or not math.isfinite(w) for w in works):
@@ -42,7 +46,10 @@ def least_worst_slowdown(
         raise ValueError("every arrival must be finite")
     if not arrivals:
         return 1.0
-    jobs = sorted(zip(arrivals, works, strict=True))
+    # Time from the first arrival: schedules are translation invariant, and small numbers keep
+    # the rounding small.
+    first = min(arrivals)
+    jobs = sorted((arrival - first, work) for arrival, work in zip(arrivals, works, strict=True))
     if _edf_meets(jobs, 1.0):
         return 1.0
     low, high = 1.0, _fcfs_worst(jobs)  # first come first served is one schedule
@@ -52,7 +59,7 @@ def least_worst_slowdown(
             high = middle
         else:
             low = middle
-    return high
+    return low
 
 
 def _fcfs_worst(jobs: list[tuple[float, float]]) -> float:
@@ -71,7 +78,7 @@ def _edf_meets(jobs: list[tuple[float, float]], slowdown: float) -> bool:
     while index < len(jobs) or ready:
         if not ready:
             now = max(now, jobs[index][0])
-        while index < len(jobs) and jobs[index][0] <= now + _EPS:
+        while index < len(jobs) and jobs[index][0] <= now:
             arrival, work = jobs[index]
             heapq.heappush(ready, (arrival + slowdown * work, work))
             index += 1
@@ -79,9 +86,10 @@ def _edf_meets(jobs: list[tuple[float, float]], slowdown: float) -> bool:
         next_arrival = jobs[index][0] if index < len(jobs) else math.inf
         ran = min(left, next_arrival - now)
         now += ran
-        if left - ran > _EPS:
+        slack = _RELATIVE_SLACK * (now + left)
+        if left - ran > slack:
             heapq.heappush(ready, (deadline, left - ran))
-        elif now > deadline * (1 + _EPS) + _EPS:
+        elif now > deadline + slack:
             return False
     return True
 
