@@ -11,7 +11,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from medha.cli import build_parser, main
+from medha.cli import main, parse_args
 from medha.commands import generate
 from medha.commands.user_errors import user_error_message
 from medha.config import EngineConfig
@@ -150,11 +150,11 @@ def test_verbose_adds_the_traceback_of_a_user_error(
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("medha: error: ")
 
 
-def test_verbose_counts_before_or_after_the_command() -> None:
-    parse = build_parser().parse_args
-    assert parse(["generate", "m", "p"]).verbose == 0
-    assert parse(["-v", "generate", "m", "p"]).verbose == 1
-    assert parse(["generate", "m", "p", "-vv"]).verbose == 2
+def test_verbose_counts_before_and_after_the_command() -> None:
+    assert parse_args(["generate", "m", "p"]).verbose == 0
+    assert parse_args(["-v", "generate", "m", "p"]).verbose == 1
+    assert parse_args(["generate", "m", "p", "-vv"]).verbose == 2
+    assert parse_args(["-vv", "generate", "m", "p", "-v"]).verbose == 3
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("boom"), ValueError("boom"), AssertionError()])

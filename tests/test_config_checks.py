@@ -14,6 +14,7 @@ import pydantic
 import pytest
 import torch
 
+from medha import engine_setup
 from medha.config import ATTENTION_BACKENDS, EngineConfig, ParallelConfig
 from medha.engine_setup import build_engine_parts, max_model_len_for
 from medha.errors import (
@@ -187,10 +188,15 @@ def _isolate_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("content", [None, "{}", "not json", '{"efficiency": 3}'])
 def test_a_cost_profile_that_is_missing_or_not_a_profile_fails_the_start_typed(
-    tmp_path: Path, content: str | None
+    tmp_path: Path, content: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "profile.json"
     if content is not None:
         path.write_text(content)
+
+    def load_model(*args: object) -> None:
+        raise AssertionError("the weights loaded before the profile was read")
+
+    monkeypatch.setattr(engine_setup, "load_model", load_model)
     with pytest.raises(InvalidConfigError, match=r"profile\.json"):
         build_engine_parts(EngineConfig(model="tiny-random", cost_profile=path))

@@ -117,7 +117,7 @@ def test_bad_sampling_params_raise_a_typed_error(make) -> None:  # type: ignore[
 async def test_bad_input_does_not_disturb_a_request_already_streaming() -> None:
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
-        tokens: list[int] = []
+        tokens: list[int | None] = []
         async for ev in engine.stream("keep going", params):
             tokens.append(ev.token_id)
             if len(tokens) == 3:
@@ -172,6 +172,8 @@ async def test_abort_by_request_id_ends_the_stream_with_an_abort_event() -> None
         assert all(ev.token_id is not None and ev.finish_reason is None for ev in events[:-1])
         stats = await _wait_idle(engine)
         assert stats.free_blocks == stats.total_blocks
+        await engine.abort("victim")  # again, once it is gone: nothing happens
+        assert engine.stats().aborted == 1
 
 
 async def test_abort_by_id_of_a_stream_not_yet_iterated_queues_nothing() -> None:

@@ -58,6 +58,8 @@ class Played:
     """(step id, request ids) per iteration, in the order iterations completed."""
     pauses: int
     stats: medha.EngineStats
+    long_events: list[medha.TokenEvent]
+    """The long request's stream, when it was aborted (its events, as a caller sees them)."""
 
     @property
     def long(self) -> medha.Completion:
@@ -83,10 +85,15 @@ async def _long_then_short(
     TALKER_PARAMS.max_tokens tokens starts first, so its decodes share the long prompt's iterations."""
     settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
     results: dict[str, medha.Completion] = {}
+    long_events: list[medha.TokenEvent] = []
     async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:
 
         async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
             params = TALKER_PARAMS if name == "talker" else PARAMS
+            if name == "long" and abort_long:
+                stream = engine.stream(list(prompt), params, deadline, request_id=name)
+                long_events.extend([event async for event in stream])
+                return
             results[name] = await engine.generate(list(prompt), params, deadline, request_id=name)
 
         with anyio.fail_after(30):
@@ -110,7 +117,7 @@ async def _long_then_short(
             (record.step_id, ",".join(sorted({rid for rid, _, _ in record.tokens})))
             for record in engine.iteration_history
         ]
-        return Played(results, order, stats.pauses, stats)
+        return Played(results, order, stats.pauses, stats, long_events)
 
 
 async def test_a_short_request_ahead_of_a_long_iteration_pauses_it(
@@ -173,7 +180,9 @@ async def test_aborting_the_paused_request_frees_its_blocks(slow_long_chunks: No
     # A slow short prompt: the long iteration stays paused ~0.8 s, and the abort lands then.
     played = await _long_then_short(short_deadline=0.05, abort_long=True, short_prompt=SLOW_SHORT)
     assert played.pauses == 1
-    assert played.long.finish_reason == "abort" and not played.long.token_ids
+    # One event, the abort's, with no token: the paused step it was in sampled nothing for it.
+    events = [(e.finish_reason, e.token_id, e.text) for e in played.long_events]
+    assert events == [("abort", None, "")]
     assert played.short.token_ids == greedy_alone(SLOW_SHORT, PARAMS.max_tokens)
     assert played.stats.aborted == 1
     assert played.stats.free_blocks == played.stats.total_blocks

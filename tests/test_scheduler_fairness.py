@@ -1,6 +1,6 @@
-"""Policy behaviour end to end (docs/scheduler.md, Policies): FCFS convoys, EDF starves then convoys,
-SRPT starves long requests, LARS meets every deadline of the worked example and bounds the
-wait of long requests."""
+"""Policy behaviour end to end (docs/scheduler.md, Policies): FCFS convoys, EDF starves then
+convoys, SRPT starves long requests, LARS meets every deadline of the worked example and bounds
+the wait of long requests."""
 
 from __future__ import annotations
 

@@ -30,19 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.add_parser(subparsers)
     for subparser in subparsers.choices.values():
-        # Also after the command (`medha generate ... -v`); SUPPRESS keeps a -v given before it.
+        # Also after the command (`medha generate ... -v`). Its own dest: argparse copies a
+        # subcommand's values over the main parser's, which would drop a -v given before it.
         subparser.add_argument(
             "-v",
             "--verbose",
             action="count",
-            default=argparse.SUPPRESS,
+            default=0,
+            dest="verbose_after_command",
             help="log more (-v info, -vv debug)",
         )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with `verbose` counting every -v, before and after the command."""
     args = build_parser().parse_args(argv)
+    args.verbose += args.verbose_after_command
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     configure_cli_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

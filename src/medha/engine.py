@@ -18,7 +18,7 @@ import itertools
 import numbers
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,7 +44,7 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.output_text import OutputText
 from medha.perf.time_scale import OnlineTimeScale
-from medha.request import Completion, RequestMetrics, TokenEvent, check_deadline
+from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.sampling import SamplingParams
 
 _log = get_logger(__name__)
@@ -240,7 +240,7 @@ class Engine:
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         sampling: SamplingParams | None = None,
         deadline: float | None = None,
         *,
@@ -257,7 +257,7 @@ class Engine:
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         sampling: SamplingParams | None = None,
         deadline: float | None = None,
         *,
@@ -289,9 +289,11 @@ class Engine:
         actor = self._actor()
         request = self._by_id.get(request_id)
         if request is not None and request.holds_id and not request.submitted:
+            # Never queued: it ends here, unseen by the scheduler (not in stats().aborted).
             now = self._clock()
             request.metrics.arrival = now
             request.abort(now)
+            _log.info("request aborted", request_id=request_id, queued=False)
             return
         actor.tell(Abort(request_id))
 
@@ -353,7 +355,7 @@ class Engine:
 
     def _prepare(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         sampling: SamplingParams | None,
         deadline: float | None,
         request_id: str | None,

@@ -54,12 +54,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     max_model_len = max_model_len_for(config, arch)
+    saved = saved_profile(config)
     dtype = resolve_dtype(config.dtype)
     model = load_model(arch, checkpoint.get_tensor, dtype, device)
     num_blocks = kv_blocks_for(config, arch, dtype, arch.num_layers)
     cache = new_kv_cache(arch, num_blocks, config.block_size, dtype, device)
     runner = open_runner(model, cache, config.attention_backend)
-    profile, calibration = device_profile(config, lambda: runner)
+    profile, calibration = device_profile(config, saved, lambda: runner)
     scheduler, cost = build_scheduler(config, num_blocks, arch, profile, ReplicaSpec(), dtype)
     return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
 
@@ -95,18 +96,26 @@ def kv_blocks_for(config: EngineConfig, arch: ModelArch, dtype: torch.dtype, lay
     return max(1, int(config.kv_cache_gib * 2**30) // per_block)
 
 
+def saved_profile(config: EngineConfig) -> DeviceProfile | None:
+    """The profile `cost_profile` names (None: calibrate); read before the weights load, so
+    that a wrong path fails in a moment, as an InvalidConfigError."""
+    if config.cost_profile is None:
+        return None
+    try:
+        return load_profile(config.cost_profile)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InvalidConfigError(
+            f"cost_profile {str(config.cost_profile)!r} is not a readable device profile "
+            f"(write one with `medha calibrate` or medha.perf.save_profile): {exc}"
+        ) from exc
+
+
 def device_profile(
-    config: EngineConfig, runner: Callable[[], ModelRunner]
+    config: EngineConfig, saved: DeviceProfile | None, runner: Callable[[], ModelRunner]
 ) -> tuple[DeviceProfile, CalibrationResult | None]:
-    """The saved profile named by `cost_profile`, else one calibrated now on `runner()`."""
-    if config.cost_profile is not None:
-        try:
-            return load_profile(config.cost_profile), None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise InvalidConfigError(
-                f"cost_profile {str(config.cost_profile)!r} is not a readable device profile "
-                f"(write one with `medha calibrate` or medha.perf.save_profile): {exc}"
-            ) from exc
+    """`saved` (see saved_profile), else one calibrated now on `runner()`."""
+    if saved is not None:
+        return saved, None
     calibration, _ = calibrate_runner(
         runner(),
         budget_s=config.calibration_seconds,

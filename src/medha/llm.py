@@ -25,10 +25,8 @@ from medha.config import EngineConfig
 from medha.engine import Engine
 from medha.errors import EngineClosedError, InvalidRequestError
 from medha.model.openmp import release_idle_threads
-from medha.request import Completion
+from medha.request import Completion, Prompt
 from medha.sampling import SamplingParams
-
-Prompt = str | Sequence[int]
 
 
 class LLM:
@@ -57,13 +55,14 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: Prompt | Iterable[Prompt],
         sampling: SamplingParams | None = None,
         deadlines: Sequence[float | None] | None = None,
     ) -> list[Completion]:
         """Run every prompt concurrently (they share batches) and return their Completions in
-        order. A single str or token-id list counts as one prompt. Every prompt is validated
-        before any is queued: one bad prompt raises its typed error and nothing runs."""
+        order. One prompt (a str, a token-id list, a 1-D array) counts as a batch of one; a 2-D
+        array is a batch of its rows. Every prompt is validated before any is queued: one bad
+        prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         batch = _prompt_batch(prompts)

@@ -39,3 +39,9 @@ class OutputText:
             if tail:
                 return StopUpdate(update.text + tail, update.finish_reason, update.matched)
         return update
+
+    def release_held(self) -> str:
+        """At an abort: the text held back so far (a possible start of a stop string, then
+        bytes that never formed a whole character), so that the deltas add up to everything
+        generated, as when a request ends by a token."""
+        return self._stop.held_text + self._detokenizer.flush()

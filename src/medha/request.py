@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class TokenIdArray(Protocol):
+    """A 1-D numpy array or torch tensor of token ids: anything whose `tolist()` gives them."""
+
+    def tolist(self) -> Any: ...
+
+
+Prompt = str | Sequence[int] | TokenIdArray
+"""What `Engine.stream`/`generate` take: text (tokenized without a chat template) or token ids."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,12 +61,15 @@ class TrackedRequest:
             self._send.close()
 
     def abort(self, now: float) -> None:
-        """End the stream at time `now` with a last event of finish_reason "abort" and no
-        token (a consumer that left gets nothing: nobody reads its stream any more)."""
+        """End the stream at time `now` with a last event of finish_reason "abort", no token,
+        and the text held back so far (a consumer that left gets nothing: nobody reads its
+        stream any more)."""
         if self.finish_reason is None:
             self.finish_reason = "abort"
             self.metrics.finished_time = now
-            self._send_item(TokenEvent(self.request_id, None, "", "abort"))
+            text = self.output.release_held() if self.token_ids else ""
+            self.text_parts.append(text)
+            self._send_item(TokenEvent(self.request_id, None, text, "abort"))
         self._send.close()
 
     def fail(self, error: BaseException, now: float) -> None:

@@ -3,8 +3,8 @@
 One program computes a tile of BLOCK_M query rows against one kv head. The rows are (token,
 group member) pairs packed token-major: with GQA the `group` query heads that share a kv head
 read each K/V tile once, so a chunk of c tokens is a c * group-row matmul against the keys. That
-is what makes small chunks cheap (the Medha paper's case for chunked prefill): arithmetic intensity grows with
-c * h_q / h_kv, not with the context.
+is what makes small chunks cheap (the Medha paper's case for chunked prefill): arithmetic
+intensity grows with c * h_q / h_kv, not with the context.
 
 The keys are tiled by BLOCK_N and read through the block table (any block size, any block
 order). Causality is by absolute position: a row at position p sees the shard's keys at

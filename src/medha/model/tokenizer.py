@@ -109,6 +109,15 @@ class Tokenizer:
         tokenize: Literal[False],
     ) -> str: ...
 
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool,
+    ) -> list[int] | str: ...
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

@@ -45,6 +45,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         device_profile,
         kv_blocks_for,
         max_model_len_for,
+        saved_profile,
     )
     from medha.model.device import check_device
     from medha.model.setup import build_runner, resolve_dtype
@@ -59,6 +60,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     arch = checkpoint.arch
     _check_layout(arch, layout)
     max_model_len = max_model_len_for(config, arch)
+    saved = saved_profile(config)
     dtype = resolve_dtype(config.dtype)
     # One worker's pool: its TP shard of the heads, for the layers of the largest stage.
     stage_layers = max(len(r) for r in split_layers(arch.num_layers, layout.pp))
@@ -69,6 +71,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     # `cost_profile` to skip this (recommended for large models).
     profile, calibration = device_profile(
         config,
+        saved,
         lambda: build_runner(
             config.model,
             num_blocks=512,

@@ -1,7 +1,8 @@
 """SchedulerConfig: every knob of the pure scheduler, validated once, frozen.
 
-The defaults follow the Medha paper's design: 32-token chunk granularity up to 8192, +-10% tolerance around the
-per-iteration time budget, 16-token KV blocks, 256K tokens before a prefill counts as "long".
+The defaults follow the Medha paper's design: 32-token chunk granularity up to 8192, +-10%
+tolerance around the per-iteration time budget, 16-token KV blocks, 256K tokens before a prefill
+counts as "long".
 """
 
 from __future__ import annotations
