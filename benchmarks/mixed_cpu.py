@@ -54,6 +54,7 @@ from medha.engine import Engine
 from medha.model.presets import smollm2_gguf_path
 from medha.perf import save_profile
 from medha.sim.metrics import percentile
+from medha.sim.traces import trace_path
 
 
 def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
@@ -299,11 +300,15 @@ async def main(args: Any) -> None:
             short_rate=args.rate,
             seed=args.seed,
         )
+    trace = trace_path("conv")
     print(
         f"workload: 1 long ({len(workload[0].prompt_ids) if workload[0].kind == 'long' else '?'} tokens) "
         f"+ {args.shorts} shorts at {args.rate}/s; medha in {args.dtype}, "
         f"{args.target_batch_time} s budget"
     )
+    # Without the repository's traces beside the checkout, the shorts come from the bundled
+    # sample: another workload, whose numbers do not compare with the committed ones.
+    print(f"short lengths from {trace[0]}" + (" (the bundled sample)" if trace[1] else ""))
     policies = args.policies.split(",")
     shorts = [r for r in workload if r.kind == "short"]
     names = [f"medha {p}" for p in policies]
@@ -382,7 +387,11 @@ async def main(args: Any) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
-            {"setup": {k: str(v) for k, v in vars(args).items()}, "results": table}, indent=2
+            {
+                "setup": {**{k: str(v) for k, v in vars(args).items()}, "trace": str(trace[0])},
+                "results": table,
+            },
+            indent=2,
         )
         + "\n"
     )
