@@ -64,6 +64,7 @@ async def _run(args: argparse.Namespace) -> int:
     from medha.config import EngineConfig
     from medha.engine import Engine
     from medha.perf import save_profile
+    from medha.sim.traces import trace_path
 
     console = Console()
     if args.target_batch_time is None:
@@ -97,6 +98,11 @@ async def _run(args: argparse.Namespace) -> int:
                     num_shorts=args.shorts,
                     short_rate=args.rate,
                     seed=args.seed,
+                )
+                trace, is_sample = trace_path("conv")
+                sample = " (the bundled sample: shared/data/traces is not beside this checkout)"
+                console.print(
+                    f"short-request lengths from {trace.name}{sample if is_sample else ''}"
                 )
             columns = (
                 TextColumn(f"[bold]{policy}[/]"),
