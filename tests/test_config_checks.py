@@ -62,7 +62,9 @@ def test_a_backend_registered_at_run_time_is_accepted(monkeypatch: pytest.Monkey
     assert EngineConfig(model="tiny-random", attention_backend="mine").attention_backend == "mine"
 
 
-@pytest.mark.parametrize("field", ["kv_cache_gib", "calibration_seconds", "target_batch_time"])
+@pytest.mark.parametrize(
+    "field", ["kv_cache_gib", "calibration_seconds", "target_batch_time", "min_deadline"]
+)
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_sizes_and_times_must_be_finite(field: str, value: float) -> None:
     with pytest.raises(pydantic.ValidationError, match=field):

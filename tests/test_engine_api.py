@@ -71,6 +71,23 @@ async def test_deadline_met_compares_ttft_with_the_callers_deadline() -> None:
     assert default.metrics.deadline == pytest.approx(0.5) and not default.metrics.deadline_given
 
 
+async def test_the_default_deadline_follows_the_configured_factor_and_floor() -> None:
+    prompt = list(range(3, 203))
+    fixed = {"online_time_scale": False}  # the predictions, hence the deadlines, stay put
+
+    async def deadline(**settings: float) -> tuple[float, float]:
+        async with medha.Engine(engine_config(**fixed, **settings)) as engine:
+            work = engine._actor().scheduler.cost.prefill_time(len(prompt))
+            return (await engine.generate(prompt, GREEDY)).metrics.deadline, work
+
+    scaled, work = await deadline(min_deadline=1e-6)
+    assert 1.5 * work > 1e-6 and scaled == pytest.approx(1.5 * work)
+    doubled, work = await deadline(min_deadline=1e-6, deadline_factor=3.0)
+    assert doubled == pytest.approx(3.0 * work)
+    floored, _ = await deadline(min_deadline=7.0)
+    assert floored == 7.0
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [

@@ -96,6 +96,13 @@ class EngineConfig(BaseModel):
     finish_tolerance: float = Field(default=0.25, ge=0, lt=1)
     """How far over target_batch_time an iteration may go when that completes a prompt (its
     first token then comes one iteration sooner); 0 keeps every iteration within +-10%."""
+    deadline_factor: float = Field(default=1.5, gt=0)
+    min_deadline: float = Field(default=0.5, gt=0)
+    """A request given no deadline gets max(deadline_factor x its predicted prefill time,
+    min_deadline) seconds to its first token. LARS ranks by slack relative to the deadline, so
+    a prompt far quicker than min_deadline may wait for other work while it still meets it
+    (a 24-token chat, 0.07 s alone on a 2-core CPU, had 0.4 s of slack): lower min_deadline
+    when slowdown, not the deadline, is what counts."""
     max_chunk: int = Field(default=8192, ge=32)
     fixed_chunk: int = Field(default=512, ge=1)
     """Per-iteration token budget of the fcfs-chunked baseline."""

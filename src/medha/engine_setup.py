@@ -158,6 +158,8 @@ def build_scheduler_config(
         policy=config.policy,
         target_batch_time=config.target_batch_time,
         finish_tolerance=config.finish_tolerance,
+        deadline_factor=config.deadline_factor,
+        min_deadline=config.min_deadline,
         max_chunk=config.max_chunk,
         fixed_chunk=config.fixed_chunk,
         max_batch_size=config.max_num_seqs,
