@@ -11,7 +11,8 @@ prefill at a time at its alone speed could beat (chats that arrive together wait
 other; `medha.bench.stretch_bound`), and per run the worst slowdown against its least
 possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)
 runs it with EngineConfig.pause_iterations=False: no iteration stops between layers for a
-newer request.
+newer request; with "-unguarded", EngineConfig.lead_guard=False: plain LARS, whose started
+prefills take turns with newer ones (docs/scheduler.md, "The lead guard").
 
 With `--repeats N` every system plays the workload N times, alternating systems within each
 round, and the percentiles pool the N x 16 short requests: on a shared machine the p99 of one
@@ -58,13 +59,18 @@ from medha.sim.traces import trace_path
 
 
 def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
-    """`system`: a policy name, or one with "-unpaused" appended: iterations never pause
-    between layers for a newly arrived request (EngineConfig.pause_iterations)."""
-    policy = system.removesuffix("-unpaused")
+    """`system`: a policy name, optionally followed by "-unpaused" (iterations never pause
+    between layers for a newly arrived request: EngineConfig.pause_iterations) and/or
+    "-unguarded" (no lead guard: EngineConfig.lead_guard)."""
+    policy, *variants = system.split("-un")  # no policy name contains "-un"
+    unknown = set(variants) - {"paused", "guarded"}
+    if unknown:
+        raise ValueError(f"unknown system variant in {system!r}: {sorted(unknown)}")
     return EngineConfig(
         model="smollm2-135m",
         policy=policy,
-        pause_iterations=False if policy != system else None,
+        pause_iterations=False if "paused" in variants else None,
+        lead_guard="guarded" not in variants,
         cost_profile=profile,
         target_batch_time=args.target_batch_time,
         fixed_chunk=args.fixed_chunk,
@@ -401,8 +407,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--policies",
-        default="lars,fcfs,fcfs-chunked,lars-unpaused",
-        help="medha systems, comma-separated: policy names, optionally with -unpaused",
+        default="lars,fcfs,fcfs-chunked,lars-unpaused,lars-unguarded",
+        help="medha systems, comma-separated: policy names, optionally with -unpaused and/or "
+        "-unguarded",
     )
     parser.add_argument("--long-tokens", type=int, default=6144)
     parser.add_argument("--shorts", type=int, default=16)

@@ -160,6 +160,7 @@ def build_scheduler_config(
         finish_tolerance=config.finish_tolerance,
         deadline_factor=config.deadline_factor,
         min_deadline=config.min_deadline,
+        lead_guard=config.lead_guard,
         max_chunk=config.max_chunk,
         fixed_chunk=config.fixed_chunk,
         max_batch_size=config.max_num_seqs,

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from medha.scheduler.lead_guard import challenger_terms
 from medha.scheduler.plan import SeqKind
 
 if TYPE_CHECKING:
@@ -99,14 +100,16 @@ def newcomers_pause_time(
     now: float,
     lookahead: float,
     max_batch_size: int,
+    lead_guard: bool = False,
 ) -> float | None:
     """When a request that arrived after `plan` was made, with prefill left, not in flight and
     able to start, first ranks ahead of every prefill in `plan` (`now` if it does already;
     None: none ever will, as things stand). Priorities are compared `lookahead` seconds ahead,
     as the scheduler ranks them, and the plan's prefills with the work it counted when it was
-    made (from their chunks' start)."""
+    made (from their chunks' start). With `lead_guard`, "ahead" also means past the lead
+    guard of each of the plan's prefills (medha.scheduler.lead_guard), as in `schedule`."""
     incumbents = [
-        policy.key_terms(request, cost, seq.start)
+        (policy.key_terms(request, cost, seq.start), request.remaining_prefill_s(cost, seq.start))
         for seq in plan.seqs
         if seq.kind is SeqKind.PREFILL
         and (request := table.requests.get(seq.request_id)) is not None
@@ -123,7 +126,15 @@ def newcomers_pause_time(
             admits and table.layout.feasible_first_groups(request.known_tokens, table.pool)
         ):
             continue
-        at = overtake_time(policy.key_terms(request, cost), incumbents, now + lookahead)
+        terms = policy.key_terms(request, cost)
+        to_beat = [incumbent for incumbent, _ in incumbents]
+        if lead_guard:
+            work = request.remaining_prefill_s(cost)
+            to_beat += [
+                challenger_terms(incumbent, incumbent_work, terms, work)
+                for incumbent, incumbent_work in incumbents
+            ]
+        at = overtake_time(terms, to_beat, now + lookahead)
         if at is not None and (earliest is None or at < earliest):
             earliest = at
     if earliest is None:

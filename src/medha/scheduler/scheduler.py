@@ -24,6 +24,7 @@ from medha.scheduler.batch import BatchBuilder
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
 from medha.scheduler.decodes import DecodeScheduler
+from medha.scheduler.lead_guard import promote_guarded
 from medha.scheduler.pausing import PausedPlans, newcomers_pause_time
 from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
 from medha.scheduler.policies import (
@@ -279,6 +280,7 @@ class Scheduler:
             now,
             lookahead,
             self.config.max_batch_size,
+            self.config.lead_guard,
         )
 
     def suspend(self, plan: BatchPlan) -> None:
@@ -371,7 +373,10 @@ class Scheduler:
         admitting = admit and len(table.running) < self.config.max_batch_size
         # Queued requests do not move: their key terms were set when they were queued.
         queued = table.queued_by_arrival() if admitting else []
-        candidates = CandidateOrder(started, queued, policy.keys(queued, rank_at))
+        queued_keys = policy.keys(queued, rank_at)
+        if self.config.lead_guard and started:
+            promote_guarded(started, queued, queued_keys, cost, rank_at)
+        candidates = CandidateOrder(started, queued, queued_keys)
         pending_work: list[tuple[float, int]] | None = None
         while candidates and not batch.is_full and not batch.all_groups_closed:
             request = candidates.pop()

@@ -1,0 +1,156 @@
+"""The lead guard (medha.scheduler.lead_guard): two chats that arrive together go one after the
+other rather than in turns; a document's chats still preempt it on LARS's schedule; pausing
+obeys the same rule; policies whose keys do not move with time are unaffected."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from medha.scheduler import BatchPlan, Scheduler
+from medha.scheduler.lead_guard import challenger_terms, keeps_lead
+from medha.scheduler.pausing import overtake_time
+from tests.scheduler_support import Arrival, DriverResult, drive, make_scheduler, step
+
+CHAT = 2_000
+"""~46 ms alone on the toy cost model: eight or so chunks at a 10 ms budget."""
+
+
+def _two_chats(lead_guard: bool, gap: float = 0.001) -> tuple[DriverResult, list[str]]:
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.01, num_blocks=2_000, lead_guard=lead_guard
+    )
+    arrivals = [Arrival("a", 0.0, CHAT, 2), Arrival("b", gap, CHAT, 2)]
+    result = drive(scheduler, arrivals)
+    order = [
+        seq.request_id for plan in result.plans for seq in plan.seqs if seq.kind.value == "prefill"
+    ]
+    return result, order
+
+
+def _turns(order: list[str]) -> int:
+    return sum(1 for before, after in itertools.pairwise(order) if before != after)
+
+
+def test_keeps_lead_compares_each_key_after_waiting_for_the_other() -> None:
+    # key(t) = base - rate t. I: base 0.5, rate 2 (d = 0.5 s), 0.3 s left; C: base 0.4,
+    # rate 2, 0.3 s left. At t = 0: key_I(0.3) = -0.1 against key_C(0.3) = -0.2.
+    assert not keeps_lead((0.5, 2.0), 0.3, (0.4, 2.0), 0.3, 0.0)
+    assert keeps_lead((0.4, 2.0), 0.3, (0.5, 2.0), 0.3, 0.0)
+    # A document (rate 1/15) against a chat: waiting the document's 10 s costs the chat 20.
+    assert not keeps_lead((0.0, 1 / 15), 10.0, (0.3, 2.0), 0.05, 0.0)
+    # ... unless the document has a few ms left and is late already.
+    assert keeps_lead((-1.0, 1 / 15), 0.01, (-0.9, 2.0), 0.05, 0.0)
+    # Keys that do not move: the challenger, ranked ahead, stays ahead.
+    assert not keeps_lead((2.0, 0.0), 0.01, (1.0, 0.0), 5.0, 0.0)
+
+
+def test_challenger_terms_are_the_guard_as_one_more_key_to_beat() -> None:
+    incumbent, challenger = (0.5, 2.0), (0.45, 3.0)
+    w_i, w_c = 0.2, 0.1
+    extra = challenger_terms(incumbent, w_i, challenger, w_c)
+    for t in (0.0, 0.01, 0.02, 0.05, 0.1, 0.3):
+        below = challenger[0] - challenger[1] * t < extra[0] - extra[1] * t
+        assert below == (not keeps_lead(incumbent, w_i, challenger, w_c, t))
+
+
+@pytest.mark.parametrize("gap", [0.001, 0.01, 0.03])
+def test_two_chats_that_arrive_together_go_one_after_the_other(gap: float) -> None:
+    guarded, order = _two_chats(lead_guard=True, gap=gap)
+    assert _turns(order) == 1 and order[0] == "a"
+    unguarded, unguarded_order = _two_chats(lead_guard=False, gap=gap)
+    assert _turns(unguarded_order) > 3, "LARS alone takes turns: the guard has nothing to fix"
+    # The earlier chat gets its first token at its alone time, not at the end with the other;
+    # the later one, which finishes last either way, no later than when they took turns.
+    alone = _alone_ttft()
+    assert guarded.ttft("a") == pytest.approx(alone)
+    assert unguarded.ttft("a") > 1.2 * alone
+    assert guarded.ttft("b") <= unguarded.ttft("b") + 1e-9
+
+
+def _alone_ttft() -> float:
+    scheduler = make_scheduler(policy="lars", target_batch_time=0.01, num_blocks=2_000)
+    return drive(scheduler, [Arrival("a", 0.0, CHAT, 2)]).ttft("a")
+
+
+def test_a_later_chat_with_an_earlier_deadline_still_preempts_a_started_one() -> None:
+    scheduler = make_scheduler(policy="lars", target_batch_time=0.01, num_blocks=2_000)
+    result = drive(
+        scheduler,
+        [Arrival("a", 0.0, 4 * CHAT, 2, deadline=5.0), Arrival("b", 0.02, CHAT, 2, deadline=0.15)],
+    )
+    assert result.ttft("b") <= _alone_ttft() + 0.011  # at most the chunk in flight first
+    assert result.ttft("a") > 0.02 + result.ttft("b")
+
+
+def _doc_and_chats(lead_guard: bool) -> DriverResult:
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.05, num_blocks=20_000, lead_guard=lead_guard
+    )
+    arrivals = [Arrival("doc", 0.0, 60_000, 4)]
+    arrivals += [Arrival(f"chat{i}", 0.4 + 0.9 * i, 1_000 + 50 * i, 3) for i in range(6)]
+    return drive(scheduler, arrivals)
+
+
+def test_chats_that_do_not_overlap_preempt_a_document_exactly_as_under_lars() -> None:
+    guarded, unguarded = _doc_and_chats(True), _doc_and_chats(False)
+    for request_id in ("doc", *(f"chat{i}" for i in range(6))):
+        assert guarded.ttft(request_id) == pytest.approx(unguarded.ttft(request_id))
+    assert all(guarded.ttft(f"chat{i}") < 0.5 for i in range(6))
+
+
+def _chat_in_flight(lead_guard: bool) -> tuple[Scheduler, BatchPlan]:
+    """Chat a's second chunk in flight when b arrives: b's deadline is 6 ms later, but its
+    relative slack falls faster (d = 0.495 s against a's 0.5 s), so LARS alone lets it
+    overtake in the end; a has ~0.04 s of work left, so the guard holds it off longer."""
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.01, num_blocks=2_000, lead_guard=lead_guard
+    )
+    scheduler.add_request("a", CHAT, 2, arrival=0.0)
+    step(scheduler, 0.0)
+    plan = scheduler.schedule(0.01)
+    assert [seq.request_id for seq in plan.seqs] == ["a"]
+    scheduler.add_request("b", CHAT, 2, arrival=0.011, deadline=0.495)
+    return scheduler, plan
+
+
+def test_pausing_for_a_newcomer_waits_for_the_guard_too() -> None:
+    scheduler, plan = _chat_in_flight(lead_guard=False)
+    due = scheduler.pause_time(plan, 0.011)
+    assert due is not None and 0.5 < due < 0.7
+    scheduler, plan = _chat_in_flight(lead_guard=True)
+    due = scheduler.pause_time(plan, 0.011)
+    assert due is not None and due > 0.9
+
+
+def test_overtake_time_with_guard_terms_is_when_both_tests_first_pass() -> None:
+    incumbent, w_i = (0.3, 1 / 15), 8.0  # a document, late-ish
+    newcomer, w_c = (0.5, 2.0), 0.05  # a chat
+    terms = [incumbent, challenger_terms(incumbent, w_i, newcomer, w_c)]
+    at = overtake_time(newcomer, terms, 0.0)
+    assert at is not None
+    # At `at` the chat is ahead by the key and past the guard; a moment before, not both.
+    for t, expected in ((at, True), (at - 1e-3, False)):
+        ahead = newcomer[0] - newcomer[1] * t < incumbent[0] - incumbent[1] * t
+        past = not keeps_lead(incumbent, w_i, newcomer, w_c, t)
+        assert (ahead and past) == expected
+
+
+def _plans(policy: str, lead_guard: bool) -> list[tuple[tuple[str, int, int], ...]]:
+    arrivals = [Arrival("long", 0.0, 60_000, 4)]
+    arrivals += [Arrival(f"s{i}", 0.3 + 0.017 * i, 1_300 + 97 * i, 3) for i in range(30)]
+    scheduler = make_scheduler(
+        policy=policy, target_batch_time=0.02, num_blocks=20_000, lead_guard=lead_guard
+    )
+    result = drive(scheduler, arrivals)
+    return [tuple((s.request_id, s.start, s.end) for s in p.seqs) for p in result.plans]
+
+
+@pytest.mark.parametrize("policy", ["fcfs-chunked", "edf", "srpt"])
+def test_the_guard_changes_nothing_for_keys_that_do_not_move_with_time(policy: str) -> None:
+    assert _plans(policy, lead_guard=True) == _plans(policy, lead_guard=False)
+
+
+def test_the_guard_does_change_lars_plans_on_the_same_workload() -> None:
+    assert _plans("lars", lead_guard=True) != _plans("lars", lead_guard=False)
