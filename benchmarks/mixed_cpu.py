@@ -345,14 +345,15 @@ async def main(args: Any) -> None:
             runs["openvino-genai CB"].append(Run(rows, wall, before, after))
         print(f"done: round {round_index + 1} of {args.repeats}", flush=True)
     table = {name: summarize(runs[name]) for name in runs}
+    width = max(22, *(len(name) + 1 for name in table))
     header = (
-        f"{'system':<22}{'slowdown p50':>13}{'p99':>8}{'short TTFT p50':>15}{'p99':>8}"
+        f"{'system':<{width}}{'slowdown p50':>13}{'p99':>8}{'short TTFT p50':>15}{'p99':>8}"
         f"{'long TTFT':>10}{'TPOT p50':>10}{'p99':>8}{'tok/s':>8}"
     )
     print(header)
     for name, s in table.items():
         print(
-            f"{name:<22}{s['short_slowdown_p50']:>13.2f}{s['short_slowdown_p99']:>8.2f}"
+            f"{name:<{width}}{s['short_slowdown_p50']:>13.2f}{s['short_slowdown_p99']:>8.2f}"
             f"{s['short_ttft_p50']:>14.2f}s{s['short_ttft_p99']:>7.2f}s{_seconds(s['long_ttft']):>10}"
             f"{s['tpot_p50'] * 1000:>8.0f}ms{s['tpot_p99'] * 1000:>6.0f}ms{s['throughput_tok_s']:>8.1f}"
         )
@@ -389,7 +390,7 @@ async def main(args: Any) -> None:
                     s["alone_ttft_median_per_run"], s["alone_drift_per_run"], strict=True
                 )
             )
-            print(f"  {name:<24}{p99s} | {worsts} | {longs} | {alones}")
+            print(f"  {name:<{width}}{p99s} | {worsts} | {longs} | {alones}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

@@ -1,6 +1,7 @@
 """How long one Scheduler.schedule() call takes with 1,000 waiting and 128 decoding requests.
 
 Run: .venv/bin/python benchmarks/scheduler_speed.py [--calls 2000] [--policy lars] [--cost NAME]
+[--no-lead-guard]
 
 Every measured call sees the same load: between calls (untimed) the issued plan completes,
 requests the call started are aborted and replaced by fresh waiting ones, so the queue stays
@@ -98,10 +99,17 @@ def cost_model(name: str, kvp: int) -> BatchCostModel:
 
 
 def build(
-    policy: str, kvp: int, waiting: int, decoding: int, rng: random.Random, cost: BatchCostModel
+    policy: str,
+    kvp: int,
+    waiting: int,
+    decoding: int,
+    rng: random.Random,
+    cost: BatchCostModel,
+    lead_guard: bool = True,
 ) -> Scheduler:
     config = SchedulerConfig(
         policy=policy,  # type: ignore[arg-type]
+        lead_guard=lead_guard,
         kvp_groups=kvp,
         num_blocks=400_000 // kvp,
         max_batch_size=256,
@@ -125,10 +133,15 @@ def build(
 
 
 def measure(
-    policy: str, kvp: int, calls: int, seed: int = 0, cost: str = "roofline"
+    policy: str,
+    kvp: int,
+    calls: int,
+    seed: int = 0,
+    cost: str = "roofline",
+    lead_guard: bool = True,
 ) -> list[float]:
     rng = random.Random(seed)
-    scheduler = build(policy, kvp, 1000, 128, rng, cost_model(cost, kvp))
+    scheduler = build(policy, kvp, 1000, 128, rng, cost_model(cost, kvp), lead_guard)
     now = 10.0
     samples = []
     fresh = 0
@@ -181,13 +194,18 @@ def main() -> None:
     parser.add_argument(
         "--cost", default="roofline", choices=["roofline", "analytic", "analytic-list"]
     )
+    parser.add_argument(
+        "--no-lead-guard", action="store_true", help="SchedulerConfig.lead_guard=False"
+    )
     args = parser.parse_args()
     for kvp in (1, 4):
-        samples = sorted(measure(args.policy, kvp, args.calls, cost=args.cost))
+        samples = sorted(
+            measure(args.policy, kvp, args.calls, cost=args.cost, lead_guard=not args.no_lead_guard)
+        )
         p50 = statistics.median(samples) * 1e3
         p99 = samples[int(0.99 * (len(samples) - 1))] * 1e3
         print(
-            f"policy={args.policy} cost={args.cost} kvp={kvp}: "
+            f"policy={args.policy} cost={args.cost} lead_guard={not args.no_lead_guard} kvp={kvp}: "
             f"p50 {p50:.3f} ms  p99 {p99:.3f} ms per call"
         )
     still_p50, still_p99 = machine_jitter(p50 / 1e3, args.calls)

@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from medha.scheduler import BatchPlan, Scheduler
-from medha.scheduler.lead_guard import challenger_terms, keeps_lead
+from medha.scheduler import BatchPlan, Scheduler, SeqKind
+from medha.scheduler.lead_guard import MAX_CHALLENGERS, challenger_terms, keeps_lead
 from medha.scheduler.pausing import overtake_time
 from tests.scheduler_support import Arrival, DriverResult, drive, make_scheduler, step
 
@@ -70,12 +70,16 @@ def test_two_chats_that_arrive_together_go_one_after_the_other(gap: float) -> No
 
 
 def _alone_ttft() -> float:
-    scheduler = make_scheduler(policy="lars", target_batch_time=0.01, num_blocks=2_000)
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.01, num_blocks=2_000, lead_guard=True
+    )
     return drive(scheduler, [Arrival("a", 0.0, CHAT, 2)]).ttft("a")
 
 
 def test_a_later_chat_with_an_earlier_deadline_still_preempts_a_started_one() -> None:
-    scheduler = make_scheduler(policy="lars", target_batch_time=0.01, num_blocks=2_000)
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.01, num_blocks=2_000, lead_guard=True
+    )
     result = drive(
         scheduler,
         [Arrival("a", 0.0, 4 * CHAT, 2, deadline=5.0), Arrival("b", 0.02, CHAT, 2, deadline=0.15)],
@@ -140,6 +144,8 @@ def test_overtake_time_with_guard_terms_is_when_both_tests_first_pass() -> None:
 def _plans(policy: str, lead_guard: bool) -> list[tuple[tuple[str, int, int], ...]]:
     arrivals = [Arrival("long", 0.0, 60_000, 4)]
     arrivals += [Arrival(f"s{i}", 0.3 + 0.017 * i, 1_300 + 97 * i, 3) for i in range(30)]
+    # Ties: equal keys under FCFS and EDF (same arrival, length and deadline).
+    arrivals += [Arrival(f"t{i}", 0.9, 1_500, 3) for i in range(4)]
     scheduler = make_scheduler(
         policy=policy, target_batch_time=0.02, num_blocks=20_000, lead_guard=lead_guard
     )
@@ -147,10 +153,35 @@ def _plans(policy: str, lead_guard: bool) -> list[tuple[tuple[str, int, int], ..
     return [tuple((s.request_id, s.start, s.end) for s in p.seqs) for p in result.plans]
 
 
-@pytest.mark.parametrize("policy", ["fcfs-chunked", "edf", "srpt"])
-def test_the_guard_changes_nothing_for_keys_that_do_not_move_with_time(policy: str) -> None:
+@pytest.mark.parametrize("policy", ["fcfs", "fcfs-chunked", "edf", "srpt", "lrs"])
+def test_the_baseline_policies_ignore_the_guard(policy: str) -> None:
     assert _plans(policy, lead_guard=True) == _plans(policy, lead_guard=False)
 
 
 def test_the_guard_does_change_lars_plans_on_the_same_workload() -> None:
     assert _plans("lars", lead_guard=True) != _plans("lars", lead_guard=False)
+
+
+@pytest.mark.parametrize("crowd", [MAX_CHALLENGERS, MAX_CHALLENGERS + 1])
+def test_a_started_prefill_holds_off_at_most_max_challengers(crowd: int) -> None:
+    scheduler = make_scheduler(
+        policy="lars", target_batch_time=0.01, num_blocks=5_000, lead_guard=True
+    )
+    scheduler.add_request("a", CHAT, 2, arrival=0.0)
+    first, _ = step(scheduler, 0.0)
+    # Chats arriving while a's first chunk runs rank ahead of a (its relative slack rose by
+    # the chunk), though a's deadline is the earliest: the guard holds them off, up to a point.
+    for i in range(crowd):
+        scheduler.add_request(f"c{i}", CHAT, 2, arrival=0.001)
+    plan = scheduler.schedule(first.predicted_time)
+    prefills = [seq.request_id for seq in plan.seqs if seq.kind is SeqKind.PREFILL]
+    assert (prefills[0] == "a") == (crowd <= MAX_CHALLENGERS)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_engine_config_passes_the_guard_to_the_scheduler(flag: bool) -> None:
+    from medha import EngineConfig
+    from medha.engine_setup import build_scheduler_config
+
+    config = build_scheduler_config(EngineConfig(model="tiny-random", lead_guard=flag), 100)
+    assert config.lead_guard is flag

@@ -14,7 +14,7 @@ from medha.scheduler.policies import (
     relative_slack,
     slack,
 )
-from medha.scheduler.ranking import CandidateOrder
+from medha.scheduler.ranking import CandidateOrder, Ranked
 from medha.scheduler.request import SchedRequest
 from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler, step
 
@@ -133,6 +133,24 @@ def test_ranking_refreshes_a_key_once_the_requests_cursor_moves() -> None:
     assert after == pytest.approx(relative_slack(request, 0.0, COST))
 
 
+def _candidates(
+    started_keys: list[float], queued_keys: list[float], data: st.DataObject
+) -> tuple[list[Ranked], list[Ranked], CandidateOrder]:
+    """Requests with random arrival orders: the started ones as (key, order, request), the
+    queued ones likewise sorted, and a CandidateOrder over both."""
+    orders = data.draw(st.permutations(range(len(started_keys) + len(queued_keys))))
+    requests = [_request(f"r{i}", 0.0, 1.0, 0.0, order=o) for i, o in enumerate(orders)]
+    started = [
+        (key, r.order, r)
+        for key, r in zip(started_keys, requests[: len(started_keys)], strict=True)
+    ]
+    fresh = requests[len(started_keys) :]
+    keys_by_id = {r.request_id: k for r, k in zip(fresh, queued_keys, strict=True)}
+    queued = sorted(fresh, key=lambda r: r.order)
+    candidates = CandidateOrder(list(started), queued, [keys_by_id[r.request_id] for r in queued])
+    return started, sorted((keys_by_id[r.request_id], r.order, r) for r in queued), candidates
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     started_keys=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), max_size=6),
@@ -146,18 +164,8 @@ def test_candidate_order_pops_what_one_sorted_list_of_key_and_arrival_would(
     """Merging the running prefills' heap with the queue sorted by float key alone must give
     exactly the (key, arrival order) order, ties included, and drop_queued must leave the
     running ones in that order."""
-    orders = data.draw(st.permutations(range(len(started_keys) + len(queued_keys))))
-    requests = [_request(f"r{i}", 0.0, 1.0, 0.0, order=o) for i, o in enumerate(orders)]
-    started = [
-        (key, r.order, r)
-        for key, r in zip(started_keys, requests[: len(started_keys)], strict=True)
-    ]
-    queued = sorted(requests[len(started_keys) :], key=lambda r: r.order)
-    queued_ids = [r.request_id for r in requests[len(started_keys) :]]
-    keys_by_id = dict(zip(queued_ids, queued_keys, strict=True))
-    queued_keys_in_order = [keys_by_id[r.request_id] for r in queued]
-    expected = sorted(started + [(keys_by_id[r.request_id], r.order, r) for r in queued])
-    candidates = CandidateOrder(list(started), queued, queued_keys_in_order)
+    started, queued, candidates = _candidates(started_keys, queued_keys, data)
+    expected = sorted(started + queued)
     popped: list[SchedRequest] = []
     dropped = False
     while candidates:
@@ -168,6 +176,32 @@ def test_candidate_order_pops_what_one_sorted_list_of_key_and_arrival_would(
             continue
         popped.append(candidates.pop())
     assert [r.request_id for r in popped] == [e[2].request_id for e in expected]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    started_keys=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=1, max_size=5),
+    queued_keys=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), max_size=10),
+    limit=st.integers(1, 8),
+    data=st.data(),
+)
+def test_candidate_order_lists_who_is_ahead_and_promotes_a_started_prefill(
+    started_keys: list[float], queued_keys: list[float], limit: int, data: st.DataObject
+) -> None:
+    """ahead_of: the started, then the queued, ranked ahead of a (key, order), each best
+    first, up to `limit`; promote: that request pops first, the rest in their order."""
+    started, queued_ranked, candidates = _candidates(started_keys, queued_keys, data)
+    incumbent = data.draw(st.sampled_from(started))
+    ahead = candidates.ahead_of(incumbent[0], incumbent[1], limit)
+    expected = [e for e in sorted(started) if e[:2] < incumbent[:2]]
+    expected += [e for e in queued_ranked if e[:2] < incumbent[:2]]
+    assert [r.request_id for r in ahead] == [e[2].request_id for e in expected[:limit]]
+    candidates.promote(incumbent[2])
+    popped = []
+    while candidates:
+        popped.append(candidates.pop().request_id)
+    rest = sorted(e for e in started + queued_ranked if e[2] is not incumbent[2])
+    assert popped == [incumbent[2].request_id] + [e[2].request_id for e in rest]
 
 
 def test_a_preempted_request_goes_back_to_its_arrival_place_in_the_queue() -> None:

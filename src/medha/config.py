@@ -104,10 +104,11 @@ class EngineConfig(BaseModel):
     (a 24-token chat, 0.07 s alone on a 2-core CPU, had 0.4 s of slack): lower min_deadline
     when slowdown, not the deadline, is what counts."""
     lead_guard: bool = True
-    """A started prefill keeps the lead over a request ranked ahead of it while going first
-    serves the pair better: two chats that arrive together go one after the other instead of
-    taking turns chunk by chunk, so the first one's TTFT is not doubled (docs/scheduler.md,
-    "The lead guard"). False: plain LARS, for comparison."""
+    """Under LARS, a started prefill keeps the lead over a request ranked ahead of it while
+    going first serves the pair better: two chats that arrive together go one after the other
+    instead of taking turns chunk by chunk, so the first one's TTFT is not doubled
+    (docs/scheduler.md, "The lead guard"). False: plain LARS, for comparison. The other
+    policies ignore it."""
     max_chunk: int = Field(default=8192, ge=32)
     fixed_chunk: int = Field(default=512, ge=1)
     """Per-iteration token budget of the fcfs-chunked baseline."""

@@ -64,10 +64,10 @@ class SchedulerConfig(BaseModel):
     bound on how long its prefill chunks wait, on top of the policy's own ranking (a paused
     plan resumes as soon as nothing newer ranks ahead of it). 0: never pause."""
     lead_guard: bool = True
-    """A started prefill keeps the lead over a request ranked ahead of it while that serves
-    the pair better (medha.scheduler.lead_guard): two chats that arrive together then go one
-    after the other rather than taking turns chunk by chunk. No effect on keys that do not
-    move with time (FCFS, EDF, SRPT)."""
+    """LARS only: a started prefill keeps the lead over a request ranked ahead of it while
+    that serves the pair better (medha.scheduler.lead_guard), so two chats that arrive
+    together go one after the other rather than taking turns chunk by chunk. The baseline
+    policies ignore it."""
     rank_ahead: bool = True
     """Rank prefills by their priority at the next decision, not at this one: a request left
     out of this batch cannot start before the next batch is planned, target_batch_time from now

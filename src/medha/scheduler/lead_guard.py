@@ -2,43 +2,43 @@
 
 Slack-based keys thrash. Serving a prefill cuts its remaining work, so its slack stops falling
 while every waiting request's keeps falling; two chats that arrive together then take turns,
-chunk by chunk, and BOTH get their first token at the end, the earlier one twice as late as
-if it had simply gone first. Real-time scheduling knows this of least-laxity-first (it meets
-the same deadlines as EDF, with far more context switches) and fixes it by letting the
+chunk by chunk, and both get their first token at the end, the earlier one up to twice as
+late as had it simply gone first. Real-time scheduling knows this of least-laxity-first (it
+meets the same deadlines as EDF, with far more context switches) and fixes it by letting the
 running task keep the processor while switching would not help (Oh & Yang's modified LLF).
 
-The rule here, for keys that fall at rate r over time (PriorityPolicy: key(t) = base - r t):
-when challenger C ranks ahead of started prefill I, compare the two orders by the worse key
-each leaves. If I goes first, C starts w_I later, at key_C(t + w_I); if C goes first, I starts
-at key_I(t + w_C). I keeps the lead when
+The rule, for keys that fall at rate r over time (PriorityPolicy: key(t) = base - r t): when
+challenger C ranks ahead of started prefill I, compare the two orders by the worse key each
+leaves. If I goes first, C starts w_I later, at key_C(t + w_I); if C goes first, I starts at
+key_I(t + w_C). I keeps the lead when
 
     key_I(t + w_C) <= key_C(t + w_I)
 
 that is, when I would lose at least as much by waiting for C as C loses by waiting for I.
-Under LARS that means, between two chats, the earlier deadline goes first (EDF, which
-minimises the pair's worst lateness); a chat started before a document became urgent
-finishes first (its w is tiny against the document's d); and a document keeps the lead
-over a newly arrived chat only on its last few chunks, once it is already late: a chat's key
-falls at 1/d_chat, so waiting a whole document costs it far more. The guard never moves a
-challenger ahead of where the policy ranks it, so LARS's arbitration between requests that
-have not started, and its protection of long requests from starvation, are untouched. Keys
-that do not move with time (FCFS, EDF, SRPT) never pass the test: the guard is a no-op there.
+
+Under LARS a request's key at its start is its relative slack at the end of its prefill, so
+this picks the order with the smaller worse relative lateness (the two-job exchange argument
+behind Lawler's rule). Between two chats with the same d (short chats on the min_deadline
+floor, or two of one length) that is EDF. A chat started before a document became urgent
+finishes first: the document loses w_chat / d_doc by waiting, the chat far more. Where a
+document's key and a newly arrived chat's cross, the document keeps the lead only while
+w_doc x d_doc <= w_chat x d_chat (for a 0.3 s chat due in 0.45 s against a 30 s deadline, the
+document's last 4.5 ms of work); otherwise the chat cuts in when LARS says. The guard never
+moves a challenger ahead of where LARS ranks it, which requests start is still LARS's choice,
+and each hold lasts at most the incumbent's remaining work. LARS only
+(PriorityPolicy.lead_guard): the baselines keep the order their definitions give.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from medha.scheduler.cost import BatchCostModel
-    from medha.scheduler.request import SchedRequest
+    from medha.scheduler.ranking import CandidateOrder
 
 KeyTerms = tuple[float, float]
 """(base, rate): the key at ranking time T is base - rate x T (smaller goes first)."""
-
-Ranked = tuple[float, int, "SchedRequest"]
 
 
 def keeps_lead(
@@ -65,26 +65,21 @@ def challenger_terms(
     return base_i - rate_i * challenger_work + rate_c * incumbent_work, rate_i
 
 
-def promote_guarded(
-    started: list[Ranked],
-    queued: Sequence[SchedRequest],
-    queued_keys: Sequence[float],
-    cost: BatchCostModel,
-    at: float,
-) -> None:
-    """Move to the front of `started` (key -inf, in place) the best-ranked started prefill that
-    keeps the lead over every candidate ranked ahead of it, if any; the others keep their
+MAX_CHALLENGERS = 16
+"""A started prefill holds off at most this many requests ranked ahead of it: the check costs
+one comparison each per iteration, and a crowd that far ahead is LARS's call, not the guard's."""
+
+
+def promote_guarded(candidates: CandidateOrder, cost: BatchCostModel, at: float) -> None:
+    """Put first the best-ranked started prefill that keeps the lead over every candidate
+    ranked ahead of it (at most MAX_CHALLENGERS of them), if any; the others keep their
     places. One at most: the front is one place."""
-    started.sort(key=lambda item: item[:2])
-    for index, (key, order, incumbent) in enumerate(started):
-        challengers = [request for _, _, request in started[:index]]
-        challengers += [
-            request
-            for request, queued_key in zip(queued, queued_keys, strict=True)
-            if (queued_key, request.order) < (key, order)
-        ]
+    for key, order, incumbent in candidates.started():
+        challengers = candidates.ahead_of(key, order, MAX_CHALLENGERS + 1)
         if not challengers:
             return  # it leads already, and so does nobody after it
+        if len(challengers) > MAX_CHALLENGERS:
+            return  # and more still are ahead of the ones after it
         work = incumbent.remaining_prefill_s(cost)
         terms = (incumbent.key_base, incumbent.key_rate)
         if all(
@@ -97,5 +92,5 @@ def promote_guarded(
             )
             for challenger in challengers
         ):
-            started[index] = (-math.inf, order, incumbent)
+            candidates.promote(incumbent)
             return

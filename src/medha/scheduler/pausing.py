@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from medha.scheduler.lead_guard import challenger_terms
+from medha.scheduler.lead_guard import KeyTerms, challenger_terms
 from medha.scheduler.plan import SeqKind
 
 if TYPE_CHECKING:
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from medha.scheduler.plan import BatchPlan
     from medha.scheduler.policies import PriorityPolicy
     from medha.scheduler.table import RequestTable
-
-KeyTerms = tuple[float, float]
-"""(base, rate): the key at ranking time T is base - rate x T (smaller goes first)."""
 
 # A newer request loses ties (ties go to arrival order), so it is ahead only strictly after the
 # moment the keys meet; the moment returned is this much later, so that a check made then holds.
@@ -100,14 +97,18 @@ def newcomers_pause_time(
     now: float,
     lookahead: float,
     max_batch_size: int,
-    lead_guard: bool = False,
+    *,
+    lead_guard: bool,
 ) -> float | None:
     """When a request that arrived after `plan` was made, with prefill left, not in flight and
     able to start, first ranks ahead of every prefill in `plan` (`now` if it does already;
     None: none ever will, as things stand). Priorities are compared `lookahead` seconds ahead,
     as the scheduler ranks them, and the plan's prefills with the work it counted when it was
     made (from their chunks' start). With `lead_guard`, "ahead" also means past the lead
-    guard of each of the plan's prefills (medha.scheduler.lead_guard), as in `schedule`."""
+    guard of each of the plan's prefills (medha.scheduler.lead_guard), pair by pair. That
+    is `schedule`'s rule for the newcomer against the plan's prefills; `schedule` also weighs
+    the requests that were queued when the plan was made (and gives up the guard against more
+    than MAX_CHALLENGERS), so where they differ this errs towards not pausing."""
     incumbents = [
         (policy.key_terms(request, cost, seq.start), request.remaining_prefill_s(cost, seq.start))
         for seq in plan.seqs

@@ -52,6 +52,10 @@ class PriorityPolicy(ABC):
     """
 
     name: ClassVar[str]
+    lead_guard: ClassVar[bool] = False
+    """Whether SchedulerConfig.lead_guard applies (medha.scheduler.lead_guard): only where
+    serving a request raises its key, which makes requests take turns. The baselines keep
+    the order their definitions give."""
 
     @abstractmethod
     def key_terms(
@@ -131,6 +135,7 @@ class LengthAwareRelativeSlack(PriorityPolicy):
     """LARS: relative slack rho_i(t), so a long request's urgency grows slowly but steadily."""
 
     name = "lars"
+    lead_guard = True
 
     def key_terms(
         self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None

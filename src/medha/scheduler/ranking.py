@@ -13,6 +13,7 @@ heap: p99 0.81-0.86 ms against 0.88-0.90 ms, same p50.
 from __future__ import annotations
 
 import heapq
+import math
 
 from medha.scheduler.request import SchedRequest
 
@@ -51,3 +52,30 @@ class CandidateOrder:
                 self._next += 1
                 return request
         return heapq.heappop(self._started)[2]
+
+    def started(self) -> list[Ranked]:
+        """The started prefills, best first."""
+        return sorted(self._started, key=lambda item: item[:2])
+
+    def ahead_of(self, key: float, order: int, limit: int) -> list[SchedRequest]:
+        """Up to `limit` candidates ranked ahead of (key, order): the started ones, then the
+        queued ones, each best first. What a started prefill would have to hold off; called
+        before the first pop."""
+        ahead = [request for k, o, request in self.started() if (k, o) < (key, order)]
+        keys, queued, by_key = self._keys, self._queued, self._by_key
+        position = self._next
+        while len(ahead) < limit and position < len(by_key):
+            index = by_key[position]
+            if (keys[index], queued[index].order) >= (key, order):
+                break
+            ahead.append(queued[index])
+            position += 1
+        return ahead[:limit]
+
+    def promote(self, request: SchedRequest) -> None:
+        """Put the started prefill `request` first, ahead of every other candidate."""
+        self._started[:] = [
+            (-math.inf, order, r) if r is request else (key, order, r)
+            for key, order, r in self._started
+        ]
+        heapq.heapify(self._started)

@@ -46,6 +46,7 @@ class Scheduler:
         self.config = config
         self.cost = cost
         self.policy = policy_for(config.policy)
+        self._lead_guard = config.lead_guard and self.policy.priority.lead_guard
         self.table = RequestTable(config)
         self._in_flight: dict[int, BatchPlan] = {}
         self._in_stage0: int | None = None
@@ -280,7 +281,7 @@ class Scheduler:
             now,
             lookahead,
             self.config.max_batch_size,
-            self.config.lead_guard,
+            lead_guard=self._lead_guard,
         )
 
     def suspend(self, plan: BatchPlan) -> None:
@@ -373,10 +374,9 @@ class Scheduler:
         admitting = admit and len(table.running) < self.config.max_batch_size
         # Queued requests do not move: their key terms were set when they were queued.
         queued = table.queued_by_arrival() if admitting else []
-        queued_keys = policy.keys(queued, rank_at)
-        if self.config.lead_guard and started:
-            promote_guarded(started, queued, queued_keys, cost, rank_at)
-        candidates = CandidateOrder(started, queued, queued_keys)
+        candidates = CandidateOrder(started, queued, policy.keys(queued, rank_at))
+        if self._lead_guard and started:
+            promote_guarded(candidates, cost, rank_at)
         pending_work: list[tuple[float, int]] | None = None
         while candidates and not batch.is_full and not batch.all_groups_closed:
             request = candidates.pop()
