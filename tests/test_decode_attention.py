@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 
 from medha.kernels import AttentionMetadata, paged_attention, write_kv
 from medha.kernels.attention import write_step_kv
-from medha.kernels.decode import attend_one_query_flash, attend_one_query_matmul
+from medha.kernels.decode import (
+    NATIVE_BF16_KEYS,
+    attend_one_query_flash,
+    attend_one_query_matmul,
+)
 from medha.kernels.decode_batch import MAX_PADDED_KEYS, decode_buckets
 from medha.kernels.layout import gather_kv, new_kv_pool, seq_views
 from medha.kernels.reference import attend
@@ -49,6 +53,32 @@ def test_one_query_attention_equals_the_reference_softmax(
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), ref_out, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_len", [NATIVE_BF16_KEYS, 3000])
+def test_a_long_bf16_decode_multiplies_in_bf16_in_place_and_stays_within_bf16_rounding(
+    kv_len: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From NATIVE_BF16_KEYS keys the products stay in bf16, reading the head-major pool in
+    place: the softmax to bf16 precision, and not the fp32 path's numbers (which it would be,
+    bit for bit, if the branch were not taken)."""
+    gen = torch.Generator().manual_seed(kv_len)
+    blocks = -(-kv_len // BLOCK)
+    k_pool = new_kv_pool(blocks + 2, BLOCK, 3, 64, torch.bfloat16, "cpu")
+    v_pool = new_kv_pool(blocks + 2, BLOCK, 3, 64, torch.bfloat16, "cpu")
+    k_pool.copy_(torch.randn(k_pool.shape, generator=gen))
+    v_pool.copy_(torch.randn(v_pool.shape, generator=gen))
+    (view,) = seq_views(_meta([list(range(1, blocks + 1))], [kv_len]))
+    k, v = gather_kv(k_pool, view), gather_kv(v_pool, view)
+    assert k.data_ptr() == k_pool[1].data_ptr(), "read in place"
+    q = torch.randn(1, 9, 64, generator=gen).to(torch.bfloat16)
+    out, lse = attend_one_query_matmul(q, k, v, 0.125)
+    ref_out, ref_lse = attend(q.float(), k.float(), v.float(), None, 0.125)
+    torch.testing.assert_close(out.float(), ref_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+    monkeypatch.setattr("medha.kernels.decode.NATIVE_BF16_KEYS", 10**9)
+    fp32_out, _ = attend_one_query_matmul(q, k, v, 0.125)
+    assert not torch.equal(out, fp32_out)
 
 
 def _meta(tables: list[list[int]], kv_lens: list[int]) -> AttentionMetadata:

@@ -73,8 +73,15 @@ def test_bf16_logits_are_as_close_to_fp32_as_hf_bf16(
     assert max_relative_error(ours, _hf_bf16_logits(variant, ids)) <= 0.05
 
 
+@pytest.mark.parametrize("native_from", [None, 32], ids=["fp32-products", "bf16-products"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_bf16_greedy_tokens_are_among_hf_bf16_top_choices(variant: str) -> None:
+def test_bf16_greedy_tokens_are_among_hf_bf16_top_choices(
+    variant: str, native_from: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`native_from`: decodes over that many keys or more multiply in bf16 (the long-context
+    form, medha.kernels.decode.NATIVE_BF16_KEYS, brought down to this test's lengths)."""
+    if native_from is not None:
+        monkeypatch.setattr("medha.kernels.decode.NATIVE_BF16_KEYS", native_from)
     ids, new_tokens = _prompt(1, 60), 24
     runner = _bf16_runner(variant, "sdpa")
     table = ShuffledBlocks(256, seed=3).take(blocks_for(len(ids) + new_tokens))
