@@ -55,27 +55,42 @@ def test_one_query_attention_equals_the_reference_softmax(
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
 
 
+def _hf_eager_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """HF's eager attention in bf16 for one query: bf16 scores, fp32 softmax rounded to bf16,
+    bf16 P.V over K/V repeated per query head."""
+    group = q.shape[1] // k.shape[1]
+    keys = k.transpose(0, 1).repeat_interleave(group, 0)  # [Hq, kv_len, D]
+    values = v.transpose(0, 1).repeat_interleave(group, 0)
+    scores = (q.transpose(0, 1) @ keys.transpose(1, 2)) * scale
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (weights @ values).transpose(0, 1)
+
+
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("kv_len", [NATIVE_BF16_KEYS, 3000])
-def test_a_long_bf16_decode_multiplies_in_bf16_in_place_and_stays_within_bf16_rounding(
-    kv_len: int, monkeypatch: pytest.MonkeyPatch
+def test_a_long_bf16_decode_multiplies_in_bf16_in_place_as_precisely_as_hf(
+    kv_len: int, heads: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From NATIVE_BF16_KEYS keys the products stay in bf16, reading the head-major pool in
-    place: the softmax to bf16 precision, and not the fp32 path's numbers (which it would be,
-    bit for bit, if the branch were not taken)."""
-    gen = torch.Generator().manual_seed(kv_len)
+    place: as close to the fp32 softmax as HF's eager bf16 attention gets (peaked scores, where
+    rounding them costs most), and not the fp32 path's numbers (which it would be, bit for bit,
+    if the branch were not taken)."""
+    num_heads, kv_heads = heads
+    gen = torch.Generator().manual_seed(kv_len + num_heads)
     blocks = -(-kv_len // BLOCK)
-    k_pool = new_kv_pool(blocks + 2, BLOCK, 3, 64, torch.bfloat16, "cpu")
-    v_pool = new_kv_pool(blocks + 2, BLOCK, 3, 64, torch.bfloat16, "cpu")
-    k_pool.copy_(torch.randn(k_pool.shape, generator=gen))
-    v_pool.copy_(torch.randn(v_pool.shape, generator=gen))
+    pools = [new_kv_pool(blocks + 2, BLOCK, kv_heads, 64, torch.bfloat16, "cpu") for _ in "kv"]
+    for pool in pools:
+        pool.copy_(torch.randn(pool.shape, generator=gen))
     (view,) = seq_views(_meta([list(range(1, blocks + 1))], [kv_len]))
-    k, v = gather_kv(k_pool, view), gather_kv(v_pool, view)
-    assert k.data_ptr() == k_pool[1].data_ptr(), "read in place"
-    q = torch.randn(1, 9, 64, generator=gen).to(torch.bfloat16)
+    k, v = (gather_kv(pool, view) for pool in pools)
+    assert k.data_ptr() == pools[0][1].data_ptr(), "read in place"
+    q = (3 * torch.randn(1, num_heads, 64, generator=gen)).to(torch.bfloat16)
     out, lse = attend_one_query_matmul(q, k, v, 0.125)
     ref_out, ref_lse = attend(q.float(), k.float(), v.float(), None, 0.125)
-    torch.testing.assert_close(out.float(), ref_out, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-2, atol=2e-2)
+    hf_error = (_hf_eager_bf16(q, k, v, 0.125).float() - ref_out).abs().max()
+    # Measured: within 1.15x of HF's error (0.5-2.5% of the largest output).
+    assert (out.float() - ref_out).abs().max() <= 1.5 * hf_error + 1e-3
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0.03)  # measured <= 0.015
     monkeypatch.setattr("medha.kernels.decode.NATIVE_BF16_KEYS", 10**9)
     fp32_out, _ = attend_one_query_matmul(q, k, v, 0.125)
     assert not torch.equal(out, fp32_out)

@@ -6,9 +6,9 @@ appending to this shard, or reading an earlier KVP shard, sees all of its keys, 
 is needed. Two forms, both reading K/V where they lie (for a sequence on consecutive blocks,
 each kv head's keys are one contiguous matrix of `KVCache`'s head-major pools):
 
-- two batched matmuls over the kv heads with one max, one exp, one sum, the output normalised
-  at [heads, head_dim] and lse = max + log(sum): each kv head's keys are read once for all the
-  query heads that share them;
+- matmuls over the kv heads (Q.K^T, then P.V) with one max, one exp, one sum, the output
+  normalised at [heads, head_dim] and lse = max + log(sum): each kv head's keys are read once
+  for all the query heads that share them;
 - torch's CPU flash kernel, which takes the query heads against the kv heads directly (GQA
   without expanding K/V) and returns the lse from its single online-softmax pass.
 
@@ -21,9 +21,11 @@ that the conversion and the fp32 products fall out of cache and cost more than t
 (one layer, two threads, 2K keys: 1.32 ms in fp32 against 0.34 ms with bf16 products and an
 fp32 softmax; 1K keys: 0.25 against 0.26), so from NATIVE_BF16_KEYS on the products stay in
 bf16, one matmul per kv head (a batched matmul over the pool's head stride copied the keys
-first: 0.54 against 0.13 ms at 6K keys). A SmolLM2 decode over a 6K-token context then takes
-50 ms instead of 78 (38 ms over 300 tokens). All forms are the softmax up to rounding (the
-exactness tests bound it).
+first: 0.54 against 0.13 ms at 6K keys), and P.V multiplies the unnormalised weights rounded to
+bf16 (normalised afterwards in fp32). A SmolLM2 decode step over a 6K-token context then takes
+50-58 ms instead of 78 (38 ms over 300 tokens). Measured on a CPU with AVX-512 BF16; where bf16
+matmuls are emulated the crossover may lie elsewhere. CPU only: on CUDA this form keeps fp32.
+All forms are the softmax up to rounding (the exactness tests bound it).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 NATIVE_BF16_KEYS = 1024
-"""From this many keys a bf16 decode multiplies in bf16 (the products accumulate in fp32 and
-round to bf16, as HF's eager bf16 attention does) and only the softmax runs in fp32: converting
-K and V to fp32 costs more than the attention from there on (see the module docstring)."""
+"""From this many keys a bf16 decode on a CPU multiplies in bf16 (the products accumulate in
+fp32 and round to bf16, as the scores of HF's eager bf16 attention do) and only the softmax runs
+in fp32: converting K and V to fp32 costs more than the attention from there on (see the module
+docstring)."""
 
 
 def attend_one_query(
@@ -82,13 +85,13 @@ def attend_one_query_matmul(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same with matmuls over the kv heads and the softmax in fp32; the products in fp32
-    too, except for bf16 over NATIVE_BF16_KEYS keys or more."""
+    too, except for bf16 on a CPU over NATIVE_BF16_KEYS keys or more."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     # Query head h = kv_head * group + member (HF's repeat_kv order): K/V are read in place.
     queries = q.reshape(kv_heads, group, head_dim)
-    if q.dtype == torch.bfloat16 and k.shape[0] >= NATIVE_BF16_KEYS:
+    if q.dtype == torch.bfloat16 and q.is_cpu and k.shape[0] >= NATIVE_BF16_KEYS:
         # One matmul per kv head reads its keys in place as a transposed matrix; a batched
         # matmul over the cache pool's head stride would copy them all first.
         scores = torch.stack([queries[h] @ k[:, h].T for h in range(kv_heads)]).float()
