@@ -1,6 +1,6 @@
 """The lead guard (medha.scheduler.lead_guard): two chats that arrive together go one after the
 other rather than in turns; a document's chats still preempt it on LARS's schedule; pausing
-obeys the same rule; policies whose keys do not move with time are unaffected."""
+obeys the same rule; the baseline policies are unaffected."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_keeps_lead_compares_each_key_after_waiting_for_the_other() -> None:
     assert keeps_lead((0.4, 2.0), 0.3, (0.5, 2.0), 0.3, 0.0)
     # A document (rate 1/15) against a chat: waiting the document's 10 s costs the chat 20.
     assert not keeps_lead((0.0, 1 / 15), 10.0, (0.3, 2.0), 0.05, 0.0)
-    # ... unless the document has a few ms left and is late already.
+    # ... unless the document has only milliseconds of work left.
     assert keeps_lead((-1.0, 1 / 15), 0.01, (-0.9, 2.0), 0.05, 0.0)
     # Keys that do not move: the challenger, ranked ahead, stays ahead.
     assert not keeps_lead((2.0, 0.0), 0.01, (1.0, 0.0), 5.0, 0.0)
