@@ -84,6 +84,31 @@ def test_packed_weights_are_views_of_one_buffer_with_unchanged_names_and_values(
         assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
 
 
+@pytest.mark.parametrize("rows", [1, 4, MAX_SPLIT_ROWS])
+@pytest.mark.parametrize(("outs", "bias"), [([192, 64], False), ([96], True)])
+def test_a_few_row_bf16_product_is_one_matmul_rounded_once(
+    rows: int, outs: list[int], bias: bool
+) -> None:
+    """bf16 products are not split over threads: a split would sum partials already rounded to
+    bf16, which gives other values (and is slower there: see medha.model.projections)."""
+    layers = [layer.to(torch.bfloat16) for layer in _linears(256, outs, bias=bias, seed=rows)]
+    projection = PackedProjection(layers)
+    projection.pack()
+    weight = projection.weight
+    assert weight is not None
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    if projection.input_major:
+        once = (
+            torch.mm(x, weight)
+            if projection.bias is None
+            else torch.addmm(projection.bias, x, weight)
+        )
+    else:
+        once = torch.nn.functional.linear(x, weight, projection.bias)
+    with torch_threads(2):
+        assert torch.equal(projection(x), once)
+
+
 def test_weights_loaded_after_packing_reach_the_packed_matmul() -> None:
     source = _linears(16, [24, 8], bias=True, seed=1)
     target = _linears(16, [24, 8], bias=True, seed=2)
