@@ -7,7 +7,10 @@ refuses calls from a loop it does not run on; medha.LLM validates a whole batch 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 
 import anyio
 import numpy as np
@@ -146,6 +149,16 @@ async def test_numpy_token_ids_are_a_prompt() -> None:
     assert all(type(token) is int for token in numpy.prompt_token_ids)
 
 
+async def test_numpy_scalars_are_a_deadline_and_a_max_tokens() -> None:
+    params = SamplingParams(max_tokens=np.int64(3), temperature=0.0, ignore_eos=True)  # type: ignore[arg-type]
+    async with medha.Engine(engine_config()) as engine:
+        for deadline in (np.float32(2.0), np.int64(2)):
+            done = await engine.generate([5, 6, 7], params, deadline)  # type: ignore[arg-type]
+            assert len(done.token_ids) == 3 and done.metrics.deadline == 2.0
+        with pytest.raises(InvalidRequestError):
+            await engine.generate([5, 6, 7], params, np.float32("nan"))  # type: ignore[arg-type]
+
+
 def test_llm_validates_the_whole_batch_before_queueing_any_of_it() -> None:
     with medha.LLM(engine_config()) as llm:
         with pytest.raises(InvalidRequestError, match="empty"):
@@ -178,3 +191,89 @@ async def test_every_concurrent_stop_returns_once_the_actors_have_stopped() -> N
     async with anyio.create_task_group() as group:
         group.start_soon(stop_and_check)
         group.start_soon(stop_and_check)
+
+
+async def test_stopping_while_the_model_loads_stops_what_start_then_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shutdown hook may stop the engine before start() is done: start() then stops what it
+    built and says so, rather than leaving actors and a model thread running nobody can stop."""
+    import medha.engine_setup
+
+    loading, release = threading.Event(), threading.Event()
+    build = medha.engine_setup.build_engine_parts
+
+    def slow_build(*args: object, **kwargs: object) -> object:
+        loading.set()
+        release.wait(10)
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(medha.engine_setup, "build_engine_parts", slow_build)
+    engine = medha.Engine(engine_config())
+    starting = asyncio.get_running_loop().create_task(engine.start())
+    with anyio.fail_after(10):
+        while not loading.is_set():
+            await anyio.sleep(0.005)
+    await engine.stop()
+    release.set()
+    with pytest.raises(EngineClosedError, match="stopped while it started"):
+        await starting
+    host_task = engine._host._task  # type: ignore[union-attr]
+    assert host_task is not None and host_task.done()
+    model_thread = engine._model_thread.thread  # type: ignore[union-attr]
+    assert model_thread is not None
+    await anyio.to_thread.run_sync(model_thread.join, 10)
+    assert not model_thread.is_alive()
+
+
+async def test_a_stream_iterated_on_another_loop_is_refused_there() -> None:
+    outcome: list[BaseException] = []
+    async with medha.Engine(engine_config()) as engine:
+        stream = engine.stream("made here", SHORT)
+
+        def other_thread() -> None:
+            async def iterate() -> None:
+                async for _ in stream:
+                    pass
+
+            try:
+                asyncio.run(iterate())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join, 10)
+        assert not thread.is_alive()
+        assert (await engine.generate("from home", SHORT)).finish_reason == "length"
+        assert engine.stats().running == 0
+    assert len(outcome) == 1 and isinstance(outcome[0], WrongEventLoopError)
+
+
+def test_interrupting_llm_generate_aborts_its_requests() -> None:
+    """Ctrl-C in a script or a notebook: the requests of the interrupted call stop and free their
+    KV; they do not run on beside the next call."""
+    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    with medha.LLM(engine_config()) as llm:
+
+        def stats() -> medha.EngineStats:
+            return llm._portal.call(llm.engine.stats)
+
+        def interrupt_once_running() -> None:
+            deadline = time.monotonic() + 20
+            while stats().running < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        interrupter = threading.Thread(target=interrupt_once_running)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[1, 2, 3], [4, 5, 6]], params)
+        interrupter.join()
+        deadline = time.monotonic() + 10
+        while stats().running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = stats()
+        assert after.running == 0 and after.free_blocks == after.total_blocks
+        assert after.aborted == 2
+        assert [r.finish_reason for r in llm.generate(["next"], SHORT)] == ["length"]

@@ -59,9 +59,13 @@ def test_greedy_row_consumes_no_randomness() -> None:
     [
         SamplingParams(temperature=1.3, top_k=1),
         SamplingParams(temperature=1.3, top_p=1e-6),
+        # Below fp32's smallest subnormal: the threshold rounds to 0, and the top token must
+        # still be kept (it once masked every token and drew id == vocab size).
+        SamplingParams(temperature=1.3, top_p=1e-50),
+        SamplingParams(temperature=1.3, top_p=1e-50, top_k=3),
         SamplingParams(temperature=1.3, min_p=1.0),
     ],
-    ids=["top_k=1", "tiny top_p", "min_p=1"],
+    ids=["top_k=1", "tiny top_p", "top_p under fp32", "top_p under fp32 with top_k", "min_p=1"],
 )
 def test_filters_that_keep_only_the_top_token_equal_greedy(params: SamplingParams) -> None:
     logits = _random_logits(8, 64, seed=3)

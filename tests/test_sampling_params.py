@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from medha.errors import InvalidRequestError, InvalidSamplingParamsError
@@ -70,6 +71,23 @@ def test_integral_floats_are_accepted() -> None:
     assert params.top_k == 0
 
 
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers() -> None:
+    params = SamplingParams(
+        max_tokens=np.int64(4),  # type: ignore[arg-type]
+        temperature=np.float32(0.5),  # type: ignore[arg-type]
+        top_k=np.int32(3),  # type: ignore[arg-type]
+        top_p=np.float64(0.9),  # type: ignore[arg-type]
+        min_p=np.float16(0.0),  # type: ignore[arg-type]
+        seed=np.uint64(2**64 - 1),  # type: ignore[arg-type]
+    )
+    assert params == SamplingParams(
+        max_tokens=4, temperature=0.5, top_k=3, top_p=0.9, min_p=0.0, seed=2**64 - 1
+    )
+    ints, floats = ("max_tokens", "top_k", "seed"), ("temperature", "top_p", "min_p")
+    assert all(type(getattr(params, name)) is int for name in ints)
+    assert all(type(getattr(params, name)) is float for name in floats)
+
+
 def test_boundary_values_are_valid() -> None:
     SamplingParams(max_tokens=1, temperature=0.0, top_k=-1, top_p=1.0, min_p=1.0, seed=0)
     SamplingParams(top_p=1e-9, min_p=0.0, seed=2**64 - 1, top_k=1)
@@ -82,11 +100,14 @@ def test_boundary_values_are_valid() -> None:
         ("max_tokens", -5),
         ("max_tokens", 2.0),
         ("max_tokens", True),
+        ("max_tokens", np.bool_(True)),
+        ("max_tokens", np.float32(2.0)),
         ("temperature", -0.1),
         ("temperature", math.nan),
         ("temperature", math.inf),
         ("temperature", "hot"),
         ("temperature", True),
+        ("temperature", np.float32("nan")),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("top_p", math.nan),

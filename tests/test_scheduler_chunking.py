@@ -151,3 +151,17 @@ def test_a_prompt_just_over_the_budget_gets_its_first_token_one_iteration_sooner
         firsts[tolerance] = result.chunks_of("r")
     assert firsts[0.25] == [(0, 2400)]
     assert len(firsts[0.0]) == 2 and firsts[0.0][-1][1] == 2400
+
+
+def test_a_prompt_riding_along_whole_stays_within_max_chunk() -> None:
+    """Where a batch's time hardly grows with its tokens (a memory-bound floor), a second prompt
+    could join a batch already in its band with its whole rest: it must still respect
+    max_chunk, and so not overtake the first-ranked prompt, which is held to it."""
+    scheduler = make_scheduler(
+        ToyCost(linear_floor=0.045), target_batch_time=0.05, max_chunk=256, num_blocks=4096
+    )
+    result = drive(scheduler, [Arrival("a", 0.0, 1000, 4), Arrival("b", 0.0, 1000, 4)])
+    chunks = {name: [end - start for start, end in result.chunks_of(name)] for name in "ab"}
+    assert all(size <= 256 for sizes in chunks.values() for size in sizes), chunks
+    assert sum(chunks["a"]) == sum(chunks["b"]) == 1000
+    assert len(chunks["a"]) <= len(chunks["b"])

@@ -120,15 +120,19 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         if self.config.parallel.uses_workers:
             await self._start_parallel()
-            return
-        # Loading, calibration and every step on one thread: see medha.actors.model_thread.
-        name = Path(self.config.model).name or "model"
-        thread = self._model_thread = ModelThread(f"medha-model-{name}")
-        try:
-            await self._start_single(thread)
-        except BaseException:
-            thread.close()
-            raise
+        else:
+            # Loading, calibration and every step on one thread: see medha.actors.model_thread.
+            name = Path(self.config.model).name or "model"
+            thread = self._model_thread = ModelThread(f"medha-model-{name}")
+            try:
+                await self._start_single(thread)
+            except BaseException:
+                thread.close()
+                raise
+        if self._closed:
+            # stop() came while the model loaded and found nothing running yet: stop it now.
+            await self._stop_started()
+            raise EngineClosedError("the engine was stopped while it started")
 
     async def _start_single(self, thread: ModelThread) -> None:
         from medha.engine_setup import build_engine_parts
@@ -208,6 +212,10 @@ class Engine:
         self._closed = True
         # Not returning early when closed already: a second caller (a shutdown hook racing
         # `async with`) waits for the actors to stop too.
+        await self._stop_started()
+
+    async def _stop_started(self) -> None:
+        assert self._host is not None
         try:
             await self._host.stop()
         finally:
@@ -333,6 +341,8 @@ class Engine:
         return actor
 
     async def _stream(self, request: TrackedRequest) -> AsyncGenerator[TokenEvent, None]:
+        # A stream made on the engine's loop may still be iterated on another one.
+        self._check_loop()
         actor = self._actor()
         if request.finish_reason is None:  # else aborted before its iteration started
             request.metrics.arrival = self._clock()

@@ -88,7 +88,15 @@ class LLM:
                     group.start_soon(one, index)
             return [r for r in results if r is not None]
 
-        return self._portal.call(run_all)
+        future = self._portal.start_task_soon(run_all)
+        try:
+            return future.result()
+        except BaseException:
+            # This thread was interrupted (Ctrl-C in a script or a notebook): cancelling the
+            # task aborts its requests, which would otherwise run on and share the batches of
+            # the next call.
+            future.cancel()
+            raise
 
     def close(self) -> None:
         """Stop the engine and its thread; idempotent."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,7 +101,8 @@ def check_deadline(deadline: object) -> float | None:
 
     if deadline is None:
         return None
-    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+    # numbers.Real: numpy's numbers too (bool is an int, but never a deadline).
+    if isinstance(deadline, bool) or not isinstance(deadline, numbers.Real):
         raise InvalidRequestError(f"deadline must be seconds (a number) or None, got {deadline!r}")
     if math.isnan(deadline) or math.isinf(deadline) or deadline <= 0:
         raise InvalidRequestError(

@@ -9,8 +9,10 @@ naming the field and the value, before the request is queued.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 from medha.errors import InvalidSamplingParamsError
@@ -58,27 +60,29 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_float("temperature", self.temperature)
+        # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
+        # tuples) means going around __setattr__.
+        normalise = partial(object.__setattr__, self)
+        normalise("max_tokens", _as_int("max_tokens", self.max_tokens, minimum=1))
+        normalise("temperature", _as_float("temperature", self.temperature))
         if self.temperature < 0:
             _fail("temperature", self.temperature, "must be >= 0 (0 means greedy)")
-        _check_int("top_k", self.top_k, minimum=-1)
-        _check_float("top_p", self.top_p)
+        normalise("top_k", _as_int("top_k", self.top_k, minimum=-1))
+        normalise("top_p", _as_float("top_p", self.top_p))
         if not 0.0 < self.top_p <= 1.0:
             _fail("top_p", self.top_p, "must be in (0, 1]")
-        _check_float("min_p", self.min_p)
+        normalise("min_p", _as_float("min_p", self.min_p))
         if not 0.0 <= self.min_p <= 1.0:
             _fail("min_p", self.min_p, "must be in [0, 1]")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            normalise("seed", _as_int("seed", self.seed, minimum=0))
             if self.seed > _MAX_SEED:
                 _fail("seed", self.seed, "must fit in 64 bits unsigned")
         for name in ("ignore_eos", "logprobs", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
-        # Frozen dataclass: normalising a field means going around __setattr__.
-        object.__setattr__(self, "stop", _normalise_stop(self.stop))
-        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        normalise("stop", _normalise_stop(self.stop))
+        normalise("stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
 
     @classmethod
     def greedy(cls, max_tokens: int = 16, **overrides: Any) -> SamplingParams:
@@ -95,19 +99,23 @@ def _fail(field: str, value: object, problem: str) -> NoReturn:
     raise InvalidSamplingParamsError(f"SamplingParams.{field}={value!r}: {problem}")
 
 
-def _check_int(field: str, value: object, *, minimum: int) -> None:
+def _as_int(field: str, value: object, *, minimum: int) -> int:
+    """`value` as an int (numpy's integers included), checked against `minimum`."""
     # bool is an int subclass; `max_tokens=True` is a bug, not a request for one token.
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(field, value, f"must be an int, got {type(value).__name__}")
-    elif value < minimum:
+    if value < minimum:
         _fail(field, value, f"must be >= {minimum}")
+    return int(value)
 
 
-def _check_float(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _as_float(field: str, value: object) -> float:
+    """`value` as a finite float (numpy's numbers included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(field, value, f"must be a number, got {type(value).__name__}")
-    elif not math.isfinite(value):
+    if not math.isfinite(value):
         _fail(field, value, "must be finite")
+    return float(value)
 
 
 def _normalise_stop(stop: object) -> tuple[str, ...]:

@@ -114,10 +114,18 @@ class SchedulerActor(Actor[Submit | Abort]):
         finally:
             if self.failure is None:
                 self._fail_requests(EngineClosedError("the engine was closed"), None)
-            # Requests submitted but never taken from the mailbox end too.
+            # Requests submitted but never taken from the mailbox (a step was running) end the
+            # same way: failed if the engine failed, closed if it was closed.
             while (message := self.receive_nowait()) is not None:
                 if isinstance(message, Submit):
-                    message.request.fail(EngineClosedError("the engine was closed"), self.clock())
+                    message.request.fail(self._ending_error(), self.clock())
+
+    def _ending_error(self) -> EngineClosedError | EngineFailedError:
+        if self.failure is None:
+            return EngineClosedError("the engine was closed")
+        error = EngineFailedError(f"the engine failed: {self.failure!r}")
+        error.__cause__ = self.failure
+        return error
 
     async def _take_messages(self) -> bool:
         """Handle what the mailbox holds; block for a message when there is no work at all.

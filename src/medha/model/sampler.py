@@ -157,9 +157,12 @@ def _apply_top_k_top_p(
     # top_p == 1 keeps everything: rounding can push the cumulative mass to 1.0 before the
     # tail, and that tail must not be dropped.
     top_p = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=device).unsqueeze(1)
-    # A token is in the nucleus if the mass ranked above it is still short of top_p; the top
-    # token (mass_before = 0 < top_p) is always kept.
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    # A token is in the nucleus if the mass ranked above it is still short of top_p. The top
+    # token is always kept, explicitly: a top_p below fp32's smallest subnormal rounds to 0,
+    # which `mass_before >= top_p` would drop too.
+    outside = mass_before >= top_p
+    outside[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(1, sorted_ids, sorted_logits)
 
 

@@ -152,7 +152,10 @@ class BatchBuilder:
             # The batch is already within the accepted band. A whole (short) prompt may still
             # ride along when the budget allows (nearly free if the batch is attention-bound),
             # but no partial top-up chunk: it would start, and reserve memory for, a prompt
-            # that barely moves.
+            # that barely moves. Nor a rest over max_chunk, which the prompts ranked ahead are
+            # held to (where time hardly grows with tokens it would fit, and overtake them).
+            if tokens_left > self.config.max_chunk:
+                return None, None
             predicted = self.predict(groups, tokens_left, kv_tokens)
             ceiling = (
                 finish_ceiling(budget, self.config)
