@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import numpy as np
@@ -121,24 +122,28 @@ async def test_an_id_held_by_a_stream_not_yet_started_is_in_use() -> None:
         assert (await engine.generate("three", SHORT, request_id="twin")).finish_reason
 
 
-async def test_calls_from_another_event_loop_are_refused_at_once() -> None:
+async def _error_on_another_loop(use: Callable[[], Awaitable[object]]) -> BaseException | None:
+    """Run `use()` on a fresh event loop in another thread; what it raised, if anything."""
     outcome: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            asyncio.run(use())  # type: ignore[arg-type]
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
+    return outcome[0] if outcome else None
+
+
+async def test_calls_from_another_event_loop_are_refused_at_once() -> None:
     async with medha.Engine(engine_config()) as engine:
-
-        def other_thread() -> None:
-            async def use() -> None:
-                await engine.generate("from elsewhere", SHORT)
-
-            try:
-                asyncio.run(use())
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        await anyio.to_thread.run_sync(thread.join, 10)
+        error = await _error_on_another_loop(lambda: engine.generate("from elsewhere", SHORT))
+        assert isinstance(error, WrongEventLoopError)
         assert (await engine.generate("from home", SHORT)).finish_reason == "length"
-    assert len(outcome) == 1 and isinstance(outcome[0], WrongEventLoopError)
 
 
 async def test_numpy_token_ids_are_a_prompt() -> None:
@@ -227,27 +232,16 @@ async def test_stopping_while_the_model_loads_stops_what_start_then_builds(
 
 
 async def test_a_stream_iterated_on_another_loop_is_refused_there() -> None:
-    outcome: list[BaseException] = []
     async with medha.Engine(engine_config()) as engine:
         stream = engine.stream("made here", SHORT)
 
-        def other_thread() -> None:
-            async def iterate() -> None:
-                async for _ in stream:
-                    pass
+        async def iterate() -> None:
+            async for _ in stream:
+                pass
 
-            try:
-                asyncio.run(iterate())
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        await anyio.to_thread.run_sync(thread.join, 10)
-        assert not thread.is_alive()
+        assert isinstance(await _error_on_another_loop(iterate), WrongEventLoopError)
         assert (await engine.generate("from home", SHORT)).finish_reason == "length"
         assert engine.stats().running == 0
-    assert len(outcome) == 1 and isinstance(outcome[0], WrongEventLoopError)
 
 
 def test_interrupting_llm_generate_aborts_its_requests() -> None:
