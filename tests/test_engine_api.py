@@ -206,6 +206,32 @@ async def test_abort_by_id_of_a_stream_not_yet_iterated_queues_nothing() -> None
         assert (await engine.generate("fine", params, request_id="early")).finish_reason == "length"
 
 
+async def test_abort_takes_several_ids_as_vllm_does_and_refuses_a_non_str_id() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        with pytest.raises(InvalidRequestError, match="a request id is a str"):
+            await engine.abort(["fine", 5])  # type: ignore[list-item]
+        streams = [engine.stream(f"abort {i}", params, request_id=f"r{i}") for i in range(3)]
+        ends: dict[str, str | None] = {}
+
+        async def consume(index: int) -> None:
+            async for ev in streams[index]:
+                ends[f"r{index}"] = ev.finish_reason
+
+        async with anyio.create_task_group() as group:
+            for index in range(3):
+                group.start_soon(consume, index)
+            while engine.stats().running < 3:
+                await anyio.sleep(0.005)
+            await engine.abort(iter(["r0", "r2", "nobody"]))
+            await anyio.sleep(0.2)
+            assert ends["r1"] is None  # still streaming
+            await engine.abort("r1")
+        assert ends == {"r0": "abort", "r1": "abort", "r2": "abort"}
+        stats = await _wait_idle(engine)
+        assert stats.aborted == 3 and stats.free_blocks == stats.total_blocks
+
+
 async def test_an_aborted_completion_has_its_end_time() -> None:
     params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:

@@ -18,7 +18,7 @@ import itertools
 import numbers
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -289,21 +289,27 @@ class Engine:
             logprobs=list(request.logprobs) if request.params.logprobs else None,
         )
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request by id (a no-op if no request holds it); its stream ends with an
-        event of finish_reason "abort" and no token. A stream made but not iterated yet is
-        aborted too: its iteration then yields only that event, and nothing is queued."""
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Abort a request by id, or several (an iterable of ids, as vLLM's AsyncLLM takes
+        them); an id no request holds is a no-op. A stream ends with an event of finish_reason
+        "abort" and no token. A stream made but not iterated yet is aborted too: its iteration
+        then yields only that event, and nothing is queued."""
         self._check_loop()
         actor = self._actor()
-        request = self._by_id.get(request_id)
-        if request is not None and request.holds_id and not request.submitted:
-            # Never queued: it ends here, unseen by the scheduler (not in stats().aborted).
-            now = self._clock()
-            request.metrics.arrival = now
-            request.abort(now)
-            _log.info("request aborted", request_id=request_id, queued=False)
-            return
-        actor.tell(Abort(request_id))
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for one in ids:
+            if not isinstance(one, str):
+                raise InvalidRequestError(f"a request id is a str, got {one!r}")
+        for one in ids:
+            request = self._by_id.get(one)
+            if request is not None and request.holds_id and not request.submitted:
+                # Never queued: it ends here, unseen by the scheduler (not in stats().aborted).
+                now = self._clock()
+                request.metrics.arrival = now
+                request.abort(now)
+                _log.info("request aborted", request_id=one, queued=False)
+                continue
+            actor.tell(Abort(one))
 
     def stats(self) -> EngineStats:
         actor = self._actor()
