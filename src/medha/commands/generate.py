@@ -8,6 +8,8 @@ from typing import Any
 
 from medha.errors import InvalidRequestError, PromptTooLongError
 
+BLOCK_SIZE = 16
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -34,7 +36,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medha.model.setup import build_runner
+    from medha.model.device import check_device
+    from medha.model.loader import load_checkpoint
+    from medha.model.setup import checkpoint_runner
     from medha.model.single import generate_single
     from medha.sampling import SamplingParams
 
@@ -51,13 +55,9 @@ def run(args: argparse.Namespace) -> int:
     # token. With --chat the template around an empty message is a prompt.
     if not args.prompt and not args.chat:
         raise InvalidRequestError("the prompt is empty")
-    runner, tokenizer = build_runner(
-        args.model,
-        max_tokens=args.max_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        attention_backend=args.attention,
-    )
+    device = check_device(args.device)
+    checkpoint = load_checkpoint(args.model)
+    tokenizer = checkpoint.tokenizer
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         if args.system is not None:
@@ -65,12 +65,29 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.apply_chat_template(messages)
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    _check_context(len(prompt_ids), params.max_tokens, runner.arch.context_len)
+    _check_vocabulary(prompt_ids, checkpoint.arch.vocab_size)
+    _check_context(len(prompt_ids), params.max_tokens, checkpoint.arch.context_len)
+    # A KV cache for this request, not for the model's whole context (128K tokens of
+    # Llama-3.1-8B would be 16 GiB in bf16).
+    needed_blocks = -(-(len(prompt_ids) + params.max_tokens) // BLOCK_SIZE)
+    runner = checkpoint_runner(
+        checkpoint, device, needed_blocks, BLOCK_SIZE, args.dtype, args.attention
+    )
     for token in generate_single(runner, prompt_ids, params, tokenizer, tokenizer.eos_token_ids):
         sys.stdout.write(token.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_vocabulary(prompt_ids: list[int], vocab_size: int) -> None:
+    """As the engine: text spelling a token the tokenizer has and the model lacks is refused."""
+    beyond = [token for token in prompt_ids if token >= vocab_size]
+    if beyond:
+        raise InvalidRequestError(
+            f"the prompt's text encodes to token ids the model does not have: {beyond} "
+            f"(its vocabulary is [0, {vocab_size}))"
+        )
 
 
 def _check_context(prompt_len: int, max_tokens: int, context: int) -> None:

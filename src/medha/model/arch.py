@@ -43,6 +43,9 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    sliding_window: int | None = None
+    """Keys a query sees when some layer attends within a window (Mistral v0.1, Qwen2 with
+    use_sliding_window); None when every layer attends to the whole sequence."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -63,9 +66,15 @@ class ModelArch:
         """The longest sequence the model is made for: max_position_embeddings, times the factor
         of a linear RoPE scaling (whose configs give the unscaled length; vLLM reads them the
         same way). Llama 3.1's scaling is already counted in max_position_embeddings."""
+        length = self.max_position_embeddings
         if self.rope_type == "linear" and self.rope_scaling is not None:
-            return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))
-        return self.max_position_embeddings
+            length = int(length * float(self.rope_scaling["factor"]))
+        if self.sliding_window is not None:
+            # Up to the window, sliding-window attention is causal attention, which medha runs;
+            # longer sequences would need the window's mask. So medha serves up to the window,
+            # exactly, as vLLM does where its backend has no sliding window.
+            length = min(length, self.sliding_window)
+        return length
 
     @property
     def o_proj_bias(self) -> bool:
@@ -123,6 +132,13 @@ class ModelArch:
                 )
             if rope_type == "default":
                 rope_scaling = None
+            if rope_scaling:
+                rope_scaling = _checked_rope_scaling(dict(rope_scaling), str(rope_type))
+            activation = config.get("hidden_act", "silu")
+            if activation not in ("silu", "swish"):
+                raise UnsupportedModelError(
+                    source, f"hidden_act {activation!r} is not supported (supported: silu)"
+                )
             eos = config.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
@@ -145,6 +161,7 @@ class ModelArch:
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+                sliding_window=_sliding_window(config, arch),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(source, f"malformed config: {exc!r}") from exc
@@ -156,3 +173,42 @@ def _architecture_from_model_type(model_type: object) -> str:
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
     }.get(str(model_type), str(model_type))
+
+
+# What each rope type needs besides its name, as HF's rope initialisers read it.
+_ROPE_PARAMETERS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _checked_rope_scaling(rope_scaling: dict[str, Any], rope_type: str) -> dict[str, Any]:
+    """`rope_scaling` with its type's parameters present and numeric (KeyError/ValueError/
+    TypeError otherwise, which from_hf_config reports as a malformed config)."""
+    for name in _ROPE_PARAMETERS.get(rope_type, ()):
+        value = float(rope_scaling[name])
+        if not value > 0:
+            raise ValueError(f"rope_scaling[{name!r}] must be > 0, got {value}")
+        rope_scaling[name] = value
+    if "original_max_position_embeddings" in rope_scaling:
+        original = rope_scaling["original_max_position_embeddings"]
+        rope_scaling["original_max_position_embeddings"] = int(original)
+    return rope_scaling
+
+
+def _sliding_window(config: Mapping[str, Any], arch: str) -> int | None:
+    """The attention window some layer uses, or None (see ModelArch.sliding_window)."""
+    window = config.get("sliding_window")
+    if window is None:
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types is not None:  # transformers >= 4.53 names each layer's attention
+        return int(window) if "sliding_attention" in layer_types else None
+    if arch == "Qwen2ForCausalLM":
+        # Qwen2 saves a window even when it is off; on, it applies from max_window_layers.
+        layers = int(config["num_hidden_layers"])
+        if not config.get("use_sliding_window", False):
+            return None
+        if int(config.get("max_window_layers", layers)) >= layers:
+            return None
+    return int(window)

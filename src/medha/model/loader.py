@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -164,7 +165,9 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     tensors = _index_weight_files(folder)
     _check_tensors(tensors, expected_tensor_shapes(arch), folder)
     tokenizer = Tokenizer.from_folder(
-        folder, config_eos_token_ids=arch.eos_token_ids, config_bos_token_id=arch.bos_token_id
+        folder,
+        config_eos_token_ids=(*arch.eos_token_ids, *_generation_eos_ids(folder)),
+        config_bos_token_id=arch.bos_token_id,
     )
     if tokenizer.vocab_size > arch.vocab_size:
         # Not fatal: transformers' GGUF tokenizer conversion adds a <|endoftext|> the model never
@@ -288,6 +291,21 @@ def _check_tensors(
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         log.debug("checkpoint has tensors the model does not use", names=unexpected[:8])
+
+
+def _generation_eos_ids(folder: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids of the folder's generation_config.json, if it has one. Instruct
+    models list there every id that ends a reply (Llama-3-Instruct: <|end_of_text|> and
+    <|eot_id|>), where config.json may hold one; HF's generate and vLLM stop on them all."""
+    path = folder / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return ()
+    config = _read_json_file(path)
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ModelLoadError(path, f"eos_token_id must be an id or a list of ids, got {eos!r}")
+    return tuple(ids)
 
 
 def _read_json_file(path: Path) -> Any:

@@ -11,7 +11,7 @@ from medha.model.arch import ModelArch
 from medha.model.device import check_device, memory_bytes
 from medha.model.kv_cache import KVCache
 from medha.model.llama import LlamaForCausalLM
-from medha.model.loader import load_checkpoint
+from medha.model.loader import Checkpoint, load_checkpoint
 from medha.model.runner import ModelRunner, load_model
 from medha.model.tokenizer import Tokenizer
 
@@ -43,13 +43,28 @@ def build_runner(
     run raise InvalidConfigError subclasses (the device before anything is loaded)."""
     torch_device = check_device(device)
     checkpoint = load_checkpoint(model)
-    torch_dtype = resolve_dtype(dtype)
-    net = load_model(checkpoint.arch, checkpoint.get_tensor, torch_dtype, torch_device)
     if num_blocks is None:
         tokens = checkpoint.arch.context_len + (max_tokens or 0)
         num_blocks = -(-tokens // block_size)
-    cache = new_kv_cache(checkpoint.arch, num_blocks, block_size, torch_dtype, torch_device)
-    return open_runner(net, cache, attention_backend), checkpoint.tokenizer
+    runner = checkpoint_runner(
+        checkpoint, torch_device, num_blocks, block_size, dtype, attention_backend
+    )
+    return runner, checkpoint.tokenizer
+
+
+def checkpoint_runner(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    num_blocks: int,
+    block_size: int = 16,
+    dtype: str | torch.dtype = "float32",
+    attention_backend: str = "auto",
+) -> ModelRunner:
+    """A ModelRunner of an opened checkpoint's weights with a KV cache of `num_blocks`."""
+    torch_dtype = resolve_dtype(dtype)
+    net = load_model(checkpoint.arch, checkpoint.get_tensor, torch_dtype, device)
+    cache = new_kv_cache(checkpoint.arch, num_blocks, block_size, torch_dtype, device)
+    return open_runner(net, cache, attention_backend)
 
 
 def new_kv_cache(

@@ -1,0 +1,146 @@
+"""What medha reads from a config.json beyond the shapes, and what it refuses rather than load
+wrongly: sliding-window attention (served up to the window, exactly), activations other than
+SiLU, rope scaling without its parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from medha.errors import ModelLoadError, UnsupportedModelError
+from medha.model.arch import ModelArch
+from medha.model.kv_cache import KVCache
+from medha.model.runner import ModelRunner, load_model
+from tests.hf_models import _COMMON, max_relative_error
+from tests.runner_support import BLOCK_SIZE, blocks_for, prefill_in_chunks
+
+WINDOW = 8
+
+
+def _arch(config_cls: type, **extra: Any) -> tuple[ModelArch, torch.nn.Module]:
+    config = config_cls(**_COMMON, num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(7)
+    model = {MistralConfig: MistralForCausalLM, Qwen2Config: Qwen2ForCausalLM}[config_cls](config)
+    hf_config = model.config.to_dict()
+    hf_config["architectures"] = [type(model).__name__]
+    return ModelArch.from_hf_config(hf_config), model.eval()
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "extra"),
+    [
+        (MistralConfig, dict(sliding_window=WINDOW)),
+        (Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+    ],
+    ids=["mistral", "qwen2"],
+)
+def test_a_sliding_window_model_is_served_up_to_its_window_exactly(
+    config_cls: type, extra: dict[str, Any]
+) -> None:
+    arch, hf = _arch(config_cls, **extra)
+    assert arch.sliding_window == WINDOW and arch.context_len == WINDOW
+    state = hf.state_dict()
+    model = load_model(arch, lambda name, dtype: state[name].to(dtype))
+    runner = ModelRunner(model, KVCache(arch, 4, BLOCK_SIZE), "reference")
+    ids = list(range(5, 5 + WINDOW))
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    actual = prefill_in_chunks(runner, ids, [3, WINDOW - 3], [0, 1, 2, 3][: blocks_for(WINDOW)])
+    assert max_relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "extra"),
+    [
+        (MistralConfig, dict(sliding_window=None)),
+        (Qwen2Config, dict(use_sliding_window=False, sliding_window=WINDOW)),
+        # Qwen2 slides only from layer max_window_layers on: here no layer does.
+        (Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=3)),
+    ],
+    ids=["mistral without a window", "qwen2 with the window off", "qwen2 past its last layer"],
+)
+def test_a_window_no_layer_uses_leaves_the_whole_context(
+    config_cls: type, extra: dict[str, Any]
+) -> None:
+    arch, _ = _arch(config_cls, **extra)
+    assert arch.sliding_window is None and arch.context_len == _COMMON["max_position_embeddings"]
+
+
+def _llama_config(**changes: Any) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        **changes,
+    }
+
+
+def test_an_older_config_without_layer_types_is_read_the_same_way() -> None:
+    mistral = _llama_config(architectures=["MistralForCausalLM"], sliding_window=16)
+    assert ModelArch.from_hf_config(mistral).sliding_window == 16
+    qwen2 = _llama_config(architectures=["Qwen2ForCausalLM"], sliding_window=16)
+    assert ModelArch.from_hf_config(qwen2).sliding_window is None
+    qwen2.update(use_sliding_window=True, max_window_layers=1)
+    assert ModelArch.from_hf_config(qwen2).sliding_window == 16
+
+
+@pytest.mark.parametrize("activation", ["silu", "swish", None])
+def test_silu_is_the_activation(activation: str | None) -> None:
+    changes = {} if activation is None else {"hidden_act": activation}
+    ModelArch.from_hf_config(_llama_config(**changes))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_pytorch_tanh"])
+def test_another_activation_is_refused(activation: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=f"hidden_act '{activation}'"):
+        ModelArch.from_hf_config(_llama_config(hidden_act=activation))
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear"},
+        {"rope_type": "linear", "factor": "abc"},
+        {"rope_type": "linear", "factor": 0},
+        {"type": "linear", "factor": None},
+        {"rope_type": "llama3", "factor": 8.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+    ],
+)
+def test_rope_scaling_without_its_parameters_is_a_malformed_config(
+    rope_scaling: dict[str, Any],
+) -> None:
+    with pytest.raises(ModelLoadError, match="malformed config"):
+        ModelArch.from_hf_config(_llama_config(rope_scaling=rope_scaling))
+
+
+def test_rope_scaling_parameters_are_read_as_numbers() -> None:
+    arch = ModelArch.from_hf_config(
+        _llama_config(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": "8",
+                "low_freq_factor": 1,
+                "high_freq_factor": 4,
+                "original_max_position_embeddings": 8192.0,
+            }
+        )
+    )
+    assert arch.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
