@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,46 @@ def test_a_cost_profile_that_is_missing_or_not_a_profile_fails_the_start_typed(
     monkeypatch.setattr(engine_setup, "load_model", load_model)
     with pytest.raises(InvalidConfigError, match=r"profile\.json"):
         build_engine_parts(EngineConfig(model="tiny-random", cost_profile=path))
+
+
+def test_a_sliding_window_caps_the_default_and_the_largest_max_model_len() -> None:
+    arch = dataclasses.replace(_tiny_arch(), sliding_window=64)
+    assert max_model_len_for(EngineConfig(model="tiny-random"), arch) == 64
+    assert max_model_len_for(EngineConfig(model="tiny-random", max_model_len=64), arch) == 64
+    with pytest.raises(InvalidConfigError, match="max_model_len=65 exceeds the model's context"):
+        max_model_len_for(EngineConfig(model="tiny-random", max_model_len=65), arch)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(parallel=ParallelConfig(tp=3)), "tp=3 must divide num_attention_heads=4"),
+        (dict(parallel=ParallelConfig(pp=3)), "pp=3 exceeds the model's 2 layers"),
+        (
+            dict(parallel=ParallelConfig(tp=2), attention_backend="triton"),
+            "attention backend 'triton' is not available on cpu",
+        ),
+        (
+            dict(parallel=ParallelConfig(kvp=2, max_tokens_per_kvp_group=32), max_model_len=65),
+            "max_model_len=65 exceeds what kvp=2 groups of max_tokens_per_kvp_group=32 hold",
+        ),
+    ],
+)
+def test_a_parallel_layout_that_cannot_work_fails_before_any_worker_starts(
+    settings: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medha.parallel import engine_parts
+    from medha.parallel.cluster import Cluster
+    from tests.engine_support import cost_profile_path
+
+    def no_workers(*args: object, **kwargs: object) -> None:
+        raise AssertionError("workers were started")
+
+    monkeypatch.setattr(Cluster, "start", no_workers)
+    monkeypatch.delenv("TRITON_INTERPRET")  # the tests' own: Triton on CPU, interpreted
+    # A saved profile: no calibration in this process, whose runner would refuse triton too.
+    config = EngineConfig(
+        model="tiny-random", num_blocks=16, cost_profile=cost_profile_path(), **settings
+    )  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match=re.escape(message)):
+        engine_parts.build_parallel_parts(config)

@@ -271,3 +271,17 @@ def test_interrupting_llm_generate_aborts_its_requests() -> None:
         assert after.running == 0 and after.free_blocks == after.total_blocks
         assert after.aborted == 2
         assert [r.finish_reason for r in llm.generate(["next"], SHORT)] == ["length"]
+
+
+async def test_an_idle_engine_keeps_no_state_of_finished_requests() -> None:
+    """The stage forgets a request once it is done, when the engine goes idle; not with some
+    later request's plan (a worker's block tables and sampling state linger otherwise)."""
+    async with medha.Engine(engine_config()) as engine:
+        async with anyio.create_task_group() as group:
+            for prompt in ("one", "two", "three"):
+                group.start_soon(engine.generate, prompt, SHORT)
+        stage = engine._stage  # type: ignore[union-attr]
+        with anyio.fail_after(5):
+            while stage._seqs:
+                await anyio.sleep(0.01)
+        assert engine._actor().scheduler.stats().finished == 3

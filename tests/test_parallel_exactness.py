@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import medha
-from medha import SamplingParams
+from medha import PromptTooLongError, SamplingParams
 from tests.parallel_support import (
     KVP_TOKENS,
     hf_greedy,
@@ -53,6 +53,10 @@ async def test_layout_matches_single_process_and_hf(layout: tuple[int, int, int]
         plans = [plan for plan, _ in actor.logits_log]  # type: ignore[union-attr]
         logits = logits_by_request(actor.logits_log)  # type: ignore[union-attr]
         assert engine.stats().free_blocks == engine.stats().total_blocks
+        if kvp > 1:  # a request holds at most kvp x M tokens: longer is refused up front
+            assert engine.max_model_len == kvp * KVP_TOKENS
+            with pytest.raises(PromptTooLongError):
+                engine.stream([1] * (kvp * KVP_TOKENS), SamplingParams(max_tokens=1))
     if kvp > 1:  # the long prompts did spread: steps ran on two groups, merged
         assert any(len(seq.shards) == 2 for plan in plans for seq in plan.seqs)
     for i, ((prompt, max_tokens), tokens) in enumerate(zip(work, outputs, strict=True)):

@@ -4,6 +4,7 @@ worker that cannot start (or a bad model path) is a clear error at start, not a 
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import time
@@ -43,6 +44,11 @@ async def test_leaving_the_engine_terminates_every_worker() -> None:
         assert len(pids) == 2
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         assert len((await engine.generate([1, 2, 3], params)).token_ids) == 3
+        # Idle: the workers were told to forget the request, not left to the next plan.
+        scheduler = engine._scheduler_actor.scheduler  # type: ignore[union-attr]
+        with anyio.fail_after(5):
+            while scheduler.table.released:
+                await anyio.sleep(0.01)
     _assert_gone(pids)
 
 
@@ -81,3 +87,41 @@ async def test_a_bad_model_path_fails_before_any_worker_starts() -> None:
         await medha.Engine(config).start()
     assert time.monotonic() - started < 5
     assert not multiprocessing.active_children()
+
+
+async def test_a_start_cancelled_while_workers_start_leaves_nothing_behind() -> None:
+    """asyncio.wait_for(engine.start(), ...) or a shutdown mid-start: the start's thread runs on
+    and starts the workers; they are stopped, their store folder removed, and the process can
+    start another engine (whose RPC world would otherwise clash with the first's)."""
+    import glob
+    import tempfile
+
+    stores = set(glob.glob(f"{tempfile.gettempdir()}/medha-workers-*"))
+    engine = medha.Engine(parallel_config(2, 1, 1))
+    with pytest.raises(TimeoutError):  # the workers take seconds to start
+        await asyncio.wait_for(engine.start(), 0.5)
+    await engine.stop()
+    # The start's thread, left to finish, stops the workers it started.
+    with anyio.fail_after(60):
+        while multiprocessing.active_children():
+            await anyio.sleep(0.1)
+    assert set(glob.glob(f"{tempfile.gettempdir()}/medha-workers-*")) == stores
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(parallel_config(2, 1, 1)) as again:
+        assert len((await again.generate([1, 2, 3], params)).token_ids) == 3
+
+
+async def test_workers_leave_ctrl_c_to_the_engine() -> None:
+    """A terminal's Ctrl-C (or a service manager's stop) signals the whole process group: the
+    workers ignore it, and the engine finishes its streams and stops them itself."""
+    import signal
+
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(parallel_config(2, 1, 1)) as engine:
+        pids = _worker_pids(engine)
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        await anyio.sleep(0.5)
+        assert len((await engine.generate([1, 2, 3], params)).token_ids) == 3
+    _assert_gone(pids)

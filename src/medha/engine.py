@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import numbers
+import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -167,26 +168,51 @@ class Engine:
         """world > 1: the model runs in worker processes (medha.parallel); this process keeps
         the scheduler actor, which talks to them by RPC, and a supervisor of the workers."""
         from medha.actors.pipeline_scheduler import PipelineSchedulerActor, WorkersFailed
-        from medha.parallel.engine_parts import build_parallel_parts
+        from medha.parallel.engine_parts import ParallelParts, build_parallel_parts
 
-        parts = await anyio.to_thread.run_sync(build_parallel_parts, self.config)
-        self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
-        self._vocab_size = parts.vocab_size
-        self.calibration = parts.calibration
-        actor = PipelineSchedulerActor(
-            parts.scheduler,
-            parts.cluster,
-            self._clock,
-            self._record_iterations,
-            OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
-        )
-        self._scheduler_actor = actor
+        # If this start is cancelled while the thread starts the workers, whichever of the two
+        # comes second stops them: no worker outlives a start that did not finish.
+        built: list[ParallelParts] = []
+        abandoned = False
+        lock = threading.Lock()
 
-        def workers_failed(error: BaseException) -> None:
-            if actor.failure is None:
-                actor.tell(WorkersFailed(error))
+        def build() -> ParallelParts:
+            parts = build_parallel_parts(self.config)
+            with lock:
+                if abandoned:
+                    parts.cluster.close()
+                    raise EngineClosedError("the engine's start was cancelled")
+                built.append(parts)
+            return parts
 
-        await self._start_actors(partial(parts.cluster.supervise, workers_failed), actor.run)
+        try:
+            parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
+            self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
+            self._vocab_size = parts.vocab_size
+            self.calibration = parts.calibration
+            actor = PipelineSchedulerActor(
+                parts.scheduler,
+                parts.cluster,
+                self._clock,
+                self._record_iterations,
+                OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
+            )
+            self._scheduler_actor = actor
+
+            def workers_failed(error: BaseException) -> None:
+                if actor.failure is None:
+                    actor.tell(WorkersFailed(error))
+
+            # From here the supervisor task closes the workers when it ends.
+            await self._start_actors(partial(parts.cluster.supervise, workers_failed), actor.run)
+        except BaseException:
+            with lock:
+                abandoned = True
+                leftover = list(built)
+            if leftover:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(leftover[0].cluster.close)
+            raise
         _log.info("engine started", model=self.config.model, parallel=str(self.config.parallel))
 
     async def _start_actors(self, *loops: Callable[[], Awaitable[None]]) -> None:

@@ -72,7 +72,8 @@ def max_model_len_for(config: EngineConfig, arch: ModelArch) -> int:
     """config.max_model_len (None: max_position_embeddings); InvalidConfigError beyond the
     model's context, where its positions were never trained (vLLM refuses it too)."""
     if config.max_model_len is None:
-        return arch.max_position_embeddings
+        # Not a linear RoPE's scaled length (as before), but a sliding window's cap.
+        return min(arch.max_position_embeddings, arch.context_len)
     context = arch.context_len
     if config.max_model_len > context:
         scaled = "" if context == arch.max_position_embeddings else ", scaled by its linear RoPE"

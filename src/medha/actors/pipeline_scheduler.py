@@ -142,6 +142,11 @@ class PipelineSchedulerActor(SchedulerActor):
         self._wake = anyio.Event()
         self._collect()
 
+    async def _forget_released(self) -> None:
+        released = self.scheduler.take_released()
+        if released:
+            self._send_steps(None, (), released, ())
+
     def _collect(self) -> None:
         """Apply the replies received so far: stage-0 completions, then finished plans in issue
         order."""

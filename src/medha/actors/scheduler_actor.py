@@ -137,10 +137,18 @@ class SchedulerActor(Actor[Submit | Abort]):
                     break
                 self._handle(message)
             if not self.scheduler.has_work:
+                await self._forget_released()
                 self._handle(await self.receive())
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             return False
         return True
+
+    async def _forget_released(self) -> None:
+        """Going idle: the stage forgets the requests the last plans finished now, rather than
+        with whatever plan comes next."""
+        released = self.scheduler.take_released()
+        if released:
+            await self.stage.ask(Forget(released))
 
     def _handle(self, message: Submit | Abort) -> None:
         if self._held is not None and self._must_wait(message):

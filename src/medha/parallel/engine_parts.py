@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from medha.config import EngineConfig
+from medha.errors import InvalidConfigError
+from medha.kernels.attention import select_backend
 from medha.log import get_logger
 from medha.model.arch import ModelArch
 from medha.model.loader import load_checkpoint
@@ -58,8 +60,8 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         check_device(config.device)
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
-    _check_layout(arch, layout)
-    max_model_len = max_model_len_for(config, arch)
+    _check_layout(config, arch, layout)
+    max_model_len = _kvp_max_model_len(config, max_model_len_for(config, arch), layout)
     saved = saved_profile(config)
     dtype = resolve_dtype(config.dtype)
     # One worker's pool: its TP shard of the heads, for the layers of the largest stage.
@@ -118,7 +120,30 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     )
 
 
-def _check_layout(arch: ModelArch, layout: RankLayout) -> None:
-    check_tp(arch, layout.tp)
+def _check_layout(config: EngineConfig, arch: ModelArch, layout: RankLayout) -> None:
+    """What would only fail once the workers are up, as InvalidConfigError before they are."""
+    try:
+        check_tp(arch, layout.tp)
+    except ValueError as exc:
+        raise InvalidConfigError(str(exc)) from exc
     if arch.num_layers < layout.pp:
-        raise ValueError(f"pp={layout.pp} exceeds the model's {arch.num_layers} layers")
+        raise InvalidConfigError(f"pp={layout.pp} exceeds the model's {arch.num_layers} layers")
+    if config.parallel.attach is None:  # spawned workers use this machine's devices
+        try:
+            select_backend(config.device, config.attention_backend)
+        except ValueError as exc:
+            raise InvalidConfigError(str(exc)) from exc
+
+
+def _kvp_max_model_len(config: EngineConfig, max_model_len: int, layout: RankLayout) -> int:
+    """With max_tokens_per_kvp_group M, a request holds at most kvp x M tokens."""
+    per_group = config.parallel.max_tokens_per_kvp_group
+    if per_group is None:
+        return max_model_len
+    capacity = layout.kvp * per_group
+    if config.max_model_len is not None and config.max_model_len > capacity:
+        raise InvalidConfigError(
+            f"max_model_len={config.max_model_len} exceeds what kvp={layout.kvp} groups of "
+            f"max_tokens_per_kvp_group={per_group} hold ({capacity} tokens)"
+        )
+    return min(max_model_len, capacity)

@@ -12,6 +12,7 @@ process disappears.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
@@ -79,6 +80,11 @@ def device_for(spec: WorkerSpec, rank: int) -> torch.device:
 
 def worker_main(rank: int, spec: WorkerSpec, status: Any) -> None:
     """Entry point of the spawned process."""
+    # Ctrl-C in a terminal, or a service manager stopping the whole process group, signals
+    # the workers too: they leave that to the engine, which stops them once its streams are
+    # done (or the parent watch does, if the engine dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         _watch_parent(os.getppid())
         _start(rank, spec)

@@ -139,6 +139,11 @@ class Scheduler:
 
     # -- one iteration --------------------------------------------------------------------------
 
+    def take_released(self) -> tuple[str, ...]:
+        """Requests whose KV blocks were released since the last plan, which would have carried
+        them to the stages (BatchPlan.released): for an engine going idle to pass on itself."""
+        return self.table.take_released()
+
     def schedule(self, now: float) -> BatchPlan:
         """The next micro-batch to issue, or an empty plan when nothing can be issued now
         (stage 0 busy, the pipeline full, or no work ready)."""
