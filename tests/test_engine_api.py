@@ -227,8 +227,9 @@ async def test_abort_by_id_of_a_stream_not_yet_iterated_queues_nothing() -> None
 async def test_abort_takes_several_ids_as_vllm_does_and_refuses_a_non_str_id() -> None:
     params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
-        with pytest.raises(InvalidRequestError, match="a request id is a str"):
-            await engine.abort(["fine", 5])  # type: ignore[list-item]
+        for bad in (["fine", 5], 5, None, b"id", {"id": 1}):
+            with pytest.raises(InvalidRequestError, match="a request id is a str"):
+                await engine.abort(bad)  # type: ignore[arg-type]
         streams = [engine.stream(f"abort {i}", params, request_id=f"r{i}") for i in range(3)]
         ends: dict[str, str | None] = {}
 

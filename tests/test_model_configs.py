@@ -81,13 +81,17 @@ def _llama_config(**changes: Any) -> dict[str, Any]:
     }
 
 
-def test_an_older_config_without_layer_types_is_read_the_same_way() -> None:
+def test_an_older_config_without_layer_types_caps_whenever_its_window_is_on() -> None:
+    """Without layer_types, transformers read Qwen2's max_window_layers both ways over its
+    versions (and vLLM slides every layer): a window that is on caps the context whatever it
+    says, which is exact under any reading."""
     mistral = _llama_config(architectures=["MistralForCausalLM"], sliding_window=16)
     assert ModelArch.from_hf_config(mistral).sliding_window == 16
     qwen2 = _llama_config(architectures=["Qwen2ForCausalLM"], sliding_window=16)
     assert ModelArch.from_hf_config(qwen2).sliding_window is None
-    qwen2.update(use_sliding_window=True, max_window_layers=1)
-    assert ModelArch.from_hf_config(qwen2).sliding_window == 16
+    for max_window_layers in (0, 1, 2):  # of 2 layers
+        qwen2.update(use_sliding_window=True, max_window_layers=max_window_layers)
+        assert ModelArch.from_hf_config(qwen2).sliding_window == 16
 
 
 @pytest.mark.parametrize("activation", ["silu", "swish", None])

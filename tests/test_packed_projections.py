@@ -97,15 +97,15 @@ def test_a_few_row_bf16_product_is_one_matmul_rounded_once(
     weight = projection.weight
     assert weight is not None
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    if projection.input_major:
-        once = (
-            torch.mm(x, weight)
-            if projection.bias is None
-            else torch.addmm(projection.bias, x, weight)
-        )
-    else:
-        once = torch.nn.functional.linear(x, weight, projection.bias)
     with torch_threads(2):
+        if projection.input_major:
+            once = (
+                torch.mm(x, weight)
+                if projection.bias is None
+                else torch.addmm(projection.bias, x, weight)
+            )
+        else:
+            once = torch.nn.functional.linear(x, weight, projection.bias)
         assert torch.equal(projection(x), once)
 
 

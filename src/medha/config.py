@@ -132,8 +132,9 @@ class EngineConfig(BaseModel):
     """KV cache size when num_blocks is None; one larger than the device's memory is refused
     when the engine starts (medha.errors.KVCacheTooLargeError)."""
     max_model_len: int | None = Field(default=None, ge=1)
-    """Longest prompt + output accepted; None: the model's max_position_embeddings. Beyond the
-    model's context (ModelArch.context_len) it is refused when the engine starts
+    """Longest prompt + output accepted; None: the model's max_position_embeddings, capped by
+    its sliding window if it has one (and with KVP by kvp x max_tokens_per_kvp_group). Beyond
+    the model's context (ModelArch.context_len) it is refused when the engine starts
     (medha.errors.InvalidConfigError), as vLLM does."""
 
     # -- cost model ---------------------------------------------------------------------------

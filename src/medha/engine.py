@@ -19,7 +19,7 @@ import numbers
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,6 +88,8 @@ class Engine:
         self._scheduler_actor: SchedulerActor | None = None
         self._stage: StageActor | None = None
         self._model_thread: ModelThread | None = None
+        self._building: threading.Event | None = None
+        """Parallel start: set once the thread that starts the workers is done."""
         self._closed = False
         self._ids = itertools.count()
         self._by_id: weakref.WeakValueDictionary[str, TrackedRequest] = (
@@ -175,15 +177,19 @@ class Engine:
         built: list[ParallelParts] = []
         abandoned = False
         lock = threading.Lock()
+        done = self._building = threading.Event()
 
         def build() -> ParallelParts:
-            parts = build_parallel_parts(self.config)
-            with lock:
-                if abandoned:
-                    parts.cluster.close()
-                    raise EngineClosedError("the engine's start was cancelled")
-                built.append(parts)
-            return parts
+            try:
+                parts = build_parallel_parts(self.config)
+                with lock:
+                    if abandoned:
+                        parts.cluster.close()
+                        raise EngineClosedError("the engine's start was cancelled")
+                    built.append(parts)
+                return parts
+            finally:
+                done.set()
 
         try:
             parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
@@ -233,6 +239,10 @@ class Engine:
         """Stop serving: open streams end with EngineClosedError; idempotent."""
         if self._host is None:
             self._closed = True
+            if self._building is not None:
+                # A cancelled parallel start: its thread runs on and stops the workers it
+                # starts. Wait for that, so the process can start another engine at once.
+                await anyio.to_thread.run_sync(self._building.wait)
             return
         self._check_loop()
         self._closed = True
@@ -322,10 +332,7 @@ class Engine:
         then yields only that event, and nothing is queued."""
         self._check_loop()
         actor = self._actor()
-        ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for one in ids:
-            if not isinstance(one, str):
-                raise InvalidRequestError(f"a request id is a str, got {one!r}")
+        ids = _request_ids(request_id)
         for one in ids:
             request = self._by_id.get(one)
             if request is not None and request.holds_id and not request.submitted:
@@ -488,3 +495,19 @@ class Engine:
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         return ids
+
+
+def _request_ids(request_id: object) -> list[str]:
+    """One id, or an iterable of them (not bytes, not a mapping), as a list; else
+    InvalidRequestError."""
+    if isinstance(request_id, str):
+        return [request_id]
+    if isinstance(request_id, bytes | bytearray | Mapping) or not isinstance(request_id, Iterable):
+        raise InvalidRequestError(
+            f"a request id is a str (or an iterable of them), got {request_id!r}"
+        )
+    ids = list(request_id)
+    for one in ids:
+        if not isinstance(one, str):
+            raise InvalidRequestError(f"a request id is a str, got {one!r}")
+    return ids

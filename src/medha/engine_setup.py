@@ -69,18 +69,22 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 
 
 def max_model_len_for(config: EngineConfig, arch: ModelArch) -> int:
-    """config.max_model_len (None: max_position_embeddings); InvalidConfigError beyond the
-    model's context, where its positions were never trained (vLLM refuses it too)."""
+    """config.max_model_len (None: max_position_embeddings, capped by a sliding window);
+    InvalidConfigError beyond the model's context, where its positions were never trained or
+    its attention would need the window's mask (vLLM refuses it too)."""
     if config.max_model_len is None:
         # Not a linear RoPE's scaled length (as before), but a sliding window's cap.
         return min(arch.max_position_embeddings, arch.context_len)
     context = arch.context_len
     if config.max_model_len > context:
-        scaled = "" if context == arch.max_position_embeddings else ", scaled by its linear RoPE"
+        why = [f"max_position_embeddings={arch.max_position_embeddings}"]
+        if arch.rope_type == "linear":
+            why.append("scaled by its linear RoPE")
+        if arch.sliding_window is not None and context == arch.sliding_window:
+            why.append(f"capped by its sliding window of {arch.sliding_window}")
         raise InvalidConfigError(
             f"max_model_len={config.max_model_len} exceeds the model's context of {context} "
-            f"tokens (max_position_embeddings={arch.max_position_embeddings}{scaled}); "
-            f"set max_model_len <= {context} or leave it unset"
+            f"tokens ({', '.join(why)}); set max_model_len <= {context} or leave it unset"
         )
     return config.max_model_len
 

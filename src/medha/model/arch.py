@@ -204,11 +204,9 @@ def _sliding_window(config: Mapping[str, Any], arch: str) -> int | None:
     layer_types = config.get("layer_types")
     if layer_types is not None:  # transformers >= 4.53 names each layer's attention
         return int(window) if "sliding_attention" in layer_types else None
-    if arch == "Qwen2ForCausalLM":
-        # Qwen2 saves a window even when it is off; on, it applies from max_window_layers.
-        layers = int(config["num_hidden_layers"])
-        if not config.get("use_sliding_window", False):
-            return None
-        if int(config.get("max_window_layers", layers)) >= layers:
-            return None
+    if arch == "Qwen2ForCausalLM" and not config.get("use_sliding_window", False):
+        return None  # Qwen2 saves a window even when it is off
+    # On, without layer_types: transformers has read max_window_layers both ways over its
+    # versions (the layers below it slide, or those from it on), and vLLM slides every layer.
+    # The cap is exact under any reading.
     return int(window)

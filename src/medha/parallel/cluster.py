@@ -69,6 +69,7 @@ class Cluster:
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self._rpc_started = False
         self._closed = False
+        self._close_lock = threading.Lock()
         self._session = ""
 
     @property
@@ -312,10 +313,15 @@ class Cluster:
     # -- stop -------------------------------------------------------------------------------
 
     def close(self, grace_s: float = 3.0) -> None:
-        """Stop every worker (politely, then by force) and leave the RPC world. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop every worker (politely, then by force) and leave the RPC world. Idempotent; a
+        second caller (a cancelled start beside the supervisor) waits for the first."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close(grace_s)
+
+    def _close(self, grace_s: float) -> None:
         import torch.distributed.rpc as rpc
 
         if self._rpc_started:

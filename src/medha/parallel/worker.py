@@ -80,11 +80,11 @@ def device_for(spec: WorkerSpec, rank: int) -> torch.device:
 
 def worker_main(rank: int, spec: WorkerSpec, status: Any) -> None:
     """Entry point of the spawned process."""
-    # Ctrl-C in a terminal, or a service manager stopping the whole process group, signals
-    # the workers too: they leave that to the engine, which stops them once its streams are
-    # done (or the parent watch does, if the engine dies).
+    # Ctrl-C in a terminal signals the whole process group: the workers leave it to the
+    # engine, which stops them once its streams are done (or the parent watch does, if the
+    # engine dies). SIGTERM keeps its default: multiprocessing's exit hook terminates daemon
+    # children with it and then joins them, without a timeout.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         _watch_parent(os.getppid())
         _start(rank, spec)
