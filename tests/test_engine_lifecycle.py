@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import numpy as np
@@ -285,3 +286,27 @@ async def test_an_idle_engine_keeps_no_state_of_finished_requests() -> None:
             while stage._seqs:
                 await anyio.sleep(0.01)
         assert engine._actor().scheduler.stats().finished == 3
+
+
+async def test_stopping_while_the_actors_start_is_a_close_not_a_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop() after the actor host's task is made but before its first step: start() still
+    ends with EngineClosedError, not a CancelledError out of a task nobody cancelled."""
+    from medha.actors.host import ActorHost
+
+    start_host = ActorHost.start
+    engine = medha.Engine(engine_config())
+
+    async def start_then_stop(self: ActorHost, loops: Any) -> None:
+        inner = asyncio.get_running_loop().create_task(start_host(self, loops))
+        await asyncio.sleep(0)  # the host task exists and has not run yet
+        assert self._task is not None and not self._task.done()
+        await engine.stop()
+        await inner
+
+    monkeypatch.setattr(ActorHost, "start", start_then_stop)
+    with pytest.raises(EngineClosedError, match="stopped while it started"):
+        await engine.start()
+    host_task = engine._host._task  # type: ignore[union-attr]
+    assert host_task is not None and host_task.done()

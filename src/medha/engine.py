@@ -88,6 +88,8 @@ class Engine:
         self._scheduler_actor: SchedulerActor | None = None
         self._stage: StageActor | None = None
         self._model_thread: ModelThread | None = None
+        self._started = False
+        """start() finished: from here stop() stops the actors itself."""
         self._building: threading.Event | None = None
         """Parallel start: set once the thread that starts the workers is done."""
         self._closed = False
@@ -133,9 +135,10 @@ class Engine:
                 thread.close()
                 raise
         if self._closed:
-            # stop() came while the model loaded and found nothing running yet: stop it now.
+            # stop() came while this started and left the stopping to it: stop it now.
             await self._stop_started()
             raise EngineClosedError("the engine was stopped while it started")
+        self._started = True
 
     async def _start_single(self, thread: ModelThread) -> None:
         from medha.engine_setup import build_engine_parts
@@ -237,7 +240,10 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop serving: open streams end with EngineClosedError; idempotent."""
-        if self._host is None:
+        if not self._started:
+            # Not started, or still starting (loading, or starting its actors): start() sees
+            # this and stops what it built. Cancelling its half-started actors here would
+            # surface a stray CancelledError from it instead.
             self._closed = True
             if self._building is not None:
                 # A cancelled parallel start: its thread runs on and stops the workers it
