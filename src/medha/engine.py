@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import numbers
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +45,7 @@ from medha.log import get_logger
 from medha.output_text import OutputText
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
+from medha.request_input import prompt_token_ids, request_ids
 from medha.sampling import SamplingParams
 
 _log = get_logger(__name__)
@@ -338,7 +338,7 @@ class Engine:
         then yields only that event, and nothing is queued."""
         self._check_loop()
         actor = self._actor()
-        ids = _request_ids(request_id)
+        ids = request_ids(request_id)
         for one in ids:
             request = self._by_id.get(one)
             if request is not None and request.holds_id and not request.submitted:
@@ -466,54 +466,4 @@ class Engine:
         return holder is not None and holder.holds_id
 
     def _prompt_ids(self, prompt: object) -> list[int]:
-        if not isinstance(prompt, str) and callable(getattr(prompt, "tolist", None)):
-            prompt = prompt.tolist()  # type: ignore[attr-defined]  # a numpy array or a tensor
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty")
-            ids = self.tokenizer.encode(prompt)
-            beyond = [token for token in ids if token >= self._vocab_size]
-            if beyond:
-                # A token the tokenizer has and the model does not (transformers' GGUF
-                # conversion adds <|endoftext|> to Llama-3 files), spelled out in the text.
-                raise InvalidRequestError(
-                    f"the prompt's text encodes to token ids the model does not have: {beyond} "
-                    f"(its vocabulary is [0, {self._vocab_size}))"
-                )
-        elif isinstance(prompt, list | tuple):
-            vocab = self._vocab_size
-            for token in prompt:
-                # numbers.Integral: numpy's integers too.
-                if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-                    raise InvalidRequestError(
-                        f"a token-id prompt must hold ints, found {type(token).__name__}"
-                    )
-                if not 0 <= token < vocab:
-                    raise InvalidRequestError(
-                        f"token id {token} is outside the vocabulary [0, {vocab})"
-                    )
-            ids = [int(token) for token in prompt]
-        else:
-            raise InvalidRequestError(
-                f"prompt must be a str or a list of token ids (or a 1-D array of them), got "
-                f"{type(prompt).__name__}"
-            )
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        return ids
-
-
-def _request_ids(request_id: object) -> list[str]:
-    """One id, or an iterable of them (not bytes, not a mapping), as a list; else
-    InvalidRequestError."""
-    if isinstance(request_id, str):
-        return [request_id]
-    if isinstance(request_id, bytes | bytearray | Mapping) or not isinstance(request_id, Iterable):
-        raise InvalidRequestError(
-            f"a request id is a str (or an iterable of them), got {request_id!r}"
-        )
-    ids = list(request_id)
-    for one in ids:
-        if not isinstance(one, str):
-            raise InvalidRequestError(f"a request id is a str, got {one!r}")
-    return ids
+        return prompt_token_ids(prompt, self.tokenizer, self._vocab_size)

@@ -1,0 +1,69 @@
+"""What a caller may pass as a prompt or as request ids, turned into token ids or a list of
+ids, or refused with a typed error (medha.errors) before anything is queued."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from medha.errors import InvalidRequestError
+
+
+class _Encoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def prompt_token_ids(prompt: object, tokenizer: _Encoder, vocab_size: int) -> list[int]:
+    """A text (encoded with `tokenizer`), or token ids (a list, a tuple, a 1-D numpy array or
+    tensor), as token ids the model has: [0, vocab_size)."""
+    if not isinstance(prompt, str) and callable(getattr(prompt, "tolist", None)):
+        prompt = prompt.tolist()  # type: ignore[attr-defined]  # a numpy array or a tensor
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        ids = tokenizer.encode(prompt)
+        beyond = [token for token in ids if token >= vocab_size]
+        if beyond:
+            # A token the tokenizer has and the model does not (transformers' GGUF
+            # conversion adds <|endoftext|> to Llama-3 files), spelled out in the text.
+            raise InvalidRequestError(
+                f"the prompt's text encodes to token ids the model does not have: {beyond} "
+                f"(its vocabulary is [0, {vocab_size}))"
+            )
+    elif isinstance(prompt, list | tuple):
+        for token in prompt:
+            # numbers.Integral: numpy's integers too.
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise InvalidRequestError(
+                    f"a token-id prompt must hold ints, found {type(token).__name__}"
+                )
+            if not 0 <= token < vocab_size:
+                raise InvalidRequestError(
+                    f"token id {token} is outside the vocabulary [0, {vocab_size})"
+                )
+        ids = [int(token) for token in prompt]
+    else:
+        raise InvalidRequestError(
+            f"prompt must be a str or a list of token ids (or a 1-D array of them), got "
+            f"{type(prompt).__name__}"
+        )
+    if not ids:
+        raise InvalidRequestError("the prompt is empty")
+    return ids
+
+
+def request_ids(request_id: object) -> list[str]:
+    """One id, or an iterable of them (not bytes, not a mapping), as a list; else
+    InvalidRequestError."""
+    if isinstance(request_id, str):
+        return [request_id]
+    if isinstance(request_id, bytes | bytearray | Mapping) or not isinstance(request_id, Iterable):
+        raise InvalidRequestError(
+            f"a request id is a str (or an iterable of them), got {request_id!r}"
+        )
+    ids = list(request_id)
+    for one in ids:
+        if not isinstance(one, str):
+            raise InvalidRequestError(f"a request id is a str, got {one!r}")
+    return ids
