@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import subprocess
 import sys
@@ -77,6 +78,33 @@ def test_an_infinite_worker_timeout_is_refused() -> None:
         ParallelConfig(timeout_s=math.inf)
 
 
+def test_a_max_chunk_off_the_chunk_granularity_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"max_chunk\n.*multiple of 32"):
+        EngineConfig(model="tiny-random", max_chunk=100)
+    assert EngineConfig(model="tiny-random", max_chunk=96).max_chunk == 96
+
+
+@pytest.mark.parametrize(
+    "field", ["max_chunk", "fixed_chunk", "max_num_seqs", "block_size", "num_blocks"]
+)
+def test_a_bool_is_not_a_count(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=f"{field}\n.*must be an integer, got True"):
+        EngineConfig.model_validate({"model": "tiny-random", field: True})
+
+
+@pytest.mark.parametrize("field", ["tp", "pp", "kvp", "max_tokens_per_kvp_group"])
+def test_a_bool_is_not_a_parallel_count(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=f"{field}\n.*must be an integer"):
+        ParallelConfig.model_validate({field: True})
+
+
+def test_kvp_shards_must_end_on_a_kv_block_boundary() -> None:
+    parallel = ParallelConfig(kvp=2, max_tokens_per_kvp_group=40)
+    with pytest.raises(pydantic.ValidationError, match=r"\(40\) must be a multiple of block_size"):
+        EngineConfig(model="tiny-random", block_size=16, parallel=parallel)
+    EngineConfig(model="tiny-random", block_size=8, parallel=parallel)
+
+
 def test_building_a_config_imports_no_torch() -> None:
     code = (
         "import sys\n"
@@ -146,6 +174,12 @@ def test_a_kv_cache_larger_than_the_machines_memory_fails_the_start() -> None:
         build_engine_parts(config)
 
 
+def test_a_kv_cache_size_that_holds_no_block_fails_the_start() -> None:
+    config = EngineConfig(model="tiny-random", kv_cache_gib=1e-12)
+    with pytest.raises(InvalidConfigError, match="kv_cache_gib=1e-12 holds no KV block"):
+        build_engine_parts(config)
+
+
 def test_running_out_of_device_memory_while_allocating_the_cache_is_typed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -158,9 +192,33 @@ def test_running_out_of_device_memory_while_allocating_the_cache_is_typed(
         new_kv_cache(_tiny_arch(), 16, 16, torch.float32, torch.device("cpu"))
 
 
+def test_the_cpu_allocators_failure_is_typed_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A limit the room check cannot see (RLIMIT_AS) fails torch's CPU allocator, which raises
+    # a plain RuntimeError.
+    def cannot_allocate(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(model_setup, "memory_bytes", lambda device: None)
+    monkeypatch.setattr(KVCache, "__init__", cannot_allocate)
+    with pytest.raises(KVCacheTooLargeError, match="does not fit"):
+        new_kv_cache(_tiny_arch(), 16, 16, torch.float32, torch.device("cpu"))
+
+
 def test_the_cpu_memory_is_known() -> None:
     room = device_module.memory_bytes(torch.device("cpu"))
     assert room is None or room > 2**20
+    if sys.platform == "linux":
+        # What is available now, which the pool must fit: never more than the machine has.
+        assert room is not None and room <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_a_containers_memory_limit_bounds_the_room(tmp_path: Path) -> None:
+    (tmp_path / "memory.max").write_text("3221225472\n")
+    (tmp_path / "memory.current").write_text("1073741824\n")
+    assert device_module._cgroup_room(str(tmp_path)) == 2 * 2**30
+    (tmp_path / "memory.max").write_text("max\n")
+    assert device_module._cgroup_room(str(tmp_path)) is None
+    assert device_module._cgroup_room(str(tmp_path / "absent")) is None
 
 
 def test_an_attention_backend_the_device_cannot_run_fails_the_start_typed(

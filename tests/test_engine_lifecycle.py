@@ -7,10 +7,12 @@ refuses calls from a loop it does not run on; medha.LLM validates a whole batch 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -310,3 +312,19 @@ async def test_stopping_while_the_actors_start_is_a_close_not_a_cancellation(
         await engine.start()
     host_task = engine._host._task  # type: ignore[union-attr]
     assert host_task is not None and host_task.done()
+
+
+async def test_a_stopped_engine_frees_its_model_and_kv_cache_at_once() -> None:
+    # Without the cycle collector: the stopped actor tasks' tracebacks reach the stage, so
+    # only dropping the runner at stop frees it before a later collection (or never, on a
+    # process that turned the collector off), and with the caller still holding the engine.
+    engine = medha.Engine(engine_config())
+    gc.disable()
+    try:
+        async with engine:
+            await engine.generate("hello", SHORT)
+            runner = weakref.ref(engine._stage.runner)  # type: ignore[union-attr]
+            kv = weakref.ref(engine._stage.runner.kv_cache)  # type: ignore[union-attr]
+        assert runner() is None and kv() is None
+    finally:
+        gc.enable()

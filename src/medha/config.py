@@ -14,9 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from medha.scheduler import PolicyName
 
+CHUNK_MULTIPLE = 32
+"""Prefill chunks are cut at multiples of this many tokens (SchedulerConfig.chunk_multiple)."""
+
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "reference")
 """Every attention backend medha registers (medha.kernels), whether or not this machine can run
 it: that is checked when the engine starts, on its device."""
+
+
+def _not_a_bool(value: object) -> object:
+    """Refuse True/False where a count goes: pydantic would take them as 1 and 0 (a flag
+    passed in the wrong place), as SamplingParams refuses them too."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer, got {value}")
+    return value
 
 
 class ParallelConfig(BaseModel):
@@ -50,6 +61,10 @@ class ParallelConfig(BaseModel):
     timeout_s: float = Field(default=300.0, gt=0)
     """How long to wait for the workers to start (load their shards) and for any one step or
     control message; a worker that takes longer is a failure (EngineFailedError)."""
+
+    _counts_are_not_bools = field_validator(
+        "tp", "pp", "kvp", "max_tokens_per_kvp_group", mode="before"
+    )(_not_a_bool)
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
@@ -109,7 +124,8 @@ class EngineConfig(BaseModel):
     instead of taking turns chunk by chunk, so the first one's TTFT is not doubled
     (docs/scheduler.md, "The lead guard"). False: plain LARS, for comparison. The other
     policies ignore it."""
-    max_chunk: int = Field(default=8192, ge=32)
+    max_chunk: int = Field(default=8192, ge=CHUNK_MULTIPLE, multiple_of=CHUNK_MULTIPLE)
+    """Largest prefill chunk in tokens: a multiple of 32, the granularity chunks are cut at."""
     fixed_chunk: int = Field(default=512, ge=1)
     """Per-iteration token budget of the fcfs-chunked baseline."""
     pause_iterations: bool | None = None
@@ -151,12 +167,28 @@ class EngineConfig(BaseModel):
     parallel: ParallelConfig = ParallelConfig()
     """TP x PP x KVP; world > 1 runs the model in that many worker processes."""
 
+    _counts_are_not_bools = field_validator(
+        "max_chunk",
+        "fixed_chunk",
+        "max_num_seqs",
+        "block_size",
+        "num_blocks",
+        "max_model_len",
+        mode="before",
+    )(_not_a_bool)
+
     @model_validator(mode="after")
-    def _pausing_needs_one_process(self) -> EngineConfig:
+    def _check_combinations(self) -> EngineConfig:
         if self.pause_iterations and self.parallel.uses_workers:
             raise ValueError(
                 "pause_iterations=True needs the single-process engine (parallel world 1, no "
                 "attach): worker processes run every iteration through"
+            )
+        limit = self.parallel.max_tokens_per_kvp_group
+        if limit is not None and limit % self.block_size:
+            raise ValueError(
+                f"parallel.max_tokens_per_kvp_group ({limit}) must be a multiple of block_size "
+                f"({self.block_size}), so that no KV block spans two KVP groups"
             )
         return self
 

@@ -51,6 +51,10 @@ from medha.sampling import SamplingParams
 _log = get_logger(__name__)
 
 
+def _seconds_since(t0: float) -> float:
+    return time.monotonic() - t0
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     free_blocks: int
@@ -99,6 +103,8 @@ class Engine:
         )
         """Requests by id, for the in-use check (weak: a stream dropped unstarted frees its id)."""
         self._t0 = time.monotonic()
+        # Not a bound method: the scheduler actor keeps the clock, and must not keep the engine.
+        self._clock: Callable[[], float] = partial(_seconds_since, self._t0)
         self.tokenizer: Any = None
         self.max_model_len = 0
         self._vocab_size = 0
@@ -263,6 +269,8 @@ class Engine:
         finally:
             if self._model_thread is not None:
                 self._model_thread.close()
+            if self._stage is not None:
+                self._stage.release()
 
     def _check_loop(self) -> None:
         """An engine serves the event loop it was started on: its actors are tasks there, and
@@ -282,9 +290,6 @@ class Engine:
                 "this Engine was started on another event loop; use it from that loop (from "
                 "another thread: asyncio.run_coroutine_threadsafe(..., loop)), or use medha.LLM"
             )
-
-    def _clock(self) -> float:
-        return time.monotonic() - self._t0
 
     # -- requests ------------------------------------------------------------------------------
 

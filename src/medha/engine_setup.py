@@ -98,7 +98,13 @@ def kv_blocks_for(config: EngineConfig, arch: ModelArch, dtype: torch.dtype, lay
     if config.num_blocks:
         return config.num_blocks
     per_block = KVCache.bytes_per_block(arch, config.block_size, dtype, layers)
-    return max(1, int(config.kv_cache_gib * 2**30) // per_block)
+    blocks = int(config.kv_cache_gib * 2**30) // per_block
+    if blocks < 1:
+        raise InvalidConfigError(
+            f"kv_cache_gib={config.kv_cache_gib} holds no KV block (one of {config.block_size} "
+            f"tokens takes {per_block} bytes); raise kv_cache_gib"
+        )
+    return blocks
 
 
 def saved_profile(config: EngineConfig) -> DeviceProfile | None:

@@ -31,6 +31,7 @@ from medha.actors.messages import (
     StepPaused,
 )
 from medha.actors.model_thread import ModelThread
+from medha.errors import EngineClosedError
 from medha.model.layerwise import LayerwiseStep
 from medha.model.runner import ModelRunner, StepSeq
 from medha.model.sampler import make_generator, sample
@@ -56,10 +57,28 @@ class _PausedStep:
 class StageActor(Actor[ModelStep | ResumeStep | Forget]):
     def __init__(self, runner: ModelRunner, thread: ModelThread, name: str = "stage-0") -> None:
         super().__init__(name)
-        self.runner = runner
+        self._runner: ModelRunner | None = runner
         self.thread = thread
         self._seqs: dict[str, _SeqState] = {}
         self._paused: dict[int, _PausedStep] = {}
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise EngineClosedError("the engine stopped: its model and KV cache are released")
+        return self._runner
+
+    def release(self) -> None:
+        """Drop the model and its KV cache (the engine stopped). Now, not whenever Python's
+        cycle collector reaches the stopped actor tasks' tracebacks that still reach this
+        actor: until then a process that starts another engine would hold both, and on a GPU
+        the next engine's memory check would count them as taken."""
+        device = None if self._runner is None else self._runner.device
+        self._runner = None
+        self._seqs.clear()
+        self._paused.clear()
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
 
     async def handle(
         self, message: ModelStep | ResumeStep | Forget

@@ -52,15 +52,52 @@ def _allocation_problem(device: torch.device) -> str | None:
 
 
 def memory_bytes(device: torch.device) -> int | None:
-    """The most a new allocation on `device` can get: the CPU's physical memory, or a CUDA
-    device's free memory plus what torch's allocator holds unused; None where unknown."""
+    """The most a new allocation on `device` can get: on a CPU, the memory available now
+    (within the container's limit), or a CUDA device's free memory plus what torch's allocator
+    holds unused; None where unknown."""
     if device.type == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # not every platform names these
-            return None
+        return _cpu_room()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + unused)
     return None
+
+
+def _cpu_room() -> int | None:
+    """The least of what Linux says is available (MemAvailable: free memory plus what the page
+    cache would give back; the weights loaded already are not in it), what the cgroup v2 limit
+    leaves of a container's memory, and the physical memory; None where none is known. A KV
+    pool past this either fails to allocate or, overcommitted, gets the process killed once
+    its pages are touched."""
+    known = [
+        room for room in (_meminfo_available(), _cgroup_room(), _physical()) if room is not None
+    ]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    try:
+        with open(f"{root}/memory.max") as limit, open(f"{root}/memory.current") as current:
+            text = limit.read().strip()
+            return None if text == "max" else max(0, int(text) - int(current.read()))
+    except (OSError, ValueError):
+        return None
+
+
+def _physical() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not every platform names these
+        return None

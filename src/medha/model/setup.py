@@ -81,6 +81,12 @@ def new_kv_cache(
         return KVCache(arch, num_blocks, block_size, dtype, device)
     except torch.OutOfMemoryError as exc:
         raise _kv_too_large(size, num_blocks, device, "what is left of its memory") from exc
+    except RuntimeError as exc:
+        # The CPU allocator's failure (a limit the check above cannot see, as RLIMIT_AS) is a
+        # plain RuntimeError; anything else is not ours to rename.
+        if device.type != "cpu" or "allocate" not in str(exc):
+            raise
+        raise _kv_too_large(size, num_blocks, device, "what is left of its memory") from exc
 
 
 def _kv_too_large(size: int, num_blocks: int, device: torch.device, room: str) -> Exception:
