@@ -160,6 +160,59 @@ def test_a_long_run_of_invalid_bytes_is_emitted_instead_of_held_forever() -> Non
     assert max(decoder.decoded_lengths) <= 2 * CONTEXT_TOKENS + MAX_HELD_TOKENS
 
 
+def byte_token(byte: int) -> int:
+    """BYTE_LEVEL's id of the token spelling the one byte `byte` (GPT-2's byte alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    unprintable = [b for b in range(256) if b not in printable]
+    char = chr(byte) if byte in printable else chr(256 + unprintable.index(byte))
+    token_id = BYTE_LEVEL.token_to_id(char)
+    assert token_id is not None
+    return token_id
+
+
+@pytest.mark.parametrize("invalid", range(MAX_HELD_TOKENS - 4, MAX_HELD_TOKENS + 2))
+def test_a_character_completed_after_a_long_invalid_run_is_emitted(invalid: int) -> None:
+    # Where the held run reaches MAX_HELD_TOKENS inside the emoji, the emoji's start must stay
+    # held, not go out as U+FFFD with its completion then lost.
+    ids = [byte_token(0x80)] * invalid + [byte_token(b) for b in "😀x".encode()]
+    deltas, rest = _stream(BYTE_LEVEL, ids)
+    assert "".join(deltas) + rest == BYTE_LEVEL.decode(ids)
+    assert "".join(deltas).endswith("\ufffd😀x")
+
+
+class SpecialAwareDecoder(HFDecoder):
+    """HFDecoder that names the ids a skipping decode removes, as medha's Tokenizer does."""
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        added = self.tokenizer.get_added_tokens_decoder()
+        return frozenset(i for i, token in added.items() if token.special)
+
+
+@pytest.mark.parametrize("decoder_type", [HFDecoder, SpecialAwareDecoder])
+@pytest.mark.parametrize("specials", [1, CONTEXT_TOKENS, 2 * CONTEXT_TOKENS + 3])
+def test_a_word_after_a_run_of_skipped_tokens_keeps_its_space(
+    decoder_type: type[HFDecoder], specials: int
+) -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    hello, world, eos = vocab["▁Hello"], vocab["▁world"], vocab["</s>"]
+    for words_before in range(2 * CONTEXT_TOKENS + 2):
+        ids = [world] * words_before + [eos] * specials + [world, world]
+        detokenizer = IncrementalDetokenizer(decoder_type(SENTENCEPIECE), [hello])
+        text = "".join(detokenizer.step(token_id) for token_id in ids) + detokenizer.flush()
+        assert text == " world" * (words_before + 2)
+
+
+def test_skipped_tokens_stay_out_of_the_window() -> None:
+    vocab = SENTENCEPIECE.get_vocab()
+    decoder = SpecialAwareDecoder(SENTENCEPIECE)
+    detokenizer = IncrementalDetokenizer(decoder, [vocab["▁Hello"]])
+    deltas = [detokenizer.step(vocab["</s>"]) for _ in range(500)]
+    assert deltas == [""] * 500 and not decoder.decoded_lengths[1:]
+    assert detokenizer.step(vocab["▁world"]) == " world"
+
+
 def test_flush_returns_an_unfinished_final_character_as_replacement_characters() -> None:
     ids = BYTE_LEVEL.encode("a😀").ids[:-1]
     deltas, rest = _stream(BYTE_LEVEL, ids)

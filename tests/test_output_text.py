@@ -1,11 +1,15 @@
-"""What an aborted request's last event carries: the text its OutputText held back."""
+"""What an aborted request's last event carries: the text its OutputText held back; what a
+token that ends a request without its own text (eos, a stop token) shows."""
 
 from __future__ import annotations
+
+import pytest
 
 from medha.actors.tracked import TrackedRequest
 from medha.output_text import OutputText
 from medha.request import RequestMetrics, TokenEvent
 from medha.sampling import SamplingParams
+from tests.test_detokenizer import BYTE_LEVEL, HFDecoder, byte_token
 
 
 class CharDecoder:
@@ -46,3 +50,28 @@ def test_the_abort_event_of_a_request_carries_its_held_back_text() -> None:
     assert [e.text for e in events if isinstance(e, TokenEvent)] == ["a", "b", "", "", "cd"]
     assert request.text == "abcd" and request.finish_reason == "abort"
     assert request.metrics.finished_time == 2.5
+
+
+def _pushed(stop_ids: list[int], ids: list[int], eos: tuple[int, ...] = ()) -> tuple[str, str]:
+    params = SamplingParams(max_tokens=20, stop_token_ids=stop_ids)
+    output = OutputText(HFDecoder(BYTE_LEVEL), [], params, eos_token_ids=eos)
+    updates = [output.push(token) for token in ids]
+    assert updates[-1].finished and not any(u.finished for u in updates[:-1])
+    return "".join(u.text for u in updates), str(updates[-1].finish_reason)
+
+
+def test_a_stop_tokens_own_bytes_are_never_shown() -> None:
+    # Its text is an unfinished character's first byte: stepping it through the detokenizer
+    # and flushing at the end leaked it as U+FFFD.
+    hi, stop = BYTE_LEVEL.encode("Hi").ids, byte_token(0xF0)
+    assert _pushed([stop], [*hi, stop]) == ("Hi", "stop")
+
+
+@pytest.mark.parametrize("ender", ["stop token", "eos"])
+def test_bytes_held_before_an_ending_token_are_released_with_it(ender: str) -> None:
+    # Half an emoji, then a token that ends the request without its own text: the half goes
+    # out as the decode of everything before that token has it.
+    before = [*BYTE_LEVEL.encode("Hi ").ids, byte_token(0xF0), byte_token(0x9F)]
+    dot = BYTE_LEVEL.encode(".").ids[0]
+    stop_ids, eos = ([dot], ()) if ender == "stop token" else ([], (dot,))
+    assert _pushed(stop_ids, [*before, dot], eos) == (BYTE_LEVEL.decode(before), "stop")

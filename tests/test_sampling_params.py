@@ -65,6 +65,13 @@ def test_stop_token_ids_list_is_stored_as_tuple() -> None:
     assert SamplingParams(stop_token_ids=[2, 7]).stop_token_ids == (2, 7)  # type: ignore[arg-type]
 
 
+def test_numpy_stop_token_ids_are_stored_as_python_ints() -> None:
+    for ids in ([np.int64(13), 14], np.array([13, 14]), (np.uint32(13), np.int8(14))):
+        params = SamplingParams(stop_token_ids=ids)  # type: ignore[arg-type]
+        assert params.stop_token_ids == (13, 14)
+        assert all(type(token) is int for token in params.stop_token_ids)
+
+
 def test_integral_floats_are_accepted() -> None:
     params = SamplingParams(temperature=1, top_p=1, min_p=0)
     assert params.temperature == 1
@@ -128,6 +135,10 @@ def test_boundary_values_are_valid() -> None:
         ("stop_token_ids", [1, -1]),
         ("stop_token_ids", [1, "2"]),
         ("stop_token_ids", [True]),
+        ("stop_token_ids", [np.bool_(True)]),
+        ("stop_token_ids", [np.float32(2)]),
+        ("stop_token_ids", np.array([[1, 2]])),
+        ("stop_token_ids", np.array([1, -1])),
         ("ignore_eos", 1),
         ("logprobs", "yes"),
         ("include_stop_str_in_output", None),

@@ -38,7 +38,12 @@ MAX_HELD_TOKENS = 64
 
 
 class Decoder(Protocol):
-    """What the detokenizer needs from a tokenizer (medha.model.tokenizer.Tokenizer fits)."""
+    """What the detokenizer needs from a tokenizer (medha.model.tokenizer.Tokenizer fits).
+
+    A decoder may also have `special_token_ids` (a collection of ints): the ids that
+    skip_special_tokens removes before decoding. The detokenizer then leaves them out of its
+    window, which is exact, and keeps a window's context made of tokens that have text.
+    """
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
 
@@ -51,7 +56,14 @@ class IncrementalDetokenizer:
     The prompt's own text is never emitted.
     """
 
-    __slots__ = ("_decoder", "_emitted", "_held_tokens", "_skip_special_tokens", "_window")
+    __slots__ = (
+        "_decoder",
+        "_emitted",
+        "_held_tokens",
+        "_skip_special_tokens",
+        "_skipped_ids",
+        "_window",
+    )
 
     def __init__(
         self,
@@ -62,7 +74,17 @@ class IncrementalDetokenizer:
     ) -> None:
         self._decoder = decoder
         self._skip_special_tokens = skip_special_tokens
-        self._window: list[int] = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
+        # Ids a skipping decode removes anyway. Kept out of the window: a run of them (an
+        # ignore_eos request's eos tokens, a chat template's markers) would otherwise fill the
+        # context, and a decoder that strips the first token's leading space (SentencePiece)
+        # would strip it from the next word.
+        self._skipped_ids = (
+            frozenset(getattr(decoder, "special_token_ids", ()))
+            if skip_special_tokens
+            else frozenset()
+        )
+        context = [t for t in prompt_ids if t not in self._skipped_ids]
+        self._window: list[int] = context[-CONTEXT_TOKENS:]
         # Characters of decode(self._window) already emitted (or belonging to the prompt).
         # A character the prompt left unfinished is emitted whole with the output.
         self._emitted = _final_length(self._decode(self._window)) if self._window else 0
@@ -70,6 +92,8 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """Add one generated token; return the text that became final (maybe empty)."""
+        if token_id in self._skipped_ids:
+            return ""
         self._window.append(token_id)
         text = self._decode(self._window)
         final = _final_length(text)
@@ -80,7 +104,9 @@ class IncrementalDetokenizer:
         self._held_tokens += 1
         if self._held_tokens < MAX_HELD_TOKENS:
             return self._emit_up_to(text, final)
-        delta = self._emit_up_to(text, len(text))
+        # Invalid bytes: emit their replacement characters, all but the last, which may be
+        # the start of a character the next tokens complete.
+        delta = self._emit_up_to(text, len(text) - 1)
         self._slide(forced=True)
         return delta
 
@@ -100,14 +126,26 @@ class IncrementalDetokenizer:
         return delta
 
     def _slide(self, *, forced: bool) -> None:
-        """Everything decoded so far is emitted: restart the window at its last few tokens."""
+        """Everything decoded so far is emitted (forced: all but the last character, which
+        may still complete): restart the window at its last few tokens."""
         self._held_tokens = 0
         if len(self._window) <= 2 * CONTEXT_TOKENS:
             # Sliding costs one extra decode; doing it every CONTEXT_TOKENS steps amortises it.
             return
         window = self._window[-CONTEXT_TOKENS:]
         text = self._decode(window)
-        if not forced and _final_length(text) < len(text):
+        if not text:
+            # No context left (tokens without text a decoder without special_token_ids did
+            # not let us skip): the next token's leading space would be stripped. Keep the
+            # longer window; it is correct.
+            return
+        if forced:
+            # The last character's bytes are in the last CONTEXT_TOKENS tokens (4 bytes at
+            # most), so it is the last character here too, not emitted yet.
+            self._window = window
+            self._emitted = len(text) - 1
+            return
+        if _final_length(text) < len(text):
             # The shorter window starts inside a character and its decoder made the END
             # unfinished (context-dependent output): keep the longer window, it is correct.
             return

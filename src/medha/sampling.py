@@ -141,13 +141,15 @@ def _normalise_stop(stop: object) -> tuple[str, ...]:
 def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
     if ids is None:
         return ()
-    if not isinstance(ids, list | tuple):
+    # A numpy array (or a torch tensor) of ids is its list.
+    items = ids.tolist() if hasattr(ids, "tolist") else ids
+    if not isinstance(items, list | tuple):
         _fail("stop_token_ids", ids, "must be a list/tuple of int")
     result = []
-    for item in ids:
-        if isinstance(item, bool) or not isinstance(item, int):
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             _fail("stop_token_ids", ids, f"token ids must be int, got {type(item).__name__}")
         elif item < 0:
             _fail("stop_token_ids", ids, f"token ids must be >= 0, got {item}")
-        result.append(item)
+        result.append(int(item))
     return tuple(result)

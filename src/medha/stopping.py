@@ -92,6 +92,13 @@ class StopChecker:
     def num_generated(self) -> int:
         return self._generated
 
+    def hides(self, token_id: int) -> bool:
+        """Whether `token_id` ends the request without its own text: eos, or a stop token
+        without include_stop_str_in_output."""
+        return token_id in self._eos_token_ids or (
+            token_id in self._stop_token_ids and not self._include_stop
+        )
+
     def update(self, token_id: int, text_delta: str) -> StopUpdate:
         """Account for one generated token and the text delta its detokenization produced."""
         if self._finished:

@@ -8,6 +8,7 @@ network, and real enough (merges, special tokens, a chat template) to exercise e
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,16 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce, added special tokens included."""
         return len(self._hf)
+
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids `decode(..., skip_special_tokens=True)` leaves out: the added tokens marked
+        special (what the tokenizers library skips), for medha.detokenizer."""
+        return frozenset(
+            int(token_id)
+            for token_id, token in self._hf.added_tokens_decoder.items()
+            if token.special
+        )
 
     @property
     def has_chat_template(self) -> bool:
