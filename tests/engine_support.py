@@ -21,16 +21,17 @@ MODEL = "tiny-random"
 
 
 @cache
-def cost_profile_path() -> Path:
-    """Calibrate the tiny model once and save the profile, so engines start in ~0.2 s."""
+def cost_profile_path(model: str = MODEL) -> Path:
+    """Calibrate `model` once and save the profile, so engines start in ~0.2 s (an engine
+    refuses a profile calibrated for another model's shapes)."""
     import tempfile
 
     from medha.calibration import calibrate_runner
     from medha.perf import save_profile
 
-    runner, _ = build_runner(MODEL, num_blocks=512)
+    runner, _ = build_runner(model, num_blocks=512)
     result, _ = calibrate_runner(runner, budget_s=1.5)
-    path = Path(tempfile.mkdtemp(prefix="medha-test-")) / "tiny-cpu-profile.json"
+    path = Path(tempfile.mkdtemp(prefix="medha-test-")) / "cpu-profile.json"
     save_profile(result.profile, path)
     return path
 

@@ -103,7 +103,7 @@ def workload(seed: int, count: int, long_prompts: int) -> list[tuple[list[int], 
 def parallel_config(tp: int, pp: int, kvp: int, **overrides: Any) -> medha.EngineConfig:
     settings: dict[str, Any] = {
         "model": str(model_folder()),
-        "cost_profile": cost_profile_path(),
+        "cost_profile": cost_profile_path(str(model_folder())),
         "num_blocks": 64,
         "target_batch_time": 0.004,
         "parallel": medha.ParallelConfig(

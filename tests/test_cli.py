@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pydantic
 import pytest
 
+from medha.calibration import mixed_validation_batches
 from medha.cli import main, parse_args
 from medha.commands import generate
 from medha.commands.user_errors import user_error_message
@@ -119,6 +123,18 @@ def test_calibrate_checks_its_output_path_before_calibrating(
     assert "it is a folder" in _user_error(capsys, argv)
 
 
+def test_calibrate_refuses_a_cache_too_small_to_calibrate_on(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # It used to look forever for validation batches that fit in 32 tokens.
+    argv = ["calibrate", "tiny-random", "--num-blocks", "2", "--out", str(tmp_path / "p.json")]
+    assert "holds 32 tokens; calibration needs at least 2048 (--num-blocks 128)" in _user_error(
+        capsys, argv
+    )
+    assert mixed_validation_batches(32) == []
+    assert 0 < len(mixed_validation_batches(2048)) <= 12
+
+
 @pytest.mark.parametrize("seconds", ["-1", "0", "nan", "inf", "soon"])
 def test_calibrate_refuses_a_time_budget_that_is_not_a_positive_number(
     capsys: pytest.CaptureFixture[str], seconds: str
@@ -214,3 +230,82 @@ def test_generate_refuses_text_encoding_to_ids_the_model_lacks(
     monkeypatch.setattr(medha.model.loader, "load_checkpoint", smaller_vocabulary)
     message = _user_error(capsys, ["generate", "tiny-random", "Hello world"])
     assert "token ids the model does not have" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--engine", "nohostport"], {"RANK": "0", "WORLD_SIZE": "1"}, "argument --engine"),
+        (["--engine", "h:1", "--timeout", "-1"], {"RANK": "0", "WORLD_SIZE": "1"}, "--timeout"),
+        (["--engine", "h:1"], {"RANK": "x", "WORLD_SIZE": "1"}, "RANK='x'"),
+        (["--engine", "h:1"], {}, "RANK, WORLD_SIZE not set"),
+    ],
+)
+def test_worker_arguments_are_checked_before_joining(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        [sys.executable, "-m", "medha.cli", "worker", *argv],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_worker_whose_engine_never_comes_gives_up_after_its_timeout() -> None:
+    # torch's rendezvous alone would wait 30 minutes.
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "medha.cli", "worker", "--engine", "127.0.0.1:9", "--timeout", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 4, done.stderr
+    assert "did not let worker 0 of 1 join within 1 s" in done.stderr
+    assert time.perf_counter() - started < 60
+
+
+def test_generate_into_a_closed_pipe_exits_quietly() -> None:
+    # `medha generate ... | head -c 5`: the reader leaves after 5 bytes.
+    with subprocess.Popen(
+        [sys.executable, "-m", "medha.cli", "generate", "tiny-random", "Hi", "--max-tokens", "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.read(5)
+        process.stdout.close()
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_generate_refuses_text_that_is_not_utf8_and_a_system_prompt_without_chat(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    not_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of the argv
+    assert "the prompt is not valid UTF-8" in _user_error(
+        capsys, ["generate", "tiny-random", not_utf8]
+    )
+    argv = ["generate", "tiny-random", "hi", "--chat", "--stop", not_utf8]
+    assert "--stop is not valid UTF-8" in _user_error(capsys, argv)
+    argv = ["generate", "tiny-random", "hi", "--system", "be brief"]
+    assert "--system goes into the chat template: add --chat" in _user_error(capsys, argv)
+
+
+def test_demo_refuses_a_document_longer_than_the_context_before_running(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["demo", "--model", "tiny-random", "--long-tokens", "100000", "--shorts", "1"]
+    message = _user_error(capsys, [*argv, "--policies", "lars", "--out", str(tmp_path)])
+    assert "exceed the model's context of 4096 tokens: lower --long-tokens" in message
+    for bad in (["--long-tokens", "0"], ["--shorts", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", *bad])
+        assert exit_info.value.code == 2

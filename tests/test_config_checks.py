@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from medha import engine_setup
+from medha.calibration import calibration_target
 from medha.config import ATTENTION_BACKENDS, EngineConfig, ParallelConfig
 from medha.engine_setup import build_engine_parts, max_model_len_for
 from medha.errors import (
@@ -34,6 +35,8 @@ from medha.model.device import check_device
 from medha.model.kv_cache import KVCache
 from medha.model.loader import load_checkpoint
 from medha.model.setup import new_kv_cache
+from medha.perf import load_profile, save_profile
+from tests.engine_support import cost_profile_path
 
 # -- at construction ----------------------------------------------------------------------------
 
@@ -261,6 +264,37 @@ def test_a_cost_profile_that_is_missing_or_not_a_profile_fails_the_start_typed(
     monkeypatch.setattr(engine_setup, "load_model", load_model)
     with pytest.raises(InvalidConfigError, match=r"profile\.json"):
         build_engine_parts(EngineConfig(model="tiny-random", cost_profile=path))
+
+
+def test_a_cost_profile_calibrated_for_another_target_fails_the_start_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calibrated = load_profile(cost_profile_path())
+    target = calibration_target(_tiny_arch(), torch.float32, torch.device("cpu"))
+    assert calibrated.calibrated_for == target  # what calibrate_runner records
+    path = tmp_path / "profile.json"
+    save_profile(dataclasses.replace(calibrated, calibrated_for="32x4096; bfloat16; cuda"), path)
+
+    def load_model(*args: object) -> None:
+        raise AssertionError("the weights loaded before the profile was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine_setup, "load_model", load_model)
+        with pytest.raises(InvalidConfigError, match="was calibrated for '32x4096; bfloat16"):
+            build_engine_parts(EngineConfig(model="tiny-random", cost_profile=path))
+        # The same model in bf16 is another target too: bf16 products time differently.
+        config = EngineConfig(
+            model="tiny-random", dtype="bfloat16", cost_profile=cost_profile_path()
+        )
+        with pytest.raises(InvalidConfigError, match="float32; cpu"):
+            build_engine_parts(config)
+    # A datasheet profile (no target) and a matching one are taken.
+    save_profile(dataclasses.replace(calibrated, calibrated_for=""), path)
+    for profile in (path, cost_profile_path()):
+        parts = build_engine_parts(
+            EngineConfig(model="tiny-random", cost_profile=profile, num_blocks=16)
+        )
+        assert parts.calibration is None
 
 
 def test_a_sliding_window_caps_the_default_and_the_largest_max_model_len() -> None:

@@ -92,6 +92,7 @@ async def test_the_default_deadline_follows_the_configured_factor_and_floor() ->
     ("call", "error"),
     [
         (lambda e: e.stream(""), InvalidRequestError),
+        (lambda e: e.stream("caf\udce9"), InvalidRequestError),  # bytes that were not UTF-8
         (lambda e: e.stream([]), InvalidRequestError),
         (lambda e: e.stream(42), InvalidRequestError),
         (lambda e: e.stream([1, "2"]), InvalidRequestError),

@@ -14,6 +14,7 @@ import torch
 
 from medha.errors import ModelLoadError, UnsupportedModelError
 from medha.model import gguf_convert
+from medha.model.cache_dir import STALE_STAGING_SECONDS
 from medha.model.loader import load_checkpoint
 from medha.model.presets import SMOLLM2_135M, write_random_checkpoint
 
@@ -179,15 +180,85 @@ def test_second_load_of_a_gguf_hits_the_cache_without_converting(
     assert second.path.parent == tmp_path / "gguf"
 
 
-def test_a_modified_gguf_file_is_converted_again(
+def test_the_cache_is_keyed_by_the_files_content(
     tiny_gguf: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    copy = tmp_path / "copy.gguf"
+    # A reinstall or another virtualenv has its own copy, with its own path and mtime.
+    copy = tmp_path / "elsewhere" / tiny_gguf[1].name
+    copy.parent.mkdir()
     copy.write_bytes(tiny_gguf[1].read_bytes())
-    before = gguf_convert.cached_folder_for(copy, tmp_path)
     stat = copy.stat()
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert gguf_convert.cached_folder_for(copy, tmp_path) != before
+    original = gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path)
+    assert gguf_convert.cached_folder_for(copy, tmp_path) == original
+    edited = bytearray(copy.read_bytes())
+    edited[-1] ^= 1  # one weight's last byte
+    copy.write_bytes(bytes(edited))
+    assert gguf_convert.cached_folder_for(copy, tmp_path) != original
+
+
+def test_tokenizer_files_beside_the_gguf_are_not_its_tokenizer(
+    tiny_gguf: tuple[Path, Path], converted, tmp_path: Path
+) -> None:
+    # Another model's tokenizer.json in the download folder: transformers would prefer it.
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / tiny_gguf[1].name).write_bytes(tiny_gguf[1].read_bytes())
+    text = "Hello world! How are you today?"
+    ids = converted.tokenizer.encode(text, add_special_tokens=False)
+    vocab = json.loads((tiny_gguf[0] / "tokenizer.json").read_text())
+    pieces = vocab["model"]["vocab"]
+    by_id = {i: piece for piece, i in pieces.items()}
+    first, second = by_id[ids[0]], by_id[ids[1]]  # swapped: the text encodes otherwise
+    pieces[first], pieces[second] = pieces[second], pieces[first]
+    (folder / "tokenizer.json").write_text(json.dumps(vocab))
+    beside = load_checkpoint(folder / tiny_gguf[1].name, cache_dir=tmp_path / "cache")
+    assert beside.tokenizer.encode(text) == converted.tokenizer.encode(text)
+
+
+def test_a_broken_cache_entry_is_converted_again(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+    tensors = {name: first.get_tensor(name).clone() for name in first.tensor_names()}
+    weights = first.path / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # a full disk, a killed copy
+    again = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+    assert again.path == first.path and weights.stat().st_size == len(intact)
+    assert again.tensor_names() == list(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(again.get_tensor(name), tensor), name
+    (first.path / "config.json").unlink()
+    assert load_checkpoint(tiny_gguf[1], cache_dir=tmp_path).path == first.path
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_model_load_error(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    with pytest.raises(ModelLoadError, match=r"cannot write medha's cache.*MEDHA_CACHE_DIR"):
+        load_checkpoint(tiny_gguf[1], cache_dir=not_a_folder / "cache")
+
+
+def test_a_cache_entry_is_readable_by_everyone_and_killed_builds_are_swept(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path
+) -> None:
+    killed = tmp_path / "gguf" / ".tiny-llama.F32-0123.abc.partial"
+    killed.mkdir(parents=True)
+    old = time.time() - 2 * STALE_STAGING_SECONDS
+    os.utime(killed, (old, old))
+    recent = tmp_path / "gguf" / ".tiny-llama.F32-4567.def.partial"  # a build running now
+    recent.mkdir()
+    umask = os.umask(0o022)
+    try:
+        folder = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path).path
+    finally:
+        os.umask(umask)
+    assert not killed.exists() and recent.exists()
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
 
 
 def test_a_failed_conversion_leaves_no_folder_behind(

@@ -323,7 +323,10 @@ def test_cache_dir_prefers_medha_cache_dir_then_xdg_then_home(
 
 def test_atomic_folder_publishes_only_complete_folders(tmp_path: Path) -> None:
     final = tmp_path / "built"
-    with pytest.raises(OSError, match="disk full"), atomic_folder(final) as staging:
+    with (
+        pytest.raises(ModelLoadError, match=r"cannot write medha's cache there \(disk full\)"),
+        atomic_folder(final) as staging,
+    ):
         (staging / "half").write_text("x")
         raise OSError("disk full")
     assert list(tmp_path.iterdir()) == []

@@ -170,3 +170,48 @@ def test_loading_a_profile_with_unknown_or_missing_keys_fails_clearly() -> None:
     del data["efficiency"]["matmul"]
     with pytest.raises(ValueError, match="missing keys \\['matmul'\\]"):
         DeviceProfile.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("peak_flops", True, "peak_flops must be a number, got True"),
+        ("hbm_bandwidth", "fast", "must be a number"),
+        ("gpus_per_node", 1.5, "gpus_per_node must be an int"),
+        ("calibrated", "yes", "calibrated must be a bool"),
+        ("name", 3, "name must be a str"),
+    ],
+)
+def test_a_profile_field_of_the_wrong_type_is_refused(
+    field: str, value: object, message: str
+) -> None:
+    data = json.loads(H100_80GB.to_json())
+    data[field] = value
+    with pytest.raises(ValueError, match=message):
+        DeviceProfile.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("term", ["matmul", "iteration_overhead_s"])
+def test_an_infinite_coefficient_is_refused(term: str) -> None:
+    data = json.loads(H100_80GB.to_json())
+    data["efficiency"][term] = float("inf")  # json writes Infinity, and reads it back
+    with pytest.raises(ValueError, match=f"{term} must be finite"):
+        DeviceProfile.from_json(json.dumps(data))
+
+
+def test_saving_a_profile_never_leaves_a_truncated_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "profile.json"
+    save_profile(GPU_TRUTH, path)
+
+    def disk_full(self: Path, *args: object, **kwargs: object) -> None:
+        Path.open(self, "w").close()  # the truncation a plain write_text does first
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_profile(H100_80GB, path)
+    monkeypatch.undo()
+    assert load_profile(path) == GPU_TRUTH
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]

@@ -65,8 +65,8 @@ def test_simulate_writes_ttft_cdf_and_chunk_size_plots(tmp_path: Path) -> None:
         (["--policy", "sjf"], "unknown policy 'sjf'"),
         (["--policy", "lars:64"], "only fcfs-chunked takes a chunk size"),
         (["--tp", "3"], "tp=3 does not divide"),
-        (["--target-batch-time", "0"], "target_batch_time"),
-        (["--long-fraction", "2"], "long_fraction"),
+        (["--pp", "99"], "pp=99 exceeds the model's 32 layers"),
+        (["--kvp", "2", "--max-tokens-per-kvp-group", "5"], "must be a multiple of block_size"),
     ],
 )
 def test_bad_settings_are_reported_in_one_line(
@@ -74,7 +74,44 @@ def test_bad_settings_are_reported_in_one_line(
 ) -> None:
     assert main([*SMALL, *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("medha: error:") and message in err
+    assert err.startswith("medha: error:") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target-batch-time", "0"], "argument --target-batch-time: must be a finite number"),
+        (["--fixed-chunk", "0"], "argument --fixed-chunk: must be >= 1"),
+        (["--long-fraction", "2"], "argument --long-fraction: must be between 0 and 1"),
+        (["--num-requests", "-1"], "argument --num-requests: must be >= 1"),
+        (["--qps", "inf"], "argument --qps: must be a finite number > 0"),
+        (["--json", ""], "argument --json: an empty path"),
+    ],
+)
+def test_bad_values_are_refused_before_anything_runs(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMALL, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_the_simulation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medha.sim import runs
+
+    def no_simulation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("simulated before checking where the results go")
+
+    monkeypatch.setattr(runs, "run_policies", no_simulation)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*SMALL, "--json", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err
+    assert main([*SMALL, "--plot", str(blocker / "plots")]) == 2
+    assert f"cannot create the folder {blocker}" in capsys.readouterr().err
 
 
 def test_qps_does_not_apply_to_a_csv_trace(

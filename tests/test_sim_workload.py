@@ -204,6 +204,16 @@ def test_required_columns_alone_are_enough(tmp_path: Path) -> None:
         ),
         ("arrival_time,prompt_tokens,output_tokens\nnan,5,1\n", ":2: arrival_time must be >= 0"),
         ("arrival_time,prompt_tokens,output_tokens\n0,5,1,9\n", ":2: more fields than columns"),
+        # Blank lines count: the error names the line an editor shows.
+        ("arrival_time,prompt_tokens,output_tokens\n\n0,5,1\n\n1,x,1\n", ":5: prompt_tokens"),
+        (
+            "arrival_time,prompt_tokens,output_tokens,arrival_time\n0,5,1,3\n",
+            "column(s) arrival_time given twice",
+        ),
+        (
+            "arrival_time,prompt_tokens,output_tokens,label\n0,5,1," + "x" * 200_000 + "\n",
+            "not a readable CSV file (field larger than field limit",
+        ),
     ],
 )
 def test_csv_errors_name_the_file_line_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -212,6 +222,13 @@ def test_csv_errors_name_the_file_line_and_problem(tmp_path: Path, text: str, me
         read_requests_csv(path)
     assert str(path) in str(caught.value)
     assert message in str(caught.value)
+
+
+def test_a_spreadsheets_byte_order_mark_is_no_part_of_the_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfarrival_time,prompt_tokens,output_tokens\r\n0,5,1\r\n")
+    (request,) = read_requests_csv(path)
+    assert (request.arrival, request.prompt_tokens, request.output_tokens) == (0.0, 5, 1)
 
 
 def test_a_missing_csv_is_a_workload_error(tmp_path: Path) -> None:

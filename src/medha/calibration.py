@@ -7,11 +7,13 @@ runs a longer one and saves it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
 import torch
 
+from medha.model.arch import ModelArch
 from medha.model.runner import ModelRunner, StepSeq
 from medha.perf import CPU, CalibrationResult, DeviceProfile, Measurement, fit_profile
 from medha.scheduler import BatchCostModel, SeqShape
@@ -36,16 +38,35 @@ def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
     return grid
 
 
+MIN_CALIBRATION_TOKENS = 2048
+"""KV capacity a calibration needs: below it the grid has too few shapes to separate the
+model's terms (a fit on three shapes reports 0% error and predicts nothing)."""
+
+
+def calibration_target(arch: ModelArch, dtype: torch.dtype, device: torch.device) -> str:
+    """What a profile's coefficients hold for (DeviceProfile.calibrated_for): the shapes of
+    the model's products, the dtype and the kind of device. Weights and names do not count: a
+    fine-tune of the same architecture times the same."""
+    shape = (
+        f"{arch.num_layers}x{arch.hidden_size} heads {arch.num_heads}/{arch.num_kv_heads}x"
+        f"{arch.head_dim} ffn {arch.intermediate_size} vocab {arch.vocab_size}"
+    )
+    return f"{shape}; {str(dtype).removeprefix('torch.')}; {device.type}"
+
+
 def mixed_validation_batches(
     max_tokens: int, count: int = 12, seed: int = 0
 ) -> list[tuple[SeqShape, ...]]:
     """Random mixed batches unlike the grid (decodes at various contexts plus a prefill chunk
-    over a prefix): what the engine runs, to check the fitted model's predictions."""
+    over a prefix): what the engine runs, to check the fitted model's predictions. Fewer than
+    `count` where few of them fit in `max_tokens` (none below ~200 tokens)."""
     import random
 
     rng = random.Random(seed)
     batches: list[tuple[SeqShape, ...]] = []
-    while len(batches) < count:
+    for _ in range(1000 * count):
+        if len(batches) == count:
+            break
         decodes = [SeqShape(1, rng.randint(16, 3000)) for _ in range(rng.randint(0, 8))]
         chunk = SeqShape(rng.choice((32, 96, 160, 384, 768)), rng.randint(0, 4000))
         batch = (*decodes, chunk)
@@ -102,4 +123,6 @@ def calibrate_runner(
             break
         measurements.append(Measurement(shapes, time_batch(runner, shapes)))
     result = fit_profile(measurements, base, runner.arch, dtype_bytes=dtype_bytes)
-    return result, measurements
+    target = calibration_target(runner.arch, runner.kv_cache.k[0].dtype, runner.device)
+    profile = dataclasses.replace(result.profile, calibrated_for=target)
+    return dataclasses.replace(result, profile=profile), measurements

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from medha.calibration import calibrate_runner
+from medha.calibration import calibrate_runner, calibration_target
 from medha.config import EngineConfig
 from medha.errors import InvalidConfigError
 from medha.log import get_logger
@@ -54,7 +54,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     max_model_len = max_model_len_for(config, arch)
-    saved = saved_profile(config)
+    saved = saved_profile(config, arch)
     dtype = resolve_dtype(config.dtype)
     model = load_model(arch, checkpoint.get_tensor, dtype, device)
     num_blocks = kv_blocks_for(config, arch, dtype, arch.num_layers)
@@ -107,18 +107,28 @@ def kv_blocks_for(config: EngineConfig, arch: ModelArch, dtype: torch.dtype, lay
     return blocks
 
 
-def saved_profile(config: EngineConfig) -> DeviceProfile | None:
+def saved_profile(config: EngineConfig, arch: ModelArch) -> DeviceProfile | None:
     """The profile `cost_profile` names (None: calibrate); read before the weights load, so
-    that a wrong path fails in a moment, as an InvalidConfigError."""
+    that a wrong path, or a profile calibrated for another model, dtype or kind of device,
+    fails in a moment, as an InvalidConfigError."""
     if config.cost_profile is None:
         return None
     try:
-        return load_profile(config.cost_profile)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+        profile = load_profile(config.cost_profile)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
         raise InvalidConfigError(
             f"cost_profile {str(config.cost_profile)!r} is not a readable device profile "
             f"(write one with `medha calibrate` or medha.perf.save_profile): {exc}"
         ) from exc
+    target = calibration_target(arch, resolve_dtype(config.dtype), torch.device(config.device))
+    if profile.calibrated_for and profile.calibrated_for != target:
+        raise InvalidConfigError(
+            f"cost_profile {str(config.cost_profile)!r} was calibrated for "
+            f"{profile.calibrated_for!r}, and this engine runs {target!r} (model shape; dtype; "
+            "device): its times would be off. Calibrate for this one (`medha calibrate`), or "
+            "leave cost_profile unset for a calibration at start"
+        )
+    return profile
 
 
 def device_profile(

@@ -22,6 +22,7 @@ def prompt_token_ids(prompt: object, tokenizer: _Encoder, vocab_size: int) -> li
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
+        check_unicode(prompt, "the prompt")
         ids = tokenizer.encode(prompt)
         beyond = [token for token in ids if token >= vocab_size]
         if beyond:
@@ -51,6 +52,18 @@ def prompt_token_ids(prompt: object, tokenizer: _Encoder, vocab_size: int) -> li
     if not ids:
         raise InvalidRequestError("the prompt is empty")
     return ids
+
+
+def check_unicode(text: str, what: str) -> None:
+    """InvalidRequestError if `text` holds a lone surrogate: bytes that were not UTF-8, as
+    Python decodes a command line's (`caf\\xe9` in Latin-1). No tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{what} is not valid UTF-8 text (character {exc.start}: "
+            f"{text[exc.start : exc.end]!r}); encode it as UTF-8"
+        ) from None
 
 
 def request_ids(request_id: object) -> list[str]:

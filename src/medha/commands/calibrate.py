@@ -35,14 +35,23 @@ def add_parser(subparsers: Any) -> None:
 def default_profile_path(model: str, device: str, dtype: str) -> Path:
     from medha.model.cache_dir import default_cache_dir
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name)
-    return default_cache_dir() / "profiles" / f"{safe}-{device}-{dtype}.json"
+    return default_cache_dir() / "profiles" / f"{model_file_stem(model)}-{device}-{dtype}.json"
+
+
+def model_file_stem(model: str) -> str:
+    """The model's name as a file name, so that profiles of two models never share a file."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name) or "model"
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from medha.calibration import calibrate_runner, mixed_validation_batches, prediction_errors
+    from medha.calibration import (
+        MIN_CALIBRATION_TOKENS,
+        calibrate_runner,
+        mixed_validation_batches,
+        prediction_errors,
+    )
     from medha.model.setup import build_runner
     from medha.perf import RooflineCostModel, save_profile
 
@@ -52,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model}"):
         runner, _ = build_runner(
             args.model, num_blocks=args.num_blocks, dtype=args.dtype, device=args.device
+        )
+    if runner.kv_cache.capacity_tokens < MIN_CALIBRATION_TOKENS:
+        raise UsageError(
+            f"--num-blocks {args.num_blocks} holds {runner.kv_cache.capacity_tokens} tokens; "
+            f"calibration needs at least {MIN_CALIBRATION_TOKENS} (--num-blocks "
+            f"{-(-MIN_CALIBRATION_TOKENS // runner.block_size)})"
         )
     element = runner.kv_cache.k[0].element_size()
     with console.status(f"timing the executor for up to {args.seconds:.0f} s"):

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medha.commands.arg_types import policy_list, positive_float
-from medha.commands.user_errors import prepare_output_dir
+from medha.commands.arg_types import policy_list, positive_float, positive_int
+from medha.commands.calibrate import model_file_stem
+from medha.commands.user_errors import UsageError, prepare_output_dir
 
 
 def add_parser(subparsers: Any) -> None:
@@ -27,8 +28,8 @@ def add_parser(subparsers: Any) -> None:
         default="lars,fcfs",
         help="comma-separated, run in turn (default lars,fcfs)",
     )
-    p.add_argument("--long-tokens", type=int, default=6144)
-    p.add_argument("--shorts", type=int, default=20, help="number of short requests")
+    p.add_argument("--long-tokens", type=positive_int, default=6144)
+    p.add_argument("--shorts", type=positive_int, default=20, help="number of short requests")
     p.add_argument("--rate", type=positive_float, default=0.5, help="short requests per second")
     p.add_argument(
         "--target-batch-time",
@@ -70,7 +71,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.target_batch_time is None:
         args.target_batch_time = 0.15 if args.dtype == "bfloat16" else 0.25
     prepare_output_dir(args.out)
-    profile_path = args.out / f"cpu-profile-{args.dtype}.json"
+    profile_path = args.out / f"cpu-profile-{model_file_stem(args.model)}-{args.dtype}.json"
     policies: list[str] = args.policies
     summaries: dict[str, dict[str, float]] = {}
     results: dict[str, Any] = {}
@@ -81,7 +82,7 @@ async def _run(args: argparse.Namespace) -> int:
             model=args.model,
             policy=policy,
             target_batch_time=args.target_batch_time,
-            cost_profile=profile_path if profile_path.exists() else None,
+            cost_profile=profile_path if _readable_profile(profile_path) else None,
             calibration_seconds=6.0,
             dtype=args.dtype,
         )
@@ -99,6 +100,7 @@ async def _run(args: argparse.Namespace) -> int:
                     short_rate=args.rate,
                     seed=args.seed,
                 )
+                _check_fits(workload, engine.max_model_len)
                 trace, is_sample = trace_path("conv")
                 sample = " (the bundled sample: shared/data/traces is not beside this checkout)"
                 console.print(
@@ -183,3 +185,27 @@ def _s(value: float) -> str:
 
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 1000:.0f} ms"
+
+
+def _readable_profile(path: Path) -> bool:
+    """Whether the profile an earlier run saved can be used (a truncated or hand-edited one is
+    calibrated again, and overwritten)."""
+    from medha.perf import load_profile
+
+    try:
+        load_profile(path)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return False
+    return True
+
+
+def _check_fits(workload: list[Any], max_model_len: int) -> None:
+    """UsageError if a request (the document, with its chat template) is longer than the
+    model's context: before the runs, not as their task group's error."""
+    for request in workload:
+        if len(request.prompt_ids) + request.max_tokens > max_model_len:
+            raise UsageError(
+                f"the {request.kind} request's prompt ({len(request.prompt_ids)} tokens) and "
+                f"output ({request.max_tokens}) exceed the model's context of {max_model_len} "
+                "tokens: lower --long-tokens"
+            )

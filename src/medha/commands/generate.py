@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from medha.commands.user_errors import UsageError
 from medha.errors import InvalidRequestError, PromptTooLongError
+from medha.request_input import check_unicode
 
 BLOCK_SIZE = 16
 
@@ -55,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
     # token. With --chat the template around an empty message is a prompt.
     if not args.prompt and not args.chat:
         raise InvalidRequestError("the prompt is empty")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system goes into the chat template: add --chat")
+    # A terminal in another encoding hands Python bytes it cannot decode: refused here,
+    # before the model loads, not as the tokenizer's TypeError.
+    check_unicode(args.prompt, "the prompt")
+    for text, what in ((args.system, "--system"), *((stop, "--stop") for stop in args.stop)):
+        if text is not None:
+            check_unicode(text, what)
     device = check_device(args.device)
     checkpoint = load_checkpoint(args.model)
     tokenizer = checkpoint.tokenizer

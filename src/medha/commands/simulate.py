@@ -10,10 +10,15 @@ Example (the paper's Llama-3-8B setup, ShareGPT with 5% long requests):
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from medha.errors import MedhaError
+from medha.commands.arg_types import fraction, output_path, positive_float, positive_int
+from medha.commands.user_errors import (
+    UsageError,
+    check_output_file,
+    prepare_output_dir,
+    user_error_message,
+)
 
 DEFAULT_KVP_GROUP_TOKENS = 262_144
 """Tokens of one request per KVP group when --kvp > 1 and no --max-tokens-per-kvp-group."""
@@ -29,17 +34,17 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--model", default="llama-3-8b", choices=["llama-3-8b", "llama-3-70b"])
     p.add_argument("--hardware", default="h100", choices=["a100", "h100", "h200"])
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
-    p.add_argument("--kvp", type=int, default=1, help="KV-parallel groups (default 1)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel degree (1)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline stages (default 1)")
+    p.add_argument("--kvp", type=positive_int, default=1, help="KV-parallel groups (default 1)")
     p.add_argument("--no-spp", action="store_true", help="pipeline without stream pipelining")
     p.add_argument(
         "--max-tokens-per-kvp-group",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"tokens of a request per KVP group (default {DEFAULT_KVP_GROUP_TOKENS} if kvp > 1)",
     )
-    p.add_argument("--replicas", type=int, default=1, help="independent replicas (default 1)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="replicas (default 1)")
     p.add_argument("--routing", default="round-robin", choices=["round-robin", "least-loaded"])
     p.add_argument(
         "--policy",
@@ -49,28 +54,20 @@ def add_parser(subparsers: Any) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--trace", metavar="CSV", help="requests from a CSV (see docs)")
     source.add_argument("--workload", choices=["sharegpt", "arxiv", "conv"], default=None)
-    p.add_argument("--long-fraction", type=float, default=None, help="share of long requests")
-    p.add_argument("--qps", type=float, default=None, help="Poisson arrival rate (default 1)")
-    p.add_argument("--num-requests", type=int, default=None, help="default 200")
+    p.add_argument("--long-fraction", type=fraction, default=None, help="share of long requests")
+    p.add_argument("--qps", type=positive_float, default=None, help="Poisson rate (default 1)")
+    p.add_argument("--num-requests", type=positive_int, default=None, help="default 200")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-batch-time", type=float, default=0.05, help="seconds (0.05)")
-    p.add_argument("--fixed-chunk", type=int, default=512, help="fcfs-chunked tokens (512)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
-    p.add_argument("--plot", metavar="DIR", default=None, help="write PNG plots (matplotlib)")
+    p.add_argument("--target-batch-time", type=positive_float, default=0.05, help="seconds (0.05)")
+    p.add_argument(
+        "--fixed-chunk", type=positive_int, default=512, help="fcfs-chunked tokens (512)"
+    )
+    p.add_argument("--json", metavar="OUT", type=output_path, help="write the results as JSON")
+    p.add_argument("--plot", metavar="DIR", type=output_path, help="write PNG plots (matplotlib)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        return _simulate(args)
-    except (MedhaError, ValueError, ValidationError, ImportError) as exc:
-        print(f"medha: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from medha.perf import ReplicaSpec, device_profile, model_preset
@@ -78,17 +75,33 @@ def _simulate(args: argparse.Namespace) -> int:
     from medha.sim.report import TABLE_WIDTH, print_results, results_json, write_json
     from medha.sim.runs import parse_policies, run_policies
 
-    specs = parse_policies(args.policy)
-    requests, workload = _requests(args)
-    group_tokens = args.max_tokens_per_kvp_group
-    if args.kvp > 1 and group_tokens is None:
-        group_tokens = DEFAULT_KVP_GROUP_TOKENS
-    deployment = Deployment(
-        model_preset(args.model),
-        device_profile(HARDWARE_NAMES[args.hardware]),
-        ReplicaSpec(args.tp, args.pp, args.kvp, group_tokens if args.kvp > 1 else None),
-        num_replicas=args.replicas,
-    )
+    # Where the results go is checked before the simulation, not after it.
+    if args.json:
+        check_output_file(args.json)
+    if args.plot:
+        prepare_output_dir(args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(f"--plot needs matplotlib: {exc}") from exc
+    try:
+        # What these refuse is the command line's mistake (a policy, a layout, a workload).
+        specs = parse_policies(args.policy)
+        requests, workload = _requests(args)
+        group_tokens = args.max_tokens_per_kvp_group
+        if args.kvp > 1 and group_tokens is None:
+            group_tokens = DEFAULT_KVP_GROUP_TOKENS
+        deployment = Deployment(
+            model_preset(args.model),
+            device_profile(HARDWARE_NAMES[args.hardware]),
+            ReplicaSpec(args.tp, args.pp, args.kvp, group_tokens if args.kvp > 1 else None),
+            num_replicas=args.replicas,
+        )
+        deployment.cost_model()  # checks the layout: tp dividing the heads, pp the layers
+    except ValueError as exc:
+        if user_error_message(exc) is not None:
+            raise  # medha's own typed errors, and pydantic's: main prints them
+        raise UsageError(str(exc)) from exc
     settings = {
         "target_batch_time": args.target_batch_time,
         "fixed_chunk": args.fixed_chunk,

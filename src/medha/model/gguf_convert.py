@@ -6,8 +6,12 @@ gives exactly the logits transformers computes when it loads the GGUF itself, wh
 reference our exactness tests compare against. Quantized GGUFs therefore become float32 folders:
 several times the size of the file, the price of not hand-rolling dequantization.
 
-The cache key is the file's resolved path, size and modification time (plus a format version), so
-a cache hit costs one `stat` and never reads the GGUF.
+The cache key is a hash of the file's content (plus a format version): copies of one GGUF (a
+reinstall, another virtualenv, a fresh clone's) share one conversion, and an edited file never
+reuses a stale one. A hit reads the file once to hash it (~0.1 s for SmolLM2's 100 MB, a few
+seconds for an 8B model's 5 GB: little beside loading the converted weights). Only the GGUF is
+read: tokenizer files that happen to lie beside it are not its tokenizer. A cache entry that is
+incomplete (a file deleted or truncated) is converted again.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,28 +36,35 @@ from medha.model.cache_dir import atomic_folder, default_cache_dir
 log = get_logger(__name__)
 
 # Bump when the folder layout written below changes, so stale cache entries are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_ENTRY_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def cached_folder_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """The cache folder `gguf_path` converts to (it may not exist yet)."""
     resolved = gguf_path.expanduser().resolve()
+    digest = hashlib.sha256(f"medha-gguf-v{_FORMAT_VERSION}\0".encode())
     try:
-        stat = resolved.stat()
+        with resolved.open("rb") as file:
+            hashlib.file_digest(file, lambda: digest)
     except OSError as exc:
         raise ModelLoadError(gguf_path, f"cannot read: {exc}") from exc
-    identity = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_FORMAT_VERSION}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{key}"
+    return (
+        (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{digest.hexdigest()[:16]}"
+    )
 
 
 def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
     """Return the HF folder for `gguf_path`, converting it first if it is not cached yet."""
     folder = cached_folder_for(gguf_path, cache_dir)
     if folder.is_dir():
-        log.debug("gguf cache hit", gguf=str(gguf_path), folder=str(folder))
-        return folder
+        if problem := _entry_problem(folder):
+            log.warning("converting again: broken cache entry", folder=str(folder), problem=problem)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            log.debug("gguf cache hit", gguf=str(gguf_path), folder=str(folder))
+            return folder
     architecture = _gguf_architecture(gguf_path)
     started = time.perf_counter()
     with (
@@ -89,25 +103,50 @@ def _gguf_architecture(gguf_path: Path) -> str:
     return architecture
 
 
+def _entry_problem(folder: Path) -> str | None:
+    """What makes a cache entry unusable (a file missing, the weights truncated), or None."""
+    for name in _ENTRY_FILES:
+        if not (folder / name).is_file():
+            return f"{name} missing"
+    weights = folder / "model.safetensors"
+    try:
+        with weights.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_length))
+        data_end = max(
+            (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+            default=0,
+        )
+        if weights.stat().st_size < 8 + header_length + data_end:
+            return "model.safetensors truncated"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"model.safetensors unreadable ({exc})"
+    return None
+
+
 def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
     """Load the GGUF with transformers and save config, weights and tokenizer into `folder`."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    try:
-        with _captured_stderr():
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent),
-                gguf_file=str(gguf_path),
-                local_files_only=True,
-                # Dense weights even where a packed-GGUF matmul kernel is installed.
-                quantization_config=GgufConfig(dequantize=True),
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf_path.parent), gguf_file=str(gguf_path), local_files_only=True
-            )
-    except Exception as exc:
-        raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
+    # transformers reads tokenizer files lying beside the GGUF in preference to the GGUF's own
+    # tokenizer: give it a folder that holds the GGUF alone.
+    with tempfile.TemporaryDirectory(prefix="medha-gguf-") as alone:
+        os.symlink(gguf_path, Path(alone) / gguf_path.name)
+        try:
+            with _captured_stderr():
+                model = AutoModelForCausalLM.from_pretrained(
+                    alone,
+                    gguf_file=gguf_path.name,
+                    local_files_only=True,
+                    # Dense weights even where a packed-GGUF matmul kernel is installed.
+                    quantization_config=GgufConfig(dequantize=True),
+                )
+                tokenizer = AutoTokenizer.from_pretrained(
+                    alone, gguf_file=gguf_path.name, local_files_only=True
+                )
+        except Exception as exc:
+            raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -62,7 +62,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     arch = checkpoint.arch
     _check_layout(config, arch, layout)
     max_model_len = _kvp_max_model_len(config, max_model_len_for(config, arch), layout)
-    saved = saved_profile(config)
+    saved = saved_profile(config, arch)
     dtype = resolve_dtype(config.dtype)
     # One worker's pool: its TP shard of the heads, for the layers of the largest stage.
     stage_layers = max(len(r) for r in split_layers(arch.num_layers, layout.pp))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -186,7 +187,23 @@ def serve_attached(engine: str, timeout_s: float = 600.0) -> None:
     engine to send the WorkerSpec (`configure_worker`), then serve steps until stopped. The
     workers' collective world uses torchrun's own rendezvous (MASTER_ADDR, MASTER_PORT)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    joined = threading.Event()
+
+    def give_up() -> None:
+        # init_rpc's rendezvous waits torch's default 30 minutes, whatever timeout_s says.
+        if not joined.wait(timeout_s):
+            print(
+                f"medha worker: the engine at {engine} did not let worker {rank} of {world} "
+                f"join within {timeout_s:g} s (--timeout); is it started, with attach="
+                f"{engine!r} and a world of {world}?",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(4)
+
+    threading.Thread(target=give_up, name="join-timeout", daemon=True).start()
     _join_rpc(rank, world, f"tcp://{engine}", ATTACHED_SESSION, timeout_s)
+    joined.set()
     _watch_engine()
     _STOP.wait()
     time.sleep(0.1)  # let the reply to stop_worker go out

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ class Efficiency:
     0 for kernels that read paged KV in place (GPU), the gather pass of the CPU executor."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in EFFICIENCY_TERMS:
             if not getattr(self, name) > 0:
                 raise ValueError(f"efficiency {name!r} must be > 0, got {getattr(self, name)!r}")
@@ -93,8 +96,13 @@ class DeviceProfile:
     calibrated: bool = False
     """True once the efficiency coefficients were fitted to measurements on this machine."""
     notes: str = ""
+    calibrated_for: str = ""
+    """What the coefficients were fitted on: the model's shape, the dtype and the device type
+    (medha.calibration.calibration_target); "" for datasheet profiles. An engine refuses a
+    profile calibrated for another target: its times could be off by 10x or more."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("peak_flops", "hbm_bandwidth", "hbm_bytes", "nvlink_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -132,8 +140,33 @@ def _checked_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _check_types(instance: Any) -> None:
+    """Fields of the types they are declared with, numbers finite: a profile is read from
+    JSON, where `true` would pass for the number 1 and `Infinity` for a time."""
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if field.type == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{field.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{field.name} must be finite, got {value!r}")
+        elif field.type in ("int", "bool", "str"):
+            expected = {"int": int, "bool": bool, "str": str}[field.type]
+            if type(value) is not expected:
+                article = "an" if field.type == "int" else "a"
+                raise ValueError(f"{field.name} must be {article} {field.type}, got {value!r}")
+
+
 def save_profile(profile: DeviceProfile, path: str | Path) -> None:
-    Path(path).write_text(profile.to_json() + "\n", encoding="utf-8")
+    """Write `profile` as JSON, atomically: a failed write (a full disk) leaves the file that
+    was there, not a truncated one."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(profile.to_json() + "\n", encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def load_profile(path: str | Path) -> DeviceProfile:

@@ -28,14 +28,18 @@ def read_requests_csv(path: str | Path) -> list[SimRequest]:
     the line and the problem."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which is no column.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             _check_header(path, reader.fieldnames)
-            requests = [_parse_row(path, line, row) for line, row in enumerate(reader, start=2)]
+            # line_num, not a row count: blank lines are skipped, a quoted field spans lines.
+            requests = [_parse_row(path, reader.line_num, row) for row in reader]
     except OSError as exc:
         raise WorkloadError(f"cannot read workload CSV {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise WorkloadError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as exc:  # a field over the csv module's size limit, a stray NUL
+        raise WorkloadError(f"{path}: not a readable CSV file ({exc})") from None
     if not requests:
         raise WorkloadError(f"{path}: no requests (only a header)")
     return sorted(requests, key=lambda request: request.arrival)
@@ -45,6 +49,9 @@ def _check_header(path: Path, fieldnames: Sequence[str] | None) -> None:
     if not fieldnames:
         raise WorkloadError(f"{path}: empty file; expected a header {','.join(REQUIRED_COLUMNS)}")
     columns = [name.strip() for name in fieldnames]
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise WorkloadError(f"{path}: column(s) {', '.join(repeated)} given twice in the header")
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     unknown = [name for name in columns if name not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
     if missing or unknown:
