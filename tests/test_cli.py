@@ -238,7 +238,6 @@ def test_generate_refuses_text_encoding_to_ids_the_model_lacks(
         (["--engine", "nohostport"], {"RANK": "0", "WORLD_SIZE": "1"}, "argument --engine"),
         (["--engine", "h:1", "--timeout", "-1"], {"RANK": "0", "WORLD_SIZE": "1"}, "--timeout"),
         (["--engine", "h:1"], {"RANK": "x", "WORLD_SIZE": "1"}, "RANK='x'"),
-        (["--engine", "h:1"], {}, "RANK, WORLD_SIZE not set"),
     ],
 )
 def test_worker_arguments_are_checked_before_joining(

@@ -119,10 +119,12 @@ async def test_an_attached_worker_that_dies_fails_every_open_stream(
         torchrun.wait()
 
 
-def test_worker_outside_torchrun_says_how_to_start_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_outside_torchrun_says_how_to_start_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(SystemExit, match="torchrun"):
-        main(["worker", "--engine", "127.0.0.1:29500"])
+    assert main(["worker", "--engine", "127.0.0.1:29500"]) == 2
+    assert "start `medha worker` with torchrun" in capsys.readouterr().err
 
 
 def test_attach_address_is_validated() -> None:
