@@ -219,6 +219,10 @@ def test_a_containers_memory_limit_bounds_the_room(tmp_path: Path) -> None:
     (tmp_path / "memory.max").write_text("3221225472\n")
     (tmp_path / "memory.current").write_text("1073741824\n")
     assert device_module._cgroup_room(str(tmp_path)) == 2 * 2**30
+    # The weights just read sit in the page cache, counted as used: its inactive part is
+    # given back before the limit refuses an allocation.
+    (tmp_path / "memory.stat").write_text("anon 1000\ninactive_file 536870912\nactive_file 7\n")
+    assert device_module._cgroup_room(str(tmp_path)) == 2 * 2**30 + 2**29
     (tmp_path / "memory.max").write_text("max\n")
     assert device_module._cgroup_room(str(tmp_path)) is None
     assert device_module._cgroup_room(str(tmp_path / "absent")) is None

@@ -8,69 +8,16 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from medha.detokenizer import CONTEXT_TOKENS, MAX_HELD_TOKENS, IncrementalDetokenizer
-
-TRAINING_TEXT = [
-    "Héllo wörld, café crème brûlée, naïve résumé. The quick brown fox jumps over the lazy dog.",
-    "日本語のテキストです。東京は日本の首都です。中文也可以。한국어도 있어요.",
-    "Emoji: 😀🎉👍🏽 family 👨‍👩‍👧 rocket 🚀🔥 ✓ ∑ π ≈ 3.14 — «quotes» “smart”",
-] * 3
-
-
-class HFDecoder:
-    """The decode protocol over a `tokenizers.Tokenizer`, counting the work it is asked for."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.decoded_lengths: list[int] = []
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        self.decoded_lengths.append(len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def _byte_level_bpe() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<eos>"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
-    return tokenizer
-
-
-def _sentencepiece_with_byte_fallback() -> Tokenizer:
-    """Llama-2 style: "▁" marks spaces, the decoder strips the first one, unknown characters
-    are spelled as <0xNN> byte tokens (each invalid byte decodes to one U+FFFD)."""
-    vocab = {"<unk>": 0, "</s>": 1}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for piece in ["▁", "H", "e", "l", "o", "w", "r", "d", "▁Hello", "▁world", "é", "日", "!"]:
-        vocab[piece] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
-    tokenizer.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ]
-    )
-    tokenizer.add_special_tokens(["</s>"])
-    return tokenizer
-
-
-BYTE_LEVEL = _byte_level_bpe()
-SENTENCEPIECE = _sentencepiece_with_byte_fallback()
+from tests.detokenizer_support import (
+    BYTE_LEVEL,
+    SENTENCEPIECE,
+    TRAINING_TEXT,
+    HFDecoder,
+    byte_token,
+)
 
 
 def _stream(
@@ -160,17 +107,6 @@ def test_a_long_run_of_invalid_bytes_is_emitted_instead_of_held_forever() -> Non
     assert max(decoder.decoded_lengths) <= 2 * CONTEXT_TOKENS + MAX_HELD_TOKENS
 
 
-def byte_token(byte: int) -> int:
-    """BYTE_LEVEL's id of the token spelling the one byte `byte` (GPT-2's byte alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    unprintable = [b for b in range(256) if b not in printable]
-    char = chr(byte) if byte in printable else chr(256 + unprintable.index(byte))
-    token_id = BYTE_LEVEL.token_to_id(char)
-    assert token_id is not None
-    return token_id
-
-
 @pytest.mark.parametrize("invalid", range(MAX_HELD_TOKENS - 4, MAX_HELD_TOKENS + 2))
 def test_a_character_completed_after_a_long_invalid_run_is_emitted(invalid: int) -> None:
     # Where the held run reaches MAX_HELD_TOKENS inside the emoji, the emoji's start must stay
@@ -179,6 +115,18 @@ def test_a_character_completed_after_a_long_invalid_run_is_emitted(invalid: int)
     deltas, rest = _stream(BYTE_LEVEL, ids)
     assert "".join(deltas) + rest == BYTE_LEVEL.decode(ids)
     assert "".join(deltas).endswith("\ufffd😀x")
+
+
+def test_tokens_without_text_inside_the_held_character_do_not_lose_it() -> None:
+    # A decoder that cannot say which ids it skips: <eos> tokens between the emoji's bytes
+    # have no bytes, so the character's start lies further back than the last tokens.
+    eos = BYTE_LEVEL.token_to_id("<eos>")
+    for invalid in range(MAX_HELD_TOKENS - 8, MAX_HELD_TOKENS + 2):
+        for skipped in range(4):
+            ids = [byte_token(0x80)] * invalid + [byte_token(0xF0)] + [eos] * skipped
+            ids += [byte_token(b) for b in b"\x9f\x98\x80x"]
+            deltas, rest = _stream(BYTE_LEVEL, ids)
+            assert "".join(deltas) + rest == BYTE_LEVEL.decode(ids), (invalid, skipped)
 
 
 class SpecialAwareDecoder(HFDecoder):

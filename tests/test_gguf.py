@@ -197,6 +197,31 @@ def test_the_cache_is_keyed_by_the_files_content(
     assert gguf_convert.cached_folder_for(copy, tmp_path) != original
 
 
+def test_a_file_is_hashed_once_per_path_size_and_mtime(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path)
+    monkeypatch.setattr(gguf_convert.hashlib, "file_digest", None)  # hashing again fails
+    assert gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path) == first
+    (tmp_path / "gguf" / "digests.json").write_text("not json")  # a broken memo: hash again
+    monkeypatch.undo()
+    assert gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path) == first
+
+
+def test_a_broken_entry_that_cannot_be_removed_says_so(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = load_checkpoint(tiny_gguf[1], cache_dir=tmp_path).path
+    (folder / "config.json").unlink()
+
+    def not_yours(path: object) -> None:
+        raise PermissionError(13, "Permission denied")  # built by root in the image
+
+    monkeypatch.setattr(gguf_convert.shutil, "rmtree", not_yours)
+    with pytest.raises(ModelLoadError, match=r"config.json missing.*cannot be removed.*delete it"):
+        load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+
+
 def test_tokenizer_files_beside_the_gguf_are_not_its_tokenizer(
     tiny_gguf: tuple[Path, Path], converted, tmp_path: Path
 ) -> None:
@@ -271,7 +296,7 @@ def test_a_failed_conversion_leaves_no_folder_behind(
     monkeypatch.setattr(gguf_convert, "_write_hf_folder", crash_halfway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
-    assert list((tmp_path / "gguf").iterdir()) == []
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == ["digests.json"]
 
 
 def test_a_garbage_gguf_file_raises_model_load_error_naming_it(tmp_path: Path) -> None:

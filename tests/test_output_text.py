@@ -9,7 +9,7 @@ from medha.actors.tracked import TrackedRequest
 from medha.output_text import OutputText
 from medha.request import RequestMetrics, TokenEvent
 from medha.sampling import SamplingParams
-from tests.test_detokenizer import BYTE_LEVEL, HFDecoder, byte_token
+from tests.detokenizer_support import BYTE_LEVEL, HFDecoder, byte_token
 
 
 class CharDecoder:

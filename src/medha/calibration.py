@@ -123,6 +123,8 @@ def calibrate_runner(
             break
         measurements.append(Measurement(shapes, time_batch(runner, shapes)))
     result = fit_profile(measurements, base, runner.arch, dtype_bytes=dtype_bytes)
-    target = calibration_target(runner.arch, runner.kv_cache.k[0].dtype, runner.device)
+    # The weights' dtype, as EngineConfig.dtype sets it (a KV cache could one day differ).
+    weights_dtype = next(runner.model.parameters()).dtype
+    target = calibration_target(runner.arch, weights_dtype, runner.device)
     profile = dataclasses.replace(result.profile, calibrated_for=target)
     return dataclasses.replace(result, profile=profile), measurements

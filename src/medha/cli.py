@@ -9,7 +9,6 @@ status 2, like a bad argument; -v adds its traceback. Any other error is a bug a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -63,11 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc: BaseException = raised
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
-        if isinstance(exc, BrokenPipeError):
-            # `medha generate ... | head`: the reader left. Quietly, and with no second error
-            # when Python flushes stdout at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141  # 128 + SIGPIPE: what a shell reports for a writer the pipe killed
         message = user_error_message(exc)
         if message is None:
             raise

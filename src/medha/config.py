@@ -13,9 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medha.scheduler import PolicyName
-
-CHUNK_MULTIPLE = 32
-"""Prefill chunks are cut at multiples of this many tokens (SchedulerConfig.chunk_multiple)."""
+from medha.scheduler.config import CHUNK_MULTIPLE
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "reference")
 """Every attention backend medha registers (medha.kernels), whether or not this machine can run

@@ -140,8 +140,11 @@ class IncrementalDetokenizer:
             # longer window; it is correct.
             return
         if forced:
-            # The last character's bytes are in the last CONTEXT_TOKENS tokens (4 bytes at
-            # most), so it is the last character here too, not emitted yet.
+            # The held character is unfinished: 3 bytes at most, so in the last 3 tokens when
+            # each of them has bytes, and then it is the last character here too. A token with
+            # no text (not skipped as special) would push its start out of the short window.
+            if any(not self._decode([token]) for token in window[-3:]):
+                return
             self._window = window
             self._emitted = len(text) - 1
             return

@@ -266,11 +266,12 @@ class Engine:
         assert self._host is not None
         try:
             await self._host.stop()
+            # The actors are done, and with them any step on the model thread.
+            if self._stage is not None:
+                self._stage.release()
         finally:
             if self._model_thread is not None:
                 self._model_thread.close()
-            if self._stage is not None:
-                self._stage.release()
 
     def _check_loop(self) -> None:
         """An engine serves the event loop it was started on: its actors are tasks there, and

@@ -78,7 +78,8 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
         self._seqs.clear()
         self._paused.clear()
         if device is not None and device.type == "cuda":
-            torch.cuda.empty_cache()
+            with torch.cuda.device(device):  # its cache, not the current device's
+                torch.cuda.empty_cache()
 
     async def handle(
         self, message: ModelStep | ResumeStep | Forget

@@ -39,8 +39,17 @@ def default_profile_path(model: str, device: str, dtype: str) -> Path:
 
 
 def model_file_stem(model: str) -> str:
-    """The model's name as a file name, so that profiles of two models never share a file."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name) or "model"
+    """The model's name as a file name, so that profiles of two models never share a file:
+    for a folder or a file, its name and a hash of its absolute path (two checkpoints both
+    called `model`)."""
+    import hashlib
+
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name) or "model"
+    path = Path(model).expanduser()
+    if not path.exists():
+        return name  # a preset's name
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{name}-{where}"
 
 
 def run(args: argparse.Namespace) -> int:

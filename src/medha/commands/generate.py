@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -83,10 +84,21 @@ def run(args: argparse.Namespace) -> int:
     runner = checkpoint_runner(
         checkpoint, device, needed_blocks, BLOCK_SIZE, args.dtype, args.attention
     )
-    for token in generate_single(runner, prompt_ids, params, tokenizer, tokenizer.eos_token_ids):
-        sys.stdout.write(token.text)
+    try:
+        for token in generate_single(
+            runner, prompt_ids, params, tokenizer, tokenizer.eos_token_ids
+        ):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    except BrokenPipeError:
+        # `medha generate ... | head`: the reader left. End quietly, as a writer the pipe
+        # kills would, and keep Python's flush at exit from failing a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE: what a shell reports for such a writer
     return 0
 
 

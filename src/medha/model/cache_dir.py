@@ -82,12 +82,21 @@ def _remove_stale_staging(parent: Path) -> None:
 
 def _readable_by_all(folder: Path) -> None:
     """mkdtemp makes a 0700 folder and some writers 0600 files: open them up as the umask
-    allows, as a plain mkdir and open would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o755 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+    allows, as a plain mkdir and open would have. Best effort: a file system without Unix
+    modes (vfat, some network mounts) refuses chmod, and its cache still works."""
+    umask = _umask()
+    for path in (folder, *folder.rglob("*")):
+        with contextlib.suppress(OSError):
+            path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022  # what most systems default to; only the modes' strictness depends on it
 
 
 def _is_write_failure(exc: BaseException) -> bool:

@@ -88,12 +88,29 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """What the cgroup v2 limit leaves: limit - usage, where usage counts the page cache (the
+    weights just read) and the kernel gives its inactive part back before it refuses memory."""
     try:
         with open(f"{root}/memory.max") as limit, open(f"{root}/memory.current") as current:
             text = limit.read().strip()
-            return None if text == "max" else max(0, int(text) - int(current.read()))
+            if text == "max":
+                return None
+            used = int(current.read())
     except (OSError, ValueError):
         return None
+    return max(0, int(text) - used + _inactive_file_bytes(root))
+
+
+def _inactive_file_bytes(root: str) -> int:
+    try:
+        with open(f"{root}/memory.stat") as stat:
+            for line in stat:
+                key, _, value = line.partition(" ")
+                if key == "inactive_file":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _physical() -> int | None:

@@ -8,10 +8,11 @@ several times the size of the file, the price of not hand-rolling dequantization
 
 The cache key is a hash of the file's content (plus a format version): copies of one GGUF (a
 reinstall, another virtualenv, a fresh clone's) share one conversion, and an edited file never
-reuses a stale one. A hit reads the file once to hash it (~0.1 s for SmolLM2's 100 MB, a few
-seconds for an 8B model's 5 GB: little beside loading the converted weights). Only the GGUF is
-read: tokenizer files that happen to lie beside it are not its tokenizer. A cache entry that is
-incomplete (a file deleted or truncated) is converted again.
+reuses a stale one. A file is hashed once (~0.1 s for SmolLM2's 100 MB, seconds for an 8B
+model's 5 GB); the digest is remembered per (path, size, mtime) in the cache's digests.json, so
+a later load costs a `stat`. Only the GGUF is read: tokenizer files that happen to lie beside it
+are not its tokenizer. A cache entry that is incomplete (a file deleted or truncated) is
+converted again.
 """
 
 from __future__ import annotations
@@ -38,40 +39,80 @@ log = get_logger(__name__)
 # Bump when the folder layout written below changes, so stale cache entries are not reused.
 _FORMAT_VERSION = 2
 _ENTRY_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_DIGESTS_FILE = "digests.json"
+_MEMO_ENTRIES = 256
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def cached_folder_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """The cache folder `gguf_path` converts to (it may not exist yet)."""
     resolved = gguf_path.expanduser().resolve()
+    root = (cache_dir or default_cache_dir()) / "gguf"
+    return root / f"{resolved.stem}-{_content_key(gguf_path, resolved, root)}"
+
+
+def _content_key(gguf_path: Path, resolved: Path, root: Path) -> str:
+    """The hash of the file's content, remembered per (path, size, mtime) in the cache, so
+    that a file is hashed once (8 workers each hashing a 5 GB model would read 40 GB)."""
+    try:
+        stat = resolved.stat()
+    except OSError as exc:
+        raise ModelLoadError(gguf_path, f"cannot read: {exc}") from exc
+    memo_file = root / _DIGESTS_FILE
+    seen = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = _read_memo(memo_file)
+    if seen in memo:
+        return memo[seen]
     digest = hashlib.sha256(f"medha-gguf-v{_FORMAT_VERSION}\0".encode())
     try:
         with resolved.open("rb") as file:
             hashlib.file_digest(file, lambda: digest)
     except OSError as exc:
         raise ModelLoadError(gguf_path, f"cannot read: {exc}") from exc
-    return (
-        (cache_dir or default_cache_dir()) / "gguf" / f"{resolved.stem}-{digest.hexdigest()[:16]}"
-    )
+    key = digest.hexdigest()[:16]
+    memo = {**dict(list(memo.items())[-(_MEMO_ENTRIES - 1) :]), seen: key}
+    with contextlib.suppress(OSError):  # a read-only cache: hash again next time
+        root.mkdir(parents=True, exist_ok=True)
+        staging = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(memo, indent=0) + "\n", encoding="utf-8")
+        os.replace(staging, memo_file)
+    return key
+
+
+def _read_memo(memo_file: Path) -> dict[str, str]:
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
     """Return the HF folder for `gguf_path`, converting it first if it is not cached yet."""
     folder = cached_folder_for(gguf_path, cache_dir)
     if folder.is_dir():
-        if problem := _entry_problem(folder):
-            log.warning("converting again: broken cache entry", folder=str(folder), problem=problem)
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
+        problem = _entry_problem(folder)
+        if problem is None:
             log.debug("gguf cache hit", gguf=str(gguf_path), folder=str(folder))
             return folder
+        log.warning("converting again: broken cache entry", folder=str(folder), problem=problem)
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            raise ModelLoadError(
+                folder,
+                f"a broken cache entry ({problem}) that cannot be removed ({exc}); delete it",
+            ) from exc
     architecture = _gguf_architecture(gguf_path)
     started = time.perf_counter()
     with (
         _status_line(f"Converting {gguf_path.name} to safetensors (once)"),
+        _gguf_alone(gguf_path.expanduser().resolve()) as alone,
         atomic_folder(folder) as staging,
     ):
-        _write_hf_folder(gguf_path.expanduser().resolve(), staging)
+        _write_hf_folder(alone, staging)
     log.info(
         "converted gguf",
         gguf=str(gguf_path),
@@ -110,43 +151,61 @@ def _entry_problem(folder: Path) -> str | None:
             return f"{name} missing"
     weights = folder / "model.safetensors"
     try:
+        size = weights.stat().st_size
         with weights.open("rb") as file:
             header_length = int.from_bytes(file.read(8), "little")
+            if header_length > size - 8:
+                return "model.safetensors truncated"
             header = json.loads(file.read(header_length))
         data_end = max(
             (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
             default=0,
         )
-        if weights.stat().st_size < 8 + header_length + data_end:
+        if size < 8 + header_length + data_end:
             return "model.safetensors truncated"
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         return f"model.safetensors unreadable ({exc})"
     return None
 
 
+@contextlib.contextmanager
+def _gguf_alone(gguf_path: Path) -> Iterator[Path]:
+    """The GGUF in a temporary folder of its own. transformers reads tokenizer files lying
+    beside a GGUF in preference to the GGUF's own tokenizer: that folder holds no others. A
+    symbolic link where the system allows one (Windows needs a privilege), else a hard link,
+    else a copy."""
+    with tempfile.TemporaryDirectory(prefix="medha-gguf-") as folder:
+        alone = Path(folder) / gguf_path.name
+        try:
+            os.symlink(gguf_path, alone)
+        except OSError:
+            try:
+                os.link(gguf_path, alone)
+            except OSError:
+                shutil.copyfile(gguf_path, alone)
+        yield alone
+
+
 def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
-    """Load the GGUF with transformers and save config, weights and tokenizer into `folder`."""
+    """Load the GGUF with transformers and save config, weights and tokenizer into `folder`;
+    `gguf_path` lies alone in its folder (_gguf_alone)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    # transformers reads tokenizer files lying beside the GGUF in preference to the GGUF's own
-    # tokenizer: give it a folder that holds the GGUF alone.
-    with tempfile.TemporaryDirectory(prefix="medha-gguf-") as alone:
-        os.symlink(gguf_path, Path(alone) / gguf_path.name)
-        try:
-            with _captured_stderr():
-                model = AutoModelForCausalLM.from_pretrained(
-                    alone,
-                    gguf_file=gguf_path.name,
-                    local_files_only=True,
-                    # Dense weights even where a packed-GGUF matmul kernel is installed.
-                    quantization_config=GgufConfig(dequantize=True),
-                )
-                tokenizer = AutoTokenizer.from_pretrained(
-                    alone, gguf_file=gguf_path.name, local_files_only=True
-                )
-        except Exception as exc:
-            raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
+    try:
+        with _captured_stderr():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent),
+                gguf_file=gguf_path.name,
+                local_files_only=True,
+                # Dense weights even where a packed-GGUF matmul kernel is installed.
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+            )
+    except Exception as exc:
+        raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -12,6 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+CHUNK_MULTIPLE = 32
+"""Prefill chunks are cut at multiples of this many tokens by default (and always by the
+engine: EngineConfig.max_chunk must be one)."""
+
 PolicyName = Literal["fcfs", "fcfs-chunked", "edf", "srpt", "lrs", "lars"]
 POLICY_NAMES: tuple[PolicyName, ...] = ("fcfs", "fcfs-chunked", "edf", "srpt", "lrs", "lars")
 
@@ -27,7 +31,7 @@ class SchedulerConfig(BaseModel):
     """Per-iteration time budget in seconds (the decode latency SLO)."""
     min_chunk: int = Field(default=32, ge=1)
     max_chunk: int = Field(default=8192, ge=1)
-    chunk_multiple: int = Field(default=32, ge=1)
+    chunk_multiple: int = Field(default=CHUNK_MULTIPLE, ge=1)
     chunk_tolerance: float = Field(default=0.10, ge=0, lt=1)
     """A chunk is accepted when the batch's predicted time is within target x (1 +- tolerance)."""
     finish_tolerance: float = Field(default=0.25, ge=0, lt=1)
