@@ -308,3 +308,17 @@ def test_demo_refuses_a_document_longer_than_the_context_before_running(
         with pytest.raises(SystemExit) as exit_info:
             main(["demo", *bad])
         assert exit_info.value.code == 2
+
+
+def test_demo_reports_a_profile_it_cannot_save_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medha.perf
+
+    def disk_full(profile: object, path: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medha.perf, "save_profile", disk_full)
+    argv = ["demo", "--model", "tiny-random", "--shorts", "1", "--policies", "lars"]
+    message = _user_error(capsys, [*argv, "--out", str(tmp_path)])
+    assert "cannot write" in message and "No space left on device" in message

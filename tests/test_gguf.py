@@ -241,6 +241,12 @@ def test_tokenizer_files_beside_the_gguf_are_not_its_tokenizer(
     assert beside.tokenizer.encode(text) == converted.tokenizer.encode(text)
 
 
+def test_an_upper_case_gguf_suffix_is_a_gguf(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    shouted = tmp_path / "TINY.GGUF"
+    shouted.write_bytes(tiny_gguf[1].read_bytes())
+    assert load_checkpoint(shouted, cache_dir=tmp_path / "cache").arch.num_layers > 0
+
+
 def test_a_broken_cache_entry_is_converted_again(
     tiny_gguf: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -91,7 +91,10 @@ async def _run(args: argparse.Namespace) -> int:
             await engine.start()
         try:
             if engine.calibration is not None:
-                save_profile(engine.calibration.profile, profile_path)
+                try:
+                    save_profile(engine.calibration.profile, profile_path)
+                except OSError as exc:  # the folder was writable at start; the disk may be full
+                    raise UsageError(f"cannot write {profile_path}: {exc.strerror or exc}") from exc
             if workload is None:
                 workload = build_mixed_workload(
                     engine.tokenizer,

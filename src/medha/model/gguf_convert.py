@@ -175,7 +175,9 @@ def _gguf_alone(gguf_path: Path) -> Iterator[Path]:
     symbolic link where the system allows one (Windows needs a privilege), else a hard link,
     else a copy."""
     with tempfile.TemporaryDirectory(prefix="medha-gguf-") as folder:
-        alone = Path(folder) / gguf_path.name
+        # transformers tells a GGUF by its lower-case suffix: another name is read as a
+        # torch pickle (which its weights-only loader refuses).
+        alone = Path(folder) / f"{gguf_path.stem}.gguf"
         try:
             os.symlink(gguf_path, alone)
         except OSError:

@@ -140,7 +140,7 @@ def load_checkpoint(model: str | os.PathLike[str], *, cache_dir: Path | None = N
         folder = presets.materialize_preset(model, cache_dir=cache_dir)
     else:
         path = Path(model).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and path.suffix.lower() == ".gguf":
             folder = convert_gguf(path, cache_dir=cache_dir)
         elif path.is_dir():
             folder = path
