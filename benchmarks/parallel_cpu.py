@@ -120,12 +120,16 @@ def predicted_ttft(cost: Any, history: list[Any], spp: bool) -> float:
 
 
 def predicted_tpot(cost: Any, context: int, kvp_tokens: int | None) -> float:
+    """The cost model's time per decode step: its slowest KVP group's (a full shard's, or the
+    appending group's)."""
     from medha.scheduler import SeqShape
+    from medha.scheduler.kvp import shard_sizes
 
     times = []
     for position in range(context, context + DECODE_TOKENS - 1):
         groups = 1 if kvp_tokens is None else position // kvp_tokens + 1
-        times.append(cost.batch_time([SeqShape(1, position, groups)]))
+        shards = shard_sizes(position, groups, kvp_tokens)
+        times.append(max(cost.batch_time([SeqShape(1, kv, groups)]) for kv in shards))
     return statistics.fmean(times)
 
 

@@ -75,3 +75,22 @@ def test_bytes_held_before_an_ending_token_are_released_with_it(ender: str) -> N
     dot = BYTE_LEVEL.encode(".").ids[0]
     stop_ids, eos = ([dot], ()) if ender == "stop token" else ([], (dot,))
     assert _pushed(stop_ids, [*before, dot], eos) == (BYTE_LEVEL.decode(before), "stop")
+
+
+def test_a_request_hands_out_any_span_of_its_prompt_and_output() -> None:
+    params = SamplingParams(max_tokens=10)
+    prompt = [0, 1, 2, 3]
+    request = TrackedRequest(
+        request_id="r",
+        prompt_ids=list(prompt),
+        params=params,
+        output=OutputText(CharDecoder(), prompt, params),
+        metrics=RequestMetrics(arrival=0.0, deadline=1.0),
+        deadline=None,
+    )
+    for token in (4, 5, 6):
+        request.emit(TokenEvent("r", token, request.output.push(token).text))
+    everything = (0, 1, 2, 3, 4, 5, 6)
+    for start in range(len(everything)):
+        for end in range(start + 1, len(everything) + 1):
+            assert request.tokens(start, end) == everything[start:end]

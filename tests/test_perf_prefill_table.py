@@ -92,11 +92,15 @@ def test_kvp_spreads_a_long_prompt_and_never_lets_a_chunk_straddle_a_shard() -> 
         return 1.0, 1.0
 
     PrefillTable(chunk_times, replica, chunk_tokens=3000).prefill_time(500_000)
+    # Each chunk is priced on its groups' shards: full ones (M tokens) and the appending one,
+    # which the chunk never takes past M while a group is left to onboard.
+    assert {chunk.kvp_groups for chunk in seen} == {1, 2, 3, 4}
     for chunk in seen:
-        start, end = chunk.kv_tokens, chunk.kv_tokens + chunk.q_tokens
-        assert chunk.kvp_groups == min(4, start // shard + 1)
-        if chunk.kvp_groups < 4:
-            assert start // shard == (end - 1) // shard
+        full = chunk.kv_tokens == shard and chunk.kvp_groups > 1
+        if chunk.kvp_groups < 4 and not full:
+            assert chunk.kv_tokens + chunk.q_tokens <= shard
+    multi = [chunk for chunk in seen if chunk.kvp_groups > 1]
+    assert {chunk.kvp_groups for chunk in multi if chunk.kv_tokens == shard} == {2, 3, 4}
     one = RooflineCostModel(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8))
     spread = RooflineCostModel(LLAMA_3_8B, H100_80GB, replica)
     assert spread.prefill_time(MILLION) < 0.75 * one.prefill_time(MILLION)
@@ -186,3 +190,22 @@ def test_a_chunk_budget_is_checked_when_made() -> None:
         ChunkBudget(0.0)
     with pytest.raises(ValueError):
         ChunkBudget(0.05, min_chunk=48, multiple=32)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_without_spp_a_lone_prompt_is_predicted_as_its_chunks_one_after_another(pp: int) -> None:
+    # Without SPP a chunk waits for the one before it to leave the last stage: the prompt takes
+    # the sum of its chunks' batch times, not the stage times plus one drain that SPP takes.
+    deployment = Deployment(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8, pp=pp))
+    config = deployment.scheduler_config(policy="lars", target_batch_time=0.05, spp=False)
+    cost = deployment.cost_model(ChunkBudget.of(config))
+    prompt = 100_000
+    result = Simulator(config, cost, trace_chunks_from=1).run([SimRequest("alone", 0, prompt, 1)])
+    chunk_batch_times = [
+        cost.chunk_times(SeqShape(chunk.tokens, chunk.start))[0] for chunk in result.chunks
+    ]
+    assert cost.prefill_time(prompt) == pytest.approx(sum(chunk_batch_times), rel=0.01)
+    pipelined = deployment.cost_model(ChunkBudget.of(config.model_copy(update={"spp": True})))
+    assert cost.prefill_time(prompt) > 1.5 * pipelined.prefill_time(prompt)
+    (record,) = result.records
+    assert record.met_deadline

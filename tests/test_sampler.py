@@ -24,7 +24,7 @@ def _draw_many(
     logits_row: torch.Tensor, params: SamplingParams, draws: int, seed: int
 ) -> list[int]:
     """`draws` independent samples of one distribution: one batch, one shared seeded generator."""
-    generator = make_generator(seed, "cpu")
+    generator = make_generator(seed)
     out = sample(logits_row.expand(draws, -1).clone(), [params] * draws, [generator] * draws)
     return out.token_ids
 
@@ -48,10 +48,10 @@ def test_greedy_ties_resolve_to_the_lowest_token_id() -> None:
 
 
 def test_greedy_row_consumes_no_randomness() -> None:
-    generator = make_generator(11, "cpu")
-    state_before = generator.get_state()
+    generator = make_generator(11)
+    state_before = generator.getstate()
     sample(_random_logits(1, 30), [SamplingParams.greedy()], [generator])
-    assert torch.equal(generator.get_state(), state_before)
+    assert generator.getstate() == state_before
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_greedy_row_consumes_no_randomness() -> None:
 )
 def test_filters_that_keep_only_the_top_token_equal_greedy(params: SamplingParams) -> None:
     logits = _random_logits(8, 64, seed=3)
-    generators = [make_generator(seed, "cpu") for seed in range(8)]
+    generators = [make_generator(seed) for seed in range(8)]
     for _ in range(5):
         assert sample(logits, [params] * 8, generators).token_ids == logits.argmax(-1).tolist()
 
@@ -147,7 +147,7 @@ def test_top_k_row_samples_the_same_whether_or_not_its_batch_uses_top_p() -> Non
     top_k_row = SamplingParams(temperature=1.0, top_k=3)
 
     def tokens_next_to(neighbour: SamplingParams) -> list[int]:
-        generator = make_generator(3, "cpu")
+        generator = make_generator(3)
         params, generators = [top_k_row, neighbour], [generator, None]
         return [sample(logits, params, generators).token_ids[0] for _ in range(40)]
 
@@ -171,13 +171,13 @@ def test_top_k_larger_than_vocabulary_keeps_everything() -> None:
 def test_a_seeded_request_gets_the_same_tokens_alone_and_at_row_3_of_5() -> None:
     vocab = 50
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=77)
-    alone = make_generator(params.seed, "cpu")
-    in_batch = make_generator(params.seed, "cpu")
+    alone = make_generator(params.seed)
+    in_batch = make_generator(params.seed)
     neighbours = [
-        (SamplingParams(temperature=1.5), make_generator(1, "cpu")),
+        (SamplingParams(temperature=1.5), make_generator(1)),
         (SamplingParams.greedy(), None),
         (SamplingParams(temperature=0.5, top_k=5), None),
-        (SamplingParams(temperature=1.0, min_p=0.1), make_generator(2, "cpu")),
+        (SamplingParams(temperature=1.0, min_p=0.1), make_generator(2)),
     ]
     alone_tokens, batch_tokens = [], []
     for step in range(12):
@@ -195,15 +195,28 @@ def test_same_seed_reproduces_and_other_seed_differs() -> None:
     params = SamplingParams(temperature=1.0)
 
     def run(seed: int) -> list[int]:
-        generator = make_generator(seed, "cpu")
+        generator = make_generator(seed)
         return [sample(logits, [params], [generator]).token_ids[0] for _ in range(20)]
 
     assert run(5) == run(5)
     assert run(5) != run(6)
 
 
+@pytest.mark.parametrize("other", [5 + 2**32, 5 + 2**40, 5 + 2**63])
+def test_every_bit_of_a_seed_counts(other: int) -> None:
+    # torch's CPU generator keeps only a seed's low 32 bits: `user << 32 | i` seeds collided.
+    logits = _random_logits(1, 1000, seed=13)
+    params = SamplingParams(temperature=1.0)
+
+    def run(seed: int) -> list[int]:
+        generator = make_generator(seed)
+        return [sample(logits, [params], [generator]).token_ids[0] for _ in range(20)]
+
+    assert run(5) != run(other)
+
+
 def test_unseeded_generators_get_fresh_seeds() -> None:
-    assert make_generator(None, "cpu").initial_seed() != make_generator(None, "cpu").initial_seed()
+    assert make_generator(None).random() != make_generator(None).random()
 
 
 def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
@@ -214,7 +227,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
         SamplingParams(temperature=2.0),
         SamplingParams(temperature=1.0, logprobs=True),
     ]
-    generators = [make_generator(i, "cpu") for i in range(4)]
+    generators = [make_generator(i) for i in range(4)]
     out = sample(logits, params, generators)
     reference = logits.log_softmax(-1)
     for row in (0, 1, 3):
@@ -231,7 +244,7 @@ def test_half_precision_logits_sample_like_their_fp32_values(dtype: torch.dtype)
     params = params[:3]
 
     def run(x: torch.Tensor) -> SampleOutput:
-        return sample(x, params, [make_generator(i, "cpu") for i in range(3)])
+        return sample(x, params, [make_generator(i) for i in range(3)])
 
     half, full = run(logits), run(logits.float())
     assert half == full

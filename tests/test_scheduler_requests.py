@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -49,16 +50,26 @@ def test_kvp_lets_a_request_span_groups_but_not_more_groups_than_exist() -> None
 
 
 @pytest.mark.parametrize(
-    ("prompt_len", "max_new_tokens", "deadline"), [(0, 4, None), (10, 0, None), (10, 4, 0.0)]
+    ("prompt_len", "max_new_tokens", "arrival", "deadline"),
+    [
+        (0, 4, 0.0, None),
+        (10, 0, 0.0, None),
+        (10, 4, 0.0, 0.0),
+        (10, 4, 0.0, math.inf),
+        (10, 4, 0.0, math.nan),
+        (10, 4, math.inf, None),
+        (10, 4, math.nan, 1.0),
+    ],
 )
 def test_malformed_requests_raise_invalid_request_error(
-    prompt_len: int, max_new_tokens: int, deadline: float | None
+    prompt_len: int, max_new_tokens: int, arrival: float, deadline: float | None
 ) -> None:
     scheduler = make_scheduler()
     with pytest.raises(InvalidRequestError):
-        scheduler.add_request("r", prompt_len, max_new_tokens, 0.0, deadline)
+        scheduler.add_request("r", prompt_len, max_new_tokens, arrival, deadline)
     with pytest.raises(ValueError):  # InvalidRequestError is a ValueError too
-        scheduler.add_request("r", prompt_len, max_new_tokens, 0.0, deadline)
+        scheduler.add_request("r", prompt_len, max_new_tokens, arrival, deadline)
+    assert not scheduler.has_work
 
 
 def test_a_duplicate_request_id_is_rejected() -> None:

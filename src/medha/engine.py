@@ -77,7 +77,10 @@ class EngineStats:
 
 
 class Engine:
-    """Serve one model; use as `async with Engine(config) as engine:`."""
+    """Serve one model; use as `async with Engine(config) as engine:`.
+
+    `record_iterations`: keep a record of every iteration in `iteration_history` (for
+    benchmarks and plots; it grows without bound, so not for a long-running service)."""
 
     def __init__(self, config: EngineConfig, *, record_iterations: bool = False) -> None:
         if not isinstance(config, EngineConfig):

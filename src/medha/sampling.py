@@ -21,7 +21,7 @@ from medha.errors import InvalidSamplingParamsError
 # argmax is the limit of the distribution anyway.
 GREEDY_TEMPERATURE_EPS = 1e-5
 
-# torch.Generator.manual_seed takes unsigned 64-bit seeds.
+# Unsigned 64-bit seeds, as torch generators take; every bit counts (medha.model.sampler).
 _MAX_SEED = 2**64 - 1
 
 

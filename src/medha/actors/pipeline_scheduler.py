@@ -33,7 +33,6 @@ from medha.parallel.cluster import Cluster
 from medha.parallel.messages import ShardStep, ShardWork, StageDone
 from medha.perf.time_scale import OnlineTimeScale
 from medha.scheduler import BatchPlan, Scheduler
-from medha.scheduler.cost import SeqShape
 
 _log = get_logger(__name__)
 
@@ -177,9 +176,8 @@ class PipelineSchedulerActor(SchedulerActor):
         self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
         if self.time_scale is not None and flight.compute_seconds > 0:
-            shapes = [
-                SeqShape(seq.q_tokens, seq.kv_tokens, max(len(seq.shards), 1)) for seq in plan.seqs
-            ]
+            # The step lasts as long as its slowest KVP group: observe that group's batch.
+            shapes = max(plan.group_shapes().values(), key=self.time_scale.cost.batch_time)
             # Up to pp plans are in flight: the level may have moved since this one was priced,
             # and the error it shows is only what the level has not learned yet.
             level = self.time_scale.cost.time_scale / flight.level_at_issue

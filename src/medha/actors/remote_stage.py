@@ -12,6 +12,7 @@ its own work is done, which is what SPP needs) and reports done at once.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from medha.sampling import SamplingParams
 class _SeqState:
     block_table: list[int]
     sampling: SamplingParams | None = None
-    generator: torch.Generator | None = None
+    generator: random.Random | None = None
 
 
 class RemoteStage:
@@ -118,9 +119,7 @@ class RemoteStage:
             if work.sampling is not None and self.samples:
                 state.sampling = work.sampling
                 state.generator = (
-                    None
-                    if work.sampling.is_greedy
-                    else make_generator(work.sampling.seed, self.device)
+                    None if work.sampling.is_greedy else make_generator(work.sampling.seed)
                 )
             # Blocks reserved for a later part of the prompt arrive before this group holds any
             # of its KV: keep them all the same.

@@ -13,6 +13,7 @@ with StepPaused.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from medha.sampling import SamplingParams
 class _SeqState:
     block_table: list[int]
     sampling: SamplingParams
-    generator: torch.Generator | None
+    generator: random.Random | None
 
 
 @dataclass(slots=True)
@@ -100,11 +101,7 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
         for work in step.seqs:
             state = self._seqs.get(work.request_id)
             if work.sampling is not None:
-                generator = (
-                    None
-                    if work.sampling.is_greedy
-                    else make_generator(work.sampling.seed, self.runner.device)
-                )
+                generator = None if work.sampling.is_greedy else make_generator(work.sampling.seed)
                 state = _SeqState([], work.sampling, generator)
                 self._seqs[work.request_id] = state
             if state is None:

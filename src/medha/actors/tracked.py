@@ -44,10 +44,14 @@ class TrackedRequest:
 
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
         """Tokens [start, end) of prompt + generated output."""
+        # Slices only: a decode asks for one token, and copying the whole context every step
+        # would cost time that grows with it, on the event loop.
         prompt = len(self.prompt_ids)
         if end <= prompt:
             return tuple(self.prompt_ids[start:end])
-        return tuple((self.prompt_ids + self.token_ids)[start:end])
+        if start >= prompt:
+            return tuple(self.token_ids[start - prompt : end - prompt])
+        return (*self.prompt_ids[start:], *self.token_ids[: end - prompt])
 
     def emit(self, event: TokenEvent) -> None:
         assert event.token_id is not None, "a sampled token's event"

@@ -12,6 +12,11 @@ Batch invariance: a random row draws exactly one uniform number per step from IT
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
 tokens whatever else shares its batch and whatever its row index.
 
+The generators are Python's `random.Random` (Mersenne Twister, drawn on the host): it takes every
+bit of a seed, where torch's CPU generator keeps only the low 32 (seeds 2**32 apart, such as
+`user << 32 | i`, would share one stream), and a seed then draws the same numbers on every
+device. One host draw per random row and step costs less than a device draw per row would.
+
 Logprobs: like vLLM, the log-probability reported for a chosen token is log_softmax of the raw
 logits (temperature 1, nothing filtered), i.e. the model's own belief, whichever way the token
 was chosen.
@@ -19,6 +24,7 @@ was chosen.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,25 +42,21 @@ class SampleOutput:
     logprobs: list[float | None]
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
-    """A random generator on `device` for one request: seeded, or freshly random if seed is None."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+def make_generator(seed: int | None) -> random.Random:
+    """One request's random stream: seeded (every bit of `seed` counts), or seeded from the
+    operating system's entropy if seed is None."""
+    return random.Random(seed)
 
 
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    generators: Sequence[random.Random | None],
 ) -> SampleOutput:
     """Choose one token per row of `logits` [B, V] (fp32, bf16 or fp16; computed in fp32).
 
-    `generators[i]` is row i's generator (on the logits' device); None uses torch's default
-    generator, which makes that row's draw depend on the rest of the batch.
+    `generators[i]` is row i's generator; None uses Python's global one (`random.random`),
+    which makes that row's draw depend on the rest of the batch.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -99,7 +101,7 @@ def sample(
 def _sample_random_rows(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    generators: Sequence[random.Random | None],
 ) -> torch.Tensor:
     """One token per row of fp32 `logits` [R, V], all rows non-greedy."""
     device = logits.device
@@ -166,16 +168,12 @@ def _apply_top_k_top_p(
     return torch.full_like(logits, float("-inf")).scatter_(1, sorted_ids, sorted_logits)
 
 
-def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """One uniform in [0, 1) per row, each from that row's own generator."""
-    uniforms = torch.empty(len(generators), device=device)
-    shared_rows = [i for i, g in enumerate(generators) if g is None]
-    if shared_rows:
-        uniforms[shared_rows] = torch.rand(len(shared_rows), device=device)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniforms[row] = torch.rand(1, device=device, generator=generator).squeeze(0)
-    return uniforms
+def _uniforms(generators: Sequence[random.Random | None], device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, each from that row's own generator, as fp32 on `device`
+    (one copy for the whole batch). A draw may round up to 1.0 in fp32; _draw_inverse_cdf
+    keeps its target below the total."""
+    draws = [random.random() if g is None else g.random() for g in generators]
+    return torch.tensor(draws, dtype=torch.float32, device=device)
 
 
 def _draw_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

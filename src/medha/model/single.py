@@ -47,7 +47,7 @@ def generate_single(
         )
     # Alone in the cache: the request owns blocks 0..n-1.
     table = list(range(-(-total // runner.block_size)))
-    generator = None if params.is_greedy else make_generator(params.seed, runner.device)
+    generator = None if params.is_greedy else make_generator(params.seed)
     output = OutputText(decoder, prompt_ids, params, eos_token_ids)
 
     start = 0

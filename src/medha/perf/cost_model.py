@@ -7,9 +7,10 @@ recorded per op, so any prediction is also a sum of terms linear in the profile'
 (`terms()`), which is what calibration fits.
 
 KVP: `seqs` is the view of ONE KVP group (every sequence it runs this step). A sequence spread
-over g groups costs that group a 1/g share of the KV reads plus the exact merge of the groups'
-partial outputs; its linear layers run on every group in parallel. The replica's step time is the
-slowest group's, so a scheduler spreading short requests over groups asks once per group.
+over g groups costs that group the reads of its own shard (`SeqShape.kv_tokens`: M tokens on
+every group but the last) plus the exact merge of the groups' partial outputs; its linear layers
+run on every group in parallel. The replica's step time is the slowest group's, so a scheduler
+asks once per group.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class RooflineCostModel:
             raise ValueError(f"token counts must be >= 0: {seq}")
         if not 1 <= groups <= self.replica.kvp:
             raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
-        local_kv = kv_tokens / groups
+        local_kv = float(kv_tokens)  # this group's shard (SeqShape.kv_tokens)
         flops, nbytes = self._attention.work(q_tokens, local_kv)
         peak, attention_rate, hbm, kv_read_rate = self._attention_rates
         sums.tokens += q_tokens

@@ -9,7 +9,9 @@ With SPP a request's consecutive chunks stream through the pipeline: chunk i+1 e
 once chunk i has left it. So a prompt's time is the sum of its chunks' stage times plus the
 pipeline drain, which for chunks with equal per-stage times is set by the slowest chunk:
     prefill(n) = sum_chunks stage_time + max_chunks (batch_time - stage_time).
-With pp = 1 the drain is zero and this is the plain sum of batch times.
+With pp = 1 the drain is zero and this is the plain sum of batch times. Without SPP (pp > 1,
+`ChunkBudget.pipelined` False) a chunk waits for the one before it to leave the last stage, so
+the prompt's time is the sum of its chunks' batch times.
 
 Chunk sizes. By default the walk uses a fixed reference chunk. Given a `ChunkBudget` (the engine
 and the simulator pass their scheduler's), it cuts the prompt as adaptive chunking would with the
@@ -37,6 +39,7 @@ from medha.perf.replica import ReplicaSpec
 from medha.scheduler.chunking import largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import SeqShape
+from medha.scheduler.kvp import shard_sizes
 
 ChunkTimes = Callable[[SeqShape], tuple[float, float]]
 """(batch_time, stage_time) of a batch holding only this chunk."""
@@ -54,6 +57,9 @@ class ChunkBudget:
     max_chunk: int = 8192
     multiple: int = 32
     tolerance: float = 0.10
+    pipelined: bool = True
+    """A prompt's consecutive chunks overlap in the pipeline (SPP); False: each waits for the
+    one before it to leave the last stage (SchedulerConfig.pipelined)."""
 
     @classmethod
     def of(cls, config: SchedulerConfig) -> ChunkBudget:
@@ -64,6 +70,8 @@ class ChunkBudget:
             config.max_chunk,
             config.chunk_multiple,
             config.chunk_tolerance,
+            # With one stage, stage and batch times are equal: either walk gives the same sums.
+            config.pipelined or config.pp_stages == 1,
         )
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -161,19 +169,26 @@ class PrefillTable:
             self._walk_full_chunks_to(point)
             cum, drain = self._walk_cum, self._walk_drain
             if self._walk_pos < point:
-                batch, stage = self._chunk_times(self._chunk(self._walk_pos, point))
-                cum += stage
-                drain = max(drain, batch - stage)
+                occupied, chunk_drain = self._chunk_cost(self._walk_pos, point)
+                cum += occupied
+                drain = max(drain, chunk_drain)
             self._tokens.append(point)
             self._cum_stage.append(cum)
             self._drain.append(drain)
 
     def _walk_full_chunks_to(self, point: int) -> None:
         while (end := self._next_chunk_end(self._walk_pos)) <= point:
-            batch, stage = self._chunk_times(self._chunk(self._walk_pos, end))
-            self._walk_cum += stage
-            self._walk_drain = max(self._walk_drain, batch - stage)
+            occupied, chunk_drain = self._chunk_cost(self._walk_pos, end)
+            self._walk_cum += occupied
+            self._walk_drain = max(self._walk_drain, chunk_drain)
             self._walk_pos = end
+
+    def _chunk_cost(self, start: int, end: int) -> tuple[float, float]:
+        """(time the chunk holds up the next one, its pipeline drain) for tokens [start, end)."""
+        batch, stage = self._times(start, end)
+        if self._budget is not None and not self._budget.pipelined:
+            return batch, 0.0
+        return stage, batch - stage
 
     def _next_chunk_end(self, pos: int) -> int:
         end = pos + (self._chunk_tokens if self._budget is None else self._budget_chunk(pos))
@@ -183,8 +198,13 @@ class PrefillTable:
             end = min(end, (pos // shard + 1) * shard)
         return end
 
-    def _chunk(self, start: int, end: int) -> SeqShape:
-        return SeqShape(end - start, start, self._replica.kvp_groups_at(start))
+    def _times(self, start: int, end: int) -> tuple[float, float]:
+        """(batch_time, stage_time) of the chunk [start, end) alone: its slowest KVP group's,
+        a full shard's or the appending group's, whichever costs more."""
+        groups = self._replica.kvp_groups_at(start)
+        shards = shard_sizes(start, groups, self._replica.kvp_max_tokens_per_group)
+        times = [self._chunk_times(SeqShape(end - start, kv, groups)) for kv in set(shards)]
+        return max(batch for batch, _ in times), max(stage for _, stage in times)
 
     def _budget_chunk(self, pos: int) -> int:
         """The chunk the scheduler's own search gives a prompt alone at `pos` with at least
@@ -195,7 +215,7 @@ class PrefillTable:
         config = self._budget_config
         assert config is not None
         choice = largest_fitting_chunk(
-            lambda chunk: self._chunk_times(self._chunk(pos, pos + chunk))[0],
+            lambda chunk: self._times(pos, pos + chunk)[0],
             config.max_chunk,
             config.target_batch_time,
             config,

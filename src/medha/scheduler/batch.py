@@ -1,8 +1,9 @@
 """BatchBuilder: one iteration's batch under construction, and how big a prefill chunk may be.
 
 Each KVP group runs the sequences that have KV on it, so the time budget is checked per group:
-a sequence spread over n groups appears in each of their batches as SeqShape(q, kv, n). The
-iteration takes as long as its slowest group.
+a sequence spread over n groups appears in each of their batches as SeqShape(q, shard, n), with
+the shard that group holds (M tokens on every group but the last). The iteration takes as long
+as its slowest group.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from medha.scheduler.chunking import finish_ceiling, largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel, SeqShape
+from medha.scheduler.kvp import shard_sizes
 from medha.scheduler.plan import ScheduledSeq
 from medha.scheduler.policies import ChunkingMode
 from medha.scheduler.pricing import new_pricer
@@ -53,10 +55,9 @@ class BatchBuilder:
             self.add_on_group(seq, groups[0])
             return
         q_tokens = seq.end - seq.start
-        shape = SeqShape(q_tokens, seq.start, len(groups))
         pricers, tokens, times = self.pricers, self.tokens, self._times
-        for group in groups:
-            pricers[group].add(shape)
+        for group, shard in zip(groups, self._shards(seq.start, len(groups)), strict=True):
+            pricers[group].add(SeqShape(q_tokens, shard, len(groups)))
             tokens[group] += q_tokens
             times[group] = None
         self.seqs.append(seq)
@@ -97,10 +98,15 @@ class BatchBuilder:
 
     def predict(self, groups: Sequence[int], q_tokens: int, kv_tokens: int) -> float:
         """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added."""
-        shape = SeqShape(q_tokens, kv_tokens, len(groups))
         if len(groups) == 1:
-            return self.pricers[groups[0]].time_with(shape)
-        return max(self.pricers[group].time_with(shape) for group in groups)
+            return self.pricers[groups[0]].time_with(SeqShape(q_tokens, kv_tokens, 1))
+        return max(
+            self.pricers[group].time_with(SeqShape(q_tokens, shard, len(groups)))
+            for group, shard in zip(groups, self._shards(kv_tokens, len(groups)), strict=True)
+        )
+
+    def _shards(self, kv_tokens: int, groups: int) -> tuple[int, ...]:
+        return shard_sizes(kv_tokens, groups, self.config.max_tokens_per_kvp_group)
 
     def prefill_chunk(
         self,

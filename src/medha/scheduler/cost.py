@@ -19,9 +19,12 @@ class SeqShape(NamedTuple):
     q_tokens: int
     """Query tokens this step: a prefill chunk's length, or 1 for a decode."""
     kv_tokens: int
-    """Tokens already in the KV cache that the queries attend to (besides themselves)."""
+    """Tokens already in the KV cache that the queries attend to (besides themselves) on the
+    KVP group priced: all of them when the sequence lives on one group, else that group's
+    shard (`medha.scheduler.kvp.shard_sizes`)."""
     kvp_groups: int = 1
-    """KVP groups the sequence's KV is spread over (their reads run in parallel, then merge)."""
+    """KVP groups the sequence's KV is spread over: each reads its own shard, in parallel, and
+    their partial outputs then merge."""
 
 
 class BatchCostModel(Protocol):

@@ -19,6 +19,21 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def shard_sizes(kv_tokens: int, groups: int, limit: int | None) -> tuple[int, ...]:
+    """Tokens of a request's cached KV (`kv_tokens` in all) on each of its first `groups`
+    groups, `limit` per group: every group but the last is full (DESIGN section 8), the last
+    holds the rest (more than `limit` only for lengths past what the groups can hold, which
+    the prefill-time table's walk may reach when it extends itself)."""
+    if groups == 1:
+        return (kv_tokens,)
+    if limit is None:
+        raise ValueError("a request spans several KVP groups only with a per-group token limit")
+    rest = kv_tokens - (groups - 1) * limit
+    if rest < 0:
+        raise ValueError(f"{kv_tokens} cached tokens do not reach group {groups} of {limit} each")
+    return (limit,) * (groups - 1) + (rest,)
+
+
 class KvpLayout:
     """Token-to-group arithmetic plus block reservation for one scheduler configuration."""
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
+from medha.scheduler.cost import SeqShape
+
 
 class SeqKind(Enum):
     PREFILL = "prefill"
@@ -100,3 +102,14 @@ class BatchPlan:
     @property
     def num_tokens(self) -> int:
         return sum(seq.q_tokens for seq in self.seqs)
+
+    def group_shapes(self) -> dict[int, list[SeqShape]]:
+        """What each KVP group runs: every sequence with KV on it, priced at that group's
+        shard (the scheduler's own view when it priced the plan)."""
+        by_group: dict[int, list[SeqShape]] = {}
+        for seq in self.seqs:
+            groups = len(seq.shards)
+            for shard in seq.shards:
+                shape = SeqShape(seq.q_tokens, shard.tokens, groups)
+                by_group.setdefault(shard.group, []).append(shape)
+        return by_group

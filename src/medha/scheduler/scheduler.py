@@ -17,6 +17,7 @@ scheduler never reads a clock and never touches a tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 
 from medha.errors import InvalidRequestError, RequestTooLargeError
@@ -83,8 +84,15 @@ class Scheduler:
                 f"request {request_id!r}: prompt_len ({prompt_len}) and max_new_tokens "
                 f"({max_new_tokens}) must both be at least 1"
             )
-        if deadline is not None and not deadline > 0:
-            raise InvalidRequestError(f"request {request_id!r}: deadline must be > 0 seconds")
+        if deadline is not None and not 0 < deadline < math.inf:
+            # An infinite deadline would make LARS's key NaN (inf / inf), and NaN keys sort
+            # other requests wrongly: "no deadline" is None (the default rule).
+            raise InvalidRequestError(
+                f"request {request_id!r}: deadline must be a finite number of seconds > 0, "
+                f"got {deadline}"
+            )
+        if not math.isfinite(arrival):
+            raise InvalidRequestError(f"request {request_id!r}: arrival must be finite")
         total_tokens = prompt_len + max_new_tokens
         if not self.table.layout.can_ever_fit(total_tokens):
             config = self.config

@@ -8,14 +8,13 @@ different `executor_cost` to the Simulator to study mispredictions (`plan_times`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from medha.model.arch import ModelArch
 from medha.perf import ChunkBudget, ReplicaSpec, RooflineCostModel
 from medha.perf.hardware import DeviceProfile
-from medha.scheduler import BatchPlan, SchedulerConfig, SeqShape
+from medha.scheduler import BatchPlan, SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
 
 HARDWARE_NAMES: dict[str, str] = {"a100": "a100-80gb", "h100": "h100-80gb", "h200": "h200"}
@@ -145,15 +144,11 @@ class PipelineExecutor:
         return stage0_done, done
 
 
-def plan_times(plan: BatchPlan, cost: BatchCostModel, kvp_groups: int) -> tuple[float, float]:
+def plan_times(plan: BatchPlan, cost: BatchCostModel) -> tuple[float, float]:
     """(stage time, batch time) of `plan` under `cost`: every KVP group runs the sequences
-    with KV on it, and the step lasts as long as the slowest group (as the scheduler prices)."""
-    per_group: list[list[SeqShape]] = [[] for _ in range(kvp_groups)]
-    for seq in plan.seqs:
-        shape = SeqShape(seq.q_tokens, seq.start, len(seq.shards))
-        for shard in seq.shards:
-            per_group[shard.group].append(shape)
-    busy: Sequence[list[SeqShape]] = [shapes for shapes in per_group if shapes]
+    with KV on it, each reading its own shard, and the step lasts as long as the slowest group
+    (as the scheduler prices)."""
+    busy = list(plan.group_shapes().values())
     batch = max(cost.batch_time(shapes) for shapes in busy)
     stage = max(cost.stage_time(shapes) for shapes in busy)
     return stage, batch

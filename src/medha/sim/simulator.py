@@ -231,9 +231,7 @@ class _Run:
         if self.sim.executor_cost is None:
             stage_time, batch_time = plan.predicted_stage_time, plan.predicted_time
         else:
-            stage_time, batch_time = plan_times(
-                plan, self.sim.executor_cost, self.sim.config.kvp_groups
-            )
+            stage_time, batch_time = plan_times(plan, self.sim.executor_cost)
         stage0_at, done_at = replica.executor.issue(self.now, stage_time, batch_time)
         heapq.heappush(self.events, (stage0_at, next(self.counter), _STAGE0, index, plan))
         heapq.heappush(self.events, (done_at, next(self.counter), _DONE, index, plan))
