@@ -233,3 +233,13 @@ def test_after_a_prompt_deltas_add_up_to_the_text_the_output_appends(
 def test_flush_after_everything_was_emitted_is_empty(text: str) -> None:
     _, rest = _stream(BYTE_LEVEL, BYTE_LEVEL.encode(text).ids)
     assert rest == ""
+
+
+def test_a_character_the_prompt_left_unfinished_is_emitted_whole_by_the_output() -> None:
+    ids = BYTE_LEVEL.encode("Hi 😀 ok").ids
+    cut = next(n for n in range(1, len(ids)) if BYTE_LEVEL.decode(ids[:n]).endswith("\ufffd"))
+    deltas, rest = _stream(BYTE_LEVEL, ids[cut:], prompt_ids=ids[:cut])
+    assert "".join(deltas) + rest == "😀 ok"
+    # Bytes no output token completes come out as U+FFFD, before the output's own text.
+    deltas, rest = _stream(BYTE_LEVEL, BYTE_LEVEL.encode("abc").ids, prompt_ids=ids[:cut])
+    assert "".join(deltas) + rest == "\ufffdabc"

@@ -313,6 +313,22 @@ def test_llm_takes_prompts_as_arrays_and_iterables() -> None:
     assert one.token_ids == rows[0].token_ids
 
 
+def test_llm_takes_one_sampling_params_per_prompt_as_vllm_does() -> None:
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with medha.LLM(engine_config()) as llm:
+        mixed = llm.generate(["one", "two"], [GREEDY, short])
+        alone = llm.generate("two", short)
+        with pytest.raises(InvalidRequestError, match="2 prompts but 1 SamplingParams"):
+            llm.generate(["one", "two"], [GREEDY])
+        with pytest.raises(InvalidRequestError, match="sampling must be"):
+            llm.generate(["one", "two"], [GREEDY, {"max_tokens": 3}])  # type: ignore[list-item]
+        with pytest.raises(InvalidRequestError, match="a list of them"):
+            llm.generate(["one"], "greedy")  # type: ignore[arg-type]
+        assert llm.engine.stats().finished == 3  # nothing of the refused calls was queued
+    assert [len(r.token_ids) for r in mixed] == [12, 3]
+    assert mixed[1].token_ids == alone[0].token_ids
+
+
 def test_llm_takes_a_model_name_and_config_fields_as_vllm_does() -> None:
     with medha.LLM(MODEL, cost_profile=cost_profile_path(), num_blocks=64) as llm:
         assert llm.engine.config == engine_config(num_blocks=64)

@@ -38,6 +38,10 @@ async def test_each_iteration_rescales_the_cost_model() -> None:
         assert stats.context_scale != 1.0
         assert tracker.mean_share is not None
         assert tracker.cost is engine._actor().scheduler.cost
+        # Its prefill tables are walked off the event loop, out to the longest prompt.
+        assert tracker.tables is not None and tracker.tables.cost is tracker.cost
+        assert tracker.tables.walk_to == engine.max_model_len
+        assert tracker.cost.defer_prefill_tables  # type: ignore[attr-defined]
 
 
 async def test_with_the_switch_off_predictions_stay_as_calibrated() -> None:

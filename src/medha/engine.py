@@ -43,6 +43,8 @@ from medha.errors import (
 )
 from medha.log import get_logger
 from medha.output_text import OutputText
+from medha.perf.cost_model import RooflineCostModel
+from medha.perf.prefill_refresh import PrefillTableRefresher
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_input import prompt_token_ids, request_ids
@@ -162,7 +164,7 @@ class Engine:
             self._stage,
             self._clock,
             self._record_iterations,
-            OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
+            self._time_scale(parts.cost, parts.max_model_len),
             pause_steps=self._pauses_steps(parts.runner.device.type),
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
@@ -172,6 +174,13 @@ class Engine:
             policy=self.config.policy,
             kv_blocks=parts.scheduler.config.num_blocks,
         )
+
+    def _time_scale(self, cost: RooflineCostModel, max_model_len: int) -> OnlineTimeScale | None:
+        """The online learner of the cost model's level, if the config wants one; its prefill
+        tables are walked off the event loop."""
+        if not self.config.online_time_scale:
+            return None
+        return OnlineTimeScale(cost, tables=PrefillTableRefresher(cost, max_model_len))
 
     def _pauses_steps(self, device_type: str) -> bool:
         if self.config.pause_iterations is not None:
@@ -213,7 +222,7 @@ class Engine:
                 parts.cluster,
                 self._clock,
                 self._record_iterations,
-                OnlineTimeScale(parts.cost) if self.config.online_time_scale else None,
+                self._time_scale(parts.cost, parts.max_model_len),
             )
             self._scheduler_actor = actor
 

@@ -56,18 +56,20 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Iterable[Prompt],
-        sampling: SamplingParams | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         deadlines: Sequence[float | None] | None = None,
     ) -> list[Completion]:
         """Run every prompt concurrently (they share batches) and return their Completions in
         order. One prompt (a str, a token-id list, a 1-D array) counts as a batch of one; a 2-D
-        array is a batch of its rows. Every prompt is validated before any is queued: one bad
-        prompt raises its typed error and nothing runs."""
+        array is a batch of its rows. `sampling`: one SamplingParams for all, or one per prompt
+        (as vLLM's LLM.generate takes them). Every prompt is validated before any is queued: one
+        bad prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         batch = _prompt_batch(prompts)
         if deadlines is not None and len(deadlines) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
+        per_prompt = _sampling_per_prompt(sampling, len(batch))
         # This thread only waits while the model thread works; an idle OpenMP pool of its own
         # (any torch op the caller ran) would slow the model thread's (medha.model.openmp).
         release_idle_threads()
@@ -75,7 +77,9 @@ class LLM:
         async def run_all() -> list[Completion]:
             engine = self.engine
             requests = [
-                engine._prepare(prompt, sampling, None if deadlines is None else deadlines[i], None)
+                engine._prepare(
+                    prompt, per_prompt[i], None if deadlines is None else deadlines[i], None
+                )
                 for i, prompt in enumerate(batch)
             ]
             results: list[Completion | None] = [None] * len(batch)
@@ -157,3 +161,20 @@ def _prompt_batch(prompts: object) -> list[Prompt]:
 def _is_token_id(item: object) -> bool:
     """As the engine reads token ids: any integer (numpy's too), not a bool."""
     return isinstance(item, numbers.Integral) and not isinstance(item, bool)
+
+
+def _sampling_per_prompt(
+    sampling: SamplingParams | Sequence[SamplingParams] | None, prompts: int
+) -> list[SamplingParams | None]:
+    """The SamplingParams of each of `prompts` prompts: one shared, or one per prompt (each
+    checked by the engine, as a single one is)."""
+    if sampling is None or isinstance(sampling, SamplingParams):
+        return [sampling] * prompts
+    if not isinstance(sampling, Sequence) or isinstance(sampling, str):
+        raise InvalidRequestError(
+            f"sampling must be a medha.SamplingParams, a list of them (one per prompt) or None, "
+            f"got {type(sampling).__name__}"
+        )
+    if len(sampling) != prompts:
+        raise InvalidRequestError(f"{prompts} prompts but {len(sampling)} SamplingParams")
+    return list(sampling)

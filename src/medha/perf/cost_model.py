@@ -87,7 +87,12 @@ class RooflineCostModel:
         self._table_context_scale = 1.0
         """The `context_scale` the prefill table walks with."""
         self._prefill_args = (reference_chunk_tokens, prefill_chunking)
-        self._prefill = self._new_prefill_table()
+        self._prefill = self.new_prefill_table(1.0)
+        self.defer_prefill_tables = False
+        """False: a `context_scale` move re-walks the prefill table at once, on the caller's
+        thread. True (the engine, see prefill_refresh.py): it only sets `prefill_table_due`."""
+        self.prefill_table_due: float | None = None
+        """The `context_scale` a new prefill table is due at (None: the table is current)."""
         self.prefill_scale = 1.0
         """The factor on prefill times: `time_scale`, followed in steps of more than 10%."""
         self.prefill_version = 0
@@ -146,10 +151,30 @@ class RooflineCostModel:
         if not value > 0:
             raise ValueError(f"context_scale must be > 0, got {value}")
         self._context_scale = value
-        if abs(math.log(value / self._table_context_scale)) > _PREFILL_RESCALE_LOG:
-            self._table_context_scale = value
-            self._prefill = self._new_prefill_table()
-            self.prefill_version += 1
+        due = abs(math.log(value / self._table_context_scale)) > _PREFILL_RESCALE_LOG
+        self.prefill_table_due = value if due else None
+        if due and not self.defer_prefill_tables:
+            self.install_prefill_table(self.new_prefill_table(value), value)
+
+    def new_prefill_table(self, context_scale: float) -> PrefillTable:
+        """An empty prefill table walking at `context_scale` (fixed, or its predictions would
+        depend on when each length was first asked for). It extends itself on demand and reads
+        only what never changes (and memo caches), so another thread may walk it."""
+        chunk_tokens, budget = self._prefill_args
+
+        def chunk_times(chunk: SeqShape) -> tuple[float, float]:
+            return self._raw_chunk_times(chunk, context_scale)
+
+        return PrefillTable(chunk_times, self.replica, chunk_tokens, budget=budget)
+
+    def install_prefill_table(self, table: PrefillTable, context_scale: float) -> None:
+        """Predict prefills with `table`, walked at `context_scale` (a `prefill_version` step:
+        the scheduler re-prices its requests)."""
+        self._prefill = table
+        self._table_context_scale = context_scale
+        self.prefill_version += 1
+        moved = abs(math.log(self._context_scale / context_scale)) > _PREFILL_RESCALE_LOG
+        self.prefill_table_due = self._context_scale if moved else None
 
     def context_share(self, seqs: Sequence[SeqShape]) -> float:
         """The fraction of `batch_time(seqs)` that `context_scale` multiplies."""
@@ -318,17 +343,6 @@ class RooflineCostModel:
             + sums.kv_tokens * eff.kv_gather_s
         )
         return seconds * (self._context_scale if context_scale is None else context_scale)
-
-    def _new_prefill_table(self) -> PrefillTable:
-        chunk_tokens, budget = self._prefill_args
-        # The table extends itself on demand: it must keep walking at the scale it started
-        # with, or its predictions would depend on when each length was first asked for.
-        scale = self._table_context_scale
-
-        def chunk_times(chunk: SeqShape) -> tuple[float, float]:
-            return self._raw_chunk_times(chunk, scale)
-
-        return PrefillTable(chunk_times, self.replica, chunk_tokens, budget=budget)
 
     def _token_seconds(self, tokens: int) -> tuple[float, float, float, float]:
         """Seconds of what depends only on the batch's query tokens: (one layer's linears,

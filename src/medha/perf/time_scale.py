@@ -37,15 +37,22 @@ each; scratch replays, not in the repository), against the level alone: median e
 2.7%, 4.2% -> 3.9% and 6.6% -> 6.7%; prefill-heavy iterations over-predicted by 6.5% -> 2.9%,
 9.3% -> 5.6% and 8.3% -> 1.9%. Without centring the replays were as good, but a 1.3x drift
 during an attention-heavy phase leaked ~13% into `c`.
+
+A `context_scale` step makes the prefill table due for a new walk; with a
+`PrefillTableRefresher` (the engine's) that walk runs on a thread of its own, and each
+observation installs a finished one (prefill_refresh.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from medha.scheduler.cost import SeqShape
+
+if TYPE_CHECKING:
+    from medha.perf.prefill_refresh import PrefillTableRefresher
 
 
 class Rescalable(Protocol):
@@ -69,7 +76,10 @@ class OnlineTimeScale:
         bounds: tuple[float, float] = (0.25, 4.0),
         max_step: float = 2.0,
         context_gain: float = 3.0,
+        tables: PrefillTableRefresher | None = None,
     ) -> None:
+        """`tables`: keeps the prefill table current off this thread (None: the cost model
+        re-walks it itself, at once)."""
         if not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight}")
         if not max_step > 1:
@@ -80,6 +90,7 @@ class OnlineTimeScale:
         if not 0 < low <= 1 <= high:
             raise ValueError(f"bounds must satisfy 0 < low <= 1 <= high, got {bounds}")
         self.cost = cost
+        self.tables = tables
         self.weight = weight
         self.context_gain = context_gain
         self._log_bounds = (math.log(low), math.log(high))
@@ -95,6 +106,11 @@ class OnlineTimeScale:
         `measured`; `context_share` is the fraction of `predicted` that `context_scale`
         multiplies (RooflineCostModel.context_share; None learns the level only). Non-positive
         or non-finite times carry no information and are ignored."""
+        self._learn(predicted, measured, context_share)
+        if self.tables is not None:
+            self.tables.poll()
+
+    def _learn(self, predicted: float, measured: float, context_share: float | None) -> None:
         if not (predicted > 0 and measured > 0 and math.isfinite(predicted * measured)):
             return
         if context_share is not None and not 0.0 <= context_share <= 1.0:
