@@ -31,7 +31,8 @@ from medha.scheduler.cost import BatchCostModel
 
 
 class AnalyticCost:
-    """time = a + b * sum(q) + c * sum(q * (kv / n + q / 2)) + d * sum(kv / n)."""
+    """time = a + b * sum(q) + c * sum(q * (kv + q / 2)) + d * sum(kv), kv being the KV the
+    group priced holds (SeqShape.kv_tokens)."""
 
     def batch_time(self, seqs: Sequence[SeqShape]) -> float:
         total = 0.005
@@ -41,7 +42,7 @@ class AnalyticCost:
 
     @staticmethod
     def seq_time(seq: SeqShape) -> float:
-        kv = seq.kv_tokens / seq.kvp_groups
+        kv = seq.kv_tokens
         q = seq.q_tokens
         return 2e-5 * q + 1.6e-9 * q * (kv + q / 2) + 1e-8 * kv
 

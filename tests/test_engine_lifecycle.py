@@ -254,7 +254,7 @@ def test_interrupting_llm_generate_aborts_its_requests() -> None:
     with medha.LLM(engine_config()) as llm:
 
         def stats() -> medha.EngineStats:
-            return llm._portal.call(llm.engine.stats)
+            return llm._runtime.portal.call(llm.engine.stats)
 
         def interrupt_once_running() -> None:
             deadline = time.monotonic() + 20
@@ -328,3 +328,22 @@ async def test_a_stopped_engine_frees_its_model_and_kv_cache_at_once() -> None:
         assert runner() is None and kv() is None
     finally:
         gc.enable()
+
+
+def test_starting_without_an_asyncio_loop_says_the_engine_runs_on_asyncio() -> None:
+    # What trio looks like to the engine: a coroutine run with no asyncio loop around it.
+    engine = medha.Engine(engine_config())
+    starting = engine.start()
+    with pytest.raises(WrongEventLoopError, match="runs on asyncio"):
+        starting.send(None)
+    starting.close()
+
+
+async def test_request_times_are_on_the_engines_clock() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        before = engine.now()
+        done = await engine.generate([5, 6, 7], SHORT)
+        after = engine.now()
+        assert before <= done.metrics.arrival <= done.metrics.first_token_time <= after
+        # Seconds since the Engine was made, on time.monotonic.
+        assert time.monotonic() - engine.now() == pytest.approx(engine._t0, abs=0.05)

@@ -38,9 +38,10 @@ async def test_each_iteration_rescales_the_cost_model() -> None:
         assert stats.context_scale != 1.0
         assert tracker.mean_share is not None
         assert tracker.cost is engine._actor().scheduler.cost
-        # Its prefill tables are walked off the event loop, out to the longest prompt.
+        # Its prefill tables are walked a slice per iteration, out to the longest prompt.
         assert tracker.tables is not None and tracker.tables.cost is tracker.cost
         assert tracker.tables.walk_to == engine.max_model_len
+        assert tracker.tables.slice_seconds == 0.02 * engine.config.target_batch_time
         assert tracker.cost.defer_prefill_tables  # type: ignore[attr-defined]
 
 

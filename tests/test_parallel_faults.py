@@ -121,3 +121,23 @@ async def test_workers_leave_ctrl_c_to_the_engine() -> None:
         await anyio.sleep(0.5)
         assert len((await engine.generate([1, 2, 3], params)).token_ids) == 3
     _assert_gone(pids)
+
+
+async def test_a_request_beyond_a_kvp_groups_share_is_refused_before_it_is_queued() -> None:
+    # 2 blocks of 16 tokens per group, 48 tokens of a request per group at most: the groups
+    # hold 64 tokens in all, but a request's first group must hold its first 32+ tokens alone.
+    config = parallel_config(
+        1,
+        1,
+        2,
+        num_blocks=2,
+        parallel=medha.ParallelConfig(kvp=2, max_tokens_per_kvp_group=48, timeout_s=120),
+    )
+    async with medha.Engine(config) as engine:
+        for prompt, max_tokens in [(40, 1), (20, 20)]:
+            with pytest.raises(medha.RequestTooLargeError, match="needs KV for"):
+                engine.stream([5] * prompt, SamplingParams(max_tokens=max_tokens))
+        done = await engine.generate([5] * 20, SamplingParams(max_tokens=4, temperature=0.0))
+        assert len(done.token_ids) == 4
+        stats = engine.stats()
+        assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)

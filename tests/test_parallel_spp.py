@@ -72,3 +72,33 @@ async def test_without_spp_chunks_of_one_prompt_never_overlap() -> None:
     assert run.chunks >= 4
     assert run.overlaps == 0
     assert run.tokens == single_process_greedy(run.prompt, 4)
+
+
+class _GlooLikeSend:
+    """An isend as gloo's: never reports completion until waited on."""
+
+    def __init__(self, waited: list[int], index: int) -> None:
+        self.waited, self.index = waited, index
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> bool:
+        self.waited.append(self.index)
+        return True
+
+
+def test_a_stage_keeps_at_most_pp_sends_waiting_on_the_oldest() -> None:
+    import torch
+
+    from medha.actors.remote_stage import PendingSends
+
+    waited: list[int] = []
+    sends = PendingSends(limit=2)
+    for index in range(1000):
+        sends.add(_GlooLikeSend(waited, index), torch.zeros(64))
+    # Every tensor but the last two sent was released, the oldest first.
+    assert len(sends) == 2
+    assert waited == list(range(998))
+    with pytest.raises(ValueError, match="limit"):
+        PendingSends(limit=0)

@@ -108,7 +108,9 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
     import medha.actors.remote_stage as remote_stage
 
     monkeypatch.setattr(remote_stage.dist, "recv", lambda tensor, src: time.sleep(0.4))
-    monkeypatch.setattr(remote_stage.dist, "isend", lambda tensor, dst: SimpleNamespace())
+    monkeypatch.setattr(
+        remote_stage.dist, "isend", lambda tensor, dst: SimpleNamespace(wait=lambda: None)
+    )
     cache = SimpleNamespace(k=[torch.zeros(1)], block_size=16)
     stage = remote_stage.RemoteStage(
         1,
@@ -120,6 +122,7 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
         samples=last,
         kvp_merge=None,
         device=torch.device("cpu"),
+        pp=2,
     )
     if last:
         monkeypatch.setattr(

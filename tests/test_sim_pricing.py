@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medha.perf import A100_80GB, H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ReplicaSpec, RooflineCostModel
-from medha.scheduler import SchedulerConfig, SeqShape
+from medha.scheduler import Scheduler, SchedulerConfig, SeqShape
+from medha.scheduler.kvp import shard_sizes
 from medha.scheduler.pricing import ListPricer, new_pricer
-from medha.sim import SimRequest, Simulator
+from medha.sim import SimRequest, Simulator, plan_times
 from tests.scheduler_support import ToyCost
 
 MODELS = {
@@ -122,3 +123,69 @@ def test_the_scheduler_decides_the_same_with_or_without_incremental_pricing(poli
     slow = Simulator(config, WithoutPricer(model), trace_chunks_from=1).run(requests)
     assert fast.chunks == slow.chunks
     assert fast.records == slow.records
+
+
+def test_every_plan_is_priced_as_its_groups_run_it_shard_by_shard() -> None:
+    # The scheduler prices a plan while building it, group by group, each sequence at the
+    # shard that group holds; re-pricing the finished plan from its shards gives the same
+    # times, across group boundaries (an appending group holding 0 tokens included) and for
+    # decodes spread over groups.
+    limit = 65_536
+    model = RooflineCostModel(
+        LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8, pp=2, kvp=4, kvp_max_tokens_per_group=limit)
+    )
+    config = SchedulerConfig(
+        pp_stages=2, kvp_groups=4, max_tokens_per_kvp_group=limit, num_blocks=20_000
+    )
+    scheduler = Scheduler(config, model)
+    for index, (prompt, output) in enumerate([(150_000, 40), (2 * limit, 30), (2000, 50)]):
+        scheduler.add_request(f"r{index}", prompt, output, arrival=0.0)
+    now, plans, spread = 0.0, 0, 0
+    while scheduler.has_work:
+        plan = scheduler.schedule(now)
+        assert not plan.is_empty
+        stage, batch = plan_times(plan, model)
+        assert batch == pytest.approx(plan.predicted_time, rel=1e-9)
+        assert stage == pytest.approx(plan.predicted_stage_time, rel=1e-9)
+        plans += 1
+        spread += any(len(seq.shards) > 1 for seq in plan.seqs)
+        scheduler.on_stage0_done(plan)
+        now += batch
+        scheduler.on_step_done(plan, now)
+    assert plans > 80 and spread > 50
+
+
+def test_a_requests_kv_shards_are_full_groups_then_the_rest() -> None:
+    assert shard_sizes(700, 1, None) == (700,)
+    assert shard_sizes(300, 2, 256) == (256, 44)
+    assert shard_sizes(512, 3, 256) == (256, 256, 0)
+    with pytest.raises(ValueError, match="do not reach"):
+        shard_sizes(200, 2, 256)
+    with pytest.raises(ValueError, match="limit"):
+        shard_sizes(300, 2, None)
+
+
+def test_right_after_onboarding_a_group_the_full_group_before_it_sets_the_pace() -> None:
+    # The request's first group still attends to all its M tokens: a chunk costs at least what
+    # it costs one replica over M tokens of context, not what half the KV would.
+    limit = 65_536
+    kvp = RooflineCostModel(
+        LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8, kvp=2, kvp_max_tokens_per_group=limit)
+    )
+    alone = RooflineCostModel(LLAMA_3_8B, H100_80GB, ReplicaSpec(tp=8))
+    config = SchedulerConfig(kvp_groups=2, max_tokens_per_kvp_group=limit, num_blocks=20_000)
+    scheduler = Scheduler(config, kvp)
+    scheduler.add_request("long", 100_000, 1, arrival=0.0)
+    now = 0.0
+    while True:
+        plan = scheduler.schedule(now)
+        (seq,) = plan.seqs
+        if seq.start >= limit:
+            break
+        scheduler.on_stage0_done(plan)
+        now += plan.predicted_time
+        scheduler.on_step_done(plan, now)
+    assert seq.start == limit and len(seq.shards) == 2
+    one_replica = alone.batch_time([SeqShape(seq.q_tokens, limit)])
+    assert plan.predicted_time >= one_replica
+    assert plan.predicted_time > 1.3 * alone.batch_time([SeqShape(seq.q_tokens, limit // 2)])

@@ -193,8 +193,17 @@ def test_a_pipeline_serves_plans_in_order_and_frees_stage_zero_after_one_stage_t
     assert pipeline.issue(0.0, 1.0, 2.0) == (1.0, 2.0)
     # The next plan enters stage 0 at once, waits for stage 1, and finishes after the first.
     assert pipeline.issue(1.0, 0.5, 1.0) == (1.5, 2.5)
-    assert pipeline.issue(1.5, 2.0, 0.1) == (3.5, 5.5)
-    assert pipeline.busy_time == pytest.approx(3.5)
+    # It moves on after its mean stage time (1.5 s), but holds each stage for 2 s...
+    assert pipeline.issue(1.5, 2.0, 3.0) == (3.5, 4.5)
+    # ... so the next one waits for stage 1 until 5.0.
+    assert pipeline.issue(3.5, 1.0, 2.0) == (4.5, 6.0)
+    assert pipeline.busy_time == pytest.approx(4.5)
+
+
+def test_a_plan_alone_in_a_pipeline_of_uneven_stages_takes_its_batch_time() -> None:
+    # Two stages of 1.0 s and 0.5 s: the slowest stage's time is 1.0, the batch's 1.5.
+    pipeline = PipelineExecutor(pp_stages=2)
+    assert pipeline.issue(0.0, 1.0, 1.5) == (1.0, 1.5)
 
 
 @dataclass(frozen=True)

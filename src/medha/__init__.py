@@ -32,7 +32,8 @@ from medha.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from medha.config import EngineConfig, ParallelConfig
-    from medha.engine import Engine, EngineStats
+    from medha.engine import Engine
+    from medha.engine_stats import EngineStats
     from medha.llm import LLM
     from medha.request import Completion, RequestMetrics, TokenEvent
 
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Engine": "medha.engine",
-    "EngineStats": "medha.engine",
+    "EngineStats": "medha.engine_stats",
     "EngineConfig": "medha.config",
     "ParallelConfig": "medha.config",
     "LLM": "medha.llm",

@@ -19,7 +19,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -33,12 +32,12 @@ from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor,
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
+from medha.engine_stats import EngineStats
 from medha.errors import (
     EngineClosedError,
     EngineFailedError,
     InvalidRequestError,
     PromptTooLongError,
-    RequestTooLargeError,
     WrongEventLoopError,
 )
 from medha.log import get_logger
@@ -55,27 +54,6 @@ _log = get_logger(__name__)
 
 def _seconds_since(t0: float) -> float:
     return time.monotonic() - t0
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    free_blocks: int
-    total_blocks: int
-    waiting: int
-    running: int
-    preempted: int
-    finished: int
-    aborted: int
-    preemptions: int
-    iterations: int
-    time_scale: float = 1.0
-    """Measured over calibrated iteration time (stage time with a pipeline), as learned online
-    (1.0 when off)."""
-    context_scale: float = 1.0
-    """The context-dependent terms' (attention, KV reads) factor on top of `time_scale`."""
-    pauses: int = 0
-    """Times an iteration stopped between layers for a newer request that ranked ahead of it
-    (EngineConfig.pause_iterations)."""
 
 
 class Engine:
@@ -133,7 +111,13 @@ class Engine:
         """Load the model (on the model thread), calibrate, and start the actors."""
         if self._loop is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
-        self._loop = asyncio.get_running_loop()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio, or no loop at all
+            raise WrongEventLoopError(
+                "medha.Engine runs on asyncio (anyio's asyncio backend, asyncio.run, uvloop); "
+                "no asyncio event loop is running here"
+            ) from None
         if self.config.parallel.uses_workers:
             await self._start_parallel()
         else:
@@ -164,7 +148,7 @@ class Engine:
             self._stage,
             self._clock,
             self._record_iterations,
-            self._time_scale(parts.cost, parts.max_model_len),
+            self._online_time_scale(parts.cost, parts.max_model_len),
             pause_steps=self._pauses_steps(parts.runner.device.type),
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
@@ -175,12 +159,17 @@ class Engine:
             kv_blocks=parts.scheduler.config.num_blocks,
         )
 
-    def _time_scale(self, cost: RooflineCostModel, max_model_len: int) -> OnlineTimeScale | None:
-        """The online learner of the cost model's level, if the config wants one; its prefill
-        tables are walked off the event loop."""
+    def _online_time_scale(
+        self, cost: RooflineCostModel, max_model_len: int
+    ) -> OnlineTimeScale | None:
+        """The online learner of the cost model's level, if the config wants one. The prefill
+        tables its steps make due are walked 2% of an iteration's budget at a time."""
         if not self.config.online_time_scale:
             return None
-        return OnlineTimeScale(cost, tables=PrefillTableRefresher(cost, max_model_len))
+        slice_seconds = 0.02 * self.config.target_batch_time
+        return OnlineTimeScale(
+            cost, tables=PrefillTableRefresher(cost, max_model_len, slice_seconds)
+        )
 
     def _pauses_steps(self, device_type: str) -> bool:
         if self.config.pause_iterations is not None:
@@ -222,7 +211,7 @@ class Engine:
                 parts.cluster,
                 self._clock,
                 self._record_iterations,
-                self._time_scale(parts.cost, parts.max_model_len),
+                self._online_time_scale(parts.cost, parts.max_model_len),
             )
             self._scheduler_actor = actor
 
@@ -386,6 +375,11 @@ class Engine:
             pauses=actor.pauses,
         )
 
+    def now(self) -> float:
+        """The engine's clock: seconds since this Engine was created, on time.monotonic. The
+        times of RequestMetrics are on it (`time.monotonic() - engine.now()` converts)."""
+        return self._clock()
+
     @property
     def iteration_history(self) -> list[IterationRecord]:
         history = self._actor().history
@@ -448,13 +442,9 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
                 f"{total} tokens exceed the context of {self.max_model_len}"
             )
-        config = actor.scheduler.config
-        blocks = -(-total // config.block_size)
-        if blocks > config.total_blocks:
-            raise RequestTooLargeError(
-                f"the request needs {blocks} KV blocks ({total} tokens); the cache has "
-                f"{config.total_blocks} (raise num_blocks or kv_cache_gib)"
-            )
+        # The scheduler's own rule: under KVP a request may use each group only up to its
+        # per-group limit, not the sum of every group's blocks.
+        actor.scheduler.check_fits(len(prompt_ids), params.max_tokens)
         checked_deadline = check_deadline(deadline)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"

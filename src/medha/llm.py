@@ -12,6 +12,10 @@ the caller's loop.
 from __future__ import annotations
 
 import numbers
+import os
+import threading
+import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -34,24 +38,13 @@ class LLM:
         """`config`: an EngineConfig; or, as vLLM's `LLM(model, **kwargs)`, a model path or
         preset name and/or EngineConfig fields as keywords (validated as EngineConfig is)."""
         config = _engine_config(config, fields)
-        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
-        self.engine = Engine(config)
-        self._stop: anyio.Event | None = None
+        self._runtime = _Runtime(Engine(config))
+        self.engine = self._runtime.engine
         self._closed = False
-        try:
-            # The engine starts and stops in one long task of the portal's loop, the loop it
-            # belongs to.
-            self._served, _ = self._portal.start_task(self._serve)
-        except BaseException:
-            self._portal_cm.__exit__(None, None, None)
-            raise
-
-    async def _serve(self, *, task_status: TaskStatus[None]) -> None:
-        self._stop = anyio.Event()
-        async with self.engine:
-            task_status.started()
-            await self._stop.wait()
+        # Nothing the runtime runs refers to this LLM, so an LLM dropped without close() (a
+        # notebook cell run again) is collected, and this stops its engine and thread.
+        self._finalizer = weakref.finalize(self, _collected, self._runtime)
+        self._finalizer.atexit = False  # at exit the daemon threads just end
 
     def generate(
         self,
@@ -66,6 +59,7 @@ class LLM:
         bad prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
+        self._runtime.check_process()
         batch = _prompt_batch(prompts)
         if deadlines is not None and len(deadlines) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
@@ -83,16 +77,23 @@ class LLM:
                 for i, prompt in enumerate(batch)
             ]
             results: list[Completion | None] = [None] * len(batch)
+            errors: list[Exception] = []
 
             async def one(index: int) -> None:
-                results[index] = await engine._complete(requests[index])
+                try:
+                    results[index] = await engine._complete(requests[index])
+                except Exception as exc:  # the engine failed or closed: the others end too
+                    errors.append(exc)
+                    group.cancel_scope.cancel()
 
             async with anyio.create_task_group() as group:
                 for index in range(len(batch)):
                     group.start_soon(one, index)
+            if errors:  # the error itself, as Engine.generate raises it, not an ExceptionGroup
+                raise errors[0]
             return [r for r in results if r is not None]
 
-        future = self._portal.start_task_soon(run_all)
+        future = self._runtime.portal.start_task_soon(run_all)
         try:
             return future.result()
         except BaseException:
@@ -107,12 +108,8 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._stop is not None:
-                self._portal.call(self._stop.set)
-                self._served.result()
-        finally:
-            self._portal_cm.__exit__(None, None, None)
+        self._finalizer.detach()
+        self._runtime.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -178,3 +175,58 @@ def _sampling_per_prompt(
     if len(sampling) != prompts:
         raise InvalidRequestError(f"{prompts} prompts but {len(sampling)} SamplingParams")
     return list(sampling)
+
+
+class _Runtime:
+    """What an LLM runs: an event loop in a thread (an anyio blocking portal) and the engine
+    served on it from one long task, which starts and stops it on the loop it belongs to."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pid = os.getpid()
+        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self._stop: anyio.Event | None = None
+        try:
+            self._served, _ = self.portal.start_task(self._serve)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    async def _serve(self, *, task_status: TaskStatus[None]) -> None:
+        self._stop = anyio.Event()
+        async with self.engine:
+            task_status.started()
+            await self._stop.wait()
+
+    def check_process(self) -> None:
+        """A forked child has the LLM but not its threads: waiting on them would never end."""
+        if os.getpid() != self.pid:
+            raise EngineClosedError(
+                "this LLM was created in another process (the parent of a fork): create one "
+                "in this process"
+            )
+
+    def shutdown(self) -> None:
+        """Stop the engine, then the loop's thread (in a forked child, nothing to stop)."""
+        if os.getpid() != self.pid:
+            return
+        try:
+            if self._stop is not None:
+                self.portal.call(self._stop.set)
+                self._served.result()
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+
+def _collected(runtime: _Runtime) -> None:
+    """An LLM was collected without close(): stop what it ran, from a thread of its own (the
+    collection may happen on any thread, the loop's own included, where waiting for the loop
+    would never end)."""
+    warnings.warn(
+        "a medha.LLM was collected without close(): use `with medha.LLM(...) as llm:` or call "
+        "llm.close()",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    threading.Thread(target=runtime.shutdown, name="medha-llm-shutdown", daemon=True).start()

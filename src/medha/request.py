@@ -39,7 +39,8 @@ class TokenEvent:
 
 @dataclass(slots=True)
 class RequestMetrics:
-    """Timings of one request in seconds on the engine's clock (time.monotonic)."""
+    """Timings of one request in seconds on the engine's clock: since the Engine was created,
+    on time.monotonic (`Engine.now()` reads it)."""
 
     arrival: float
     deadline: float

@@ -175,6 +175,7 @@ def _load_stage(rank: int, spec: WorkerSpec) -> None:
         samples=rank == layout.sampler_rank,
         kvp_merge=KvpMerge(groups.kvp, layout.kvp) if layout.kvp > 1 else None,
         device=device,
+        pp=layout.pp,
     )
     # Loading ran parallel regions on this thread; the steps run on the stage's thread. Free
     # this thread's idle OpenMP pool, or libgomp would slow the stage's (medha.model.openmp).

@@ -89,8 +89,8 @@ class RooflineCostModel:
         self._prefill_args = (reference_chunk_tokens, prefill_chunking)
         self._prefill = self.new_prefill_table(1.0)
         self.defer_prefill_tables = False
-        """False: a `context_scale` move re-walks the prefill table at once, on the caller's
-        thread. True (the engine, see prefill_refresh.py): it only sets `prefill_table_due`."""
+        """False: a `context_scale` move re-walks the prefill table at once. True (the
+        engine, see prefill_refresh.py): it only sets `prefill_table_due`."""
         self.prefill_table_due: float | None = None
         """The `context_scale` a new prefill table is due at (None: the table is current)."""
         self.prefill_scale = 1.0
@@ -158,8 +158,8 @@ class RooflineCostModel:
 
     def new_prefill_table(self, context_scale: float) -> PrefillTable:
         """An empty prefill table walking at `context_scale` (fixed, or its predictions would
-        depend on when each length was first asked for). It extends itself on demand and reads
-        only what never changes (and memo caches), so another thread may walk it."""
+        depend on when each length was first asked for). It extends itself on demand, or a
+        slice at a time (`PrefillTable.walk_toward`)."""
         chunk_tokens, budget = self._prefill_args
 
         def chunk_times(chunk: SeqShape) -> tuple[float, float]:

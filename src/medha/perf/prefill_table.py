@@ -32,6 +32,7 @@ over positions, and where a prompt ends is not known to it).
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,9 +144,20 @@ class PrefillTable:
         cum_done, _ = self._lookup(processed_tokens)
         return cum_total - cum_done + drain
 
+    def walk_toward(self, tokens: int, until: float) -> bool:
+        """Extend the table so that looking `tokens` up walks nothing more, until
+        `time.perf_counter()` passes `until` (at least one grid point per call). True once it
+        is that far: a caller with a time budget walks a long table over several calls."""
+        target = _extent_for(tokens)
+        while self._tokens[-1] < target:
+            self._add_point(target)
+            if time.perf_counter() >= until:
+                break
+        return self._tokens[-1] >= target
+
     def _lookup(self, tokens: int) -> tuple[float, float]:
         if tokens > self._tokens[-1]:
-            self._extend(max(MIN_TABLE_TOKENS, 1 << (tokens - 1).bit_length()))
+            self._extend(_extent_for(tokens))
         i = bisect.bisect_left(self._tokens, tokens)
         if self._tokens[i] == tokens:
             return self._cum_stage[i], self._drain[i]
@@ -157,24 +169,29 @@ class PrefillTable:
         )
 
     def _extend(self, up_to: int) -> None:
-        while (last := self._tokens[-1]) < up_to:
-            # Grid points: geometric, plus every chunk boundary and the token after it, so that
-            # interpolation never smooths over the jump a new chunk's fixed costs make.
-            point = min(
-                up_to,
-                max(last + 1, round(last * self._grid_ratio)),
-                self._next_chunk_end(self._walk_pos),
-                self._walk_pos + 1 if self._walk_pos + 1 > last else up_to,
-            )
-            self._walk_full_chunks_to(point)
-            cum, drain = self._walk_cum, self._walk_drain
-            if self._walk_pos < point:
-                occupied, chunk_drain = self._chunk_cost(self._walk_pos, point)
-                cum += occupied
-                drain = max(drain, chunk_drain)
-            self._tokens.append(point)
-            self._cum_stage.append(cum)
-            self._drain.append(drain)
+        while self._tokens[-1] < up_to:
+            self._add_point(up_to)
+
+    def _add_point(self, up_to: int) -> None:
+        """Walk to the next grid point (at most `up_to`) and record it."""
+        last = self._tokens[-1]
+        # Grid points: geometric, plus every chunk boundary and the token after it, so that
+        # interpolation never smooths over the jump a new chunk's fixed costs make.
+        point = min(
+            up_to,
+            max(last + 1, round(last * self._grid_ratio)),
+            self._next_chunk_end(self._walk_pos),
+            self._walk_pos + 1 if self._walk_pos + 1 > last else up_to,
+        )
+        self._walk_full_chunks_to(point)
+        cum, drain = self._walk_cum, self._walk_drain
+        if self._walk_pos < point:
+            occupied, chunk_drain = self._chunk_cost(self._walk_pos, point)
+            cum += occupied
+            drain = max(drain, chunk_drain)
+        self._tokens.append(point)
+        self._cum_stage.append(cum)
+        self._drain.append(drain)
 
     def _walk_full_chunks_to(self, point: int) -> None:
         while (end := self._next_chunk_end(self._walk_pos)) <= point:
@@ -192,11 +209,16 @@ class PrefillTable:
 
     def _next_chunk_end(self, pos: int) -> int:
         end = pos + (self._chunk_tokens if self._budget is None else self._budget_chunk(pos))
+        boundary = self._next_boundary(pos)
+        return end if boundary is None else min(end, boundary)
+
+    def _next_boundary(self, pos: int) -> int | None:
+        """The next KVP shard boundary after `pos`, which no chunk straddles (DESIGN section 8),
+        if a group is left to onboard."""
         shard = self._replica.kvp_max_tokens_per_group
         if shard is not None and pos // shard + 1 < self._replica.kvp:
-            # A chunk never straddles a KVP shard boundary (DESIGN section 8).
-            end = min(end, (pos // shard + 1) * shard)
-        return end
+            return (pos // shard + 1) * shard
+        return None
 
     def _times(self, start: int, end: int) -> tuple[float, float]:
         """(batch_time, stage_time) of the chunk [start, end) alone: its slowest KVP group's,
@@ -208,18 +230,27 @@ class PrefillTable:
 
     def _budget_chunk(self, pos: int) -> int:
         """The chunk the scheduler's own search gives a prompt alone at `pos` with at least
-        `max_chunk` tokens left (a shorter rest is one chunk whenever it fits, in both)."""
+        `max_chunk` tokens left (a shorter rest is one chunk whenever it fits, in both): like
+        the scheduler, it searches up to the next KVP boundary at most."""
         cached_pos, cached = self._budget_chunk_at
         if cached_pos == pos:
             return cached
         config = self._budget_config
         assert config is not None
+        boundary = self._next_boundary(pos)
+        room = config.max_chunk if boundary is None else min(config.max_chunk, boundary - pos)
         choice = largest_fitting_chunk(
             lambda chunk: self._times(pos, pos + chunk)[0],
-            config.max_chunk,
+            room,
             config.target_batch_time,
             config,
         )
         chunk = config.min_chunk if choice is None else choice.tokens
         self._budget_chunk_at = (pos, chunk)
         return chunk
+
+
+def _extent_for(tokens: int) -> int:
+    """How far the table extends to answer for `tokens`: a power of two (so it doubles as it
+    grows), at least MIN_TABLE_TOKENS."""
+    return max(MIN_TABLE_TOKENS, 1 << (tokens - 1).bit_length())

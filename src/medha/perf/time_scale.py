@@ -39,8 +39,8 @@ each; scratch replays, not in the repository), against the level alone: median e
 during an attention-heavy phase leaked ~13% into `c`.
 
 A `context_scale` step makes the prefill table due for a new walk; with a
-`PrefillTableRefresher` (the engine's) that walk runs on a thread of its own, and each
-observation installs a finished one (prefill_refresh.py).
+`PrefillTableRefresher` (the engine's), each observation walks it a slice further and installs
+it once done (prefill_refresh.py).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class OnlineTimeScale:
         context_gain: float = 3.0,
         tables: PrefillTableRefresher | None = None,
     ) -> None:
-        """`tables`: keeps the prefill table current off this thread (None: the cost model
-        re-walks it itself, at once)."""
+        """`tables`: walks the prefill tables this learner's steps make due a slice per
+        observation (None: the cost model re-walks a table at once, where the scale moved)."""
         if not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight}")
         if not max_step > 1:

@@ -93,21 +93,7 @@ class Scheduler:
             )
         if not math.isfinite(arrival):
             raise InvalidRequestError(f"request {request_id!r}: arrival must be finite")
-        total_tokens = prompt_len + max_new_tokens
-        if not self.table.layout.can_ever_fit(total_tokens):
-            config = self.config
-            limit = config.max_tokens_per_kvp_group
-            placement = (
-                "a request must fit on one group"
-                if limit is None
-                else f"at most {limit} tokens of a request per group"
-            )
-            raise RequestTooLargeError(
-                f"request {request_id!r} needs KV for {total_tokens} tokens (prompt + "
-                f"max_new_tokens); the cache holds {config.num_blocks} blocks of "
-                f"{config.block_size} tokens on each of {config.kvp_groups} KVP group(s), and "
-                f"{placement}"
-            )
+        self.check_fits(prompt_len, max_new_tokens, request_id)
         total_prefill_s = self.cost.prefill_time(prompt_len)
         request = SchedRequest(
             request_id=request_id,
@@ -144,6 +130,26 @@ class Scheduler:
     def has_work(self) -> bool:
         """True while some request is queued, running or in flight."""
         return bool(self.table.requests)
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int, request_id: str = "") -> None:
+        """Raise RequestTooLargeError unless the KV of a request of these lengths could fit
+        the KVP groups it may use, with nothing else there (what add_request checks first)."""
+        total_tokens = prompt_len + max_new_tokens
+        if self.table.layout.can_ever_fit(total_tokens):
+            return
+        config = self.config
+        limit = config.max_tokens_per_kvp_group
+        placement = (
+            "a request must fit on one group"
+            if limit is None
+            else f"at most {limit} tokens of a request per group"
+        )
+        raise RequestTooLargeError(
+            f"{f'request {request_id!r}' if request_id else 'the request'} needs KV for "
+            f"{total_tokens} tokens (prompt + max_new_tokens); the cache holds "
+            f"{config.num_blocks} blocks of {config.block_size} tokens on each of "
+            f"{config.kvp_groups} KVP group(s), and {placement}"
+        )
 
     # -- one iteration --------------------------------------------------------------------------
 

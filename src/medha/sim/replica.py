@@ -117,10 +117,13 @@ class Deployment:
 class PipelineExecutor:
     """The timing of one replica's pipeline of `pp` stages.
 
-    A plan occupies each stage in turn for its stage time (the slowest stage's, as the cost
-    model reports it), each stage serves plans in issue order, and the last stage finishes
-    plans in issue order too, no earlier than `batch_time` after issue. Stage 0 is free again
-    after the plan's stage time: with SPP the next micro-batch enters then.
+    A plan holds each stage for its stage time (the slowest stage's, as the cost model reports
+    it: what bounds the rate at which micro-batches follow each other), and moves from stage to
+    stage at its mean per-stage time, batch_time / pp, so that a plan alone in the pipeline
+    finishes exactly `batch_time` after issue, as the cost model predicts (uneven stages are
+    not each slowest). Each stage serves plans in issue order and the last stage finishes them in
+    issue order. Stage 0 is free again after the plan's stage time: with SPP the next
+    micro-batch enters then.
     """
 
     def __init__(self, pp_stages: int) -> None:
@@ -131,14 +134,16 @@ class PipelineExecutor:
 
     def issue(self, now: float, stage_time: float, batch_time: float) -> tuple[float, float]:
         """Run a plan issued at `now`: (time it leaves stage 0, time it finishes)."""
-        time = now
+        hop = batch_time / len(self._stage_free)
+        enter = now
         stage0_done = now
         for stage, free in enumerate(self._stage_free):
-            time = max(time, free) + stage_time
-            self._stage_free[stage] = time
+            enter = max(enter, free)
+            self._stage_free[stage] = enter + stage_time
             if stage == 0:
-                stage0_done = time
-        done = max(time, now + batch_time, self._last_done)
+                stage0_done = enter + stage_time
+            enter += hop
+        done = max(enter, now + batch_time, self._last_done)
         self._last_done = done
         self.busy_time += stage0_done - now
         return stage0_done, done

@@ -1,0 +1,26 @@
+"""EngineStats: a snapshot of an engine's queues, KV memory and counters (`Engine.stats()`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    free_blocks: int
+    total_blocks: int
+    waiting: int
+    running: int
+    preempted: int
+    finished: int
+    aborted: int
+    preemptions: int
+    iterations: int
+    time_scale: float = 1.0
+    """Measured over calibrated iteration time (stage time with a pipeline), as learned online
+    (1.0 when off)."""
+    context_scale: float = 1.0
+    """The context-dependent terms' (attention, KV reads) factor on top of `time_scale`."""
+    pauses: int = 0
+    """Times an iteration stopped between layers for a newer request that ranked ahead of it
+    (EngineConfig.pause_iterations)."""
