@@ -208,7 +208,9 @@ class RooflineCostModel:
     def batch_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The batch's time through every stage, as additive terms (see roofline.Terms), as
         calibrated: without the online `time_scale` and `context_scale`."""
-        return _batch_of(self._stages_terms(self.sums_of(seqs))) if seqs else Terms()
+        # A batch crosses every stage, and each stage's worker pays the per-step overhead
+        # (input preparation, host syncs): a plan alone in the pipeline takes the sum.
+        return sum(self._stages_terms(self.sums_of(seqs)), Terms()) if seqs else Terms()
 
     def stage_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The slowest pipeline stage's share of the batch, including its send downstream."""
@@ -298,8 +300,10 @@ class RooflineCostModel:
         if not sums.seqs:
             return 0.0
         layer, first, last, send, iteration = self._seconds_parts(sums, context_scale)
-        sends = len(self._stage_layers) - 1
-        return self.arch.num_layers * layer + first + last + sends * send + iteration
+        stages = len(self._stage_layers)
+        return (
+            self.arch.num_layers * layer + first + last + (stages - 1) * send + stages * iteration
+        )
 
     def _stage_seconds(self, sums: BatchSums, context_scale: float | None = None) -> list[float]:
         layer, first, last, send, iteration = self._seconds_parts(sums, context_scale)
@@ -477,11 +481,6 @@ _PREFILL_RESCALE_LOG = math.log(1.1)
 
 _CACHE_LIMIT = 1 << 16
 """Entries per memo table before it is cleared (bounds memory on very long runs)."""
-
-
-def _batch_of(stages: list[Terms]) -> Terms:
-    # Each stage's terms carry the per-iteration overhead once; a batch pays it once.
-    return sum(stages, Terms()) + Terms(iterations=1.0 - len(stages))
 
 
 def _check_shardable(arch: ModelArch, replica: ReplicaSpec) -> None:
