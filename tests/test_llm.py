@@ -7,6 +7,7 @@ import gc
 import os
 import threading
 import time
+import warnings
 import weakref
 
 import pytest
@@ -70,6 +71,17 @@ def test_an_llm_dropped_without_close_stops_its_engine_and_warns() -> None:
     wait_until(lambda: len(threading.enumerate()) < len(threads_before))
     with pytest.raises(EngineClosedError):
         engine.stats()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_dropped_llm_stops_its_engine_even_where_its_warning_is_an_error() -> None:
+    llm = medha.LLM(engine_config())
+    engine = llm.engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del llm
+        gc.collect()  # the finalizer's warning raises in it (and is reported, not raised here)
+    wait_until(lambda: engine._closed)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -98,8 +98,12 @@ def test_nnls_clamps_coefficients_that_least_squares_would_make_negative() -> No
     assert nnls(rows, [2.0, -3.0]) == pytest.approx([2.0, 0.0])
 
 
-def test_noise_free_timings_recover_the_true_gpu_profile() -> None:
-    replica = ReplicaSpec(tp=2)
+@pytest.mark.parametrize(
+    "replica", [ReplicaSpec(tp=2), ReplicaSpec(tp=2, pp=2), ReplicaSpec(tp=2, pp=4)], ids=str
+)
+def test_noise_free_timings_recover_the_true_gpu_profile(replica: ReplicaSpec) -> None:
+    # With pipeline stages a batch pays the per-iteration overhead once per stage but each
+    # layer's once: the fit must still split them right.
     measured = timings(RooflineCostModel(LLAMA_3_8B, GPU_TRUTH, replica), gpu_grid(), noise=0)
     fit = fit_profile(measured, H100_80GB, LLAMA_3_8B, replica)
     assert efficiencies(fit.profile) == pytest.approx(efficiencies(GPU_TRUTH), rel=1e-6)

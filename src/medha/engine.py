@@ -38,6 +38,7 @@ from medha.errors import (
     EngineFailedError,
     InvalidRequestError,
     PromptTooLongError,
+    RequestTooLargeError,
     WrongEventLoopError,
 )
 from medha.log import get_logger
@@ -444,7 +445,10 @@ class Engine:
             )
         # The scheduler's own rule: under KVP a request may use each group only up to its
         # per-group limit, not the sum of every group's blocks.
-        actor.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        try:
+            actor.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        except RequestTooLargeError as exc:
+            raise RequestTooLargeError(f"{exc} (raise num_blocks or kv_cache_gib)") from None
         checked_deadline = check_deadline(deadline)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"

@@ -41,6 +41,7 @@ class LLM:
         self._runtime = _Runtime(Engine(config))
         self.engine = self._runtime.engine
         self._closed = False
+        self._closing = threading.Lock()
         # Nothing the runtime runs refers to this LLM, so an LLM dropped without close() (a
         # notebook cell run again) is collected, and this stops its engine and thread.
         self._finalizer = weakref.finalize(self, _collected, self._runtime)
@@ -104,10 +105,11 @@ class LLM:
             raise
 
     def close(self) -> None:
-        """Stop the engine and its thread; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the engine and its thread; idempotent, from any thread."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         self._finalizer.detach()
         self._runtime.shutdown()
 
@@ -223,10 +225,11 @@ def _collected(runtime: _Runtime) -> None:
     """An LLM was collected without close(): stop what it ran, from a thread of its own (the
     collection may happen on any thread, the loop's own included, where waiting for the loop
     would never end)."""
-    warnings.warn(
-        "a medha.LLM was collected without close(): use `with medha.LLM(...) as llm:` or call "
-        "llm.close()",
-        ResourceWarning,
-        stacklevel=2,
-    )
+    # The thread first: warnings may be errors (-W error), and the engine must stop anyway.
     threading.Thread(target=runtime.shutdown, name="medha-llm-shutdown", daemon=True).start()
+    warnings.warn(
+        f"a medha.LLM serving {runtime.engine.config.model!r} was collected without close(): "
+        "use `with medha.LLM(...) as llm:` or call llm.close()",
+        ResourceWarning,
+        stacklevel=1,
+    )

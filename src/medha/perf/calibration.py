@@ -10,7 +10,8 @@ the coefficients, so the fit is repeated with the branches re-chosen under the n
 until they stop changing (a few rounds), keeping the round with the lowest error.
 
 One replica's measurements cannot separate per-layer from per-iteration overhead (the layer count
-never changes), so their sum is fitted and split in the base profile's proportion. Collective
+never changes), so their sum is fitted and split in the base profile's proportion (a batch
+through pp stages pays the iteration overhead pp times and each layer's once: `_fixed_column`). Collective
 latencies are hardware constants and are not fitted. A term that never reaches `min_share` of a
 measured time (say all-reduce on one device) has no signal and keeps the base value.
 """
@@ -121,17 +122,29 @@ def _relative_errors(
     ]
 
 
-def _columns(row: Terms) -> dict[str, float]:
+def _columns(row: Terms, base: Efficiency) -> dict[str, float]:
     return {
         "matmul": row.matmul,
         "attention": row.attention,
         "memory": row.memory,
         "kv_read": row.kv_read,
         "collective": row.collective,
-        FIXED: row.iterations,
+        FIXED: _fixed_column(row, base),
         SEQUENCE: row.sequence_layers,
         GATHER: row.gathered_kv,
     }
+
+
+def _fixed_column(row: Terms, base: Efficiency) -> float:
+    """The row's fixed overhead in units of FIXED (one iteration's plus every layer's, split as
+    in `base`): a batch through pp stages pays the iteration overhead pp times but each layer's
+    once, so the column is not simply its iteration count."""
+    base_fixed = base.iteration_overhead_s + row.layers * base.layer_overhead_s
+    if base_fixed <= 0:
+        return row.iterations
+    return (row.iterations * base.iteration_overhead_s + row.layers * base.layer_overhead_s) / (
+        base_fixed
+    )
 
 
 def _fit_round(
@@ -146,7 +159,7 @@ def _fit_round(
     layers = rows[0].layers
     held_value = _coefficients(base, layers)
     current_value = _coefficients(current, layers)
-    columns = [_columns(row) for row in rows]
+    columns = [_columns(row, base) for row in rows]
     # An efficiency term with no signal would be fitted to noise: hold it at the base value.
     # (Overheads are judged by their columns alone: a base value of zero says nothing.)
     free = {

@@ -46,7 +46,8 @@ class Efficiency:
     layer_overhead_s: float = 0.0
     """Seconds per decoder layer per iteration (kernel launches that do not overlap compute)."""
     iteration_overhead_s: float = 0.0
-    """Seconds per iteration (input preparation, sampling, host synchronisation)."""
+    """Seconds per iteration and pipeline stage (input preparation, sampling, host
+    synchronisation: each stage's worker pays it for every plan)."""
     sequence_overhead_s: float = 0.0
     """Seconds per sequence per layer (per-sequence attention setup; ~0 with one varlen kernel)."""
     kv_gather_s: float = 0.0
