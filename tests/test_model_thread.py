@@ -129,7 +129,9 @@ async def test_the_engine_loads_and_steps_on_its_model_thread_which_ends_with_it
         assert model_thread is not None
         built_on = model_thread.thread  # set by the first call: the build
         assert built_on is not None and built_on is not threading.current_thread()
-        done = await engine.generate([5, 6, 7, 8], medha.SamplingParams(max_tokens=4))
+        done = await engine.generate(
+            [5, 6, 7, 8], medha.SamplingParams(max_tokens=4, ignore_eos=True)
+        )
         assert len(done.token_ids) == 4
         assert step_threads == {built_on.ident}
     for _ in range(100):
