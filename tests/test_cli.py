@@ -51,6 +51,18 @@ def test_generate_with_chat_template_and_sampling_seed(capsys: pytest.CaptureFix
 def test_generate_reports_bad_sampling_params(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "tiny-random", "Hi", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "tiny-random", "Hi", "--presence-penalty", "3"]) == 2
+    assert "presence_penalty" in capsys.readouterr().err
+
+
+def test_generate_applies_penalties(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "tiny-random", "ab ab ab ab ab", "--max-tokens", "12"]
+    outputs = []
+    for extra in ([], ["--repetition-penalty", "1.8"], ["--frequency-penalty", "2"]):
+        assert main([*base, *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    plain, *penalised = outputs
+    assert all(output != plain for output in penalised)
 
 
 def test_generate_reports_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,3 +33,14 @@ def test_the_pausing_example_pauses_the_long_iteration_for_the_chat() -> None:
     # 1 unless the long iteration's first layer was done before the chat arrived (a loaded
     # machine); tests/test_engine_pausing.py checks pausing with layers slow enough to be sure.
     assert re.fullmatch(r"pauses: [01], chat TTFT \d+ ms\n", printed)
+
+
+def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> None:
+    lines = _run_block_with("repetition_penalty=1.3").splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        match = re.fullmatch(
+            r"(\d+) \((-?\d+\.\d\d)\); most likely (\d+): (-?\d+\.\d\d), (\d+): (-?\d+\.\d\d)", line
+        )
+        assert match is not None, line
+        assert float(match[4]) >= float(match[6])  # most likely first

@@ -70,13 +70,25 @@ async def test_layout_matches_single_process_and_hf(layout: tuple[int, int, int]
         assert error < 1e-4, f"request {i}: relative logit error {error:.2e}"
 
 
+# Penalties and min_tokens depend on every token so far, which the sampling worker counts from
+# the steps it runs: a recomputed prompt must not count twice.
+PENALTIES = [
+    {},
+    {"repetition_penalty": 1.4},
+    {"presence_penalty": 1.5, "frequency_penalty": 0.5, "min_tokens": 8},
+]
+
+
 async def _sample_all(engine: medha.Engine, work: list[tuple[list[int], int]]) -> list[list[int]]:
-    """Seeded temperature sampling for every request, concurrently."""
+    """Seeded temperature sampling for every request, concurrently, some with penalties."""
     results: list[list[int]] = [[] for _ in work]
 
     async def one(i: int) -> None:
         prompt, max_tokens = work[i]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=100 + i)
+        extra = PENALTIES[i % 3]
+        if "min_tokens" in extra:
+            extra = {**extra, "min_tokens": min(8, max_tokens)}
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=100 + i, **extra)
         results[i] = (await engine.generate(prompt, params, request_id=f"s{i}")).token_ids
 
     async with anyio.create_task_group() as group:

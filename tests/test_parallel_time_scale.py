@@ -16,6 +16,7 @@ import torch
 import medha
 from medha.parallel.messages import ShardStep, ShardWork
 from medha.perf.time_scale import OnlineTimeScale
+from medha.sampling import SamplingSetup
 from medha.scheduler.cost import SeqShape
 from tests.parallel_support import parallel_config, run_concurrently, single_process_greedy
 
@@ -127,10 +128,12 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
     if last:
         monkeypatch.setattr(
             remote_stage,
-            "sample",
-            lambda rows, params, generators: SimpleNamespace(token_ids=[3], logprobs=[-0.1]),
+            "sample_requests",
+            lambda rows, requests: SimpleNamespace(
+                token_ids=[3], logprobs=[-0.1], top_logprobs=[()]
+            ),
         )
-    greedy = medha.SamplingParams(max_tokens=1, temperature=0.0)
+    greedy = SamplingSetup(medha.SamplingParams(max_tokens=1, temperature=0.0), prompt_len=3)
     work = ShardWork(
         request_id="r",
         start=0,

@@ -222,10 +222,10 @@ def test_unseeded_generators_get_fresh_seeds() -> None:
 def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
     logits = _random_logits(4, 30, seed=14)
     params = [
-        SamplingParams.greedy(logprobs=True),
-        SamplingParams(temperature=0.5, top_k=3, logprobs=True),
+        SamplingParams.greedy(logprobs=0),
+        SamplingParams(temperature=0.5, top_k=3, logprobs=0),
         SamplingParams(temperature=2.0),
-        SamplingParams(temperature=1.0, logprobs=True),
+        SamplingParams(temperature=1.0, logprobs=0),
     ]
     generators = [make_generator(i) for i in range(4)]
     out = sample(logits, params, generators)
@@ -240,7 +240,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits_sample_like_their_fp32_values(dtype: torch.dtype) -> None:
     logits = _random_logits(3, 100, seed=15).to(dtype)
-    params = [SamplingParams.greedy(logprobs=True), SamplingParams(top_k=10, logprobs=True)] * 2
+    params = [SamplingParams.greedy(logprobs=2), SamplingParams(top_k=10, logprobs=0)] * 2
     params = params[:3]
 
     def run(x: torch.Tensor) -> SampleOutput:

@@ -23,8 +23,13 @@ def test_defaults_match_vllm() -> None:
     assert params.stop == ()
     assert params.stop_token_ids == ()
     assert params.ignore_eos is False
-    assert params.logprobs is False
+    assert params.logprobs is None
     assert params.include_stop_str_in_output is False
+    assert params.min_tokens == 0
+    assert params.repetition_penalty == 1.0
+    assert params.presence_penalty == 0.0
+    assert params.frequency_penalty == 0.0
+    assert not params.needs_history
     assert not params.is_greedy
 
 
@@ -141,7 +146,24 @@ def test_boundary_values_are_valid() -> None:
         ("stop_token_ids", np.array([1, -1])),
         ("ignore_eos", 1),
         ("logprobs", "yes"),
+        ("logprobs", True),
+        ("logprobs", False),
+        ("logprobs", -1),
+        ("logprobs", 21),
+        ("logprobs", 2.0),
         ("include_stop_str_in_output", None),
+        ("min_tokens", -1),
+        ("min_tokens", 17),  # above the default max_tokens of 16
+        ("min_tokens", 1.0),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", math.inf),
+        ("repetition_penalty", True),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -2.01),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", 3),
+        ("frequency_penalty", "0.5"),
     ],
 )
 def test_invalid_value_raises_error_naming_field_and_value(field: str, value: object) -> None:
@@ -157,3 +179,38 @@ def test_invalid_params_error_is_a_value_error_and_a_request_error() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(InvalidRequestError):
         SamplingParams(top_p=2.0)
+
+
+def test_a_bool_logprobs_says_what_replaces_it() -> None:
+    with pytest.raises(InvalidSamplingParamsError, match="0 reports the chosen token"):
+        SamplingParams(logprobs=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needs_history"),
+    [
+        ({"logprobs": 5}, False),
+        ({"repetition_penalty": 1.1}, True),
+        ({"presence_penalty": -0.5}, True),
+        ({"frequency_penalty": 2}, True),
+        ({"min_tokens": 1}, True),
+    ],
+)
+def test_penalties_and_min_tokens_need_the_token_history(
+    overrides: dict[str, object], needs_history: bool
+) -> None:
+    assert SamplingParams(**overrides).needs_history is needs_history  # type: ignore[arg-type]
+
+
+def test_penalties_take_numpy_numbers_and_store_floats() -> None:
+    params = SamplingParams(
+        max_tokens=np.int64(8),
+        min_tokens=np.int32(8),
+        repetition_penalty=np.float32(1.5),
+        frequency_penalty=np.int64(-2),
+        logprobs=np.int16(3),
+    )
+    assert (params.min_tokens, params.logprobs) == (8, 3)
+    assert type(params.min_tokens) is int and type(params.logprobs) is int
+    assert params.repetition_penalty == 1.5 and type(params.repetition_penalty) is float
+    assert params.frequency_penalty == -2.0 and type(params.frequency_penalty) is float

@@ -143,6 +143,31 @@ def test_a_held_prefix_of_one_stop_string_can_complete_another() -> None:
     assert updates[-1].matched == "bc"
 
 
+def test_before_min_tokens_nothing_but_max_tokens_ends_the_request() -> None:
+    params = SamplingParams(min_tokens=3, max_tokens=5, stop=["x"], stop_token_ids=[7])
+    checker = StopChecker(params, eos_token_ids=(EOS,))
+    # eos and a stop token (which the sampler never picks before min_tokens) and a stop string
+    # in the first two tokens are text like any other; the stop string on token 3 ends it.
+    updates = _run(checker, ["x", "", "ax", "b"], token_ids=[PLAIN, EOS, PLAIN, PLAIN])
+    assert [u.finish_reason for u in updates] == [None, None, "stop"]
+    assert _emitted(updates) == "xa"
+    assert updates[-1].matched == "x"
+
+
+def test_a_stop_string_begun_before_min_tokens_ends_the_request_when_it_completes() -> None:
+    checker = StopChecker(SamplingParams(min_tokens=2, stop=["END"]))
+    updates = _run(checker, ["ok E", "N", "D!"])
+    assert [u.finish_reason for u in updates] == [None, None, "stop"]
+    assert _emitted(updates) == "ok "
+
+
+def test_a_stop_token_at_min_tokens_ends_the_request() -> None:
+    checker = StopChecker(SamplingParams(min_tokens=2, stop_token_ids=[7]), eos_token_ids=(EOS,))
+    updates = _run(checker, ["a", "", ""], token_ids=[7, EOS, PLAIN])
+    assert [u.finish_reason for u in updates] == [None, "stop"]
+    assert updates[-1].matched == EOS
+
+
 def test_update_after_the_request_finished_is_an_error() -> None:
     checker = StopChecker(SamplingParams(max_tokens=1), ())
     checker.update(PLAIN, "a")

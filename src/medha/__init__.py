@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from medha.engine import Engine
     from medha.engine_stats import EngineStats
     from medha.llm import LLM
-    from medha.request import Completion, RequestMetrics, TokenEvent
+    from medha.request import Completion, RequestMetrics, TokenEvent, TokenLogprob
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ _LAZY = {
     "Completion": "medha.request",
     "RequestMetrics": "medha.request",
     "TokenEvent": "medha.request",
+    "TokenLogprob": "medha.request",
 }
 
 
@@ -83,6 +84,7 @@ __all__ = [
     "RequestTooLargeError",
     "SamplingParams",
     "TokenEvent",
+    "TokenLogprob",
     "UnsupportedModelError",
     "WrongEventLoopError",
     "__version__",

@@ -329,6 +329,7 @@ class Engine:
         """Stream a prepared request to its end; its Completion."""
         async for _ in self._stream(request):
             pass
+        wants_logprobs = request.params.logprobs is not None
         return Completion(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_ids,
@@ -336,7 +337,8 @@ class Engine:
             text=request.text,
             finish_reason=request.finish_reason or "abort",
             metrics=request.metrics,
-            logprobs=list(request.logprobs) if request.params.logprobs else None,
+            logprobs=list(request.logprobs) if wants_logprobs else None,
+            top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
         )
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
@@ -469,6 +471,7 @@ class Engine:
                 deadline_given=checked_deadline is not None,
             ),
             deadline=checked_deadline,
+            eos_token_ids=tuple(self.tokenizer.eos_token_ids),
         )
         self._by_id[request_id] = request
         return request

@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class TokenIdArray(Protocol):
@@ -17,6 +17,13 @@ class TokenIdArray(Protocol):
 
 Prompt = str | Sequence[int] | TokenIdArray
 """What `Engine.stream`/`generate` take: text (tokenized without a chat template) or token ids."""
+
+
+class TokenLogprob(NamedTuple):
+    """One of the most likely tokens at a position, and its log-probability under the model."""
+
+    token_id: int
+    logprob: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +41,10 @@ class TokenEvent:
     """None until the last event; then "stop" (eos, stop token or string), "length", or "abort"
     (`Engine.abort`; a stream its own consumer leaves gets no more events)."""
     logprob: float | None = None
-    """Log-probability of the token under the model, when SamplingParams.logprobs is set."""
+    """Log-probability of the token under the model, when SamplingParams.logprobs is not None."""
+    top_logprobs: tuple[TokenLogprob, ...] | None = None
+    """With SamplingParams.logprobs = N: the N most likely tokens at this position, most likely
+    first (the chosen token is among them only if it is one of them, as in OpenAI's API)."""
 
 
 @dataclass(slots=True)
@@ -94,6 +104,9 @@ class Completion:
     finish_reason: str
     metrics: RequestMetrics
     logprobs: list[float | None] | None = None
+    """Each token's log-probability (SamplingParams.logprobs not None), else None."""
+    top_logprobs: list[tuple[TokenLogprob, ...]] | None = None
+    """Each token's most likely alternatives (SamplingParams.logprobs not None), else None."""
 
 
 def check_deadline(deadline: object) -> float | None:

@@ -24,6 +24,13 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # Unsigned 64-bit seeds, as torch generators take; every bit counts (medha.model.sampler).
 _MAX_SEED = 2**64 - 1
 
+# vLLM's default `max_logprobs`: each one costs a top-k over the vocabulary and a list entry per
+# token on the event loop.
+MAX_LOGPROBS = 20
+
+# OpenAI's (and vLLM's) range for presence and frequency penalties.
+_MAX_ADDITIVE_PENALTY = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -41,10 +48,24 @@ class SamplingParams:
             str or any sequence of str is accepted and stored as a tuple.
         stop_token_ids: token ids that end the request (even when ignore_eos is set).
         ignore_eos: keep generating past the end-of-sequence token.
-        logprobs: return the log-probability of each chosen token (under the model's raw
-            distribution, before temperature and filtering, as vLLM does).
+        logprobs: None for none; otherwise the log-probability of each chosen token, and of the
+            `logprobs` most likely tokens at its position (0 to 20; 0: the chosen token's
+            only). Under the model's raw distribution, before penalties, temperature and
+            filtering, as vLLM reports them.
         include_stop_str_in_output: keep the matched stop string (or the stop token's text)
             at the end of the output.
+        min_tokens: generate at least this many tokens before eos, a stop token or a stop
+            string may end the request (0 to max_tokens): until then eos and stop_token_ids
+            are never sampled and stop strings are not looked for.
+        repetition_penalty: > 0; 1.0 disables. Every token that appeared in the prompt or the
+            output so far has its logit divided by it if positive, multiplied if not (HF's and
+            vLLM's rule): > 1 discourages repeats.
+        presence_penalty: in [-2, 2]; subtracted from the logit of every token the output
+            contains so far (the prompt does not count, as in OpenAI's API and vLLM).
+        frequency_penalty: in [-2, 2]; subtracted once per occurrence in the output so far.
+
+    Penalties and min_tokens apply before temperature and the filters, and to greedy requests
+    too (they change the argmax).
     """
 
     max_tokens: int = 16
@@ -56,8 +77,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
@@ -78,9 +103,31 @@ class SamplingParams:
             normalise("seed", _as_int("seed", self.seed, minimum=0))
             if self.seed > _MAX_SEED:
                 _fail("seed", self.seed, "must fit in 64 bits unsigned")
-        for name in ("ignore_eos", "logprobs", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool):
+                # It was a bool before medha took vLLM's meaning; say what replaces it.
+                _fail(
+                    "logprobs",
+                    self.logprobs,
+                    "must be None or a count of top tokens: 0 reports the chosen token's "
+                    "log-probability only (what logprobs=True did), N also the N most likely",
+                )
+            normalise("logprobs", _as_int("logprobs", self.logprobs, minimum=0))
+            if self.logprobs > MAX_LOGPROBS:
+                _fail("logprobs", self.logprobs, f"must be <= {MAX_LOGPROBS}")
+        normalise("min_tokens", _as_int("min_tokens", self.min_tokens, minimum=0))
+        if self.min_tokens > self.max_tokens:
+            _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
+        normalise("repetition_penalty", _as_float("repetition_penalty", self.repetition_penalty))
+        if self.repetition_penalty <= 0:
+            _fail("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 disables)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            normalise(name, _as_float(name, getattr(self, name)))
+            if abs(getattr(self, name)) > _MAX_ADDITIVE_PENALTY:
+                _fail(name, getattr(self, name), "must be in [-2, 2]")
         normalise("stop", _normalise_stop(self.stop))
         normalise("stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
 
@@ -93,6 +140,19 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the sampler takes the argmax (top_k/top_p/min_p/seed are then unused)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling depends on the tokens so far (penalties, min_tokens)."""
+        return self.has_penalties or self.min_tokens > 0
 
 
 def _fail(field: str, value: object, problem: str) -> NoReturn:
@@ -153,3 +213,20 @@ def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
             _fail("stop_token_ids", ids, f"token ids must be >= 0, got {item}")
         result.append(int(item))
     return tuple(result)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSetup:
+    """What the stage that samples is told of a request, once, with its first step: its params,
+    and what penalties and min_tokens need besides (where the prompt ends, the eos ids)."""
+
+    params: SamplingParams
+    prompt_len: int
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def min_tokens_stop_ids(self) -> tuple[int, ...]:
+        """The ids min_tokens keeps from being sampled: the stop tokens, and eos unless
+        ignore_eos (vLLM's set)."""
+        eos = () if self.params.ignore_eos else self.eos_token_ids
+        return tuple(sorted({*self.params.stop_token_ids, *eos}))

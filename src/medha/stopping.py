@@ -12,6 +12,10 @@ vLLM's semantics:
   with something that could still become a stop string, that suffix is held back; it is
   released once it can no longer match, or when the request ends for another reason.
 - max_tokens ends the request ("length") unless it ended with "stop" on the same token.
+- min_tokens: before that many tokens, neither eos, stop tokens nor stop strings end the request
+  (vLLM skips its stop checks until then; the sampler keeps eos and stop tokens from being
+  sampled meanwhile). A stop string that completes only with a later token still counts, also
+  when it began earlier, so a possible start of one is held back meanwhile as well.
 
 Which stop string wins when several could: the one that completes first in the text (earliest
 end), and among those the longest (earliest start). This is what a character-by-character
@@ -56,6 +60,7 @@ class StopChecker:
         "_include_stop",
         "_longest_prefix",
         "_max_tokens",
+        "_min_tokens",
         "_stop_prefixes",
         "_stop_strings",
         "_stop_token_ids",
@@ -72,6 +77,7 @@ class StopChecker:
         if limit < 1:
             raise ValueError(f"max_tokens must be >= 1, got {limit}")
         self._max_tokens = limit
+        self._min_tokens = params.min_tokens
         self._eos_token_ids = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_token_ids = frozenset(params.stop_token_ids)
         self._stop_strings = params.stop
@@ -104,16 +110,20 @@ class StopChecker:
         if self._finished:
             raise RuntimeError("StopChecker.update called after the request finished")
         self._generated += 1
+        checking = self._generated >= self._min_tokens
 
         matched: str | int | None = None
         if token_id in self._eos_token_ids:
-            matched, text_delta = token_id, ""
+            text_delta = ""
+            if checking:
+                matched = token_id
         elif token_id in self._stop_token_ids:
-            matched = token_id
+            if checking:
+                matched = token_id
             if not self._include_stop:
                 text_delta = ""
 
-        text, stop_string = self._scan(self._held + text_delta)
+        text, stop_string = self._scan(self._held + text_delta, checking)
         if stop_string is not None:
             return self._finish(text, FINISH_STOP, stop_string)
         if matched is not None:
@@ -122,10 +132,12 @@ class StopChecker:
             return self._finish(text + self._held, FINISH_LENGTH, None)
         return StopUpdate(text=text)
 
-    def _scan(self, text: str) -> tuple[str, str | None]:
-        """Split `text` into (emittable now, matched stop string or None); sets self._held."""
+    def _scan(self, text: str, look_for_stops: bool = True) -> tuple[str, str | None]:
+        """Split `text` into (emittable now, matched stop string or None); sets self._held.
+        Without `look_for_stops` (before min_tokens) nothing matches, but a possible start of
+        a stop string is still held back."""
         best: tuple[int, int, str] | None = None  # (end, -length, stop string)
-        for stop in self._stop_strings:
+        for stop in self._stop_strings if look_for_stops else ():
             start = text.find(stop)
             if start != -1:
                 candidate = (start + len(stop), -len(stop), stop)

@@ -7,9 +7,15 @@ the stage keeps each request's block table and sampling state from earlier steps
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from medha.sampling import SamplingParams
+from medha.request import TokenLogprob
+from medha.sampling import SamplingSetup
+
+if TYPE_CHECKING:
+    from medha.model.sampler import SampleOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +28,7 @@ class SeqWork:
     """Blocks to append to the request's block table before the step."""
     samples: bool
     """Sample a token after this step (the last chunk of a prompt, or a decode)."""
-    sampling: SamplingParams | None = None
+    sampling: SamplingSetup | None = None
     """Sent with the request's first step only; None afterwards."""
     decode: bool = False
     """A decode: when the step pauses, it is finished at once (see StepPaused.sampled)."""
@@ -55,6 +61,17 @@ class ResumeStep:
 class SampledToken:
     token_id: int
     logprob: float | None
+    top_logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+def sampled_tokens(request_ids: Sequence[str], out: SampleOutput) -> dict[str, SampledToken]:
+    """The sampler's output for rows `request_ids`, by request."""
+    return {
+        request_id: SampledToken(token, logprob, top)
+        for request_id, token, logprob, top in zip(
+            request_ids, out.token_ids, out.logprobs, out.top_logprobs, strict=True
+        )
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ its own work is done, which is what SPP needs) and reports done at once.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections import deque
@@ -22,22 +21,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from medha.actors.messages import SampledToken, StepOutput
+from medha.actors.messages import SampledToken, StepOutput, sampled_tokens
 from medha.kernels import AttentionFn, AttentionMetadata
 from medha.model.kv_cache import KVCache
+from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import StepSeq
-from medha.model.sampler import make_generator, sample
 from medha.parallel.kvp import KvpMerge, shard_step_seq
 from medha.parallel.messages import ShardStep, StageDone
 from medha.parallel.stage_model import StageModel
-from medha.sampling import SamplingParams
 
 
 @dataclass(slots=True)
 class _SeqState:
     block_table: list[int]
-    sampling: SamplingParams | None = None
-    generator: random.Random | None = None
+    sampling: RequestSampling | None = None
+    """On the sampling rank only."""
 
 
 class PendingSends:
@@ -145,10 +143,9 @@ class RemoteStage:
             if state is None:
                 state = self._seqs[work.request_id] = _SeqState([])
             if work.sampling is not None and self.samples:
-                state.sampling = work.sampling
-                state.generator = (
-                    None if work.sampling.is_greedy else make_generator(work.sampling.seed)
-                )
+                state.sampling = RequestSampling(work.sampling)
+            if state.sampling is not None:
+                state.sampling.observe(work.start, work.token_ids)
             # Blocks reserved for a later part of the prompt arrive before this group holds any
             # of its KV: keep them all the same.
             state.block_table.extend(work.new_blocks)
@@ -238,17 +235,14 @@ class RemoteStage:
                 rows = logits[torch.tensor(ends, device=logits.device)]
             else:
                 rows = logits
-            states = [self._seqs[w.request_id] for w in sampling_works]
-            params = []
-            for work, state in zip(sampling_works, states, strict=True):
-                if state.sampling is None:
+            requests = []
+            for work in sampling_works:
+                request = self._seqs[work.request_id].sampling
+                if request is None:
                     raise RuntimeError(f"no sampling parameters for {work.request_id!r}")
-                params.append(state.sampling)
-            out = sample(rows, params, [s.generator for s in states])
-            for work, token, logprob in zip(
-                sampling_works, out.token_ids, out.logprobs, strict=True
-            ):
-                sampled[work.request_id] = SampledToken(token, logprob)
+                requests.append(request)
+            out = sample_requests(rows, requests)
+            sampled = sampled_tokens([w.request_id for w in sampling_works], out)
         seconds = self._seconds_since(started)
         output = StepOutput(step.step_id, sampled, seconds)
         returned = logits.cpu() if step.return_logits else None

@@ -35,7 +35,7 @@ from medha.errors import EngineClosedError, EngineFailedError
 from medha.log import get_logger
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
-from medha.sampling import SamplingParams
+from medha.sampling import SamplingSetup
 from medha.scheduler import BatchPlan, Scheduler, SeqKind
 from medha.scheduler.cost import SeqShape
 
@@ -380,12 +380,13 @@ class SchedulerActor(Actor[Submit | Abort]):
             _log.info("request preempted", request_id=request_id)
         return plan
 
-    def _first_sampling(self, request: TrackedRequest) -> SamplingParams | None:
-        """The request's sampling params on its first step, None afterwards (a delta)."""
+    def _first_sampling(self, request: TrackedRequest) -> SamplingSetup | None:
+        """What the sampling stage needs of the request, on its first step; None afterwards
+        (a delta)."""
         if request.sampling_sent:
             return None
         request.sampling_sent = True
-        return request.params
+        return SamplingSetup(request.params, len(request.prompt_ids), request.eos_token_ids)
 
     def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
         self.iterations += 1
@@ -415,7 +416,12 @@ class SchedulerActor(Actor[Submit | Abort]):
                 if scheduled is not None:
                     request.metrics.deadline = scheduled.deadline
             event = TokenEvent(
-                request_id, sampled.token_id, update.text, update.finish_reason, sampled.logprob
+                request_id,
+                sampled.token_id,
+                update.text,
+                update.finish_reason,
+                sampled.logprob,
+                sampled.top_logprobs,
             )
             if update.finished:
                 request.metrics.finished_time = now

@@ -13,7 +13,6 @@ with StepPaused.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -30,20 +29,19 @@ from medha.actors.messages import (
     SeqWork,
     StepOutput,
     StepPaused,
+    sampled_tokens,
 )
 from medha.actors.model_thread import ModelThread
 from medha.errors import EngineClosedError
 from medha.model.layerwise import LayerwiseStep
+from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import ModelRunner, StepSeq
-from medha.model.sampler import make_generator, sample
-from medha.sampling import SamplingParams
 
 
 @dataclass(slots=True)
 class _SeqState:
     block_table: list[int]
-    sampling: SamplingParams
-    generator: random.Random | None
+    sampling: RequestSampling
 
 
 @dataclass(slots=True)
@@ -101,12 +99,12 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
         for work in step.seqs:
             state = self._seqs.get(work.request_id)
             if work.sampling is not None:
-                generator = None if work.sampling.is_greedy else make_generator(work.sampling.seed)
-                state = _SeqState([], work.sampling, generator)
+                state = _SeqState([], RequestSampling(work.sampling))
                 self._seqs[work.request_id] = state
             if state is None:
                 raise RuntimeError(f"step for unknown request {work.request_id!r}")
             state.block_table.extend(work.new_blocks)
+            state.sampling.observe(work.start, work.token_ids)
             batch.append(StepSeq(work.token_ids, work.start, state.block_table, work.samples))
         progress = self.runner.start_step(batch)
         return self._advance(
@@ -149,12 +147,8 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
         sampling = [work for work in works if work.samples]
         if not sampling:
             return {}
-        states = [self._seqs[work.request_id] for work in sampling]
-        out = sample(logits, [s.sampling for s in states], [s.generator for s in states])
-        return {
-            work.request_id: SampledToken(token, logprob)
-            for work, token, logprob in zip(sampling, out.token_ids, out.logprobs, strict=True)
-        }
+        out = sample_requests(logits, [self._seqs[work.request_id].sampling for work in sampling])
+        return sampled_tokens([work.request_id for work in sampling], out)
 
     def _forget(self, release: tuple[str, ...], preempted: tuple[str, ...]) -> None:
         for request_id in release:

@@ -11,7 +11,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from medha.output_text import OutputText
-from medha.request import RequestMetrics, TokenEvent
+from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.sampling import SamplingParams
 
 StreamItem = TokenEvent | BaseException
@@ -26,8 +26,11 @@ class TrackedRequest:
     metrics: RequestMetrics
     deadline: float | None
     """The caller's TTFT deadline in seconds, or None for the scheduler's default."""
+    eos_token_ids: tuple[int, ...] = ()
+    """The tokenizer's, for min_tokens (the sampling stage keeps them from being sampled)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     sampling_sent: bool = False
@@ -57,6 +60,8 @@ class TrackedRequest:
         assert event.token_id is not None, "a sampled token's event"
         self.token_ids.append(event.token_id)
         self.logprobs.append(event.logprob)
+        if event.top_logprobs is not None:
+            self.top_logprobs.append(event.top_logprobs)
         self.text_parts.append(event.text)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason

@@ -31,6 +31,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-tokens", type=int, default=0, help="before eos or a stop may end it")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -53,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        min_tokens=args.min_tokens,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
     # As the engine: an empty text prompt is refused, though the tokenizer would give it a BOS
     # token. With --chat the template around an empty message is a prompt.

@@ -4,9 +4,10 @@ Runs every step on the last pipeline stage, so the work is batched tensor ops ov
 kind; the per-row Python work is building small parameter tensors and one random draw per
 randomly sampled row.
 
-Order of operations for a random row (the same as HF's warpers): temperature, top-k, top-p
-(on the top-k-renormalised distribution), min-p, then one draw. Greedy rows take the argmax
-(ties: the lowest token id) and consume no randomness.
+Order of operations for a random row (the same as HF's processors and warpers): penalties and
+min_tokens (medha.model.penalties), temperature, top-k, top-p (on the top-k-renormalised
+distribution), min-p, then one draw. Greedy rows take the argmax of the penalised logits (ties:
+the lowest token id) and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
@@ -17,19 +18,21 @@ bit of a seed, where torch's CPU generator keeps only the low 32 (seeds 2**32 ap
 `user << 32 | i`, would share one stream), and a seed then draws the same numbers on every
 device. One host draw per random row and step costs less than a device draw per row would.
 
-Logprobs: like vLLM, the log-probability reported for a chosen token is log_softmax of the raw
-logits (temperature 1, nothing filtered), i.e. the model's own belief, whichever way the token
-was chosen.
+Logprobs: like vLLM, the log-probability reported for a chosen token, and for the most likely
+tokens at its position, is log_softmax of the raw logits (no penalty, temperature 1, nothing
+filtered), i.e. the model's own belief, whichever way the token was chosen.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from medha.model.penalties import TokenHistory, apply_history
+from medha.request import TokenLogprob
 from medha.sampling import SamplingParams
 
 
@@ -40,6 +43,8 @@ class SampleOutput:
     token_ids: list[int]
     # log_softmax(raw logits)[token] for rows whose params ask for logprobs, else None.
     logprobs: list[float | None]
+    # The params.logprobs most likely tokens of such rows (most likely first), else None.
+    top_logprobs: list[tuple[TokenLogprob, ...] | None] = field(default_factory=list)
 
 
 def make_generator(seed: int | None) -> random.Random:
@@ -52,11 +57,13 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[random.Random | None],
+    histories: Sequence[TokenHistory | None] | None = None,
 ) -> SampleOutput:
     """Choose one token per row of `logits` [B, V] (fp32, bf16 or fp16; computed in fp32).
 
     `generators[i]` is row i's generator; None uses Python's global one (`random.random`),
-    which makes that row's draw depend on the rest of the batch.
+    which makes that row's draw depend on the rest of the batch. `histories[i]` is row i's
+    token history, required where its params have penalties or min_tokens.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -68,34 +75,79 @@ def sample(
     if batch == 0:
         return SampleOutput(token_ids=[], logprobs=[])
 
+    # Only the rows with penalties or min_tokens get an fp32 copy: the others choose from the
+    # logits as they are.
+    processed = _processed_rows(logits, params, histories)
     # torch.argmax returns the first maximal index: ties resolve to the lowest token id. Half
     # precision widens to fp32 exactly, so the argmax needs no fp32 copy of the logits.
     token_ids = logits.argmax(dim=-1)
+    for row, row_logits in processed.items():
+        if params[row].is_greedy:
+            token_ids[row] = row_logits.argmax()
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         row_index = torch.tensor(random_rows, device=logits.device)
+        random_logits = logits.index_select(0, row_index).float()
+        for position, row in enumerate(random_rows):
+            if row in processed:
+                random_logits[position] = processed[row]
         chosen = _sample_random_rows(
-            logits.index_select(0, row_index).float(),
+            random_logits,
             [params[i] for i in random_rows],
             [generators[i] for i in random_rows],
         )
         token_ids.index_copy_(0, row_index, chosen)
+    logprobs, top_logprobs = _logprobs(logits, params, token_ids)
+    return SampleOutput(token_ids.tolist(), logprobs, top_logprobs)
 
-    logprob_rows = [i for i, p in enumerate(params) if p.logprobs]
+
+def _processed_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[TokenHistory | None] | None,
+) -> dict[int, torch.Tensor]:
+    """Row -> its fp32 logits after penalties and min_tokens, for the rows that have any."""
+    rows = [i for i, p in enumerate(params) if p.needs_history]
+    if not rows:
+        return {}
+    row_histories = [None if histories is None else histories[i] for i in rows]
+    known = [h for h in row_histories if h is not None]
+    if len(known) != len(rows):
+        raise ValueError("rows with penalties or min_tokens need their token history")
+    row_index = torch.tensor(rows, device=logits.device)
+    applied = apply_history(
+        logits.index_select(0, row_index).float(), [params[i] for i in rows], known
+    )
+    return dict(zip(rows, applied.unbind(0), strict=True))
+
+
+def _logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], token_ids: torch.Tensor
+) -> tuple[list[float | None], list[tuple[TokenLogprob, ...] | None]]:
+    """The chosen tokens' log-probabilities and each row's most likely tokens, for the rows
+    whose params ask for them, from the raw logits."""
+    batch = len(params)
     logprobs: list[float | None] = [None] * batch
-    if logprob_rows:
-        row_index = torch.tensor(logprob_rows, device=logits.device)
-        row_logprobs = (
-            logits.index_select(0, row_index)
-            .float()
-            .log_softmax(dim=-1)
-            .gather(1, token_ids.index_select(0, row_index).unsqueeze(1))
-            .squeeze(1)
-            .tolist()
-        )
-        for row, value in zip(logprob_rows, row_logprobs, strict=True):
-            logprobs[row] = value
-    return SampleOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+    top_logprobs: list[tuple[TokenLogprob, ...] | None] = [None] * batch
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return logprobs, top_logprobs
+    row_index = torch.tensor(rows, device=logits.device)
+    log_probs = logits.index_select(0, row_index).float().log_softmax(dim=-1)
+    chosen = log_probs.gather(1, token_ids.index_select(0, row_index).unsqueeze(1)).squeeze(1)
+    for row, value in zip(rows, chosen.tolist(), strict=True):
+        logprobs[row] = value
+        top_logprobs[row] = ()
+    most = max(params[i].logprobs or 0 for i in rows)
+    if most:
+        values, ids = log_probs.topk(min(most, log_probs.shape[1]), dim=-1)
+        for row, row_values, row_ids in zip(rows, values.tolist(), ids.tolist(), strict=True):
+            count = params[row].logprobs or 0
+            top_logprobs[row] = tuple(
+                TokenLogprob(token, value)
+                for token, value in zip(row_ids[:count], row_values[:count], strict=True)
+            )
+    return logprobs, top_logprobs
 
 
 def _sample_random_rows(

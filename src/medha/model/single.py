@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from medha.detokenizer import Decoder
 from medha.errors import PromptTooLongError
+from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import ModelRunner, StepSeq
-from medha.model.sampler import make_generator, sample
 from medha.output_text import OutputText
-from medha.sampling import SamplingParams
+from medha.request import TokenLogprob
+from medha.sampling import SamplingParams, SamplingSetup
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,7 @@ class GeneratedToken:
     unfinished UTF-8 character)."""
     finish_reason: str | None
     logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def generate_single(
@@ -47,24 +49,28 @@ def generate_single(
         )
     # Alone in the cache: the request owns blocks 0..n-1.
     table = list(range(-(-total // runner.block_size)))
-    generator = None if params.is_greedy else make_generator(params.seed)
+    sampling = RequestSampling(SamplingSetup(params, len(prompt_ids), tuple(eos_token_ids)))
     output = OutputText(decoder, prompt_ids, params, eos_token_ids)
 
     start = 0
     while True:
         end = min(start + prefill_chunk, len(prompt_ids))
         is_last = end == len(prompt_ids)
+        sampling.observe(start, prompt_ids[start:end])
         logits = runner.step([StepSeq(prompt_ids[start:end], start, table, sample=is_last)])
         start = end
         if is_last:
             break
     position = len(prompt_ids)
     while True:
-        out = sample(logits, [params], [generator])
+        out = sample_requests(logits, [sampling])
         token = out.token_ids[0]
         update = output.push(token)
-        yield GeneratedToken(token, update.text, update.finish_reason, out.logprobs[0])
+        yield GeneratedToken(
+            token, update.text, update.finish_reason, out.logprobs[0], out.top_logprobs[0]
+        )
         if update.finished:
             return
+        sampling.observe(position, [token])
         logits = runner.step([StepSeq([token], position, table)])
         position += 1

@@ -1,0 +1,43 @@
+"""One request's sampling state on the stage that samples, and sampling a batch of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from medha.model.penalties import TokenHistory
+from medha.model.sampler import SampleOutput, make_generator, sample
+from medha.sampling import SamplingSetup
+
+
+class RequestSampling:
+    """A request's params, its own random generator, and its token history where penalties or
+    min_tokens need one. Kept across preemption: a seeded stream continues where it was, and
+    the recomputed tokens are not counted again."""
+
+    __slots__ = ("generator", "history", "params")
+
+    def __init__(self, setup: SamplingSetup) -> None:
+        self.params = setup.params
+        self.generator = None if self.params.is_greedy else make_generator(self.params.seed)
+        self.history = (
+            TokenHistory(setup.prompt_len, setup.min_tokens_stop_ids)
+            if self.params.needs_history
+            else None
+        )
+
+    def observe(self, start: int, token_ids: Sequence[int]) -> None:
+        """The request's step feeds `token_ids` at positions from `start`."""
+        if self.history is not None:
+            self.history.observe(start, token_ids)
+
+
+def sample_requests(logits: torch.Tensor, requests: Sequence[RequestSampling]) -> SampleOutput:
+    """One token per row of `logits`, row i under `requests[i]`."""
+    return sample(
+        logits,
+        [r.params for r in requests],
+        [r.generator for r in requests],
+        [r.history for r in requests],
+    )

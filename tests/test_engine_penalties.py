@@ -1,0 +1,167 @@
+"""Penalties, min_tokens and top logprobs through the engine: greedy outputs equal HF
+transformers' on the same weights (its `generate` for the repetition penalty and min_new_tokens,
+a loop over its logits for OpenAI's presence and frequency penalties), under LARS interleaving,
+chunking and preemption by recompute."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import medha
+from medha import SamplingParams
+from tests.engine_support import engine_config
+
+pytestmark = pytest.mark.anyio
+
+EOS = (1, 3)  # tiny-random's
+
+# Prompts that repeat themselves, so a greedy continuation without penalties would too.
+PROMPTS = [
+    [5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6],
+    [100, 200, 300, 400] * 30,
+    [9, 9, 9, 9, 9],
+    list(range(20, 90)) * 2,
+]
+
+PARAMS = [
+    {"repetition_penalty": 1.5},
+    {"repetition_penalty": 0.8, "min_tokens": 12},
+    {"presence_penalty": 1.5, "frequency_penalty": 0.6},
+    {"repetition_penalty": 1.2, "frequency_penalty": -0.5, "min_tokens": 20},
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@cache
+def _hf() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from medha.model.presets import materialize_preset
+
+    model = AutoModelForCausalLM.from_pretrained(
+        materialize_preset("tiny-random"), torch_dtype=torch.float32
+    )
+    return model.eval()
+
+
+def _reference(prompt: list[int], params: SamplingParams) -> list[int]:
+    """Greedy decoding over HF's logits, the penalties applied densely by their definitions."""
+    ids = list(prompt)
+    out: list[int] = []
+    while len(out) < params.max_tokens:
+        with torch.no_grad():
+            logits = _hf()(torch.tensor([ids])).logits[0, -1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(ids)] = True
+        r = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=len(logits))
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        if len(out) < params.min_tokens:
+            logits[list(EOS)] = float("-inf")
+        token = int(logits.argmax())
+        out.append(token)
+        ids.append(token)
+        if token in EOS:
+            break
+    return out
+
+
+def _hf_generate(prompt: list[int], params: SamplingParams) -> list[int]:
+    output = _hf().generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=params.max_tokens,
+        repetition_penalty=params.repetition_penalty,
+        min_new_tokens=params.min_tokens,
+        eos_token_id=list(EOS),
+        pad_token_id=0,
+    )
+    return output[0, len(prompt) :].tolist()
+
+
+def _params(i: int, max_tokens: int = 40) -> SamplingParams:
+    return SamplingParams.greedy(max_tokens, **PARAMS[i % len(PARAMS)])
+
+
+def _sampled_params(i: int, max_tokens: int = 40) -> SamplingParams:
+    # Seeded draws: any change in a penalised logit moves the draw's interval, so counting a
+    # token twice shows more readily than under greedy decoding.
+    return SamplingParams(max_tokens=max_tokens, seed=i, **PARAMS[i % len(PARAMS)])
+
+
+async def _generate_all(
+    engine: medha.Engine, count: int, params: Any = _params
+) -> list[medha.Completion]:
+    results: list[Any] = [None] * count
+
+    async def one(i: int) -> None:
+        results[i] = await engine.generate(PROMPTS[i % len(PROMPTS)], params(i))
+
+    async with anyio.create_task_group() as group:
+        for i in range(count):
+            group.start_soon(one, i)
+    return results
+
+
+async def test_penalised_greedy_outputs_equal_hf_under_interleaving() -> None:
+    async with medha.Engine(engine_config(target_batch_time=0.003)) as engine:
+        done = await _generate_all(engine, len(PROMPTS))
+    for i, completion in enumerate(done):
+        params = _params(i)
+        expected = _reference(PROMPTS[i], params)
+        assert completion.token_ids == expected, f"request {i}"
+        if params.frequency_penalty == 0 and params.presence_penalty == 0:
+            assert expected == _hf_generate(PROMPTS[i], params), f"request {i}: reference vs HF"
+        if params.min_tokens:
+            assert len(completion.token_ids) >= params.min_tokens
+    # The penalties changed what greedy decoding picks.
+    async with medha.Engine(engine_config()) as engine:
+        plain = await engine.generate(PROMPTS[0], SamplingParams.greedy(40))
+    assert plain.token_ids != done[0].token_ids
+
+
+@pytest.mark.parametrize("params", [_params, _sampled_params], ids=["greedy", "seeded"])
+async def test_penalised_outputs_survive_preemption_by_recompute(params: Any) -> None:
+    # Twelve requests of up to 180 tokens in 24 blocks (384 tokens): they are evicted and
+    # recomputed, and the recomputed tokens must not count twice in the penalties.
+    async with medha.Engine(engine_config(num_blocks=1024)) as engine:
+        unconstrained = await _generate_all(engine, 12, params)
+    async with medha.Engine(engine_config(num_blocks=24, target_batch_time=0.003)) as engine:
+        constrained = await _generate_all(engine, 12, params)
+        stats = engine.stats()
+    assert stats.preemptions > 0, "the small cache never forced a preemption"
+    assert [c.token_ids for c in constrained] == [c.token_ids for c in unconstrained]
+    assert stats.free_blocks == stats.total_blocks
+
+
+async def test_stream_reports_the_top_logprobs_of_the_raw_distribution() -> None:
+    prompt = PROMPTS[0]
+    params = SamplingParams.greedy(6, logprobs=4, repetition_penalty=1.5, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        events = [ev async for ev in engine.stream(prompt, params)]
+        chosen_only = await engine.generate(prompt, SamplingParams.greedy(3, logprobs=0))
+        none = await engine.generate(prompt, SamplingParams.greedy(3))
+    tokens = [ev.token_id for ev in events]
+    assert all(isinstance(t, int) for t in tokens)
+    with torch.no_grad():
+        logits = _hf()(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+    reference = logits.float().log_softmax(-1)
+    for k, event in enumerate(events):
+        assert event.top_logprobs is not None and len(event.top_logprobs) == 4
+        values, ids = reference[k].topk(4)
+        assert [t.token_id for t in event.top_logprobs] == ids.tolist()
+        assert [t.logprob for t in event.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert event.logprob == pytest.approx(float(reference[k, tokens[k]]), abs=1e-4)
+    assert chosen_only.logprobs is not None and len(chosen_only.logprobs) == 3
+    assert chosen_only.top_logprobs == [(), (), ()]
+    assert none.logprobs is None and none.top_logprobs is None

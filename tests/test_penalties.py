@@ -1,0 +1,162 @@
+"""Penalties, min_tokens and top logprobs in the sampler: HF's repetition penalty, OpenAI's
+presence and frequency penalties, vLLM's min_tokens, each checked against an independent dense
+reference; the token history counts by position, so a recomputed prompt is not counted twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from medha.model.penalties import TokenHistory, apply_history
+from medha.model.request_sampling import RequestSampling, sample_requests
+from medha.model.sampler import make_generator, sample
+from medha.sampling import SamplingParams, SamplingSetup
+
+VOCAB = 50
+
+
+def _logits(rows: int, seed: int) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _history(prompt: list[int], output: list[int], stop_ids: tuple[int, ...] = ()) -> TokenHistory:
+    history = TokenHistory(len(prompt), stop_ids)
+    history.observe(0, prompt + output)
+    return history
+
+
+def test_history_splits_prompt_from_output_and_skips_recomputed_positions() -> None:
+    history = TokenHistory(prompt_len=5)
+    history.observe(0, [1, 2, 3])
+    history.observe(3, [3, 4, 7, 7])  # the prompt's end and two outputs, in one chunk
+    assert history.num_generated == 2
+    assert history.output_counts == {7: 2}
+    assert history.prompt_ids(torch.device("cpu")).tolist() == [1, 2, 3, 4]
+    # Preempted: the prompt and outputs are recomputed, then decoding goes on.
+    history.observe(0, [1, 2, 3, 3, 4, 7, 7])
+    history.observe(7, [9])
+    assert history.output_counts == {7: 2, 9: 1}
+    assert history.num_generated == 3
+    with pytest.raises(ValueError, match="position 10"):
+        history.observe(10, [1])
+
+
+def test_repetition_penalty_matches_hf_over_prompt_and_output() -> None:
+    logits = _logits(3, seed=1)
+    prompts = [[1, 2, 3, 2], [10, 11], [40]]
+    outputs = [[4, 4], [], [1, 2, 3, 40]]
+    penalties = [1.3, 2.0, 0.7]
+    params = [SamplingParams(repetition_penalty=p) for p in penalties]
+    ours = apply_history(
+        logits.clone(), params, [_history(p, o) for p, o in zip(prompts, outputs, strict=True)]
+    )
+    for row, (prompt, output, penalty) in enumerate(zip(prompts, outputs, penalties, strict=True)):
+        hf = RepetitionPenaltyLogitsProcessor(penalty)(
+            torch.tensor([prompt + output]), logits[row : row + 1].clone()
+        )
+        torch.testing.assert_close(ours[row], hf[0])
+
+
+def test_presence_and_frequency_penalties_count_the_output_only() -> None:
+    logits = _logits(2, seed=2)
+    prompt, output = [5, 6, 7], [7, 8, 8, 8]
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(presence_penalty=-1.0),
+    ]
+    ours = apply_history(logits.clone(), params, [_history(prompt, output)] * 2)
+    counts = torch.bincount(torch.tensor(output), minlength=VOCAB).float()
+    for row, p in enumerate(params):
+        expected = (
+            logits[row] - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        )
+        torch.testing.assert_close(ours[row], expected)
+    assert ours[0, 5] == logits[0, 5]  # in the prompt only: untouched
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_enough_are_generated() -> None:
+    logits = _logits(3, seed=3)
+    setup = SamplingSetup(SamplingParams(min_tokens=3, stop_token_ids=[9]), 2, (4, VOCAB + 5))
+    assert setup.min_tokens_stop_ids == (4, 9, VOCAB + 5)
+    histories = [
+        _history([1, 2], [3, 3], setup.min_tokens_stop_ids),  # 2 generated: banned
+        _history([1, 2], [3, 3, 3], setup.min_tokens_stop_ids),  # 3: free again
+        _history([1, 2], [], (9,)),  # ignore_eos: only the stop token
+    ]
+    params = [setup.params, setup.params, SamplingParams(min_tokens=1, ignore_eos=True)]
+    ours = apply_history(logits.clone(), params, histories)
+    assert ours[0, 4] == ours[0, 9] == float("-inf")
+    torch.testing.assert_close(ours[1], logits[1])
+    assert ours[2, 9] == float("-inf") and ours[2, 4] == logits[2, 4]
+    others = [t for t in range(VOCAB) if t not in (4, 9)]
+    torch.testing.assert_close(ours[0, others], logits[0, others])
+    ignore = SamplingSetup(
+        SamplingParams(min_tokens=1, ignore_eos=True, stop_token_ids=[9]), 2, (4,)
+    )
+    assert ignore.min_tokens_stop_ids == (9,)
+
+
+def test_a_greedy_row_takes_the_argmax_of_its_penalised_logits_and_others_are_untouched() -> None:
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 7] = 2.0  # the raw argmax, and it is in the prompt
+    logits[:, 8] = 1.5
+    prompt = [7, 7, 1]
+    penalised = RequestSampling(SamplingSetup(SamplingParams.greedy(repetition_penalty=2.0), 3))
+    penalised.observe(0, prompt)
+    plain = RequestSampling(SamplingSetup(SamplingParams.greedy(logprobs=0), 3))
+    sampled_with = RequestSampling(
+        SamplingSetup(SamplingParams(repetition_penalty=2.0, top_k=1, seed=1, logprobs=0), 3)
+    )
+    sampled_with.observe(0, prompt)
+    out = sample_requests(logits, [penalised, plain, sampled_with])
+    assert out.token_ids == [8, 7, 8]
+    # Logprobs stay the model's raw belief, penalties or not.
+    raw = logits[2].log_softmax(-1)
+    assert out.logprobs[2] == pytest.approx(float(raw[8]))
+    assert out.logprobs[1] == pytest.approx(float(raw[7]))
+
+
+def test_a_row_with_penalties_but_no_history_is_refused() -> None:
+    with pytest.raises(ValueError, match="token history"):
+        sample(_logits(1, 4), [SamplingParams(presence_penalty=1.0)], [make_generator(0)])
+
+
+def test_random_draws_follow_the_penalised_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]])
+    history = _history([0], [1, 1])
+    params = SamplingParams(frequency_penalty=0.5, repetition_penalty=1.5)
+    expected = apply_history(logits.clone(), [params], [history]).softmax(-1)[0]
+    generator = make_generator(5)
+    draws = 20_000
+    out = sample(
+        logits.expand(draws, -1).clone(), [params] * draws, [generator] * draws, [history] * draws
+    )
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=4).double()
+    chi_square = float(((counts - expected * draws) ** 2 / (expected * draws)).sum())
+    assert chi_square < 16.27  # chi2.ppf(0.999, 3)
+    unpenalised = logits.softmax(-1)[0].double()
+    assert float(((counts - unpenalised * draws) ** 2 / (unpenalised * draws)).sum()) > 100
+
+
+def test_top_logprobs_are_the_most_likely_raw_tokens_most_likely_first() -> None:
+    logits = _logits(4, seed=6)
+    params = [
+        SamplingParams.greedy(logprobs=3),
+        SamplingParams(logprobs=0, seed=1),
+        SamplingParams(temperature=0.3),
+        SamplingParams(logprobs=20, top_k=2, presence_penalty=2.0),
+    ]
+    histories = [None, None, None, _history([1], [2])]
+    generators = [None, make_generator(1), make_generator(2), make_generator(3)]
+    out = sample(logits, params, generators, histories)
+    reference = logits.log_softmax(-1)
+    for row, count in ((0, 3), (3, 20)):
+        top = out.top_logprobs[row]
+        assert top is not None and len(top) == count
+        values, ids = reference[row].topk(count)
+        assert [t.token_id for t in top] == ids.tolist()
+        assert [t.logprob for t in top] == pytest.approx(values.tolist())
+    assert out.top_logprobs[1] == () and out.logprobs[1] is not None
+    assert out.top_logprobs[2] is None and out.logprobs[2] is None
+    assert out.top_logprobs[0][0].token_id == out.token_ids[0]  # greedy, no penalty
