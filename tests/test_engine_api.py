@@ -106,6 +106,13 @@ async def test_the_default_deadline_follows_the_configured_factor_and_floor() ->
         (lambda e: e.stream("hi", deadline=math.nan), InvalidRequestError),
         (lambda e: e.stream("hi", deadline="soon"), InvalidRequestError),
         (lambda e: e.stream("hi", SamplingParams(max_tokens=4000)), RequestTooLargeError),
+        # max_tokens None: no room after the prompt, in the context or the KV cache.
+        (lambda e: e.stream([1] * 4096, SamplingParams(max_tokens=None)), PromptTooLongError),
+        (lambda e: e.stream([1] * 1024, SamplingParams(max_tokens=None)), RequestTooLargeError),
+        (
+            lambda e: e.stream([1] * 1000, SamplingParams(max_tokens=None, min_tokens=30)),
+            RequestTooLargeError,
+        ),
     ],
 )
 async def test_bad_input_raises_a_typed_error_before_queueing(call, error) -> None:  # type: ignore[no-untyped-def]
@@ -130,6 +137,26 @@ async def test_bad_input_raises_a_typed_error_before_queueing(call, error) -> No
 def test_bad_sampling_params_raise_a_typed_error(make) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidSamplingParamsError):
         make()
+
+
+@pytest.mark.parametrize(
+    ("config", "room"),
+    [
+        ({"max_model_len": 40}, 40),  # the context is the limit
+        ({"num_blocks": 3}, 48),  # the KV cache is (3 blocks of 16 tokens)
+    ],
+)
+async def test_max_tokens_none_generates_what_the_context_and_cache_leave(
+    config: dict[str, int], room: int
+) -> None:
+    prompt = [5, 6, 7, 8, 9, 10]
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config(**config)) as engine:
+        done = await engine.generate(prompt, params)
+        stats = engine.stats()
+    assert len(done.token_ids) == room - len(prompt)
+    assert done.finish_reason == "length"
+    assert stats.free_blocks == stats.total_blocks
 
 
 async def test_bad_input_does_not_disturb_a_request_already_streaming() -> None:

@@ -214,3 +214,8 @@ def test_penalties_take_numpy_numbers_and_store_floats() -> None:
     assert type(params.min_tokens) is int and type(params.logprobs) is int
     assert params.repetition_penalty == 1.5 and type(params.repetition_penalty) is float
     assert params.frequency_penalty == -2.0 and type(params.frequency_penalty) is float
+
+
+def test_max_tokens_none_leaves_the_limit_to_the_context() -> None:
+    params = SamplingParams(max_tokens=None, min_tokens=500)
+    assert params.max_tokens is None and params.min_tokens == 500

@@ -98,6 +98,27 @@ def test_a_request_fits_only_if_its_span_fits_the_groups_it_may_use() -> None:
     assert not layout.can_ever_fit(129)  # would need a third group
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    groups=st.integers(1, 4),
+    limit_blocks=st.one_of(st.none(), st.integers(1, 12)),
+    num_blocks=st.integers(1, 10),
+)
+def test_max_request_tokens_is_the_largest_length_that_can_ever_fit(
+    groups: int, limit_blocks: int | None, num_blocks: int
+) -> None:
+    config = SchedulerConfig(
+        kvp_groups=groups,
+        max_tokens_per_kvp_group=None if limit_blocks is None else 16 * limit_blocks,
+        block_size=16,
+        num_blocks=num_blocks,
+    )
+    layout = KvpLayout(config)
+    most = layout.max_request_tokens()
+    assert layout.can_ever_fit(most)
+    assert not layout.can_ever_fit(most + 1)
+
+
 def test_reservation_spans_consecutive_groups_and_shards_cover_the_prefix() -> None:
     config = SchedulerConfig(kvp_groups=3, max_tokens_per_kvp_group=64, block_size=16)
     layout, pool = KvpLayout(config), BlockPool(3, config.num_blocks)

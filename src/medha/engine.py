@@ -37,8 +37,6 @@ from medha.errors import (
     EngineClosedError,
     EngineFailedError,
     InvalidRequestError,
-    PromptTooLongError,
-    RequestTooLargeError,
     WrongEventLoopError,
 )
 from medha.log import get_logger
@@ -48,6 +46,7 @@ from medha.perf.prefill_refresh import PrefillTableRefresher
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_input import prompt_token_ids, request_ids
+from medha.request_limits import output_limit
 from medha.sampling import SamplingParams
 
 _log = get_logger(__name__)
@@ -439,18 +438,7 @@ class Engine:
                 f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
             )
         prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"{total} tokens exceed the context of {self.max_model_len}"
-            )
-        # The scheduler's own rule: under KVP a request may use each group only up to its
-        # per-group limit, not the sum of every group's blocks.
-        try:
-            actor.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-        except RequestTooLargeError as exc:
-            raise RequestTooLargeError(f"{exc} (raise num_blocks or kv_cache_gib)") from None
+        max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -464,7 +452,10 @@ class Engine:
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
-            output=OutputText(self.tokenizer, prompt_ids, params, self.tokenizer.eos_token_ids),
+            max_new_tokens=max_new_tokens,
+            output=OutputText(
+                self.tokenizer, prompt_ids, params, self.tokenizer.eos_token_ids, max_new_tokens
+            ),
             metrics=RequestMetrics(
                 arrival=0.0,
                 deadline=checked_deadline or 0.0,

@@ -37,7 +37,8 @@ class SamplingParams:
     """Sampling and stopping parameters of one request (vLLM's names and defaults).
 
     Attributes:
-        max_tokens: most tokens to generate (>= 1).
+        max_tokens: most tokens to generate (>= 1); None: as many as the context and the KV
+            cache leave after the prompt (vLLM's None, which the OpenAI API calls omitting it).
         temperature: 0.0 means greedy (argmax); otherwise logits are divided by it.
         top_k: keep the k most likely tokens; 0 or -1 disables.
         top_p: nucleus sampling: keep the smallest set of tokens whose probability mass is
@@ -55,7 +56,8 @@ class SamplingParams:
         include_stop_str_in_output: keep the matched stop string (or the stop token's text)
             at the end of the output.
         min_tokens: generate at least this many tokens before eos, a stop token or a stop
-            string may end the request (0 to max_tokens): until then eos and stop_token_ids
+            string may end the request (0 to max_tokens; with max_tokens None, a request whose
+            context leaves fewer is refused): until then eos and stop_token_ids
             are never sampled and stop strings are not looked for.
         repetition_penalty: > 0; 1.0 disables. Every token that appeared in the prompt or the
             output so far has its logit divided by it if positive, multiplied if not (HF's and
@@ -68,7 +70,7 @@ class SamplingParams:
     too (they change the argmax).
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -88,7 +90,8 @@ class SamplingParams:
         # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
         # tuples) means going around __setattr__.
         normalise = partial(object.__setattr__, self)
-        normalise("max_tokens", _as_int("max_tokens", self.max_tokens, minimum=1))
+        if self.max_tokens is not None:
+            normalise("max_tokens", _as_int("max_tokens", self.max_tokens, minimum=1))
         normalise("temperature", _as_float("temperature", self.temperature))
         if self.temperature < 0:
             _fail("temperature", self.temperature, "must be >= 0 (0 means greedy)")
@@ -119,7 +122,7 @@ class SamplingParams:
             if self.logprobs > MAX_LOGPROBS:
                 _fail("logprobs", self.logprobs, f"must be <= {MAX_LOGPROBS}")
         normalise("min_tokens", _as_int("min_tokens", self.min_tokens, minimum=0))
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         normalise("repetition_penalty", _as_float("repetition_penalty", self.repetition_penalty))
         if self.repetition_penalty <= 0:
@@ -132,7 +135,7 @@ class SamplingParams:
         normalise("stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
 
     @classmethod
-    def greedy(cls, max_tokens: int = 16, **overrides: Any) -> SamplingParams:
+    def greedy(cls, max_tokens: int | None = 16, **overrides: Any) -> SamplingParams:
         """Greedy decoding (temperature 0) of at most `max_tokens` tokens."""
         return cls(max_tokens=max_tokens, temperature=0.0, **overrides)
 

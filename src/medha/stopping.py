@@ -72,8 +72,11 @@ class StopChecker:
         eos_token_ids: tuple[int, ...] = (),
         max_tokens: int | None = None,
     ) -> None:
-        """`max_tokens` overrides params.max_tokens (the engine may cap it by the context)."""
+        """`max_tokens` overrides params.max_tokens, and is required where that is None (the
+        engine works out what the context leaves)."""
         limit = params.max_tokens if max_tokens is None else max_tokens
+        if limit is None:
+            raise ValueError("params.max_tokens is None: pass the limit as max_tokens")
         if limit < 1:
             raise ValueError(f"max_tokens must be >= 1, got {limit}")
         self._max_tokens = limit

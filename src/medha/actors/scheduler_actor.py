@@ -195,7 +195,7 @@ class SchedulerActor(Actor[Submit | Abort]):
             self.scheduler.add_request(
                 request.request_id,
                 len(request.prompt_ids),
-                request.params.max_tokens,
+                request.max_new_tokens,
                 request.metrics.arrival,
                 request.deadline,
             )

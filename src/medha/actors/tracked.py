@@ -22,6 +22,8 @@ class TrackedRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    max_new_tokens: int
+    """params.max_tokens, or what the context leaves where that is None."""
     output: OutputText
     metrics: RequestMetrics
     deadline: float | None

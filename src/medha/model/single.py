@@ -41,16 +41,19 @@ def generate_single(
     """Yield the request's tokens as they are produced; the last one has a finish_reason."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    total = len(prompt_ids) + params.max_tokens
-    if total > runner.kv_cache.capacity_tokens:
+    capacity = runner.kv_cache.capacity_tokens
+    # max_tokens None: as many as the KV cache holds after the prompt.
+    max_tokens = capacity - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+    total = len(prompt_ids) + max_tokens
+    if total > capacity or max_tokens < 1:
         raise PromptTooLongError(
             f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) = {total} tokens "
-            f"exceed the KV cache ({runner.kv_cache.capacity_tokens} tokens)"
+            f"exceed the KV cache ({capacity} tokens)"
         )
     # Alone in the cache: the request owns blocks 0..n-1.
     table = list(range(-(-total // runner.block_size)))
     sampling = RequestSampling(SamplingSetup(params, len(prompt_ids), tuple(eos_token_ids)))
-    output = OutputText(decoder, prompt_ids, params, eos_token_ids)
+    output = OutputText(decoder, prompt_ids, params, eos_token_ids, max_tokens)
 
     start = 0
     while True:

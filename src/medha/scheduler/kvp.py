@@ -62,6 +62,14 @@ class KvpLayout:
             counts.append(_ceil_div(min(self.limit, tokens - start), self.block_size))
         return counts
 
+    def max_request_tokens(self) -> int:
+        """The most tokens of KV one request can ever hold (the largest that can_ever_fit)."""
+        per_group = self.blocks_per_group * self.block_size
+        if self.limit is None or self.limit > per_group:
+            # One group: past `per_group` even the first group is full before its limit.
+            return per_group
+        return self.num_groups * self.limit
+
     def can_ever_fit(self, tokens: int) -> bool:
         """Whether `tokens` of KV fit the groups a request could use, with nothing else there."""
         counts = self.blocks_by_group_index(tokens)

@@ -131,6 +131,10 @@ class Scheduler:
         """True while some request is queued, running or in flight."""
         return bool(self.table.requests)
 
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can ever hold in the KV cache."""
+        return self.table.layout.max_request_tokens()
+
     def check_fits(self, prompt_len: int, max_new_tokens: int, request_id: str = "") -> None:
         """Raise RequestTooLargeError unless the KV of a request of these lengths could fit
         the KVP groups it may use, with nothing else there (what add_request checks first)."""
