@@ -1,4 +1,4 @@
-"""Penalties, min_tokens and top logprobs through the engine: greedy outputs equal HF
+"""Penalties, min_tokens, allowed tokens, logit bias and top logprobs through the engine: greedy outputs equal HF
 transformers' on the same weights (its `generate` for the repetition penalty and min_new_tokens,
 a loop over its logits for OpenAI's presence and frequency penalties), under LARS interleaving,
 chunking and preemption by recompute."""
@@ -165,3 +165,24 @@ async def test_stream_reports_the_top_logprobs_of_the_raw_distribution() -> None
     assert chosen_only.logprobs is not None and len(chosen_only.logprobs) == 3
     assert chosen_only.top_logprobs == [(), (), ()]
     assert none.logprobs is None and none.top_logprobs is None
+
+
+async def test_allowed_tokens_and_logit_bias_steer_greedy_decoding_as_on_hf_logits() -> None:
+    prompt = PROMPTS[1][:20]
+    allowed = [7, 70, 300, 411]
+    params = SamplingParams.greedy(8, allowed_token_ids=allowed, logit_bias={300: 0.5})
+    async with medha.Engine(engine_config()) as engine:
+        done = await engine.generate(prompt, params)
+        forced = await engine.generate(prompt, SamplingParams.greedy(3, logit_bias={123: 100}))
+        with pytest.raises(medha.InvalidSamplingParamsError, match="vocabulary size"):
+            engine.stream(prompt, SamplingParams(logit_bias={512: 1.0}))
+        assert engine.stats().waiting == 0
+    ids = list(prompt)
+    for token in done.token_ids:
+        with torch.no_grad():
+            logits = _hf()(torch.tensor([ids])).logits[0, -1].float()
+        scores = {t: float(logits[t]) + (0.5 if t == 300 else 0.0) for t in allowed}
+        assert token == max(scores, key=scores.__getitem__)
+        ids.append(token)
+    assert len(set(done.token_ids)) > 1
+    assert forced.token_ids == [123, 123, 123]

@@ -164,6 +164,14 @@ def test_boundary_values_are_valid() -> None:
         ("presence_penalty", math.nan),
         ("frequency_penalty", 3),
         ("frequency_penalty", "0.5"),
+        ("logit_bias", {"50256": -100}),  # OpenAI's JSON has str keys; Python callers pass ints
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {1: math.nan}),
+        ("logit_bias", [(1, 1.0), (1, 2.0)]),
+        ("logit_bias", 5),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [3, -1]),
+        ("allowed_token_ids", "3"),
     ],
 )
 def test_invalid_value_raises_error_naming_field_and_value(field: str, value: object) -> None:
@@ -219,3 +227,18 @@ def test_penalties_take_numpy_numbers_and_store_floats() -> None:
 def test_max_tokens_none_leaves_the_limit_to_the_context() -> None:
     params = SamplingParams(max_tokens=None, min_tokens=500)
     assert params.max_tokens is None and params.min_tokens == 500
+
+
+def test_logit_bias_is_stored_by_token_id_and_clamped_like_openais() -> None:
+    params = SamplingParams(logit_bias={np.int64(9): 1.5, 2: -500, 4: np.float32(200)})
+    assert params.logit_bias == ((2, -100.0), (4, 100.0), (9, 1.5))
+    assert hash(params) == hash(SamplingParams(logit_bias=[(9, 1.5), (4, 100), (2, -100)]))
+    assert params.adjusts_logits and not params.needs_history
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_by_name() -> None:
+    SamplingParams(logit_bias={9: 1.0}, allowed_token_ids=[0, 9]).check_vocab(10)
+    with pytest.raises(InvalidSamplingParamsError, match=r"logit_bias=\[10\]"):
+        SamplingParams(logit_bias={10: 1.0}).check_vocab(10)
+    with pytest.raises(InvalidSamplingParamsError, match=r"allowed_token_ids=\[12\]"):
+        SamplingParams(allowed_token_ids=np.array([3, 12])).check_vocab(10)

@@ -438,6 +438,7 @@ class Engine:
                 f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
             )
         prompt_ids = self._prompt_ids(prompt)
+        params.check_vocab(self._vocab_size)
         max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
         if request_id is None:

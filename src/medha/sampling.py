@@ -65,9 +65,13 @@ class SamplingParams:
         presence_penalty: in [-2, 2]; subtracted from the logit of every token the output
             contains so far (the prompt does not count, as in OpenAI's API and vLLM).
         frequency_penalty: in [-2, 2]; subtracted once per occurrence in the output so far.
+        logit_bias: added to the given tokens' logits ({token_id: bias}, bias clamped to
+            [-100, 100] as OpenAI and vLLM do); stored as (token_id, bias) pairs by id.
+        allowed_token_ids: only these tokens may be sampled (None: any); not empty.
 
-    Penalties and min_tokens apply before temperature and the filters, and to greedy requests
-    too (they change the argmax).
+    allowed_token_ids, logit_bias, the penalties and min_tokens apply in that order (vLLM's),
+    before temperature and the filters, and to greedy requests too (they change the argmax).
+    Token ids are checked against the model's vocabulary when a request is submitted.
     """
 
     max_tokens: int | None = 16
@@ -85,6 +89,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
@@ -132,7 +138,13 @@ class SamplingParams:
             if abs(getattr(self, name)) > _MAX_ADDITIVE_PENALTY:
                 _fail(name, getattr(self, name), "must be in [-2, 2]")
         normalise("stop", _normalise_stop(self.stop))
-        normalise("stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        normalise("stop_token_ids", _normalise_token_ids("stop_token_ids", self.stop_token_ids))
+        normalise("logit_bias", _normalise_logit_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            allowed = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not allowed:
+                _fail("allowed_token_ids", self.allowed_token_ids, "must not be empty")
+            normalise("allowed_token_ids", allowed)
 
     @classmethod
     def greedy(cls, max_tokens: int | None = 16, **overrides: Any) -> SamplingParams:
@@ -143,6 +155,22 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the sampler takes the argmax (top_k/top_p/min_p/seed are then unused)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise InvalidSamplingParamsError if a token id in logit_bias or allowed_token_ids is
+        not in a vocabulary of `vocab_size` (vLLM refuses them too)."""
+        for field, ids in (
+            ("logit_bias", [token for token, _ in self.logit_bias]),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
+        ):
+            outside = [token for token in ids if token >= vocab_size]
+            if outside:
+                _fail(field, outside, f"token ids must be < the vocabulary size ({vocab_size})")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit changes before temperature (medha.model.logits_processing)."""
+        return self.needs_history or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -201,21 +229,51 @@ def _normalise_stop(stop: object) -> tuple[str, ...]:
     return tuple(result)
 
 
-def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
+def _normalise_token_ids(field: str, ids: object) -> tuple[int, ...]:
     if ids is None:
         return ()
     # A numpy array (or a torch tensor) of ids is its list.
     items = ids.tolist() if hasattr(ids, "tolist") else ids
     if not isinstance(items, list | tuple):
-        _fail("stop_token_ids", ids, "must be a list/tuple of int")
-    result = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
-            _fail("stop_token_ids", ids, f"token ids must be int, got {type(item).__name__}")
-        elif item < 0:
-            _fail("stop_token_ids", ids, f"token ids must be >= 0, got {item}")
-        result.append(int(item))
-    return tuple(result)
+        _fail(field, ids, "must be a list/tuple of int")
+    return tuple(_token_id(field, ids, item) for item in items)
+
+
+def _token_id(field: str, value: object, item: object) -> int:
+    if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+        _fail(field, value, f"token ids must be int, got {type(item).__name__}")
+    if item < 0:
+        _fail(field, value, f"token ids must be >= 0, got {item}")
+    return int(item)
+
+
+# OpenAI's (and vLLM's) range for a logit bias: beyond it, a token is as good as banned or forced.
+_MAX_LOGIT_BIAS = 100.0
+
+
+def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    if bias is None:
+        return ()
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, list | tuple) and all(
+        isinstance(pair, list | tuple) and len(pair) == 2 for pair in bias
+    ):
+        items = [tuple(pair) for pair in bias]
+    else:
+        _fail("logit_bias", bias, "must be a dict {token_id: bias}")
+    result: dict[int, float] = {}
+    for token, value in items:
+        token_id = _token_id("logit_bias", bias, token)
+        if token_id in result:
+            _fail("logit_bias", bias, f"token id {token_id} appears twice")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail("logit_bias", bias, f"biases must be numbers, got {type(value).__name__}")
+        if not math.isfinite(value):
+            _fail("logit_bias", bias, "biases must be finite")
+        number = float(value)
+        result[token_id] = min(max(number, -_MAX_LOGIT_BIAS), _MAX_LOGIT_BIAS)
+    return tuple(sorted(result.items()))
 
 
 @dataclass(frozen=True, slots=True)

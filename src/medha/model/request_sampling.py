@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medha.model.penalties import TokenHistory
+from medha.model.logits_processing import TokenHistory
 from medha.model.sampler import SampleOutput, make_generator, sample
 from medha.sampling import SamplingSetup
 

@@ -4,8 +4,8 @@ Runs every step on the last pipeline stage, so the work is batched tensor ops ov
 kind; the per-row Python work is building small parameter tensors and one random draw per
 randomly sampled row.
 
-Order of operations for a random row (the same as HF's processors and warpers): penalties and
-min_tokens (medha.model.penalties), temperature, top-k, top-p (on the top-k-renormalised
+Order of operations for a random row (vLLM's, and HF's for what both have): allowed tokens,
+logit bias, penalties and min_tokens (medha.model.logits_processing), temperature, top-k, top-p (on the top-k-renormalised
 distribution), min-p, then one draw. Greedy rows take the argmax of the penalised logits (ties:
 the lowest token id) and consume no randomness.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medha.model.penalties import TokenHistory, apply_history
+from medha.model.logits_processing import TokenHistory, adjust_logits
 from medha.request import TokenLogprob
 from medha.sampling import SamplingParams
 
@@ -106,17 +106,16 @@ def _processed_rows(
     params: Sequence[SamplingParams],
     histories: Sequence[TokenHistory | None] | None,
 ) -> dict[int, torch.Tensor]:
-    """Row -> its fp32 logits after penalties and min_tokens, for the rows that have any."""
-    rows = [i for i, p in enumerate(params) if p.needs_history]
+    """Row -> its fp32 logits after allowed tokens, logit bias, penalties and min_tokens, for
+    the rows that have any."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return {}
-    row_histories = [None if histories is None else histories[i] for i in rows]
-    known = [h for h in row_histories if h is not None]
-    if len(known) != len(rows):
-        raise ValueError("rows with penalties or min_tokens need their token history")
     row_index = torch.tensor(rows, device=logits.device)
-    applied = apply_history(
-        logits.index_select(0, row_index).float(), [params[i] for i in rows], known
+    applied = adjust_logits(
+        logits.index_select(0, row_index).float(),
+        [params[i] for i in rows],
+        [None if histories is None else histories[i] for i in rows],
     )
     return dict(zip(rows, applied.unbind(0), strict=True))
 

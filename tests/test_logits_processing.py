@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from medha.model.penalties import TokenHistory, apply_history
+from medha.model.logits_processing import TokenHistory, adjust_logits
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.sampler import make_generator, sample
 from medha.sampling import SamplingParams, SamplingSetup
@@ -48,7 +48,7 @@ def test_repetition_penalty_matches_hf_over_prompt_and_output() -> None:
     outputs = [[4, 4], [], [1, 2, 3, 40]]
     penalties = [1.3, 2.0, 0.7]
     params = [SamplingParams(repetition_penalty=p) for p in penalties]
-    ours = apply_history(
+    ours = adjust_logits(
         logits.clone(), params, [_history(p, o) for p, o in zip(prompts, outputs, strict=True)]
     )
     for row, (prompt, output, penalty) in enumerate(zip(prompts, outputs, penalties, strict=True)):
@@ -65,7 +65,7 @@ def test_presence_and_frequency_penalties_count_the_output_only() -> None:
         SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
         SamplingParams(presence_penalty=-1.0),
     ]
-    ours = apply_history(logits.clone(), params, [_history(prompt, output)] * 2)
+    ours = adjust_logits(logits.clone(), params, [_history(prompt, output)] * 2)
     counts = torch.bincount(torch.tensor(output), minlength=VOCAB).float()
     for row, p in enumerate(params):
         expected = (
@@ -85,7 +85,7 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_enough_are_generated() -> Non
         _history([1, 2], [], (9,)),  # ignore_eos: only the stop token
     ]
     params = [setup.params, setup.params, SamplingParams(min_tokens=1, ignore_eos=True)]
-    ours = apply_history(logits.clone(), params, histories)
+    ours = adjust_logits(logits.clone(), params, histories)
     assert ours[0, 4] == ours[0, 9] == float("-inf")
     torch.testing.assert_close(ours[1], logits[1])
     assert ours[2, 9] == float("-inf") and ours[2, 4] == logits[2, 4]
@@ -126,7 +126,7 @@ def test_random_draws_follow_the_penalised_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]])
     history = _history([0], [1, 1])
     params = SamplingParams(frequency_penalty=0.5, repetition_penalty=1.5)
-    expected = apply_history(logits.clone(), [params], [history]).softmax(-1)[0]
+    expected = adjust_logits(logits.clone(), [params], [history]).softmax(-1)[0]
     generator = make_generator(5)
     draws = 20_000
     out = sample(
@@ -160,3 +160,35 @@ def test_top_logprobs_are_the_most_likely_raw_tokens_most_likely_first() -> None
     assert out.top_logprobs[1] == () and out.logprobs[1] is not None
     assert out.top_logprobs[2] is None and out.logprobs[2] is None
     assert out.top_logprobs[0][0].token_id == out.token_ids[0]  # greedy, no penalty
+
+
+def test_allowed_tokens_and_logit_bias_apply_per_row_before_the_penalties() -> None:
+    logits = _logits(3, seed=7)
+    params = [
+        SamplingParams(allowed_token_ids=[3, 4, 30], logit_bias={4: 2.5}),
+        SamplingParams(logit_bias={0: -1.0, 49: 100.0}, repetition_penalty=2.0),
+        SamplingParams(),
+    ]
+    ours = adjust_logits(logits.clone(), params, [None, _history([0, 49], []), None])
+    expected0 = torch.full((VOCAB,), float("-inf"))
+    expected0[[3, 4, 30]] = logits[0, [3, 4, 30]]
+    expected0[4] += 2.5
+    torch.testing.assert_close(ours[0], expected0)
+    # Biased first, then penalised (vLLM's order): 49's logit is 100-ish, halved.
+    expected1 = logits[1].clone()
+    expected1[0] -= 1.0
+    expected1[49] += 100.0
+    expected1[[0, 49]] = torch.where(
+        expected1[[0, 49]] > 0, expected1[[0, 49]] / 2.0, expected1[[0, 49]] * 2.0
+    )
+    torch.testing.assert_close(ours[1], expected1)
+    torch.testing.assert_close(ours[2], logits[2])
+
+
+def test_sampling_never_leaves_the_allowed_tokens() -> None:
+    logits = _logits(1, seed=8).expand(2000, -1).clone()
+    params = SamplingParams(allowed_token_ids=[5, 17, 33], seed=1)
+    out = sample(logits, [params] * 2000, [make_generator(1)] * 2000)
+    assert set(out.token_ids) == {5, 17, 33}
+    greedy = sample(logits[:1], [SamplingParams.greedy(allowed_token_ids=[5, 17, 33])], [None])
+    assert greedy.token_ids == [max((5, 17, 33), key=lambda t: float(logits[0, t]))]

@@ -1,13 +1,16 @@
-"""Penalties and min_tokens: the logit changes that depend on a request's tokens so far.
+"""The logit changes before temperature: allowed tokens, logit bias, penalties and min_tokens.
 
-vLLM's semantics (HF's for the repetition penalty, which both share):
+vLLM's semantics and order (HF's for the repetition penalty, which both share):
+- allowed_token_ids: every other token gets -inf;
+- logit_bias: added to its tokens' logits;
 - repetition_penalty r: every id in the prompt or the output so far has its logit divided by r
   if positive, multiplied by r otherwise;
 - frequency_penalty f and presence_penalty p: an id's logit loses f per occurrence in the
   output so far, and p once if it occurs there at all (the prompt does not count);
 - min_tokens m: while fewer than m tokens have been generated, eos (unless ignore_eos) and the
   stop token ids get -inf.
-In that order, on the raw logits, before temperature and the filters.
+In that order, on the raw logits, before temperature and the filters. The last three depend on
+the request's tokens so far (TokenHistory).
 
 The stage that samples sees every token of a request go through it (prompt chunks, then each
 decode's input, which is the previous output), so it builds the history from its inputs; it
@@ -84,10 +87,29 @@ class TokenHistory:
         return cached
 
 
-def apply_history(
+def adjust_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[TokenHistory | None],
+) -> torch.Tensor:
+    """`logits` [R, V] (fp32) with each row's allowed tokens, logit bias, penalties and
+    min_tokens mask applied. A row's history may be None only if its params need none."""
+    logits = _restrict_and_bias(logits, params)
+    if not any(p.needs_history for p in params):
+        return logits
+    known: list[TokenHistory] = []
+    for p, history in zip(params, histories, strict=True):
+        if history is None and p.needs_history:
+            raise ValueError("rows with penalties or min_tokens need their token history")
+        # No tokens: a row without penalties in a batch that has some.
+        known.append(TokenHistory(prompt_len=1) if history is None else history)
+    return _penalise(logits, params, known)
+
+
+def _penalise(
     logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]
 ) -> torch.Tensor:
-    """`logits` [R, V] (fp32) with each row's penalties and min_tokens mask applied."""
+    """The penalties and the min_tokens mask, by each row's history."""
     rows, vocab = logits.shape
     device = logits.device
     output_ids: list[int] = []
@@ -133,6 +155,31 @@ def apply_history(
             .index_fill(0, torch.tensor(banned, dtype=torch.int64, device=device), float("-inf"))
             .view(rows, vocab)
         )
+    return logits
+
+
+def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    rows, vocab = logits.shape
+    device = logits.device
+    allowed = [
+        row * vocab + token for row, p in enumerate(params) for token in (p.allowed_token_ids or ())
+    ]
+    if allowed:
+        keep = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        unrestricted = [row for row, p in enumerate(params) if p.allowed_token_ids is None]
+        keep[unrestricted] = True
+        keep.view(-1)[torch.tensor(allowed, dtype=torch.int64, device=device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    biased = [
+        (row * vocab + token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias
+    ]
+    if biased:
+        bias = torch.zeros(rows * vocab, dtype=logits.dtype, device=device)
+        index, values = zip(*biased, strict=True)
+        bias[torch.tensor(index, dtype=torch.int64, device=device)] = torch.tensor(
+            values, dtype=logits.dtype
+        ).to(device)
+        logits = logits + bias.view(rows, vocab)
     return logits
 
 
