@@ -186,3 +186,18 @@ async def test_allowed_tokens_and_logit_bias_steer_greedy_decoding_as_on_hf_logi
         ids.append(token)
     assert len(set(done.token_ids)) > 1
     assert forced.token_ids == [123, 123, 123]
+
+
+async def test_min_tokens_keeps_eos_from_ending_a_request_that_greedy_would_end_at_once() -> None:
+    prompt = [352, 117, 500, 315, 207]  # tiny-random's greedy continuation is eos
+    async with medha.Engine(engine_config()) as engine:
+        plain = await engine.generate(prompt, SamplingParams.greedy(8))
+        held = await engine.generate(prompt, SamplingParams.greedy(8, min_tokens=5))
+        ignored = await engine.generate(
+            prompt, SamplingParams.greedy(8, min_tokens=5, ignore_eos=True)
+        )
+    assert plain.token_ids[0] in EOS and plain.finish_reason == "stop"
+    assert held.token_ids == _reference(prompt, SamplingParams.greedy(8, min_tokens=5))
+    assert not set(held.token_ids[:5]) & set(EOS) and len(held.token_ids) > 5
+    # vLLM bans eos before min_tokens even with ignore_eos.
+    assert not set(ignored.token_ids[:5]) & set(EOS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from medha.model.logits_processing import TokenHistory, adjust_logits
+from medha.model.logits_processing import TokenHistory, adjust_logits, adjusts_now
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.sampler import make_generator, sample
 from medha.sampling import SamplingParams, SamplingSetup
@@ -31,12 +31,12 @@ def test_history_splits_prompt_from_output_and_skips_recomputed_positions() -> N
     history.observe(0, [1, 2, 3])
     history.observe(3, [3, 4, 7, 7])  # the prompt's end and two outputs, in one chunk
     assert history.num_generated == 2
-    assert history.output_counts == {7: 2}
+    assert history.output_ids().tolist() == [7, 7]
     assert history.prompt_ids(torch.device("cpu")).tolist() == [1, 2, 3, 4]
     # Preempted: the prompt and outputs are recomputed, then decoding goes on.
     history.observe(0, [1, 2, 3, 3, 4, 7, 7])
     history.observe(7, [9])
-    assert history.output_counts == {7: 2, 9: 1}
+    assert history.output_ids().tolist() == [7, 7, 9]
     assert history.num_generated == 3
     with pytest.raises(ValueError, match="position 10"):
         history.observe(10, [1])
@@ -79,22 +79,53 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_enough_are_generated() -> Non
     logits = _logits(3, seed=3)
     setup = SamplingSetup(SamplingParams(min_tokens=3, stop_token_ids=[9]), 2, (4, VOCAB + 5))
     assert setup.min_tokens_stop_ids == (4, 9, VOCAB + 5)
+    # vLLM bans eos before min_tokens even with ignore_eos.
+    ignore = SamplingSetup(SamplingParams(min_tokens=1, ignore_eos=True), 2, (4,))
+    assert ignore.min_tokens_stop_ids == (4,)
     histories = [
         _history([1, 2], [3, 3], setup.min_tokens_stop_ids),  # 2 generated: banned
         _history([1, 2], [3, 3, 3], setup.min_tokens_stop_ids),  # 3: free again
-        _history([1, 2], [], (9,)),  # ignore_eos: only the stop token
+        _history([1, 2], [], (9,)),
     ]
-    params = [setup.params, setup.params, SamplingParams(min_tokens=1, ignore_eos=True)]
+    params = [setup.params, setup.params, SamplingParams(min_tokens=1)]
     ours = adjust_logits(logits.clone(), params, histories)
     assert ours[0, 4] == ours[0, 9] == float("-inf")
     torch.testing.assert_close(ours[1], logits[1])
     assert ours[2, 9] == float("-inf") and ours[2, 4] == logits[2, 4]
     others = [t for t in range(VOCAB) if t not in (4, 9)]
     torch.testing.assert_close(ours[0, others], logits[0, others])
-    ignore = SamplingSetup(
-        SamplingParams(min_tokens=1, ignore_eos=True, stop_token_ids=[9]), 2, (4,)
-    )
-    assert ignore.min_tokens_stop_ids == (9,)
+
+
+def test_allowed_tokens_that_are_all_stop_tokens_win_over_min_tokens() -> None:
+    # Nothing would be left to sample: the row keeps its allowed tokens instead of a NaN draw.
+    logits = _logits(1, seed=9)
+    params = SamplingParams(min_tokens=2, allowed_token_ids=[4])
+    history = _history([1], [], (4,))
+    out = sample(logits, [params], [make_generator(0)], [history])
+    assert out.token_ids == [4]
+
+
+@pytest.mark.parametrize("penalty", [1e-39, 1e-30, 1e30, 1e38])
+def test_an_extreme_repetition_penalty_keeps_the_logits_finite(penalty: float) -> None:
+    logits = _logits(2, seed=10)
+    logits[1, 20:] = float("-inf")  # masked tokens stay masked
+    params = [SamplingParams(repetition_penalty=penalty, seed=1)] * 2
+    histories = [_history(list(range(VOCAB)), [])] * 2
+    ours = adjust_logits(logits.clone(), params, histories)
+    assert ours[0].isfinite().all() and ours[1, :20].isfinite().all()
+    assert (ours[1, 20:] == float("-inf")).all()
+    out = sample(logits, params, [make_generator(i) for i in range(2)], histories)
+    assert all(0 <= token < VOCAB for token in out.token_ids) and out.token_ids[1] < 20
+
+
+def test_a_min_tokens_row_is_left_alone_once_it_has_generated_enough() -> None:
+    logits = _logits(1, seed=11)
+    history = _history([1], [2, 2, 2], (4,))
+    assert not adjusts_now(SamplingParams(min_tokens=3), history)
+    assert adjusts_now(SamplingParams(min_tokens=4), history)
+    assert adjusts_now(SamplingParams(repetition_penalty=1.1), history)
+    out = sample(logits, [SamplingParams.greedy(min_tokens=3)], [None], [history])
+    assert out.token_ids == [int(logits.argmax())]
 
 
 def test_a_greedy_row_takes_the_argmax_of_its_penalised_logits_and_others_are_untouched() -> None:

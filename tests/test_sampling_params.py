@@ -147,7 +147,7 @@ def test_boundary_values_are_valid() -> None:
         ("ignore_eos", 1),
         ("logprobs", "yes"),
         ("logprobs", True),
-        ("logprobs", False),
+        ("logprobs", np.bool_(True)),
         ("logprobs", -1),
         ("logprobs", 21),
         ("logprobs", 2.0),
@@ -192,6 +192,8 @@ def test_invalid_params_error_is_a_value_error_and_a_request_error() -> None:
 def test_a_bool_logprobs_says_what_replaces_it() -> None:
     with pytest.raises(InvalidSamplingParamsError, match="0 reports the chosen token"):
         SamplingParams(logprobs=True)  # type: ignore[arg-type]
+    # The old default still means none.
+    assert SamplingParams(logprobs=False).logprobs is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -143,28 +143,40 @@ def test_a_held_prefix_of_one_stop_string_can_complete_another() -> None:
     assert updates[-1].matched == "bc"
 
 
-def test_before_min_tokens_nothing_but_max_tokens_ends_the_request() -> None:
-    params = SamplingParams(min_tokens=3, max_tokens=5, stop=["x"], stop_token_ids=[7])
+def test_the_first_min_tokens_tokens_never_end_the_request() -> None:
+    params = SamplingParams(min_tokens=3, max_tokens=6, stop=["x"], stop_token_ids=[7])
     checker = StopChecker(params, eos_token_ids=(EOS,))
-    # eos and a stop token (which the sampler never picks before min_tokens) and a stop string
-    # in the first two tokens are text like any other; the stop string on token 3 ends it.
-    updates = _run(checker, ["x", "", "ax", "b"], token_ids=[PLAIN, EOS, PLAIN, PLAIN])
-    assert [u.finish_reason for u in updates] == [None, None, "stop"]
-    assert _emitted(updates) == "xa"
+    # eos, a stop token (which the sampler never picks before min_tokens; their text is not
+    # shown) and a stop string in the first three tokens end nothing; token 4's stop string does.
+    updates = _run(checker, ["x", "", "", "bxc"], token_ids=[PLAIN, EOS, 7, PLAIN])
+    assert [u.finish_reason for u in updates] == [None, None, None, "stop"]
+    assert _emitted(updates) == "xb"
     assert updates[-1].matched == "x"
 
 
 def test_a_stop_string_begun_before_min_tokens_ends_the_request_when_it_completes() -> None:
     checker = StopChecker(SamplingParams(min_tokens=2, stop=["END"]))
-    updates = _run(checker, ["ok E", "N", "D!"])
+    updates = _run(checker, ["ok", " E", "ND!"])
     assert [u.finish_reason for u in updates] == [None, None, "stop"]
     assert _emitted(updates) == "ok "
 
 
-def test_a_stop_token_at_min_tokens_ends_the_request() -> None:
+def test_a_stop_string_completed_before_min_tokens_never_ends_the_request_later() -> None:
+    # "ab" completes on token 2, held back as the start of "abcd"; neither token 3 nor 4 may
+    # end the request with it (vLLM's stop_check_offset).
+    checker = StopChecker(SamplingParams(min_tokens=2, max_tokens=5, stop=["ab", "abcd"]))
+    updates = _run(checker, ["a", "b", "c", "x", "ab"])
+    assert [u.finish_reason for u in updates] == [None, None, None, None, "stop"]
+    assert _emitted(updates) == "abcx"
+    checker = StopChecker(SamplingParams(min_tokens=2, max_tokens=4, stop=["ab", "abcd"]))
+    updates = _run(checker, ["a", "b", "c", "d"])
+    assert updates[-1].matched == "abcd"  # ends in token 4's text, begun before
+
+
+def test_a_stop_token_right_after_min_tokens_ends_the_request() -> None:
     checker = StopChecker(SamplingParams(min_tokens=2, stop_token_ids=[7]), eos_token_ids=(EOS,))
-    updates = _run(checker, ["a", "", ""], token_ids=[7, EOS, PLAIN])
-    assert [u.finish_reason for u in updates] == [None, "stop"]
+    updates = _run(checker, ["a", "", "b", ""], token_ids=[7, EOS, PLAIN, EOS])
+    assert [u.finish_reason for u in updates] == [None, None, None, "stop"]
     assert updates[-1].matched == EOS
 
 
@@ -181,10 +193,11 @@ def test_non_positive_max_tokens_is_rejected() -> None:
 
 
 def _truncate_at_first_stop(
-    text: str, stops: Sequence[str], include: bool
+    text: str, stops: Sequence[str], include: bool, after: int = 0
 ) -> tuple[str, str | None]:
-    """What vLLM returns for the whole text: cut at the stop string that completes first."""
-    for end in range(1, len(text) + 1):
+    """What vLLM returns for the whole text: cut at the stop string that completes first, past
+    the first `after` characters (the text of the first min_tokens tokens)."""
+    for end in range(after + 1, len(text) + 1):
         completed = [stop for stop in stops if text[:end].endswith(stop)]
         if completed:
             stop = max(completed, key=len)
@@ -208,14 +221,20 @@ def text_split_into_deltas(draw: st.DrawFn) -> list[str]:
     deltas=text_split_into_deltas(),
     stops=st.lists(st.text(alphabet="ab#\u00e9", min_size=1, max_size=4), max_size=3),
     include=st.booleans(),
+    min_tokens=st.integers(0, 4),
 )
 def test_emitted_text_is_the_full_text_cut_at_the_first_stop_string(
-    deltas: list[str], stops: list[str], include: bool
+    deltas: list[str], stops: list[str], include: bool, min_tokens: int
 ) -> None:
-    params = SamplingParams(stop=stops, include_stop_str_in_output=include)
+    min_tokens = min(min_tokens, len(deltas))
+    params = SamplingParams(
+        stop=stops, include_stop_str_in_output=include, min_tokens=min_tokens, max_tokens=None
+    )
     checker = StopChecker(params, (), max_tokens=len(deltas))
     updates = _run(checker, deltas)
-    expected_text, expected_stop = _truncate_at_first_stop("".join(deltas), stops, include)
+    expected_text, expected_stop = _truncate_at_first_stop(
+        "".join(deltas), stops, include, after=len("".join(deltas[:min_tokens]))
+    )
     assert _emitted(updates) == expected_text
     last = updates[-1]
     assert last.finished

@@ -57,8 +57,9 @@ class SamplingParams:
             at the end of the output.
         min_tokens: generate at least this many tokens before eos, a stop token or a stop
             string may end the request (0 to max_tokens; with max_tokens None, a request whose
-            context leaves fewer is refused): until then eos and stop_token_ids
-            are never sampled and stop strings are not looked for.
+            context leaves fewer is refused): until then eos (even with ignore_eos, as in
+            vLLM) and stop_token_ids are never sampled, and a stop string counts only if it
+            ends in the text of a later token.
         repetition_penalty: > 0; 1.0 disables. Every token that appeared in the prompt or the
             output so far has its logit divided by it if positive, multiplied if not (HF's and
             vLLM's rule): > 1 discourages repeats.
@@ -115,9 +116,12 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
+        if self.logprobs is False:
+            # It was a bool, False by default, before medha took vLLM's meaning: False still
+            # means none.
+            normalise("logprobs", None)
         if self.logprobs is not None:
-            if isinstance(self.logprobs, bool):
-                # It was a bool before medha took vLLM's meaning; say what replaces it.
+            if self.logprobs is True:
                 _fail(
                     "logprobs",
                     self.logprobs,
@@ -287,7 +291,6 @@ class SamplingSetup:
 
     @property
     def min_tokens_stop_ids(self) -> tuple[int, ...]:
-        """The ids min_tokens keeps from being sampled: the stop tokens, and eos unless
-        ignore_eos (vLLM's set)."""
-        eos = () if self.params.ignore_eos else self.eos_token_ids
-        return tuple(sorted({*self.params.stop_token_ids, *eos}))
+        """The ids min_tokens keeps from being sampled: the stop tokens and eos, even with
+        ignore_eos (vLLM's set: "before EOS or stop_token_ids can be generated")."""
+        return tuple(sorted({*self.params.stop_token_ids, *self.eos_token_ids}))

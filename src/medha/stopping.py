@@ -12,10 +12,10 @@ vLLM's semantics:
   with something that could still become a stop string, that suffix is held back; it is
   released once it can no longer match, or when the request ends for another reason.
 - max_tokens ends the request ("length") unless it ended with "stop" on the same token.
-- min_tokens: before that many tokens, neither eos, stop tokens nor stop strings end the request
-  (vLLM skips its stop checks until then; the sampler keeps eos and stop tokens from being
-  sampled meanwhile). A stop string that completes only with a later token still counts, also
-  when it began earlier, so a possible start of one is held back meanwhile as well.
+- min_tokens m: the first m tokens never end the request (vLLM V1): the sampler keeps eos and
+  stop tokens from being sampled meanwhile, and a stop string counts only if it ends in the text
+  of token m + 1 or later (it may begin earlier, so a possible start of one is held back
+  meanwhile as well).
 
 Which stop string wins when several could: the one that completes first in the text (earliest
 end), and among those the longest (earliest start). This is what a character-by-character
@@ -61,6 +61,7 @@ class StopChecker:
         "_longest_prefix",
         "_max_tokens",
         "_min_tokens",
+        "_stale",
         "_stop_prefixes",
         "_stop_strings",
         "_stop_token_ids",
@@ -89,6 +90,9 @@ class StopChecker:
         self._stop_prefixes = frozenset(s[:n] for s in params.stop for n in range(1, len(s)))
         self._longest_prefix = max((len(s) - 1 for s in params.stop), default=0)
         self._held = ""
+        # Leading characters of the held text that came from tokens before min_tokens ran out:
+        # no stop string may end in them.
+        self._stale = 0
         self._generated = 0
         self._finished = False
 
@@ -113,7 +117,7 @@ class StopChecker:
         if self._finished:
             raise RuntimeError("StopChecker.update called after the request finished")
         self._generated += 1
-        checking = self._generated >= self._min_tokens
+        checking = self._generated > self._min_tokens
 
         matched: str | int | None = None
         if token_id in self._eos_token_ids:
@@ -126,7 +130,8 @@ class StopChecker:
             if not self._include_stop:
                 text_delta = ""
 
-        text, stop_string = self._scan(self._held + text_delta, checking)
+        text = self._held + text_delta
+        text, stop_string = self._scan(text, self._stale if checking else len(text))
         if stop_string is not None:
             return self._finish(text, FINISH_STOP, stop_string)
         if matched is not None:
@@ -135,13 +140,13 @@ class StopChecker:
             return self._finish(text + self._held, FINISH_LENGTH, None)
         return StopUpdate(text=text)
 
-    def _scan(self, text: str, look_for_stops: bool = True) -> tuple[str, str | None]:
-        """Split `text` into (emittable now, matched stop string or None); sets self._held.
-        Without `look_for_stops` (before min_tokens) nothing matches, but a possible start of
-        a stop string is still held back."""
+    def _scan(self, text: str, stale: int) -> tuple[str, str | None]:
+        """Split `text` into (emittable now, matched stop string or None); sets self._held. A
+        match must end past the first `stale` characters (text of the tokens before
+        min_tokens ran out); a possible start of a stop string is held back all the same."""
         best: tuple[int, int, str] | None = None  # (end, -length, stop string)
-        for stop in self._stop_strings if look_for_stops else ():
-            start = text.find(stop)
+        for stop in self._stop_strings:
+            start = text.find(stop, max(0, stale - len(stop) + 1))
             if start != -1:
                 candidate = (start + len(stop), -len(stop), stop)
                 if best is None or candidate < best:
@@ -149,10 +154,13 @@ class StopChecker:
         if best is not None:
             end, negative_length, stop = best
             self._held = ""
+            self._stale = 0
             return (text[:end] if self._include_stop else text[: end + negative_length]), stop
         held = self._longest_stop_prefix_suffix(text)
-        self._held = text[len(text) - held :] if held else ""
-        return text[: len(text) - held], None
+        emitted = len(text) - held
+        self._held = text[emitted:]
+        self._stale = max(0, stale - emitted)
+        return text[:emitted], None
 
     def _longest_stop_prefix_suffix(self, text: str) -> int:
         for length in range(min(len(text), self._longest_prefix), 0, -1):

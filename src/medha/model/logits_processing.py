@@ -7,10 +7,12 @@ vLLM's semantics and order (HF's for the repetition penalty, which both share):
   if positive, multiplied by r otherwise;
 - frequency_penalty f and presence_penalty p: an id's logit loses f per occurrence in the
   output so far, and p once if it occurs there at all (the prompt does not count);
-- min_tokens m: while fewer than m tokens have been generated, eos (unless ignore_eos) and the
-  stop token ids get -inf.
+- min_tokens m: while fewer than m tokens have been generated, eos (even with ignore_eos) and
+  the stop token ids get -inf, unless that would leave no token at all (allowed_token_ids that
+  are all stop tokens win).
 In that order, on the raw logits, before temperature and the filters. The last three depend on
-the request's tokens so far (TokenHistory).
+the request's tokens so far (TokenHistory). A row is adjusted only in the steps where one of
+them applies (a min_tokens request stops paying once it has generated enough).
 
 The stage that samples sees every token of a request go through it (prompt chunks, then each
 decode's input, which is the previous output), so it builds the history from its inputs; it
@@ -18,7 +20,8 @@ never needs the token ids of the whole context again. A preempted request recomp
 tokens, which the history has already counted: it goes by position and skips them.
 
 One batched pass for all rows that need it: a handful of tensor ops over [rows, vocab],
-whatever the number of rows, the same order of work as the softmax the sampler runs anyway.
+whatever the number of rows, the same order of work as the softmax the sampler runs anyway; the
+host builds index lists of the distinct output ids of the penalised rows only.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from medha.sampling import SamplingParams
 
 class TokenHistory:
     """What penalties and min_tokens need of one request's tokens: the ids its prompt holds,
-    how often each id occurs in its output, and how many tokens it has generated."""
+    the ids of its output so far, and how many tokens it has generated."""
 
     __slots__ = (
         "_fed",
+        "_num_output",
+        "_output",
         "_prompt_ids",
         "_prompt_tensor",
         "min_tokens_stop_ids",
-        "output_counts",
         "prompt_len",
     )
 
@@ -48,9 +52,12 @@ class TokenHistory:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         self.prompt_len = prompt_len
         self.min_tokens_stop_ids = tuple(min_tokens_stop_ids)
-        self.output_counts: dict[int, int] = {}
         self._prompt_ids: set[int] = set()
         self._prompt_tensor: torch.Tensor | None = None
+        # The output's ids in a host tensor that doubles when full: each step reads them as one
+        # view, with no per-id Python work.
+        self._output = torch.empty(16, dtype=torch.int64)
+        self._num_output = 0
         self._fed = 0
 
     def observe(self, start: int, token_ids: Sequence[int]) -> None:
@@ -67,10 +74,23 @@ class TokenHistory:
         if in_prompt:
             self._prompt_ids.update(new[:in_prompt])
             self._prompt_tensor = None
-        counts = self.output_counts
-        for token in new[in_prompt:]:
-            counts[token] = counts.get(token, 0) + 1
+        output = new[in_prompt:]
+        if output:
+            end = self._num_output + len(output)
+            if end > len(self._output):
+                grown = torch.empty(max(end, 2 * len(self._output)), dtype=torch.int64)
+                grown[: self._num_output] = self._output[: self._num_output]
+                self._output = grown
+            if len(output) == 1:
+                self._output[self._num_output] = output[0]
+            else:
+                self._output[self._num_output : end] = torch.tensor(output, dtype=torch.int64)
+            self._num_output = end
         self._fed += len(new)
+
+    def output_ids(self) -> torch.Tensor:
+        """The output's ids so far, in order (a view of a host tensor: read, do not keep)."""
+        return self._output[: self._num_output]
 
     @property
     def num_generated(self) -> int:
@@ -85,6 +105,21 @@ class TokenHistory:
             cached = torch.tensor(sorted(self._prompt_ids), dtype=torch.int64, device=device)
             self._prompt_tensor = cached
         return cached
+
+
+def adjusts_now(params: SamplingParams, history: TokenHistory | None) -> bool:
+    """Whether a row's logits change this step: a min_tokens request stops needing it once
+    it has generated enough, so a long output does not keep paying for it."""
+    return (
+        params.has_penalties
+        or bool(params.logit_bias)
+        or params.allowed_token_ids is not None
+        or (
+            history is not None
+            and history.num_generated < params.min_tokens
+            and bool(history.min_tokens_stop_ids)
+        )
+    )
 
 
 def adjust_logits(
@@ -103,45 +138,56 @@ def adjust_logits(
             raise ValueError("rows with penalties or min_tokens need their token history")
         # No tokens: a row without penalties in a batch that has some.
         known.append(TokenHistory(prompt_len=1) if history is None else history)
-    return _penalise(logits, params, known)
+    if any(p.has_penalties for p in params):
+        logits = _penalise(logits, params, known)
+    return _mask_until_min_tokens(logits, params, known)
 
 
 def _penalise(
     logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]
 ) -> torch.Tensor:
-    """The penalties and the min_tokens mask, by each row's history."""
+    """The repetition, frequency and presence penalties, by each row's history."""
     rows, vocab = logits.shape
     device = logits.device
-    output_ids: list[int] = []
-    output_counts: list[int] = []
-    output_rows: list[int] = []
-    for row, history in enumerate(histories):
-        output_ids.extend(history.output_counts)
-        output_counts.extend(history.output_counts.values())
-        output_rows.extend([row] * len(history.output_counts))
-    # Flat indices row * V + id, so each mask or count is one scatter for the whole batch.
-    flat_output = torch.tensor(output_rows, dtype=torch.int64) * vocab + torch.tensor(
-        output_ids, dtype=torch.int64
-    )
-    flat_output = flat_output.to(device)
+    # Flat indices row * V + id of every output token of the penalised rows (repeats included),
+    # so each mask or count is one scatter for the whole batch.
+    penalised_rows = [row for row, p in enumerate(params) if p.has_penalties]
+    outputs = [histories[row].output_ids() for row in penalised_rows]
+    lengths = torch.tensor([len(ids) for ids in outputs], dtype=torch.int64)
+    row_of = torch.repeat_interleave(torch.tensor(penalised_rows, dtype=torch.int64), lengths)
+    flat_output = (row_of * vocab + torch.cat(outputs)).to(device)
 
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = torch.zeros(rows * vocab, dtype=torch.bool, device=device)
         seen[flat_output] = True
-        prompt_parts = [h.prompt_ids(device) + row * vocab for row, h in enumerate(histories)]
+        prompt_parts = [
+            h.prompt_ids(device) + row * vocab
+            for row, (p, h) in enumerate(zip(params, histories, strict=True))
+            if p.repetition_penalty != 1.0
+        ]
         seen[torch.cat(prompt_parts)] = True
         penalty = _column([p.repetition_penalty for p in params], device)
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        # A penalty near 0 (or huge) overflows a finite logit to +-inf, and a softmax over
+        # +inf is NaN: keep finite logits finite (-inf ones, masked tokens, stay -inf).
+        most = torch.finfo(logits.dtype).max
+        penalised = torch.where(logits.isfinite(), penalised.clamp(-most, most), penalised)
         logits = torch.where(seen.view(rows, vocab), penalised, logits)
 
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
         counts = torch.zeros(rows * vocab, dtype=logits.dtype, device=device)
-        counts[flat_output] = torch.tensor(output_counts, dtype=logits.dtype).to(device)
+        counts.index_add_(0, flat_output, torch.ones_like(flat_output, dtype=logits.dtype))
         counts = counts.view(rows, vocab)
         frequency = _column([p.frequency_penalty for p in params], device)
         presence = _column([p.presence_penalty for p in params], device)
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
 
+
+def _mask_until_min_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]
+) -> torch.Tensor:
+    rows, vocab = logits.shape
     banned = [
         row * vocab + token
         for row, (p, history) in enumerate(zip(params, histories, strict=True))
@@ -149,13 +195,14 @@ def _penalise(
         for token in history.min_tokens_stop_ids
         if token < vocab  # a tokenizer's eos the model has no logit for is never sampled
     ]
-    if banned:
-        logits = (
-            logits.flatten()
-            .index_fill(0, torch.tensor(banned, dtype=torch.int64, device=device), float("-inf"))
-            .view(rows, vocab)
-        )
-    return logits
+    if not banned:
+        return logits
+    index = torch.tensor(banned, dtype=torch.int64, device=logits.device)
+    masked = logits.flatten().index_fill(0, index, float("-inf")).view(rows, vocab)
+    # allowed_token_ids that hold only stop tokens leave nothing to sample before min_tokens:
+    # the request asked for both, and the allowed tokens win (a softmax over no token is NaN).
+    empty = ~masked.isfinite().any(dim=-1, keepdim=True)
+    return torch.where(empty, logits, masked)
 
 
 def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

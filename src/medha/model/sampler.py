@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medha.model.logits_processing import TokenHistory, adjust_logits
+from medha.model.logits_processing import TokenHistory, adjust_logits, adjusts_now
 from medha.request import TokenLogprob
 from medha.sampling import SamplingParams
 
@@ -75,22 +75,30 @@ def sample(
     if batch == 0:
         return SampleOutput(token_ids=[], logprobs=[])
 
-    # Only the rows with penalties or min_tokens get an fp32 copy: the others choose from the
-    # logits as they are.
-    processed = _processed_rows(logits, params, histories)
+    # Only the rows whose logits change this step (allowed tokens, bias, penalties, min_tokens)
+    # get an fp32 copy: the others choose from the logits as they are.
+    adjusted_rows, adjusted = _adjusted(logits, params, histories)
     # torch.argmax returns the first maximal index: ties resolve to the lowest token id. Half
     # precision widens to fp32 exactly, so the argmax needs no fp32 copy of the logits.
     token_ids = logits.argmax(dim=-1)
-    for row, row_logits in processed.items():
-        if params[row].is_greedy:
-            token_ids[row] = row_logits.argmax()
+    greedy = [i for i, row in enumerate(adjusted_rows) if params[row].is_greedy]
+    if greedy:
+        token_ids.index_copy_(
+            0,
+            torch.tensor([adjusted_rows[i] for i in greedy], device=logits.device),
+            adjusted[torch.tensor(greedy, device=logits.device)].argmax(dim=-1),
+        )
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         row_index = torch.tensor(random_rows, device=logits.device)
         random_logits = logits.index_select(0, row_index).float()
-        for position, row in enumerate(random_rows):
-            if row in processed:
-                random_logits[position] = processed[row]
+        where = {row: i for i, row in enumerate(adjusted_rows)}
+        moved = [(j, where[row]) for j, row in enumerate(random_rows) if row in where]
+        if moved:
+            targets, sources = zip(*moved, strict=True)
+            random_logits[torch.tensor(targets, device=logits.device)] = adjusted[
+                torch.tensor(sources, device=logits.device)
+            ]
         chosen = _sample_random_rows(
             random_logits,
             [params[i] for i in random_rows],
@@ -101,23 +109,27 @@ def sample(
     return SampleOutput(token_ids.tolist(), logprobs, top_logprobs)
 
 
-def _processed_rows(
+def _adjusted(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[TokenHistory | None] | None,
-) -> dict[int, torch.Tensor]:
-    """Row -> its fp32 logits after allowed tokens, logit bias, penalties and min_tokens, for
-    the rows that have any."""
-    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+) -> tuple[list[int], torch.Tensor]:
+    """The rows whose logits change this step, and their fp32 logits after allowed tokens,
+    logit bias, penalties and min_tokens ([rows, V]; empty if none)."""
+    row_histories = [None] * len(params) if histories is None else list(histories)
+    for p, history in zip(params, row_histories, strict=True):
+        if history is None and p.needs_history:
+            raise ValueError("rows with penalties or min_tokens need their token history")
+    rows = [i for i, p in enumerate(params) if adjusts_now(p, row_histories[i])]
     if not rows:
-        return {}
+        return [], logits.new_empty((0, logits.shape[1]), dtype=torch.float32)
     row_index = torch.tensor(rows, device=logits.device)
-    applied = adjust_logits(
+    adjusted = adjust_logits(
         logits.index_select(0, row_index).float(),
         [params[i] for i in rows],
-        [None if histories is None else histories[i] for i in rows],
+        [row_histories[i] for i in rows],
     )
-    return dict(zip(rows, applied.unbind(0), strict=True))
+    return rows, adjusted
 
 
 def _logprobs(
