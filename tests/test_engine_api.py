@@ -340,6 +340,23 @@ def test_llm_takes_prompts_as_arrays_and_iterables() -> None:
     assert one.token_ids == rows[0].token_ids
 
 
+def test_llm_chat_renders_the_chat_template_as_vllm_does() -> None:
+    hello = [{"role": "user", "content": "Hello"}]
+    bye = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bye"}]
+    with medha.LLM(engine_config()) as llm:
+        (one,) = llm.chat(hello, GREEDY)
+        both = llm.chat([hello, bye], GREEDY)
+        ids = llm.engine.tokenizer.apply_chat_template(hello)
+        (direct,) = llm.generate([ids], GREEDY)
+        for bad in ([], [{"content": "no role"}], "Hello"):
+            with pytest.raises(InvalidRequestError):
+                llm.chat(bad, GREEDY)  # type: ignore[arg-type]
+        assert llm.engine.stats().waiting == 0
+    assert one.prompt_token_ids == ids == both[0].prompt_token_ids
+    assert one.token_ids == direct.token_ids == both[0].token_ids
+    assert both[1].prompt_token_ids == llm.engine.tokenizer.apply_chat_template(bye)
+
+
 def test_llm_takes_one_sampling_params_per_prompt_as_vllm_does() -> None:
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     with medha.LLM(engine_config()) as llm:

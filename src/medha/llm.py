@@ -16,7 +16,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
@@ -104,6 +104,28 @@ class LLM:
             future.cancel()
             raise
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        deadlines: Sequence[float | None] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[Completion]:
+        """As vLLM's LLM.chat: `messages` is one conversation ([{"role": ..., "content": ...},
+        ...]) or a list of them; each is rendered with the model's chat template and generated
+        as `generate` does, one Completion per conversation, in order. A tokenizer without a
+        chat template raises ModelLoadError; malformed messages InvalidRequestError, before
+        anything runs."""
+        if self._closed:
+            raise EngineClosedError("this LLM was closed")
+        conversations = _conversations(messages)
+        tokenizer = self.engine.tokenizer
+        prompts = [
+            tokenizer.apply_chat_template(list(c), add_generation_prompt) for c in conversations
+        ]
+        return self.generate(prompts, sampling, deadlines)
+
     def close(self) -> None:
         """Stop the engine and its thread; idempotent, from any thread."""
         with self._closing:
@@ -137,6 +159,15 @@ def _engine_config(config: EngineConfig | str | None, fields: dict[str, Any]) ->
     if config is None:
         return EngineConfig(**fields)
     raise TypeError(f"LLM takes an EngineConfig or a model name, got {type(config).__name__}")
+
+
+def _conversations(messages: object) -> list[Sequence[Mapping[str, Any]]]:
+    """One conversation (a list of message dicts) as a batch of one; a list of them as is."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} dicts")
+    if isinstance(messages[0], Mapping):
+        return [messages]
+    return list(messages)
 
 
 def _prompt_batch(prompts: object) -> list[Prompt]:
