@@ -82,6 +82,7 @@ class Arrival:
     stop_after: int | None = None
     """The fake engine reports EOS after this many tokens (None: run to max_new_tokens)."""
     abort_at: float | None = None
+    block_hashes: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -114,13 +115,17 @@ class PlanChecker:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.config = scheduler.config
-        self.owner: dict[tuple[int, int], str] = {}
+        self.owner: dict[tuple[int, int], set[str]] = {}
+        """Who holds each block: several requests only for a prefix cache hit."""
+        self.content: dict[tuple[int, int], bytes | None] = {}
+        """What each block holds once full: its prompt prefix digest, or None (private)."""
         self.tables: dict[str, dict[int, list[int]]] = {}
         self.in_flight_ids: dict[int, set[str]] = {}
         for request in scheduler.table.running.values():  # a scheduler stepped by hand before
             for group, blocks in zip(request.groups, request.block_tables, strict=True):
                 self.tables.setdefault(request.request_id, {})[group] = list(blocks)
-                self.owner.update({(group, block): request.request_id for block in blocks})
+                for block in blocks:
+                    self.owner.setdefault((group, block), set()).add(request.request_id)
 
     def ready_decodes(self) -> set[str]:
         return {
@@ -132,7 +137,10 @@ class PlanChecker:
     def drop(self, request_id: str) -> None:
         for group, blocks in self.tables.pop(request_id, {}).items():
             for block in blocks:
-                assert self.owner.pop((group, block)) == request_id
+                owners = self.owner[(group, block)]
+                owners.remove(request_id)
+                if not owners:
+                    del self.owner[(group, block)]
 
     def check(self, plan: BatchPlan, ready: set[str], could_issue: bool) -> None:
         config = self.config
@@ -189,16 +197,40 @@ class PlanChecker:
             self._check_chunk_size(seq.q_tokens, seq.end, request.known_tokens, seq.start)
         assert seq.samples == (seq.end == request.known_tokens)
         table = self.tables.setdefault(seq.request_id, {})
+        size = config.block_size
+        per_group = (limit or 0) // size
+        first_step = not table
+        if first_step:
+            # A prefix cache hit skips only whole blocks, and never the last known token.
+            assert seq.start % size == 0 and seq.start < request.known_tokens
         for group, blocks in seq.new_blocks:
-            for block in blocks:
+            group_index = request.groups.index(group)
+            for local, block in enumerate(blocks, start=len(table.get(group, []))):
                 key = (group, block)
-                assert key not in self.owner, f"block {key} handed out twice"
+                index = group_index * per_group + local
                 assert 0 <= block < config.num_blocks
-                self.owner[key] = seq.request_id
+                if first_step and index < seq.start // size:
+                    assert self.content.get(key) == request.block_hashes[index], (
+                        f"block {key} reused for another prefix"
+                    )
+                else:
+                    assert key not in self.owner, f"block {key} handed out twice"
+                    self.content.pop(key, None)
+                self.owner.setdefault(key, set()).add(seq.request_id)
             table.setdefault(group, []).extend(blocks)
-        # The appending group must hold blocks for every position the step writes.
+        # The appending group must hold blocks for every position the step writes, and hold
+        # them alone (nobody writes into a shared block); a block it fills now holds its prompt
+        # prefix (or private tokens).
         shard = seq.shards[-1]
-        assert len(table.get(shard.group, [])) * config.block_size >= seq.end - shard.start
+        own = table.get(shard.group, [])
+        assert len(own) * size >= seq.end - shard.start
+        for local in range((seq.start - shard.start) // size, -(-(seq.end - shard.start) // size)):
+            key = (shard.group, own[local])
+            assert self.owner[key] == {seq.request_id}, f"step writes into shared block {key}"
+            index = shard.start // size + local
+            if (local + 1) * size <= seq.end - shard.start:
+                hashes = request.block_hashes
+                self.content[key] = hashes[index] if index < len(hashes) else None
 
     def _check_chunk_size(self, q: int, end: int, known: int, start: int) -> None:
         config = self.config
@@ -295,6 +327,7 @@ def _handle_event(
             payload.max_new_tokens,
             payload.arrival,
             payload.deadline,
+            payload.block_hashes,
         )
     elif kind == "abort":
         assert isinstance(payload, str)

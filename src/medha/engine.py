@@ -48,6 +48,7 @@ from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_
 from medha.request_input import prompt_token_ids, request_ids
 from medha.request_limits import output_limit
 from medha.sampling import SamplingParams
+from medha.scheduler.prefix_cache import block_hashes
 
 _log = get_logger(__name__)
 
@@ -375,6 +376,8 @@ class Engine:
             time_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.time_scale,
             context_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.context_scale,
             pauses=actor.pauses,
+            cached_blocks=sum(s.cached_blocks),
+            prefix_cache_hit_tokens=s.prefix_hit_blocks * actor.scheduler.config.block_size,
         )
 
     def now(self) -> float:
@@ -464,6 +467,11 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            block_hashes=(
+                block_hashes(prompt_ids, self.config.block_size)
+                if self.config.enable_prefix_caching
+                else ()
+            ),
         )
         self._by_id[request_id] = request
         return request

@@ -24,3 +24,8 @@ class EngineStats:
     pauses: int = 0
     """Times an iteration stopped between layers for a newer request that ranked ahead of it
     (EngineConfig.pause_iterations)."""
+    cached_blocks: int = 0
+    """KV blocks in the prefix cache (EngineConfig.enable_prefix_caching), in use or not: the
+    unused ones are part of `free_blocks`, evicted when needed."""
+    prefix_cache_hit_tokens: int = 0
+    """Prompt tokens taken from the prefix cache instead of computed, so far."""

@@ -288,6 +288,9 @@ class SamplingSetup:
     params: SamplingParams
     prompt_len: int
     eos_token_ids: tuple[int, ...] = ()
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The whole prompt, for penalties (params.needs_history): its first step may start past
+    a prefix cache hit, whose tokens the stage never sees."""
 
     @property
     def min_tokens_stop_ids(self) -> tuple[int, ...]:

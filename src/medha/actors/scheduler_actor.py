@@ -198,6 +198,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 request.max_new_tokens,
                 request.metrics.arrival,
                 request.deadline,
+                request.block_hashes,
             )
         except Exception as exc:  # checked before submitting; a late refusal ends only it
             request.fail(exc, self.clock())
@@ -386,7 +387,10 @@ class SchedulerActor(Actor[Submit | Abort]):
         if request.sampling_sent:
             return None
         request.sampling_sent = True
-        return SamplingSetup(request.params, len(request.prompt_ids), request.eos_token_ids)
+        # Penalties count the prompt's ids: a step that starts past a prefix cache hit does
+        # not show the stage the cached ones, so they come along once.
+        prompt = tuple(request.prompt_ids) if request.params.needs_history else None
+        return SamplingSetup(request.params, len(request.prompt_ids), request.eos_token_ids, prompt)
 
     def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
         self.iterations += 1

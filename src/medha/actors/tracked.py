@@ -30,6 +30,8 @@ class TrackedRequest:
     """The caller's TTFT deadline in seconds, or None for the scheduler's default."""
     eos_token_ids: tuple[int, ...] = ()
     """The tokenizer's, for min_tokens (the sampling stage keeps them from being sampled)."""
+    block_hashes: tuple[bytes, ...] = ()
+    """Digests of the prompt's full blocks, for prefix caching (none: it is off)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)

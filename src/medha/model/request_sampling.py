@@ -26,6 +26,8 @@ class RequestSampling:
             if self.params.needs_history
             else None
         )
+        if self.history is not None and setup.prompt_token_ids is not None:
+            self.history.observe(0, setup.prompt_token_ids)
 
     def observe(self, start: int, token_ids: Sequence[int]) -> None:
         """The request's step feeds `token_ids` at positions from `start`."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from medha.scheduler.prefix_cache import PrefixCache
+
 
 class OutOfBlocksError(RuntimeError):
     """Internal: an allocation was attempted without checking `num_free` first."""
@@ -65,11 +67,54 @@ class BlockAllocator:
         self._free.extend(blocks)
 
 
+class CachingAllocator:
+    """One KVP group's blocks: a free list, plus the prefix cache whose unreferenced blocks
+    count as free and are evicted when the free list runs out."""
+
+    def __init__(self, num_blocks: int, check: bool = True) -> None:
+        self.blocks = BlockAllocator(num_blocks, check)
+        self.cache = PrefixCache()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.blocks.num_free + self.cache.num_evictable
+
+    def allocate(self, count: int) -> list[int]:
+        short = count - self.blocks.num_free
+        evicted: list[int] = []
+        while short > 0:
+            block = self.cache.evict()
+            if block is None:
+                break
+            evicted.append(block)
+            short -= 1
+        # Evicted blocks go back through the allocator, which checks them like any freed id.
+        if evicted:
+            self.blocks.free(evicted)
+        return self.blocks.allocate(count)
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Free a request's blocks, given in token order. Cached ones are released last block
+        first (vLLM does the same): eviction then takes a prefix's tail before its head, and
+        what stays cached is still a usable prefix."""
+        private = [block for block in reversed(blocks) if not self.cache.release(block)]
+        if private:
+            self.blocks.free(private)
+
+
 class BlockPool:
-    """The allocators of all KVP groups."""
+    """The allocators of all KVP groups, each with its prefix cache
+    (medha.scheduler.prefix_cache): cached blocks nobody uses count as free."""
 
     def __init__(self, num_groups: int, blocks_per_group: int, check: bool = True) -> None:
-        self.groups = [BlockAllocator(blocks_per_group, check) for _ in range(num_groups)]
+        self.groups = [CachingAllocator(blocks_per_group, check) for _ in range(num_groups)]
+
+    def cache(self, group: int) -> PrefixCache:
+        return self.groups[group].cache
 
     def num_free(self, group: int) -> int:
         return self.groups[group].num_free

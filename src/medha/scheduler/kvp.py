@@ -9,6 +9,8 @@ as data-parallel replicas for short traffic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from medha.scheduler.blocks import BlockPool
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.plan import KvShard
@@ -92,15 +94,49 @@ class KvpLayout:
                 feasible.append(first)
         return feasible
 
+    def prefix_hit(self, request: SchedRequest, first: int, pool: BlockPool) -> list[int]:
+        """The cached blocks a request placed from group `first` would start with: its longest
+        run of leading prompt blocks found in the prefix cache of the groups that would hold
+        them. Never all of its known tokens: the last one is always computed (its logits
+        sample), in a block of its own, so no step writes into a shared block."""
+        most = min(len(request.block_hashes), (request.known_tokens - 1) // self.block_size)
+        blocks: list[int] = []
+        for index in range(most):
+            group = (first + self.group_index(index * self.block_size)) % self.num_groups
+            block = pool.cache(group).lookup(request.block_hashes[index])
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def prefer_cached(
+        self, request: SchedRequest, firsts: Sequence[int], pool: BlockPool, default: int
+    ) -> int:
+        """Among first groups `firsts`, the one whose prefix cache holds most of the request's
+        prompt (`default` among equals)."""
+        if not request.block_hashes:
+            return default
+        hits = {first: len(self.prefix_hit(request, first, pool)) for first in firsts}
+        return max(firsts, key=lambda first: (hits[first], first == default))
+
     def reserve(
-        self, request: SchedRequest, first: int, pool: BlockPool
+        self, request: SchedRequest, first: int, pool: BlockPool, hit: Sequence[int] = ()
     ) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """Bulk reservation: blocks for all of `request.prefill_len` tokens, on every group the
-        prefill will reach (incremental allocation can deadlock several long prompts)."""
+        prefill will reach (incremental allocation can deadlock several long prompts). The
+        first ones are `hit`, cached blocks (`prefix_hit`): taken before anything is
+        allocated, which could otherwise evict them."""
         counts = self.blocks_by_group_index(request.prefill_len)
         request.groups = self.group_sequence(first, len(counts))
+        reused: list[list[int]] = [[] for _ in counts]
+        for index, block in enumerate(hit):
+            group_index = self.group_index(index * self.block_size)
+            pool.cache(request.groups[group_index]).acquire(block)
+            reused[group_index].append(block)
+        request.registered_blocks = len(hit)
         request.block_tables = tuple(
-            pool.allocate(group, count) for group, count in zip(request.groups, counts, strict=True)
+            taken + pool.allocate(group, count - len(taken))
+            for group, count, taken in zip(request.groups, counts, reused, strict=True)
         )
         return tuple(
             (group, tuple(table))
@@ -147,6 +183,17 @@ class KvpLayout:
         if self.limit is None:
             return request.groups
         return request.groups[: query_start // self.limit + 1]
+
+    def register_computed(self, request: SchedRequest, pool: BlockPool) -> None:
+        """Put the request's prompt blocks whose KV is now computed into the prefix cache."""
+        full = min(len(request.block_hashes), request.computed // self.block_size)
+        for index in range(request.registered_blocks, full):
+            position = index * self.block_size
+            group_index = self.group_index(position)
+            local = (position - group_index * (self.limit or 0)) // self.block_size
+            block = request.block_tables[group_index][local]
+            pool.cache(request.groups[group_index]).register(request.block_hashes[index], block)
+        request.registered_blocks = max(request.registered_blocks, full)
 
     def release(self, request: SchedRequest, pool: BlockPool) -> None:
         """Give back every block the request holds."""

@@ -75,6 +75,12 @@ class SchedRequest:
     """Block ids per entry of `groups`. Both are tuples, empty until the request is placed:
     the empty tuple is shared, so the ~1,000 queued requests of a busy scheduler hold no
     containers of their own for the garbage collector to track and traverse."""
+    block_hashes: tuple[bytes, ...] = ()
+    """Chained digests of the prompt's full blocks (medha.scheduler.prefix_cache), for prefix
+    caching; empty: the request neither uses nor fills the cache."""
+    registered_blocks: int = 0
+    """Leading blocks of the prompt already in the prefix cache (taken from it, or registered
+    once computed)."""
     start_order: int = -1
     """When it was (re)started: decodes are evicted newest first."""
     first_scheduled_time: float | None = None
@@ -153,6 +159,7 @@ class SchedRequest:
         """Forget all KV progress (after a preemption): the prefill restarts from token 0."""
         self.issued = self.stage0 = self.computed = 0
         self.prefill_len = 0
+        self.registered_blocks = 0
         self.groups = ()
         self.block_tables = ()
         self._remaining_cache_at = -1

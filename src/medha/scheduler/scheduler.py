@@ -70,9 +70,12 @@ class Scheduler:
         max_new_tokens: int,
         arrival: float,
         deadline: float | None = None,
+        block_hashes: Sequence[bytes] = (),
     ) -> SchedRequest:
         """Queue a request. `deadline`: seconds after arrival by which its first token is due
-        (default: max(1.5 x predicted prefill time, 0.5 s)).
+        (default: max(1.5 x predicted prefill time, 0.5 s)). `block_hashes`: the chained digests
+        of its prompt's full blocks (`medha.scheduler.prefix_cache.block_hashes`), to share
+        computed KV with other requests that start the same way; none: no prefix caching.
 
         Raises InvalidRequestError for bad lengths or a duplicate id, RequestTooLargeError when
         its KV (prompt + max_new_tokens) could never fit the KVP groups it may use.
@@ -93,6 +96,11 @@ class Scheduler:
             )
         if not math.isfinite(arrival):
             raise InvalidRequestError(f"request {request_id!r}: arrival must be finite")
+        if len(block_hashes) > prompt_len // self.config.block_size:
+            raise InvalidRequestError(
+                f"request {request_id!r}: {len(block_hashes)} block hashes for a prompt of "
+                f"{prompt_len} tokens ({prompt_len // self.config.block_size} full blocks)"
+            )
         self.check_fits(prompt_len, max_new_tokens, request_id)
         total_prefill_s = self.cost.prefill_time(prompt_len)
         request = SchedRequest(
@@ -104,6 +112,7 @@ class Scheduler:
             deadline_given=deadline is not None,
             total_prefill_s=total_prefill_s,
             order=self._next_order,
+            block_hashes=tuple(block_hashes),
         )
         self._next_order += 1
         self.policy.priority.refresh(request, self.cost)
@@ -270,6 +279,8 @@ class Scheduler:
                 self.table.retire_if_idle(request)
                 continue
             request.computed = seq.end
+            if request.registered_blocks < len(request.block_hashes):
+                self.table.layout.register_computed(request, self.table.pool)
             stop = seq.request_id in finished
             if seq.samples and self.table.record_token(request, now, stop):
                 done.append(request)
@@ -344,6 +355,8 @@ class Scheduler:
             finished=table.num_finished,
             aborted=table.num_aborted,
             preemptions=table.num_preemptions,
+            cached_blocks=tuple(allocator.cache.num_cached for allocator in table.pool.groups),
+            prefix_hit_blocks=sum(allocator.cache.hits for allocator in table.pool.groups),
         )
 
     def _reprice(self) -> None:
@@ -424,7 +437,8 @@ class Scheduler:
             else:
                 if pending_work is None:
                     pending_work = table.pending_work(cost)
-                first = min(open_groups, key=pending_work.__getitem__)
+                least_loaded = min(open_groups, key=pending_work.__getitem__)
+                first = table.layout.prefer_cached(request, open_groups, table.pool, least_loaded)
             if self._add_prefill_chunk(batch, request, [first], now) and pending_work:
                 table.add_pending(pending_work, request, cost)
 
@@ -432,7 +446,10 @@ class Scheduler:
         self, batch: BatchBuilder, request: SchedRequest, groups: Sequence[int], now: float
     ) -> bool:
         """Size and add the next chunk of `request` (starting it if queued). False if no room."""
-        start = request.issued
+        hit: list[int] = []
+        if request.status.is_queued and request.block_hashes:
+            hit = self.table.layout.prefix_hit(request, groups[0], self.table.pool)
+        start = request.issued + len(hit) * self.config.block_size
         # Long-prefill rules are Medha's; the FCFS baselines do without them.
         is_long = (
             self.policy.chunking is ChunkingMode.ADAPTIVE
@@ -446,19 +463,20 @@ class Scheduler:
             # (its slack judged where the ranking judges it).
             rho = relative_slack(request, self._rank_time(now), self.cost)
             budget_fraction = 1.0 - min(max(rho, 0.0), 0.5)
-        tokens_left = request.tokens_left
+        all_left = request.known_tokens - start
+        tokens_left = all_left
         to_boundary = self.table.layout.tokens_to_boundary(start)
         if to_boundary is not None:
             tokens_left = min(tokens_left, to_boundary)
         sized = batch.prefill_chunk(
-            groups, start, tokens_left, budget_fraction, tokens_left == request.tokens_left
+            groups, start, tokens_left, budget_fraction, tokens_left == all_left
         )
         if sized is None:
             return False
         chunk, predicted = sized
         new_blocks: NewBlocks = ()
         if request.status.is_queued:
-            new_blocks = self.table.start(request, groups[0], now)
+            new_blocks = self.table.start(request, groups[0], now, hit)
         end = start + chunk
         seq = ScheduledSeq(
             request_id=request.request_id,

@@ -22,6 +22,10 @@ class SchedulerStats:
     aborted: int
     preemptions: int
     """Evictions so far (a request evicted twice counts twice)."""
+    cached_blocks: tuple[int, ...] = ()
+    """Blocks in the prefix cache per KVP group (in use or not; the unused ones count as free)."""
+    prefix_hit_blocks: int = 0
+    """Blocks requests took from the prefix cache instead of computing them, so far."""
 
     @property
     def running(self) -> int:

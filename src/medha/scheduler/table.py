@@ -12,6 +12,8 @@ Blocks are released exactly once, when a request is done AND no plan in flight r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from medha.scheduler.blocks import BlockPool
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
@@ -47,8 +49,11 @@ class RequestTable:
         self.requests[request.request_id] = request
         self.queued[request.request_id] = request
 
-    def start(self, request: SchedRequest, first_group: int, now: float) -> NewBlocks:
-        """Move a queued request to prefilling and reserve KV for its whole prefill."""
+    def start(
+        self, request: SchedRequest, first_group: int, now: float, hit: Sequence[int] = ()
+    ) -> NewBlocks:
+        """Move a queued request to prefilling and reserve KV for its whole prefill, whose
+        first blocks are `hit` (from the prefix cache: computed already)."""
         del self.queued[request.request_id]
         self.running[request.request_id] = request
         self.prefilling[request.request_id] = request
@@ -58,7 +63,9 @@ class RequestTable:
         self._next_start += 1
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
-        return self.layout.reserve(request, first_group, self.pool)
+        new_blocks = self.layout.reserve(request, first_group, self.pool, hit)
+        request.issued = request.stage0 = request.computed = len(hit) * self.layout.block_size
+        return new_blocks
 
     def preempt(self, request: SchedRequest) -> None:
         """Evict a running request: free all its KV; it will recompute everything it knows."""

@@ -1,0 +1,107 @@
+"""Prefix caching through the engine: requests that share a document, a conversation's next
+turn, penalised and seeded requests, and a cache too small to keep everything give the same
+outputs as an engine without the cache, while computing fewer tokens."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import anyio
+import pytest
+
+import medha
+from medha import SamplingParams
+from tests.engine_support import engine_config
+
+pytestmark = pytest.mark.anyio
+
+DOCUMENT = [random.Random(5).randrange(4, 500) for _ in range(400)]
+QUESTIONS = [[random.Random(q).randrange(4, 500) for _ in range(20 + 7 * q)] for q in range(6)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _params(i: int) -> SamplingParams:
+    kinds: list[dict[str, Any]] = [
+        {"temperature": 0.0},
+        {"temperature": 0.9, "seed": 40 + i},
+        {"temperature": 0.0, "repetition_penalty": 1.3, "frequency_penalty": 0.4},
+    ]
+    return SamplingParams(max_tokens=24, ignore_eos=True, **kinds[i % len(kinds)])
+
+
+async def _ask_all(engine: medha.Engine, together: bool) -> list[list[int]]:
+    """Every question about the document: one after the other (each hits what the earlier
+    ones computed), or all at once (they hit only what is computed by the time they start)."""
+    prompts = [[*DOCUMENT, *question] for question in QUESTIONS]
+    results: list[list[int]] = [[] for _ in prompts]
+
+    async def one(i: int) -> None:
+        done = await engine.generate(prompts[i], _params(i), request_id=f"q{i}")
+        results[i] = done.token_ids
+
+    if together:
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+    else:
+        for i in range(len(prompts)):
+            await one(i)
+    return results
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "concurrent"])
+async def test_questions_about_one_document_match_an_engine_without_the_cache(
+    together: bool,
+) -> None:
+    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+        expected = await _ask_all(engine, together)
+        assert engine.stats().prefix_cache_hit_tokens == 0
+    async with medha.Engine(engine_config(target_batch_time=0.003)) as engine:
+        cached = await _ask_all(engine, together)
+        stats = engine.stats()
+    assert cached == expected
+    if not together:  # 5 later questions x 25 blocks of the 400-token document
+        assert stats.prefix_cache_hit_tokens == 5 * 400
+    assert stats.cached_blocks > 0
+    assert stats.free_blocks == stats.total_blocks  # cached blocks nobody uses are free
+
+
+async def test_a_conversations_next_turn_reuses_its_first_turn() -> None:
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    turn_one = [*DOCUMENT[:100], 7, 8, 9]
+
+    async def converse(engine: medha.Engine) -> tuple[list[int], list[int]]:
+        first = await engine.generate(turn_one, params)
+        second = await engine.generate([*turn_one, *first.token_ids, 11, 12], params)
+        return first.token_ids, second.token_ids
+
+    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+        expected = await converse(engine)
+    async with medha.Engine(engine_config()) as engine:
+        assert await converse(engine) == expected
+        assert engine.stats().prefix_cache_hit_tokens == 96  # turn one's 6 full blocks
+
+
+async def test_a_cache_too_small_to_keep_every_document_evicts_and_stays_exact() -> None:
+    # 40 blocks (640 tokens): each 400-token document pushes part of the other out.
+    documents = [[random.Random(d).randrange(4, 500) for _ in range(400)] for d in (1, 2)]
+    prompts = [[*documents[i % 2], 3, 4, 5 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def run(engine: medha.Engine) -> list[list[int]]:
+        return [(await engine.generate(p, params)).token_ids for p in prompts]
+
+    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+        expected = await run(engine)
+    async with medha.Engine(engine_config(num_blocks=40)) as engine:
+        assert await run(engine) == expected
+        stats = engine.stats()
+    # Each document loses its tail to the other (tails go first, so what stays is a prefix)
+    # and comes back to a partial hit.
+    assert 0 < stats.prefix_cache_hit_tokens < 4 * 400
+    assert stats.free_blocks == stats.total_blocks == 40
