@@ -1,0 +1,51 @@
+"""Prefix caching across processes: with SPP over two stages and KVP over two groups, a shared
+prefix longer than one group's share is reused from both groups' caches, and every output
+equals the single-process engine's without a cache (greedy, seeded and penalised)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import medha
+from medha import SamplingParams
+from tests.parallel_support import KVP_TOKENS, parallel_config
+
+pytestmark = pytest.mark.anyio
+
+# Longer than one KVP group's share: the cached prefix spans both groups.
+PREFIX = [random.Random(1).randrange(503) for _ in range(KVP_TOKENS + 40)]
+PROMPTS = [
+    [*PREFIX, *[random.Random(10 + i).randrange(503) for _ in range(3 + i)]] for i in range(4)
+]
+PARAMS = [
+    SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
+    SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.5, ignore_eos=True),
+    SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _one_by_one(engine: medha.Engine) -> list[list[int]]:
+    return [
+        (await engine.generate(prompt, params)).token_ids
+        for prompt, params in zip(PROMPTS, PARAMS, strict=True)
+    ]
+
+
+async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> None:
+    async with medha.Engine(parallel_config(1, 2, 2)) as engine:
+        cached = await _one_by_one(engine)
+        stats = engine.stats()
+    # Three later prompts, each taking the prefix's 8 full blocks (128 tokens).
+    assert stats.prefix_cache_hit_tokens == 3 * 128
+    assert stats.free_blocks == stats.total_blocks
+    single = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=False)
+    async with medha.Engine(single) as engine:
+        assert await _one_by_one(engine) == cached
