@@ -118,7 +118,11 @@ class PlanChecker:
         self.owner: dict[tuple[int, int], set[str]] = {}
         """Who holds each block: several requests only for a prefix cache hit."""
         self.content: dict[tuple[int, int], bytes | None] = {}
-        """What each block holds once full: its prompt prefix digest, or None (private)."""
+        """What each block holds once a plan that filled it has completed: its prompt prefix
+        digest, or None (private)."""
+        self.written: dict[int, dict[tuple[int, int], bytes | None]] = {}
+        """What each plan in flight fills, recorded in `content` when it completes (a block
+        shared before then would be read before it holds its KV)."""
         self.tables: dict[str, dict[int, list[int]]] = {}
         self.in_flight_ids: dict[int, set[str]] = {}
         for request in scheduler.table.running.values():  # a scheduler stepped by hand before
@@ -167,6 +171,9 @@ class PlanChecker:
             self._assert_blocked_on_memory(request_id)
         for seq in plan.seqs:
             self._check_seq(plan, seq)
+        # Every group's work was priced: the plan takes as long as its slowest group.
+        slowest = max(self.scheduler.cost.batch_time(s) for s in plan.group_shapes().values())
+        assert plan.predicted_time >= slowest * (1 - 1e-9), "a group's work was not priced"
 
     def _assert_blocked_on_memory(self, request_id: str) -> None:
         request = self.scheduler.get(request_id)
@@ -230,7 +237,8 @@ class PlanChecker:
             index = shard.start // size + local
             if (local + 1) * size <= seq.end - shard.start:
                 hashes = request.block_hashes
-                self.content[key] = hashes[index] if index < len(hashes) else None
+                written = self.written.setdefault(plan.plan_id, {})
+                written[key] = hashes[index] if index < len(hashes) else None
 
     def _check_chunk_size(self, q: int, end: int, known: int, start: int) -> None:
         config = self.config
@@ -247,6 +255,7 @@ class PlanChecker:
 
     def plan_done(self, plan: BatchPlan) -> None:
         self.in_flight_ids.pop(plan.plan_id, None)
+        self.content.update(self.written.pop(plan.plan_id, {}))
 
     def assert_all_free(self) -> None:
         assert not self.owner, f"blocks still owned: {sorted(set(self.owner.values()))[:5]}"

@@ -44,3 +44,7 @@ def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> No
         )
         assert match is not None, line
         assert float(match[4]) >= float(match[6])  # most likely first
+
+
+def test_the_prefix_caching_example_reuses_the_whole_document() -> None:
+    assert _run_block_with("prefix_cache_hit_tokens") == "prompt tokens from the cache: 400\n"

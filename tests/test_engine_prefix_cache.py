@@ -105,3 +105,18 @@ async def test_a_cache_too_small_to_keep_every_document_evicts_and_stays_exact()
     # and comes back to a partial hit.
     assert 0 < stats.prefix_cache_hit_tokens < 4 * 400
     assert stats.free_blocks == stats.total_blocks == 40
+
+
+async def test_requests_with_a_hit_survive_preemption_by_recompute() -> None:
+    # 34 blocks: the document's 25 shared blocks plus a few of each question's own; decodes
+    # that outgrow them evict requests that hold shared blocks, which recompute (and may hit
+    # again).
+    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+        expected = await _ask_all(engine, together=True)
+    async with medha.Engine(engine_config(num_blocks=34, target_batch_time=0.003)) as engine:
+        cached = await _ask_all(engine, together=True)
+        stats = engine.stats()
+    assert stats.preemptions > 0, "the small cache never forced a preemption"
+    assert stats.prefix_cache_hit_tokens > 0
+    assert cached == expected
+    assert stats.free_blocks == stats.total_blocks == 34

@@ -6,11 +6,13 @@ the same prefix and that no step writes into a shared block."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medha.scheduler import POLICY_NAMES, SchedulerConfig
+from medha.scheduler import POLICY_NAMES, SchedRequest, SchedulerConfig
 from medha.scheduler.blocks import CachingAllocator
 from medha.scheduler.kvp import KvpLayout
 from medha.scheduler.prefix_cache import block_hashes
@@ -79,15 +81,71 @@ def test_a_prompt_of_whole_blocks_still_computes_its_last_block() -> None:
     assert plan.seqs[0].start == 48 and plan.seqs[0].q_tokens == 16
 
 
+def test_blocks_shared_with_a_running_request_need_no_free_memory_to_admit() -> None:
+    # 40 blocks: "a" holds 31 (a 490-token prompt, decoding); "b" shares its first 30 and
+    # needs 2 more, which are free, though its 32 blocks in all are not.
+    scheduler = make_scheduler(num_blocks=40, target_batch_time=0.05)
+    doc = _prompt(4, 480)
+    a_prompt, b_prompt = [*doc, *_prompt(5, 10)], [*doc, *_prompt(6, 20)]
+    scheduler.add_request("a", 490, 100, arrival=0.0, block_hashes=block_hashes(a_prompt, 16))
+    for now in range(3):
+        step(scheduler, float(now))
+    scheduler.add_request("b", 500, 2, arrival=3.0, block_hashes=block_hashes(b_prompt, 16))
+    plan, _ = step(scheduler, 3.0)
+    (b_seq,) = [seq for seq in plan.seqs if seq.request_id == "b"]
+    assert b_seq.start == 480
+
+
+def test_a_shared_system_prompt_does_not_pin_every_request_to_one_replica() -> None:
+    # Two data-parallel groups; every prompt starts with the same 32-token system prompt.
+    # Saving its two blocks' work must not outweigh a replica's queue.
+    scheduler = make_scheduler(kvp_groups=2, num_blocks=4000)
+    system = _prompt(7, 32)
+    arrivals = []
+    for index in range(40):
+        prompt = [*system, *_prompt(300 + index, random.Random(index).randint(200, 3000))]
+        hashes = block_hashes(prompt, 16)
+        arrivals.append(Arrival(f"r{index}", 0.05 * index, len(prompt), 200, block_hashes=hashes))
+    placed: dict[str, int] = {}
+    start = scheduler.table.start
+
+    def record(request: SchedRequest, first: int, now: float, hit: Sequence[int] = ()) -> Any:
+        placed[request.request_id] = first
+        return start(request, first, now, hit)
+
+    scheduler.table.start = record  # type: ignore[method-assign]
+    drive(scheduler, arrivals)
+    groups = list(placed.values())
+    assert min(groups.count(0), groups.count(1)) >= 15
+
+
+def test_a_cached_prompt_is_ranked_and_given_a_deadline_by_what_is_left_to_compute() -> None:
+    scheduler = make_scheduler(target_batch_time=0.05)
+    doc = _prompt(8, 30_000)
+    scheduler.add_request("doc", 30_000, 1, arrival=0.0, block_hashes=block_hashes(doc, 16))
+    now = 0.0
+    while scheduler.get("doc") is not None:
+        step(scheduler, now)
+        now += 0.05
+    question = [*doc, *_prompt(9, 20)]
+    follow_up = scheduler.add_request(
+        "q", len(question), 1, arrival=now, block_hashes=block_hashes(question, 16)
+    )
+    alone = scheduler.add_request("q-uncached", len(question), 1, arrival=now)
+    assert follow_up.cached_at_arrival == 30_000 - 30_000 % 16
+    assert follow_up.total_prefill_s < alone.total_prefill_s / 50
+    assert follow_up.deadline == 0.5  # the floor: its own work is a fraction of a second
+
+
 @st.composite
 def configs(draw: st.DrawFn) -> SchedulerConfig:
-    kvp = draw(st.sampled_from([1, 2]))
-    limit = draw(st.sampled_from([None, 256])) if kvp > 1 else None
+    kvp = draw(st.sampled_from([1, 2, 3]))
+    limit = draw(st.sampled_from([None, 128, 256])) if kvp > 1 else None
     return SchedulerConfig(
         policy=draw(st.sampled_from(POLICY_NAMES)),
         kvp_groups=kvp,
         max_tokens_per_kvp_group=limit,
-        pp_stages=draw(st.sampled_from([1, 2])),
+        pp_stages=draw(st.sampled_from([1, 2, 3])),
         spp=draw(st.booleans()),
         num_blocks=draw(st.integers(40, 120)),
         target_batch_time=draw(st.sampled_from([0.01, 0.03])),
@@ -120,7 +178,7 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
 
 
 @settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

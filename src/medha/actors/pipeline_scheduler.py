@@ -207,7 +207,9 @@ class PipelineSchedulerActor(SchedulerActor):
                         token_ids=tokens,
                         new_blocks=blocks.get(group, ()),
                         samples=seq.samples,
-                        sampling=sampling,
+                        # Only group 0 holds the sampling rank (ParallelLayout.sampler_rank):
+                        # the others need no copy (a penalised request's carries its prompt).
+                        sampling=sampling if group == 0 else None,
                         kv_start=None if shard is None else shard.start,
                         kv_end=0 if shard is None else shard.end,
                         appends=group == appender,

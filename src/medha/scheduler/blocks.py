@@ -101,6 +101,9 @@ class CachingAllocator:
         """Free a request's blocks, given in token order. Cached ones are released last block
         first (vLLM does the same): eviction then takes a prefix's tail before its head, and
         what stays cached is still a usable prefix."""
+        if not self.cache.num_cached:  # nothing cached (prefix caching off): no lookups
+            self.blocks.free(blocks)
+            return
         private = [block for block in reversed(blocks) if not self.cache.release(block)]
         if private:
             self.blocks.free(private)

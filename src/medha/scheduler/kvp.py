@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from medha.scheduler.blocks import BlockPool
 from medha.scheduler.config import SchedulerConfig
+from medha.scheduler.cost import BatchCostModel
 from medha.scheduler.plan import KvShard
 from medha.scheduler.request import SchedRequest
 
@@ -80,17 +81,27 @@ class KvpLayout:
     def group_sequence(self, first: int, count: int) -> tuple[int, ...]:
         return tuple((first + offset) % self.num_groups for offset in range(count))
 
-    def feasible_first_groups(self, tokens: int, pool: BlockPool) -> list[int]:
+    def feasible_first_groups(
+        self, tokens: int, pool: BlockPool, request: SchedRequest | None = None
+    ) -> list[int]:
         """First groups from which a reservation of `tokens` finds free blocks on every group
-        it spans."""
-        if self.limit is None:
-            needed = _ceil_div(tokens, self.block_size)
-            return [g for g in range(self.num_groups) if pool.num_free(g) >= needed]
+        it spans; for `request`, counting the prefix cache blocks it would take there (they
+        need no free block, and one nobody uses is no longer free once taken)."""
         counts = self.blocks_by_group_index(tokens)
+        hashed = request is not None and bool(request.block_hashes)
+        if self.limit is None and not hashed:
+            return [g for g in range(self.num_groups) if pool.num_free(g) >= counts[0]]
         feasible = []
         for first in range(self.num_groups):
             groups = self.group_sequence(first, len(counts))
-            if all(pool.num_free(g) >= n for g, n in zip(groups, counts, strict=True)):
+            needed = list(counts)
+            free = [pool.num_free(group) for group in groups]
+            if request is not None and hashed:
+                for index, block in enumerate(self.prefix_hit(request, first, pool)):
+                    group_index = self.group_index(index * self.block_size)
+                    needed[group_index] -= 1
+                    free[group_index] -= pool.cache(groups[group_index]).is_evictable(block)
+            if all(n <= f for n, f in zip(needed, free, strict=True)):
                 feasible.append(first)
         return feasible
 
@@ -99,25 +110,60 @@ class KvpLayout:
         run of leading prompt blocks found in the prefix cache of the groups that would hold
         them. Never all of its known tokens: the last one is always computed (its logits
         sample), in a block of its own, so no step writes into a shared block."""
-        most = min(len(request.block_hashes), (request.known_tokens - 1) // self.block_size)
+        return self._hit(request.block_hashes, request.known_tokens, first, pool)
+
+    def cached_tokens(self, hashes: Sequence[bytes], known_tokens: int, pool: BlockPool) -> int:
+        """The most tokens of a request's prefix found cached, over every first group."""
+        if not hashes:
+            return 0
+        return self.block_size * max(
+            len(self._hit(hashes, known_tokens, first, pool)) for first in range(self.num_groups)
+        )
+
+    def _hit(
+        self, hashes: Sequence[bytes], known_tokens: int, first: int, pool: BlockPool
+    ) -> list[int]:
+        most = min(len(hashes), (known_tokens - 1) // self.block_size)
         blocks: list[int] = []
         for index in range(most):
             group = (first + self.group_index(index * self.block_size)) % self.num_groups
-            block = pool.cache(group).lookup(request.block_hashes[index])
+            block = pool.cache(group).lookup(hashes[index])
             if block is None:
                 break
             blocks.append(block)
         return blocks
 
-    def prefer_cached(
-        self, request: SchedRequest, firsts: Sequence[int], pool: BlockPool, default: int
+    def hit_placement(
+        self, request: SchedRequest, first: int, pool: BlockPool
+    ) -> tuple[list[int], tuple[int, ...]]:
+        """The cached blocks a queued request placed from `first` starts with, and the groups
+        its first chunk runs on: past a hit that reaches beyond a group boundary, those up to
+        the group it appends to."""
+        hit = self.prefix_hit(request, first, pool)
+        return hit, self.group_sequence(first, self.group_index(len(hit) * self.block_size) + 1)
+
+    def choose_first(
+        self,
+        request: SchedRequest,
+        firsts: Sequence[int],
+        pool: BlockPool,
+        pending: Sequence[tuple[float, int]],
+        cost: BatchCostModel,
     ) -> int:
-        """Among first groups `firsts`, the one whose prefix cache holds most of the request's
-        prompt (`default` among equals)."""
-        if not request.block_hashes:
-            return default
-        hits = {first: len(self.prefix_hit(request, first, pool)) for first in firsts}
-        return max(firsts, key=lambda first: (hits[first], first == default))
+        """The first group for a queued request: the least pending prefill work (then the
+        fewest residents), less the work its prefix cache hit there saves (so a tiny shared
+        prefix, a system prompt, does not pin every request to one replica)."""
+
+        def key(first: int) -> tuple[float, int]:
+            seconds, residents = pending[first]
+            if request.block_hashes:
+                hit = len(self.prefix_hit(request, first, pool)) * self.block_size
+                if hit:
+                    known = request.known_tokens
+                    seconds -= cost.prefill_time(known) - cost.remaining_prefill_time(hit, known)
+            return seconds, residents
+
+        return min(firsts, key=key)
 
     def reserve(
         self, request: SchedRequest, first: int, pool: BlockPool, hit: Sequence[int] = ()

@@ -124,7 +124,7 @@ def newcomers_pause_time(
         if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
             continue
         if request.status.is_queued and not (
-            admits and table.layout.feasible_first_groups(request.known_tokens, table.pool)
+            admits and table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
         ):
             continue
         terms = policy.key_terms(request, cost)

@@ -64,6 +64,10 @@ class PrefixCache:
     def lookup(self, digest: BlockHash) -> int | None:
         return self._block_of.get(digest)
 
+    def is_evictable(self, block: int) -> bool:
+        """Cached and used by nobody: counted as free."""
+        return block in self._evictable
+
     def acquire(self, block: int) -> None:
         """A request takes a registered block."""
         self._refs[block] += 1

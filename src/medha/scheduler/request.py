@@ -9,9 +9,13 @@ issued (entered stage 0) >= stage0 (left stage 0) >= computed (left the last sta
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from medha.errors import InvalidRequestError
+from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
 
 
@@ -78,6 +82,9 @@ class SchedRequest:
     block_hashes: tuple[bytes, ...] = ()
     """Chained digests of the prompt's full blocks (medha.scheduler.prefix_cache), for prefix
     caching; empty: the request neither uses nor fills the cache."""
+    cached_at_arrival: int = 0
+    """Prompt tokens the prefix cache held when it arrived: `total_prefill_s` (its priority
+    and default deadline) counts only the rest."""
     registered_blocks: int = 0
     """Leading blocks of the prompt already in the prefix cache (taken from it, or registered
     once computed)."""
@@ -151,7 +158,7 @@ class SchedRequest:
     def reprice(self, cost: BatchCostModel) -> None:
         """The cost model's prefill level moved: re-predict the whole prefill and drop the
         cached remaining work and priority key (the scheduler decides about the deadline)."""
-        self.total_prefill_s = cost.prefill_time(self.prompt_len)
+        self.total_prefill_s = prefill_work(cost, self.cached_at_arrival, self.prompt_len)
         self._remaining_cache_at = -1
         self.key_cursor = -1
 
@@ -164,3 +171,42 @@ class SchedRequest:
         self.block_tables = ()
         self._remaining_cache_at = -1
         self.key_cursor = -1
+
+
+def prefill_work(cost: BatchCostModel, cached: int, prompt_len: int) -> float:
+    """w_total: predicted seconds to prefill a prompt alone, past `cached` tokens the prefix
+    cache holds."""
+    if cached:
+        return cost.remaining_prefill_time(cached, prompt_len)
+    return cost.prefill_time(prompt_len)
+
+
+def check_request_fields(
+    request_id: str,
+    prompt_len: int,
+    max_new_tokens: int,
+    arrival: float,
+    deadline: float | None,
+    block_hashes: Sequence[bytes],
+    config: SchedulerConfig,
+) -> None:
+    """Raise InvalidRequestError for lengths, times or digests a request cannot have."""
+    if prompt_len < 1 or max_new_tokens < 1:
+        raise InvalidRequestError(
+            f"request {request_id!r}: prompt_len ({prompt_len}) and max_new_tokens "
+            f"({max_new_tokens}) must both be at least 1"
+        )
+    if deadline is not None and not 0 < deadline < math.inf:
+        # An infinite deadline would make LARS's key NaN (inf / inf), and NaN keys sort
+        # other requests wrongly: "no deadline" is None (the default rule).
+        raise InvalidRequestError(
+            f"request {request_id!r}: deadline must be a finite number of seconds > 0, "
+            f"got {deadline}"
+        )
+    if not math.isfinite(arrival):
+        raise InvalidRequestError(f"request {request_id!r}: arrival must be finite")
+    if len(block_hashes) > prompt_len // config.block_size:
+        raise InvalidRequestError(
+            f"request {request_id!r}: {len(block_hashes)} block hashes for a prompt of "
+            f"{prompt_len} tokens ({prompt_len // config.block_size} full blocks)"
+        )

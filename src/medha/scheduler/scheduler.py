@@ -17,7 +17,6 @@ scheduler never reads a clock and never touches a tensor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Sequence
 
 from medha.errors import InvalidRequestError, RequestTooLargeError
@@ -35,7 +34,12 @@ from medha.scheduler.policies import (
     relative_slack,
 )
 from medha.scheduler.ranking import CandidateOrder
-from medha.scheduler.request import RequestStatus, SchedRequest
+from medha.scheduler.request import (
+    RequestStatus,
+    SchedRequest,
+    check_request_fields,
+    prefill_work,
+)
 from medha.scheduler.stats import SchedulerStats
 from medha.scheduler.table import NewBlocks, RequestTable
 
@@ -82,27 +86,13 @@ class Scheduler:
         """
         if request_id in self.table.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already scheduled")
-        if prompt_len < 1 or max_new_tokens < 1:
-            raise InvalidRequestError(
-                f"request {request_id!r}: prompt_len ({prompt_len}) and max_new_tokens "
-                f"({max_new_tokens}) must both be at least 1"
-            )
-        if deadline is not None and not 0 < deadline < math.inf:
-            # An infinite deadline would make LARS's key NaN (inf / inf), and NaN keys sort
-            # other requests wrongly: "no deadline" is None (the default rule).
-            raise InvalidRequestError(
-                f"request {request_id!r}: deadline must be a finite number of seconds > 0, "
-                f"got {deadline}"
-            )
-        if not math.isfinite(arrival):
-            raise InvalidRequestError(f"request {request_id!r}: arrival must be finite")
-        if len(block_hashes) > prompt_len // self.config.block_size:
-            raise InvalidRequestError(
-                f"request {request_id!r}: {len(block_hashes)} block hashes for a prompt of "
-                f"{prompt_len} tokens ({prompt_len // self.config.block_size} full blocks)"
-            )
+        check_request_fields(
+            request_id, prompt_len, max_new_tokens, arrival, deadline, block_hashes, self.config
+        )
         self.check_fits(prompt_len, max_new_tokens, request_id)
-        total_prefill_s = self.cost.prefill_time(prompt_len)
+        # What it has to compute: past what the prefix cache holds of it now.
+        cached = self.table.layout.cached_tokens(block_hashes, prompt_len, self.table.pool)
+        total_prefill_s = prefill_work(self.cost, cached, prompt_len)
         request = SchedRequest(
             request_id=request_id,
             arrival=arrival,
@@ -113,6 +103,7 @@ class Scheduler:
             total_prefill_s=total_prefill_s,
             order=self._next_order,
             block_hashes=tuple(block_hashes),
+            cached_at_arrival=cached,
         )
         self._next_order += 1
         self.policy.priority.refresh(request, self.cost)
@@ -424,7 +415,7 @@ class Scheduler:
             if len(table.running) >= self.config.max_batch_size:
                 candidates.drop_queued()
                 continue
-            feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool)
+            feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
             if not feasible:
                 # Admit nobody behind a request that waits for memory, or it could starve.
                 candidates.drop_queued()
@@ -437,8 +428,9 @@ class Scheduler:
             else:
                 if pending_work is None:
                     pending_work = table.pending_work(cost)
-                least_loaded = min(open_groups, key=pending_work.__getitem__)
-                first = table.layout.prefer_cached(request, open_groups, table.pool, least_loaded)
+                first = table.layout.choose_first(
+                    request, open_groups, table.pool, pending_work, cost
+                )
             if self._add_prefill_chunk(batch, request, [first], now) and pending_work:
                 table.add_pending(pending_work, request, cost)
 
@@ -448,7 +440,9 @@ class Scheduler:
         """Size and add the next chunk of `request` (starting it if queued). False if no room."""
         hit: list[int] = []
         if request.status.is_queued and request.block_hashes:
-            hit = self.table.layout.prefix_hit(request, groups[0], self.table.pool)
+            hit, groups = self.table.layout.hit_placement(request, groups[0], self.table.pool)
+            if not batch.accepts_prefill_on(groups):
+                return False
         start = request.issued + len(hit) * self.config.block_size
         # Long-prefill rules are Medha's; the FCFS baselines do without them.
         is_long = (
