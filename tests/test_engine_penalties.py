@@ -1,7 +1,7 @@
-"""Penalties, min_tokens, allowed tokens, logit bias and top logprobs through the engine: greedy outputs equal HF
-transformers' on the same weights (its `generate` for the repetition penalty and min_new_tokens,
-a loop over its logits for OpenAI's presence and frequency penalties), under LARS interleaving,
-chunking and preemption by recompute."""
+"""Penalties, min_tokens, allowed tokens, logit bias and top logprobs through the engine:
+greedy outputs equal HF transformers' on the same weights (its `generate` for the repetition
+penalty and min_new_tokens, a loop over its logits for OpenAI's presence and frequency
+penalties), under LARS interleaving, chunking and preemption by recompute."""
 
 from __future__ import annotations
 

@@ -235,7 +235,7 @@ def test_logit_bias_is_stored_by_token_id_and_clamped_like_openais() -> None:
     params = SamplingParams(logit_bias={np.int64(9): 1.5, 2: -500, 4: np.float32(200)})
     assert params.logit_bias == ((2, -100.0), (4, 100.0), (9, 1.5))
     assert hash(params) == hash(SamplingParams(logit_bias=[(9, 1.5), (4, 100), (2, -100)]))
-    assert params.adjusts_logits and not params.needs_history
+    assert not params.needs_history
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused_by_name() -> None:

@@ -172,11 +172,6 @@ class SamplingParams:
                 _fail(field, outside, f"token ids must be < the vocabulary size ({vocab_size})")
 
     @property
-    def adjusts_logits(self) -> bool:
-        """Whether any logit changes before temperature (medha.model.logits_processing)."""
-        return self.needs_history or bool(self.logit_bias) or self.allowed_token_ids is not None
-
-    @property
     def has_penalties(self) -> bool:
         return (
             self.repetition_penalty != 1.0

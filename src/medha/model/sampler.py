@@ -5,9 +5,9 @@ kind; the per-row Python work is building small parameter tensors and one random
 randomly sampled row.
 
 Order of operations for a random row (vLLM's, and HF's for what both have): allowed tokens,
-logit bias, penalties and min_tokens (medha.model.logits_processing), temperature, top-k, top-p (on the top-k-renormalised
-distribution), min-p, then one draw. Greedy rows take the argmax of the penalised logits (ties:
-the lowest token id) and consume no randomness.
+logit bias, penalties and min_tokens (medha.model.logits_processing), temperature, top-k,
+top-p (on the top-k-renormalised distribution), min-p, then one draw. Greedy rows take the
+argmax of the adjusted logits (ties: the lowest token id) and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
