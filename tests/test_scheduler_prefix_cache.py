@@ -137,6 +137,28 @@ def test_a_cached_prompt_is_ranked_and_given_a_deadline_by_what_is_left_to_compu
     assert follow_up.deadline == 0.5  # the floor: its own work is a fraction of a second
 
 
+def test_a_request_placed_where_its_prefix_is_not_cached_counts_its_whole_prefill() -> None:
+    # Cached on group 0 when it arrives, but group 0 is busy with a long prompt: it starts on
+    # group 1 with no hit, and from then on its remaining work is the whole prompt's.
+    scheduler = make_scheduler(kvp_groups=2, num_blocks=4000, policy="lars")
+    doc = _prompt(10, 4000)
+    scheduler.add_request("a", 4001, 1, 0.0, block_hashes=block_hashes([*doc, 1], 16))
+    now = 0.0
+    while scheduler.has_work:
+        step(scheduler, now)
+        now += 0.1
+    scheduler.add_request("long", 30_000, 1, now)
+    step(scheduler, now)
+    prompt = [*doc, *[2] * 8]
+    b = scheduler.add_request("b", len(prompt), 1, now, block_hashes=block_hashes(prompt, 16))
+    assert b.cached_at_arrival == 4000
+    plan, _ = step(scheduler, now + 0.05)
+    (seq,) = [seq for seq in plan.seqs if seq.request_id == "b"]
+    assert seq.start == 0 and seq.groups == (1,)
+    whole = scheduler.cost.prefill_time(len(prompt))
+    assert b.remaining_prefill_s(scheduler.cost, 0) == whole
+
+
 @st.composite
 def configs(draw: st.DrawFn) -> SchedulerConfig:
     kvp = draw(st.sampled_from([1, 2, 3]))

@@ -100,7 +100,7 @@ class KvpLayout:
                 for index, block in enumerate(self.prefix_hit(request, first, pool)):
                     group_index = self.group_index(index * self.block_size)
                     needed[group_index] -= 1
-                    free[group_index] -= pool.cache(groups[group_index]).is_evictable(block)
+                    free[group_index] -= int(pool.cache(groups[group_index]).is_evictable(block))
             if all(n <= f for n, f in zip(needed, free, strict=True)):
                 feasible.append(first)
         return feasible

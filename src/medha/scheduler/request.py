@@ -142,13 +142,16 @@ class SchedRequest:
         """
         if self.status is RequestStatus.DECODING or self.status.is_done:
             return 0.0
+        # total_prefill_s is the work from token 0 unless it counted a prefix cache hit, which
+        # holds only while the request waits (placed, it may have found none).
+        whole = not self.cached_at_arrival or self.status.is_queued
         if cursor is not None and cursor != self.issued:
-            if cursor == 0 and self.known_tokens == self.prompt_len:
+            if cursor == 0 and self.known_tokens == self.prompt_len and not self.cached_at_arrival:
                 return self.total_prefill_s
             return cost.remaining_prefill_time(cursor, self.known_tokens)
         if self._remaining_cache_at != self.issued:
             total = self.known_tokens
-            if self.issued == 0 and total == self.prompt_len:
+            if self.issued == 0 and total == self.prompt_len and whole:
                 self._remaining_cache_s = self.total_prefill_s
             else:
                 self._remaining_cache_s = cost.remaining_prefill_time(self.issued, total)

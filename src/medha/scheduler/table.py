@@ -65,6 +65,9 @@ class RequestTable:
             request.first_scheduled_time = now
         new_blocks = self.layout.reserve(request, first_group, self.pool, hit)
         request.issued = request.stage0 = request.computed = len(hit) * self.layout.block_size
+        # Its work counted while it waited may have assumed another hit (remaining_prefill_s).
+        request._remaining_cache_at = -1
+        request.key_cursor = -1
         return new_blocks
 
     def preempt(self, request: SchedRequest) -> None:
