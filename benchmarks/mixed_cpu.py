@@ -76,6 +76,9 @@ def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
         fixed_chunk=args.fixed_chunk,
         online_time_scale=not args.no_online_time_scale,
         dtype=args.dtype,
+        # The protocol measures scheduling: a repeated chat must not get its first token from a
+        # cache its "alone" run filled (OpenVINO's pipeline runs without one by default too).
+        enable_prefix_caching=False,
     )
 
 
