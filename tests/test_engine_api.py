@@ -345,6 +345,11 @@ def test_llm_chat_renders_the_chat_template_as_vllm_does() -> None:
     bye = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bye"}]
     with medha.LLM(engine_config()) as llm:
         (one,) = llm.chat(hello, GREEDY)
+        # OpenAI's content parts are joined into the text, not rendered as a Python repr.
+        (parts,) = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
+        assert parts.prompt_token_ids == llm.engine.tokenizer.apply_chat_template(hello)
+        with pytest.raises(InvalidRequestError, match="only text content parts"):
+            llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
         both = llm.chat([hello, bye], GREEDY)
         ids = llm.engine.tokenizer.apply_chat_template(hello)
         (direct,) = llm.generate([ids], GREEDY)

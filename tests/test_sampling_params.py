@@ -164,7 +164,8 @@ def test_boundary_values_are_valid() -> None:
         ("presence_penalty", math.nan),
         ("frequency_penalty", 3),
         ("frequency_penalty", "0.5"),
-        ("logit_bias", {"50256": -100}),  # OpenAI's JSON has str keys; Python callers pass ints
+        ("logit_bias", {"-5": -100}),
+        ("logit_bias", {"five": 1.0}),
         ("logit_bias", {-1: 1.0}),
         ("logit_bias", {1: math.nan}),
         ("logit_bias", [(1, 1.0), (1, 2.0)]),
@@ -244,3 +245,9 @@ def test_token_ids_beyond_the_vocabulary_are_refused_by_name() -> None:
         SamplingParams(logit_bias={10: 1.0}).check_vocab(10)
     with pytest.raises(InvalidSamplingParamsError, match=r"allowed_token_ids=\[12\]"):
         SamplingParams(allowed_token_ids=np.array([3, 12])).check_vocab(10)
+
+
+def test_logit_bias_takes_openais_string_ids_and_allowed_ids_are_kept_sorted_once() -> None:
+    params = SamplingParams(logit_bias={"50256": -100, 7: 1}, allowed_token_ids=[9, 3, 9, 1])
+    assert params.logit_bias == ((7, 1.0), (50256, -100.0))
+    assert params.allowed_token_ids == (1, 3, 9)

@@ -67,8 +67,10 @@ class SamplingParams:
             contains so far (the prompt does not count, as in OpenAI's API and vLLM).
         frequency_penalty: in [-2, 2]; subtracted once per occurrence in the output so far.
         logit_bias: added to the given tokens' logits ({token_id: bias}, bias clamped to
-            [-100, 100] as OpenAI and vLLM do); stored as (token_id, bias) pairs by id.
-        allowed_token_ids: only these tokens may be sampled (None: any); not empty.
+            [-100, 100] as OpenAI and vLLM do; ids may be digit strings, as in OpenAI's JSON);
+            stored as (token_id, bias) pairs by id.
+        allowed_token_ids: only these tokens may be sampled (None: any); not empty; stored
+            sorted, without repeats.
 
     allowed_token_ids, logit_bias, the penalties and min_tokens apply in that order (vLLM's),
     before temperature and the filters, and to greedy requests too (they change the argmax).
@@ -148,7 +150,7 @@ class SamplingParams:
             allowed = _normalise_token_ids("allowed_token_ids", self.allowed_token_ids)
             if not allowed:
                 _fail("allowed_token_ids", self.allowed_token_ids, "must not be empty")
-            normalise("allowed_token_ids", allowed)
+            normalise("allowed_token_ids", tuple(sorted(set(allowed))))
 
     @classmethod
     def greedy(cls, max_tokens: int | None = 16, **overrides: Any) -> SamplingParams:
@@ -263,6 +265,9 @@ def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
         _fail("logit_bias", bias, "must be a dict {token_id: bias}")
     result: dict[int, float] = {}
     for token, value in items:
+        if isinstance(token, str) and token.isdigit():
+            # OpenAI's JSON has the ids as strings ("50256"); vLLM takes them as ints too.
+            token = int(token)
         token_id = _token_id("logit_bias", bias, token)
         if token_id in result:
             _fail("logit_bias", bias, f"token id {token_id} appears twice")

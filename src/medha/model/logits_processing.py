@@ -26,6 +26,7 @@ host builds index lists of the distinct output ids of the penalised rows only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -209,13 +210,15 @@ def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -
     rows, vocab = logits.shape
     device = logits.device
     allowed = [
-        row * vocab + token for row, p in enumerate(params) for token in (p.allowed_token_ids or ())
+        _id_tensor(p.allowed_token_ids) + row * vocab
+        for row, p in enumerate(params)
+        if p.allowed_token_ids is not None
     ]
     if allowed:
         keep = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         unrestricted = [row for row, p in enumerate(params) if p.allowed_token_ids is None]
         keep[unrestricted] = True
-        keep.view(-1)[torch.tensor(allowed, dtype=torch.int64, device=device)] = True
+        keep.view(-1)[torch.cat(allowed).to(device)] = True
         logits = logits.masked_fill(~keep, float("-inf"))
     biased = [
         (row * vocab + token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias
@@ -228,6 +231,13 @@ def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -
         ).to(device)
         logits = logits + bias.view(rows, vocab)
     return logits
+
+
+@functools.lru_cache(maxsize=1024)
+def _id_tensor(ids: tuple[int, ...]) -> torch.Tensor:
+    """A request's allowed ids as a host tensor, built once (every step of every request with
+    the same list reuses it), not as a Python list per step."""
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -41,13 +41,24 @@ def generate_single(
     """Yield the request's tokens as they are produced; the last one has a finish_reason."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    params.check_vocab(runner.arch.vocab_size)
     capacity = runner.kv_cache.capacity_tokens
-    # max_tokens None: as many as the KV cache holds after the prompt.
-    max_tokens = capacity - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+    if params.max_tokens is None:
+        # As the engine: what the model's context and the KV cache leave after the prompt.
+        room = min(capacity, runner.arch.context_len) - len(prompt_ids)
+        if room < max(1, params.min_tokens):
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens: the context ({runner.arch.context_len}"
+                f") and the KV cache ({capacity} tokens) leave no room for "
+                f"{max(1, params.min_tokens)} token(s)"
+            )
+        max_tokens = room
+    else:
+        max_tokens = params.max_tokens
     total = len(prompt_ids) + max_tokens
-    if total > capacity or max_tokens < 1:
+    if total > capacity:
         raise PromptTooLongError(
-            f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) = {total} tokens "
+            f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) = {total} tokens "
             f"exceed the KV cache ({capacity} tokens)"
         )
     # Alone in the cache: the request owns blocks 0..n-1.

@@ -144,7 +144,7 @@ class Tokenizer:
                 self.folder / TOKENIZER_CONFIG_FILE,
                 "the tokenizer has no chat template; pass a plain prompt instead of messages",
             )
-        _check_messages(messages)
+        messages = _text_content(messages)
         from jinja2 import TemplateError
 
         try:
@@ -165,12 +165,28 @@ class Tokenizer:
         return [int(i) for i in ids]
 
 
-def _check_messages(messages: object) -> None:
+def _text_content(messages: object) -> list[dict[str, Any]]:
+    """`messages` checked, with OpenAI's content parts ([{"type": "text", "text": ...}]) joined
+    into one string (by newlines, as vLLM does for templates that take a string): a template
+    would otherwise render the list's Python repr."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} dicts")
+    result = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{index}] must be a dict with a string 'role'")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                    raise InvalidRequestError(
+                        f"messages[{index}]: only text content parts are supported, got {part!r}"
+                    )
+                texts.append(str(part.get("text", "")))
+            message = {**message, "content": "\n".join(texts)}
+        result.append(dict(message))
+    return result
 
 
 def _read_json(path: Path) -> Any:

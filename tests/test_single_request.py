@@ -1,0 +1,29 @@
+"""generate_single, the one-request path of `medha generate` and the benchmarks' "alone" runs:
+its output limit and token ids are checked as the engine checks them."""
+
+from __future__ import annotations
+
+import pytest
+
+from medha.errors import InvalidSamplingParamsError, PromptTooLongError
+from medha.model.setup import build_runner
+from medha.model.single import generate_single
+from medha.sampling import SamplingParams
+
+
+def test_max_tokens_none_stops_at_the_models_context_not_the_larger_cache() -> None:
+    runner, tokenizer = build_runner("tiny-random", num_blocks=300)  # 4,800 tokens
+    context = runner.arch.context_len
+    assert runner.kv_cache.capacity_tokens > context
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    with pytest.raises(PromptTooLongError, match="leave no room"):
+        next(generate_single(runner, [5] * context, params, tokenizer))
+    tokens = list(generate_single(runner, [5] * (context - 3), params, tokenizer))
+    assert len(tokens) == 3 and tokens[-1].finish_reason == "length"
+
+
+def test_ids_beyond_the_vocabulary_are_refused_by_name() -> None:
+    runner, tokenizer = build_runner("tiny-random", num_blocks=16)
+    params = SamplingParams(max_tokens=2, allowed_token_ids=[3, 10**6])
+    with pytest.raises(InvalidSamplingParamsError, match="allowed_token_ids"):
+        next(generate_single(runner, [5, 6], params, tokenizer))
