@@ -19,6 +19,7 @@ from medha.scheduler import (
     SeqKind,
     SeqShape,
 )
+from medha.scheduler.kvp import KvpLayout
 from medha.scheduler.policies import ChunkingMode, policy_for
 
 
@@ -374,3 +375,26 @@ def step(
     plan = scheduler.schedule(now)
     scheduler.on_stage0_done(plan)
     return plan, scheduler.on_step_done(plan, now, finished)
+
+
+def drive_random_workload(
+    config: SchedulerConfig, arrivals: Sequence[Arrival]
+) -> tuple[Scheduler, list[Arrival]]:
+    """Drive the arrivals that can ever fit `config` to completion (the checker sees every
+    plan and asserts no leak at the end), and check each finished with its expected token
+    count, never before it arrived, and each aborted one never finished. Returns the
+    scheduler and the arrivals driven."""
+    layout = KvpLayout(config)
+    fitting = [a for a in arrivals if layout.can_ever_fit(a.prompt_len + a.max_new_tokens)]
+    scheduler = make_scheduler(ToyCost(pp_stages=config.pp_stages), **config.model_dump())
+    result = drive(scheduler, fitting)
+    for arrival in fitting:
+        if arrival.request_id in result.aborted:
+            assert arrival.request_id not in result.finished
+            continue
+        request = result.finished[arrival.request_id]
+        expected = min(arrival.max_new_tokens, arrival.stop_after or arrival.max_new_tokens)
+        assert request.generated == expected
+        assert request.first_token_time is not None
+        assert request.first_token_time >= arrival.arrival
+    return scheduler, fitting

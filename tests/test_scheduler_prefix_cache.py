@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from medha.scheduler import POLICY_NAMES, SchedRequest, SchedulerConfig
 from medha.scheduler.blocks import CachingAllocator
-from medha.scheduler.kvp import KvpLayout
 from medha.scheduler.prefix_cache import block_hashes
-from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler, step
+from tests.scheduler_support import Arrival, drive, drive_random_workload, make_scheduler, step
 
 
 def test_block_hashes_name_whole_prefixes() -> None:
@@ -208,14 +207,6 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
 def test_shared_prefixes_under_preemption_eviction_and_aborts_finish_without_a_leak(
     config: SchedulerConfig, arrivals: list[Arrival]
 ) -> None:
-    layout = KvpLayout(config)
-    arrivals = [a for a in arrivals if layout.can_ever_fit(a.prompt_len + a.max_new_tokens)]
-    scheduler = make_scheduler(ToyCost(pp_stages=config.pp_stages), **config.model_dump())
     # The checker verifies every reused block against the prefix it holds; at the end every
     # block is free again (cached ones count as free).
-    result = drive(scheduler, arrivals)
-    for arrival in arrivals:
-        if arrival.request_id not in result.aborted:
-            request = result.finished[arrival.request_id]
-            expected = min(arrival.max_new_tokens, arrival.stop_after or arrival.max_new_tokens)
-            assert request.generated == expected
+    drive_random_workload(config, arrivals)

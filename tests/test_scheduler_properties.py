@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medha.scheduler import POLICY_NAMES, SchedulerConfig
-from medha.scheduler.kvp import KvpLayout
-from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler
+from tests.scheduler_support import Arrival, drive_random_workload
 
 
 @st.composite
@@ -59,19 +58,7 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
 def test_random_workloads_finish_every_request_and_leak_no_block(
     config: SchedulerConfig, arrivals: list[Arrival]
 ) -> None:
-    layout = KvpLayout(config)
-    arrivals = [a for a in arrivals if layout.can_ever_fit(a.prompt_len + a.max_new_tokens)]
-    scheduler = make_scheduler(ToyCost(pp_stages=config.pp_stages), **config.model_dump())
-    result = drive(scheduler, arrivals)  # checks every plan; asserts no leak at the end
-    for arrival in arrivals:
-        if arrival.request_id in result.aborted:
-            assert arrival.request_id not in result.finished
-            continue
-        request = result.finished[arrival.request_id]
-        expected = min(arrival.max_new_tokens, arrival.stop_after or arrival.max_new_tokens)
-        assert request.generated == expected
-        assert request.first_token_time is not None
-        assert request.first_token_time >= arrival.arrival
+    scheduler, arrivals = drive_random_workload(config, arrivals)
     stats = scheduler.stats()
     assert stats.finished + stats.aborted == len(arrivals)
     assert (stats.waiting, stats.running, stats.plans_in_flight) == (0, 0, 0)
