@@ -33,20 +33,33 @@ ANSWER_TOKENS = 16
 REPEATS = 3
 
 
-def _tokens(seed: int, count: int, vocab: int) -> list[int]:
+def write_results(path: Path, summary: object, runs: object) -> None:
+    """The workload's settings, the summary and every run, as JSON."""
+    config = {
+        "doc_tokens": DOC_TOKENS,
+        "questions": QUESTIONS,
+        "question_tokens": QUESTION_TOKENS,
+        "answer_tokens": ANSWER_TOKENS,
+        "repeats": REPEATS,
+    }
+    payload = {"config": config, "summary": summary, "runs": runs}
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+def random_tokens(seed: int, count: int, vocab: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(100, vocab) for _ in range(count)]
 
 
 async def _session(engine: medha.Engine, conversation: bool) -> tuple[list[float], list[list[int]]]:
     vocab = engine._vocab_size
-    document = _tokens(0, DOC_TOKENS, vocab)
+    document = random_tokens(0, DOC_TOKENS, vocab)
     params = medha.SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, ignore_eos=True)
     ttfts: list[float] = []
     answers: list[list[int]] = []
     prompt = list(document)
     for index in range(QUESTIONS):
-        question = _tokens(1 + index, QUESTION_TOKENS, vocab)
+        question = random_tokens(1 + index, QUESTION_TOKENS, vocab)
         prompt = [*prompt, *question] if conversation else [*document, *question]
         done = await engine.generate(prompt, params)
         assert done.metrics.ttft is not None
@@ -114,18 +127,7 @@ def main() -> None:
             "same tokens\n"
         )
     if args.json is not None:
-        payload = {
-            "config": {
-                "doc_tokens": DOC_TOKENS,
-                "questions": QUESTIONS,
-                "question_tokens": QUESTION_TOKENS,
-                "answer_tokens": ANSWER_TOKENS,
-                "repeats": REPEATS,
-            },
-            "summary": summary,
-            "runs": results,
-        }
-        args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        write_results(args.json, summary, results)
 
 
 if __name__ == "__main__":

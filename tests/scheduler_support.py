@@ -84,6 +84,9 @@ class Arrival:
     """The fake engine reports EOS after this many tokens (None: run to max_new_tokens)."""
     abort_at: float | None = None
     block_hashes: tuple[bytes, ...] = ()
+    output_hashes: tuple[bytes, ...] = ()
+    """Digests of the blocks its output fills, in order (prefix caching): the fake engine
+    hands them to the scheduler as its sampled tokens fill them."""
 
 
 @dataclass
@@ -287,10 +290,10 @@ def drive(
         heapq.heappush(events, (arrival.arrival, next(counter), "arrive", arrival))
         if arrival.abort_at is not None:
             heapq.heappush(events, (arrival.abort_at, next(counter), "abort", arrival.request_id))
-    stop_after = {a.request_id: a.stop_after for a in arrivals}
+    by_id = {a.request_id: a for a in arrivals}
     for _ in range(max_events):
         if events:
-            now = _handle_event(scheduler, events, result, checker, stop_after)
+            now = _handle_event(scheduler, events, result, checker, by_id)
             if events and events[0][0] <= now:
                 continue  # handle every event of this instant before scheduling
         elif not scheduler.has_work:
@@ -326,7 +329,7 @@ def _handle_event(
     events: list[tuple[float, int, str, object]],
     result: DriverResult,
     checker: PlanChecker,
-    stop_after: dict[str, int | None],
+    arrivals: dict[str, Arrival],
 ) -> float:
     now, _, kind, payload = heapq.heappop(events)
     if kind == "arrive":
@@ -353,12 +356,28 @@ def _handle_event(
             for seq in payload.seqs
             if seq.samples
             and (request := scheduler.get(seq.request_id)) is not None
-            and stop_after.get(seq.request_id) == request.generated + 1
+            and (arrival := arrivals.get(seq.request_id)) is not None
+            and arrival.stop_after == request.generated + 1
         }
         for request in scheduler.on_step_done(payload, now, finished):
             result.finished[request.request_id] = request
+        for seq in payload.seqs:
+            if seq.request_id in arrivals:  # not a request added by hand before
+                _add_output_hashes(scheduler, arrivals[seq.request_id])
         checker.plan_done(payload)
     return now
+
+
+def _add_output_hashes(scheduler: Scheduler, arrival: Arrival) -> None:
+    """As the engine does after a step: the digests of the blocks the request's output has
+    filled since the last step."""
+    request = scheduler.get(arrival.request_id)
+    if request is None or request.status.is_done or not arrival.output_hashes:
+        return
+    hashed = len(request.block_hashes) - len(arrival.block_hashes)
+    filled = request.known_tokens // scheduler.config.block_size - len(arrival.block_hashes)
+    if filled > hashed:
+        scheduler.add_block_hashes(arrival.request_id, arrival.output_hashes[hashed:filled])
 
 
 def make_scheduler(cost: ToyCost | None = None, **overrides: object) -> Scheduler:

@@ -46,5 +46,11 @@ def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> No
         assert float(match[4]) >= float(match[6])  # most likely first
 
 
-def test_the_prefix_caching_example_reuses_the_whole_document() -> None:
-    assert _run_block_with("prefix_cache_hit_tokens") == "prompt tokens from the cache: 400\n"
+def test_the_prefix_caching_example_reuses_the_document_and_each_turn() -> None:
+    # Each turn's KV reaches its answer's last token but one: 32, then 64 tokens of full blocks.
+    assert _run_block_with("prefix_cache_hit_tokens") == (
+        "prompt tokens from the cache: 400\n"
+        "turn 0: 0 of 3 prompt tokens from the cache\n"
+        "turn 1: 32 of 35 prompt tokens from the cache\n"
+        "turn 2: 64 of 67 prompt tokens from the cache\n"
+    )

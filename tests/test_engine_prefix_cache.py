@@ -1,5 +1,6 @@
 """Prefix caching through the engine: requests that share a document, a conversation's next
-turn, penalised and seeded requests, and a cache too small to keep everything give the same
+turns (which reuse the earlier answers too), penalised and seeded requests, preempted requests
+that find their own output's blocks, and a cache too small to keep everything give the same
 outputs as an engine without the cache, while computing fewer tokens."""
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _params(i: int) -> SamplingParams:
+def _params(i: int, max_tokens: int = 24) -> SamplingParams:
     kinds: list[dict[str, Any]] = [
         {"temperature": 0.0},
         {"temperature": 0.9, "seed": 40 + i},
         {"temperature": 0.0, "repetition_penalty": 1.3, "frequency_penalty": 0.4},
     ]
-    return SamplingParams(max_tokens=24, ignore_eos=True, **kinds[i % len(kinds)])
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kinds[i % len(kinds)])
 
 
 async def _ask_all(engine: medha.Engine, together: bool) -> list[list[int]]:
     """Every question about the document: one after the other (each hits what the earlier
-    ones computed), or all at once (they hit only what is computed by the time they start)."""
+    ones computed), or all at once (the first computes it while the others wait)."""
     prompts = [[*DOCUMENT, *question] for question in QUESTIONS]
     results: list[list[int]] = [[] for _ in prompts]
 
@@ -65,26 +66,37 @@ async def test_questions_about_one_document_match_an_engine_without_the_cache(
         cached = await _ask_all(engine, together)
         stats = engine.stats()
     assert cached == expected
-    if not together:  # 5 later questions x 25 blocks of the 400-token document
+    if together:
+        # Each later question takes most of the document from the cache: it waits, or queues,
+        # while the first computes it (the last block or so it may compute itself).
+        assert stats.prefix_cache_hit_tokens >= 5 * 300
+    else:  # 5 later questions x 25 blocks of the 400-token document
         assert stats.prefix_cache_hit_tokens == 5 * 400
     assert stats.cached_blocks > 0
     assert stats.free_blocks == stats.total_blocks  # cached blocks nobody uses are free
 
 
-async def test_a_conversations_next_turn_reuses_its_first_turn() -> None:
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    turn_one = [*DOCUMENT[:100], 7, 8, 9]
+async def test_a_conversations_next_turns_reuse_the_earlier_prompts_and_answers() -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
-    async def converse(engine: medha.Engine) -> tuple[list[int], list[int]]:
-        first = await engine.generate(turn_one, params)
-        second = await engine.generate([*turn_one, *first.token_ids, 11, 12], params)
-        return first.token_ids, second.token_ids
+    async def converse(engine: medha.Engine) -> list[list[int]]:
+        context = [*DOCUMENT[:100], 7, 8, 9]
+        answers = []
+        for turn in range(3):
+            answer = (await engine.generate(context, params)).token_ids
+            answers.append(answer)
+            context = [*context, *answer, 11, 12 + turn]
+        return answers
 
     async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
         expected = await converse(engine)
     async with medha.Engine(engine_config()) as engine:
         assert await converse(engine) == expected
-        assert engine.stats().prefix_cache_hit_tokens == 96  # turn one's 6 full blocks
+        stats = engine.stats()
+    # Each turn's KV is computed up to its answer's last token (never fed back): turn one's
+    # 142 tokens hold 8 full blocks, turn two's 184 hold 11, and each next turn takes them
+    # all, answers included (prompt blocks alone would be 6, then 9).
+    assert stats.prefix_cache_hit_tokens == (8 + 11) * 16
 
 
 async def test_a_cache_too_small_to_keep_every_document_evicts_and_stays_exact() -> None:
@@ -120,3 +132,32 @@ async def test_requests_with_a_hit_survive_preemption_by_recompute() -> None:
     assert stats.prefix_cache_hit_tokens > 0
     assert cached == expected
     assert stats.free_blocks == stats.total_blocks == 34
+
+
+async def test_preempted_requests_recompute_past_their_own_cached_output() -> None:
+    # Prompts shorter than a block: every cached block is one an output filled. 20 blocks for
+    # requests that grow to 7 and 2 blocks: decodes preempt one, which finds its own computed
+    # blocks again when the short ones finish soon after.
+    prompts = [[random.Random(p).randrange(4, 500) for _ in range(5 + p)] for p in range(6)]
+
+    async def run(engine: medha.Engine) -> list[list[int]]:
+        results: list[list[int]] = [[] for _ in prompts]
+
+        async def one(i: int) -> None:
+            params = _params(i, max_tokens=100 if i % 2 == 0 else 20)
+            results[i] = (await engine.generate(prompts[i], params)).token_ids
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        return results
+
+    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+        expected = await run(engine)
+    async with medha.Engine(engine_config(num_blocks=20)) as engine:
+        cached = await run(engine)
+        stats = engine.stats()
+    assert stats.preemptions > 0, "the small cache never forced a preemption"
+    assert stats.prefix_cache_hit_tokens > 0
+    assert cached == expected
+    assert stats.free_blocks == stats.total_blocks == 20

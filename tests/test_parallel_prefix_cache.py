@@ -1,5 +1,6 @@
 """Prefix caching across processes: with SPP over two stages and KVP over two groups, a shared
-prefix longer than one group's share is reused from both groups' caches, and every output
+prefix longer than one group's share is reused from both groups' caches, a next turn reuses the
+block an answer filled, and every output
 equals the single-process engine's without a cache (greedy, seeded and penalised)."""
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ def anyio_backend() -> str:
 
 
 async def _one_by_one(engine: medha.Engine) -> list[list[int]]:
-    return [
+    """Every prompt, then the first one's next turn (its prompt and answer, and more)."""
+    answers = [
         (await engine.generate(prompt, params)).token_ids
         for prompt, params in zip(PROMPTS, PARAMS, strict=True)
     ]
+    next_turn = [*PROMPTS[0], *answers[0], 5, 6]
+    answers.append((await engine.generate(next_turn, PARAMS[0])).token_ids)
+    return answers
 
 
 async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> None:
     async with medha.Engine(parallel_config(1, 2, 2)) as engine:
         cached = await _one_by_one(engine)
         stats = engine.stats()
-    # Three later prompts, each taking the prefix's 8 full blocks (128 tokens).
-    assert stats.prefix_cache_hit_tokens == 3 * 128
+    # Three later prompts, each taking the prefix's 8 full blocks (128 tokens); the next turn
+    # takes 9 (144 tokens), the last one filled by the first answer, on the second group.
+    assert stats.prefix_cache_hit_tokens == 3 * 128 + 144
     assert stats.free_blocks == stats.total_blocks
     single = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=False)
     async with medha.Engine(single) as engine:

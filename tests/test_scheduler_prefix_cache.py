@@ -1,5 +1,5 @@
-"""Prefix caching in the scheduler: full prompt blocks are shared by hash once computed, a hit
-skips whole blocks and never the last token, unreferenced cached blocks count as free and are
+"""Prefix caching in the scheduler: full blocks (of the prompt, then of the output) are shared
+by hash once computed, a hit skips whole blocks and never the last token, unreferenced cached blocks count as free and are
 evicted least recently released first. The driver's checker verifies every reused block holds
 the same prefix and that no step writes into a shared block."""
 
@@ -9,9 +9,11 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medha.errors import InvalidRequestError
 from medha.scheduler import POLICY_NAMES, SchedRequest, SchedulerConfig
 from medha.scheduler.blocks import CachingAllocator
 from medha.scheduler.prefix_cache import block_hashes
@@ -158,6 +160,36 @@ def test_a_request_placed_where_its_prefix_is_not_cached_counts_its_whole_prefil
     assert b.remaining_prefill_s(scheduler.cost, 0) == whole
 
 
+def test_a_block_its_output_fills_is_shared_once_its_last_token_is_computed() -> None:
+    scheduler = make_scheduler()
+    conversation = _prompt(4, 60)  # a 20-token prompt and its 40-token answer
+    hashes = block_hashes(conversation, 16)
+    a = scheduler.add_request("a", 20, 40, arrival=0.0, block_hashes=hashes[:1])
+    now = 0.0
+    while a.known_tokens < 32:
+        now += 0.01
+        step(scheduler, now)
+    # The token at position 31 was just sampled: the engine hashes block 1, whose last
+    # token's KV the next step computes.
+    scheduler.add_block_hashes("a", hashes[1:2])
+    assert a.computed == 31 and a.registered_blocks == 1
+    follow_up = conversation[:40]
+
+    def first_chunk_start(request_id: str) -> int:
+        nonlocal now
+        scheduler.add_request(request_id, 40, 1, now, block_hashes=block_hashes(follow_up, 16))
+        now += 0.01
+        plan, _ = step(scheduler, now)
+        (seq,) = [seq for seq in plan.seqs if seq.request_id == request_id]
+        return seq.start
+
+    assert first_chunk_start("b") == 16
+    assert a.computed == 32 and a.registered_blocks == 2
+    assert first_chunk_start("c") == 32
+    with pytest.raises(InvalidRequestError, match="block hashes for 34 known tokens"):
+        scheduler.add_block_hashes("a", hashes[2:3])
+
+
 @st.composite
 def configs(draw: st.DrawFn) -> SchedulerConfig:
     kvp = draw(st.sampled_from([1, 2, 3]))
@@ -177,22 +209,37 @@ def configs(draw: st.DrawFn) -> SchedulerConfig:
 
 @st.composite
 def workloads(draw: st.DrawFn) -> list[Arrival]:
-    # A few documents, each asked about several times: prompts share whole-block prefixes.
+    # A few documents, each asked about several times, and conversations that go on from an
+    # earlier request's prompt and output: prompts share whole-block prefixes, some of them
+    # blocks an output filled (or would have, had it not stopped or been aborted first).
     documents = [_prompt(seed, draw(st.integers(1, 600))) for seed in range(3)]
-    arrivals = []
+    arrivals: list[Arrival] = []
+    conversations: list[list[int]] = []  # each arrival's prompt + the output it would give
     for index in range(draw(st.integers(1, 14))):
-        document = documents[draw(st.integers(0, 2))]
-        shared = draw(st.integers(0, len(document)))
+        arrival = draw(st.floats(0.0, 1.0))
+        if arrivals and draw(st.booleans()):  # a next turn: into the earlier one's output
+            turn = draw(st.integers(0, len(arrivals) - 1))
+            document = conversations[turn]
+            shared = draw(st.integers(arrivals[turn].prompt_len, len(document)))
+            arrival = arrivals[turn].arrival + draw(st.floats(0.0, 3.0))
+        else:
+            document = documents[draw(st.integers(0, 2))]
+            shared = draw(st.integers(0, len(document)))
         prompt = [*document[:shared], *_prompt(100 + index, draw(st.integers(0, 80)))] or [1]
+        max_new_tokens = draw(st.integers(1, 30))
+        conversation = [*prompt, *_prompt(200 + index, max_new_tokens)]
+        conversations.append(conversation)
+        prompt_hashes = block_hashes(prompt, 16)
         arrivals.append(
             Arrival(
                 request_id=f"r{index}",
-                arrival=draw(st.floats(0.0, 1.0)),
+                arrival=arrival,
                 prompt_len=len(prompt),
-                max_new_tokens=draw(st.integers(1, 30)),
+                max_new_tokens=max_new_tokens,
                 stop_after=draw(st.none() | st.integers(1, 30)),
-                abort_at=draw(st.none() | st.floats(0.0, 1.5)) if draw(st.booleans()) else None,
-                block_hashes=block_hashes(prompt, 16),
+                abort_at=arrival + draw(st.floats(0.0, 1.0)) if draw(st.booleans()) else None,
+                block_hashes=prompt_hashes,
+                output_hashes=block_hashes(conversation, 16)[len(prompt_hashes) :],
             )
         )
     return arrivals

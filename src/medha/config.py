@@ -146,10 +146,10 @@ class EngineConfig(BaseModel):
     """KV cache size when num_blocks is None; one larger than the device's memory is refused
     when the engine starts (medha.errors.KVCacheTooLargeError)."""
     enable_prefix_caching: bool = True
-    """Keep the KV of computed prompt blocks, by the hash of their tokens, and let a later
-    request that starts with the same tokens (a conversation's next turn, another question
-    about the same document) take them instead of computing them (vLLM's automatic prefix
-    caching). Cached blocks nobody uses count as free: they are evicted when memory is
+    """Keep the KV of computed full blocks (of prompts and of outputs), by the hash of their
+    tokens, and let a later request that starts with the same tokens (a conversation's next
+    turn, another question about the same document) take them instead of computing them
+    (vLLM's automatic prefix caching). Cached blocks nobody uses count as free: they are evicted when memory is
     needed, least recently used first (docs/engine.md, "Prefix caching")."""
     max_model_len: int | None = Field(default=None, ge=1)
     """Longest prompt + output accepted; None: the model's max_position_embeddings, capped by

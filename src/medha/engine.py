@@ -467,6 +467,7 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            hash_block_size=self.config.block_size if self.config.enable_prefix_caching else 0,
             block_hashes=(
                 block_hashes(prompt_ids, self.config.block_size)
                 if self.config.enable_prefix_caching

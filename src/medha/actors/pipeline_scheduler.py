@@ -173,6 +173,7 @@ class PipelineSchedulerActor(SchedulerActor):
             self.logits_log.append((plan, flight.logits))
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
+        self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
         if self.time_scale is not None and flight.compute_seconds > 0:

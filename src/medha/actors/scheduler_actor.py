@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -246,6 +246,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_stage0_done(plan)
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
+        self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, started, output.seconds)
         # A step that paused ran as two batches (its decodes, split off, and the rest): its
@@ -288,6 +289,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     early = StepOutput(plan.plan_id, result.sampled, result.seconds)
                     finished = self._deliver(early, now)
                     self.scheduler.on_seqs_done(plan, result.sampled.keys(), now, finished)
+                    self._add_block_hashes(result.sampled)
                 self.scheduler.suspend(plan)
                 _log.debug("iteration paused", step=plan.plan_id, layers_done=result.layers_done)
                 ran = await self._run_while_paused(plan)
@@ -440,6 +442,14 @@ class SchedulerActor(Actor[Submit | Abort]):
                 )
             request.emit(event)
         return finished
+
+    def _add_block_hashes(self, sampled: Iterable[str]) -> None:
+        """Hand the scheduler the digests of the blocks these requests' new tokens filled
+        (prefix caching), after it counted the tokens."""
+        for request_id in sampled:
+            request = self.requests.get(request_id)  # finished or aborted ones are gone
+            if request is not None and (digests := request.new_block_hashes()):
+                self.scheduler.add_block_hashes(request_id, digests)
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
         for request in [*self.requests.values(), *self._parked]:

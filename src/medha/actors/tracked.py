@@ -13,6 +13,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from medha.output_text import OutputText
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.sampling import SamplingParams
+from medha.scheduler.prefix_cache import block_hashes
 
 StreamItem = TokenEvent | BaseException
 
@@ -30,8 +31,11 @@ class TrackedRequest:
     """The caller's TTFT deadline in seconds, or None for the scheduler's default."""
     eos_token_ids: tuple[int, ...] = ()
     """The tokenizer's, for min_tokens (the sampling stage keeps them from being sampled)."""
+    hash_block_size: int = 0
+    """Tokens per block of its prefix caching digests; 0: prefix caching is off."""
     block_hashes: tuple[bytes, ...] = ()
-    """Digests of the prompt's full blocks, for prefix caching (none: it is off)."""
+    """Digests of its full blocks, for prefix caching: the prompt's, then those its output
+    fills (`new_block_hashes`)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
@@ -59,6 +63,20 @@ class TrackedRequest:
         if start >= prompt:
             return tuple(self.token_ids[start - prompt : end - prompt])
         return (*self.prompt_ids[start:], *self.token_ids[: end - prompt])
+
+    def new_block_hashes(self) -> tuple[bytes, ...]:
+        """Digests of the blocks its sampled tokens have filled since the last call (appended
+        to `block_hashes`): its output is cached like its prompt, for a conversation's next
+        turn and for its own recompute after a preemption."""
+        size = self.hash_block_size
+        hashed = len(self.block_hashes) * size
+        known = len(self.prompt_ids) + len(self.token_ids)
+        if not size or known - hashed < size:
+            return ()
+        parent = self.block_hashes[-1] if self.block_hashes else b""
+        digests = block_hashes(self.tokens(hashed, known - known % size), size, parent)
+        self.block_hashes += digests
+        return digests
 
     def emit(self, event: TokenEvent) -> None:
         assert event.token_id is not None, "a sampled token's event"

@@ -107,7 +107,7 @@ class KvpLayout:
 
     def prefix_hit(self, request: SchedRequest, first: int, pool: BlockPool) -> list[int]:
         """The cached blocks a request placed from group `first` would start with: its longest
-        run of leading prompt blocks found in the prefix cache of the groups that would hold
+        run of leading blocks found in the prefix cache of the groups that would hold
         them. Never all of its known tokens: the last one is always computed (its logits
         sample), in a block of its own, so no step writes into a shared block."""
         return self._hit(request.block_hashes, request.known_tokens, first, pool)
@@ -231,7 +231,7 @@ class KvpLayout:
         return request.groups[: query_start // self.limit + 1]
 
     def register_computed(self, request: SchedRequest, pool: BlockPool) -> None:
-        """Put the request's prompt blocks whose KV is now computed into the prefix cache."""
+        """Put the request's hashed blocks whose KV is now computed into the prefix cache."""
         full = min(len(request.block_hashes), request.computed // self.block_size)
         for index in range(request.registered_blocks, full):
             position = index * self.block_size

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from medha.scheduler.lead_guard import KeyTerms, challenger_terms
 from medha.scheduler.plan import SeqKind
+from medha.scheduler.prefix_sharing import SharedPrefixGate
 
 if TYPE_CHECKING:
     from medha.scheduler.cost import BatchCostModel
@@ -99,6 +100,7 @@ def newcomers_pause_time(
     max_batch_size: int,
     *,
     lead_guard: bool,
+    prefix_wait_s: float,
 ) -> float | None:
     """When a request that arrived after `plan` was made, with prefill left, not in flight and
     able to start, first ranks ahead of every prefill in `plan` (`now` if it does already;
@@ -108,7 +110,9 @@ def newcomers_pause_time(
     guard of each of the plan's prefills (medha.scheduler.lead_guard), pair by pair. That
     is `schedule`'s rule for the newcomer against the plan's prefills; `schedule` also weighs
     the requests that were queued when the plan was made (and gives up the guard against more
-    than MAX_CHALLENGERS), so where they differ this errs towards not pausing."""
+    than MAX_CHALLENGERS), so where they differ this errs towards not pausing. A queued
+    request that waits for a prefix a started prefill computes (`prefix_wait_s`:
+    medha.scheduler.prefix_sharing) pauses nothing."""
     incumbents = [
         (policy.key_terms(request, cost, seq.start), request.remaining_prefill_s(cost, seq.start))
         for seq in plan.seqs
@@ -119,12 +123,15 @@ def newcomers_pause_time(
     if not incumbents:
         return None  # decodes alone: they come first anyway
     admits = len(table.running) < max_batch_size
+    gate = SharedPrefixGate(table, cost, prefix_wait_s)
     earliest: float | None = None
     for request in (*table.prefilling.values(), *table.queued.values()):
         if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
             continue
         if request.status.is_queued and not (
-            admits and table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
+            admits
+            and not gate.holds(request)
+            and table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
         ):
             continue
         terms = policy.key_terms(request, cost)

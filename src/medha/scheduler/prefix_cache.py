@@ -2,7 +2,9 @@
 requests that start with the same tokens (vLLM's automatic prefix caching, SGLang's radix cache).
 
 A block is known by a chained hash: the digest of its tokens and of the block before it, so a
-hash names the whole prefix up to the block's end (`block_hashes`). Per KVP group:
+hash names the whole prefix up to the block's end (`block_hashes`). A request's digests cover
+its prompt's full blocks, then each block its sampled tokens fill (so a conversation's next
+turn finds the previous answer too, and a preempted request its own KV). Per KVP group:
 
 - a block whose KV a request has fully computed is registered under its hash (unless another
   block already holds that prefix: then it stays the request's own);
@@ -26,15 +28,17 @@ from collections.abc import Sequence
 BlockHash = bytes
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[BlockHash, ...]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, parent: BlockHash = b""
+) -> tuple[BlockHash, ...]:
     """The chained digest of every full block of `token_ids` (a trailing partial block has
-    none): block i's digest covers tokens [0, (i + 1) * block_size)."""
+    none): block i's digest covers tokens [0, (i + 1) * block_size). `parent`: the digest of
+    the block before `token_ids` when they continue a sequence (its output, as it grows)."""
     # 8 bytes per id whatever the vocabulary, packed at once (a 1M-token prompt in ~0.1 s);
     # sha256: a collision would silently serve another prompt's KV, so no 64-bit hash.
     data = array("q", token_ids).tobytes()
     step = 8 * block_size
     digests: list[BlockHash] = []
-    parent = b""
     for end in range(step, len(data) + 1, step):
         parent = hashlib.sha256(parent + data[end - step : end]).digest()
         digests.append(parent)

@@ -80,14 +80,15 @@ class SchedRequest:
     the empty tuple is shared, so the ~1,000 queued requests of a busy scheduler hold no
     containers of their own for the garbage collector to track and traverse."""
     block_hashes: tuple[bytes, ...] = ()
-    """Chained digests of the prompt's full blocks (medha.scheduler.prefix_cache), for prefix
-    caching; empty: the request neither uses nor fills the cache."""
+    """Chained digests of its full blocks (medha.scheduler.prefix_cache), for prefix caching:
+    the prompt's, then those its sampled tokens fill (`extend_block_hashes`); empty: the
+    request neither uses nor fills the cache (so far)."""
     cached_at_arrival: int = 0
     """Prompt tokens the prefix cache held when it arrived: `total_prefill_s` (its priority
     and default deadline) counts only the rest."""
     registered_blocks: int = 0
-    """Leading blocks of the prompt already in the prefix cache (taken from it, or registered
-    once computed)."""
+    """Leading blocks already in the prefix cache (taken from it, or registered once
+    computed)."""
     start_order: int = -1
     """When it was (re)started: decodes are evicted newest first."""
     first_scheduled_time: float | None = None
@@ -213,3 +214,17 @@ def check_request_fields(
             f"request {request_id!r}: {len(block_hashes)} block hashes for a prompt of "
             f"{prompt_len} tokens ({prompt_len // config.block_size} full blocks)"
         )
+
+
+def extend_block_hashes(request: SchedRequest, digests: Sequence[bytes], block_size: int) -> None:
+    """Append the digests of `request`'s next full blocks; InvalidRequestError for more than
+    its known tokens fill."""
+    full = request.known_tokens // block_size
+    if len(request.block_hashes) + len(digests) > full:
+        raise InvalidRequestError(
+            f"request {request.request_id!r}: {len(request.block_hashes) + len(digests)} block "
+            f"hashes for {request.known_tokens} known tokens ({full} full blocks)"
+        )
+    # A tuple, rebuilt: a few microseconds per block of output, and queued requests keep
+    # sharing the empty one (see `block_tables`).
+    request.block_hashes += tuple(digests)

@@ -33,11 +33,12 @@ from medha.scheduler.policies import (
     policy_for,
     relative_slack,
 )
+from medha.scheduler.prefix_sharing import SharedPrefixGate
 from medha.scheduler.ranking import CandidateOrder
 from medha.scheduler.request import (
-    RequestStatus,
     SchedRequest,
     check_request_fields,
+    extend_block_hashes,
     prefill_work,
 )
 from medha.scheduler.stats import SchedulerStats
@@ -121,6 +122,13 @@ class Scheduler:
             return False
         self.table.abort(request)
         return True
+
+    def add_block_hashes(self, request_id: str, digests: Sequence[bytes]) -> None:
+        """Digests of a request's next full blocks (prefix caching), as its sampled tokens fill
+        them: once computed, they are cached like its prompt's. Ignored once it is done."""
+        request = self.table.requests.get(request_id)
+        if request is not None and not request.status.is_done:
+            extend_block_hashes(request, digests, self.config.block_size)
 
     def get(self, request_id: str) -> SchedRequest | None:
         """The request with this id, until it is done and no plan in flight refers to it."""
@@ -307,6 +315,7 @@ class Scheduler:
             lookahead,
             self.config.max_batch_size,
             lead_guard=self._lead_guard,
+            prefix_wait_s=self.config.target_batch_time,
         )
 
     def suspend(self, plan: BatchPlan) -> None:
@@ -331,24 +340,7 @@ class Scheduler:
         self._in_stage0 = plan.plan_id
 
     def stats(self) -> SchedulerStats:
-        table = self.table
-        queued = [request.status for request in table.queued.values()]
-        running = [request.status for request in table.running.values()]
-        return SchedulerStats(
-            waiting=queued.count(RequestStatus.WAITING),
-            preempted=queued.count(RequestStatus.PREEMPTED),
-            prefilling=running.count(RequestStatus.PREFILLING),
-            decoding=running.count(RequestStatus.DECODING),
-            free_blocks=table.pool.free_counts,
-            total_blocks=table.pool.total_counts,
-            plans_in_flight=len(self._in_flight),
-            stage0_busy=self._in_stage0 is not None,
-            finished=table.num_finished,
-            aborted=table.num_aborted,
-            preemptions=table.num_preemptions,
-            cached_blocks=tuple(allocator.cache.num_cached for allocator in table.pool.groups),
-            prefix_hit_blocks=sum(allocator.cache.hits for allocator in table.pool.groups),
-        )
+        return SchedulerStats.of(self.table, len(self._in_flight), self._in_stage0 is not None)
 
     def _reprice(self) -> None:
         """The cost model's prefill level moved (an online time scale; rare): recompute every
@@ -357,11 +349,9 @@ class Scheduler:
         A caller's deadline stays: it was promised. A default deadline, max(1.5 x predicted
         work, 0.5 s), follows the new prediction until the first token: it was derived from a
         prediction now known to be off. Left at the old level, a long prompt's deadline would
-        stay in the old units while its remaining work is counted in the new ones: when the
-        machine runs 1.4x slower than calibrated (the mixed_cpu runs), a document exactly on
-        its own schedule looks late, and LARS holds every newly arrived chat behind it for
-        one or two iterations (LARS's premise, docs/scheduler.md: a short request should briefly preempt a
-        long prefill, not wait for it)."""
+        stay in the old units while its remaining work is counted in the new ones: on a machine
+        1.4x slower than calibrated (the mixed_cpu runs), a document on its own schedule looks
+        late, and LARS holds every new chat behind it for an iteration or two."""
         self._prefill_version = getattr(self.cost, "prefill_version", 0)
         priority = self.policy.priority
         for request in self.table.requests.values():
@@ -401,7 +391,10 @@ class Scheduler:
         admitting = admit and len(table.running) < self.config.max_batch_size
         # Queued requests do not move: their key terms were set when they were queued.
         queued = table.queued_by_arrival() if admitting else []
-        candidates = CandidateOrder(started, queued, policy.keys(queued, rank_at))
+        keys = policy.keys(queued, rank_at)
+        gate = SharedPrefixGate(table, cost, self.config.target_batch_time)
+        gate.inherit(started, queued, keys)
+        candidates = CandidateOrder(started, queued, keys)
         if self._lead_guard and started:
             promote_guarded(candidates, cost, rank_at)
         pending_work: list[tuple[float, int]] | None = None
@@ -415,6 +408,8 @@ class Scheduler:
             if len(table.running) >= self.config.max_batch_size:
                 candidates.drop_queued()
                 continue
+            if gate.holds(request):
+                continue  # a started prefill computes its next block: it takes it once computed
             feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
             if not feasible:
                 # Admit nobody behind a request that waits for memory, or it could starve.
@@ -431,8 +426,10 @@ class Scheduler:
                 first = table.layout.choose_first(
                     request, open_groups, table.pool, pending_work, cost
                 )
-            if self._add_prefill_chunk(batch, request, [first], now) and pending_work:
-                table.add_pending(pending_work, request, cost)
+            if self._add_prefill_chunk(batch, request, [first], now):
+                gate.started(request)
+                if pending_work:
+                    table.add_pending(pending_work, request, cost)
 
     def _add_prefill_chunk(
         self, batch: BatchBuilder, request: SchedRequest, groups: Sequence[int], now: float
