@@ -260,6 +260,12 @@ class PlanChecker:
     def plan_done(self, plan: BatchPlan) -> None:
         self.in_flight_ids.pop(plan.plan_id, None)
         self.content.update(self.written.pop(plan.plan_id, {}))
+        # Every block in a prefix cache holds, computed, the prefix it is registered under.
+        for group, allocator in enumerate(self.scheduler.table.pool.groups):
+            for digest, block in allocator.cache.registered():
+                assert self.content.get((group, block)) == digest, (
+                    f"block {(group, block)} cached before its KV was computed"
+                )
 
     def assert_all_free(self) -> None:
         assert not self.owner, f"blocks still owned: {sorted(set(self.owner.values()))[:5]}"

@@ -5,6 +5,7 @@ outputs as an engine without the cache, while computing fewer tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 import medha
 from medha import SamplingParams
+from medha.actors.tracked import TrackedRequest
 from tests.engine_support import engine_config
 
 pytestmark = pytest.mark.anyio
@@ -161,3 +163,28 @@ async def test_preempted_requests_recompute_past_their_own_cached_output() -> No
     assert stats.prefix_cache_hit_tokens > 0
     assert cached == expected
     assert stats.free_blocks == stats.total_blocks == 20
+
+
+async def test_digests_the_scheduler_refuses_end_only_their_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug that made the engine hash a block too many would fail that request alone.
+    hashed = TrackedRequest.new_block_hashes
+
+    def one_too_many(self: TrackedRequest) -> tuple[bytes, ...]:
+        digests = hashed(self)
+        return (*digests, b"\0" * 32) if digests and self.request_id == "bad" else digests
+
+    monkeypatch.setattr(TrackedRequest, "new_block_hashes", one_too_many)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        with anyio.fail_after(60):
+            bad, good = await asyncio.gather(
+                engine.generate(DOCUMENT[:30], params, request_id="bad"),
+                engine.generate(DOCUMENT[:30], params, request_id="good"),
+                return_exceptions=True,
+            )
+        stats = engine.stats()
+    assert isinstance(bad, medha.errors.InvalidRequestError)
+    assert isinstance(good, medha.Completion) and len(good.token_ids) == 40
+    assert stats.free_blocks == stats.total_blocks

@@ -191,28 +191,35 @@ def test_a_block_its_output_fills_is_shared_once_its_last_token_is_computed() ->
 
 
 @st.composite
-def configs(draw: st.DrawFn) -> SchedulerConfig:
+def configs(
+    draw: st.DrawFn,
+    num_blocks: tuple[int, int] = (40, 120),
+    limits: tuple[int, int] = (128, 256),
+    budgets: tuple[float, ...] = (0.01, 0.03),
+) -> SchedulerConfig:
     kvp = draw(st.sampled_from([1, 2, 3]))
-    limit = draw(st.sampled_from([None, 128, 256])) if kvp > 1 else None
+    limit = draw(st.sampled_from([None, *limits])) if kvp > 1 else None
     return SchedulerConfig(
         policy=draw(st.sampled_from(POLICY_NAMES)),
         kvp_groups=kvp,
         max_tokens_per_kvp_group=limit,
         pp_stages=draw(st.sampled_from([1, 2, 3])),
         spp=draw(st.booleans()),
-        num_blocks=draw(st.integers(40, 120)),
-        target_batch_time=draw(st.sampled_from([0.01, 0.03])),
+        num_blocks=draw(st.integers(*num_blocks)),
+        target_batch_time=draw(st.sampled_from(budgets)),
         max_batch_size=draw(st.integers(2, 16)),
         fixed_chunk=draw(st.sampled_from([64, 512])),
     )
 
 
 @st.composite
-def workloads(draw: st.DrawFn) -> list[Arrival]:
+def workloads(
+    draw: st.DrawFn, documents_up_to: int = 600, outputs_up_to: int = 30
+) -> list[Arrival]:
     # A few documents, each asked about several times, and conversations that go on from an
     # earlier request's prompt and output: prompts share whole-block prefixes, some of them
     # blocks an output filled (or would have, had it not stopped or been aborted first).
-    documents = [_prompt(seed, draw(st.integers(1, 600))) for seed in range(3)]
+    documents = [_prompt(seed, draw(st.integers(1, documents_up_to))) for seed in range(3)]
     arrivals: list[Arrival] = []
     conversations: list[list[int]] = []  # each arrival's prompt + the output it would give
     for index in range(draw(st.integers(1, 14))):
@@ -226,7 +233,7 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
             document = documents[draw(st.integers(0, 2))]
             shared = draw(st.integers(0, len(document)))
         prompt = [*document[:shared], *_prompt(100 + index, draw(st.integers(0, 80)))] or [1]
-        max_new_tokens = draw(st.integers(1, 30))
+        max_new_tokens = draw(st.integers(1, outputs_up_to))
         conversation = [*prompt, *_prompt(200 + index, max_new_tokens)]
         conversations.append(conversation)
         prompt_hashes = block_hashes(prompt, 16)
@@ -236,7 +243,7 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
                 arrival=arrival,
                 prompt_len=len(prompt),
                 max_new_tokens=max_new_tokens,
-                stop_after=draw(st.none() | st.integers(1, 30)),
+                stop_after=draw(st.none() | st.integers(1, outputs_up_to)),
                 abort_at=arrival + draw(st.floats(0.0, 1.0)) if draw(st.booleans()) else None,
                 block_hashes=prompt_hashes,
                 output_hashes=block_hashes(conversation, 16)[len(prompt_hashes) :],
@@ -245,15 +252,32 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
     return arrivals
 
 
-@settings(
+PROPERTY_SETTINGS = settings(
     max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@PROPERTY_SETTINGS
 @given(config=configs(), arrivals=workloads())
 def test_shared_prefixes_under_preemption_eviction_and_aborts_finish_without_a_leak(
     config: SchedulerConfig, arrivals: list[Arrival]
 ) -> None:
-    # The checker verifies every reused block against the prefix it holds; at the end every
-    # block is free again (cached ones count as free).
+    # The checker verifies every reused block against the prefix it holds, and every block in
+    # a prefix cache against the prefix it is registered under; at the end every block is
+    # free again (cached ones count as free).
+    drive_random_workload(config, arrivals)
+
+
+@PROPERTY_SETTINGS
+@given(
+    config=configs(num_blocks=(12, 40), limits=(64, 128)),
+    arrivals=workloads(documents_up_to=300, outputs_up_to=200),
+)
+def test_conversations_with_long_outputs_in_a_small_cache_finish_without_a_leak(
+    config: SchedulerConfig, arrivals: list[Arrival]
+) -> None:
+    # Outputs that outgrow the cache: decodes preempt requests holding shared and output
+    # blocks, which restart past whatever of their own blocks is still cached.
     drive_random_workload(config, arrivals)

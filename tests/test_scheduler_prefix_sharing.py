@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import random
 
-from medha.scheduler import Scheduler
+from hypothesis import given
+from hypothesis import strategies as st
+
+from medha.scheduler import Scheduler, SchedulerConfig
 from medha.scheduler.prefix_cache import block_hashes
-from tests.scheduler_support import make_scheduler, step
+from tests.scheduler_support import Arrival, drive_random_workload, make_scheduler, step
+from tests.test_scheduler_prefix_cache import PROPERTY_SETTINGS, configs
 
 DOC = [random.Random(7).randrange(1000) for _ in range(2000)]
 
@@ -112,11 +116,25 @@ def test_a_plan_is_not_paused_for_a_newcomer_that_waits_for_its_prefix() -> None
     _add(scheduler, "a", _question(1), 0.0)
     step(scheduler, 0.0)
     plan = scheduler.schedule(0.02)
-    _add(scheduler, "b", _question(2), 0.021, deadline=0.01)
+    _add(scheduler, "b", _question(2), 0.021, deadline=5.0)
     assert scheduler.pause_time(plan, 0.021) is None
     chat = [random.Random(5).randrange(1000) for _ in range(20)]
     _add(scheduler, "chat", chat, 0.021, deadline=0.01)
-    assert scheduler.pause_time(plan, 0.021) == 0.021  # for the chat
+    assert scheduler.pause_time(plan, 0.021) is not None  # for the chat
+
+
+def test_a_plan_computing_an_urgent_requests_prefix_pauses_only_for_one_more_urgent() -> None:
+    scheduler = make_scheduler(target_batch_time=0.05)
+    document = [random.Random(8).randrange(1000) for _ in range(20_000)]
+    _add(scheduler, "a", [*document, 1, 2, 3], 0.0, deadline=1000.0)  # all the slack there is
+    step(scheduler, 0.0)
+    _add(scheduler, "w", [*document, 4, 5, 6], 0.01, deadline=0.6)  # urgent; waits for A
+    plan = scheduler.schedule(0.02)
+    other = [random.Random(9).randrange(1000) for _ in range(3000)]
+    _add(scheduler, "n", other, 0.021, deadline=3.0)  # more urgent than A, not than W
+    assert scheduler.pause_time(plan, 0.021) is None
+    _add(scheduler, "m", other[:100], 0.021, deadline=0.02)  # more urgent than W
+    assert scheduler.pause_time(plan, 0.021) == 0.021
 
 
 def test_the_prefill_an_urgent_request_waits_for_inherits_its_priority() -> None:
@@ -132,3 +150,45 @@ def test_the_prefill_an_urgent_request_waits_for_inherits_its_priority() -> None
     plan, _ = step(scheduler, 0.02)
     assert "b" not in {seq.request_id for seq in plan.seqs}
     assert plan.seqs[0].request_id == "a"  # ranked as urgently as B now
+
+
+@st.composite
+def bursts(draw: st.DrawFn) -> list[Arrival]:
+    # Requests over one long document, sent within 0.1 s, some urgent: they wait for each
+    # other's prefixes (and lend their priority), are aborted or stop early meanwhile.
+    document = [random.Random(1).randrange(1000) for _ in range(draw(st.integers(500, 2400)))]
+    arrivals = []
+    for index in range(draw(st.integers(2, 12))):
+        shared = draw(st.integers(0, len(document)))
+        prompt = [*document[:shared], *[random.Random(index).randrange(1000) for _ in range(7)]]
+        outputs = draw(st.integers(1, 120))
+        conversation = [*prompt, *[random.Random(50 + index).randrange(1000)] * outputs]
+        hashes = block_hashes(prompt, 16)
+        arrival = draw(st.floats(0.0, 0.1))
+        arrivals.append(
+            Arrival(
+                request_id=f"r{index}",
+                arrival=arrival,
+                prompt_len=len(prompt),
+                max_new_tokens=outputs,
+                deadline=draw(st.none() | st.floats(0.01, 5.0)),
+                stop_after=draw(st.none() | st.integers(1, 120)),
+                abort_at=arrival + draw(st.floats(0.0, 0.5)) if draw(st.booleans()) else None,
+                block_hashes=hashes,
+                output_hashes=block_hashes(conversation, 16)[len(hashes) :],
+            )
+        )
+    return arrivals
+
+
+@PROPERTY_SETTINGS
+@given(
+    config=configs(num_blocks=(150, 600), limits=(512, 1024), budgets=(0.005, 0.01, 0.02)),
+    arrivals=bursts(),
+)
+def test_bursts_over_one_document_finish_without_a_stall_or_a_leak(
+    config: SchedulerConfig, arrivals: list[Arrival]
+) -> None:
+    # The driver asserts the scheduler never stalls with work left (a request waiting for a
+    # prefix nobody computes any more would), and the checker every block's content.
+    drive_random_workload(config, arrivals)

@@ -31,7 +31,7 @@ from medha.actors.messages import (
 )
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
-from medha.errors import EngineClosedError, EngineFailedError
+from medha.errors import EngineClosedError, EngineFailedError, InvalidRequestError
 from medha.log import get_logger
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
@@ -448,8 +448,16 @@ class SchedulerActor(Actor[Submit | Abort]):
         (prefix caching), after it counted the tokens."""
         for request_id in sampled:
             request = self.requests.get(request_id)  # finished or aborted ones are gone
-            if request is not None and (digests := request.new_block_hashes()):
+            if request is None or not (digests := request.new_block_hashes()):
+                continue
+            try:
                 self.scheduler.add_block_hashes(request_id, digests)
+            except InvalidRequestError as exc:
+                # Engine and scheduler disagree on its length: a bug, which ends it alone.
+                _log.error("request failed", request_id=request_id, error=repr(exc))
+                self.scheduler.abort(request_id)
+                del self.requests[request_id]
+                request.fail(exc, self.clock())
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
         for request in [*self.requests.values(), *self._parked]:

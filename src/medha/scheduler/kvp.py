@@ -96,6 +96,9 @@ class KvpLayout:
             groups = self.group_sequence(first, len(counts))
             needed = list(counts)
             free = [pool.num_free(group) for group in groups]
+            if all(n <= f for n, f in zip(needed, free, strict=True)):
+                feasible.append(first)  # a hit only lowers what it needs: no need to look
+                continue
             if request is not None and hashed:
                 for index, block in enumerate(self.prefix_hit(request, first, pool)):
                     group_index = self.group_index(index * self.block_size)

@@ -112,7 +112,8 @@ def newcomers_pause_time(
     the requests that were queued when the plan was made (and gives up the guard against more
     than MAX_CHALLENGERS), so where they differ this errs towards not pausing. A queued
     request that waits for a prefix a started prefill computes (`prefix_wait_s`:
-    medha.scheduler.prefix_sharing) pauses nothing."""
+    medha.scheduler.prefix_sharing) pauses nothing, and a newcomer must also rank ahead of
+    the requests waiting for the plan's prefills (they lend them their priority)."""
     incumbents = [
         (policy.key_terms(request, cost, seq.start), request.remaining_prefill_s(cost, seq.start))
         for seq in plan.seqs
@@ -123,7 +124,14 @@ def newcomers_pause_time(
     if not incumbents:
         return None  # decodes alone: they come first anyway
     admits = len(table.running) < max_batch_size
-    gate = SharedPrefixGate(table, cost, prefix_wait_s)
+    gate = SharedPrefixGate(table, cost, prefix_wait_s, policy.shares_prefixes_in_flight)
+    waiting = gate.waiters(list(table.queued.values()))
+    lent = [
+        policy.key_terms(waiter, cost)
+        for seq in plan.seqs
+        if seq.kind is SeqKind.PREFILL
+        for waiter in waiting.get(seq.request_id, ())
+    ]
     earliest: float | None = None
     for request in (*table.prefilling.values(), *table.queued.values()):
         if request.arrival <= plan.created_at or request.in_flight or request.tokens_left <= 0:
@@ -135,7 +143,7 @@ def newcomers_pause_time(
         ):
             continue
         terms = policy.key_terms(request, cost)
-        to_beat = [incumbent for incumbent, _ in incumbents]
+        to_beat = [incumbent for incumbent, _ in incumbents] + lent
         if lead_guard:
             work = request.remaining_prefill_s(cost)
             to_beat += [

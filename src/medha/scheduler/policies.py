@@ -56,6 +56,10 @@ class PriorityPolicy(ABC):
     """Whether SchedulerConfig.lead_guard applies (medha.scheduler.lead_guard): only where
     serving a request raises its key, which makes requests take turns. The baselines keep
     the order their definitions give."""
+    shares_prefixes_in_flight: ClassVar[bool] = False
+    """Whether a queued request waits for a prefix a started prefill computes, which then
+    inherits its priority (medha.scheduler.prefix_sharing). Medha's policy only, for the same
+    reason."""
 
     @abstractmethod
     def key_terms(
@@ -136,6 +140,7 @@ class LengthAwareRelativeSlack(PriorityPolicy):
 
     name = "lars"
     lead_guard = True
+    shares_prefixes_in_flight = True
 
     def key_terms(
         self, request: SchedRequest, cost: BatchCostModel, cursor: int | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 BlockHash = bytes
 
@@ -64,6 +64,10 @@ class PrefixCache:
     @property
     def num_cached(self) -> int:
         return len(self._block_of)
+
+    def registered(self) -> Iterator[tuple[BlockHash, int]]:
+        """(digest, block) of every registered block."""
+        return iter(self._block_of.items())
 
     def lookup(self, digest: BlockHash) -> int | None:
         return self._block_of.get(digest)

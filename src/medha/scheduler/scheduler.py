@@ -392,7 +392,9 @@ class Scheduler:
         # Queued requests do not move: their key terms were set when they were queued.
         queued = table.queued_by_arrival() if admitting else []
         keys = policy.keys(queued, rank_at)
-        gate = SharedPrefixGate(table, cost, self.config.target_batch_time)
+        gate = SharedPrefixGate(
+            table, cost, self.config.target_batch_time, policy.shares_prefixes_in_flight
+        )
         gate.inherit(started, queued, keys)
         candidates = CandidateOrder(started, queued, keys)
         if self._lead_guard and started:
@@ -408,13 +410,13 @@ class Scheduler:
             if len(table.running) >= self.config.max_batch_size:
                 candidates.drop_queued()
                 continue
-            if gate.holds(request):
-                continue  # a started prefill computes its next block: it takes it once computed
             feasible = table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
             if not feasible:
                 # Admit nobody behind a request that waits for memory, or it could starve.
                 candidates.drop_queued()
                 continue
+            if gate.holds(request):
+                continue  # a started prefill computes its next block: it takes it once computed
             open_groups = [group for group in feasible if group not in batch.closed_groups]
             if not open_groups:
                 continue
