@@ -236,20 +236,38 @@ def workloads(
         max_new_tokens = draw(st.integers(1, outputs_up_to))
         conversation = [*prompt, *_prompt(200 + index, max_new_tokens)]
         conversations.append(conversation)
-        prompt_hashes = block_hashes(prompt, 16)
         arrivals.append(
-            Arrival(
-                request_id=f"r{index}",
-                arrival=arrival,
-                prompt_len=len(prompt),
-                max_new_tokens=max_new_tokens,
+            hashed_arrival(
+                f"r{index}",
+                arrival,
+                prompt,
+                conversation,
                 stop_after=draw(st.none() | st.integers(1, outputs_up_to)),
                 abort_at=arrival + draw(st.floats(0.0, 1.0)) if draw(st.booleans()) else None,
-                block_hashes=prompt_hashes,
-                output_hashes=block_hashes(conversation, 16)[len(prompt_hashes) :],
             )
         )
     return arrivals
+
+
+def hashed_arrival(
+    request_id: str,
+    arrival: float,
+    prompt: list[int],
+    conversation: list[int],
+    **fields: Any,
+) -> Arrival:
+    """An arrival of `prompt` whose output would continue it into `conversation`, with the
+    digests of both (the driver hands the output's over as its tokens fill them)."""
+    prompt_hashes = block_hashes(prompt, 16)
+    return Arrival(
+        request_id=request_id,
+        arrival=arrival,
+        prompt_len=len(prompt),
+        max_new_tokens=len(conversation) - len(prompt),
+        block_hashes=prompt_hashes,
+        output_hashes=block_hashes(conversation, 16)[len(prompt_hashes) :],
+        **fields,
+    )
 
 
 PROPERTY_SETTINGS = settings(

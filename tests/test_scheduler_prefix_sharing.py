@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from medha.scheduler import Scheduler, SchedulerConfig
 from medha.scheduler.prefix_cache import block_hashes
 from tests.scheduler_support import Arrival, drive_random_workload, make_scheduler, step
-from tests.test_scheduler_prefix_cache import PROPERTY_SETTINGS, configs
+from tests.test_scheduler_prefix_cache import PROPERTY_SETTINGS, configs, hashed_arrival
 
 DOC = [random.Random(7).randrange(1000) for _ in range(2000)]
 
@@ -163,19 +163,16 @@ def bursts(draw: st.DrawFn) -> list[Arrival]:
         prompt = [*document[:shared], *[random.Random(index).randrange(1000) for _ in range(7)]]
         outputs = draw(st.integers(1, 120))
         conversation = [*prompt, *[random.Random(50 + index).randrange(1000)] * outputs]
-        hashes = block_hashes(prompt, 16)
         arrival = draw(st.floats(0.0, 0.1))
         arrivals.append(
-            Arrival(
-                request_id=f"r{index}",
-                arrival=arrival,
-                prompt_len=len(prompt),
-                max_new_tokens=outputs,
+            hashed_arrival(
+                f"r{index}",
+                arrival,
+                prompt,
+                conversation,
                 deadline=draw(st.none() | st.floats(0.01, 5.0)),
                 stop_after=draw(st.none() | st.integers(1, 120)),
                 abort_at=arrival + draw(st.floats(0.0, 0.5)) if draw(st.booleans()) else None,
-                block_hashes=hashes,
-                output_hashes=block_hashes(conversation, 16)[len(hashes) :],
             )
         )
     return arrivals
