@@ -80,7 +80,8 @@ async def _run(variant: str, budget: dict[str, float]) -> dict[str, object]:
     )
     computer_of = prefix_sharing.SharedPrefixGate.computer_of
     if variant == "cached, no waiting":
-        prefix_sharing.SharedPrefixGate.computer_of = lambda self, request: None  # type: ignore[method-assign]
+        gate = prefix_sharing.SharedPrefixGate
+        gate.computer_of = lambda self, request: None  # type: ignore[method-assign]
     try:
         async with medha.Engine(config) as engine:
             started = time.perf_counter()
@@ -95,7 +96,8 @@ async def _run(variant: str, budget: dict[str, float]) -> dict[str, object]:
 def _report(budget: str, runs: dict[str, list[dict[str, object]]]) -> dict[str, object]:
     medians: dict[str, list[float]] = {}
     for variant, repeats in runs.items():
-        medians[variant] = [statistics.median(r["ttfts"]) for r in repeats]  # type: ignore[arg-type]
+        ttfts = [r["ttfts"] for r in repeats]
+        medians[variant] = [statistics.median(t) for t in ttfts]  # type: ignore[arg-type]
         lasts = [max(r["ttfts"]) for r in repeats]  # type: ignore[type-var]
         seconds = [r["seconds"] for r in repeats]
         print(

@@ -1,7 +1,8 @@
 """Prefix caching in the scheduler: full blocks (of the prompt, then of the output) are shared
-by hash once computed, a hit skips whole blocks and never the last token, unreferenced cached blocks count as free and are
-evicted least recently released first. The driver's checker verifies every reused block holds
-the same prefix and that no step writes into a shared block."""
+by hash once computed, a hit skips whole blocks and never the last token, unreferenced cached
+blocks count as free and are evicted least recently released first. The driver's checker
+verifies every reused block holds the same prefix, every cached block the prefix it is
+registered under, and that no step writes into a shared block."""
 
 from __future__ import annotations
 

@@ -149,8 +149,9 @@ class EngineConfig(BaseModel):
     """Keep the KV of computed full blocks (of prompts and of outputs), by the hash of their
     tokens, and let a later request that starts with the same tokens (a conversation's next
     turn, another question about the same document) take them instead of computing them
-    (vLLM's automatic prefix caching). Cached blocks nobody uses count as free: they are evicted when memory is
-    needed, least recently used first (docs/engine.md, "Prefix caching")."""
+    (vLLM's automatic prefix caching). Cached blocks nobody uses count as free: they are
+    evicted when memory is needed, least recently used first (docs/engine.md, "Prefix
+    caching")."""
     max_model_len: int | None = Field(default=None, ge=1)
     """Longest prompt + output accepted; None: the model's max_position_embeddings, capped by
     its sliding window if it has one (and with KVP by kvp x max_tokens_per_kvp_group). Beyond
