@@ -27,9 +27,12 @@ def _add(
     prompt: list[int],
     now: float,
     deadline: float | None = None,
+    max_new_tokens: int = 2,
 ) -> None:
     hashes = block_hashes(prompt, 16)
-    scheduler.add_request(request_id, len(prompt), 2, now, deadline, block_hashes=hashes)
+    scheduler.add_request(
+        request_id, len(prompt), max_new_tokens, now, deadline, block_hashes=hashes
+    )
 
 
 def _started(scheduler: Scheduler, request_id: str) -> bool:
@@ -189,3 +192,27 @@ def test_bursts_over_one_document_finish_without_a_stall_or_a_leak(
     # The driver asserts the scheduler never stalls with work left (a request waiting for a
     # prefix nobody computes any more would), and the checker every block's content.
     drive_random_workload(config, arrivals)
+
+
+def test_a_decode_short_of_memory_preempts_a_prefill_nobody_waits_for_first() -> None:
+    # Memory for two 20K-token prefills and one chat: the chat's decode needs a block when
+    # its first one is full, and one of the partial prefills must go.
+    scheduler = make_scheduler(target_batch_time=0.05, num_blocks=1251 + 1251 + 1)
+    document = [random.Random(8).randrange(1000) for _ in range(20_000)]
+    other = [random.Random(9).randrange(1000) for _ in range(20_000)]
+    _add(scheduler, "a", [*document, 1, 2, 3], 0.0, deadline=1000.0)  # all the slack there is
+    step(scheduler, 0.0)
+    _add(scheduler, "p", [*other, 1, 2, 3], 0.05, deadline=100.0)
+    _add(scheduler, "chat", [5] * 8, 0.05, deadline=0.1, max_new_tokens=20)
+    step(scheduler, 0.05)
+    assert {"a", "p"} <= set(scheduler.table.prefilling) and not scheduler.stats().free_blocks[0]
+    _add(scheduler, "w", [*document, 4, 5, 6], 0.1, deadline=0.6)  # urgent; waits for A
+    now, preempted = 0.1, ()
+    for _ in range(20):
+        plan, _ = step(scheduler, now)
+        now += 0.05
+        if plan.preempted:
+            preempted = plan.preempted
+            break
+    # A is the least urgent by its own deadline, but W lends it its urgency.
+    assert preempted == ("p",)

@@ -10,6 +10,7 @@ from medha.scheduler.batch import BatchBuilder
 from medha.scheduler.cost import BatchCostModel
 from medha.scheduler.plan import KvShard, ScheduledSeq, SeqKind
 from medha.scheduler.policies import PriorityPolicy
+from medha.scheduler.prefix_sharing import SharedPrefixGate
 from medha.scheduler.request import RequestStatus, SchedRequest
 from medha.scheduler.table import NewBlocks, RequestTable
 
@@ -21,12 +22,16 @@ class DecodeScheduler:
         priority: PriorityPolicy,
         cost: BatchCostModel,
         rank_time: Callable[[float], float],
+        prefix_wait_s: float,
     ) -> None:
         self.table = table
         self.priority = priority
         self.cost = cost
         self.rank_time = rank_time
         """When priorities are compared (the scheduler's rank-ahead rule)."""
+        self.prefix_wait_s = prefix_wait_s
+        """SharedPrefixGate's threshold: who waits for a prefill's prefix (and lends it its
+        priority)."""
 
     def schedule(self, batch: BatchBuilder, now: float) -> tuple[str, ...]:
         """Every ready decode, oldest first; evicts other requests when a decode needs a block.
@@ -122,14 +127,24 @@ class DecodeScheduler:
         return pool.allocate(group, 1)[0]
 
     def _choose_victim(self, group: int, batch: BatchBuilder, now: float) -> SchedRequest | None:
-        """Lowest-priority partial prefill holding blocks on `group`, else the newest decode
-        not scheduled yet. Requests in flight are never evicted: a step still writes their KV."""
+        """Lowest-priority partial prefill holding blocks on `group` (ranked as urgently as the
+        queued requests waiting for its prefix, if more), else the newest decode not scheduled
+        yet. Requests in flight are never evicted: a step still writes their KV."""
         prefills = [
             r for r in self.table.prefilling.values() if r.in_flight == 0 and group in r.groups
         ]
         if prefills:
-            key, rank_at = self.priority.key, self.rank_time(now)
-            return max(prefills, key=lambda r: (key(r, rank_at, self.cost), r.order))
+            key, rank_at, cost = self.priority.key, self.rank_time(now), self.cost
+            gate = SharedPrefixGate(
+                self.table, cost, self.prefix_wait_s, self.priority.shares_prefixes_in_flight
+            )
+            waiting = gate.waiters(list(self.table.queued.values()))
+
+            def rank(r: SchedRequest) -> tuple[float, int]:
+                lenders = waiting.get(r.request_id, ())
+                return min(key(x, rank_at, cost) for x in (r, *lenders)), r.order
+
+            return max(prefills, key=rank)
         scheduled = {seq.request_id for seq in batch.seqs}
         decodes = [
             r

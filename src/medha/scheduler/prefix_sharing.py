@@ -14,7 +14,7 @@ requests sharing an in-batch prefix the same way).
   spend computing that part itself, pausing the iteration if need be.
 - While it waits, the prefill it waits for ranks no lower than it (priority inheritance): an
   urgent request is not held back by the slack of the one computing its prefix. Pausing an
-  iteration counts the waiters of its prefills too.
+  iteration, and choosing a prefill to preempt, count the waiters of its prefills too.
 - It waits only while that prefill is running and still computing the shared part; anything
   else that stops it (its end, an abort, a preemption) lets the waiting request start.
 - LARS only (`PriorityPolicy.shares_prefixes_in_flight`): the baselines keep the order their

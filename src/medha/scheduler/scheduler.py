@@ -57,7 +57,9 @@ class Scheduler:
         self._in_flight: dict[int, BatchPlan] = {}
         self._in_stage0: int | None = None
         self._paused = PausedPlans(config.pause_budget)
-        self._decodes = DecodeScheduler(self.table, self.policy.priority, cost, self._rank_time)
+        self._decodes = DecodeScheduler(
+            self.table, self.policy.priority, cost, self._rank_time, config.target_batch_time
+        )
         self._done_early: dict[int, set[str]] = {}
         """Requests of a plan in flight whose sequences finished before the plan (on_seqs_done)."""
         self._next_plan_id = 0
