@@ -237,17 +237,31 @@ def workloads(
         max_new_tokens = draw(st.integers(1, outputs_up_to))
         conversation = [*prompt, *_prompt(200 + index, max_new_tokens)]
         conversations.append(conversation)
-        arrivals.append(
-            hashed_arrival(
-                f"r{index}",
-                arrival,
-                prompt,
-                conversation,
-                stop_after=draw(st.none() | st.integers(1, outputs_up_to)),
-                abort_at=arrival + draw(st.floats(0.0, 1.0)) if draw(st.booleans()) else None,
-            )
-        )
+        arrivals.append(drawn_arrival(draw, f"r{index}", arrival, prompt, conversation, 1.0))
     return arrivals
+
+
+def drawn_arrival(
+    draw: st.DrawFn,
+    request_id: str,
+    arrival: float,
+    prompt: list[int],
+    conversation: list[int],
+    aborts_within: float,
+    **fields: Any,
+) -> Arrival:
+    """`hashed_arrival`, which may stop early or be aborted within `aborts_within` seconds."""
+    outputs = len(conversation) - len(prompt)
+    aborting = draw(st.booleans())
+    return hashed_arrival(
+        request_id,
+        arrival,
+        prompt,
+        conversation,
+        stop_after=draw(st.none() | st.integers(1, outputs)),
+        abort_at=arrival + draw(st.floats(0.0, aborts_within)) if aborting else None,
+        **fields,
+    )
 
 
 def hashed_arrival(

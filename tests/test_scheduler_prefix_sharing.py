@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from medha.scheduler import Scheduler, SchedulerConfig
 from medha.scheduler.prefix_cache import block_hashes
 from tests.scheduler_support import Arrival, drive_random_workload, make_scheduler, step
-from tests.test_scheduler_prefix_cache import PROPERTY_SETTINGS, configs, hashed_arrival
+from tests.test_scheduler_prefix_cache import PROPERTY_SETTINGS, configs, drawn_arrival
 
 DOC = [random.Random(7).randrange(1000) for _ in range(2000)]
 
@@ -167,16 +167,9 @@ def bursts(draw: st.DrawFn) -> list[Arrival]:
         outputs = draw(st.integers(1, 120))
         conversation = [*prompt, *[random.Random(50 + index).randrange(1000)] * outputs]
         arrival = draw(st.floats(0.0, 0.1))
+        deadline = draw(st.none() | st.floats(0.01, 5.0))
         arrivals.append(
-            hashed_arrival(
-                f"r{index}",
-                arrival,
-                prompt,
-                conversation,
-                deadline=draw(st.none() | st.floats(0.01, 5.0)),
-                stop_after=draw(st.none() | st.integers(1, 120)),
-                abort_at=arrival + draw(st.floats(0.0, 0.5)) if draw(st.booleans()) else None,
-            )
+            drawn_arrival(draw, f"r{index}", arrival, prompt, conversation, 0.5, deadline=deadline)
         )
     return arrivals
 
