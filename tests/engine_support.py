@@ -11,10 +11,13 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
 from medha.errors import EngineFailedError
 from medha.model.setup import build_runner
 from medha.model.single import generate_single
+from medha.output_text import OutputText
+from medha.request import RequestMetrics
 from medha.sampling import SamplingParams
 
 MODEL = "tiny-random"
@@ -110,3 +113,19 @@ class StreamsUntilFailure:
         with anyio.fail_after(timeout_s):
             while len(self.errors) < len(self.counts):
                 await anyio.sleep(0.01)
+
+
+def tracked_request(prompt: list[int], params: SamplingParams, **fields: Any) -> TrackedRequest:
+    """The engine's record of a request "r", outside an engine (its text from CharDecoder)."""
+    from tests.test_output_text import CharDecoder
+
+    return TrackedRequest(
+        request_id="r",
+        prompt_ids=prompt,
+        params=params,
+        max_new_tokens=params.max_tokens or 0,
+        output=OutputText(CharDecoder(), prompt, params),
+        metrics=RequestMetrics(arrival=0.0, deadline=1.0),
+        deadline=None,
+        **fields,
+    )

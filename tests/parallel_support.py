@@ -66,6 +66,29 @@ def hf_logits(ids: list[int]) -> torch.Tensor:
         return hf_twin()(torch.tensor([ids])).logits[0].float()
 
 
+def assert_prompt_logprobs_equal_hf(completion: medha.Completion, top: int) -> None:
+    """`completion`'s prompt logprobs against HF's: the prompt token's within 1e-4, the `top`
+    most likely ids exactly (random weights spread the logits: no near ties)."""
+    prompt = completion.prompt_token_ids
+    reference = hf_logits(prompt).log_softmax(-1)
+    logprobs, tops = completion.prompt_logprobs, completion.prompt_top_logprobs
+    assert logprobs is not None and tops is not None
+    assert len(logprobs) == len(tops) == len(prompt)
+    assert logprobs[0] is None and tops[0] is None
+    expected = reference[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(torch.tensor(logprobs[1:]), expected, atol=1e-4, rtol=0)
+    best = reference[:-1].topk(top, dim=-1) if top else None
+    for position, row in enumerate(tops[1:]):
+        assert row is not None
+        if best is None:
+            assert row == ()
+            continue
+        assert [t.token_id for t in row] == best.indices[position].tolist()
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in row]), best.values[position], atol=1e-4, rtol=0
+        )
+
+
 def hf_greedy(prompt: list[int], new_tokens: int) -> list[int]:
     return greedy_continuation(hf_twin(), prompt, new_tokens)
 

@@ -54,3 +54,33 @@ def test_the_prefix_caching_example_reuses_the_document_and_each_turn() -> None:
         "turn 1: 32 of 35 prompt tokens from the cache\n"
         "turn 2: 64 of 67 prompt tokens from the cache\n"
     )
+
+
+def test_the_prompt_scoring_example_prints_what_the_model_computes() -> None:
+    import math
+
+    import torch
+
+    from medha.model.runner import StepSeq
+    from medha.model.setup import build_runner
+
+    printed = _run_block_with("prompt_logprobs=0")
+    runner, _ = build_runner("tiny-random", num_blocks=64)
+
+    def log_probs(ids: list[int]) -> torch.Tensor:
+        blocks = list(range(-(-len(ids) // runner.block_size)))
+        logits = runner.step([StepSeq(ids, 0, blocks)], all_logits=True)
+        return logits.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+    text = log_probs(list(range(5, 205)))
+    context = [11, 12, 13, 14, 15]
+    totals = [float(log_probs(context + c)[4:].sum()) for c in ([16, 17], [30, 31], [40, 41])]
+    best = max(range(3), key=totals.__getitem__)
+    blocks = [0]
+    after_context = runner.step([StepSeq(context, 0, blocks)], all_logits=True)[-1]
+    top = after_context.topk(2).indices.tolist()
+    assert printed == (
+        f"perplexity {math.exp(-float(text.mean())):.2f}\n"
+        f"choice {best}: log-likelihood {totals[best]:.2f}\n"
+        f"most likely after the context: {top}\n"
+    )

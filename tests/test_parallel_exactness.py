@@ -15,6 +15,7 @@ import medha
 from medha import PromptTooLongError, SamplingParams
 from tests.parallel_support import (
     KVP_TOKENS,
+    assert_prompt_logprobs_equal_hf,
     hf_greedy,
     hf_logits,
     logits_by_request,
@@ -49,7 +50,17 @@ async def test_layout_matches_single_process_and_hf(layout: tuple[int, int, int]
     async with medha.Engine(parallel_config(tp, pp, kvp)) as engine:
         actor = engine._scheduler_actor
         actor.record_logits = True  # type: ignore[union-attr]
-        outputs = await run_concurrently(engine, work)
+        scored: list[medha.Completion] = []
+
+        async def score() -> None:
+            # Prompt logprobs of a prompt that spans two KVP groups, run in chunks among the
+            # others: group 0's last stage scores, its TP peers run the LM head alongside.
+            params = SamplingParams.greedy(3, ignore_eos=True, prompt_logprobs=3)
+            scored.append(await engine.generate(work[0][0], params, request_id="scored"))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(score)
+            outputs = await run_concurrently(engine, work)
         plans = [plan for plan, _ in actor.logits_log]  # type: ignore[union-attr]
         logits = logits_by_request(actor.logits_log)  # type: ignore[union-attr]
         assert engine.stats().free_blocks == engine.stats().total_blocks
@@ -59,6 +70,7 @@ async def test_layout_matches_single_process_and_hf(layout: tuple[int, int, int]
                 engine.stream([1] * (kvp * KVP_TOKENS), SamplingParams(max_tokens=1))
     if kvp > 1:  # the long prompts did spread: steps ran on two groups, merged
         assert any(len(seq.shards) == 2 for plan in plans for seq in plan.seqs)
+    assert_prompt_logprobs_equal_hf(scored[0], 3)
     for i, ((prompt, max_tokens), tokens) in enumerate(zip(work, outputs, strict=True)):
         assert tokens == single_process_greedy(prompt, max_tokens), f"request {i}"
         assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"

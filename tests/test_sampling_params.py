@@ -151,6 +151,10 @@ def test_boundary_values_are_valid() -> None:
         ("logprobs", -1),
         ("logprobs", 21),
         ("logprobs", 2.0),
+        ("prompt_logprobs", True),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", 21),
+        ("prompt_logprobs", "1"),
         ("include_stop_str_in_output", None),
         ("min_tokens", -1),
         ("min_tokens", 17),  # above the default max_tokens of 16
@@ -191,7 +195,10 @@ def test_invalid_params_error_is_a_value_error_and_a_request_error() -> None:
 
 
 def test_a_bool_logprobs_says_what_replaces_it() -> None:
-    with pytest.raises(InvalidSamplingParamsError, match="0 reports the chosen token"):
+    with pytest.raises(
+        InvalidSamplingParamsError,
+        match=r"0 reports each token.s log-probability only \(what logprobs=True did\)",
+    ):
         SamplingParams(logprobs=True)  # type: ignore[arg-type]
     # The old default still means none.
     assert SamplingParams(logprobs=False).logprobs is None  # type: ignore[arg-type]

@@ -6,23 +6,16 @@ from __future__ import annotations
 import random
 
 from medha.actors.tracked import TrackedRequest
-from medha.output_text import OutputText
-from medha.request import RequestMetrics, TokenEvent
+from medha.request import TokenEvent
 from medha.sampling import SamplingParams
 from medha.scheduler.prefix_cache import block_hashes
-from tests.test_output_text import CharDecoder
+from tests.engine_support import tracked_request
 
 
 def _request(prompt: list[int], block_size: int) -> TrackedRequest:
-    params = SamplingParams(max_tokens=100)
-    return TrackedRequest(
-        request_id="r",
-        prompt_ids=prompt,
-        params=params,
-        max_new_tokens=100,
-        output=OutputText(CharDecoder(), prompt, params),
-        metrics=RequestMetrics(arrival=0.0, deadline=1.0),
-        deadline=None,
+    return tracked_request(
+        prompt,
+        SamplingParams(max_tokens=100),
         hash_block_size=block_size,
         block_hashes=block_hashes(prompt, block_size) if block_size else (),
     )

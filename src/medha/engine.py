@@ -330,6 +330,7 @@ class Engine:
         async for _ in self._stream(request):
             pass
         wants_logprobs = request.params.logprobs is not None
+        scores_prompt = request.params.prompt_logprobs is not None
         return Completion(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_ids,
@@ -339,6 +340,8 @@ class Engine:
             metrics=request.metrics,
             logprobs=list(request.logprobs) if wants_logprobs else None,
             top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
+            prompt_logprobs=list(request.prompt_logprobs) if scores_prompt else None,
+            prompt_top_logprobs=list(request.prompt_top_logprobs) if scores_prompt else None,
         )
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
@@ -452,6 +455,9 @@ class Engine:
             raise InvalidRequestError("request_id must be a non-empty string")
         elif self._taken(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        # A request that scores its prompt computes all of it: it neither reads the prefix
+        # cache nor, without digests, adds to it.
+        caches = self.config.enable_prefix_caching and params.prompt_logprobs is None
         request = TrackedRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -467,12 +473,8 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            hash_block_size=self.config.block_size if self.config.enable_prefix_caching else 0,
-            block_hashes=(
-                block_hashes(prompt_ids, self.config.block_size)
-                if self.config.enable_prefix_caching
-                else ()
-            ),
+            hash_block_size=self.config.block_size if caches else 0,
+            block_hashes=block_hashes(prompt_ids, self.config.block_size) if caches else (),
         )
         self._by_id[request_id] = request
         return request

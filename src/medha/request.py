@@ -45,6 +45,12 @@ class TokenEvent:
     top_logprobs: tuple[TokenLogprob, ...] | None = None
     """With SamplingParams.logprobs = N: the N most likely tokens at this position, most likely
     first (the chosen token is among them only if it is one of them, as in OpenAI's API)."""
+    prompt_logprobs: tuple[float | None, ...] | None = None
+    """On a request's first event only, when SamplingParams.prompt_logprobs is not None: each
+    prompt token's log-probability given the tokens before it (None for the first token)."""
+    prompt_top_logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] | None = None
+    """Alongside prompt_logprobs: the SamplingParams.prompt_logprobs most likely tokens at each
+    prompt position (None for the first; empty with prompt_logprobs = 0)."""
 
 
 @dataclass(slots=True)
@@ -107,6 +113,12 @@ class Completion:
     """Each token's log-probability (SamplingParams.logprobs not None), else None."""
     top_logprobs: list[tuple[TokenLogprob, ...]] | None = None
     """Each token's most likely alternatives (SamplingParams.logprobs not None), else None."""
+    prompt_logprobs: list[float | None] | None = None
+    """Each prompt token's log-probability given the ones before it, None for the first
+    (SamplingParams.prompt_logprobs not None), else None. A request aborted before its first
+    token holds those computed so far."""
+    prompt_top_logprobs: list[tuple[TokenLogprob, ...] | None] | None = None
+    """The most likely tokens at each prompt position, as prompt_logprobs."""
 
 
 def check_deadline(deadline: object) -> float | None:

@@ -53,6 +53,11 @@ class SamplingParams:
             `logprobs` most likely tokens at its position (0 to 20; 0: the chosen token's
             only). Under the model's raw distribution, before penalties, temperature and
             filtering, as vLLM reports them.
+        prompt_logprobs: None for none; otherwise the log-probability of each prompt token
+            given the tokens before it (the first has none), and the `prompt_logprobs` most
+            likely tokens at each position (0 to 20), under the model's raw distribution: what
+            perplexity and multiple-choice scoring need. Such a request computes its whole
+            prompt: it takes nothing from the prefix cache (vLLM does the same).
         include_stop_str_in_output: keep the matched stop string (or the stop token's text)
             at the end of the output.
         min_tokens: generate at least this many tokens before eos, a stop token or a stop
@@ -87,6 +92,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
     repetition_penalty: float = 1.0
@@ -122,17 +128,22 @@ class SamplingParams:
             # It was a bool, False by default, before medha took vLLM's meaning: False still
             # means none.
             normalise("logprobs", None)
-        if self.logprobs is not None:
-            if self.logprobs is True:
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(self, name)
+            if count is None:
+                continue
+            if isinstance(count, bool):
                 _fail(
-                    "logprobs",
-                    self.logprobs,
-                    "must be None or a count of top tokens: 0 reports the chosen token's "
-                    "log-probability only (what logprobs=True did), N also the N most likely",
+                    name,
+                    count,
+                    "must be None or a count of top tokens: 0 reports each token's "
+                    "log-probability only"
+                    + (" (what logprobs=True did)" if name == "logprobs" else "")
+                    + ", N also the N most likely",
                 )
-            normalise("logprobs", _as_int("logprobs", self.logprobs, minimum=0))
-            if self.logprobs > MAX_LOGPROBS:
-                _fail("logprobs", self.logprobs, f"must be <= {MAX_LOGPROBS}")
+            normalise(name, _as_int(name, count, minimum=0))
+            if getattr(self, name) > MAX_LOGPROBS:
+                _fail(name, count, f"must be <= {MAX_LOGPROBS}")
         normalise("min_tokens", _as_int("min_tokens", self.min_tokens, minimum=0))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
@@ -290,7 +301,8 @@ class SamplingSetup:
     eos_token_ids: tuple[int, ...] = ()
     prompt_token_ids: tuple[int, ...] | None = None
     """The whole prompt, for penalties (params.needs_history): its first step may start past
-    a prefix cache hit, whose tokens the stage never sees."""
+    a prefix cache hit, whose tokens the stage never sees; and for prompt logprobs (a chunk's
+    last row predicts the next chunk's first token)."""
 
     @property
     def min_tokens_stop_ids(self) -> tuple[int, ...]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from medha.request import TokenLogprob
 from medha.sampling import SamplingSetup
 
 if TYPE_CHECKING:
+    from medha.model.prompt_scoring import PromptScores
     from medha.model.sampler import SampleOutput
 
 
@@ -32,6 +33,9 @@ class SeqWork:
     """Sent with the request's first step only; None afterwards."""
     decode: bool = False
     """A decode: when the step pauses, it is finished at once (see StepPaused.sampled)."""
+    score_rows: range = range(0)
+    """Rows of token_ids whose next token, a prompt token, gets its log-probability reported
+    (SamplingParams.prompt_logprobs; see medha.model.prompt_scoring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,8 @@ class StepOutput:
     seconds: float
     """Wall time the model step took (for calibration and the predicted-vs-measured report);
     for a step that was paused, the sum of its pieces."""
+    prompt_scores: dict[str, PromptScores] = field(default_factory=dict)
+    """The prompt logprobs the step computed (SeqWork.score_rows), by request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,7 @@ class PipelineSchedulerActor(SchedulerActor):
             request = self.requests[seq.request_id]
             sampling = self._first_sampling(request)
             tokens = request.tokens(seq.start, seq.end)
+            score_rows = request.score_rows(seq.start, seq.end)
             blocks: dict[int, tuple[int, ...]] = {}
             for group, ids in seq.new_blocks:
                 blocks[group] = blocks.get(group, ()) + tuple(ids)
@@ -214,6 +215,8 @@ class PipelineSchedulerActor(SchedulerActor):
                         kv_start=None if shard is None else shard.start,
                         kv_end=0 if shard is None else shard.end,
                         appends=group == appender,
+                        # Group 0's last stage scores: the others skip the LM head.
+                        score_rows=score_rows if group == 0 else range(0),
                     )
                 )
         self._send_steps(plan, groups, plan.released, plan.preempted)

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from medha.actors.messages import SampledToken, StepOutput, sampled_tokens
+from medha.actors.prompt_scores import score_prompts
 from medha.kernels import AttentionFn, AttentionMetadata
 from medha.model.kv_cache import KVCache
+from medha.model.prompt_scoring import PromptScores
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import StepSeq
 from medha.parallel.kvp import KvpMerge, shard_step_seq
@@ -156,9 +158,14 @@ class RemoteStage:
             seconds = self._seconds_since(started)
             self._send(out)
             return StageDone(step.seq_no, self.rank, seconds=seconds)
+        logits = self._logits(step, out)
+        # The sampling rank's TP peers run the LM head on the same rows (a collective).
+        scores = score_prompts(
+            out, step.seqs, self.model.head, self._sampling_of if self.samples else None
+        )
         if not self.samples:
             return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
-        return self._sample(step, out, started)
+        return self._sample(step, logits, scores, started)
 
     def _seconds_since(self, started: float) -> float:
         """Compute time of this step so far: on CUDA once this thread's stream has run what
@@ -176,12 +183,9 @@ class RemoteStage:
         meta = self._metadata(batch)
         ids: list[int] = []
         positions: list[int] = []
-        rows: list[int] = []
         for seq in batch:
             ids.extend(seq.token_ids)
             positions.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
-            if seq.sample:
-                rows.append(len(ids) - 1)
         device = self.device
         pos = torch.tensor(positions, dtype=torch.int64, device=device)
         if self.prev_rank is None:
@@ -195,11 +199,29 @@ class RemoteStage:
             # before the clock starts, or the previous stage's compute would count as ours.
             self._sync_stream()
         started = time.perf_counter()
-        logit_rows = None
-        if self.next_rank is None and not step.all_logits:
-            logit_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-        out = self.model(inputs, pos, self.cache, meta, self.attention, self.kvp_merge, logit_rows)
+        out = self.model(
+            inputs, pos, self.cache, meta, self.attention, self.kvp_merge, keep_hidden=True
+        )
         return out, started
+
+    def _logits(self, step: ShardStep, hidden: torch.Tensor) -> torch.Tensor:
+        """The last stage's logits: of every query token with `all_logits`, else of the
+        sampling rows (the LM head is the largest matmul of a small model's prefill)."""
+        if step.all_logits:
+            return self.model.head(hidden)
+        rows, total = [], 0
+        for work in step.seqs:
+            total += len(work.token_ids)
+            if work.samples:
+                rows.append(total - 1)
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self.model.head(hidden.index_select(0, index))
+
+    def _sampling_of(self, request_id: str) -> RequestSampling:
+        sampling = self._seqs[request_id].sampling
+        if sampling is None:
+            raise RuntimeError(f"no sampling parameters for {request_id!r}")
+        return sampling
 
     def _metadata(self, batch: list[StepSeq]) -> AttentionMetadata:
         return AttentionMetadata.build(
@@ -222,7 +244,13 @@ class RemoteStage:
         tensor = hidden.contiguous()
         self._sends.add(dist.isend(tensor, dst=self.next_rank), tensor)
 
-    def _sample(self, step: ShardStep, logits: torch.Tensor, started: float) -> StageDone:
+    def _sample(
+        self,
+        step: ShardStep,
+        logits: torch.Tensor,
+        scores: dict[str, PromptScores],
+        started: float,
+    ) -> StageDone:
         sampling_works = [w for w in step.seqs if w.samples]
         sampled: dict[str, SampledToken] = {}
         if sampling_works:
@@ -235,15 +263,10 @@ class RemoteStage:
                 rows = logits[torch.tensor(ends, device=logits.device)]
             else:
                 rows = logits
-            requests = []
-            for work in sampling_works:
-                request = self._seqs[work.request_id].sampling
-                if request is None:
-                    raise RuntimeError(f"no sampling parameters for {work.request_id!r}")
-                requests.append(request)
+            requests = [self._sampling_of(work.request_id) for work in sampling_works]
             out = sample_requests(rows, requests)
             sampled = sampled_tokens([w.request_id for w in sampling_works], out)
         seconds = self._seconds_since(started)
-        output = StepOutput(step.step_id, sampled, seconds)
+        output = StepOutput(step.step_id, sampled, seconds, scores)
         returned = logits.cpu() if step.return_logits else None
         return StageDone(step.seq_no, self.rank, output, returned, seconds)

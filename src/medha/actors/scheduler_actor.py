@@ -369,6 +369,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     seq.samples,
                     self._first_sampling(request),
                     seq.kind is SeqKind.DECODE,
+                    request.score_rows(seq.start, seq.end),
                 )
             )
         return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted, pause)
@@ -390,8 +391,11 @@ class SchedulerActor(Actor[Submit | Abort]):
             return None
         request.sampling_sent = True
         # Penalties count the prompt's ids: a step that starts past a prefix cache hit does
-        # not show the stage the cached ones, so they come along once.
-        prompt = tuple(request.prompt_ids) if request.params.needs_history else None
+        # not show the stage the cached ones, so they come along once. Prompt logprobs need
+        # the token after each chunk.
+        params = request.params
+        wants_prompt = params.needs_history or params.prompt_logprobs is not None
+        prompt = tuple(request.prompt_ids) if wants_prompt else None
         return SamplingSetup(request.params, len(request.prompt_ids), request.eos_token_ids, prompt)
 
     def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
@@ -410,6 +414,12 @@ class SchedulerActor(Actor[Submit | Abort]):
     def _deliver(self, output: StepOutput, now: float) -> set[str]:
         """Stream each sampled token; returns the requests whose stop conditions ended them."""
         finished: set[str] = set()
+        for request_id, scores in output.prompt_scores.items():
+            if (scored := self.requests.get(request_id)) is not None:
+                try:
+                    scored.add_prompt_scores(scores)
+                except RuntimeError as exc:  # a gap in its prompt logprobs: a bug, ending it
+                    self._fail_one(scored, exc)
         for request_id, sampled in output.sampled.items():
             request = self.requests.get(request_id)
             if request is None:
@@ -428,6 +438,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 update.finish_reason,
                 sampled.logprob,
                 sampled.top_logprobs,
+                *request.prompt_logprobs_once(),
             )
             if update.finished:
                 request.metrics.finished_time = now
@@ -454,10 +465,14 @@ class SchedulerActor(Actor[Submit | Abort]):
                 self.scheduler.add_block_hashes(request_id, digests)
             except InvalidRequestError as exc:
                 # Engine and scheduler disagree on its length: a bug, which ends it alone.
-                _log.error("request failed", request_id=request_id, error=repr(exc))
-                self.scheduler.abort(request_id)
-                del self.requests[request_id]
-                request.fail(exc, self.clock())
+                self._fail_one(request, exc)
+
+    def _fail_one(self, request: TrackedRequest, error: BaseException) -> None:
+        """End one request with `error` (a bug that concerns it alone); the others go on."""
+        _log.error("request failed", request_id=request.request_id, error=repr(error))
+        self.scheduler.abort(request.request_id)
+        del self.requests[request.request_id]
+        request.fail(error, self.clock())
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
         for request in [*self.requests.values(), *self._parked]:

@@ -32,6 +32,7 @@ from medha.actors.messages import (
     sampled_tokens,
 )
 from medha.actors.model_thread import ModelThread
+from medha.actors.prompt_scores import score_prompts
 from medha.errors import EngineClosedError
 from medha.model.layerwise import LayerwiseStep
 from medha.model.request_sampling import RequestSampling, sample_requests
@@ -126,9 +127,16 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
             paused.seconds += time.perf_counter() - started
             self._paused[paused.step_id] = paused
             return StepPaused(paused.step_id, paused.progress.next_layer, paused.seconds, sampled)
-        sampled = self._sample(paused.works, paused.progress.logits())
+        progress = paused.progress
+        sampled = self._sample(paused.works, progress.logits())
+        scores = score_prompts(
+            progress.hidden,
+            paused.works,
+            lambda rows: progress.model.head(rows, None),
+            lambda request_id: self._seqs[request_id].sampling,
+        )
         seconds = paused.seconds + time.perf_counter() - started
-        return StepOutput(paused.step_id, sampled, seconds)
+        return StepOutput(paused.step_id, sampled, seconds, scores)
 
     def _finish_decodes(self, paused: _PausedStep) -> dict[str, SampledToken]:
         """Run the paused step's decodes through their remaining layers now, and keep only

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from medha.model.prompt_scoring import PromptScores
 from medha.output_text import OutputText
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.sampling import SamplingParams
@@ -39,6 +40,9 @@ class TrackedRequest:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    """With params.prompt_logprobs: those of its prompt tokens so far (None for the first)."""
+    prompt_top_logprobs: list[tuple[TokenLogprob, ...] | None] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     sampling_sent: bool = False
@@ -52,6 +56,10 @@ class TrackedRequest:
 
     def __post_init__(self) -> None:
         self._send, self.receive = anyio.create_memory_object_stream[StreamItem](math.inf)
+        if self.params.prompt_logprobs is not None:
+            # The first token has no context: nothing predicts it.
+            self.prompt_logprobs.append(None)
+            self.prompt_top_logprobs.append(None)
 
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
         """Tokens [start, end) of prompt + generated output."""
@@ -63,6 +71,37 @@ class TrackedRequest:
         if start >= prompt:
             return tuple(self.token_ids[start - prompt : end - prompt])
         return (*self.prompt_ids[start:], *self.token_ids[: end - prompt])
+
+    def score_rows(self, start: int, end: int) -> range:
+        """Rows of its step over positions [start, end) that score prompt tokens not scored
+        yet (the row of position p predicts token p + 1): after a preemption, its recompute
+        scores nothing twice."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, len(self.prompt_logprobs) - 1)
+        stop = min(end, len(self.prompt_ids) - 1)
+        return range(first - start, max(first, stop) - start)
+
+    def add_prompt_scores(self, scores: PromptScores) -> None:
+        """Record prompt logprobs a step computed; any it already has are skipped."""
+        have = len(self.prompt_logprobs)
+        if scores.first > have:
+            raise RuntimeError(
+                f"request {self.request_id!r}: prompt logprobs from token {scores.first}, but "
+                f"only the first {have} are known"
+            )
+        skip = have - scores.first
+        self.prompt_logprobs.extend(scores.logprobs[skip:])
+        self.prompt_top_logprobs.extend(scores.top_logprobs[skip:])
+
+    def prompt_logprobs_once(
+        self,
+    ) -> tuple[tuple[float | None, ...] | None, tuple[tuple[TokenLogprob, ...] | None, ...] | None]:
+        """Its prompt logprobs for its first token's event (after `metrics.record_token`);
+        (None, None) for later events and requests that did not ask."""
+        if self.params.prompt_logprobs is None or self.metrics.num_output_tokens != 1:
+            return None, None
+        return tuple(self.prompt_logprobs), tuple(self.prompt_top_logprobs)
 
     def new_block_hashes(self) -> tuple[bytes, ...]:
         """Digests of the blocks its sampled tokens have filled since the last call (appended

@@ -13,10 +13,11 @@ from medha.sampling import SamplingSetup
 
 class RequestSampling:
     """A request's params, its own random generator, and its token history where penalties or
-    min_tokens need one. Kept across preemption: a seeded stream continues where it was, and
-    the recomputed tokens are not counted again."""
+    min_tokens need one, and its prompt where it reports prompt logprobs. Kept across
+    preemption: a seeded stream continues where it was, and the recomputed tokens are not
+    counted again."""
 
-    __slots__ = ("generator", "history", "params")
+    __slots__ = ("generator", "history", "params", "prompt_ids")
 
     def __init__(self, setup: SamplingSetup) -> None:
         self.params = setup.params
@@ -28,6 +29,20 @@ class RequestSampling:
         )
         if self.history is not None and setup.prompt_token_ids is not None:
             self.history.observe(0, setup.prompt_token_ids)
+        self.prompt_ids = (
+            setup.prompt_token_ids if self.params.prompt_logprobs is not None else None
+        )
+
+    def prompt_targets(self, first: int, count: int) -> tuple[int, ...]:
+        """Prompt tokens first .. first + count - 1, whose log-probabilities it reports."""
+        if self.prompt_ids is None:
+            raise RuntimeError("prompt logprobs of a request whose prompt the stage was not sent")
+        if not 1 <= first <= first + count <= len(self.prompt_ids):
+            raise RuntimeError(
+                f"prompt tokens {first}..{first + count - 1} asked of a {len(self.prompt_ids)}"
+                "-token prompt"
+            )
+        return self.prompt_ids[first : first + count]
 
     def observe(self, start: int, token_ids: Sequence[int]) -> None:
         """The request's step feeds `token_ids` at positions from `start`."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from medha.detokenizer import Decoder
-from medha.errors import PromptTooLongError
+from medha.errors import InvalidSamplingParamsError, PromptTooLongError
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import ModelRunner, StepSeq
 from medha.output_text import OutputText
@@ -41,6 +41,10 @@ def generate_single(
     """Yield the request's tokens as they are produced; the last one has a finish_reason."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    if params.prompt_logprobs is not None:
+        raise InvalidSamplingParamsError(
+            "generate_single reports no prompt logprobs: run the request on a medha.Engine"
+        )
     params.check_vocab(runner.arch.vocab_size)
     capacity = runner.kv_cache.capacity_tokens
     if params.max_tokens is None:

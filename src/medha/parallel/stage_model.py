@@ -97,9 +97,12 @@ class StageModel(nn.Module):
         attention: AttentionFn,
         combine: PartialCombiner | None = None,
         logit_rows: torch.Tensor | None = None,
+        *,
+        keep_hidden: bool = False,
     ) -> torch.Tensor:
         """inputs: token ids [T] (stage 0) or hidden states [T, hidden]. Returns hidden states
-        [T, hidden], or on the last stage fp32 logits [rows, vocab] (every TP rank the same)."""
+        [T, hidden], or on the last stage fp32 logits [rows, vocab] (every TP rank the same)
+        unless `keep_hidden` (then its final hidden states, for `head`)."""
         if self.first:
             group = self.tp_group if self.tp > 1 else None
             x = vocab_parallel_embed(
@@ -110,9 +113,15 @@ class StageModel(nn.Module):
         rotation = self.rotary.rotation(positions, x.dtype)
         for layer in self.model.layers.values():
             x = layer(x, rotation, kv_cache, meta, attention, combine)
-        if not self.last:
+        if not self.last or keep_hidden:
             return x
         if logit_rows is not None:
             x = x.index_select(0, logit_rows)
+        return self.head(x)
+
+    @torch.inference_mode()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of the last stage's hidden states [rows, hidden]: fp32 logits
+        [rows, vocab], the same on every TP rank (each rank of the TP group must call it)."""
         local = self.logits(self.model.norm(x)).float()
         return gather_vocab(local, self.full_arch.vocab_size, self.tp, self.tp_group)

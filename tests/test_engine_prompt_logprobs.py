@@ -1,0 +1,157 @@
+"""SamplingParams.prompt_logprobs through the engine: each prompt token's log-probability (and the
+most likely tokens at its position) equal HF transformers' log_softmax of the same weights,
+however the prompt was chunked, interleaved with other requests or preempted and recomputed;
+a scoring request computes its whole prompt (no prefix cache hit) and leaves the cache to the
+others. The multi-process layouts are covered in tests/test_parallel_exactness.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import anyio
+import pytest
+
+import medha
+from medha import SamplingParams
+from medha.actors.tracked import TrackedRequest
+from tests.parallel_support import assert_prompt_logprobs_equal_hf, hf_greedy, parallel_config
+
+pytestmark = pytest.mark.anyio
+
+VOCAB = 503
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(length)]
+
+
+async def _generate_all(
+    engine: medha.Engine, work: list[tuple[list[int], SamplingParams]]
+) -> list[medha.Completion]:
+    results: list[Any] = [None] * len(work)
+
+    async def one(i: int) -> None:
+        await anyio.sleep(0.002 * i)
+        results[i] = await engine.generate(work[i][0], work[i][1], request_id=f"r{i}")
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(work)):
+            group.start_soon(one, i)
+    return results
+
+
+def _mixed_work(count: int, max_tokens: int) -> list[tuple[list[int], SamplingParams]]:
+    """Every other request scores its prompt (top 0, 2 or 5); the others only generate."""
+    work = []
+    for i in range(count):
+        scores = [0, 2, 5][i // 2 % 3] if i % 2 == 0 else None
+        params = SamplingParams.greedy(max_tokens, ignore_eos=True, prompt_logprobs=scores)
+        work.append((_prompt(i, 60 + 23 * i), params))
+    return work
+
+
+async def test_prompt_logprobs_equal_hf_across_chunks_and_interleaving() -> None:
+    work = _mixed_work(6, max_tokens=5)
+    # Chunks of at most 32 tokens: a prompt's last row in a chunk scores the next chunk's first
+    # token.
+    config = parallel_config(1, 1, 1, num_blocks=256, max_chunk=32)
+    async with medha.Engine(config, record_iterations=True) as e:
+        done = await _generate_all(e, work)
+        history = e.iteration_history
+        assert e.stats().free_blocks == e.stats().total_blocks
+    for (prompt, params), completion in zip(work, done, strict=True):
+        if params.prompt_logprobs is None:
+            assert completion.prompt_logprobs is None and completion.prompt_top_logprobs is None
+        else:
+            assert_prompt_logprobs_equal_hf(completion, params.prompt_logprobs)
+        # Scoring changes nothing of what is generated.
+        assert completion.token_ids == hf_greedy(prompt, params.max_tokens or 0)
+    # The scored prompts were computed in several chunks, sharing iterations with the others.
+    chunks = {
+        f"r{i}": sum(1 for r in history for seq in r.tokens if seq[0] == f"r{i}" and seq[2])
+        for i in (0, 2, 4)
+    }
+    assert all(count >= 2 for count in chunks.values()), chunks
+    assert any(len(record.tokens) > 1 for record in history)
+
+
+async def test_the_first_streamed_event_carries_the_prompt_logprobs() -> None:
+    prompt = _prompt(11, 70)
+    params = SamplingParams.greedy(4, ignore_eos=True, prompt_logprobs=1)
+    async with medha.Engine(parallel_config(1, 1, 1, num_blocks=256)) as engine:
+        events = [event async for event in engine.stream(prompt, params)]
+        completion = await engine.generate(prompt, params)
+        one_token = await engine.generate([7], params)
+    assert len(events) == 4
+    first = events[0]
+    assert first.prompt_logprobs == tuple(completion.prompt_logprobs or ())
+    assert first.prompt_top_logprobs == tuple(completion.prompt_top_logprobs or ())
+    assert all(e.prompt_logprobs is None and e.prompt_top_logprobs is None for e in events[1:])
+    assert_prompt_logprobs_equal_hf(completion, 1)
+    # Nothing comes before a prompt's first token.
+    assert one_token.prompt_logprobs == [None] and one_token.prompt_top_logprobs == [None]
+
+
+async def test_prompt_logprobs_survive_preemption_by_recompute() -> None:
+    # Twelve scoring requests of up to 160 tokens in 16 blocks (256 tokens): their decodes
+    # evict others, which recompute, and every prompt token is still scored exactly once.
+    params = SamplingParams.greedy(60, ignore_eos=True, prompt_logprobs=2)
+    work = [(_prompt(100 + i, 30 + 7 * i), params) for i in range(12)]
+    async with medha.Engine(parallel_config(1, 1, 1, num_blocks=16)) as engine:
+        done = await _generate_all(engine, work)
+        stats = engine.stats()
+    assert stats.preemptions > 0, "the small cache never forced a preemption"
+    assert stats.free_blocks == stats.total_blocks
+    for (prompt, _), completion in zip(work, done, strict=True):
+        assert_prompt_logprobs_equal_hf(completion, 2)
+        assert completion.token_ids == hf_greedy(prompt, 60)
+
+
+async def test_a_scoring_request_computes_its_whole_prompt_and_others_still_hit_the_cache() -> None:
+    prompt = _prompt(21, 130)
+    plain = SamplingParams.greedy(3, ignore_eos=True)
+    config = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=True)
+    async with medha.Engine(config) as engine:
+        await engine.generate(prompt, plain)  # caches the prompt's 8 full blocks
+        before = engine.stats().prefix_cache_hit_tokens
+        scored = await engine.generate(prompt, SamplingParams.greedy(3, prompt_logprobs=0))
+        after_scoring = engine.stats().prefix_cache_hit_tokens
+        await engine.generate(prompt, plain)
+        after_plain = engine.stats().prefix_cache_hit_tokens
+    assert after_scoring == before, "the scoring request took cached blocks"
+    assert after_plain - after_scoring == 128
+    assert_prompt_logprobs_equal_hf(scored, 0)
+
+
+async def test_a_gap_in_the_prompt_logprobs_ends_only_that_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bug that skipped a row to score would fail that request alone, not the engine.
+    rows = TrackedRequest.score_rows
+
+    def skips_the_first(self: TrackedRequest, start: int, end: int) -> range:
+        wanted = rows(self, start, end)
+        return wanted[1:] if self.request_id == "bad" else wanted
+
+    monkeypatch.setattr(TrackedRequest, "score_rows", skips_the_first)
+    params = SamplingParams.greedy(20, ignore_eos=True, prompt_logprobs=1)
+    async with medha.Engine(parallel_config(1, 1, 1, num_blocks=256, max_chunk=32)) as engine:
+        with anyio.fail_after(60):
+            bad, good = await asyncio.gather(
+                engine.generate(_prompt(1, 80), params, request_id="bad"),
+                engine.generate(_prompt(2, 80), params, request_id="good"),
+                return_exceptions=True,
+            )
+        stats = engine.stats()
+    assert isinstance(bad, RuntimeError) and "only the first 1 are known" in str(bad)
+    assert isinstance(good, medha.Completion) and len(good.token_ids) == 20
+    assert_prompt_logprobs_equal_hf(good, 1)
+    assert stats.free_blocks == stats.total_blocks
