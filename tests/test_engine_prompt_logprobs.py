@@ -1,8 +1,9 @@
 """SamplingParams.prompt_logprobs through the engine: each prompt token's log-probability (and the
 most likely tokens at its position) equal HF transformers' log_softmax of the same weights,
 however the prompt was chunked, interleaved with other requests or preempted and recomputed;
-a scoring request computes its whole prompt (no prefix cache hit) and leaves the cache to the
-others. The multi-process layouts are covered in tests/test_parallel_exactness.py."""
+a scoring request computes its whole prompt (no prefix cache hit) but fills the cache, and its
+steps do not teach the online time scale. The multi-process layouts are covered in
+tests/test_parallel_exactness.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 import medha
 from medha import SamplingParams
+from medha.actors.scheduler_actor import SchedulerActor
 from medha.actors.tracked import TrackedRequest
 from tests.parallel_support import assert_prompt_logprobs_equal_hf, hf_greedy, parallel_config
 
@@ -115,20 +117,28 @@ async def test_prompt_logprobs_survive_preemption_by_recompute() -> None:
         assert completion.token_ids == hf_greedy(prompt, 60)
 
 
-async def test_a_scoring_request_computes_its_whole_prompt_and_others_still_hit_the_cache() -> None:
+async def test_a_scoring_request_computes_its_whole_prompt_and_fills_the_cache() -> None:
     prompt = _prompt(21, 130)
     plain = SamplingParams.greedy(3, ignore_eos=True)
+    scoring = SamplingParams.greedy(3, prompt_logprobs=0)
     config = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=True)
     async with medha.Engine(config) as engine:
         await engine.generate(prompt, plain)  # caches the prompt's 8 full blocks
         before = engine.stats().prefix_cache_hit_tokens
-        scored = await engine.generate(prompt, SamplingParams.greedy(3, prompt_logprobs=0))
+        scored = await engine.generate(prompt, scoring)
         after_scoring = engine.stats().prefix_cache_hit_tokens
         await engine.generate(prompt, plain)
         after_plain = engine.stats().prefix_cache_hit_tokens
     assert after_scoring == before, "the scoring request took cached blocks"
     assert after_plain - after_scoring == 128
     assert_prompt_logprobs_equal_hf(scored, 0)
+    # As vLLM: it takes nothing from the cache but fills it, for a question after the scoring.
+    async with medha.Engine(config) as engine:
+        await engine.generate(prompt, scoring)
+        assert engine.stats().prefix_cache_hit_tokens == 0
+        follow_up = await engine.generate([*prompt, 5, 6, 7], plain)
+        assert engine.stats().prefix_cache_hit_tokens == 128
+    assert follow_up.token_ids == hf_greedy([*prompt, 5, 6, 7], 3)
 
 
 async def test_a_gap_in_the_prompt_logprobs_ends_only_that_request(
@@ -155,3 +165,59 @@ async def test_a_gap_in_the_prompt_logprobs_ends_only_that_request(
     assert isinstance(good, medha.Completion) and len(good.token_ids) == 20
     assert_prompt_logprobs_equal_hf(good, 1)
     assert stats.free_blocks == stats.total_blocks
+
+
+async def test_a_prompt_preempted_halfway_through_scores_each_token_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A long scoring prompt (lax deadline: the least urgent prefill) starts first, in 32-token
+    # chunks; urgent chats then decode long answers in a small cache, and a decode short of
+    # memory evicts the part-way prefill, which later recomputes its prompt from the start.
+    halfway: list[int] = []
+    schedule = SchedulerActor._schedule
+
+    def watching(self: SchedulerActor) -> Any:
+        plan = schedule(self)
+        for request_id in plan.preempted:
+            request = self.requests.get(request_id)
+            if request is not None and request.params.prompt_logprobs is not None:
+                halfway.append(len(request.prompt_logprobs))
+        return plan
+
+    monkeypatch.setattr(SchedulerActor, "_schedule", watching)
+    chat = SamplingParams.greedy(80, ignore_eos=True)
+    scoring = SamplingParams.greedy(3, ignore_eos=True, prompt_logprobs=2)
+    work = [(_prompt(400, 400), scoring, 60.0)]
+    work += [(_prompt(300 + i, 12 + i), chat, None) for i in range(6)]
+    results: list[Any] = [None] * len(work)
+    async with medha.Engine(parallel_config(1, 1, 1, num_blocks=36, max_chunk=32)) as engine:
+
+        async def one(i: int) -> None:
+            await anyio.sleep(0.003 * i)
+            prompt, params, deadline = work[i]
+            results[i] = await engine.generate(prompt, params, deadline)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(work)):
+                group.start_soon(one, i)
+        stats = engine.stats()
+    assert any(1 < scored < 400 for scored in halfway), halfway
+    assert stats.free_blocks == stats.total_blocks
+    for (prompt, params, _), completion in zip(work, results, strict=True):
+        if params.prompt_logprobs is not None:
+            assert_prompt_logprobs_equal_hf(completion, 2)
+        assert completion.token_ids == hf_greedy(prompt, params.max_tokens or 0)
+
+
+async def test_scoring_steps_do_not_teach_the_online_time_scale() -> None:
+    # Their LM head over every prompt row is work the cost model does not count: a time scale
+    # learning from them would price every other request's batches too high.
+    config = parallel_config(1, 1, 1, num_blocks=256, max_chunk=32, online_time_scale=True)
+    async with medha.Engine(config) as engine:
+        start = engine.stats().time_scale
+        await engine.generate(_prompt(5, 150), SamplingParams.greedy(1, prompt_logprobs=0))
+        after_scoring = engine.stats().time_scale
+        await engine.generate(_prompt(6, 150), SamplingParams.greedy(1))
+        after_plain = engine.stats().time_scale
+    assert after_scoring == start
+    assert after_plain != start

@@ -82,6 +82,63 @@ async def test_layout_matches_single_process_and_hf(layout: tuple[int, int, int]
         assert error < 1e-4, f"request {i}: relative logit error {error:.2e}"
 
 
+@pytest.mark.parametrize(
+    ("layout", "settings"),
+    [
+        pytest.param((1, 2, 1), {"max_chunk": 64}, id="pp2-small-chunks"),
+        # Chunks of over 256 rows: the TP peers follow the scorer through several LM-head slices.
+        pytest.param(
+            (2, 2, 1),
+            {"max_chunk": 512, "target_batch_time": 1.0},
+            id="tp2-pp2-large-chunks",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+async def test_prompt_logprobs_with_chunks_of_one_prompt_in_flight(
+    layout: tuple[int, int, int], settings: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With SPP a prompt's next chunk enters stage 0 while the previous one is on stage 1; each
+    # chunk's last row scores the next chunk's first token.
+    from medha.actors.pipeline_scheduler import PipelineSchedulerActor
+
+    in_flight: list[tuple[int, int]] = []  # (chunk's scored rows, its prompt's chunks in flight)
+    issue = PipelineSchedulerActor._issue
+
+    def watching(self: PipelineSchedulerActor, plan: object) -> None:
+        for seq in plan.seqs:  # type: ignore[attr-defined]
+            request = self.requests[seq.request_id]
+            if request.params.prompt_logprobs is not None:
+                ahead = sum(
+                    1
+                    for flight in self._order
+                    if flight.plan is not None
+                    and any(s.request_id == seq.request_id for s in flight.plan.seqs)
+                )
+                in_flight.append((len(request.score_rows(seq.start, seq.end)), ahead))
+        issue(self, plan)
+
+    monkeypatch.setattr(PipelineSchedulerActor, "_issue", watching)
+    prompts = [[(7 * i + 3 * n) % 503 for i in range(n)] for n in (600, 300)]
+    params = SamplingParams.greedy(4, ignore_eos=True, prompt_logprobs=4)
+    done: list[medha.Completion] = []
+    async with medha.Engine(parallel_config(*layout, num_blocks=96, **settings)) as engine:
+
+        async def score(prompt: list[int]) -> None:
+            done.append(await engine.generate(prompt, params))
+
+        async with anyio.create_task_group() as group:
+            for prompt in prompts:
+                group.start_soon(score, prompt)
+        assert engine.stats().free_blocks == engine.stats().total_blocks
+    assert max(ahead for _, ahead in in_flight) >= 1, in_flight
+    if layout[0] > 1:
+        assert max(rows for rows, _ in in_flight) > 256, in_flight
+    for completion in done:
+        assert_prompt_logprobs_equal_hf(completion, 4)
+        assert completion.token_ids == hf_greedy(completion.prompt_token_ids, 4)
+
+
 # Penalties and min_tokens depend on every token so far, which the sampling worker counts from
 # the steps it runs: a recomputed prompt must not count twice.
 PENALTIES = [

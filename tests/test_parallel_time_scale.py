@@ -95,9 +95,12 @@ class _SlowStage:
         self.arch = SimpleNamespace(hidden_size=4)
         self.seconds = seconds
 
-    def __call__(self, inputs: torch.Tensor, *args: object) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         time.sleep(self.seconds)
         return inputs
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 @pytest.mark.parametrize("last", [False, True])
@@ -121,6 +124,7 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
         prev_rank=0,
         next_rank=None if last else 2,
         samples=last,
+        heads=last,
         kvp_merge=None,
         device=torch.device("cpu"),
         pp=2,

@@ -4,16 +4,23 @@ so that chunking and preemption score every prompt token once."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import medha.model.prompt_scoring as prompt_scoring
+from medha.actors.messages import ModelStep, ResumeStep, SeqWork, StepOutput, StepPaused
+from medha.actors.model_thread import ModelThread
+from medha.actors.prompt_scores import score_prompts
+from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.errors import InvalidSamplingParamsError
 from medha.model.prompt_scoring import PromptScores, ScoreSpan, score_spans
+from medha.model.setup import build_runner
 from medha.model.single import generate_single
 from medha.request import TokenLogprob
-from medha.sampling import SamplingParams
+from medha.sampling import SamplingParams, SamplingSetup
 from tests.engine_support import tracked_request
 from tests.test_output_text import CharDecoder
 
@@ -147,3 +154,68 @@ def test_generate_single_refuses_prompt_logprobs_rather_than_drop_them() -> None
                 CharDecoder(),
             )
         )
+
+
+def _stage_scores(pause: bool) -> tuple[object, dict[str, object]]:
+    """A step of a decode and a scoring prefill chunk on the single-process stage, paused after
+    its first layer (its decode split off and finished at once) and resumed, or run through:
+    the chunk's prompt logprobs, and the decode's token."""
+    runner, _ = build_runner("tiny-random", num_blocks=64)
+    stage = StageActor(runner, ModelThread("test-model"))
+    chat = [5 + i for i in range(20)]
+    first = stage.run_step(
+        ModelStep(0, (SeqWork("d", 0, tuple(chat), (0, 1), True, SamplingSetup(_GREEDY, 20)),))
+    )
+    assert isinstance(first, StepOutput)
+    token = first.sampled["d"].token_id
+    prompt = tuple(100 + 3 * i for i in range(40))
+    scoring = SamplingSetup(SamplingParams.greedy(5, prompt_logprobs=3), 40, (), prompt)
+    works = (
+        SeqWork("d", 20, (token,), (), True, None, decode=True),
+        SeqWork("s", 0, prompt[:32], (2, 3), False, scoring, score_rows=range(0, 32)),
+    )
+    event = threading.Event()
+    if pause:
+        event.set()
+    result = stage.run_step(ModelStep(1, works, pause=event))
+    decoded = {}
+    if pause:
+        assert isinstance(result, StepPaused) and result.layers_done == 1
+        decoded = dict(result.sampled)
+        result = stage.resume_step(ResumeStep(1))
+    assert isinstance(result, StepOutput)
+    decoded.update(result.sampled)
+    return result.prompt_scores["s"], decoded
+
+
+_GREEDY = SamplingParams.greedy(5)
+
+
+def test_a_paused_step_scores_its_prompt_rows_as_one_that_ran_through() -> None:
+    through, decoded_through = _stage_scores(pause=False)
+    paused, decoded_paused = _stage_scores(pause=True)
+    # The prefill part of a paused step resumes bitwise (medha.model.layerwise): same scores.
+    assert paused == through
+    assert isinstance(through, PromptScores) and through.first == 1
+    assert len(through.logprobs) == 32 and all(len(top) == 3 for top in through.top_logprobs)
+    assert decoded_paused.keys() == decoded_through.keys() == {"d"}
+
+
+def test_a_scorer_that_fails_first_makes_its_tp_peers_head_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its TP peers are in the head's all-gathers: failing before them would leave the peers
+    # waiting out the collective timeout instead of failing on the next step.
+    monkeypatch.setattr(prompt_scoring, "SLICE_ROWS", 4)
+    head, calls = _head()
+    works = [SeqWork("r", 0, tuple(range(10)), (), False, score_rows=range(0, 9))]
+
+    def unknown(request_id: str) -> object:
+        raise KeyError(request_id)
+
+    with pytest.raises(KeyError):
+        score_prompts(torch.randn(10, 8), works, head, unknown)  # type: ignore[arg-type]
+    assert calls == [4, 4, 1]
+    calls.clear()
+    assert score_prompts(torch.randn(10, 8), works, head, None) == {}
+    assert calls == [4, 4, 1]

@@ -72,6 +72,32 @@ def test_a_request_that_starts_like_a_computed_one_skips_the_shared_blocks() -> 
     assert c_seq.start == 288 and c_seq.new_blocks[0][1][:18] == a_blocks[:18]
 
 
+def _until_done(scheduler: Any, request_id: str, now: float) -> float:
+    while (request := scheduler.get(request_id)) is not None and not request.status.is_done:
+        step(scheduler, now)
+        now += 0.01
+    return now
+
+
+def test_a_request_that_does_not_read_the_cache_computes_its_prompt_and_fills_it() -> None:
+    # A request that scores its prompt (prompt logprobs) must compute every position.
+    scheduler = make_scheduler(target_batch_time=0.05)
+    doc = _prompt(1, 300)
+    hashes = block_hashes(doc, 16)
+    scorer = scheduler.add_request("s", 300, 2, arrival=0.0, block_hashes=hashes, reads_cache=False)
+    now = _until_done(scheduler, "s", 0.0)
+    # It filled the cache like any request: a reader takes its 18 blocks.
+    scheduler.add_request("a", 300, 2, arrival=now, block_hashes=hashes)
+    plan, _ = step(scheduler, now)
+    assert plan.seqs[0].start == 288 and scheduler.stats().prefix_hit_blocks == 18
+    now = _until_done(scheduler, "a", now)
+    # Another one that does not read: nothing cached counts for it, and it starts at 0.
+    later = scheduler.add_request("t", 300, 2, arrival=now, block_hashes=hashes, reads_cache=False)
+    assert later.cached_at_arrival == 0 and scorer.cached_at_arrival == 0
+    plan, _ = step(scheduler, now)
+    assert plan.seqs[0].start == 0 and scheduler.stats().prefix_hit_blocks == 18
+
+
 def test_a_prompt_of_whole_blocks_still_computes_its_last_block() -> None:
     scheduler = make_scheduler()
     prompt = _prompt(3, 64)

@@ -28,10 +28,17 @@ def _add(
     now: float,
     deadline: float | None = None,
     max_new_tokens: int = 2,
+    reads_cache: bool = True,
 ) -> None:
     hashes = block_hashes(prompt, 16)
     scheduler.add_request(
-        request_id, len(prompt), max_new_tokens, now, deadline, block_hashes=hashes
+        request_id,
+        len(prompt),
+        max_new_tokens,
+        now,
+        deadline,
+        block_hashes=hashes,
+        reads_cache=reads_cache,
     )
 
 
@@ -59,6 +66,16 @@ def test_a_request_waits_for_the_prefix_a_started_prefill_computes_then_takes_it
     # B started once A had computed the whole document: its 125 blocks came from the cache.
     assert b_seqs[0].start == 2000
     assert scheduler.stats().prefix_hit_blocks == 125
+
+
+def test_a_request_that_does_not_read_the_cache_waits_for_nobody() -> None:
+    # It would compute the shared prefix anyway (it scores its prompt): waiting gains nothing.
+    scheduler = make_scheduler(target_batch_time=0.01)
+    _add(scheduler, "a", _question(1), 0.0)
+    step(scheduler, 0.0)
+    _add(scheduler, "b", _question(2), 0.01, deadline=0.01, reads_cache=False)
+    plan, _ = step(scheduler, 0.01)
+    assert [(seq.request_id, seq.start) for seq in plan.seqs if seq.request_id == "b"] == [("b", 0)]
 
 
 def test_requests_arriving_together_compute_their_shared_prefix_once() -> None:

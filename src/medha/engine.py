@@ -455,9 +455,7 @@ class Engine:
             raise InvalidRequestError("request_id must be a non-empty string")
         elif self._taken(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        # A request that scores its prompt computes all of it: it neither reads the prefix
-        # cache nor, without digests, adds to it.
-        caches = self.config.enable_prefix_caching and params.prompt_logprobs is None
+        caches = self.config.enable_prefix_caching
         request = TrackedRequest(
             request_id=request_id,
             prompt_ids=prompt_ids,

@@ -57,7 +57,7 @@ class SamplingParams:
             given the tokens before it (the first has none), and the `prompt_logprobs` most
             likely tokens at each position (0 to 20), under the model's raw distribution: what
             perplexity and multiple-choice scoring need. Such a request computes its whole
-            prompt: it takes nothing from the prefix cache (vLLM does the same).
+            prompt: it takes nothing from the prefix cache, though it fills it (as vLLM).
         include_stop_str_in_output: keep the matched stop string (or the stop token's text)
             at the end of the output.
         min_tokens: generate at least this many tokens before eos, a stop token or a stop

@@ -176,7 +176,8 @@ class PipelineSchedulerActor(SchedulerActor):
         self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
-        if self.time_scale is not None and flight.compute_seconds > 0:
+        # A plan that scored prompt rows ran LM-head work the cost model does not count.
+        if self.time_scale is not None and flight.compute_seconds > 0 and not output.prompt_scores:
             # The step lasts as long as its slowest KVP group: observe that group's batch.
             shapes = max(plan.group_shapes().values(), key=self.time_scale.cost.batch_time)
             # Up to pp plans are in flight: the level may have moved since this one was priced,

@@ -21,23 +21,37 @@ def score_prompts(
     """The prompt logprobs of `works` (the step's sequences, in the order of `hidden`'s rows),
     by request. `sampling_of` gives a request's sampling state on the rank that samples; a TP
     peer of that rank passes None, runs `head` on the same rows and gets {} back."""
+    # What every rank computes alike: the rows, and the first prompt token each span scores.
     spans: list[ScoreSpan] = []
-    targets: list[Sequence[int]] = []
     scored: list[str] = []
     offset = 0
     for work in works:
         rows = work.score_rows
         if rows:
             first = work.start + rows.start + 1
-            top = 0
-            if sampling_of is not None:
-                sampling = sampling_of(work.request_id)
-                top = sampling.params.prompt_logprobs or 0
-                targets.append(sampling.prompt_targets(first, len(rows)))
-            spans.append(ScoreSpan(range(offset + rows.start, offset + rows.stop), first, top))
+            spans.append(ScoreSpan(range(offset + rows.start, offset + rows.stop), first, 0))
             scored.append(work.request_id)
         offset += len(work.token_ids)
     if not spans:
         return {}
-    scores = score_spans(hidden, spans, head, None if sampling_of is None else targets)
-    return {} if scores is None else dict(zip(scored, scores, strict=True))
+    if sampling_of is None:
+        score_spans(hidden, spans, head, None)
+        return {}
+    try:
+        samplings = [sampling_of(request_id) for request_id in scored]
+        targets = [
+            sampling.prompt_targets(span.first, len(span.rows))
+            for sampling, span in zip(samplings, spans, strict=True)
+        ]
+    except Exception:
+        # The TP peers are already in the head's all-gathers: make the same calls before
+        # failing, so they fail on the next step instead of waiting out the timeout.
+        score_spans(hidden, spans, head, None)
+        raise
+    spans = [
+        ScoreSpan(span.rows, span.first, sampling.params.prompt_logprobs or 0)
+        for sampling, span in zip(samplings, spans, strict=True)
+    ]
+    scores = score_spans(hidden, spans, head, targets)
+    assert scores is not None
+    return dict(zip(scored, scores, strict=True))

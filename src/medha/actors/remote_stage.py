@@ -25,7 +25,7 @@ from medha.actors.messages import SampledToken, StepOutput, sampled_tokens
 from medha.actors.prompt_scores import score_prompts
 from medha.kernels import AttentionFn, AttentionMetadata
 from medha.model.kv_cache import KVCache
-from medha.model.prompt_scoring import PromptScores
+from medha.model.prompt_scoring import PromptScores, to_device
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import StepSeq
 from medha.parallel.kvp import KvpMerge, shard_step_seq
@@ -77,6 +77,7 @@ class RemoteStage:
         prev_rank: int | None,
         next_rank: int | None,
         samples: bool,
+        heads: bool,
         kvp_merge: KvpMerge | None,
         device: torch.device,
         pp: int,
@@ -85,6 +86,8 @@ class RemoteStage:
         self.model, self.cache, self.attention = model, cache, attention
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.samples = samples
+        self.heads = heads
+        """Runs the LM head: the last stage of the KVP group that samples (every TP rank)."""
         self.kvp_merge = kvp_merge
         self.device = device
         self._seqs: dict[str, _SeqState] = {}
@@ -152,13 +155,19 @@ class RemoteStage:
             # of its KV: keep them all the same.
             state.block_table.extend(work.new_blocks)
             batch.append(shard_step_seq(work, state.block_table))
+        # Queued before the layers, so that the head follows them without a host sync.
+        logit_rows = self._logit_rows(step) if self.next_rank is None else None
         out, started = self._forward(step, batch)
         if self.next_rank is not None:
             # Timed before the send: handing the output on is not this stage's compute.
             seconds = self._seconds_since(started)
             self._send(out)
             return StageDone(step.seq_no, self.rank, seconds=seconds)
-        logits = self._logits(step, out)
+        if not self.heads:
+            # Another KVP group's last stage: group 0's holds the same hidden states (after
+            # the KVP merge) and samples.
+            return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
+        logits = self.model.head(out if logit_rows is None else out.index_select(0, logit_rows))
         # The sampling rank's TP peers run the LM head on the same rows (a collective).
         scores = score_prompts(
             out, step.seqs, self.model.head, self._sampling_of if self.samples else None
@@ -204,18 +213,18 @@ class RemoteStage:
         )
         return out, started
 
-    def _logits(self, step: ShardStep, hidden: torch.Tensor) -> torch.Tensor:
-        """The last stage's logits: of every query token with `all_logits`, else of the
-        sampling rows (the LM head is the largest matmul of a small model's prefill)."""
+    def _logit_rows(self, step: ShardStep) -> torch.Tensor | None:
+        """Rows of the last stage's hidden states that get logits: every query token's with
+        `all_logits` (None), else the sampling rows (the LM head is the largest matmul of a
+        small model's prefill)."""
         if step.all_logits:
-            return self.model.head(hidden)
+            return None
         rows, total = [], 0
         for work in step.seqs:
             total += len(work.token_ids)
             if work.samples:
                 rows.append(total - 1)
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return self.model.head(hidden.index_select(0, index))
+        return to_device(rows, self.device)
 
     def _sampling_of(self, request_id: str) -> RequestSampling:
         sampling = self._seqs[request_id].sampling

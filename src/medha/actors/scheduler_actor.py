@@ -199,6 +199,8 @@ class SchedulerActor(Actor[Submit | Abort]):
                 request.metrics.arrival,
                 request.deadline,
                 request.block_hashes,
+                # A request that scores its prompt computes all of it (it fills the cache).
+                reads_cache=request.params.prompt_logprobs is None,
             )
         except Exception as exc:  # checked before submitting; a late refusal ends only it
             request.fail(exc, self.clock())
@@ -250,8 +252,9 @@ class SchedulerActor(Actor[Submit | Abort]):
         self._admit_parked()
         self._record(plan, started, output.seconds)
         # A step that paused ran as two batches (its decodes, split off, and the rest): its
-        # time is not the predicted batch's.
-        if self.time_scale is not None and self.pauses == pauses:
+        # time is not the predicted batch's. Nor is one's that scored prompt rows: the cost
+        # model does not count their LM head, which is not the machine running slow.
+        if self.time_scale is not None and self.pauses == pauses and not output.prompt_scores:
             shapes = [SeqShape(seq.q_tokens, seq.kv_tokens) for seq in plan.seqs]
             self.time_scale.observe_batch(shapes, plan.predicted_time, output.seconds)
         _log.debug(

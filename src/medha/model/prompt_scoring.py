@@ -20,8 +20,9 @@ import torch
 from medha.request import TokenLogprob
 
 SLICE_ROWS = 256
-"""Rows per LM-head call: bounds the transient logits at SLICE_ROWS x vocabulary fp32 values
-(128 MiB for a 128K vocabulary), while each matmul stays large enough to run at full speed."""
+"""Rows per LM-head call: bounds the transient logits at SLICE_ROWS x vocabulary values (with
+TP, plus the all-gather's buffers): 128 MiB of fp32 for a 128K vocabulary, while each matmul
+stays large enough to run at full speed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,30 +63,31 @@ def score_spans(
     (its vocabulary all-gather is a collective) and gets None back.
     """
     index = [row for span in spans for row in span.rows]
+    wanted: torch.Tensor | None = None
     if targets is not None:
         flat_targets = [token for span_targets in targets for token in span_targets]
         if len(flat_targets) != len(index):
             raise ValueError(f"{len(index)} rows to score but {len(flat_targets)} targets")
+        wanted = to_device(flat_targets, hidden.device)
     most = max((span.top for span in spans), default=0)
+    rows = to_device(index, hidden.device)
     chosen: list[torch.Tensor] = []
     top_values: list[torch.Tensor] = []
     top_ids: list[torch.Tensor] = []
-    device = hidden.device
     for begin in range(0, len(index), SLICE_ROWS):
-        rows = torch.tensor(index[begin : begin + SLICE_ROWS], dtype=torch.int64, device=device)
-        logits = head(hidden.index_select(0, rows))
-        if targets is None:
+        logits = head(hidden.index_select(0, rows[begin : begin + SLICE_ROWS]))
+        if wanted is None:
             continue
-        log_probs = logits.log_softmax(dim=-1)
-        wanted = torch.tensor(
-            flat_targets[begin : begin + SLICE_ROWS], dtype=torch.int64, device=device
-        )
-        chosen.append(log_probs.gather(1, wanted.unsqueeze(1)).squeeze(1))
+        # log_softmax without a second vocabulary-wide tensor: the log-normaliser once, then
+        # only the few values kept.
+        normaliser = logits.logsumexp(dim=-1, keepdim=True)
+        target = wanted[begin : begin + SLICE_ROWS].unsqueeze(1)
+        chosen.append((logits.gather(1, target) - normaliser).squeeze(1))
         if most:
-            values, ids = log_probs.topk(min(most, log_probs.shape[1]), dim=-1)
-            top_values.append(values)
+            values, ids = logits.topk(min(most, logits.shape[1]), dim=-1)
+            top_values.append(values - normaliser)
             top_ids.append(ids)
-    if targets is None:
+    if wanted is None:
         return None
     # One device-to-host copy each, after every slice ran.
     logprobs = torch.cat(chosen).tolist() if chosen else []
@@ -109,3 +111,13 @@ def score_spans(
         scores.append(PromptScores(span.first, tuple(logprobs[offset : offset + count]), tops))
         offset += count
     return scores
+
+
+def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of `values` on `device`. On a GPU through pinned memory, without
+    blocking: a plain copy from pageable memory would first wait for all the work queued on
+    the stream (the step's layers), and the GPU would idle while the host queues the rest."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -173,6 +173,7 @@ def _load_stage(rank: int, spec: WorkerSpec) -> None:
         prev_rank=layout.prev_stage(rank),
         next_rank=layout.next_stage(rank),
         samples=rank == layout.sampler_rank,
+        heads=last and coords.kvp == layout.coords(layout.sampler_rank).kvp,
         kvp_merge=KvpMerge(groups.kvp, layout.kvp) if layout.kvp > 1 else None,
         device=device,
         pp=layout.pp,

@@ -88,7 +88,7 @@ class KvpLayout:
         it spans; for `request`, counting the prefix cache blocks it would take there (they
         need no free block, and one nobody uses is no longer free once taken)."""
         counts = self.blocks_by_group_index(tokens)
-        hashed = request is not None and bool(request.block_hashes)
+        hashed = request is not None and request.reads_cache and bool(request.block_hashes)
         if self.limit is None and not hashed:
             return [g for g in range(self.num_groups) if pool.num_free(g) >= counts[0]]
         feasible = []
@@ -113,6 +113,8 @@ class KvpLayout:
         run of leading blocks found in the prefix cache of the groups that would hold
         them. Never all of its known tokens: the last one is always computed (its logits
         sample), in a block of its own, so no step writes into a shared block."""
+        if not request.reads_cache:
+            return []
         return self._hit(request.block_hashes, request.known_tokens, first, pool)
 
     def cached_tokens(self, hashes: Sequence[bytes], known_tokens: int, pool: BlockPool) -> int:

@@ -53,7 +53,7 @@ class SharedPrefixGate:
     def computer_of(self, request: SchedRequest) -> SchedRequest | None:
         """The started prefill queued `request` waits for, if any."""
         hashes = request.block_hashes
-        if not hashes:
+        if not hashes or not request.reads_cache:
             return None
         candidates = self._computing_by_first().get(hashes[0])
         if not candidates:

@@ -83,6 +83,9 @@ class SchedRequest:
     """Chained digests of its full blocks (medha.scheduler.prefix_cache), for prefix caching:
     the prompt's, then those its sampled tokens fill (`extend_block_hashes`); empty: the
     request neither uses nor fills the cache (so far)."""
+    reads_cache: bool = True
+    """False: it takes no block from the prefix cache (it computes its whole prompt, e.g. to
+    score it), though it fills the cache like any other."""
     cached_at_arrival: int = 0
     """Prompt tokens the prefix cache held when it arrived: `total_prefill_s` (its priority
     and default deadline) counts only the rest."""

@@ -78,11 +78,13 @@ class Scheduler:
         arrival: float,
         deadline: float | None = None,
         block_hashes: Sequence[bytes] = (),
+        reads_cache: bool = True,
     ) -> SchedRequest:
         """Queue a request. `deadline`: seconds after arrival by which its first token is due
         (default: max(1.5 x predicted prefill time, 0.5 s)). `block_hashes`: the chained digests
         of its prompt's full blocks (`medha.scheduler.prefix_cache.block_hashes`), to share
         computed KV with other requests that start the same way; none: no prefix caching.
+        Without `reads_cache` it computes its whole prompt, and only fills the cache.
 
         Raises InvalidRequestError for bad lengths or a duplicate id, RequestTooLargeError when
         its KV (prompt + max_new_tokens) could never fit the KVP groups it may use.
@@ -94,7 +96,8 @@ class Scheduler:
         )
         self.check_fits(prompt_len, max_new_tokens, request_id)
         # What it has to compute: past what the prefix cache holds of it now.
-        cached = self.table.layout.cached_tokens(block_hashes, prompt_len, self.table.pool)
+        hashes = block_hashes if reads_cache else ()
+        cached = self.table.layout.cached_tokens(hashes, prompt_len, self.table.pool)
         total_prefill_s = prefill_work(self.cost, cached, prompt_len)
         request = SchedRequest(
             request_id=request_id,
@@ -106,6 +109,7 @@ class Scheduler:
             total_prefill_s=total_prefill_s,
             order=self._next_order,
             block_hashes=tuple(block_hashes),
+            reads_cache=reads_cache,
             cached_at_arrival=cached,
         )
         self._next_order += 1

