@@ -156,7 +156,7 @@ class RemoteStage:
             state.block_table.extend(work.new_blocks)
             batch.append(shard_step_seq(work, state.block_table))
         # Queued before the layers, so that the head follows them without a host sync.
-        logit_rows = self._logit_rows(step) if self.next_rank is None else None
+        logit_rows = self._logit_rows(step) if self.next_rank is None and self.heads else None
         out, started = self._forward(step, batch)
         if self.next_rank is not None:
             # Timed before the send: handing the output on is not this stage's compute.
