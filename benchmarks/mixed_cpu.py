@@ -12,7 +12,8 @@ other; `medha.bench.stretch_bound`), and per run the worst slowdown against its 
 possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)
 runs it with EngineConfig.pause_iterations=False: no iteration stops between layers for a
 newer request; with "-unguarded", EngineConfig.lead_guard=False: plain LARS, whose started
-prefills take turns with newer ones (docs/scheduler.md, "The lead guard").
+prefills take turns with newer ones (docs/scheduler.md, "The lead guard"). With "+lone" at
+the end, EngineConfig.lone_batch_time=0.5: a prefill alone in the engine runs 0.5 s iterations.
 
 With `--repeats N` every system plays the workload N times, alternating systems within each
 round, and the percentiles pool the N x 16 short requests: on a shared machine the p99 of one
@@ -57,12 +58,17 @@ from medha.perf import save_profile
 from medha.sim.metrics import percentile
 from medha.sim.traces import trace_path
 
+LONE_SUFFIX = "+lone"
+LONE_BATCH_TIME_S = 0.5
+
 
 def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
     """`system`: a policy name, optionally followed by "-unpaused" (iterations never pause
     between layers for a newly arrived request: EngineConfig.pause_iterations) and/or
-    "-unguarded" (no lead guard: EngineConfig.lead_guard)."""
-    policy, *variants = system.split("-un")  # no policy name contains "-un"
+    "-unguarded" (no lead guard: EngineConfig.lead_guard), then optionally "+lone" (0.5 s
+    iterations for a prefill alone in the engine: EngineConfig.lone_batch_time)."""
+    lone = system.endswith(LONE_SUFFIX)
+    policy, *variants = system.removesuffix(LONE_SUFFIX).split("-un")  # no policy has "-un"
     unknown = set(variants) - {"paused", "guarded"}
     if unknown:
         raise ValueError(f"unknown system variant in {system!r}: {sorted(unknown)}")
@@ -71,6 +77,7 @@ def medha_config(system: str, args: Any, profile: Path) -> EngineConfig:
         policy=policy,
         pause_iterations=False if "paused" in variants else None,
         lead_guard="guarded" not in variants,
+        lone_batch_time=LONE_BATCH_TIME_S if lone else None,
         cost_profile=profile,
         target_batch_time=args.target_batch_time,
         fixed_chunk=args.fixed_chunk,
@@ -413,7 +420,7 @@ if __name__ == "__main__":
         "--policies",
         default="lars,fcfs,fcfs-chunked,lars-unpaused,lars-unguarded",
         help="medha systems, comma-separated: policy names, optionally with -unpaused and/or "
-        "-unguarded",
+        "-unguarded, then +lone",
     )
     parser.add_argument("--long-tokens", type=int, default=6144)
     parser.add_argument("--shorts", type=int, default=16)

@@ -5,8 +5,10 @@ time through the engine (prefix caching off, so every run computes the whole doc
 - "prefill only": the DOC_TOKENS-token document and one sampled token (what any request pays);
 - "prompt_logprobs=0": the same, with each document token's log-probability;
 - "prompt_logprobs=5": also the 5 most likely tokens at each position;
-and HF transformers on the same weights: one forward over the document, then log_softmax and
-gather (what a user would write to score it; its logits for the whole document at once).
+the first two again on an engine with EngineConfig.lone_batch_time=0.5 (a prefill alone in
+the engine runs 0.5 s iterations instead of target_batch_time's); and HF transformers on the
+same weights: one forward over the document, then log_softmax and gather (what a user would
+write to score it; its logits for the whole document at once).
 The systems run alternately, REPEATS times; a ratio is the median over repeats of a system's
 time over "prefill only"'s in the same repeat, shown with its range. medha's values are checked
 against HF's (largest absolute difference). Prints a table and writes JSON.
@@ -36,6 +38,11 @@ MEDHA_RUNS = {
     "prompt_logprobs=0": 0,
     "prompt_logprobs=5": 5,
 }
+LONE_BATCH_TIME_S = 0.5
+LONE_RUNS = {
+    f"prefill only, lone_batch_time={LONE_BATCH_TIME_S}": None,
+    f"prompt_logprobs=0, lone_batch_time={LONE_BATCH_TIME_S}": 0,
+}
 
 
 def document(vocab: int) -> list[int]:
@@ -44,11 +51,11 @@ def document(vocab: int) -> list[int]:
 
 
 async def medha_times(
-    engine: medha.Engine, doc: list[int]
+    engine: medha.Engine, doc: list[int], runs: dict[str, int | None]
 ) -> dict[str, tuple[float, list[float | None] | None]]:
     """Seconds per medha run (arrival to completion) and its prompt logprobs."""
     results: dict[str, tuple[float, list[float | None] | None]] = {}
-    for name, top in MEDHA_RUNS.items():
+    for name, top in runs.items():
         params = medha.SamplingParams.greedy(1, prompt_logprobs=top)
         done = await engine.generate(doc, params)
         assert done.metrics.e2e is not None
@@ -74,13 +81,18 @@ async def run(repeats: int) -> dict[str, object]:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     hf.eval()
     config = medha.EngineConfig(model="smollm2-135m", enable_prefix_caching=False)
-    times: dict[str, list[float]] = {name: [] for name in [*MEDHA_RUNS, "HF forward"]}
+    lone = config.model_copy(update={"lone_batch_time": LONE_BATCH_TIME_S})
+    times: dict[str, list[float]] = {name: [] for name in [*MEDHA_RUNS, *LONE_RUNS, "HF forward"]}
     worst_difference = 0.0
-    async with medha.Engine(config) as engine:
+    async with medha.Engine(config) as engine, medha.Engine(lone) as lone_engine:
         doc = document(engine._vocab_size)
         _, reference = hf_time(hf, doc)  # also a warm-up
         for _ in range(repeats):
-            for name, (seconds, logprobs) in (await medha_times(engine, doc)).items():
+            results = {
+                **(await medha_times(engine, doc, MEDHA_RUNS)),
+                **(await medha_times(lone_engine, doc, LONE_RUNS)),
+            }
+            for name, (seconds, logprobs) in results.items():
                 times[name].append(seconds)
                 if logprobs is not None:
                     got = torch.tensor(logprobs[1:])

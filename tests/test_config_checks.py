@@ -19,7 +19,7 @@ import torch
 from medha import engine_setup
 from medha.calibration import calibration_target
 from medha.config import ATTENTION_BACKENDS, EngineConfig, ParallelConfig
-from medha.engine_setup import build_engine_parts, max_model_len_for
+from medha.engine_setup import build_engine_parts, build_scheduler_config, max_model_len_for
 from medha.errors import (
     DeviceUnavailableError,
     InvalidConfigError,
@@ -345,3 +345,11 @@ def test_a_parallel_layout_that_cannot_work_fails_before_any_worker_starts(
     )  # type: ignore[arg-type]
     with pytest.raises(InvalidConfigError, match=re.escape(message)):
         engine_parts.build_parallel_parts(config)
+
+
+def test_lone_batch_time_is_off_unless_chosen_and_reaches_the_scheduler() -> None:
+    assert build_scheduler_config(EngineConfig(model="tiny-random"), 64).lone_batch_time is None
+    chosen = EngineConfig(model="tiny-random", lone_batch_time=0.5)
+    assert build_scheduler_config(chosen, 64).lone_batch_time == 0.5
+    with pytest.raises(pydantic.ValidationError):
+        EngineConfig(model="tiny-random", lone_batch_time=0.0)

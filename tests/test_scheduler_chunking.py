@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from medha.scheduler import SchedulerConfig
 from medha.scheduler.chunking import largest_fitting_chunk
-from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler
+from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler, step
 
 CONFIG = SchedulerConfig(min_chunk=32, max_chunk=8192, chunk_multiple=32, chunk_tolerance=0.1)
 
@@ -165,3 +165,25 @@ def test_a_prompt_riding_along_whole_stays_within_max_chunk() -> None:
     assert all(size <= 256 for sizes in chunks.values() for size in sizes), chunks
     assert sum(chunks["a"]) == sum(chunks["b"]) == 1000
     assert len(chunks["a"]) <= len(chunks["b"])
+
+
+def test_a_prefill_alone_in_the_scheduler_takes_the_lone_budget() -> None:
+    # No decode's latency is at stake: its chunks may fill lone_batch_time (0.15 s).
+    scheduler = make_scheduler(target_batch_time=0.05, lone_batch_time=0.15)
+    scheduler.add_request("long", 20_000, 4, arrival=0.0)
+    scheduler.add_request("chat", 300, 4, arrival=0.0)
+    # Not alone: every batch keeps target_batch_time (the finishing allowance included).
+    now = 0.0
+    while (chat := scheduler.get("chat")) is not None and not chat.status.is_done:
+        plan, _ = step(scheduler, now)
+        assert plan.predicted_time <= 0.05 * 1.25
+        now += 0.05
+    # The chat has left: the long prefill is alone, and its chunk grows to the lone budget.
+    plan, _ = step(scheduler, now)
+    assert [seq.request_id for seq in plan.seqs] == ["long"]
+    assert 0.05 * 1.1 < plan.predicted_time <= 0.15 * 1.1
+    # Without lone_batch_time a lone prefill keeps the ordinary budget.
+    plain = make_scheduler(target_batch_time=0.05)
+    plain.add_request("long", 20_000, 4, arrival=0.0)
+    plan, _ = step(plain, 0.0)
+    assert plan.predicted_time <= 0.05 * 1.1

@@ -48,6 +48,20 @@ def test_under_lars_a_newcomer_pauses_the_plan_when_it_overtakes() -> None:
     assert scheduler.pause_time(plan, due + 0.05) == due + 0.05
 
 
+def test_a_plan_that_took_the_lone_budget_pauses_for_any_newcomer() -> None:
+    # Its budget assumed nobody else was there: a chat with a lax deadline, which LARS would
+    # not put ahead of the document for seconds, stops it at once.
+    scheduler, plan = _doc_in_flight(lone_batch_time=0.15)
+    assert plan.predicted_time > 0.05 * 1.25
+    scheduler.add_request("chat", CHAT, 4, arrival=0.01, deadline=5.0)
+    assert scheduler.pause_time(plan, 0.01) == 0.01
+    # An ordinary plan leaves that chat to the ranking.
+    scheduler, plan = _doc_in_flight()
+    scheduler.add_request("chat", CHAT, 4, arrival=0.01, deadline=5.0)
+    due = scheduler.pause_time(plan, 0.01)
+    assert due is None or due > 1.0
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "fcfs-chunked"])
 def test_under_fcfs_a_newcomer_never_pauses_a_plan(policy: str) -> None:
     scheduler, plan = _doc_in_flight(policy)

@@ -135,6 +135,15 @@ class EngineConfig(BaseModel):
     are short, and its host runs ahead of its kernels: a pause that stops the GPU's work
     between layers would need a synchronization per layer). Single-process engine only: True
     with worker processes (parallel world > 1, or attach) is refused."""
+    lone_batch_time: float | None = Field(default=None, gt=0)
+    """Seconds an iteration may take when it runs one prefill and the engine holds no other
+    request (None: target_batch_time). No decode's latency is at stake then, and small chunks
+    only repeat each iteration's fixed costs: on a 2-core CPU, 0.5 prefills a lone
+    4,000-token prompt 1.6x faster (SmolLM2-135M, whose 32-token chunks already overrun the
+    default budget). A request that arrives meanwhile stops such an iteration at its next layer
+    where iterations pause (pause_iterations), whatever it ranks. Off by default: on the mixed
+    chat workload of benchmarks/mixed_cpu.py it raised the chats' TTFT and left the long
+    prompt's as it was (docs/engine.md, "A prefill alone")."""
     max_num_seqs: int = Field(default=256, ge=1)
     """Most requests running (prefilling or decoding) at once."""
 
@@ -181,6 +190,14 @@ class EngineConfig(BaseModel):
         "max_model_len",
         mode="before",
     )(_not_a_bool)
+
+    @property
+    def pauses_iterations(self) -> bool:
+        """Whether an iteration may stop between layers (pause_iterations, resolved)."""
+        if self.pause_iterations is not None:
+            return self.pause_iterations
+        on_cpu = self.device.partition(":")[0] == "cpu"
+        return on_cpu and not self.parallel.uses_workers
 
     @model_validator(mode="after")
     def _check_combinations(self) -> EngineConfig:

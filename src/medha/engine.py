@@ -150,7 +150,7 @@ class Engine:
             self._clock,
             self._record_iterations,
             self._online_time_scale(parts.cost, parts.max_model_len),
-            pause_steps=self._pauses_steps(parts.runner.device.type),
+            pause_steps=self.config.pauses_iterations,
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
         _log.info(
@@ -171,11 +171,6 @@ class Engine:
         return OnlineTimeScale(
             cost, tables=PrefillTableRefresher(cost, max_model_len, slice_seconds)
         )
-
-    def _pauses_steps(self, device_type: str) -> bool:
-        if self.config.pause_iterations is not None:
-            return self.config.pause_iterations
-        return device_type == "cpu"
 
     async def _start_parallel(self) -> None:
         """world > 1: the model runs in worker processes (medha.parallel); this process keeps

@@ -178,6 +178,7 @@ def build_scheduler_config(
     return SchedulerConfig(
         policy=config.policy,
         target_batch_time=config.target_batch_time,
+        lone_batch_time=config.lone_batch_time,
         finish_tolerance=config.finish_tolerance,
         deadline_factor=config.deadline_factor,
         min_deadline=config.min_deadline,

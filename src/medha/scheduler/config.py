@@ -29,6 +29,11 @@ class SchedulerConfig(BaseModel):
     """Priority and chunking policy: see docs/scheduler.md."""
     target_batch_time: float = Field(default=0.05, gt=0)
     """Per-iteration time budget in seconds (the decode latency SLO)."""
+    lone_batch_time: float | None = Field(default=None, gt=0)
+    """Budget of an iteration that runs one prefill while the scheduler holds no other request
+    (None: target_batch_time). No decode's latency is at stake then, and small chunks only
+    repeat each iteration's fixed costs; for an executor that a newcomer can pause between
+    layers, or where prompts come one at a time."""
     min_chunk: int = Field(default=32, ge=1)
     max_chunk: int = Field(default=8192, ge=1)
     chunk_multiple: int = Field(default=CHUNK_MULTIPLE, ge=1)
@@ -101,6 +106,13 @@ class SchedulerConfig(BaseModel):
     def pipelined(self) -> bool:
         """True when consecutive chunks of one prompt may be in flight at the same time."""
         return self.spp and self.pp_stages > 1
+
+    @property
+    def lone_budget_fraction(self) -> float:
+        """A lone prefill's budget over target_batch_time (lone_batch_time)."""
+        if self.lone_batch_time is None:
+            return 1.0
+        return self.lone_batch_time / self.target_batch_time
 
     @property
     def total_blocks(self) -> int:

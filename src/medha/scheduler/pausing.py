@@ -23,6 +23,7 @@ from medha.scheduler.plan import SeqKind
 from medha.scheduler.prefix_sharing import SharedPrefixGate
 
 if TYPE_CHECKING:
+    from medha.scheduler.config import SchedulerConfig
     from medha.scheduler.cost import BatchCostModel
     from medha.scheduler.plan import BatchPlan
     from medha.scheduler.policies import PriorityPolicy
@@ -101,6 +102,7 @@ def newcomers_pause_time(
     *,
     lead_guard: bool,
     prefix_wait_s: float,
+    lone: bool = False,
 ) -> float | None:
     """When a request that arrived after `plan` was made, with prefill left, not in flight and
     able to start, first ranks ahead of every prefill in `plan` (`now` if it does already;
@@ -113,7 +115,9 @@ def newcomers_pause_time(
     than MAX_CHALLENGERS), so where they differ this errs towards not pausing. A queued
     request that waits for a prefix a started prefill computes (`prefix_wait_s`:
     medha.scheduler.prefix_sharing) pauses nothing, and a newcomer must also rank ahead of
-    the requests waiting for the plan's prefills (they lend them their priority)."""
+    the requests waiting for the plan's prefills (they lend them their priority). A `lone`
+    plan (`ran_alone`) stops for any newcomer that can start, whatever it ranks: its budget
+    assumed that nobody else was there."""
     incumbents = [
         (policy.key_terms(request, cost, seq.start), request.remaining_prefill_s(cost, seq.start))
         for seq in plan.seqs
@@ -142,6 +146,8 @@ def newcomers_pause_time(
             and table.layout.feasible_first_groups(request.known_tokens, table.pool, request)
         ):
             continue
+        if lone:
+            return now
         terms = policy.key_terms(request, cost)
         to_beat = [incumbent for incumbent, _ in incumbents] + lent
         if lead_guard:
@@ -156,3 +162,16 @@ def newcomers_pause_time(
     if earliest is None:
         return None
     return now if earliest <= now + lookahead else earliest - lookahead
+
+
+def ran_alone(plan: BatchPlan, config: SchedulerConfig) -> bool:
+    """Whether `plan` is one prefill that took the budget of a prefill alone in the scheduler
+    (SchedulerConfig.lone_batch_time), beyond any ordinary batch's."""
+    ordinary = config.target_batch_time * (
+        1.0 + max(config.chunk_tolerance, config.finish_tolerance)
+    )
+    return (
+        config.lone_batch_time is not None
+        and len(plan.seqs) == 1
+        and plan.predicted_time > ordinary
+    )

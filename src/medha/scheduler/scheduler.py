@@ -25,7 +25,7 @@ from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel
 from medha.scheduler.decodes import DecodeScheduler
 from medha.scheduler.lead_guard import promote_guarded
-from medha.scheduler.pausing import PausedPlans, newcomers_pause_time
+from medha.scheduler.pausing import PausedPlans, newcomers_pause_time, ran_alone
 from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
 from medha.scheduler.policies import (
     ChunkingMode,
@@ -322,6 +322,7 @@ class Scheduler:
             self.config.max_batch_size,
             lead_guard=self._lead_guard,
             prefix_wait_s=self.config.target_batch_time,
+            lone=ran_alone(plan, self.config),
         )
 
     def suspend(self, plan: BatchPlan) -> None:
@@ -454,14 +455,14 @@ class Scheduler:
             self.policy.chunking is ChunkingMode.ADAPTIVE
             and start >= self.config.long_prefill_threshold
         )
-        budget_fraction = 1.0
+        budget_fraction = self.config.lone_budget_fraction if len(self.table.requests) == 1 else 1.0
         if is_long:
             if any(group in batch.long_groups for group in groups):
                 return False
             # Space sharing: a long prefill ahead of schedule leaves part of the budget to others
             # (its slack judged where the ranking judges it).
             rho = relative_slack(request, self._rank_time(now), self.cost)
-            budget_fraction = 1.0 - min(max(rho, 0.0), 0.5)
+            budget_fraction *= 1.0 - min(max(rho, 0.0), 0.5)
         all_left = request.known_tokens - start
         tokens_left = all_left
         to_boundary = self.table.layout.tokens_to_boundary(start)
