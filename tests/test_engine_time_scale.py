@@ -88,3 +88,16 @@ async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_toke
     assert default.metrics.deadline_met is True
     assert given.metrics.deadline == 0.7
     assert given_deadlines == {0.7}  # re-priced while pending, the scheduler kept it too
+
+
+async def test_a_lone_prefills_long_iterations_do_not_teach_the_time_scale() -> None:
+    # They run chunks far larger than any ordinary batch's, whose error is not the level the
+    # ordinary batches run at: learning from them raised every chat's predicted time.
+    config = engine_config(target_batch_time=0.002, lone_batch_time=0.05, online_time_scale=True)
+    async with medha.Engine(config, record_iterations=True) as engine:
+        start = engine.stats().time_scale
+        await engine.generate([1 + i % 500 for i in range(1500)], SamplingParams.greedy(1))
+        after_lone = engine.stats().time_scale
+        history = engine.iteration_history
+    assert max(record.predicted_seconds for record in history) > 0.002 * 1.25
+    assert after_lone == start

@@ -142,8 +142,9 @@ class EngineConfig(BaseModel):
     4,000-token prompt 1.6x faster (SmolLM2-135M, whose 32-token chunks already overrun the
     default budget). A request that arrives meanwhile stops such an iteration at its next layer
     where iterations pause (pause_iterations), whatever it ranks. Off by default: on the mixed
-    chat workload of benchmarks/mixed_cpu.py it raised the chats' TTFT and left the long
-    prompt's as it was (docs/engine.md, "A prefill alone")."""
+    chat workload of benchmarks/mixed_cpu.py it lowered every TTFT, but it speeds up a chat
+    alone more than one in the mix, so the chats' slowdowns rose (docs/engine.md, "A prefill
+    alone")."""
     max_num_seqs: int = Field(default=256, ge=1)
     """Most requests running (prefilling or decoding) at once."""
 

@@ -33,6 +33,7 @@ from medha.parallel.cluster import Cluster
 from medha.parallel.messages import ShardStep, ShardWork, StageDone
 from medha.perf.time_scale import OnlineTimeScale
 from medha.scheduler import BatchPlan, Scheduler
+from medha.scheduler.pausing import ran_alone
 
 _log = get_logger(__name__)
 
@@ -176,8 +177,14 @@ class PipelineSchedulerActor(SchedulerActor):
         self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
-        # A plan that scored prompt rows ran LM-head work the cost model does not count.
-        if self.time_scale is not None and flight.compute_seconds > 0 and not output.prompt_scores:
+        # A plan that scored prompt rows ran LM-head work the cost model does not count; a
+        # lone prefill's long iteration shows another level than the ordinary batches'.
+        if (
+            self.time_scale is not None
+            and flight.compute_seconds > 0
+            and not output.prompt_scores
+            and not ran_alone(plan, self.scheduler.config)
+        ):
             # The step lasts as long as its slowest KVP group: observe that group's batch.
             shapes = max(plan.group_shapes().values(), key=self.time_scale.cost.batch_time)
             # Up to pp plans are in flight: the level may have moved since this one was priced,
