@@ -11,7 +11,9 @@ same weights: one forward over the document, then log_softmax and gather (what a
 write to score it; its logits for the whole document at once).
 The systems run alternately, REPEATS times; a ratio is the median over repeats of a system's
 time over "prefill only"'s in the same repeat, shown with its range. medha's values are checked
-against HF's (largest absolute difference). Prints a table and writes JSON.
+against HF's (largest absolute difference). For each medha run, its iterations: how many, their
+median time, and the median of |predicted - measured| / measured (the cost model prices a
+scored chunk's LM head on every row). Prints tables and writes JSON.
 
     python benchmarks/prompt_logprobs.py [--json benchmarks/results/prompt_logprobs.json]
 """
@@ -50,16 +52,22 @@ def document(vocab: int) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(DOC_TOKENS)]
 
 
+Iterations = list[tuple[float, float]]
+"""(predicted, measured) seconds of each iteration of a run."""
+
+
 async def medha_times(
     engine: medha.Engine, doc: list[int], runs: dict[str, int | None]
-) -> dict[str, tuple[float, list[float | None] | None]]:
-    """Seconds per medha run (arrival to completion) and its prompt logprobs."""
-    results: dict[str, tuple[float, list[float | None] | None]] = {}
+) -> dict[str, tuple[float, list[float | None] | None, Iterations]]:
+    """Seconds per medha run (arrival to completion), its prompt logprobs, its iterations."""
+    results: dict[str, tuple[float, list[float | None] | None, Iterations]] = {}
     for name, top in runs.items():
         params = medha.SamplingParams.greedy(1, prompt_logprobs=top)
+        seen = len(engine.iteration_history)
         done = await engine.generate(doc, params)
         assert done.metrics.e2e is not None
-        results[name] = (done.metrics.e2e, done.prompt_logprobs)
+        steps = [(r.predicted_seconds, r.seconds) for r in engine.iteration_history[seen:]]
+        results[name] = (done.metrics.e2e, done.prompt_logprobs, steps)
     return results
 
 
@@ -83,8 +91,12 @@ async def run(repeats: int) -> dict[str, object]:
     config = medha.EngineConfig(model="smollm2-135m", enable_prefix_caching=False)
     lone = config.model_copy(update={"lone_batch_time": LONE_BATCH_TIME_S})
     times: dict[str, list[float]] = {name: [] for name in [*MEDHA_RUNS, *LONE_RUNS, "HF forward"]}
+    iterations: dict[str, Iterations] = {name: [] for name in [*MEDHA_RUNS, *LONE_RUNS]}
     worst_difference = 0.0
-    async with medha.Engine(config) as engine, medha.Engine(lone) as lone_engine:
+    async with (
+        medha.Engine(config, record_iterations=True) as engine,
+        medha.Engine(lone, record_iterations=True) as lone_engine,
+    ):
         doc = document(engine._vocab_size)
         _, reference = hf_time(hf, doc)  # also a warm-up
         for _ in range(repeats):
@@ -92,13 +104,18 @@ async def run(repeats: int) -> dict[str, object]:
                 **(await medha_times(engine, doc, MEDHA_RUNS)),
                 **(await medha_times(lone_engine, doc, LONE_RUNS)),
             }
-            for name, (seconds, logprobs) in results.items():
+            for name, (seconds, logprobs, steps) in results.items():
                 times[name].append(seconds)
+                iterations[name] += steps
                 if logprobs is not None:
                     got = torch.tensor(logprobs[1:])
                     worst_difference = max(worst_difference, float((got - reference).abs().max()))
             times["HF forward"].append(hf_time(hf, doc)[0])
-    return {"times": times, "max_abs_difference_vs_hf": worst_difference}
+    return {
+        "times": times,
+        "iterations": iterations,
+        "max_abs_difference_vs_hf": worst_difference,
+    }
 
 
 def main() -> None:
@@ -114,7 +131,7 @@ def main() -> None:
     )
     print("| run | time (median) | tokens/s | vs prefill only (range) |")
     print("| --- | --- | --- | --- |")
-    summary: dict[str, object] = {}
+    summary: dict[str, dict[str, object]] = {}
     for name, seconds in times.items():
         ratios = [s / b for s, b in zip(seconds, base, strict=True)]
         median = statistics.median(seconds)
@@ -127,12 +144,31 @@ def main() -> None:
             f"| {name} | {median:.2f} s | {DOC_TOKENS / median:.0f} "
             f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
+    iterations: dict[str, Iterations] = result["iterations"]  # type: ignore[assignment]
+    print("\n| run | iterations per run | iteration time (median) | prediction error (median) |")
+    print("| --- | --- | --- | --- |")
+    for name, steps in iterations.items():
+        errors = [abs(predicted - measured) / measured for predicted, measured in steps]
+        step_median = statistics.median(measured for _, measured in steps)
+        summary[name] |= {
+            "iterations_per_run": len(steps) / REPEATS,
+            "iteration_seconds_median": step_median,
+            "prediction_error_median": statistics.median(errors),
+        }
+        print(
+            f"| {name} | {len(steps) / REPEATS:.0f} | {step_median * 1000:.0f} ms "
+            f"| {100 * statistics.median(errors):.1f}% |"
+        )
     difference = result["max_abs_difference_vs_hf"]
     print(f"\nlargest |medha - HF| over every prompt logprob: {difference:.2e}")
-    summary["max_abs_difference_vs_hf"] = difference
     if args.json is not None:
         config = {"doc_tokens": DOC_TOKENS, "repeats": REPEATS}
-        payload = {"config": config, "summary": summary, "runs": times}
+        payload = {
+            "config": config,
+            "summary": {**summary, "max_abs_difference_vs_hf": difference},
+            "runs": times,
+            "iterations": iterations,
+        }
         args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 

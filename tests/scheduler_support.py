@@ -9,6 +9,8 @@ import itertools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+import pytest
+
 from medha.scheduler import (
     BatchPlan,
     RequestStatus,
@@ -38,6 +40,9 @@ class ToyCost:
     linear_floor: float = 0.0
     """Weight-streaming floor of the linear layers: below floor / per_token query tokens a batch
     costs the same (a roofline's memory-bound regime); 0 makes the model purely additive."""
+    per_head_row: float = 0.0
+    """The LM head's cost per row past each sequence's first (SeqShape.head_rows): a scored
+    prompt's chunk pays it on every row."""
     pp_stages: int = 1
     iteration_budget: float | None = None
     """When set, prefill times include the fixed cost (overhead + floor) of every iteration a
@@ -51,6 +56,7 @@ class ToyCost:
             q = seq.q_tokens
             tokens += q
             other += self.per_attention * q * (kv + q / 2) + self.per_kv_read * kv
+            other += self.per_head_row * (seq.head_rows - 1)
         return self.overhead + max(self.linear_floor, self.per_token * tokens) + other
 
     def stage_time(self, seqs: Sequence[SeqShape]) -> float:
@@ -87,6 +93,7 @@ class Arrival:
     output_hashes: tuple[bytes, ...] = ()
     """Digests of the blocks its output fills, in order (prefix caching): the fake engine
     hands them to the scheduler as its sampled tokens fill them."""
+    scores_prompt: bool = False
 
 
 @dataclass
@@ -177,7 +184,7 @@ class PlanChecker:
             self._check_seq(plan, seq)
         # Every group's work was priced: the plan takes as long as its slowest group.
         slowest = max(self.scheduler.cost.batch_time(s) for s in plan.group_shapes().values())
-        assert plan.predicted_time >= slowest * (1 - 1e-9), "a group's work was not priced"
+        assert plan.predicted_time == pytest.approx(slowest), "a group's work was not priced"
 
     def _assert_blocked_on_memory(self, request_id: str) -> None:
         request = self.scheduler.get(request_id)
@@ -196,6 +203,13 @@ class PlanChecker:
         assert len(seq) == len(type(seq)._fields)
         assert all(len(shard) == len(type(shard)._fields) for shard in seq.shards)
         assert seq.end > seq.start >= 0
+        # The LM head runs on one row, or on each row of a scored prompt not scored before.
+        if seq.kind is SeqKind.DECODE or not request.scores_prompt:
+            assert seq.head_rows == 1
+        elif request.num_preemptions == 0 and seq.end <= request.prompt_len:
+            assert seq.head_rows == seq.q_tokens
+        else:
+            assert 1 <= seq.head_rows <= seq.q_tokens
         limit = config.max_tokens_per_kvp_group
         if limit is not None:
             assert seq.start // limit == (seq.end - 1) // limit, "chunk straddles a KVP boundary"
@@ -347,6 +361,7 @@ def _handle_event(
             payload.arrival,
             payload.deadline,
             payload.block_hashes,
+            payload.scores_prompt,
         )
     elif kind == "abort":
         assert isinstance(payload, str)
@@ -411,7 +426,8 @@ def drive_random_workload(
     scheduler and the arrivals driven."""
     layout = KvpLayout(config)
     fitting = [a for a in arrivals if layout.can_ever_fit(a.prompt_len + a.max_new_tokens)]
-    scheduler = make_scheduler(ToyCost(pp_stages=config.pp_stages), **config.model_dump())
+    cost = ToyCost(per_head_row=2e-5, pp_stages=config.pp_stages)
+    scheduler = make_scheduler(cost, **config.model_dump())
     result = drive(scheduler, fitting)
     for arrival in fitting:
         if arrival.request_id in result.aborted:

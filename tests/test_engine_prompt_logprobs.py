@@ -2,7 +2,7 @@
 most likely tokens at its position) equal HF transformers' log_softmax of the same weights,
 however the prompt was chunked, interleaved with other requests or preempted and recomputed;
 a scoring request computes its whole prompt (no prefix cache hit) but fills the cache, and its
-steps do not teach the online time scale. The multi-process layouts are covered in
+steps are priced with the LM head on every row. The multi-process layouts are covered in
 tests/test_parallel_exactness.py."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import medha
 from medha import SamplingParams
 from medha.actors.scheduler_actor import SchedulerActor
 from medha.actors.tracked import TrackedRequest
+from medha.scheduler import SeqShape
 from tests.parallel_support import assert_prompt_logprobs_equal_hf, hf_greedy, parallel_config
 
 pytestmark = pytest.mark.anyio
@@ -210,15 +211,30 @@ async def test_a_prompt_preempted_halfway_through_scores_each_token_once(
         assert completion.token_ids == hf_greedy(prompt, params.max_tokens or 0)
 
 
-async def test_scoring_steps_do_not_teach_the_online_time_scale() -> None:
-    # Their LM head over every prompt row is work the cost model does not count: a time scale
-    # learning from them would price every other request's batches too high.
+async def test_scoring_steps_are_priced_with_their_lm_head() -> None:
+    # Each chunk of a scored prompt runs the LM head on every row: its plan is priced so
+    # (SeqShape.head_rows), which keeps its chunks to the budget and lets what it measures
+    # teach the online time scale like any other step (off here: prices stay as calibrated).
+    config = parallel_config(1, 1, 1, num_blocks=256, max_chunk=32, online_time_scale=False)
+    async with medha.Engine(config, record_iterations=True) as engine:
+        cost = engine._actor().scheduler.cost
+        await engine.generate(_prompt(5, 150), SamplingParams.greedy(1, prompt_logprobs=0))
+        history = engine.iteration_history
+    start = 0
+    for record in history:
+        ((_, rows, is_prefill),) = record.tokens
+        if not is_prefill:
+            continue
+        scored = cost.batch_time([SeqShape(rows, start, 1, rows)])
+        assert record.predicted_seconds == pytest.approx(scored)
+        assert scored > cost.batch_time([SeqShape(rows, start)])
+        start += rows
+    assert start == 150
+
+
+async def test_scoring_steps_teach_the_online_time_scale() -> None:
     config = parallel_config(1, 1, 1, num_blocks=256, max_chunk=32, online_time_scale=True)
     async with medha.Engine(config) as engine:
         start = engine.stats().time_scale
         await engine.generate(_prompt(5, 150), SamplingParams.greedy(1, prompt_logprobs=0))
-        after_scoring = engine.stats().time_scale
-        await engine.generate(_prompt(6, 150), SamplingParams.greedy(1))
-        after_plain = engine.stats().time_scale
-    assert after_scoring == start
-    assert after_plain != start
+        assert engine.stats().time_scale != start

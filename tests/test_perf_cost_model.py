@@ -55,6 +55,41 @@ def test_single_decode_of_llama_3_8b_is_the_weight_read_16gb_over_2tbs() -> None
     assert 0.008 < got < 0.011
 
 
+@pytest.mark.parametrize("tp", [1, 3])
+def test_scored_rows_add_the_lm_heads_matmul_and_logits_on_every_row(tp: int) -> None:
+    # prompt_logprobs: a 256-row chunk of SmolLM2 (bf16) scored. Its head is compute-bound,
+    # 2 x 576 x 49,152 / tp FLOPs a row; every row's logits are cast to fp32, all-gathered
+    # across the TP ranks and read once more. Unscored, its one row is memory-bound: the read
+    # of the head's weights.
+    arch, hw = SMOLLM2_135M, A100_80GB
+    h, vocab, shard = arch.hidden_size, arch.vocab_size, arch.vocab_size // tp
+    eff = hw.efficiency
+    cost = model(arch, hw, tp=tp)
+    plain = cost.breakdown([S(256, 0)])
+    scored = cost.breakdown([S(256, 0, 1, 256)])
+    assert scored["matmul"] - plain["matmul"] == pytest.approx(
+        2 * 256 * h * shard / (hw.peak_flops * eff.matmul)
+    )
+    logits_per_row = shard * (2 + 4) + vocab * 4 * (2 if tp > 1 else 1)
+    one_row_gemm = (h * shard + h + shard) * 2
+    assert scored["memory"] - plain["memory"] == pytest.approx(
+        (255 * logits_per_row - one_row_gemm) / (hw.hbm_bandwidth * eff.memory)
+    )
+    gathered = (tp - 1) * 255 * shard * 4  # more bytes each rank receives
+    assert scored["collective"] - plain["collective"] == pytest.approx(
+        gathered / (hw.nvlink_bandwidth * eff.collective)
+    )
+
+
+def test_a_scored_chunks_logits_outweigh_its_head_matmul_at_tp8() -> None:
+    # Llama-3-8B on H100s at tp 8, 2,048 scored rows: the head's matmul is an eighth of the
+    # vocabulary, but every rank receives and reads the whole fp32 logits, ~1 GB.
+    plain = model(tp=8).breakdown([S(2048, 0)])
+    scored = model(tp=8).breakdown([S(2048, 0, 1, 2048)])
+    extra = {term: scored[term] - plain[term] for term in scored}
+    assert extra["memory"] + extra["collective"] > 2 * extra["matmul"] > 0
+
+
 def test_tensor_parallelism_halves_matmul_time_and_adds_two_all_reduces_per_layer() -> None:
     batch = [S(4096, 0)]  # compute-bound GEMMs
     one, two = model(tp=1).breakdown(batch), model(tp=2).breakdown(batch)
@@ -62,9 +97,13 @@ def test_tensor_parallelism_halves_matmul_time_and_adds_two_all_reduces_per_laye
     assert one["collective"] == one["latency"] == 0.0
     hw, arch = H100_80GB, LLAMA_3_8B
     ring = 2 * (2 - 1) / 2 * 4096 * arch.hidden_size * 2
-    expected = arch.num_layers * 2 * ring / (hw.nvlink_bandwidth * hw.efficiency.collective)
+    # ... and, once, the all-gather of the sampled row's fp32 logits (half the vocabulary each).
+    logits = arch.vocab_size // 2 * 4
+    expected = (arch.num_layers * 2 * ring + logits) / (
+        hw.nvlink_bandwidth * hw.efficiency.collective
+    )
     assert two["collective"] == pytest.approx(expected, rel=1e-9)
-    assert two["latency"] == pytest.approx(arch.num_layers * 2 * hw.nvlink_latency_s)
+    assert two["latency"] == pytest.approx((arch.num_layers * 2 + 1) * hw.nvlink_latency_s)
 
 
 def test_pipeline_stage_time_is_about_batch_time_over_pp() -> None:
@@ -153,7 +192,7 @@ def test_kvp_replica_needs_a_shard_size() -> None:
         ReplicaSpec(kvp=2)
 
 
-@pytest.mark.parametrize("bad", [S(-1, 0), S(1, -5), S(1, 10, 2), S(1, 10, 0)])
+@pytest.mark.parametrize("bad", [S(-1, 0), S(1, -5), S(1, 10, 2), S(1, 10, 0), S(4, 0, 1, -1)])
 def test_malformed_sequences_are_rejected(bad: SeqShape) -> None:
     with pytest.raises(ValueError):
         model().batch_time([bad])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medha.scheduler import SchedulerConfig
+from medha.scheduler import SchedulerConfig, SeqShape
 from medha.scheduler.chunking import largest_fitting_chunk
 from tests.scheduler_support import Arrival, ToyCost, drive, make_scheduler, step
 
@@ -187,3 +188,31 @@ def test_a_prefill_alone_in_the_scheduler_takes_the_lone_budget() -> None:
     plain.add_request("long", 20_000, 4, arrival=0.0)
     plan, _ = step(plain, 0.0)
     assert plan.predicted_time <= 0.05 * 1.1
+
+
+def test_a_scored_prompt_is_priced_with_the_lm_head_on_every_row() -> None:
+    # prompt_logprobs: its chunks run the LM head on every row, here as costly as the rest of
+    # a token's work. Priced so, they are smaller and keep to the budget, and its prefill work
+    # (its priority, its default deadline) counts the head too.
+    cost = ToyCost(per_head_row=2e-5)
+    plain = make_scheduler(cost, target_batch_time=0.05, num_blocks=4096)
+    scored = make_scheduler(cost, target_batch_time=0.05, num_blocks=4096)
+    reference = plain.add_request("doc", 20_000, 4, arrival=0.0)
+    request = scored.add_request("doc", 20_000, 4, arrival=0.0, scores_prompt=True)
+    assert request.total_prefill_s == pytest.approx(reference.total_prefill_s + 2e-5 * 19_999)
+    request.reprice(cost)  # as when the cost model's prefill level moves
+    assert request.total_prefill_s == pytest.approx(reference.total_prefill_s + 2e-5 * 19_999)
+    (plain_chunk,) = step(plain, 0.0)[0].seqs
+    plan, _ = step(scored, 0.0)
+    (chunk,) = plan.seqs
+    assert chunk.head_rows == chunk.q_tokens and plain_chunk.head_rows == 1
+    assert chunk.q_tokens <= 0.6 * plain_chunk.q_tokens
+    assert plan.predicted_time == pytest.approx(
+        cost.batch_time([SeqShape(chunk.q_tokens, 0, 1, chunk.q_tokens)])
+    )
+    assert plan.predicted_time <= 0.05 * 1.1
+    # What is left of it is priced with the head as well.
+    left = 20_000 - chunk.q_tokens
+    assert request.remaining_prefill_s(cost) == pytest.approx(
+        cost.remaining_prefill_time(chunk.q_tokens, 20_000) + 2e-5 * (left - 1)
+    )

@@ -113,3 +113,27 @@ def test_memory_pressure_across_many_requests_leaks_nothing() -> None:
     result = drive(scheduler, arrivals)  # drive() asserts every block is free at the end
     assert len(result.finished) == 25
     assert scheduler.stats().preemptions > 0
+
+
+def test_a_scored_prompt_recomputed_after_preemption_is_charged_only_rows_not_scored() -> None:
+    # As above, "b" scoring its prompt (prompt_logprobs): its first chunk ran the LM head on its
+    # 32 rows. The engine does not score them twice, so its recompute is charged the head only
+    # from position 32 on (and the one row every chunk is charged before that).
+    scheduler = make_scheduler(policy="fcfs-chunked", fixed_chunk=64, num_blocks=10)
+    scheduler.add_request("a", 32, 100, arrival=0.0)
+    scheduler.add_request("b", 128, 4, arrival=0.1, scores_prompt=True)
+    first, _ = step(scheduler, 0.1)
+    assert [(s.request_id, s.q_tokens, s.head_rows) for s in first.seqs] == [
+        ("a", 32, 1),
+        ("b", 32, 32),
+    ]
+    second, _ = step(scheduler, 0.2)
+    assert second.preempted == ("b",)
+    result = drive(scheduler, [], now=0.3)
+    recompute = [
+        (seq.start, seq.end, seq.head_rows)
+        for plan in result.plans
+        for seq in plan.seqs
+        if seq.request_id == "b" and seq.kind is SeqKind.PREFILL
+    ]
+    assert recompute == [(0, 64, 32), (64, 128, 64)]

@@ -84,7 +84,9 @@ def test_a_request_that_does_not_read_the_cache_computes_its_prompt_and_fills_it
     scheduler = make_scheduler(target_batch_time=0.05)
     doc = _prompt(1, 300)
     hashes = block_hashes(doc, 16)
-    scorer = scheduler.add_request("s", 300, 2, arrival=0.0, block_hashes=hashes, reads_cache=False)
+    scorer = scheduler.add_request(
+        "s", 300, 2, arrival=0.0, block_hashes=hashes, scores_prompt=True
+    )
     now = _until_done(scheduler, "s", 0.0)
     # It filled the cache like any request: a reader takes its 18 blocks.
     scheduler.add_request("a", 300, 2, arrival=now, block_hashes=hashes)
@@ -92,7 +94,7 @@ def test_a_request_that_does_not_read_the_cache_computes_its_prompt_and_fills_it
     assert plan.seqs[0].start == 288 and scheduler.stats().prefix_hit_blocks == 18
     now = _until_done(scheduler, "a", now)
     # Another one that does not read: nothing cached counts for it, and it starts at 0.
-    later = scheduler.add_request("t", 300, 2, arrival=now, block_hashes=hashes, reads_cache=False)
+    later = scheduler.add_request("t", 300, 2, arrival=now, block_hashes=hashes, scores_prompt=True)
     assert later.cached_at_arrival == 0 and scorer.cached_at_arrival == 0
     plan, _ = step(scheduler, now)
     assert plan.seqs[0].start == 0 and scheduler.stats().prefix_hit_blocks == 18

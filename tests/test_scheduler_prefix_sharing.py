@@ -28,7 +28,7 @@ def _add(
     now: float,
     deadline: float | None = None,
     max_new_tokens: int = 2,
-    reads_cache: bool = True,
+    scores_prompt: bool = False,
 ) -> None:
     hashes = block_hashes(prompt, 16)
     scheduler.add_request(
@@ -38,7 +38,7 @@ def _add(
         now,
         deadline,
         block_hashes=hashes,
-        reads_cache=reads_cache,
+        scores_prompt=scores_prompt,
     )
 
 
@@ -73,7 +73,7 @@ def test_a_request_that_does_not_read_the_cache_waits_for_nobody() -> None:
     scheduler = make_scheduler(target_batch_time=0.01)
     _add(scheduler, "a", _question(1), 0.0)
     step(scheduler, 0.0)
-    _add(scheduler, "b", _question(2), 0.01, deadline=0.01, reads_cache=False)
+    _add(scheduler, "b", _question(2), 0.01, deadline=0.01, scores_prompt=True)
     plan, _ = step(scheduler, 0.01)
     assert [(seq.request_id, seq.start) for seq in plan.seqs if seq.request_id == "b"] == [("b", 0)]
 

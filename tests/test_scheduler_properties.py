@@ -44,6 +44,7 @@ def workloads(draw: st.DrawFn) -> list[Arrival]:
                 deadline=draw(st.none() | st.floats(0.05, 2.0)),
                 stop_after=draw(st.none() | st.integers(1, 40)),
                 abort_at=draw(st.none() | st.floats(0.0, 2.0)) if draw(st.booleans()) else None,
+                scores_prompt=draw(st.booleans()),
             )
         )
     return arrivals

@@ -32,6 +32,8 @@ def shapes(max_groups: int) -> st.SearchStrategy[list[SeqShape]]:
         st.one_of(st.just(1), st.integers(1, 9000)),
         st.integers(0, 2_000_000),
         st.integers(1, max_groups),
+        # The LM head on one row, or on every row of a scored chunk.
+        st.one_of(st.just(1), st.integers(0, 9000)),
     )
     return st.lists(seq, min_size=1, max_size=40)
 

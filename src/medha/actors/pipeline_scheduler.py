@@ -177,12 +177,10 @@ class PipelineSchedulerActor(SchedulerActor):
         self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, flight.issued_at, now - flight.issued_at)
-        # A plan that scored prompt rows ran LM-head work the cost model does not count; a
-        # lone prefill's long iteration shows another level than the ordinary batches'.
+        # A lone prefill's long iteration shows another level than the ordinary batches'.
         if (
             self.time_scale is not None
             and flight.compute_seconds > 0
-            and not output.prompt_scores
             and not ran_alone(plan, self.scheduler.config)
         ):
             # The step lasts as long as its slowest KVP group: observe that group's batch.

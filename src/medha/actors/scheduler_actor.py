@@ -37,7 +37,6 @@ from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
 from medha.sampling import SamplingSetup
 from medha.scheduler import BatchPlan, Scheduler, SeqKind
-from medha.scheduler.cost import SeqShape
 from medha.scheduler.pausing import ran_alone
 
 _log = get_logger(__name__)
@@ -201,7 +200,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 request.deadline,
                 request.block_hashes,
                 # A request that scores its prompt computes all of it (it fills the cache).
-                reads_cache=request.params.prompt_logprobs is None,
+                scores_prompt=request.params.prompt_logprobs is not None,
             )
         except Exception as exc:  # checked before submitting; a late refusal ends only it
             request.fail(exc, self.clock())
@@ -253,16 +252,14 @@ class SchedulerActor(Actor[Submit | Abort]):
         self._admit_parked()
         self._record(plan, started, output.seconds)
         # A step that paused ran as two batches (its decodes, split off, and the rest): its
-        # time is not the predicted batch's. Nor is one's that scored prompt rows: the cost
-        # model does not count their LM head, which is not the machine running slow. Nor a
-        # lone prefill's long iteration: the level it shows is not the ordinary batches'.
+        # time is not the predicted batch's. Nor a lone prefill's long iteration: the level it
+        # shows is not the ordinary batches'.
         if (
             self.time_scale is not None
             and self.pauses == pauses
-            and not output.prompt_scores
             and not ran_alone(plan, self.scheduler.config)
         ):
-            shapes = [SeqShape(seq.q_tokens, seq.kv_tokens) for seq in plan.seqs]
+            (shapes,) = plan.group_shapes().values()  # one process: one KVP group
             self.time_scale.observe_batch(shapes, plan.predicted_time, output.seconds)
         _log.debug(
             "iteration",

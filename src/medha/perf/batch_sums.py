@@ -24,6 +24,8 @@ class BatchSums:
 
     tokens: int = 0
     seqs: int = 0
+    head_rows: int = 0
+    """Rows the LM head computes logits for (SeqShape.head_rows, summed)."""
     attention: float = 0.0
     """Ideal seconds per layer of compute-bound attention."""
     kv_read: float = 0.0
@@ -35,7 +37,13 @@ class BatchSums:
 
     def copy(self) -> BatchSums:
         return BatchSums(
-            self.tokens, self.seqs, self.attention, self.kv_read, self.merge_bytes, self.kv_tokens
+            self.tokens,
+            self.seqs,
+            self.head_rows,
+            self.attention,
+            self.kv_read,
+            self.merge_bytes,
+            self.kv_tokens,
         )
 
 

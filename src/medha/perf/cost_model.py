@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from medha.model.arch import ModelArch
 from medha.perf.batch_sums import BatchSums, RooflinePricer
 from medha.perf.hardware import DeviceProfile
+from medha.perf.lm_head import LmHeadCost
 from medha.perf.prefill_table import ChunkBudget, PrefillTable
 from medha.perf.replica import ReplicaSpec
 from medha.perf.roofline import (
@@ -66,7 +67,6 @@ class RooflineCostModel:
         h = arch.hidden_size
         self._linears = ((h, q_dim + 2 * kv_dim), (q_dim, h), (h, 2 * inter), (inter, h))
         self._elementwise_per_token = elementwise_bytes(1, h, q_dim, kv_dim, inter, dtype_bytes)
-        self._vocab_shard = math.ceil(arch.vocab_size / tp)
         self._attention = AttentionShape(self._q_heads, self._kv_heads, arch.head_dim, dtype_bytes)
         eff = profile.efficiency
         self._attention_rates = (
@@ -80,6 +80,7 @@ class RooflineCostModel:
         self._tp_link = self._link(replica.tp_spans_one_node(gpn))
         self._kvp_link = self._link(replica.kvp_spans_one_node(gpn))
         self._pp_link = self._link(replica.pp_neighbours_share_node(gpn))
+        self._head = LmHeadCost(h, arch.vocab_size, profile, tp, dtype_bytes, self._tp_link)
         self._token_cache: dict[int, tuple[float, float, float, float]] = {}
         self._head_cache: dict[int, float] = {}
         self._time_scale = 1.0
@@ -242,8 +243,8 @@ class RooflineCostModel:
         Called for every sequence of every batch priced (hundreds of decodes per iteration), so
         it allocates nothing and its constants are looked up once, in `__init__`."""
         q_tokens, kv_tokens, groups = seq.q_tokens, seq.kv_tokens, seq.kvp_groups
-        if q_tokens < 0 or kv_tokens < 0:
-            raise ValueError(f"token counts must be >= 0: {seq}")
+        if q_tokens < 0 or kv_tokens < 0 or seq.head_rows < 0:
+            raise ValueError(f"token and row counts must be >= 0: {seq}")
         if not 1 <= groups <= self.replica.kvp:
             raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
         local_kv = float(kv_tokens)  # this group's shard (SeqShape.kv_tokens)
@@ -251,6 +252,7 @@ class RooflineCostModel:
         peak, attention_rate, hbm, kv_read_rate = self._attention_rates
         sums.tokens += q_tokens
         sums.seqs += 1
+        sums.head_rows += seq.head_rows
         sums.kv_tokens += local_kv
         # The roofline branch is chosen per sequence: a decode reads KV, a long chunk computes.
         if flops / attention_rate >= nbytes / kv_read_rate:
@@ -284,6 +286,7 @@ class RooflineCostModel:
         count = len(kv_tokens)
         sums.tokens += count
         sums.seqs += count
+        sums.head_rows += count
         sums.attention, sums.kv_read, sums.kv_tokens = attention, kv_read, local
 
     def batch_seconds(self, sums: BatchSums) -> float:
@@ -334,7 +337,7 @@ class RooflineCostModel:
         if sums.merge_bytes:
             bandwidth, latency = self._kvp_link
             layer += sums.merge_bytes / bandwidth / eff.collective + latency
-        head = norm + self._lm_head_seconds(sums.seqs)
+        head = norm + self._lm_head_seconds(sums.head_rows)
         return layer, embedding, head, send, eff.iteration_overhead_s
 
     def _context_seconds(self, sums: BatchSums, context_scale: float | None = None) -> float:
@@ -369,15 +372,13 @@ class RooflineCostModel:
             self._token_cache[tokens] = cached
         return cached
 
-    def _lm_head_seconds(self, num_seqs: int) -> float:
-        cached = self._head_cache.get(num_seqs)
+    def _lm_head_seconds(self, rows: int) -> float:
+        cached = self._head_cache.get(rows)
         if cached is None:
-            eff = self.profile.efficiency
-            matmul, memory = self._lm_head_ideal(num_seqs)
-            cached = matmul / eff.matmul + memory / eff.memory
+            cached = self._head.terms(rows).seconds(self.profile.efficiency)
             if len(self._head_cache) >= _CACHE_LIMIT:
                 self._head_cache.clear()
-            self._head_cache[num_seqs] = cached
+            self._head_cache[rows] = cached
         return cached
 
     def _stages_terms(self, sums: BatchSums) -> list[Terms]:
@@ -391,10 +392,8 @@ class RooflineCostModel:
             if stage == 0:
                 terms += Terms(memory=self._embedding_ideal(sums.tokens))
             if stage == last:
-                head_matmul, head_memory = self._lm_head_ideal(sums.seqs)
-                terms += Terms(
-                    matmul=head_matmul, memory=self._norm_ideal(sums.tokens) + head_memory
-                )
+                terms += self._head.terms(sums.head_rows)
+                terms += Terms(memory=self._norm_ideal(sums.tokens))
             else:
                 terms += send
             stages.append(terms)
@@ -452,18 +451,6 @@ class RooflineCostModel:
     def _norm_ideal(self, tokens: int) -> float:
         """Memory: the final norm over every token of the batch (last stage)."""
         return 2 * tokens * self.arch.hidden_size * self.dtype_bytes / self._hbm
-
-    def _lm_head_ideal(self, num_seqs: int) -> tuple[float, float]:
-        """(matmul, memory) of the (vocab-parallel) lm head on one row per sequence.
-
-        SeqShape does not say whether a prefill chunk is its prompt's last, so every sequence is
-        charged one row: the weight read, which dominates, happens once per iteration anyway.
-        """
-        p, eff = self.profile, self.profile.efficiency
-        work = linear_work(num_seqs, self.arch.hidden_size, self._vocab_shard, self.dtype_bytes)
-        if work.flops / (p.peak_flops * eff.matmul) >= work.bytes / (self._hbm * eff.memory):
-            return work.flops / p.peak_flops, 0.0
-        return 0.0, work.bytes / self._hbm
 
     def _send_ideal(self, tokens: int) -> tuple[float, float]:
         """(collective, latency): hidden states to the next stage; every TP rank sends its copy

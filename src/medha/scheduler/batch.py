@@ -14,7 +14,7 @@ from medha.scheduler.chunking import finish_ceiling, largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
 from medha.scheduler.cost import BatchCostModel, SeqShape
 from medha.scheduler.kvp import shard_sizes
-from medha.scheduler.plan import ScheduledSeq
+from medha.scheduler.plan import ScheduledSeq, lm_head_rows
 from medha.scheduler.policies import ChunkingMode
 from medha.scheduler.pricing import new_pricer
 
@@ -54,10 +54,10 @@ class BatchBuilder:
         if len(groups) == 1:
             self.add_on_group(seq, groups[0])
             return
-        q_tokens = seq.end - seq.start
+        q_tokens, head_rows = seq.end - seq.start, seq.head_rows
         pricers, tokens, times = self.pricers, self.tokens, self._times
         for group, shard in zip(groups, self._shards(seq.start, len(groups)), strict=True):
-            pricers[group].add(SeqShape(q_tokens, shard, len(groups)))
+            pricers[group].add(SeqShape(q_tokens, shard, len(groups), head_rows))
             tokens[group] += q_tokens
             times[group] = None
         self.seqs.append(seq)
@@ -65,7 +65,7 @@ class BatchBuilder:
     def add_on_group(self, seq: ScheduledSeq, group: int) -> None:
         """`add` for a sequence whose KV lives on one group."""
         q_tokens = seq.end - seq.start
-        self.pricers[group].add(SeqShape(q_tokens, seq.start, 1))
+        self.pricers[group].add(SeqShape(q_tokens, seq.start, 1, seq.head_rows))
         self.tokens[group] += q_tokens
         self._times[group] = None
         self.seqs.append(seq)
@@ -96,12 +96,16 @@ class BatchBuilder:
             self._times[group] = time
         return time
 
-    def predict(self, groups: Sequence[int], q_tokens: int, kv_tokens: int) -> float:
-        """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added."""
+    def predict(
+        self, groups: Sequence[int], q_tokens: int, kv_tokens: int, scored: range = range(0)
+    ) -> float:
+        """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added, whose
+        rows at positions in `scored` run the LM head (see ScheduledSeq.head_rows)."""
+        rows = lm_head_rows(scored, kv_tokens, kv_tokens + q_tokens)
         if len(groups) == 1:
-            return self.pricers[groups[0]].time_with(SeqShape(q_tokens, kv_tokens, 1))
+            return self.pricers[groups[0]].time_with(SeqShape(q_tokens, kv_tokens, 1, rows))
         return max(
-            self.pricers[group].time_with(SeqShape(q_tokens, shard, len(groups)))
+            self.pricers[group].time_with(SeqShape(q_tokens, shard, len(groups), rows))
             for group, shard in zip(groups, self._shards(kv_tokens, len(groups)), strict=True)
         )
 
@@ -115,17 +119,19 @@ class BatchBuilder:
         tokens_left: int,
         budget_fraction: float = 1.0,
         finishes: bool = False,
+        scored: range = range(0),
     ) -> tuple[int, float | None] | None:
         """(tokens, predicted batch time if known) for the next prefill on `groups`, at most
-        `tokens_left` tokens (`finishes`: they complete the prompt); None when those groups'
-        budget is spent, which closes them."""
+        `tokens_left` tokens (`finishes`: they complete the prompt; `scored`: the prompt
+        positions whose rows it scores, see ScheduledSeq.head_rows); None when those groups' budget is spent, which closes
+        them."""
         first = self.num_prefills == 0
         chunk: int | None
         predicted: float | None = None
         if self.chunking is ChunkingMode.WHOLE:
             chunk = tokens_left
             if not first:
-                predicted = self.predict(groups, tokens_left, kv_tokens)
+                predicted = self.predict(groups, tokens_left, kv_tokens, scored)
                 if predicted > self._ceiling(1.0):
                     chunk = None
         elif self.chunking is ChunkingMode.FIXED:
@@ -133,7 +139,7 @@ class BatchBuilder:
             chunk = min(room, tokens_left) if room > 0 else None
         else:
             chunk, predicted = self._adaptive_chunk(
-                groups, kv_tokens, tokens_left, budget_fraction, finishes
+                groups, kv_tokens, tokens_left, budget_fraction, finishes, scored
             )
         if chunk is None and first:
             # Progress guarantee: decodes alone may exceed the budget, yet prefills must move.
@@ -150,6 +156,7 @@ class BatchBuilder:
         tokens_left: int,
         budget_fraction: float,
         finishes: bool,
+        scored: range,
     ) -> tuple[int | None, float | None]:
         budget = self.config.target_batch_time * budget_fraction
         if self.num_prefills and max(self.group_time(group) for group in groups) >= budget * (
@@ -162,7 +169,7 @@ class BatchBuilder:
             # held to (where time hardly grows with tokens it would fit, and overtake them).
             if tokens_left > self.config.max_chunk:
                 return None, None
-            predicted = self.predict(groups, tokens_left, kv_tokens)
+            predicted = self.predict(groups, tokens_left, kv_tokens, scored)
             ceiling = (
                 finish_ceiling(budget, self.config)
                 if finishes
@@ -172,7 +179,7 @@ class BatchBuilder:
                 return tokens_left, predicted
             return None, None
         choice = largest_fitting_chunk(
-            lambda c: self.predict(groups, c, kv_tokens),
+            lambda c: self.predict(groups, c, kv_tokens, scored),
             tokens_left,
             budget,
             self.config,

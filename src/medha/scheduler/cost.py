@@ -25,6 +25,10 @@ class SeqShape(NamedTuple):
     kvp_groups: int = 1
     """KVP groups the sequence's KV is spread over: each reads its own shard, in parallel, and
     their partial outputs then merge."""
+    head_rows: int = 1
+    """Rows of its hidden states the LM head turns into logits: one (every sequence is charged
+    the row it may sample from), or every query row of a prefill chunk whose prompt is scored
+    (SamplingParams.prompt_logprobs)."""
 
 
 class BatchCostModel(Protocol):

@@ -75,7 +75,8 @@ class DecodeScheduler:
                             position + 1,
                             (shard,),
                             new_blocks,
-                            True,
+                            True,  # samples
+                            1,  # head_rows
                         ),
                     )
                 )

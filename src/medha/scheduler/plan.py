@@ -50,6 +50,9 @@ class ScheduledSeq(NamedTuple):
     one block when a decode crosses a block boundary, else empty."""
     samples: bool
     """True when this step ends at the last known token, so the last stage samples a token."""
+    head_rows: int = 1
+    """Rows the LM head turns into logits (SeqShape.head_rows): one, or, for a request that
+    scores its prompt, each prompt row it has not scored yet (`lm_head_rows`)."""
 
     @property
     def q_tokens(self) -> int:
@@ -67,6 +70,13 @@ class ScheduledSeq(NamedTuple):
     @property
     def groups(self) -> tuple[int, ...]:
         return tuple(shard.group for shard in self.shards)
+
+
+def lm_head_rows(scored: range, start: int, end: int) -> int:
+    """Rows of a step over positions [start, end) that the LM head runs on: the prompt positions
+    in `scored` whose rows it scores (prompt_logprobs), or the one row every sequence is charged
+    (medha.perf.cost_model: whether it samples or not)."""
+    return max(1, min(end, scored.stop) - max(start, scored.start))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +120,6 @@ class BatchPlan:
         for seq in self.seqs:
             groups = len(seq.shards)
             for shard in seq.shards:
-                shape = SeqShape(seq.q_tokens, shard.tokens, groups)
+                shape = SeqShape(seq.q_tokens, shard.tokens, groups, seq.head_rows)
                 by_group.setdefault(shard.group, []).append(shape)
         return by_group

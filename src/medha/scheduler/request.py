@@ -16,7 +16,7 @@ from enum import Enum
 
 from medha.errors import InvalidRequestError
 from medha.scheduler.config import SchedulerConfig
-from medha.scheduler.cost import BatchCostModel
+from medha.scheduler.cost import BatchCostModel, SeqShape
 
 
 class RequestStatus(Enum):
@@ -83,9 +83,14 @@ class SchedRequest:
     """Chained digests of its full blocks (medha.scheduler.prefix_cache), for prefix caching:
     the prompt's, then those its sampled tokens fill (`extend_block_hashes`); empty: the
     request neither uses nor fills the cache (so far)."""
-    reads_cache: bool = True
-    """False: it takes no block from the prefix cache (it computes its whole prompt, e.g. to
-    score it), though it fills the cache like any other."""
+    scores_prompt: bool = False
+    """It scores its prompt (SamplingParams.prompt_logprobs): it takes no block from the prefix
+    cache (it computes its whole prompt, though it fills the cache like any other), and its
+    prefill runs the LM head on every prompt row (ScheduledSeq.head_rows), which its work
+    counts."""
+    scored_to: int = 0
+    """Prompt positions before this one are scored already: after a preemption, its recompute
+    runs them without the LM head (the engine scores nothing twice)."""
     cached_at_arrival: int = 0
     """Prompt tokens the prefix cache held when it arrived: `total_prefill_s` (its priority
     and default deadline) counts only the rest."""
@@ -111,6 +116,16 @@ class SchedRequest:
     def known_tokens(self) -> int:
         """Prompt plus sampled tokens: what the KV cache must eventually hold."""
         return self.prompt_len + self.generated
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether it may take computed blocks from the prefix cache."""
+        return not self.scores_prompt
+
+    @property
+    def scored_positions(self) -> range:
+        """Prompt positions whose rows its prefill still scores (none unless `scores_prompt`)."""
+        return range(self.scored_to, self.prompt_len) if self.scores_prompt else range(0)
 
     @property
     def tokens_left(self) -> int:
@@ -152,25 +167,31 @@ class SchedRequest:
         if cursor is not None and cursor != self.issued:
             if cursor == 0 and self.known_tokens == self.prompt_len and not self.cached_at_arrival:
                 return self.total_prefill_s
-            return cost.remaining_prefill_time(cursor, self.known_tokens)
+            return remaining_work(cost, cursor, self.known_tokens, self.scored_positions)
         if self._remaining_cache_at != self.issued:
             total = self.known_tokens
             if self.issued == 0 and total == self.prompt_len and whole:
                 self._remaining_cache_s = self.total_prefill_s
             else:
-                self._remaining_cache_s = cost.remaining_prefill_time(self.issued, total)
+                self._remaining_cache_s = remaining_work(
+                    cost, self.issued, total, self.scored_positions
+                )
             self._remaining_cache_at = self.issued
         return self._remaining_cache_s
 
     def reprice(self, cost: BatchCostModel) -> None:
         """The cost model's prefill level moved: re-predict the whole prefill and drop the
         cached remaining work and priority key (the scheduler decides about the deadline)."""
-        self.total_prefill_s = prefill_work(cost, self.cached_at_arrival, self.prompt_len)
+        self.total_prefill_s = prefill_work(
+            cost, self.cached_at_arrival, self.prompt_len, self.scores_prompt
+        )
         self._remaining_cache_at = -1
         self.key_cursor = -1
 
     def reset_progress(self) -> None:
         """Forget all KV progress (after a preemption): the prefill restarts from token 0."""
+        if self.scores_prompt:
+            self.scored_to = max(self.scored_to, min(self.computed, self.prompt_len))
         self.issued = self.stage0 = self.computed = 0
         self.prefill_len = 0
         self.registered_blocks = 0
@@ -180,12 +201,35 @@ class SchedRequest:
         self.key_cursor = -1
 
 
-def prefill_work(cost: BatchCostModel, cached: int, prompt_len: int) -> float:
+def prefill_work(
+    cost: BatchCostModel, cached: int, prompt_len: int, scores_prompt: bool = False
+) -> float:
     """w_total: predicted seconds to prefill a prompt alone, past `cached` tokens the prefix
-    cache holds."""
+    cache holds (`scores_prompt`: scoring each of its rows, see SchedRequest.scores_prompt)."""
+    scored = range(prompt_len) if scores_prompt else range(0)
     if cached:
-        return cost.remaining_prefill_time(cached, prompt_len)
-    return cost.prefill_time(prompt_len)
+        return remaining_work(cost, cached, prompt_len, scored)
+    return cost.prefill_time(prompt_len) + scoring_work(cost, len(scored))
+
+
+def remaining_work(
+    cost: BatchCostModel, processed: int, total: int, scored: range = range(0)
+) -> float:
+    """Predicted seconds to prefill positions [processed, total) alone, the rows of those in
+    `scored` through the LM head."""
+    rows = len(range(max(processed, scored.start), min(total, scored.stop)))
+    return cost.remaining_prefill_time(processed, total) + scoring_work(cost, rows)
+
+
+def scoring_work(cost: BatchCostModel, rows: int) -> float:
+    """Predicted seconds the LM head adds to a prefill for scoring `rows` of its rows: those
+    rows priced in one batch with and without the head on each. A prompt scored in chunks
+    pays about that much where the head's matmul is compute-bound in chunks (on a CPU at any
+    size; on a GPU from a few hundred rows), somewhat less below."""
+    if rows <= 0:
+        return 0.0
+    scored = cost.batch_time((SeqShape(rows, 0, 1, rows),))
+    return max(0.0, scored - cost.batch_time((SeqShape(rows, 0),)))
 
 
 def check_request_fields(

@@ -26,13 +26,8 @@ from medha.scheduler.cost import BatchCostModel
 from medha.scheduler.decodes import DecodeScheduler
 from medha.scheduler.lead_guard import promote_guarded
 from medha.scheduler.pausing import PausedPlans, newcomers_pause_time, ran_alone
-from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind
-from medha.scheduler.policies import (
-    ChunkingMode,
-    default_deadline,
-    policy_for,
-    relative_slack,
-)
+from medha.scheduler.plan import BatchPlan, ScheduledSeq, SeqKind, lm_head_rows
+from medha.scheduler.policies import ChunkingMode, default_deadline, policy_for, relative_slack
 from medha.scheduler.prefix_sharing import SharedPrefixGate
 from medha.scheduler.ranking import CandidateOrder
 from medha.scheduler.request import (
@@ -78,13 +73,13 @@ class Scheduler:
         arrival: float,
         deadline: float | None = None,
         block_hashes: Sequence[bytes] = (),
-        reads_cache: bool = True,
+        scores_prompt: bool = False,
     ) -> SchedRequest:
         """Queue a request. `deadline`: seconds after arrival by which its first token is due
         (default: max(1.5 x predicted prefill time, 0.5 s)). `block_hashes`: the chained digests
         of its prompt's full blocks (`medha.scheduler.prefix_cache.block_hashes`), to share
         computed KV with other requests that start the same way; none: no prefix caching.
-        Without `reads_cache` it computes its whole prompt, and only fills the cache.
+        `scores_prompt`: it scores its prompt (SchedRequest.scores_prompt).
 
         Raises InvalidRequestError for bad lengths or a duplicate id, RequestTooLargeError when
         its KV (prompt + max_new_tokens) could never fit the KVP groups it may use.
@@ -96,9 +91,9 @@ class Scheduler:
         )
         self.check_fits(prompt_len, max_new_tokens, request_id)
         # What it has to compute: past what the prefix cache holds of it now.
-        hashes = block_hashes if reads_cache else ()
+        hashes = () if scores_prompt else block_hashes
         cached = self.table.layout.cached_tokens(hashes, prompt_len, self.table.pool)
-        total_prefill_s = prefill_work(self.cost, cached, prompt_len)
+        total_prefill_s = prefill_work(self.cost, cached, prompt_len, scores_prompt)
         request = SchedRequest(
             request_id=request_id,
             arrival=arrival,
@@ -109,7 +104,7 @@ class Scheduler:
             total_prefill_s=total_prefill_s,
             order=self._next_order,
             block_hashes=tuple(block_hashes),
-            reads_cache=reads_cache,
+            scores_prompt=scores_prompt,
             cached_at_arrival=cached,
         )
         self._next_order += 1
@@ -468,8 +463,9 @@ class Scheduler:
         to_boundary = self.table.layout.tokens_to_boundary(start)
         if to_boundary is not None:
             tokens_left = min(tokens_left, to_boundary)
+        finishes = tokens_left == all_left
         sized = batch.prefill_chunk(
-            groups, start, tokens_left, budget_fraction, tokens_left == all_left
+            groups, start, tokens_left, budget_fraction, finishes, request.scored_positions
         )
         if sized is None:
             return False
@@ -486,6 +482,7 @@ class Scheduler:
             shards=self.table.layout.shards(request, start),
             new_blocks=new_blocks,
             samples=end == request.known_tokens,
+            head_rows=lm_head_rows(request.scored_positions, start, end),
         )
         batch.add_prefill(seq, groups, is_long, predicted)
         return True
