@@ -46,6 +46,16 @@ def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> No
         assert float(match[4]) >= float(match[6])  # most likely first
 
 
+def test_the_truncation_example_runs_the_end_of_a_prompt_beyond_the_context() -> None:
+    assert _run_block_with("truncate_prompt_tokens=200") == "ran 200 of 400 prompt tokens\n"
+
+
+def test_the_bad_words_example_runs() -> None:
+    assert (
+        _run_block_with('bad_words=["the"') == "8 tokens, without 'the' or ' of' as their tokens\n"
+    )
+
+
 def test_the_prefix_caching_example_reuses_the_document_and_each_turn() -> None:
     # Each turn's KV reaches its answer's last token but one: 32, then 64 tokens of full blocks.
     assert _run_block_with("prefix_cache_hit_tokens") == (

@@ -223,3 +223,23 @@ def test_sampling_never_leaves_the_allowed_tokens() -> None:
     assert set(out.token_ids) == {5, 17, 33}
     greedy = sample(logits[:1], [SamplingParams.greedy(allowed_token_ids=[5, 17, 33])], [None])
     assert greedy.token_ids == [max((5, 17, 33), key=lambda t: float(logits[0, t]))]
+
+
+def test_a_bad_words_last_token_is_banned_after_the_output_spells_the_rest() -> None:
+    # Bad words (7) and (3, 4, 5): 7 is never sampled; 5 only right after the output's 3, 4,
+    # which the prompt's 3, 4 do not count for (vLLM matches the output only).
+    words = ((7,), (3, 4, 5))
+    params = SamplingParams(bad_words=["seven", "three four five"])
+    histories = []
+    for prompt, output in (([3, 4], []), ([1], [3, 4]), ([1], [3, 4, 6]), ([1], [2, 3, 4])):
+        history = TokenHistory(len(prompt), (), words)
+        history.observe(0, prompt + output)
+        histories.append(history)
+    assert all(adjusts_now(params, history) for history in histories)
+    logits = _logits(4, seed=11)
+    ours = adjust_logits(logits.clone(), [params] * 4, histories)
+    banned = [{7}, {7, 5}, {7}, {7, 5}]
+    for row, tokens in enumerate(banned):
+        assert {t for t in range(VOCAB) if ours[row, t] == float("-inf")} == tokens
+        kept = [t for t in range(VOCAB) if t not in tokens]
+        torch.testing.assert_close(ours[row, kept], logits[row, kept])

@@ -139,11 +139,11 @@ async def test_prompt_logprobs_with_chunks_of_one_prompt_in_flight(
         assert completion.token_ids == hf_greedy(completion.prompt_token_ids, 4)
 
 
-# Penalties and min_tokens depend on every token so far, which the sampling worker counts from
-# the steps it runs: a recomputed prompt must not count twice.
+# Penalties, min_tokens and bad words depend on every token so far, which the sampling worker
+# counts from the steps it runs: a recomputed prompt must not count twice.
 PENALTIES = [
     {},
-    {"repetition_penalty": 1.4},
+    {"repetition_penalty": 1.4, "bad_words": ["the", " and"]},
     {"presence_penalty": 1.5, "frequency_penalty": 0.5, "min_tokens": 8},
 ]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medha.errors import InvalidRequestError, InvalidSamplingParamsError
-from medha.sampling import SamplingParams
+from medha.sampling import SamplingParams, bad_words_token_ids
 
 
 def test_defaults_match_vllm() -> None:
@@ -29,6 +29,8 @@ def test_defaults_match_vllm() -> None:
     assert params.repetition_penalty == 1.0
     assert params.presence_penalty == 0.0
     assert params.frequency_penalty == 0.0
+    assert params.truncate_prompt_tokens is None
+    assert params.bad_words == ()
     assert not params.needs_history
     assert not params.is_greedy
 
@@ -177,6 +179,14 @@ def test_boundary_values_are_valid() -> None:
         ("allowed_token_ids", []),
         ("allowed_token_ids", [3, -1]),
         ("allowed_token_ids", "3"),
+        ("truncate_prompt_tokens", 0),
+        ("truncate_prompt_tokens", -1),
+        ("truncate_prompt_tokens", 2.5),
+        ("truncate_prompt_tokens", True),
+        ("bad_words", 5),
+        ("bad_words", [""]),
+        ("bad_words", ["ok", " \n"]),
+        ("bad_words", ["ok", 3]),
     ],
 )
 def test_invalid_value_raises_error_naming_field_and_value(field: str, value: object) -> None:
@@ -258,3 +268,39 @@ def test_logit_bias_takes_openais_string_ids_and_allowed_ids_are_kept_sorted_onc
     params = SamplingParams(logit_bias={"50256": -100, 7: 1}, allowed_token_ids=[9, 3, 9, 1])
     assert params.logit_bias == ((7, 1.0), (50256, -100.0))
     assert params.allowed_token_ids == (1, 3, 9)
+
+
+def test_truncate_prompt_tokens_keeps_the_end_of_a_longer_prompt() -> None:
+    params = SamplingParams(truncate_prompt_tokens=np.int64(3))
+    assert params.truncate_prompt_tokens == 3 and type(params.truncate_prompt_tokens) is int
+    assert params.truncated([1, 2, 3, 4, 5]) == [3, 4, 5]
+    assert params.truncated([1, 2]) == [1, 2]
+    assert SamplingParams().truncated([1, 2, 3]) == [1, 2, 3]
+
+
+def test_bad_words_take_a_word_or_a_list_and_need_the_token_history() -> None:
+    assert SamplingParams(bad_words="spam").bad_words == ("spam",)
+    params = SamplingParams(bad_words=["spam", " eggs"])
+    assert params.bad_words == ("spam", " eggs") and params.needs_history
+
+
+def test_bad_words_are_encoded_bare_and_with_a_leading_space_where_that_is_another_word() -> None:
+    # vLLM's rule: " eggs" is its own token, so the mid-text form is banned too; " spam ham"
+    # splits differently with the space (3 tokens against 2), so its bare form covers it.
+    vocab = {
+        "eggs": [10],
+        " eggs": [11],
+        "spam ham": [20, 21],
+        " spam ham": [22, 23, 24],
+        "x": [30],
+        " x": [30],
+    }
+    encode = vocab.__getitem__
+    assert bad_words_token_ids([" eggs", "spam ham", "x"], encode, 100) == (
+        (10,),
+        (11,),
+        (20, 21),
+        (30,),
+    )
+    with pytest.raises(InvalidSamplingParamsError, match="bad_words"):
+        bad_words_token_ids(["eggs"], encode, 10)

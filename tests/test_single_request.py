@@ -27,3 +27,20 @@ def test_ids_beyond_the_vocabulary_are_refused_by_name() -> None:
     params = SamplingParams(max_tokens=2, allowed_token_ids=[3, 10**6])
     with pytest.raises(InvalidSamplingParamsError, match="allowed_token_ids"):
         next(generate_single(runner, [5, 6], params, tokenizer))
+
+
+def test_a_truncated_prompt_runs_as_its_last_tokens() -> None:
+    runner, tokenizer = build_runner("tiny-random", num_blocks=64)
+    prompt = [(7 * i) % 200 + 3 for i in range(300)]
+    params = SamplingParams.greedy(5, ignore_eos=True)
+    truncated = SamplingParams.greedy(5, ignore_eos=True, truncate_prompt_tokens=40)
+    expected = [t.token_id for t in generate_single(runner, prompt[-40:], params, tokenizer)]
+    got = [t.token_id for t in generate_single(runner, prompt, truncated, tokenizer)]
+    assert got == expected
+
+
+def test_bad_words_are_refused_without_a_tokenizer_to_encode_them() -> None:
+    runner, tokenizer = build_runner("tiny-random", num_blocks=16)
+    params = SamplingParams(max_tokens=2, bad_words=["hello"])
+    with pytest.raises(InvalidSamplingParamsError, match="bad_words"):
+        next(generate_single(runner, [5, 6], params, tokenizer))

@@ -47,7 +47,7 @@ from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_input import prompt_token_ids, request_ids
 from medha.request_limits import output_limit
-from medha.sampling import SamplingParams
+from medha.sampling import SamplingParams, bad_words_token_ids
 from medha.scheduler.prefix_cache import block_hashes
 
 _log = get_logger(__name__)
@@ -438,7 +438,7 @@ class Engine:
             raise InvalidRequestError(
                 f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
             )
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = params.truncated(self._prompt_ids(prompt))
         params.check_vocab(self._vocab_size)
         max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
@@ -466,6 +466,11 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            bad_words_ids=bad_words_token_ids(
+                params.bad_words,
+                lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                self._vocab_size,
+            ),
             hash_block_size=self.config.block_size if caches else 0,
             block_hashes=block_hashes(prompt_ids, self.config.block_size) if caches else (),
         )

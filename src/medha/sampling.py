@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn
@@ -76,8 +76,17 @@ class SamplingParams:
             stored as (token_id, bias) pairs by id.
         allowed_token_ids: only these tokens may be sampled (None: any); not empty; stored
             sorted, without repeats.
+        truncate_prompt_tokens: None, or k >= 1: the request runs only the last k tokens of
+            its prompt (left truncation, as vLLM's): a long document keeps its end, next to
+            the question. Its Completion's prompt_token_ids, prompt logprobs and length checks
+            are those of the truncated prompt.
+        bad_words: words never generated (vLLM's rule): each is tokenized without its leading
+            whitespace and, where that gives as many tokens but another first one, with one
+            leading space (the word mid-text); the last token of a form is never sampled right
+            after the output's tokens spell the rest of it (a one-token form: never at all).
+            Stored as a tuple; a single str is one word.
 
-    allowed_token_ids, logit_bias, the penalties and min_tokens apply in that order (vLLM's),
+    allowed_token_ids, logit_bias, the penalties, min_tokens and bad_words apply in that order,
     before temperature and the filters, and to greedy requests too (they change the argmax).
     Token ids are checked against the model's vocabulary when a request is submitted.
     """
@@ -100,6 +109,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] | None = None
+    truncate_prompt_tokens: int | None = None
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
@@ -154,7 +165,8 @@ class SamplingParams:
             normalise(name, _as_float(name, getattr(self, name)))
             if abs(getattr(self, name)) > _MAX_ADDITIVE_PENALTY:
                 _fail(name, getattr(self, name), "must be in [-2, 2]")
-        normalise("stop", _normalise_stop(self.stop))
+        normalise("stop", _normalise_strings("stop", self.stop))
+        normalise("bad_words", _normalise_strings("bad_words", self.bad_words, words=True))
         normalise("stop_token_ids", _normalise_token_ids("stop_token_ids", self.stop_token_ids))
         normalise("logit_bias", _normalise_logit_bias(self.logit_bias))
         if self.allowed_token_ids is not None:
@@ -162,11 +174,19 @@ class SamplingParams:
             if not allowed:
                 _fail("allowed_token_ids", self.allowed_token_ids, "must not be empty")
             normalise("allowed_token_ids", tuple(sorted(set(allowed))))
+        if self.truncate_prompt_tokens is not None:
+            keep = _as_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
+            normalise("truncate_prompt_tokens", keep)
 
     @classmethod
     def greedy(cls, max_tokens: int | None = 16, **overrides: Any) -> SamplingParams:
         """Greedy decoding (temperature 0) of at most `max_tokens` tokens."""
         return cls(max_tokens=max_tokens, temperature=0.0, **overrides)
+
+    def truncated(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt the request runs: its last `truncate_prompt_tokens` tokens, if set."""
+        keep = self.truncate_prompt_tokens
+        return prompt_ids if keep is None or len(prompt_ids) <= keep else prompt_ids[-keep:]
 
     @property
     def is_greedy(self) -> bool:
@@ -194,8 +214,8 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
-        """Whether sampling depends on the tokens so far (penalties, min_tokens)."""
-        return self.has_penalties or self.min_tokens > 0
+        """Whether sampling depends on the tokens so far (penalties, min_tokens, bad words)."""
+        return self.has_penalties or self.min_tokens > 0 or bool(self.bad_words)
 
 
 def _fail(field: str, value: object, problem: str) -> NoReturn:
@@ -221,22 +241,24 @@ def _as_float(field: str, value: object) -> float:
     return float(value)
 
 
-def _normalise_stop(stop: object) -> tuple[str, ...]:
-    if stop is None:
+def _normalise_strings(field: str, value: object, *, words: bool = False) -> tuple[str, ...]:
+    """`value` (None, a str, or a list/tuple of non-empty str; `words`: not blank either) as a
+    tuple of str."""
+    if value is None:
         return ()
     items: Iterable[object]
-    if isinstance(stop, str):
-        items = (stop,)
-    elif isinstance(stop, list | tuple):
-        items = stop
+    if isinstance(value, str):
+        items = (value,)
+    elif isinstance(value, list | tuple):
+        items = value
     else:
-        _fail("stop", stop, "must be a str or a list/tuple of str")
+        _fail(field, value, "must be a str or a list/tuple of str")
     result = []
     for item in items:
         if not isinstance(item, str):
-            _fail("stop", stop, f"every stop string must be a str, got {type(item).__name__}")
-        elif not item:
-            _fail("stop", stop, "stop strings must not be empty")
+            _fail(field, value, f"every string must be a str, got {type(item).__name__}")
+        elif not (item.strip() if words else item):
+            _fail(field, value, "words must not be blank" if words else "must not be empty")
         result.append(item)
     return tuple(result)
 
@@ -304,8 +326,35 @@ class SamplingSetup:
     a prefix cache hit, whose tokens the stage never sees; and for prompt logprobs (a chunk's
     last row predicts the next chunk's first token)."""
 
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    """params.bad_words as token ids (`bad_words_token_ids`)."""
+
     @property
     def min_tokens_stop_ids(self) -> tuple[int, ...]:
         """The ids min_tokens keeps from being sampled: the stop tokens and eos, even with
         ignore_eos (vLLM's set: "before EOS or stop_token_ids can be generated")."""
         return tuple(sorted({*self.params.stop_token_ids, *self.eos_token_ids}))
+
+
+def bad_words_token_ids(
+    words: Sequence[str], encode: Callable[[str], list[int]], vocab_size: int
+) -> tuple[tuple[int, ...], ...]:
+    """`words` (SamplingParams.bad_words) as the token sequences the sampler bans, by vLLM's
+    rule: each word without its leading whitespace, as at the start of a text; and with one
+    leading space, as in mid-text, where that form has as many tokens but another first one
+    (else the space is a token of its own, and the bare form covers the word). `encode` must
+    add no special tokens. InvalidSamplingParamsError for a word with an id beyond the model's
+    vocabulary (a tokenizer may hold tokens the model lacks)."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(encode(word.lstrip()))
+        spaced = tuple(encode(" " + word.lstrip()))
+        forms = [bare]
+        if len(spaced) == len(bare) and spaced[:1] != bare[:1]:
+            forms.append(spaced)
+        for form in forms:
+            if any(token >= vocab_size for token in form):
+                _fail("bad_words", word, f"encodes to ids beyond the vocabulary ({vocab_size})")
+            if form and form not in sequences:
+                sequences.append(form)
+    return tuple(sequences)

@@ -403,7 +403,9 @@ class SchedulerActor(Actor[Submit | Abort]):
         params = request.params
         wants_prompt = params.needs_history or params.prompt_logprobs is not None
         prompt = tuple(request.prompt_ids) if wants_prompt else None
-        return SamplingSetup(request.params, len(request.prompt_ids), request.eos_token_ids, prompt)
+        return SamplingSetup(
+            params, len(request.prompt_ids), request.eos_token_ids, prompt, request.bad_words_ids
+        )
 
     def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
         self.iterations += 1

@@ -32,6 +32,8 @@ class TrackedRequest:
     """The caller's TTFT deadline in seconds, or None for the scheduler's default."""
     eos_token_ids: tuple[int, ...] = ()
     """The tokenizer's, for min_tokens (the sampling stage keeps them from being sampled)."""
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    """params.bad_words as token ids (medha.sampling.bad_words_token_ids)."""
     hash_block_size: int = 0
     """Tokens per block of its prefix caching digests; 0: prefix caching is off."""
     block_hashes: tuple[bytes, ...] = ()

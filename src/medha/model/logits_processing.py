@@ -8,9 +8,11 @@ vLLM's semantics and order (HF's for the repetition penalty, which both share):
 - frequency_penalty f and presence_penalty p: an id's logit loses f per occurrence in the
   output so far, and p once if it occurs there at all (the prompt does not count);
 - min_tokens m: while fewer than m tokens have been generated, eos (even with ignore_eos) and
-  the stop token ids get -inf, unless that would leave no token at all (allowed_token_ids that
-  are all stop tokens win).
-In that order, on the raw logits, before temperature and the filters. The last three depend on
+  the stop token ids get -inf;
+- bad_words: a bad word's last token gets -inf when the output so far ends with the rest of it
+  (a one-token word: always);
+unless a mask would leave no token at all (allowed_token_ids that are all stop tokens win).
+In that order, on the raw logits, before temperature and the filters. The last four depend on
 the request's tokens so far (TokenHistory). A row is adjusted only in the steps where one of
 them applies (a min_tokens request stops paying once it has generated enough).
 
@@ -35,8 +37,8 @@ from medha.sampling import SamplingParams
 
 
 class TokenHistory:
-    """What penalties and min_tokens need of one request's tokens: the ids its prompt holds,
-    the ids of its output so far, and how many tokens it has generated."""
+    """What penalties, min_tokens and bad words need of one request's tokens: the ids its prompt
+    holds, the ids of its output so far, and how many tokens it has generated."""
 
     __slots__ = (
         "_fed",
@@ -44,15 +46,22 @@ class TokenHistory:
         "_output",
         "_prompt_ids",
         "_prompt_tensor",
+        "bad_words_ids",
         "min_tokens_stop_ids",
         "prompt_len",
     )
 
-    def __init__(self, prompt_len: int, min_tokens_stop_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        prompt_len: int,
+        min_tokens_stop_ids: Sequence[int] = (),
+        bad_words_ids: Sequence[Sequence[int]] = (),
+    ) -> None:
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         self.prompt_len = prompt_len
         self.min_tokens_stop_ids = tuple(min_tokens_stop_ids)
+        self.bad_words_ids = tuple(tuple(word) for word in bad_words_ids if word)
         self._prompt_ids: set[int] = set()
         self._prompt_tensor: torch.Tensor | None = None
         # The output's ids in a host tensor that doubles when full: each step reads them as one
@@ -93,6 +102,19 @@ class TokenHistory:
         """The output's ids so far, in order (a view of a host tensor: read, do not keep)."""
         return self._output[: self._num_output]
 
+    def banned_bad_word_ids(self) -> list[int]:
+        """The last token of every bad word whose other tokens end the output so far."""
+        banned = []
+        for word in self.bad_words_ids:
+            before = len(word) - 1
+            if before == 0:
+                banned.append(word[0])
+            elif self._num_output >= before:
+                tail = self._output[self._num_output - before : self._num_output].tolist()
+                if tail == list(word[:-1]):
+                    banned.append(word[-1])
+        return banned
+
     @property
     def num_generated(self) -> int:
         """Output tokens so far: those before the one about to be sampled."""
@@ -117,8 +139,10 @@ def adjusts_now(params: SamplingParams, history: TokenHistory | None) -> bool:
         or params.allowed_token_ids is not None
         or (
             history is not None
-            and history.num_generated < params.min_tokens
-            and bool(history.min_tokens_stop_ids)
+            and (
+                bool(history.bad_words_ids)
+                or (history.num_generated < params.min_tokens and bool(history.min_tokens_stop_ids))
+            )
         )
     )
 
@@ -141,7 +165,7 @@ def adjust_logits(
         known.append(TokenHistory(prompt_len=1) if history is None else history)
     if any(p.has_penalties for p in params):
         logits = _penalise(logits, params, known)
-    return _mask_until_min_tokens(logits, params, known)
+    return _mask_banned(logits, params, known)
 
 
 def _penalise(
@@ -185,23 +209,24 @@ def _penalise(
     return logits
 
 
-def _mask_until_min_tokens(
+def _mask_banned(
     logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory]
 ) -> torch.Tensor:
+    """-inf for what min_tokens and bad words ban this step."""
     rows, vocab = logits.shape
-    banned = [
-        row * vocab + token
-        for row, (p, history) in enumerate(zip(params, histories, strict=True))
-        if history.num_generated < p.min_tokens
-        for token in history.min_tokens_stop_ids
-        if token < vocab  # a tokenizer's eos the model has no logit for is never sampled
-    ]
+    banned: list[int] = []
+    for row, (p, history) in enumerate(zip(params, histories, strict=True)):
+        tokens = history.banned_bad_word_ids()
+        if history.num_generated < p.min_tokens:
+            tokens.extend(history.min_tokens_stop_ids)
+        # A tokenizer's eos that the model has no logit for is never sampled anyway.
+        banned.extend(row * vocab + token for token in tokens if token < vocab)
     if not banned:
         return logits
     index = torch.tensor(banned, dtype=torch.int64, device=logits.device)
     masked = logits.flatten().index_fill(0, index, float("-inf")).view(rows, vocab)
-    # allowed_token_ids that hold only stop tokens leave nothing to sample before min_tokens:
-    # the request asked for both, and the allowed tokens win (a softmax over no token is NaN).
+    # allowed_token_ids that hold only banned tokens leave nothing to sample: the request asked
+    # for both, and the allowed tokens win (a softmax over no token is NaN).
     empty = ~masked.isfinite().any(dim=-1, keepdim=True)
     return torch.where(empty, logits, masked)
 

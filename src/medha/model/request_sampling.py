@@ -23,7 +23,7 @@ class RequestSampling:
         self.params = setup.params
         self.generator = None if self.params.is_greedy else make_generator(self.params.seed)
         self.history = (
-            TokenHistory(setup.prompt_len, setup.min_tokens_stop_ids)
+            TokenHistory(setup.prompt_len, setup.min_tokens_stop_ids, setup.bad_words_ids)
             if self.params.needs_history
             else None
         )

@@ -41,9 +41,15 @@ def generate_single(
     """Yield the request's tokens as they are produced; the last one has a finish_reason."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    prompt_ids = params.truncated(list(prompt_ids))
     if params.prompt_logprobs is not None:
         raise InvalidSamplingParamsError(
             "generate_single reports no prompt logprobs: run the request on a medha.Engine"
+        )
+    if params.bad_words:
+        raise InvalidSamplingParamsError(
+            "generate_single has no tokenizer to encode bad_words: run the request on a "
+            "medha.Engine"
         )
     params.check_vocab(runner.arch.vocab_size)
     capacity = runner.kv_cache.capacity_tokens
