@@ -24,6 +24,20 @@ MODEL = "tiny-random"
 
 
 @cache
+def hf_model() -> Any:
+    """HF transformers' model of MODEL's weights, fp32, for reference outputs and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medha.model.presets import materialize_preset
+
+    model = AutoModelForCausalLM.from_pretrained(
+        materialize_preset(MODEL), torch_dtype=torch.float32
+    )
+    return model.eval()
+
+
+@cache
 def cost_profile_path(model: str = MODEL) -> Path:
     """Calibrate `model` once and save the profile, so engines start in ~0.2 s (an engine
     refuses a profile calibrated for another model's shapes)."""

@@ -4,7 +4,7 @@ is banned right after the output spells the rest of it), alone and among other r
 
 from __future__ import annotations
 
-from functools import cache
+from functools import partial
 from typing import Any
 
 import anyio
@@ -14,7 +14,7 @@ import torch
 import medha
 from medha import SamplingParams
 from medha.sampling import bad_words_token_ids
-from tests.engine_support import engine_config
+from tests.engine_support import engine_config, hf_model
 
 pytestmark = pytest.mark.anyio
 
@@ -27,23 +27,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@cache
-def _hf() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from medha.model.presets import materialize_preset
-
-    model = AutoModelForCausalLM.from_pretrained(
-        materialize_preset("tiny-random"), torch_dtype=torch.float32
-    )
-    return model.eval()
-
-
 def _reference(prompt: list[int], words: tuple[tuple[int, ...], ...]) -> list[int]:
     ids, out = list(prompt), []
     while len(out) < TOKENS:
         with torch.no_grad():
-            logits = _hf()(torch.tensor([ids])).logits[0, -1].clone()
+            logits = hf_model()(torch.tensor([ids])).logits[0, -1].clone()
         for word in words:
             before = len(word) - 1
             if len(out) >= before and out[len(out) - before :] == list(word[:-1]):
@@ -53,33 +41,46 @@ def _reference(prompt: list[int], words: tuple[tuple[int, ...], ...]) -> list[in
     return out
 
 
+def _two_token_word(free: list[int], tokenizer: Any, vocab: int) -> tuple[int, str]:
+    """(k, text) of a word whose banned forms include free[k:k + 2]."""
+    encode = partial(tokenizer.encode, add_special_tokens=False)
+    for k in range(1, TOKENS - 2):
+        text = tokenizer.decode(free[k : k + 2])
+        if text.strip() and tuple(free[k : k + 2]) in bad_words_token_ids([text], encode, vocab):
+            return k, text
+    raise AssertionError(f"no two free tokens spell a word: {free}")
+
+
 async def test_bad_words_are_never_generated_and_match_the_reference() -> None:
     plain = SamplingParams.greedy(TOKENS, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
         free = (await engine.generate(PROMPT, plain)).token_ids
-        tokenizer = engine.tokenizer
-
-        def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False)
-
-        # Words the free output would say: one of its tokens, and a span of two.
+        tokenizer, vocab = engine.tokenizer, engine._vocab_size
+        encode = partial(tokenizer.encode, add_special_tokens=False)
+        # A two-token word the free output says at k, k + 1, and a one-token one it says at 1.
+        k, two = _two_token_word(free, tokenizer, vocab)
         one = tokenizer.decode(free[1:2])
-        two = tokenizer.decode(free[4:6])
-        words = bad_words_token_ids([one, two], encode, engine._vocab_size)
-        banned = SamplingParams.greedy(TOKENS, ignore_eos=True, bad_words=[one, two])
-        chat = SamplingParams.greedy(TOKENS, ignore_eos=True)
+        two_forms = bad_words_token_ids([two], encode, vocab)
+        one_forms = bad_words_token_ids([one], encode, vocab)
+        assert (free[1],) in one_forms
         results: dict[str, list[int]] = {}
 
-        async def run(name: str, prompt: list[int], params: SamplingParams) -> None:
+        async def run(name: str, prompt: list[int], words: list[str]) -> None:
+            params = SamplingParams.greedy(TOKENS, ignore_eos=True, bad_words=words or None)
             results[name] = (await engine.generate(prompt, params)).token_ids
 
         async with anyio.create_task_group() as group:
-            group.start_soon(run, "banned", PROMPT, banned)
-            group.start_soon(run, "other", [9, 8, 7, 6], chat)
-    assert results["banned"] == _reference(PROMPT, words)
-    assert results["banned"] != free
-    assert results["other"] == _reference([9, 8, 7, 6], ())
+            group.start_soon(run, "two", PROMPT, [two])
+            group.start_soon(run, "one", PROMPT, [one])
+            group.start_soon(run, "other", [9, 8, 7, 6], [])
     assert free == _reference(PROMPT, ())
-    for word in words:
-        spans = [tuple(results["banned"][i : i + len(word)]) for i in range(TOKENS)]
-        assert word not in spans
+    # The two-token ban fires exactly where the free output would have said the word.
+    assert results["two"] == _reference(PROMPT, two_forms)
+    assert results["two"][: k + 1] == free[: k + 1] and results["two"][k + 1] != free[k + 1]
+    assert results["one"] == _reference(PROMPT, one_forms)
+    assert results["one"][:1] == free[:1] and results["one"][1] != free[1]
+    assert results["other"] == _reference([9, 8, 7, 6], ())
+    for name, forms in (("two", two_forms), ("one", one_forms)):
+        for form in forms:
+            spans = [tuple(results[name][i : i + len(form)]) for i in range(TOKENS)]
+            assert form not in spans

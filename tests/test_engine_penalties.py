@@ -5,7 +5,6 @@ penalties), under LARS interleaving, chunking and preemption by recompute."""
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 import anyio
@@ -14,7 +13,7 @@ import torch
 
 import medha
 from medha import SamplingParams
-from tests.engine_support import engine_config
+from tests.engine_support import engine_config, hf_model
 
 pytestmark = pytest.mark.anyio
 
@@ -41,25 +40,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@cache
-def _hf() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    from medha.model.presets import materialize_preset
-
-    model = AutoModelForCausalLM.from_pretrained(
-        materialize_preset("tiny-random"), torch_dtype=torch.float32
-    )
-    return model.eval()
-
-
 def _reference(prompt: list[int], params: SamplingParams) -> list[int]:
     """Greedy decoding over HF's logits, the penalties applied densely by their definitions."""
     ids = list(prompt)
     out: list[int] = []
     while len(out) < params.max_tokens:
         with torch.no_grad():
-            logits = _hf()(torch.tensor([ids])).logits[0, -1].float()
+            logits = hf_model()(torch.tensor([ids])).logits[0, -1].float()
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[torch.tensor(ids)] = True
         r = params.repetition_penalty
@@ -77,7 +64,7 @@ def _reference(prompt: list[int], params: SamplingParams) -> list[int]:
 
 
 def _hf_generate(prompt: list[int], params: SamplingParams) -> list[int]:
-    output = _hf().generate(
+    output = hf_model().generate(
         torch.tensor([prompt]),
         do_sample=False,
         max_new_tokens=params.max_tokens,
@@ -154,7 +141,7 @@ async def test_stream_reports_the_top_logprobs_of_the_raw_distribution() -> None
     tokens = [ev.token_id for ev in events]
     assert all(isinstance(t, int) for t in tokens)
     with torch.no_grad():
-        logits = _hf()(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+        logits = hf_model()(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
     reference = logits.float().log_softmax(-1)
     for k, event in enumerate(events):
         assert event.top_logprobs is not None and len(event.top_logprobs) == 4
@@ -180,7 +167,7 @@ async def test_allowed_tokens_and_logit_bias_steer_greedy_decoding_as_on_hf_logi
     ids = list(prompt)
     for token in done.token_ids:
         with torch.no_grad():
-            logits = _hf()(torch.tensor([ids])).logits[0, -1].float()
+            logits = hf_model()(torch.tensor([ids])).logits[0, -1].float()
         scores = {t: float(logits[t]) + (0.5 if t == 300 else 0.0) for t in allowed}
         assert token == max(scores, key=scores.__getitem__)
         ids.append(token)

@@ -9,7 +9,9 @@ import pytest
 
 import medha
 from medha import SamplingParams
-from medha.errors import PromptTooLongError
+from medha.errors import InvalidSamplingParamsError, PromptTooLongError
+from medha.request_input import prompt_token_ids
+from tests.engine_support import engine_config
 from tests.parallel_support import assert_prompt_logprobs_equal_hf, hf_greedy, parallel_config
 
 pytestmark = pytest.mark.anyio
@@ -49,3 +51,31 @@ async def test_a_prompt_beyond_the_context_fits_once_truncated() -> None:
         )
     assert done.prompt_token_ids == prompt[-500:]
     assert done.token_ids == hf_greedy(prompt[-500:], 4)
+
+
+async def test_a_truncated_text_keeps_the_bos_its_tokenizer_adds() -> None:
+    # As a tokenizer truncating from the left: the special tokens in front stay, within k.
+    text = "the quick brown fox jumps over the lazy dog. " * 8
+    async with medha.Engine(engine_config()) as engine:
+        tokenizer = engine.tokenizer
+        full = tokenizer.encode(text)
+        own = tokenizer.encode(text, add_special_tokens=False)
+        done = await engine.generate(text, SamplingParams.greedy(2, truncate_prompt_tokens=10))
+        with pytest.raises(InvalidSamplingParamsError, match="special token"):
+            await engine.generate(text, SamplingParams.greedy(2, truncate_prompt_tokens=1))
+        assert engine.stats().waiting == engine.stats().running == 0
+    assert full == [tokenizer.bos_token_id, *own] and len(own) > 10
+    assert done.prompt_token_ids == [tokenizer.bos_token_id, *own[-9:]]
+
+
+class _AppendsEos:
+    """A tokenizer that puts its special token after the text (not in front)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text] + ([1] if add_special_tokens else [])
+
+
+def test_a_text_whose_tokenizer_adds_no_prefix_is_cut_like_token_ids() -> None:
+    assert prompt_token_ids("abcdef", _AppendsEos(), 200, keep=3) == [ord("e"), ord("f"), 1]
+    assert prompt_token_ids([5, 6, 7, 8], _AppendsEos(), 200, keep=2) == [7, 8]
+    assert prompt_token_ids([5, 6], _AppendsEos(), 200, keep=5) == [5, 6]

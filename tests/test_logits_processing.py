@@ -226,9 +226,10 @@ def test_sampling_never_leaves_the_allowed_tokens() -> None:
 
 
 def test_a_bad_words_last_token_is_banned_after_the_output_spells_the_rest() -> None:
-    # Bad words (7) and (3, 4, 5): 7 is never sampled; 5 only right after the output's 3, 4,
-    # which the prompt's 3, 4 do not count for (vLLM matches the output only).
-    words = ((7,), (3, 4, 5))
+    # Bad words (7), (3, 4, 5) and (4, 8): 7 is never sampled; 5 only right after the output's
+    # 3, 4, and 8 after its 4, which the prompt's 3, 4 do not count for (vLLM matches the
+    # output only).
+    words = ((7,), (3, 4, 5), (4, 8))
     params = SamplingParams(bad_words=["seven", "three four five"])
     histories = []
     for prompt, output in (([3, 4], []), ([1], [3, 4]), ([1], [3, 4, 6]), ([1], [2, 3, 4])):
@@ -238,7 +239,7 @@ def test_a_bad_words_last_token_is_banned_after_the_output_spells_the_rest() -> 
     assert all(adjusts_now(params, history) for history in histories)
     logits = _logits(4, seed=11)
     ours = adjust_logits(logits.clone(), [params] * 4, histories)
-    banned = [{7}, {7, 5}, {7}, {7, 5}]
+    banned = [{7}, {7, 5, 8}, {7}, {7, 5, 8}]
     for row, tokens in enumerate(banned):
         assert {t for t in range(VOCAB) if ours[row, t] == float("-inf")} == tokens
         kept = [t for t in range(VOCAB) if t not in tokens]

@@ -92,6 +92,9 @@ class Engine:
         self.tokenizer: Any = None
         self.max_model_len = 0
         self._vocab_size = 0
+        self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}
+        """SamplingParams.bad_words encoded, by list: a filter list may hold thousands of words
+        and serve every request, and encoding them would hold up the event loop each time."""
         self.calibration: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -438,7 +441,7 @@ class Engine:
             raise InvalidRequestError(
                 f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
             )
-        prompt_ids = params.truncated(self._prompt_ids(prompt))
+        prompt_ids = self._prompt_ids(prompt, params.truncate_prompt_tokens)
         params.check_vocab(self._vocab_size)
         max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
@@ -466,11 +469,7 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            bad_words_ids=bad_words_token_ids(
-                params.bad_words,
-                lambda text: self.tokenizer.encode(text, add_special_tokens=False),
-                self._vocab_size,
-            ),
+            bad_words_ids=self._bad_words_ids(params.bad_words),
             hash_block_size=self.config.block_size if caches else 0,
             block_hashes=block_hashes(prompt_ids, self.config.block_size) if caches else (),
         )
@@ -481,5 +480,15 @@ class Engine:
         holder = self._by_id.get(request_id)
         return holder is not None and holder.holds_id
 
-    def _prompt_ids(self, prompt: object) -> list[int]:
-        return prompt_token_ids(prompt, self.tokenizer, self._vocab_size)
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        encoded = self._bad_words.get(words)
+        if encoded is None:
+            encode = partial(self.tokenizer.encode, add_special_tokens=False)
+            encoded = bad_words_token_ids(words, encode, self._vocab_size)
+            if len(self._bad_words) >= 64:
+                self._bad_words.clear()
+            self._bad_words[words] = encoded
+        return encoded
+
+    def _prompt_ids(self, prompt: object, keep: int | None = None) -> list[int]:
+        return prompt_token_ids(prompt, self.tokenizer, self._vocab_size, keep)

@@ -7,16 +7,21 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from medha.errors import InvalidRequestError
+from medha.errors import InvalidRequestError, InvalidSamplingParamsError
 
 
 class _Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
 
-def prompt_token_ids(prompt: object, tokenizer: _Encoder, vocab_size: int) -> list[int]:
+def prompt_token_ids(
+    prompt: object, tokenizer: _Encoder, vocab_size: int, keep: int | None = None
+) -> list[int]:
     """A text (encoded with `tokenizer`), or token ids (a list, a tuple, a 1-D numpy array or
-    tensor), as token ids the model has: [0, vocab_size)."""
+    tensor), as token ids the model has: [0, vocab_size). `keep`
+    (SamplingParams.truncate_prompt_tokens): at most that many, the prompt's last ones; a
+    text keeps the special tokens its tokenizer adds in front (a BOS), as a tokenizer
+    truncating from the left does."""
     if not isinstance(prompt, str) and callable(getattr(prompt, "tolist", None)):
         prompt = prompt.tolist()  # type: ignore[attr-defined]  # a numpy array or a tensor
     if isinstance(prompt, str):
@@ -51,7 +56,26 @@ def prompt_token_ids(prompt: object, tokenizer: _Encoder, vocab_size: int) -> li
         )
     if not ids:
         raise InvalidRequestError("the prompt is empty")
-    return ids
+    if keep is None or len(ids) <= keep:
+        return ids
+    if isinstance(prompt, str):
+        return _truncated_text(prompt, ids, tokenizer, keep)
+    return ids[-keep:]
+
+
+def _truncated_text(text: str, ids: list[int], tokenizer: _Encoder, keep: int) -> list[int]:
+    """The last `keep` of a text's `ids`, keeping the tokens its tokenizer put before the
+    text's own (a BOS)."""
+    own = tokenizer.encode(text, add_special_tokens=False)
+    added = len(ids) - len(own)
+    if added <= 0 or ids[added:] != own:
+        return ids[-keep:]  # not a prefix the tokenizer adds: cut like token ids
+    if keep <= added:
+        raise InvalidSamplingParamsError(
+            f"SamplingParams.truncate_prompt_tokens={keep}: the tokenizer adds {added} special "
+            f"token(s) before the text; keep more than that"
+        )
+    return ids[:added] + own[len(own) - (keep - added) :]
 
 
 def check_unicode(text: str, what: str) -> None:

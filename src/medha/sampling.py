@@ -78,7 +78,8 @@ class SamplingParams:
             sorted, without repeats.
         truncate_prompt_tokens: None, or k >= 1: the request runs only the last k tokens of
             its prompt (left truncation, as vLLM's): a long document keeps its end, next to
-            the question. Its Completion's prompt_token_ids, prompt logprobs and length checks
+            the question. A text keeps the special tokens its tokenizer adds in front (a BOS)
+            among its k. Its Completion's prompt_token_ids, prompt logprobs and length checks
             are those of the truncated prompt.
         bad_words: words never generated (vLLM's rule): each is tokenized without its leading
             whitespace and, where that gives as many tokens but another first one, with one

@@ -41,6 +41,8 @@ class TokenHistory:
     holds, the ids of its output so far, and how many tokens it has generated."""
 
     __slots__ = (
+        "_bad_after",
+        "_bad_prefix_lengths",
         "_fed",
         "_num_output",
         "_output",
@@ -62,6 +64,12 @@ class TokenHistory:
         self.prompt_len = prompt_len
         self.min_tokens_stop_ids = tuple(min_tokens_stop_ids)
         self.bad_words_ids = tuple(tuple(word) for word in bad_words_ids if word)
+        # Each step asks which bad words the output's tail starts: one lookup per distinct
+        # prefix length, not one comparison per word (a filter list may hold thousands).
+        self._bad_after: dict[tuple[int, ...], list[int]] = {}
+        for word in self.bad_words_ids:
+            self._bad_after.setdefault(word[:-1], []).append(word[-1])
+        self._bad_prefix_lengths = sorted({len(prefix) for prefix in self._bad_after})
         self._prompt_ids: set[int] = set()
         self._prompt_tensor: torch.Tensor | None = None
         # The output's ids in a host tensor that doubles when full: each step reads them as one
@@ -104,15 +112,15 @@ class TokenHistory:
 
     def banned_bad_word_ids(self) -> list[int]:
         """The last token of every bad word whose other tokens end the output so far."""
-        banned = []
-        for word in self.bad_words_ids:
-            before = len(word) - 1
-            if before == 0:
-                banned.append(word[0])
-            elif self._num_output >= before:
-                tail = self._output[self._num_output - before : self._num_output].tolist()
-                if tail == list(word[:-1]):
-                    banned.append(word[-1])
+        if not self._bad_after:
+            return []
+        longest = min(self._bad_prefix_lengths[-1], self._num_output)
+        tail = tuple(self._output[self._num_output - longest : self._num_output].tolist())
+        banned: list[int] = []
+        for length in self._bad_prefix_lengths:
+            if length > longest:
+                break
+            banned += self._bad_after.get(tail[longest - length :], ())
         return banned
 
     @property
