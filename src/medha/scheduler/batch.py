@@ -123,8 +123,8 @@ class BatchBuilder:
     ) -> tuple[int, float | None] | None:
         """(tokens, predicted batch time if known) for the next prefill on `groups`, at most
         `tokens_left` tokens (`finishes`: they complete the prompt; `scored`: the prompt
-        positions whose rows it scores, see ScheduledSeq.head_rows); None when those groups' budget is spent, which closes
-        them."""
+        positions whose rows it scores, see ScheduledSeq.head_rows); None when those groups'
+        budget is spent, which closes them."""
         first = self.num_prefills == 0
         chunk: int | None
         predicted: float | None = None
