@@ -143,3 +143,42 @@ def tracked_request(prompt: list[int], params: SamplingParams, **fields: Any) ->
         deadline=None,
         **fields,
     )
+
+
+@cache
+def grammar_compiler() -> Any:
+    """A GrammarCompiler for MODEL's tokenizer and vocabulary, as an engine builds one."""
+    from medha.grammar import GrammarCompiler
+    from medha.model.loader import load_hf_folder
+    from medha.model.presets import materialize_preset
+
+    # The engine's tokenizer: its eos ids include those of config.json, which the grammar
+    # allows where the output may end.
+    tokenizer = load_hf_folder(materialize_preset(MODEL)).tokenizer
+    return GrammarCompiler(tokenizer, hf_model().config.vocab_size)
+
+
+def greedy_under_grammar(
+    prompt: Sequence[int], structured: Any, max_tokens: int, eos_token_ids: Sequence[int] = ()
+) -> list[int]:
+    """Greedy decoding over HF transformers' logits with every token the grammar of
+    `structured` (StructuredOutputsParams) does not allow at -inf, by definition: until the
+    output completes the grammar, ends with an eos token, or reaches `max_tokens`."""
+    import numpy as np
+    import torch
+
+    matcher = grammar_compiler().matcher(structured)
+    ids, out = list(prompt), []
+    while len(out) < max_tokens:
+        with torch.no_grad():
+            logits = hf_model()(torch.tensor([ids])).logits[0, -1].clone()
+        words = matcher.next_mask()
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+        allowed = torch.from_numpy(bits[: logits.shape[0]])
+        logits[~allowed] = float("-inf")
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+        matcher.accept(out[-1])
+        if matcher.complete or out[-1] in eos_token_ids:
+            break
+    return out

@@ -94,3 +94,7 @@ def test_the_prompt_scoring_example_prints_what_the_model_computes() -> None:
         f"choice {best}: log-likelihood {totals[best]:.2f}\n"
         f"most likely after the context: {top}\n"
     )
+
+
+def test_the_structured_outputs_example_prints_a_valid_tool_call() -> None:
+    assert _run_block_with("TOOL_CALL") == "['argument', 'tool'] True stop\nTrue\n"

@@ -18,10 +18,10 @@ import anyio
 import pytest
 
 import medha
-from medha import SamplingParams
+from medha import SamplingParams, StructuredOutputsParams
 from medha.model.llama import DecoderLayer
 from medha.perf.time_scale import OnlineTimeScale
-from tests.engine_support import engine_config, greedy_alone
+from tests.engine_support import engine_config, greedy_alone, greedy_under_grammar
 
 pytestmark = pytest.mark.anyio
 
@@ -77,19 +77,20 @@ async def _long_then_short(
     abort_long: bool = False,
     talker: bool = False,
     short_prompt: tuple[int, ...] = SHORT,
+    talker_params: SamplingParams = TALKER_PARAMS,
     **config: Any,
 ) -> Played:
     """Play the long prompt (chunks of 512: two iterations), and the short one once
     `after_iterations` iterations are done and the next is under way; with `abort_long`,
     abort the long one once its iteration is paused; with `talker`, a request decoding
-    TALKER_PARAMS.max_tokens tokens starts first, so its decodes share the long prompt's iterations."""
+    `talker_params` starts first, so its decodes share the long prompt's iterations."""
     settings = {"policy": "lars", "max_chunk": 512, "target_batch_time": 0.05, **config}
     results: dict[str, medha.Completion] = {}
     long_events: list[medha.TokenEvent] = []
     async with medha.Engine(engine_config(**settings), record_iterations=True) as engine:
 
         async def run(name: str, prompt: tuple[int, ...], deadline: float | None) -> None:
-            params = TALKER_PARAMS if name == "talker" else PARAMS
+            params = talker_params if name == "talker" else PARAMS
             if name == "long" and abort_long:
                 stream = engine.stream(list(prompt), params, deadline, request_id=name)
                 long_events.extend([event async for event in stream])
@@ -230,3 +231,22 @@ async def test_closing_the_engine_while_an_iteration_is_paused_ends_every_stream
                 await engine.stop()  # the short's prefill is running; the long one waits
     assert isinstance(outcomes["long"], medha.EngineClosedError)
     assert isinstance(outcomes["short"], medha.EngineClosedError)
+
+
+async def test_a_decode_finished_as_its_iteration_paused_keeps_its_place_in_its_grammar(
+    slow_long_chunks: None,
+) -> None:
+    # The talker's decode in the paused iteration is sampled at the pause, under the mask sent
+    # with the iteration; its next decodes, beside the short's prompt, under masks made after.
+    grammar = StructuredOutputsParams(regex="[a-z]+( [a-z]+)*")
+    params = SamplingParams(
+        max_tokens=TALKER_PARAMS.max_tokens, temperature=0.0, structured_outputs=grammar
+    )
+    played = await _long_then_short(short_deadline=0.05, talker=True, talker_params=params)
+    assert played.pauses == 1
+    paused_at = next(i for i, (_, ids) in enumerate(played.order) if "long" in ids)
+    assert played.order[paused_at][1] == "long,talker"
+    talker = played.results["talker"]
+    assert talker.token_ids == greedy_under_grammar(SHORT, grammar, params.max_tokens or 0)
+    assert len(talker.token_ids) > paused_at + 1  # it decoded past the pause
+    assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)

@@ -4,6 +4,7 @@ reference; the token history counts by position, so a recomputed prompt is not c
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -244,3 +245,60 @@ def test_a_bad_words_last_token_is_banned_after_the_output_spells_the_rest() -> 
         assert {t for t in range(VOCAB) if ours[row, t] == float("-inf")} == tokens
         kept = [t for t in range(VOCAB) if t not in tokens]
         torch.testing.assert_close(ours[row, kept], logits[row, kept])
+
+
+def _bitmask(allowed: set[int], words: int = 2) -> np.ndarray:
+    """llguidance's layout, built by hand: token t is bit t % 32 of int32 word t // 32."""
+    mask = np.zeros(words, dtype=np.uint32)
+    for token in allowed:
+        mask[token // 32] |= np.uint32(1 << (token % 32))
+    return mask.view(np.int32)
+
+
+def test_a_token_mask_leaves_only_its_tokens_in_its_row_and_touches_no_other_row() -> None:
+    logits = _logits(3, seed=12)
+    # 31 and 32 straddle a word; 33 and 49 set bits in the second, 31 the sign bit.
+    allowed = {0, 31, 32, 49}
+    plain = SamplingParams()
+    ours = adjust_logits(logits.clone(), [plain] * 3, [None] * 3, [None, _bitmask(allowed), None])
+    assert {t for t in range(VOCAB) if ours[1, t] != float("-inf")} == allowed
+    torch.testing.assert_close(ours[1, sorted(allowed)], logits[1, sorted(allowed)])
+    torch.testing.assert_close(ours[[0, 2]], logits[[0, 2]])
+    # A mask shorter than the vocabulary allows nothing past its last word.
+    short = adjust_logits(logits[:1].clone(), [plain], [None], [_bitmask({0, 5}, words=1)])
+    assert {t for t in range(VOCAB) if short[0, t] != float("-inf")} == {0, 5}
+
+
+def test_a_token_mask_intersects_the_allowed_tokens_and_wins_where_they_disagree() -> None:
+    logits = _logits(2, seed=13)
+    params = [SamplingParams(allowed_token_ids=[3, 4, 5]), SamplingParams(allowed_token_ids=[9])]
+    masks = [_bitmask({4, 5, 6}), _bitmask({1, 2})]
+    ours = adjust_logits(logits.clone(), params, [None, None], masks)
+    assert {t for t in range(VOCAB) if ours[0, t] != float("-inf")} == {4, 5}
+    # Nothing both allow: the grammar's tokens (the output must stay valid).
+    assert {t for t in range(VOCAB) if ours[1, t] != float("-inf")} == {1, 2}
+
+
+def test_a_ban_that_would_empty_a_masked_row_leaves_the_grammars_tokens() -> None:
+    # The grammar allows only eos (2), which min_tokens bans: the grammar wins.
+    logits = _logits(1, seed=14)
+    params = SamplingParams(min_tokens=3)
+    ours = adjust_logits(logits.clone(), [params], [_history([1], [], (2,))], [_bitmask({2})])
+    assert {t for t in range(VOCAB) if ours[0, t] != float("-inf")} == {2}
+
+
+def test_greedy_and_random_rows_never_sample_outside_their_token_mask() -> None:
+    logits = _logits(1, seed=15).expand(500, -1).clone()
+    allowed = {7, 40, 41}
+    masks = [_bitmask(allowed)] * 500
+    out = sample(logits, [SamplingParams(seed=2)] * 500, [make_generator(2)] * 500, None, masks)
+    assert set(out.token_ids) == allowed
+    greedy = sample(logits[:2], [SamplingParams.greedy()] * 2, [None] * 2, None, [masks[0], None])
+    assert greedy.token_ids == [
+        max(allowed, key=lambda t: float(logits[0, t])),
+        int(logits[0].argmax()),
+    ]
+    # Logprobs stay those of the raw distribution, as for every other constraint.
+    scored = sample(logits[:1], [SamplingParams.greedy(logprobs=0)], [None], None, masks[:1])
+    expected = logits[0].log_softmax(-1)[scored.token_ids[0]]
+    assert scored.logprobs[0] == pytest.approx(float(expected), abs=1e-6)

@@ -7,6 +7,8 @@ marked slow (they still run in `make test`)."""
 
 from __future__ import annotations
 
+import re
+
 import anyio
 import pytest
 import torch
@@ -140,11 +142,13 @@ async def test_prompt_logprobs_with_chunks_of_one_prompt_in_flight(
 
 
 # Penalties, min_tokens and bad words depend on every token so far, which the sampling worker
-# counts from the steps it runs: a recomputed prompt must not count twice.
+# counts from the steps it runs: a recomputed prompt must not count twice. A structured output's
+# mask comes with each step from the scheduler, which must not lose its place on a preemption.
 PENALTIES = [
     {},
     {"repetition_penalty": 1.4, "bad_words": ["the", " and"]},
     {"presence_penalty": 1.5, "frequency_penalty": 0.5, "min_tokens": 8},
+    {"structured_outputs": {"regex": "[a-z]+( [a-z]+)*"}},
 ]
 
 
@@ -154,11 +158,16 @@ async def _sample_all(engine: medha.Engine, work: list[tuple[list[int], int]]) -
 
     async def one(i: int) -> None:
         prompt, max_tokens = work[i]
-        extra = PENALTIES[i % 3]
+        extra = PENALTIES[i % len(PENALTIES)]
         if "min_tokens" in extra:
             extra = {**extra, "min_tokens": min(8, max_tokens)}
         params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=100 + i, **extra)
-        results[i] = (await engine.generate(prompt, params, request_id=f"s{i}")).token_ids
+        done = await engine.generate(prompt, params, request_id=f"s{i}")
+        if "structured_outputs" in extra:
+            # Cut short by max_tokens, it may end between two words.
+            cut = " ?" if done.finish_reason == "length" else ""
+            assert re.fullmatch(extra["structured_outputs"]["regex"] + cut, done.text), done.text
+        results[i] = done.token_ids
 
     async with anyio.create_task_group() as group:
         for i in range(len(work)):

@@ -133,7 +133,7 @@ def test_a_worker_times_its_stage_from_when_its_inputs_arrive(
         monkeypatch.setattr(
             remote_stage,
             "sample_requests",
-            lambda rows, requests: SimpleNamespace(
+            lambda rows, requests, masks: SimpleNamespace(
                 token_ids=[3], logprobs=[-0.1], top_logprobs=[()]
             ),
         )

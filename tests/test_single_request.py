@@ -44,3 +44,10 @@ def test_bad_words_are_refused_without_a_tokenizer_to_encode_them() -> None:
     params = SamplingParams(max_tokens=2, bad_words=["hello"])
     with pytest.raises(InvalidSamplingParamsError, match="bad_words"):
         next(generate_single(runner, [5, 6], params, tokenizer))
+
+
+def test_structured_outputs_are_refused_rather_than_ignored() -> None:
+    runner, tokenizer = build_runner("tiny-random", num_blocks=16)
+    params = SamplingParams(max_tokens=2, structured_outputs={"regex": "[0-9]+"})
+    with pytest.raises(InvalidSamplingParamsError, match="structured outputs"):
+        next(generate_single(runner, [5, 6], params, tokenizer))

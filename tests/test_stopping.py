@@ -246,3 +246,16 @@ def test_emitted_text_is_the_full_text_cut_at_the_first_stop_string(
     for count in range(1, len(updates)):
         streamed = _emitted(updates[:count])
         assert expected_text.startswith(streamed)
+
+
+def test_a_token_that_completes_the_structured_output_ends_the_request() -> None:
+    checker = StopChecker(SamplingParams(max_tokens=8, min_tokens=5, stop=["}}"]), (EOS,))
+    assert checker.update(PLAIN, '{"a":1') == StopUpdate('{"a":1')
+    # "}" may start the stop string, so it would be held back: completing flushes it. And
+    # min_tokens cannot hold the request open: the grammar allows nothing more.
+    assert checker.update(PLAIN, "}", complete=True) == StopUpdate("}", "stop", None)
+
+
+def test_a_stop_string_in_the_completing_token_still_cuts_the_text() -> None:
+    checker = StopChecker(SamplingParams(stop=["b"]), ())
+    assert checker.update(PLAIN, "abc", complete=True) == StopUpdate("a", "stop", "b")

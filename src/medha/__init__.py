@@ -17,6 +17,7 @@ from medha.errors import (
     DeviceUnavailableError,
     EngineClosedError,
     EngineFailedError,
+    GrammarViolationError,
     InvalidConfigError,
     InvalidRequestError,
     InvalidSamplingParamsError,
@@ -29,6 +30,7 @@ from medha.errors import (
     WrongEventLoopError,
 )
 from medha.sampling import SamplingParams
+from medha.structured_outputs import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from medha.config import EngineConfig, ParallelConfig
@@ -72,6 +74,7 @@ __all__ = [
     "EngineConfig",
     "EngineFailedError",
     "EngineStats",
+    "GrammarViolationError",
     "InvalidConfigError",
     "InvalidRequestError",
     "InvalidSamplingParamsError",
@@ -83,6 +86,7 @@ __all__ = [
     "RequestMetrics",
     "RequestTooLargeError",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TokenEvent",
     "TokenLogprob",
     "UnsupportedModelError",

@@ -45,9 +45,10 @@ from medha.perf.cost_model import RooflineCostModel
 from medha.perf.prefill_refresh import PrefillTableRefresher
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
+from medha.request_constraints import RequestConstraints
 from medha.request_input import prompt_token_ids, request_ids
 from medha.request_limits import output_limit
-from medha.sampling import SamplingParams, bad_words_token_ids
+from medha.sampling import SamplingParams
 from medha.scheduler.prefix_cache import block_hashes
 
 _log = get_logger(__name__)
@@ -92,9 +93,7 @@ class Engine:
         self.tokenizer: Any = None
         self.max_model_len = 0
         self._vocab_size = 0
-        self._bad_words: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}
-        """SamplingParams.bad_words encoded, by list: a filter list may hold thousands of words
-        and serve every request, and encoding them would hold up the event loop each time."""
+        self._constraints: RequestConstraints | None = None
         self.calibration: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -145,6 +144,7 @@ class Engine:
         parts = await thread.run(build_engine_parts, self.config)
         self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
         self._vocab_size = parts.runner.arch.vocab_size
+        self._constraints = RequestConstraints(parts.tokenizer, self._vocab_size)
         self.calibration = parts.calibration
         self._stage = StageActor(parts.runner, thread)
         self._scheduler_actor = SchedulerActor(
@@ -204,6 +204,7 @@ class Engine:
             parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
             self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
             self._vocab_size = parts.vocab_size
+            self._constraints = RequestConstraints(parts.tokenizer, self._vocab_size)
             self.calibration = parts.calibration
             actor = PipelineSchedulerActor(
                 parts.scheduler,
@@ -445,6 +446,9 @@ class Engine:
         params.check_vocab(self._vocab_size)
         max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
+        assert self._constraints is not None  # set at start, with the tokenizer
+        bad_words_ids = self._constraints.bad_words_ids(params.bad_words)
+        grammar = self._constraints.grammar(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
             while self._taken(request_id):  # a caller may have named a request "req-7"
@@ -469,7 +473,8 @@ class Engine:
             ),
             deadline=checked_deadline,
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-            bad_words_ids=self._bad_words_ids(params.bad_words),
+            bad_words_ids=bad_words_ids,
+            grammar=grammar,
             hash_block_size=self.config.block_size if caches else 0,
             block_hashes=block_hashes(prompt_ids, self.config.block_size) if caches else (),
         )
@@ -479,16 +484,6 @@ class Engine:
     def _taken(self, request_id: str) -> bool:
         holder = self._by_id.get(request_id)
         return holder is not None and holder.holds_id
-
-    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-        encoded = self._bad_words.get(words)
-        if encoded is None:
-            encode = partial(self.tokenizer.encode, add_special_tokens=False)
-            encoded = bad_words_token_ids(words, encode, self._vocab_size)
-            if len(self._bad_words) >= 64:
-                self._bad_words.clear()
-            self._bad_words[words] = encoded
-        return encoded
 
     def _prompt_ids(self, prompt: object, keep: int | None = None) -> list[int]:
         return prompt_token_ids(prompt, self.tokenizer, self._vocab_size, keep)

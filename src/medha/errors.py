@@ -51,6 +51,11 @@ class EngineFailedError(MedhaError):
     """The engine died (a worker crashed); every open stream raises this."""
 
 
+class GrammarViolationError(MedhaError, RuntimeError):
+    """A sampled token that the request's structured output does not allow: a bug (the sampler
+    applies the grammar's mask), which ends that request alone."""
+
+
 class WrongEventLoopError(MedhaError, RuntimeError):
     """An Engine was used from an event loop other than the one it was started on."""
 

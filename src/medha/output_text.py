@@ -30,13 +30,15 @@ class OutputText:
         self._detokenizer = IncrementalDetokenizer(decoder, prompt_ids)
         self._stop = StopChecker(params, tuple(eos_token_ids), max_tokens)
 
-    def push(self, token_id: int) -> StopUpdate:
+    def push(self, token_id: int, complete: bool = False) -> StopUpdate:
+        """Account for one generated token; `complete`: it completed the request's structured
+        output, which ends the request."""
         if self._stop.hides(token_id):
             # Its text is never shown, so it never reaches the detokenizer: there its bytes
             # could complete, or be flushed with, bytes that earlier tokens left unfinished.
-            update = self._stop.update(token_id, "")
+            update = self._stop.update(token_id, "", complete)
         else:
-            update = self._stop.update(token_id, self._detokenizer.step(token_id))
+            update = self._stop.update(token_id, self._detokenizer.step(token_id), complete)
         if update.finished and not isinstance(update.matched, str):
             # Ended by a token (eos, stop token, length), not inside a stop string: release
             # what the detokenizer still holds (bytes that never formed a whole character).

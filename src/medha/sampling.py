@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from medha.errors import InvalidSamplingParamsError
+from medha.structured_outputs import StructuredOutputsParams
 
 # vLLM treats temperatures below this as zero: dividing logits by ~0 only overflows, and the
 # argmax is the limit of the distribution anyway.
@@ -86,9 +87,14 @@ class SamplingParams:
             leading space (the word mid-text); the last token of a form is never sampled right
             after the output's tokens spell the rest of it (a one-token form: never at all).
             Stored as a tuple; a single str is one word.
+        structured_outputs: None, or a medha.StructuredOutputsParams (or a dict of its
+            fields): the output follows a JSON schema, a regex, a choice or a grammar. Each
+            step, tokens that would break it get -inf before everything else, and the request
+            ends as soon as its output is complete (docs/engine.md, "Structured outputs").
 
-    allowed_token_ids, logit_bias, the penalties, min_tokens and bad_words apply in that order,
-    before temperature and the filters, and to greedy requests too (they change the argmax).
+    structured_outputs, allowed_token_ids, logit_bias, the penalties, min_tokens and bad_words
+    apply in that order, before temperature and the filters, and to greedy requests too (they
+    change the argmax).
     Token ids are checked against the model's vocabulary when a request is submitted.
     """
 
@@ -112,6 +118,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     truncate_prompt_tokens: int | None = None
     bad_words: tuple[str, ...] = ()
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising a field (numpy scalars to int and float, stop lists to
@@ -178,6 +185,8 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None:
             keep = _as_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
             normalise("truncate_prompt_tokens", keep)
+        if self.structured_outputs is not None:
+            normalise("structured_outputs", StructuredOutputsParams.coerce(self.structured_outputs))
 
     @classmethod
     def greedy(cls, max_tokens: int | None = 16, **overrides: Any) -> SamplingParams:

@@ -12,6 +12,8 @@ vLLM's semantics:
   with something that could still become a stop string, that suffix is held back; it is
   released once it can no longer match, or when the request ends for another reason.
 - max_tokens ends the request ("length") unless it ended with "stop" on the same token.
+- a token that completes the request's structured output ends it ("stop", matched None), even
+  within min_tokens: the grammar allows nothing more. Its text is emitted, held text included.
 - min_tokens m: the first m tokens never end the request (vLLM V1): the sampler keeps eos and
   stop tokens from being sampled meanwhile, and a stop string counts only if it ends in the text
   of token m + 1 or later (it may begin earlier, so a possible start of one is held back
@@ -112,8 +114,10 @@ class StopChecker:
             token_id in self._stop_token_ids and not self._include_stop
         )
 
-    def update(self, token_id: int, text_delta: str) -> StopUpdate:
-        """Account for one generated token and the text delta its detokenization produced."""
+    def update(self, token_id: int, text_delta: str, complete: bool = False) -> StopUpdate:
+        """Account for one generated token and the text delta its detokenization produced.
+        `complete`: the token completed the request's structured output, so nothing may
+        follow: the request ends ("stop", or an earlier stop string's match)."""
         if self._finished:
             raise RuntimeError("StopChecker.update called after the request finished")
         self._generated += 1
@@ -134,7 +138,7 @@ class StopChecker:
         text, stop_string = self._scan(text, self._stale if checking else len(text))
         if stop_string is not None:
             return self._finish(text, FINISH_STOP, stop_string)
-        if matched is not None:
+        if matched is not None or complete:
             return self._finish(text + self._held, FINISH_STOP, matched)
         if self._generated >= self._max_tokens:
             return self._finish(text + self._held, FINISH_LENGTH, None)

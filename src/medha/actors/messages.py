@@ -15,6 +15,9 @@ from medha.request import TokenLogprob
 from medha.sampling import SamplingSetup
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
     from medha.model.prompt_scoring import PromptScores
     from medha.model.sampler import SampleOutput
 
@@ -36,6 +39,9 @@ class SeqWork:
     score_rows: range = range(0)
     """Rows of token_ids whose next token, a prompt token, gets its log-probability reported
     (SamplingParams.prompt_logprobs; see medha.model.prompt_scoring)."""
+    token_mask: NDArray[np.int32] | None = None
+    """With a token to sample under a structured output: the tokens its grammar allows, one bit
+    each (medha.grammar.GrammarMatcher.next_mask); None: any."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,6 +201,7 @@ class PipelineSchedulerActor(SchedulerActor):
             sampling = self._first_sampling(request)
             tokens = request.tokens(seq.start, seq.end)
             score_rows = request.score_rows(seq.start, seq.end)
+            token_mask = request.token_mask(seq.samples)
             blocks: dict[int, tuple[int, ...]] = {}
             for group, ids in seq.new_blocks:
                 blocks[group] = blocks.get(group, ()) + tuple(ids)
@@ -223,6 +224,7 @@ class PipelineSchedulerActor(SchedulerActor):
                         appends=group == appender,
                         # Group 0's last stage scores: the others skip the LM head.
                         score_rows=score_rows if group == 0 else range(0),
+                        token_mask=token_mask if group == 0 else None,
                     )
                 )
         self._send_steps(plan, groups, plan.released, plan.preempted)

@@ -273,7 +273,7 @@ class RemoteStage:
             else:
                 rows = logits
             requests = [self._sampling_of(work.request_id) for work in sampling_works]
-            out = sample_requests(rows, requests)
+            out = sample_requests(rows, requests, [work.token_mask for work in sampling_works])
             sampled = sampled_tokens([w.request_id for w in sampling_works], out)
         seconds = self._seconds_since(started)
         output = StepOutput(step.step_id, sampled, seconds, scores)

@@ -31,7 +31,12 @@ from medha.actors.messages import (
 )
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
-from medha.errors import EngineClosedError, EngineFailedError, InvalidRequestError
+from medha.errors import (
+    EngineClosedError,
+    EngineFailedError,
+    GrammarViolationError,
+    InvalidRequestError,
+)
 from medha.log import get_logger
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
@@ -261,6 +266,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         ):
             (shapes,) = plan.group_shapes().values()  # one process: one KVP group
             self.time_scale.observe_batch(shapes, plan.predicted_time, output.seconds)
+        scale = None if self.time_scale is None else self.time_scale.cost
         _log.debug(
             "iteration",
             step=plan.plan_id,
@@ -269,12 +275,8 @@ class SchedulerActor(Actor[Submit | Abort]):
             tokens=plan.num_tokens,
             predicted_s=round(plan.predicted_time, 5),
             measured_s=round(output.seconds, 5),
-            time_scale=None
-            if self.time_scale is None
-            else round(self.time_scale.cost.time_scale, 4),
-            context_scale=None
-            if self.time_scale is None
-            else round(self.time_scale.cost.context_scale, 4),
+            time_scale=scale and round(scale.time_scale, 4),
+            context_scale=scale and round(scale.context_scale, 4),
         )
 
     # -- pausing a step between layers ----------------------------------------------------------
@@ -377,6 +379,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     self._first_sampling(request),
                     seq.kind is SeqKind.DECODE,
                     request.score_rows(seq.start, seq.end),
+                    request.token_mask(seq.samples),
                 )
             )
         return ModelStep(plan.plan_id, tuple(works), plan.released, plan.preempted, pause)
@@ -433,7 +436,11 @@ class SchedulerActor(Actor[Submit | Abort]):
             request = self.requests.get(request_id)
             if request is None:
                 continue  # aborted while its step ran
-            update = request.output.push(sampled.token_id)
+            try:
+                update = request.push_token(sampled.token_id)
+            except GrammarViolationError as exc:
+                self._fail_one(request, exc)
+                continue
             request.metrics.record_token(now)
             if request.metrics.num_output_tokens == 1 and request.deadline is None:
                 # A default deadline follows the scheduler's re-predictions until now.

@@ -155,7 +155,11 @@ class StageActor(Actor[ModelStep | ResumeStep | Forget]):
         sampling = [work for work in works if work.samples]
         if not sampling:
             return {}
-        out = sample_requests(logits, [self._seqs[work.request_id].sampling for work in sampling])
+        out = sample_requests(
+            logits,
+            [self._seqs[work.request_id].sampling for work in sampling],
+            [work.token_mask for work in sampling],
+        )
         return sampled_tokens([work.request_id for work in sampling], out)
 
     def _forget(self, release: tuple[str, ...], preempted: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -15,6 +16,13 @@ from medha.output_text import OutputText
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.sampling import SamplingParams
 from medha.scheduler.prefix_cache import block_hashes
+from medha.stopping import StopUpdate
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    from medha.grammar import GrammarMatcher
 
 StreamItem = TokenEvent | BaseException
 
@@ -34,6 +42,8 @@ class TrackedRequest:
     """The tokenizer's, for min_tokens (the sampling stage keeps them from being sampled)."""
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     """params.bad_words as token ids (medha.sampling.bad_words_token_ids)."""
+    grammar: GrammarMatcher | None = None
+    """Where its output is in params.structured_outputs; None without one."""
     hash_block_size: int = 0
     """Tokens per block of its prefix caching digests; 0: prefix caching is off."""
     block_hashes: tuple[bytes, ...] = ()
@@ -73,6 +83,19 @@ class TrackedRequest:
         if start >= prompt:
             return tuple(self.token_ids[start - prompt : end - prompt])
         return (*self.prompt_ids[start:], *self.token_ids[: end - prompt])
+
+    def push_token(self, token_id: int) -> StopUpdate:
+        """Account for a sampled token: move its grammar past it (GrammarViolationError if
+        the grammar does not allow it), then its stop conditions and text."""
+        complete = False
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+            complete = self.grammar.complete
+        return self.output.push(token_id, complete)
+
+    def token_mask(self, samples: bool) -> NDArray[np.int32] | None:
+        """The tokens its grammar allows next, for a step that samples it; else None."""
+        return self.grammar.next_mask() if samples and self.grammar is not None else None
 
     def score_rows(self, start: int, end: int) -> range:
         """Rows of its step over positions [start, end) that score prompt tokens not scored

@@ -1,7 +1,11 @@
-"""The logit changes before temperature: allowed tokens, logit bias, penalties and min_tokens.
+"""The logit changes before temperature: structured outputs, allowed tokens, logit bias,
+penalties, min_tokens and bad words.
 
 vLLM's semantics and order (HF's for the repetition penalty, which both share):
-- allowed_token_ids: every other token gets -inf;
+- structured_outputs: the tokens the request's grammar does not allow next get -inf (the
+  scheduler actor computes the mask, medha.grammar; here it is only applied);
+- allowed_token_ids: every other token gets -inf (where that leaves no token the grammar
+  allows, the grammar's tokens win: the output must stay valid);
 - logit_bias: added to its tokens' logits;
 - repetition_penalty r: every id in the prompt or the output so far has its logit divided by r
   if positive, multiplied by r otherwise;
@@ -30,10 +34,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TypeAlias
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from medha.sampling import SamplingParams
+
+TokenMask: TypeAlias = NDArray[np.int32]
+"""The tokens a structured output allows next: token t is bit t % 32 of word t // 32
+(llguidance's layout). Tokens past its last word are not allowed."""
 
 
 class TokenHistory:
@@ -159,10 +170,12 @@ def adjust_logits(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[TokenHistory | None],
+    token_masks: Sequence[TokenMask | None] | None = None,
 ) -> torch.Tensor:
-    """`logits` [R, V] (fp32) with each row's allowed tokens, logit bias, penalties and
-    min_tokens mask applied. A row's history may be None only if its params need none."""
-    logits = _restrict_and_bias(logits, params)
+    """`logits` [R, V] (fp32) with each row's structured output mask, allowed tokens, logit
+    bias, penalties, min_tokens and bad words applied. A row's history may be None only if its
+    params need none."""
+    logits = _restrict_and_bias(logits, params, token_masks)
     if not any(p.needs_history for p in params):
         return logits
     known: list[TokenHistory] = []
@@ -239,19 +252,30 @@ def _mask_banned(
     return torch.where(empty, logits, masked)
 
 
-def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _restrict_and_bias(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    token_masks: Sequence[TokenMask | None] | None,
+) -> torch.Tensor:
     rows, vocab = logits.shape
     device = logits.device
+    keep = _grammar_keep(rows, vocab, token_masks, device)
     allowed = [
         _id_tensor(p.allowed_token_ids) + row * vocab
         for row, p in enumerate(params)
         if p.allowed_token_ids is not None
     ]
     if allowed:
-        keep = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        listed = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         unrestricted = [row for row, p in enumerate(params) if p.allowed_token_ids is None]
-        keep[unrestricted] = True
-        keep.view(-1)[torch.cat(allowed).to(device)] = True
+        listed[unrestricted] = True
+        listed.view(-1)[torch.cat(allowed).to(device)] = True
+        if keep is None:
+            keep = listed
+        else:
+            both = keep & listed
+            keep = torch.where(both.any(dim=-1, keepdim=True), both, keep)
+    if keep is not None:
         logits = logits.masked_fill(~keep, float("-inf"))
     biased = [
         (row * vocab + token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias
@@ -264,6 +288,28 @@ def _restrict_and_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -
         ).to(device)
         logits = logits + bias.view(rows, vocab)
     return logits
+
+
+def _grammar_keep(
+    rows: int, vocab: int, token_masks: Sequence[TokenMask | None] | None, device: torch.device
+) -> torch.Tensor | None:
+    """[rows, vocab] bool: the tokens each row's structured output allows (all, for rows
+    without one); None if no row has one."""
+    if token_masks is None or all(mask is None for mask in token_masks):
+        return None
+    if len(token_masks) != rows:
+        raise ValueError(f"{rows} rows but {len(token_masks)} token masks")
+    masked = [row for row, mask in enumerate(token_masks) if mask is not None]
+    present = [mask for mask in token_masks if mask is not None]
+    words = torch.from_numpy(np.stack(present).astype(np.int32))
+    # Bit b of each int32 word: an arithmetic shift keeps the sign, and & 1 takes the bit.
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if bits.shape[1] < vocab:
+        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+    keep = torch.ones(rows, vocab, dtype=torch.bool, device=device)
+    keep[torch.tensor(masked, device=device)] = bits[:, :vocab].to(device)
+    return keep
 
 
 @functools.lru_cache(maxsize=1024)

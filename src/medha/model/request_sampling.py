@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medha.model.logits_processing import TokenHistory
+from medha.model.logits_processing import TokenHistory, TokenMask
 from medha.model.sampler import SampleOutput, make_generator, sample
 from medha.sampling import SamplingSetup
 
@@ -50,11 +50,17 @@ class RequestSampling:
             self.history.observe(start, token_ids)
 
 
-def sample_requests(logits: torch.Tensor, requests: Sequence[RequestSampling]) -> SampleOutput:
-    """One token per row of `logits`, row i under `requests[i]`."""
+def sample_requests(
+    logits: torch.Tensor,
+    requests: Sequence[RequestSampling],
+    token_masks: Sequence[TokenMask | None] | None = None,
+) -> SampleOutput:
+    """One token per row of `logits`, row i under `requests[i]` (and `token_masks[i]`, the
+    tokens its structured output allows this step, where given)."""
     return sample(
         logits,
         [r.params for r in requests],
         [r.generator for r in requests],
         [r.history for r in requests],
+        token_masks,
     )

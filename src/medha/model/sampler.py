@@ -4,10 +4,11 @@ Runs every step on the last pipeline stage, so the work is batched tensor ops ov
 kind; the per-row Python work is building small parameter tensors and one random draw per
 randomly sampled row.
 
-Order of operations for a random row (vLLM's, and HF's for what both have): allowed tokens,
-logit bias, penalties and min_tokens (medha.model.logits_processing), temperature, top-k,
-top-p (on the top-k-renormalised distribution), min-p, then one draw. Greedy rows take the
-argmax of the adjusted logits (ties: the lowest token id) and consume no randomness.
+Order of operations for a random row (vLLM's, and HF's for what both have): the structured
+output's mask, allowed tokens, logit bias, penalties, min_tokens and bad words
+(medha.model.logits_processing), temperature, top-k, top-p (on the top-k-renormalised
+distribution), min-p, then one draw. Greedy rows take the argmax of the adjusted logits (ties:
+the lowest token id) and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medha.model.logits_processing import TokenHistory, adjust_logits, adjusts_now
+from medha.model.logits_processing import TokenHistory, TokenMask, adjust_logits, adjusts_now
 from medha.request import TokenLogprob
 from medha.sampling import SamplingParams
 
@@ -58,12 +59,14 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[random.Random | None],
     histories: Sequence[TokenHistory | None] | None = None,
+    token_masks: Sequence[TokenMask | None] | None = None,
 ) -> SampleOutput:
     """Choose one token per row of `logits` [B, V] (fp32, bf16 or fp16; computed in fp32).
 
     `generators[i]` is row i's generator; None uses Python's global one (`random.random`),
     which makes that row's draw depend on the rest of the batch. `histories[i]` is row i's
-    token history, required where its params have penalties or min_tokens.
+    token history, required where its params have penalties or min_tokens. `token_masks[i]`,
+    where not None, is the bitmask of the tokens row i's structured output allows.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -77,7 +80,7 @@ def sample(
 
     # Only the rows whose logits change this step (allowed tokens, bias, penalties, min_tokens)
     # get an fp32 copy: the others choose from the logits as they are.
-    adjusted_rows, adjusted = _adjusted(logits, params, histories)
+    adjusted_rows, adjusted = _adjusted(logits, params, histories, token_masks)
     # torch.argmax returns the first maximal index: ties resolve to the lowest token id. Half
     # precision widens to fp32 exactly, so the argmax needs no fp32 copy of the logits.
     token_ids = logits.argmax(dim=-1)
@@ -113,14 +116,21 @@ def _adjusted(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[TokenHistory | None] | None,
+    token_masks: Sequence[TokenMask | None] | None,
 ) -> tuple[list[int], torch.Tensor]:
-    """The rows whose logits change this step, and their fp32 logits after allowed tokens,
-    logit bias, penalties and min_tokens ([rows, V]; empty if none)."""
+    """The rows whose logits change this step, and their fp32 logits after the structured
+    output's mask, allowed tokens, logit bias, penalties and min_tokens ([rows, V]; empty if
+    none)."""
     row_histories = [None] * len(params) if histories is None else list(histories)
+    masks = [None] * len(params) if token_masks is None else list(token_masks)
+    if len(masks) != len(params):
+        raise ValueError(f"{len(params)} rows but {len(masks)} token masks")
     for p, history in zip(params, row_histories, strict=True):
         if history is None and p.needs_history:
             raise ValueError("rows with penalties or min_tokens need their token history")
-    rows = [i for i, p in enumerate(params) if adjusts_now(p, row_histories[i])]
+    rows = [
+        i for i, p in enumerate(params) if masks[i] is not None or adjusts_now(p, row_histories[i])
+    ]
     if not rows:
         return [], logits.new_empty((0, logits.shape[1]), dtype=torch.float32)
     row_index = torch.tensor(rows, device=logits.device)
@@ -128,6 +138,7 @@ def _adjusted(
         logits.index_select(0, row_index).float(),
         [params[i] for i in rows],
         [row_histories[i] for i in rows],
+        [masks[i] for i in rows],
     )
     return rows, adjusted
 

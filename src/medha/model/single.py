@@ -51,6 +51,10 @@ def generate_single(
             "generate_single has no tokenizer to encode bad_words: run the request on a "
             "medha.Engine"
         )
+    if params.structured_outputs is not None:
+        raise InvalidSamplingParamsError(
+            "generate_single applies no structured outputs: run the request on a medha.Engine"
+        )
     params.check_vocab(runner.arch.vocab_size)
     capacity = runner.kv_cache.capacity_tokens
     if params.max_tokens is None:

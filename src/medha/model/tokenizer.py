@@ -82,6 +82,11 @@ class Tokenizer:
         """Number of ids the tokenizer can produce, added special tokens included."""
         return len(self._hf)
 
+    @property
+    def hf_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The transformers tokenizer underneath (for libraries that take one)."""
+        return self._hf
+
     @functools.cached_property
     def special_token_ids(self) -> frozenset[int]:
         """The ids `decode(..., skip_special_tokens=True)` leaves out: the added tokens marked

@@ -1,0 +1,127 @@
+"""StructuredOutputsParams: constrain a request's output to a JSON schema, a regex, a choice or a
+grammar (vLLM's `StructuredOutputsParams`, formerly `GuidedDecodingParams`).
+
+Pure Python (no torch, no grammar engine): it only checks and normalises what the caller gave,
+so a request is refused before it is queued. `medha.grammar` compiles it for the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, NoReturn
+
+from medha.errors import InvalidSamplingParamsError
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """Exactly one constraint on what a request may generate.
+
+    Attributes:
+        json: a JSON schema (a dict, or its JSON text): the output is one JSON value valid
+            under it. Stored as compact JSON text with sorted keys.
+        regex: the output matches this regular expression as a whole (Rust `regex` syntax,
+            which is Python's for everything but look-around and back-references).
+        choice: the output is exactly one of these strings (not empty; stored as a tuple).
+        grammar: a context-free grammar in llguidance's Lark syntax; rule `start` is the
+            output (`start: "yes" | "no"`; terminals may be /regexes/).
+        json_object: True: the output is any JSON object (the OpenAI API's
+            `response_format={"type": "json_object"}`).
+        disable_any_whitespace: JSON only: no whitespace between tokens of the JSON, so the
+            model cannot spend its tokens on indentation. vLLM's default allows it.
+
+    The request ends ("stop") as soon as its output completes the constraint and nothing more
+    could follow; where more could (a regex such as `a+`), the model may also end it with eos.
+    """
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        normalise = partial(object.__setattr__, self)
+        if self.json is not None:
+            normalise("json", _schema_text(self.json))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail(name, value, "must be a non-empty str")
+        if self.choice is not None:
+            normalise("choice", _choices(self.choice))
+        for name in ("json_object", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be a bool")
+        given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidSamplingParamsError(
+                "StructuredOutputsParams takes exactly one of json, regex, choice, grammar and "
+                f"json_object; got {', '.join(given) if given else 'none'}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint it is: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
+
+    @classmethod
+    def coerce(cls, value: object) -> StructuredOutputsParams:
+        """`value` itself, or a mapping of its fields (as a JSON request body gives them)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(str(key) for key in value if key not in known)
+            if unknown:
+                raise InvalidSamplingParamsError(
+                    f"SamplingParams.structured_outputs: unknown field(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(sorted(known))}"
+                )
+            return cls(**value)
+        raise InvalidSamplingParamsError(
+            "SamplingParams.structured_outputs must be a medha.StructuredOutputsParams (or a "
+            f"dict of its fields), got {type(value).__name__}"
+        )
+
+
+def _fail(field: str, value: object, problem: str) -> NoReturn:
+    raise InvalidSamplingParamsError(f"StructuredOutputsParams.{field}={value!r}: {problem}")
+
+
+def _schema_text(schema: object) -> str:
+    if isinstance(schema, str):
+        try:
+            parsed: Any = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            _fail("json", schema, f"is not valid JSON ({exc})")
+    elif isinstance(schema, Mapping):
+        parsed = schema
+    else:
+        _fail("json", schema, "must be a JSON schema: a dict, or its JSON text")
+    # A schema is an object; `true` (anything) is one too, but says nothing a caller means.
+    if not isinstance(parsed, Mapping):
+        _fail("json", schema, "must be a JSON object (a schema)")
+    try:
+        return json.dumps(
+            parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        _fail("json", schema, f"cannot be written as JSON ({exc})")
+
+
+def _choices(choice: object) -> tuple[str, ...]:
+    if isinstance(choice, str) or not isinstance(choice, list | tuple):
+        _fail("choice", choice, "must be a list/tuple of str")
+    if not choice:
+        _fail("choice", choice, "must not be empty")
+    for item in choice:
+        if not isinstance(item, str) or not item:
+            _fail("choice", choice, "every choice must be a non-empty str")
+    return tuple(choice)

@@ -1,0 +1,100 @@
+"""GrammarCompiler and GrammarMatcher over the tiny model's tokenizer: masks allow exactly the
+tokens that keep the output valid (checked against the tokens' own text), choices match
+character for character, compiled grammars are shared but matchers are not, and a token the
+grammar refuses is an error of that request."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from medha import GrammarViolationError, InvalidSamplingParamsError, StructuredOutputsParams
+from medha.grammar import GrammarCompiler, GrammarMatcher
+from tests.engine_support import grammar_compiler
+
+
+def _allowed(matcher: GrammarMatcher) -> set[int]:
+    bits = np.unpackbits(matcher.next_mask().view(np.uint8), bitorder="little")
+    return {int(t) for t in np.nonzero(bits)[0]}
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    return grammar_compiler()._tokenizer
+
+
+def test_a_regex_mask_allows_exactly_the_tokens_whose_text_can_start_a_match() -> None:
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]{2}x"))
+    tokenizer = _tokenizer()
+    expected = {
+        token
+        for token in range(tokenizer.vocab_size)
+        if (text := tokenizer.decode([token], skip_special_tokens=False))
+        and re.fullmatch(r"[0-9]{1,2}|[0-9]{2}x", text)
+    }
+    assert expected and _allowed(matcher) == expected
+
+
+def _spell(matcher: GrammarMatcher, text: str) -> list[bool]:
+    """Feed `text`'s tokens; `complete` after each."""
+    tokens = _tokenizer().encode(text, add_special_tokens=False)
+    done = []
+    for token in tokens:
+        assert token in _allowed(matcher)
+        matcher.accept(token)
+        done.append(matcher.complete)
+    return done
+
+
+@pytest.mark.parametrize("choice", ['say "hi"', "back\\slash", "a|b(c)*", "ünï"])
+def test_each_choice_is_matched_literally_and_completes_the_output(choice: str) -> None:
+    choices = ['say "hi"', "back\\slash", "a|b(c)*", "ünï"]
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(choice=choices))
+    done = _spell(matcher, choice)
+    assert done[-1] and not any(done[:-1])
+
+
+def test_matchers_of_one_grammar_share_its_compilation_but_not_their_place() -> None:
+    compiler = GrammarCompiler(_tokenizer(), grammar_compiler()._vocab_size)
+    grammar = StructuredOutputsParams(json={"type": "boolean"})
+    first, second = compiler.matcher(grammar), compiler.matcher(grammar)
+    assert len(compiler._compiled) == 1
+    assert _spell(first, "true")[-1]
+    assert not second.complete and _allowed(second) == _allowed(compiler.matcher(grammar))
+
+
+def test_a_token_the_grammar_refuses_is_a_grammar_violation() -> None:
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+    letter = _tokenizer().encode("x", add_special_tokens=False)[0]
+    with pytest.raises(GrammarViolationError, match=f"token {letter}"):
+        matcher.accept(letter)
+    outside = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+    with pytest.raises(GrammarViolationError):
+        outside.accept(10**6)
+
+
+def test_an_accepting_grammar_allows_eos_and_eos_completes_it() -> None:
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+    eos = set(_tokenizer().eos_token_ids)  # the tokenizer's and config.json's
+    assert len(eos) == 2 and not eos & _allowed(matcher)
+    assert _spell(matcher, "7") == [False]  # more digits may follow
+    assert eos <= _allowed(matcher)
+    matcher.accept(max(eos))
+    assert matcher.complete
+
+
+@pytest.mark.parametrize(
+    "structured",
+    [
+        StructuredOutputsParams(regex="(a"),
+        StructuredOutputsParams(grammar="start: rule_that_is_not_there"),
+        StructuredOutputsParams(json={"type": "object", "minProperties": "two"}),
+    ],
+    ids=["regex", "lark", "schema"],
+)
+def test_a_grammar_that_does_not_compile_is_an_invalid_sampling_params_error(
+    structured: StructuredOutputsParams,
+) -> None:
+    with pytest.raises(InvalidSamplingParamsError, match=f"\\({structured.kind}\\) does not"):
+        grammar_compiler().matcher(structured)

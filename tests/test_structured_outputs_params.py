@@ -1,0 +1,57 @@
+"""StructuredOutputsParams: exactly one constraint, checked and normalised at construction (a
+typed error before anything is queued), and taken by SamplingParams as itself or a dict."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from medha import InvalidSamplingParamsError, SamplingParams, StructuredOutputsParams
+
+
+def test_a_schema_is_stored_as_canonical_json_text_whether_given_as_dict_or_text() -> None:
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    from_dict = StructuredOutputsParams(json=schema)
+    from_text = StructuredOutputsParams(json=json.dumps(schema, indent=2))
+    assert from_dict == from_text
+    assert from_dict.json == json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    assert from_dict.kind == "json"
+    hash(SamplingParams(structured_outputs=from_dict))  # frozen params stay hashable
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "exactly one .* got none"),
+        ({"regex": "a", "choice": ["a"]}, "exactly one .* got regex, choice"),
+        ({"json": "{not json"}, "not valid JSON"),
+        ({"json": "[1, 2]"}, "must be a JSON object"),
+        ({"json": 3}, "must be a JSON schema"),
+        ({"json": {"default": float("nan")}}, "cannot be written as JSON"),
+        ({"json": {"type": object}}, "cannot be written as JSON"),
+        ({"regex": ""}, "non-empty str"),
+        ({"grammar": 5}, "non-empty str"),
+        ({"choice": "yes"}, "list/tuple of str"),
+        ({"choice": []}, "must not be empty"),
+        ({"choice": ["yes", ""]}, "non-empty str"),
+        ({"json_object": 1}, "must be a bool"),
+        ({"json_object": True, "disable_any_whitespace": "yes"}, "must be a bool"),
+    ],
+)
+def test_bad_fields_raise_a_typed_error_naming_the_problem(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidSamplingParamsError, match=message):
+        StructuredOutputsParams(**fields)
+
+
+def test_sampling_params_take_the_params_or_a_dict_of_their_fields() -> None:
+    as_dict = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert as_dict.structured_outputs == StructuredOutputsParams(choice=("a", "b"))
+    assert SamplingParams().structured_outputs is None
+    with pytest.raises(InvalidSamplingParamsError, match=r"unknown field.*regexp"):
+        SamplingParams(structured_outputs={"regexp": "a"})
+    with pytest.raises(InvalidSamplingParamsError, match=r"must be a medha\.StructuredOutputs"):
+        SamplingParams(structured_outputs="json")  # type: ignore[arg-type]
