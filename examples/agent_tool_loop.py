@@ -1,9 +1,10 @@
 """An agent-style loop: several agents share one engine, each alternating model turns (streamed)
 with a tool call (a Python function), with a tight deadline on interactive turns.
 
-The "tool" here is deliberately simple (arithmetic on numbers the agent is given); the point is
-the shape of the code: stream a turn, stop at a marker, run a tool, feed its result back, and
-let the engine's scheduler interleave the agents' requests.
+The tools are deliberately simple (arithmetic on numbers the agent is given); the point is the
+shape of the code: stream a thought, stop at a marker, have the model choose a tool as JSON
+under a schema (structured outputs: the call always parses, whatever the model), run it, feed
+its result back, and let the engine's scheduler interleave the agents' requests.
 
     python examples/agent_tool_loop.py [--model smollm2-135m] [--agents 3]
 """
@@ -11,30 +12,41 @@ let the engine's scheduler interleave the agents' requests.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 
 import anyio
 
 import medha
 
-
-def calculator(numbers: list[int]) -> str:
-    return f"sum={sum(numbers)} max={max(numbers)}"
+TOOLS = {"sum": sum, "max": max, "min": min}
+TOOL_CALL = medha.StructuredOutputsParams(
+    json={
+        "type": "object",
+        "properties": {"tool": {"enum": sorted(TOOLS)}},
+        "required": ["tool"],
+        "additionalProperties": False,
+    },
+    disable_any_whitespace=True,
+)
 
 
 async def agent(engine: medha.Engine, name: str, numbers: list[int], turns: int) -> None:
-    transcript = f"You are {name}, a careful assistant. Numbers: {numbers}.\n"
-    params = medha.SamplingParams(max_tokens=24, temperature=0.0, stop=["\n"])
+    transcript = f"You are {name}, a careful assistant. Numbers: {numbers}. Tools: sum, max, min.\n"
+    thinking = medha.SamplingParams(max_tokens=24, temperature=0.0, stop=["\n"])
+    acting = medha.SamplingParams(max_tokens=16, temperature=0.0, structured_outputs=TOOL_CALL)
     for turn in range(turns):
         transcript += f"Thought {turn + 1}:"
         reply = ""
         # Interactive turns get a tight time-to-first-token deadline.
-        async for event in engine.stream(transcript, params, deadline=1.0):
+        async for event in engine.stream(transcript, thinking, deadline=1.0):
             reply += event.text
-        transcript += reply + "\n"
-        observation = calculator(numbers)  # the tool call
-        transcript += f"Tool result: {observation}\n"
-        print(f"[{name}] turn {turn + 1}: {reply.strip()!r} -> {observation}")
+        transcript += reply + "\nAction: "
+        call = await engine.generate(transcript, acting, deadline=1.0)
+        tool = json.loads(call.text)["tool"]  # valid under TOOL_CALL, so one of TOOLS
+        observation = f"{tool}={TOOLS[tool](numbers)}"
+        transcript += f"{call.text}\nObservation: {observation}\n"
+        print(f"[{name}] turn {turn + 1}: {reply.strip()!r} -> {call.text} -> {observation}")
 
 
 async def main(model: str, agents: int) -> None:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +65,38 @@ def test_generate_applies_penalties(capsys: pytest.CaptureFixture[str]) -> None:
         outputs.append(capsys.readouterr().out)
     plain, *penalised = outputs
     assert all(output != plain for output in penalised)
+
+
+def test_generate_shapes_the_output_with_a_schema_regex_choice_or_grammar(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["generate", "tiny-random", "Hello", "--max-tokens", "40"]
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
+    )
+    shapes = {
+        r'\{"ok":(true|false)\}': ["--json-schema", schema, "--disable-any-whitespace"],
+        r"[0-9]{3}-[a-z]{2}": ["--regex", "[0-9]{3}-[a-z]{2}"],
+        r"yes|no": ["--choice", "yes", "--choice", "no"],
+        r"(ab)+": ["--grammar", 'start: "ab"+', "--max-tokens", "6"],
+    }
+    for pattern, extra in shapes.items():
+        assert main([*base, *extra]) == 0
+        printed = capsys.readouterr().out
+        assert re.fullmatch(pattern + "\n", printed), (extra, printed)
+    assert main([*base, "--regex", "[0-9"]) == 2
+    error = capsys.readouterr().err
+    assert "does not compile" in error and len(error.strip().splitlines()) == 1
+    assert main([*base, "--regex", "a", "--disable-any-whitespace"]) == 2
+    assert "add --json-schema or --json-object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--regex", "a", "--choice", "a"])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_generate_reports_a_missing_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -190,3 +190,16 @@ async def test_a_token_outside_the_grammar_ends_that_request_alone(
         stats = engine.stats()
     assert [t.token_id for t in tokens] == greedy_alone((9, 8, 7), 20)
     assert stats.free_blocks == stats.total_blocks
+
+
+async def test_an_objects_properties_come_in_the_schemas_order() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
+    grammar = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    async with medha.Engine(engine_config()) as engine:
+        done = await engine.generate(PROMPT, SamplingParams.greedy(30, structured_outputs=grammar))
+    assert re.fullmatch(r'\{"zeta":(true|false),"alpha":(true|false)\}', done.text), done.text

@@ -9,6 +9,8 @@ from medha.errors import InvalidSamplingParamsError, PromptTooLongError
 from medha.model.setup import build_runner
 from medha.model.single import generate_single
 from medha.sampling import SamplingParams
+from medha.structured_outputs import StructuredOutputsParams
+from tests.engine_support import grammar_compiler, greedy_under_grammar
 
 
 def test_max_tokens_none_stops_at_the_models_context_not_the_larger_cache() -> None:
@@ -46,8 +48,17 @@ def test_bad_words_are_refused_without_a_tokenizer_to_encode_them() -> None:
         next(generate_single(runner, [5, 6], params, tokenizer))
 
 
-def test_structured_outputs_are_refused_rather_than_ignored() -> None:
+def test_structured_outputs_need_their_compiled_grammar_and_then_match_the_engines() -> None:
     runner, tokenizer = build_runner("tiny-random", num_blocks=16)
-    params = SamplingParams(max_tokens=2, structured_outputs={"regex": "[0-9]+"})
-    with pytest.raises(InvalidSamplingParamsError, match="structured outputs"):
+    grammar = StructuredOutputsParams(regex="[a-z]+( [a-z]+)*")
+    params = SamplingParams.greedy(30, structured_outputs=grammar)
+    with pytest.raises(InvalidSamplingParamsError, match="structured_outputs compiled"):
         next(generate_single(runner, [5, 6], params, tokenizer))
+    with pytest.raises(InvalidSamplingParamsError, match="structured_outputs compiled"):
+        matcher = grammar_compiler().matcher(grammar)
+        next(generate_single(runner, [5, 6], SamplingParams.greedy(3), tokenizer, grammar=matcher))
+    eos = grammar_compiler()._tokenizer.eos_token_ids
+    tokens = generate_single(
+        runner, [5, 6], params, tokenizer, eos, grammar=grammar_compiler().matcher(grammar)
+    )
+    assert [t.token_id for t in tokens] == greedy_under_grammar([5, 6], grammar, 30)

@@ -45,9 +45,13 @@ class RequestConstraints:
         InvalidSamplingParamsError if it does not compile."""
         if params.structured_outputs is None:
             return None
+        return self._compiler().matcher(params.structured_outputs)
+
+    def _compiler(self) -> GrammarCompiler:
         if self._grammars is None:
-            # Imported here: llguidance loads only for engines that see structured outputs.
+            # Imported here: an engine that never sees a structured output never loads
+            # llguidance.
             from medha.grammar import GrammarCompiler
 
             self._grammars = GrammarCompiler(self._tokenizer, self._vocab_size)
-        return self._grammars.matcher(params.structured_outputs)
+        return self._grammars

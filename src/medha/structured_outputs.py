@@ -24,7 +24,9 @@ class StructuredOutputsParams:
 
     Attributes:
         json: a JSON schema (a dict, or its JSON text): the output is one JSON value valid
-            under it. Stored as compact JSON text with sorted keys.
+            under it. Stored as compact JSON text, keys in the order given: an object's
+            properties are generated in the schema's order (put the reasoning before the
+            answer, and the model writes it first).
         regex: the output matches this regular expression as a whole (Rust `regex` syntax,
             which is Python's for everything but look-around and back-references).
         choice: the output is exactly one of these strings (not empty; stored as a tuple).
@@ -109,9 +111,7 @@ def _schema_text(schema: object) -> str:
     if not isinstance(parsed, Mapping):
         _fail("json", schema, "must be a JSON object (a schema)")
     try:
-        return json.dumps(
-            parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         _fail("json", schema, f"cannot be written as JSON ({exc})")
 

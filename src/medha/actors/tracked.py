@@ -87,10 +87,7 @@ class TrackedRequest:
     def push_token(self, token_id: int) -> StopUpdate:
         """Account for a sampled token: move its grammar past it (GrammarViolationError if
         the grammar does not allow it), then its stop conditions and text."""
-        complete = False
-        if self.grammar is not None:
-            self.grammar.accept(token_id)
-            complete = self.grammar.complete
+        complete = self.grammar is not None and self.grammar.advance(token_id)
         return self.output.push(token_id, complete)
 
     def token_mask(self, samples: bool) -> NDArray[np.int32] | None:

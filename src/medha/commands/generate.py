@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medha.commands.user_errors import UsageError
 from medha.errors import InvalidRequestError, PromptTooLongError
 from medha.request_input import check_unicode
+
+if TYPE_CHECKING:
+    from medha.structured_outputs import StructuredOutputsParams
 
 BLOCK_SIZE = 16
 
@@ -36,6 +39,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, help="the output is JSON valid under it")
+    shape.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    shape.add_argument("--regex", default=None, help="the output matches this regex")
+    shape.add_argument("--choice", action="append", default=None, help="one of (repeatable)")
+    shape.add_argument("--grammar", default=None, help="a Lark grammar (rule `start`)")
+    p.add_argument("--disable-any-whitespace", action="store_true", help="JSON without whitespace")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--attention", default="auto", help="attention backend (default: auto)")
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from medha.model.single import generate_single
     from medha.sampling import SamplingParams
 
+    structured = _structured_outputs(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
+        structured_outputs=structured,
     )
     # As the engine: an empty text prompt is refused, though the tokenizer would give it a BOS
     # token. With --chat the template around an empty message is a prompt.
@@ -89,12 +101,18 @@ def run(args: argparse.Namespace) -> int:
     # A KV cache for this request, not for the model's whole context (128K tokens of
     # Llama-3.1-8B would be 16 GiB in bf16).
     needed_blocks = -(-(len(prompt_ids) + params.max_tokens) // BLOCK_SIZE)
+    grammar = None
+    if structured is not None:
+        from medha.grammar import GrammarCompiler
+
+        compiler = GrammarCompiler(tokenizer, checkpoint.arch.vocab_size)
+        grammar = compiler.matcher(structured)
     runner = checkpoint_runner(
         checkpoint, device, needed_blocks, BLOCK_SIZE, args.dtype, args.attention
     )
     try:
         for token in generate_single(
-            runner, prompt_ids, params, tokenizer, tokenizer.eos_token_ids
+            runner, prompt_ids, params, tokenizer, tokenizer.eos_token_ids, grammar=grammar
         ):
             sys.stdout.write(token.text)
             sys.stdout.flush()
@@ -108,6 +126,27 @@ def run(args: argparse.Namespace) -> int:
         os.close(devnull)
         return 141  # 128 + SIGPIPE: what a shell reports for such a writer
     return 0
+
+
+def _structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | None:
+    """The shape the output must take, from --json-schema, --json-object, --regex, --choice
+    or --grammar (at most one); None without one."""
+    from medha.structured_outputs import StructuredOutputsParams
+
+    compact = args.disable_any_whitespace
+    if args.json_schema is not None:
+        return StructuredOutputsParams(json=args.json_schema, disable_any_whitespace=compact)
+    if args.json_object:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=compact)
+    if compact:
+        raise UsageError("--disable-any-whitespace shapes JSON: add --json-schema or --json-object")
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if args.choice is not None:
+        return StructuredOutputsParams(choice=tuple(args.choice))
+    if args.grammar is not None:
+        return StructuredOutputsParams(grammar=args.grammar)
+    return None
 
 
 def _check_vocabulary(prompt_ids: list[int], vocab_size: int) -> None:

@@ -300,15 +300,11 @@ def _grammar_keep(
     if len(token_masks) != rows:
         raise ValueError(f"{rows} rows but {len(token_masks)} token masks")
     masked = [row for row, mask in enumerate(token_masks) if mask is not None]
-    present = [mask for mask in token_masks if mask is not None]
-    words = torch.from_numpy(np.stack(present).astype(np.int32))
-    # Bit b of each int32 word: an arithmetic shift keeps the sign, and & 1 takes the bit.
-    shifts = torch.arange(32, dtype=torch.int32)
-    bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
-    if bits.shape[1] < vocab:
-        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+    # Little-endian words: token t is then bit t % 8 of byte t // 8, which unpackbits reads.
+    words = np.stack([mask for mask in token_masks if mask is not None]).astype("<i4")
+    bits = np.unpackbits(words.view(np.uint8), axis=1, count=vocab, bitorder="little")
     keep = torch.ones(rows, vocab, dtype=torch.bool, device=device)
-    keep[torch.tensor(masked, device=device)] = bits[:, :vocab].to(device)
+    keep[torch.tensor(masked, device=device)] = torch.from_numpy(bits).bool().to(device)
     return keep
 
 

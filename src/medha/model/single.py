@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from medha.detokenizer import Decoder
 from medha.errors import InvalidSamplingParamsError, PromptTooLongError
@@ -17,6 +18,9 @@ from medha.model.runner import ModelRunner, StepSeq
 from medha.output_text import OutputText
 from medha.request import TokenLogprob
 from medha.sampling import SamplingParams, SamplingSetup
+
+if TYPE_CHECKING:
+    from medha.grammar import GrammarMatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +41,11 @@ def generate_single(
     decoder: Decoder,
     eos_token_ids: Sequence[int] = (),
     prefill_chunk: int = 512,
+    grammar: GrammarMatcher | None = None,
 ) -> Iterator[GeneratedToken]:
-    """Yield the request's tokens as they are produced; the last one has a finish_reason."""
+    """Yield the request's tokens as they are produced; the last one has a finish_reason.
+    `grammar`: params.structured_outputs compiled for the model's tokenizer (required with
+    one: medha.grammar.GrammarCompiler(tokenizer, vocab_size).matcher(...))."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     prompt_ids = params.truncated(list(prompt_ids))
@@ -51,9 +58,10 @@ def generate_single(
             "generate_single has no tokenizer to encode bad_words: run the request on a "
             "medha.Engine"
         )
-    if params.structured_outputs is not None:
+    if (params.structured_outputs is None) != (grammar is None):
         raise InvalidSamplingParamsError(
-            "generate_single applies no structured outputs: run the request on a medha.Engine"
+            "generate_single needs params.structured_outputs compiled as `grammar` (a "
+            "medha.grammar.GrammarCompiler's matcher), and a grammar only with them"
         )
     params.check_vocab(runner.arch.vocab_size)
     capacity = runner.kv_cache.capacity_tokens
@@ -91,9 +99,10 @@ def generate_single(
             break
     position = len(prompt_ids)
     while True:
-        out = sample_requests(logits, [sampling])
+        mask = None if grammar is None else [grammar.next_mask()]
+        out = sample_requests(logits, [sampling], mask)
         token = out.token_ids[0]
-        update = output.push(token)
+        update = output.push(token, grammar is not None and grammar.advance(token))
         yield GeneratedToken(
             token, update.text, update.finish_reason, out.logprobs[0], out.top_logprobs[0]
         )
