@@ -203,3 +203,26 @@ async def test_an_objects_properties_come_in_the_schemas_order() -> None:
     async with medha.Engine(engine_config()) as engine:
         done = await engine.generate(PROMPT, SamplingParams.greedy(30, structured_outputs=grammar))
     assert re.fullmatch(r'\{"zeta":(true|false),"alpha":(true|false)\}', done.text), done.text
+
+
+async def test_ignore_eos_keeps_the_output_going_within_the_grammar() -> None:
+    digits = StructuredOutputsParams(regex="[0-9]+")
+    async with medha.Engine(engine_config()) as engine:
+        # A bias makes eos the model's choice wherever the grammar allows it.
+        bias = {eos: 20.0 for eos in engine.tokenizer.eos_token_ids}
+        params = SamplingParams.greedy(12, logit_bias=bias, structured_outputs=digits)
+        ends = await engine.generate(PROMPT, params)
+        goes_on = await engine.generate(
+            PROMPT,
+            SamplingParams.greedy(12, logit_bias=bias, ignore_eos=True, structured_outputs=digits),
+        )
+    assert ends.finish_reason == "stop" and len(ends.token_ids) == 2  # a digit, then eos
+    assert goes_on.finish_reason == "length" and len(goes_on.token_ids) == 12
+    assert re.fullmatch("[0-9]+", goes_on.text) and goes_on.text.startswith(ends.text)
+
+
+async def test_a_stop_string_cuts_a_structured_output_short() -> None:
+    params = SamplingParams.greedy(MAX_TOKENS, stop=[":"], structured_outputs=GRAMMARS["json"])
+    async with medha.Engine(engine_config()) as engine:
+        done = await engine.generate(PROMPT, params)
+    assert (done.text, done.finish_reason) == ('{"ok"', "stop")

@@ -84,17 +84,67 @@ def test_an_accepting_grammar_allows_eos_and_eos_completes_it() -> None:
     assert matcher.complete
 
 
+def _nested(depth: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize(
     "structured",
     [
         StructuredOutputsParams(regex="(a"),
         StructuredOutputsParams(grammar="start: rule_that_is_not_there"),
         StructuredOutputsParams(json={"type": "object", "minProperties": "two"}),
+        StructuredOutputsParams(json=_nested(300)),
+        StructuredOutputsParams(regex="a\ud800"),
+        StructuredOutputsParams(choice=["\udfff"]),
     ],
-    ids=["regex", "lark", "schema"],
+    ids=["regex", "lark", "schema", "schema-too-deep", "regex-surrogate", "choice-surrogate"],
 )
 def test_a_grammar_that_does_not_compile_is_an_invalid_sampling_params_error(
     structured: StructuredOutputsParams,
 ) -> None:
     with pytest.raises(InvalidSamplingParamsError, match=f"\\({structured.kind}\\) does not"):
         grammar_compiler().matcher(structured)
+
+
+def test_an_ignore_eos_matcher_keeps_eos_out_while_the_grammar_can_go_on() -> None:
+    eos = tuple(_tokenizer().eos_token_ids)
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"), banned=eos)
+    assert _spell(matcher, "7") == [False]
+    allowed = _allowed(matcher)
+    assert allowed and not set(eos) & allowed
+    # A ban that would leave nothing is not applied: here only eos may follow.
+    done = grammar_compiler().matcher(StructuredOutputsParams(regex="x"), banned=eos)
+    assert _spell(done, "x") == [True]
+    assert set(eos) <= _allowed(done)
+
+
+def test_compact_and_flexible_json_of_one_schema_are_two_grammars() -> None:
+    compiler = GrammarCompiler(_tokenizer(), grammar_compiler()._vocab_size)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    flexible = compiler.matcher(StructuredOutputsParams(json=schema))
+    compact = compiler.matcher(StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    assert len(compiler._compiled) == 2
+    space = _tokenizer().encode(" ", add_special_tokens=False)[0]
+    _spell(flexible, "{")
+    _spell(compact, "{")
+    assert space in _allowed(flexible) and space not in _allowed(compact)
+
+
+def test_a_grammar_whose_first_mask_fails_is_refused_at_compile_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # llguidance builds its lexer lazily: a limit may first show in a mask. Such an error is
+    # what `error` reports once the matcher cannot go on, as after a refused token:
+    broken = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+    assert broken.error == ""
+    with pytest.raises(GrammarViolationError):
+        broken.accept(_tokenizer().encode("x", add_special_tokens=False)[0])
+    assert broken.error
+    # ...and where the first mask shows one, the request is refused before it is queued.
+    monkeypatch.setattr(GrammarMatcher, "error", property(lambda self: "lexer too complex"))
+    with pytest.raises(InvalidSamplingParamsError, match="does not compile: lexer too complex"):
+        grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))

@@ -52,6 +52,9 @@ def test_sampling_params_take_the_params_or_a_dict_of_their_fields() -> None:
     as_dict = SamplingParams(structured_outputs={"choice": ["a", "b"]})
     assert as_dict.structured_outputs == StructuredOutputsParams(choice=("a", "b"))
     assert SamplingParams().structured_outputs is None
+    # vLLM's dicts carry json_object=None when another field is set.
+    vllm_shaped = {"regex": "[0-9]+", "json_object": None, "disable_any_whitespace": False}
+    assert StructuredOutputsParams.coerce(vllm_shaped) == StructuredOutputsParams(regex="[0-9]+")
     with pytest.raises(InvalidSamplingParamsError, match=r"unknown field.*regexp"):
         SamplingParams(structured_outputs={"regexp": "a"})
     with pytest.raises(InvalidSamplingParamsError, match=r"must be a medha\.StructuredOutputs"):

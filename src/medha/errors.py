@@ -53,7 +53,8 @@ class EngineFailedError(MedhaError):
 
 class GrammarViolationError(MedhaError, RuntimeError):
     """A sampled token that the request's structured output does not allow: a bug (the sampler
-    applies the grammar's mask), which ends that request alone."""
+    applies the grammar's mask) or a limit of the grammar engine hit mid-request (whose mask
+    then allows only eos); it ends that request alone."""
 
 
 class WrongEventLoopError(MedhaError, RuntimeError):

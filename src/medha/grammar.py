@@ -9,8 +9,9 @@ it needs no tokenizer and keeps no grammar state, and a preempted request's matc
 waits, since its output tokens are kept.
 
 llguidance (Microsoft's Rust grammar engine, which vLLM also ships) does the work: JSON schemas
-and regexes compile to a lazy lexer plus an Earley parser, and a mask over the whole
-vocabulary takes tens of microseconds, however large the grammar.
+and regexes compile to a lazy lexer plus an Earley parser, and a mask over the whole vocabulary
+takes ~50 us for schemas like a tool call's (benchmarks/structured_outputs.py). A pathological
+grammar costs more (a regex repeating 100,000 times: ~50 ms a mask), on the event loop.
 """
 
 from __future__ import annotations
@@ -34,34 +35,48 @@ _MAX_CACHED_GRAMMARS = 64
 
 
 class GrammarMatcher:
-    """One request's position in its grammar."""
+    """One request's position in its grammar. `banned`: tokens never allowed while another
+    one is (eos, for a request with ignore_eos: its output goes on until the grammar ends)."""
 
-    __slots__ = ("_matcher", "_words")
+    __slots__ = ("_banned", "_mask", "_matcher", "_words")
 
-    def __init__(self, matcher: llguidance.LLMatcher, words: int) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, words: int, banned: tuple[int, ...] = ()
+    ) -> None:
         self._matcher = matcher
         self._words = words
+        self._banned = banned
+        self._mask: NDArray[np.int32] | None = None
+        """The mask of the current position, once computed (a step reads it, never writes)."""
 
     def next_mask(self) -> NDArray[np.int32]:
         """The tokens allowed next, one bit each (token t: bit t % 32 of word t // 32)."""
-        import llguidance.numpy
+        if self._mask is None:
+            import llguidance.numpy
 
-        mask = llguidance.numpy.allocate_token_bitmask(1, 32 * self._words)
-        llguidance.numpy.fill_next_token_bitmask(self._matcher, mask, 0)
-        row: NDArray[np.int32] = mask[0]
-        return row
+            mask = llguidance.numpy.allocate_token_bitmask(1, 32 * self._words)
+            llguidance.numpy.fill_next_token_bitmask(self._matcher, mask, 0)
+            self._mask = _without(mask[0], self._banned)
+        return self._mask
 
     def accept(self, token_id: int) -> None:
         """Advance past `token_id`, which the last mask allowed."""
+        self._mask = None
         try:
             accepted = self._matcher.consume_token(token_id)
         except Exception as exc:  # an id outside the tokenizer: llguidance refuses the call
             raise GrammarViolationError(f"token {token_id}: {exc}") from exc
         if not accepted:
+            # Its first line says why; the rest is the parser's state and the whole grammar.
+            reason = self._matcher.get_error().strip().split("\n")[0] or "not allowed here"
             raise GrammarViolationError(
-                f"token {token_id} breaks the request's structured output: "
-                f"{self._matcher.get_error() or 'not allowed here'}"
+                f"token {token_id} breaks the request's structured output: {reason}"
             )
+
+    @property
+    def error(self) -> str:
+        """Why the grammar cannot go on (a limit of the grammar engine hit), else ""."""
+        return str(self._matcher.get_error()) if self._matcher.is_error() else ""
 
     def advance(self, token_id: int) -> bool:
         """Accept a sampled token; whether the output is now complete."""
@@ -83,25 +98,38 @@ class GrammarCompiler:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: dict[str, llguidance.LLMatcher] = {}
 
-    def matcher(self, params: StructuredOutputsParams) -> GrammarMatcher:
-        """A fresh matcher at the start of `params`' grammar. InvalidSamplingParamsError if it
-        does not compile (a bad regex, an unsupported schema feature, a grammar error)."""
+    def matcher(
+        self, params: StructuredOutputsParams, banned: tuple[int, ...] = ()
+    ) -> GrammarMatcher:
+        """A fresh matcher at the start of `params`' grammar (`banned`: see GrammarMatcher).
+        InvalidSamplingParamsError if it does not compile (a bad regex, an unsupported schema
+        feature, a grammar error, a limit of the grammar engine)."""
         import llguidance
 
-        grammar = _grammar_text(params)
+        try:
+            grammar = _grammar_text(params)
+        except ValueError as exc:  # a schema nested too deep, a lone surrogate in the text
+            raise _refused(params, str(exc)) from exc
         compiled = self._compiled.get(grammar)
         if compiled is None:
-            compiled = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
+            tokenizer = self._llguidance_tokenizer()
+            try:
+                compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            except ValueError as exc:
+                raise _refused(params, str(exc)) from exc
             if compiled.is_error():
-                raise InvalidSamplingParamsError(
-                    f"SamplingParams.structured_outputs ({params.kind}) does not compile: "
-                    f"{_one_line(compiled.get_error())}"
-                )
+                raise _refused(params, compiled.get_error())
             if len(self._compiled) >= _MAX_CACHED_GRAMMARS:
                 self._compiled.clear()
             self._compiled[grammar] = compiled
         words = (self._llguidance_tokenizer().vocab_size + 31) // 32
-        return GrammarMatcher(compiled.deep_copy(), words)
+        matcher = GrammarMatcher(compiled.deep_copy(), words, banned)
+        # The first mask now: what the lexer builds lazily may hit a limit, which is better
+        # refused here than found mid-request (and the first step reuses it).
+        matcher.next_mask()
+        if matcher.error:
+            raise _refused(params, matcher.error)
+        return matcher
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use, as vLLM does, then kept: 0.5 s for a 49K vocabulary on a CPU
@@ -122,13 +150,35 @@ class GrammarCompiler:
                 "structured outputs need the model's fast tokenizer (a tokenizer.json); "
                 f"this model's is a {type(hf_tokenizer).__name__}"
             )
-        return llguidance.hf.from_tokenizer(
-            hf_tokenizer,
-            # The model's logits may be padded past the tokenizer's ids (never allowed); a
-            # tokenizer may also hold ids the model lacks (their bits go unused).
-            n_vocab=max(self._vocab_size, tokenizer.vocab_size),
-            eos_token=list(tokenizer.eos_token_ids),
-        )
+        try:
+            return llguidance.hf.from_tokenizer(
+                hf_tokenizer,
+                # The model's logits may be padded past the tokenizer's ids (never allowed); a
+                # tokenizer may also hold ids the model lacks (their bits go unused).
+                n_vocab=max(self._vocab_size, tokenizer.vocab_size),
+                eos_token=list(tokenizer.eos_token_ids),
+            )
+        except ValueError as exc:
+            raise InvalidSamplingParamsError(
+                f"structured outputs cannot use this model's tokenizer: {exc}"
+            ) from exc
+
+
+def _refused(params: StructuredOutputsParams, message: str) -> InvalidSamplingParamsError:
+    return InvalidSamplingParamsError(
+        f"SamplingParams.structured_outputs ({params.kind}) does not compile: {_one_line(message)}"
+    )
+
+
+def _without(mask: NDArray[np.int32], banned: tuple[int, ...]) -> NDArray[np.int32]:
+    """`mask` with the `banned` tokens' bits cleared, unless that leaves none set."""
+    if not banned:
+        return mask
+    words = mask.view(np.uint32).copy()
+    for token in banned:
+        if token < 32 * len(words):
+            words[token >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (token & 31)))
+    return words.view(np.int32) if words.any() else mask
 
 
 def _one_line(message: str) -> str:

@@ -45,7 +45,10 @@ class RequestConstraints:
         InvalidSamplingParamsError if it does not compile."""
         if params.structured_outputs is None:
             return None
-        return self._compiler().matcher(params.structured_outputs)
+        # ignore_eos: the output goes on past where the model would end it, within the grammar,
+        # until the grammar ends (eos is then all that may follow, and the request is done).
+        banned = tuple(self._tokenizer.eos_token_ids) if params.ignore_eos else ()
+        return self._compiler().matcher(params.structured_outputs, banned)
 
     def _compiler(self) -> GrammarCompiler:
         if self._grammars is None:

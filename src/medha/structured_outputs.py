@@ -58,6 +58,8 @@ class StructuredOutputsParams:
                 _fail(name, value, "must be a non-empty str")
         if self.choice is not None:
             normalise("choice", _choices(self.choice))
+        if self.json_object is None:  # vLLM's default for it
+            normalise("json_object", False)
         for name in ("json_object", "disable_any_whitespace"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")

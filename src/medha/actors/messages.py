@@ -39,7 +39,7 @@ class SeqWork:
     score_rows: range = range(0)
     """Rows of token_ids whose next token, a prompt token, gets its log-probability reported
     (SamplingParams.prompt_logprobs; see medha.model.prompt_scoring)."""
-    token_mask: NDArray[np.int32] | None = None
+    token_mask: NDArray[np.int32] | None = field(default=None, compare=False)
     """With a token to sample under a structured output: the tokens its grammar allows, one bit
     each (medha.grammar.GrammarMatcher.next_mask); None: any."""
 
