@@ -89,3 +89,26 @@ def test_parallel_config_is_frozen_validated_and_part_of_engine_config() -> None
     engine_config = medha.EngineConfig(model="tiny-random", parallel=config)
     assert engine_config.parallel.pp == 2
     assert medha.EngineConfig(model="tiny-random").parallel.world_size == 1
+
+
+def test_only_the_sampling_rank_is_sent_the_token_masks() -> None:
+    import numpy as np
+
+    from medha.parallel.messages import ShardStep, ShardWork, step_for_rank
+
+    layout = RankLayout(tp=2, pp=2, kvp=2)
+    mask = np.full(4, -1, dtype=np.int32)
+
+    def work(request_id: str, token_mask: np.ndarray | None) -> ShardWork:
+        return ShardWork(request_id, 5, (7,), (), True, token_mask=token_mask)
+
+    group0 = ShardStep(3, 9, (work("a", mask), work("b", None)))
+    group1 = ShardStep(3, 9, (work("a", None), work("b", None)))
+    sent = {rank: step_for_rank([group0, group1], layout, rank) for rank in range(8)}
+    assert sent[layout.sampler_rank] is group0
+    for rank, step in sent.items():
+        assert step.seqs[0].request_id == "a" and step.seq_no == 3 and step.step_id == 9
+        masked = [w.token_mask is not None for w in step.seqs]
+        assert masked == [rank == layout.sampler_rank, False]
+        if layout.coords(rank).kvp == 1:
+            assert step is group1  # nothing to strip: the very same message

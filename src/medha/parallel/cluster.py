@@ -30,7 +30,7 @@ from typing import Any
 from medha.errors import EngineFailedError
 from medha.log import get_logger
 from medha.parallel.layout import RankLayout
-from medha.parallel.messages import ShardStep, StageDone
+from medha.parallel.messages import ShardStep, StageDone, step_for_rank
 from medha.parallel.worker import (
     ATTACHED_SESSION,
     WorkerSpec,
@@ -253,9 +253,8 @@ class Cluster:
         called (on an RPC thread) as each worker finishes its stage."""
         import torch.distributed.rpc as rpc
 
-        layout = self.layout
         for rank in range(self.world_size):
-            step = steps[layout.coords(rank).kvp]
+            step = step_for_rank(steps, self.layout, rank)
             future = rpc.rpc_async(worker_name(rank, self._session), submit_step, args=(step,))
             future.add_done_callback(_reporter(rank, on_done))
 

@@ -7,9 +7,10 @@ Small frozen dataclasses: they are pickled by torch.distributed.rpc for every st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from medha.actors.messages import SeqWork
+from medha.parallel.layout import RankLayout
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +54,13 @@ class StageDone:
     seconds: float = 0.0
     """How long this rank computed the step: from holding its inputs (the previous stage's
     hidden states received) to its output, collectives with its TP and KVP peers included."""
+
+
+def step_for_rank(steps: list[ShardStep], layout: RankLayout, rank: int) -> ShardStep:
+    """What `rank` is sent of a step whose KVP group g gets `steps[g]`: its group's, less the
+    token masks of structured outputs unless it is the rank that samples (each mask is one bit
+    per token of the vocabulary, per request: no other rank reads them)."""
+    step = steps[layout.coords(rank).kvp]
+    if rank == layout.sampler_rank or all(work.token_mask is None for work in step.seqs):
+        return step
+    return replace(step, seqs=tuple(replace(work, token_mask=None) for work in step.seqs))
