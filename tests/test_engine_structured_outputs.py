@@ -226,3 +226,23 @@ async def test_a_stop_string_cuts_a_structured_output_short() -> None:
     async with medha.Engine(engine_config()) as engine:
         done = await engine.generate(PROMPT, params)
     assert (done.text, done.finish_reason) == ('{"ok"', "stop")
+
+
+async def test_the_grammar_wins_over_min_tokens_and_disjoint_allowed_tokens() -> None:
+    yes_no = StructuredOutputsParams(choice=["yes", "no"])
+    async with medha.Engine(engine_config()) as engine:
+        vocab = engine._vocab_size
+        grammar_tokens = {
+            t
+            for word in ("yes", "no")
+            for t in engine.tokenizer.encode(word, add_special_tokens=False)
+        }
+        outside = [t for t in range(vocab) if t not in grammar_tokens][:5]
+        # min_tokens cannot keep a complete output going; allowed tokens the grammar never
+        # allows give way to it (the output stays valid).
+        long_min = SamplingParams.greedy(10, min_tokens=8, structured_outputs=yes_no)
+        disjoint = SamplingParams.greedy(10, allowed_token_ids=outside, structured_outputs=yes_no)
+        results = [await engine.generate(PROMPT, params) for params in (long_min, disjoint)]
+    for done in results:
+        assert done.text in ("yes", "no") and done.finish_reason == "stop"
+        assert len(done.token_ids) < 8
