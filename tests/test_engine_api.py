@@ -52,6 +52,43 @@ async def test_stream_and_generate_give_the_same_tokens_and_text() -> None:
     assert done.metrics.tpot is not None and done.metrics.e2e >= done.metrics.ttft
 
 
+async def test_a_streams_last_event_carries_the_requests_metrics() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        events = [ev async for ev in engine.stream("The quick brown fox", GREEDY, deadline=7.5)]
+        assert all(ev.metrics is None for ev in events[:-1])
+        metrics = events[-1].metrics
+        assert metrics is not None and metrics.num_output_tokens == 12
+        assert metrics.deadline == 7.5 and metrics.deadline_met is True
+        assert metrics.finished_time is not None and metrics.ttft is not None
+        # An aborted stream's last event too, with its end time.
+        aborted = []
+        async for ev in engine.stream("abort me", params, request_id="victim"):
+            aborted.append(ev)
+            if len(aborted) == 2:
+                await engine.abort("victim")
+        assert aborted[-1].finish_reason == "abort" and aborted[-1].metrics is not None
+        assert aborted[-1].metrics.num_output_tokens == len(aborted) - 1
+        assert aborted[-1].metrics.finished_time is not None
+
+
+async def test_tokenize_gives_the_ids_a_request_runs() -> None:
+    truncating = SamplingParams(max_tokens=2, temperature=0.0, truncate_prompt_tokens=4)
+    async with medha.Engine(engine_config()) as engine:
+        text = "The quick brown fox jumps over the lazy dog"
+        assert engine.tokenize(text) == engine.tokenizer.encode(text)
+        ids = engine.tokenize(text, truncating)
+        done = await engine.generate(text, truncating)
+        assert ids == done.prompt_token_ids and len(ids) == 4
+        assert engine.tokenize(np.array([3, 4, 5])) == [3, 4, 5]
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+            engine.tokenize([1, 10**9])
+        with pytest.raises(InvalidRequestError, match="empty"):
+            engine.tokenize("")
+    with pytest.raises(EngineClosedError):
+        engine.tokenize(text)
+
+
 async def test_prompt_may_be_token_ids_and_sampling_is_reproducible_with_a_seed() -> None:
     params = SamplingParams(max_tokens=8, temperature=0.8, seed=11, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:

@@ -382,6 +382,14 @@ class Engine:
             prefix_cache_hit_tokens=s.prefix_hit_blocks * actor.scheduler.config.block_size,
         )
 
+    def tokenize(self, prompt: Prompt, sampling: SamplingParams | None = None) -> list[int]:
+        """The token ids a request of `prompt` runs (the last `truncate_prompt_tokens` of
+        them, with `sampling`), checked as `stream` checks them: to count a prompt's tokens,
+        or to send them instead of its text."""
+        self._actor()
+        keep = None if sampling is None else sampling.truncate_prompt_tokens
+        return self._prompt_ids(prompt, keep)
+
     def now(self) -> float:
         """The engine's clock: seconds since this Engine was created, on time.monotonic. The
         times of RequestMetrics are on it (`time.monotonic() - engine.now()` converts)."""

@@ -51,6 +51,9 @@ class TokenEvent:
     prompt_top_logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] | None = None
     """Alongside prompt_logprobs: the SamplingParams.prompt_logprobs most likely tokens at each
     prompt position (None for the first; empty with prompt_logprobs = 0)."""
+    metrics: RequestMetrics | None = None
+    """On the last event only (finish_reason set): the request's timings, as
+    Completion.metrics (TTFT, TPOT, whether its deadline was met)."""
 
 
 @dataclass(slots=True)

@@ -21,14 +21,7 @@ from dataclasses import dataclass
 import anyio
 
 from medha.actors.base import Actor, ActorStoppedError
-from medha.actors.messages import (
-    Forget,
-    ModelStep,
-    ResumeStep,
-    SeqWork,
-    StepOutput,
-    StepPaused,
-)
+from medha.actors.messages import Forget, ModelStep, ResumeStep, SeqWork, StepOutput, StepPaused
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.errors import (
@@ -455,6 +448,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 sampled.logprob,
                 sampled.top_logprobs,
                 *request.prompt_logprobs_once(),
+                metrics=request.metrics if update.finished else None,
             )
             if update.finished:
                 request.metrics.finished_time = now

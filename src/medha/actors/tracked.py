@@ -161,7 +161,7 @@ class TrackedRequest:
             self.metrics.finished_time = now
             text = self.output.release_held() if self.token_ids else ""
             self.text_parts.append(text)
-            self._send_item(TokenEvent(self.request_id, None, text, "abort"))
+            self._send_item(TokenEvent(self.request_id, None, text, "abort", metrics=self.metrics))
         self._send.close()
 
     def fail(self, error: BaseException, now: float) -> None:

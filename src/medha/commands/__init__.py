@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medha.commands import calibrate, demo, generate, simulate, worker
+from medha.commands import calibrate, demo, generate, serve, simulate, worker
 
-COMMANDS = [generate, demo, simulate, calibrate, worker]
+COMMANDS = [generate, serve, demo, simulate, calibrate, worker]

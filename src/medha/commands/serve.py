@@ -1,0 +1,97 @@
+"""`medha serve MODEL`: an OpenAI-compatible HTTP server (medha.server) over one Engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medha.commands.arg_types import positive_int
+from medha.commands.user_errors import UsageError
+
+if TYPE_CHECKING:
+    from medha.config import EngineConfig
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL (a preset name, an HF checkpoint folder or a .gguf file) at "
+        "http://HOST:PORT/v1 (completions, chat completions, models), with /health and /stats. "
+        "Needs the serve extra: pip install 'medha[serve]' -c constraints.txt.",
+    )
+    p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name", default=None, help="the name clients use (default: MODEL)"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a JSON file of EngineConfig fields (docs/engine.md); the options here override it",
+    )
+    p.add_argument("--policy", default=None, help="lars (default), fcfs, fcfs-chunked, edf, ...")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default 1)")
+    p.add_argument("--max-model-len", type=positive_int, default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise UsageError(
+            "medha serve needs FastAPI and uvicorn: pip install 'medha[serve]' -c constraints.txt"
+        ) from exc
+    import anyio
+
+    config = engine_config(args)
+    anyio.run(_serve, config, args, uvicorn)
+    return 0
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of `--config` (if given) with the command line's options over it."""
+    from medha.config import EngineConfig
+
+    fields: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            fields = json.loads(args.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read the config {args.config}: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise UsageError(f"{args.config} must hold a JSON object of EngineConfig fields")
+    fields["model"] = args.model
+    options = {
+        "policy": args.policy,
+        "dtype": args.dtype,
+        "device": args.device,
+        "kv_cache_gib": args.kv_cache_gib,
+        "max_model_len": args.max_model_len,
+    }
+    fields.update({name: value for name, value in options.items() if value is not None})
+    return EngineConfig(**fields)
+
+
+async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -> None:
+    from medha.engine import Engine
+    from medha.server import create_app
+
+    async with Engine(config) as engine:
+        app = create_app(engine, args.served_model_name)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
+        print(
+            f"medha: serving {args.model} at http://{args.host}:{args.port}/v1 "
+            f"(policy {config.policy}, {engine.max_model_len}-token context)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await server.serve()

@@ -1,0 +1,213 @@
+"""The request bodies of the OpenAI-compatible API, and how each becomes medha's SamplingParams.
+
+Field names and defaults are OpenAI's, with vLLM's extra sampling fields (top_k, min_p,
+repetition_penalty, ...) and medha's own `deadline` (seconds to the first token, as
+`Engine.stream` takes it). pydantic checks only the JSON's shape; SamplingParams checks the
+values, so the HTTP API refuses exactly what the Python API refuses, with the same messages.
+Unknown fields are kept and logged, not refused: OpenAI's clients send some medha has no use for
+(`user`, `store`, `metadata`, ...), as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medha.errors import InvalidRequestError
+from medha.sampling import SamplingParams
+from medha.structured_outputs import StructuredOutputsParams
+
+MAX_CHOICES = 16
+"""Most choices one HTTP request may ask for (prompts x n): each is an engine request."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+    """A last chunk with no choices and the token counts of the whole request."""
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """None (OpenAI's schema is optional): any JSON value."""
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs `json_schema`")
+        schema = {} if self.json_schema.schema_ is None else self.json_schema.schema_
+        return StructuredOutputsParams(json=schema)  # type: ignore[arg-type]  # dicts are taken
+
+
+class _SamplingFields(BaseModel):
+    """What both endpoints share: OpenAI's sampling fields, vLLM's extras and medha's deadline."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    """The served model's name; None (not OpenAI's) means the one this server serves."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extra sampling fields
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    truncate_prompt_tokens: int | None = None
+    # medha's
+    deadline: float | None = None
+    """Seconds from arrival to the first token (Engine.stream's `deadline`); None: the
+    engine's default for the prompt's length."""
+
+    @property
+    def wants_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def ignored_fields(self) -> list[str]:
+        """The fields sent that medha does not know (logged by the server)."""
+        return sorted(self.model_extra or {})
+
+    def check_choices(self, prompts: int) -> None:
+        if self.n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+        if self.n * prompts > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"at most {MAX_CHOICES} choices per request (prompts x n), got {self.n * prompts}"
+            )
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream=true")
+
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        """medha's SamplingParams of this request (of its first choice: `choice_seeds` gives
+        the others theirs)."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise InvalidRequestError("give either response_format or structured_outputs")
+        structured: StructuredOutputsParams | dict[str, Any] | None = self.structured_outputs
+        if self.response_format is not None:
+            structured = self.response_format.structured_outputs()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            min_tokens=self.min_tokens,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((self.logit_bias or {}).items()),  # type: ignore[arg-type]
+            allowed_token_ids=(
+                None if self.allowed_token_ids is None else tuple(self.allowed_token_ids)
+            ),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            bad_words=tuple(self.bad_words or ()),
+            structured_outputs=structured,  # type: ignore[arg-type]  # a dict is coerced
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one choice (or n) each: OpenAI takes one or a list of them."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]  # type: ignore[list-item]  # one token-id prompt
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        return list(prompt)  # type: ignore[arg-type]  # several, text or token ids
+
+    def check_supported(self) -> None:
+        if self.echo:
+            raise InvalidRequestError("echo is not supported (prompt_logprobs scores a prompt)")
+        if self.suffix is not None:
+            raise InvalidRequestError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported (only best_of = n)")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+
+    def output_limit(self) -> int | None:
+        """max_completion_tokens (OpenAI's current name) or max_tokens; None: up to the
+        context, as vLLM."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true")
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def check_supported(self) -> None:
+        if self.tools and self.tool_choice != "none":
+            raise InvalidRequestError(
+                "tools are not supported (medha does not parse tool calls); ask for the call "
+                "as JSON with response_format={'type': 'json_schema', ...}"
+            )

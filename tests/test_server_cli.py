@@ -1,0 +1,53 @@
+"""`medha serve`'s command line: the EngineConfig it builds from --config and its options, and
+the one-line errors of a config it cannot read or a missing serve extra."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from medha.cli import main, parse_args
+from medha.commands.serve import engine_config
+
+
+def test_options_override_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"policy": "edf", "num_blocks": 64, "dtype": "bfloat16"}))
+    args = parse_args(["serve", "tiny-random", "--config", str(path), "--policy", "fcfs"])
+    config = engine_config(args)
+    assert (config.model, config.policy, config.num_blocks) == ("tiny-random", "fcfs", 64)
+    assert config.dtype == "bfloat16"
+    plain = engine_config(parse_args(["serve", "m", "--kv-cache-gib", "2", "--max-model-len", "9"]))
+    assert (plain.policy, plain.kv_cache_gib, plain.max_model_len) == ("lars", 2.0, 9)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the config"),
+        ("{not json", "cannot read the config"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"num_blocks": -1}', "num_blocks"),
+        ('{"no_such_field": 1}', "no_such_field"),
+    ],
+)
+def test_a_config_it_cannot_use_is_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    path = tmp_path / "engine.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["serve", "tiny-random", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medha: error: ") and message in err and err.count("\n") == 1
+
+
+def test_without_the_serve_extra_it_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(["serve", "tiny-random"]) == 2
+    assert "pip install 'medha[serve]'" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""medha's OpenAI-compatible API over a real socket (uvicorn): tokens stream as they are made; a
+client that disconnects, streaming or not, aborts its request and frees its KV blocks; and
+`medha serve` serves a model until interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import openai
+import pytest
+import uvicorn
+
+import medha
+from medha.server import create_app
+from tests.docs_support import run_documented_example
+from tests.engine_support import MODEL, cost_profile_path, engine_config
+
+pytestmark = pytest.mark.anyio
+
+LONG = {"model": MODEL, "prompt": "Tell me everything.", "max_tokens": 3000, "temperature": 0.0}
+LONG["ignore_eos"] = True
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def http_server() -> AsyncIterator[tuple[medha.Engine, httpx2.AsyncClient]]:
+    async with medha.Engine(engine_config()) as engine:
+        port = _free_port()
+        config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error")
+        server = uvicorn.Server(config)
+        async with anyio.create_task_group() as group:
+            group.start_soon(server.serve)
+            with anyio.fail_after(10):
+                while not server.started:
+                    await anyio.sleep(0.02)
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                yield engine, client
+            server.should_exit = True
+
+
+async def _aborted_and_freed(engine: medha.Engine, aborted: int) -> None:
+    with anyio.fail_after(10):
+        while (stats := engine.stats()).running or stats.waiting:
+            await anyio.sleep(0.01)
+    assert stats.aborted == aborted and stats.finished == 0
+    assert stats.free_blocks == stats.total_blocks
+
+
+async def test_a_client_leaving_a_stream_aborts_its_request() -> None:
+    async with http_server() as (engine, client):
+        async with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            chunks = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    chunks.append(json.loads(line[len("data: ") :]))
+                if len(chunks) == 3:
+                    break  # the tokens came one by one, long before the 3000th
+            assert engine.stats().running == 1
+        await _aborted_and_freed(engine, aborted=1)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 3
+
+
+async def test_a_client_giving_up_on_a_completion_aborts_it() -> None:
+    async with http_server() as (engine, client):
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post("/v1/chat/completions", json=_as_chat(LONG), timeout=0.5)
+        await _aborted_and_freed(engine, aborted=1)
+        # Its choices all go: n = 3.
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post("/v1/completions", json={**LONG, "n": 3}, timeout=0.5)
+        await _aborted_and_freed(engine, aborted=4)
+
+
+def _as_chat(body: dict[str, object]) -> dict[str, object]:
+    chat = {key: value for key, value in body.items() if key != "prompt"}
+    return {**chat, "messages": [{"role": "user", "content": body["prompt"]}]}
+
+
+@pytest.mark.slow
+def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
+    config = tmp_path / "engine.json"
+    config.write_text(json.dumps({"cost_profile": str(cost_profile_path()), "num_blocks": 256}))
+    port = _free_port()
+    command = [sys.executable, "-m", "medha.cli", "serve", MODEL, "--port", str(port)]
+    command += ["--config", str(config), "--served-model-name", "tiny", "--policy", "fcfs"]
+    server = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            try:
+                if httpx2.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1")
+        done = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert done.choices[0].message.content and done.model == "tiny"
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=MODEL, prompt="hi")
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=60)
+    assert f"medha: serving {MODEL} at http://127.0.0.1:{port}/v1 (policy fcfs" in stderr
+    assert server.returncode in (0, 130), stderr
+
+
+def test_the_docs_example_serves_an_engine_inside_the_callers_loop() -> None:
+    printed, expected = run_documented_example(Path(__file__).parent.parent / "docs" / "server.md")
+    assert printed == expected
