@@ -1,61 +1,30 @@
 """medha's OpenAI-compatible API (medha.server), spoken to by OpenAI's own Python client in
 process (no socket): outputs equal the Engine's for the same prompt and parameters, streamed
 and not; chat renders the model's template; n and several prompts are choices in OpenAI's order;
-response_format constrains the output; every refusal is a 400 (404 for another model) in
-OpenAI's error shape, queues nothing and disturbs no other request."""
+response_format constrains the output; /v1/models, /health and /stats describe the engine.
+Refusals and failures: tests/test_server_errors.py."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import re
 from typing import Any
 
 import anyio
-import httpx2
 import openai
 import pytest
 
 import medha
 from medha import SamplingParams
-from medha.server import create_app
 from tests.engine_support import MODEL, engine_config
+from tests.server_support import MESSAGES, PROMPT, idle, openai_client, serving
 
 pytestmark = pytest.mark.anyio
-
-PROMPT = "The quick brown fox"
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def openai_client(engine: medha.Engine) -> tuple[openai.AsyncOpenAI, httpx2.AsyncClient]:
-    """OpenAI's client of `engine`'s app, and the HTTP client under it (no socket)."""
-    transport = httpx2.ASGITransport(app=create_app(engine))
-    http = httpx2.AsyncClient(transport=transport, base_url="http://medha")
-    client = openai.AsyncOpenAI(
-        api_key="unused", base_url="http://medha/v1", http_client=http, max_retries=0
-    )
-    return client, http
-
-
-@asynccontextmanager
-async def serving(**config: Any) -> AsyncIterator[tuple[medha.Engine, openai.AsyncOpenAI]]:
-    async with medha.Engine(engine_config(**config)) as engine:
-        client, http = openai_client(engine)
-        async with http:
-            yield engine, client
-
-
-async def _idle(engine: medha.Engine) -> medha.EngineStats:
-    with anyio.fail_after(10):
-        while (stats := engine.stats()).running or stats.waiting:
-            await anyio.sleep(0.01)
-    assert stats.free_blocks == stats.total_blocks
-    return stats
 
 
 async def test_a_completion_is_the_engines_with_its_logprobs_and_usage() -> None:
@@ -99,10 +68,13 @@ async def test_a_completion_is_the_engines_with_its_logprobs_and_usage() -> None
     offsets = [len("".join(ev.text for ev in events[:i])) for i in range(len(events))]
     assert choice.logprobs.text_offset == offsets
     assert choice.logprobs.top_logprobs is not None
-    for top, expected in zip(choice.logprobs.top_logprobs, reference.top_logprobs, strict=True):
-        # Keyed by text: alternatives of one text (U+FFFD) keep the most likely.
+    rows = zip(choice.logprobs.top_logprobs, reference.top_logprobs, strings, strict=True)
+    for top, expected, sampled in rows:
+        # The 2 most likely and the sampled token (as vLLM's), keyed by text: of tokens of one
+        # text (U+FFFD), the most likely is kept.
         texts = {engine.tokenizer.decode([t.token_id], skip_special_tokens=False) for t in expected}
-        assert len(top) == len(texts) and max(top.values()) == pytest.approx(expected[0].logprob)
+        assert set(top) == texts | {sampled}
+        assert max(top.values()) == pytest.approx(expected[0].logprob)
         assert all(any(v == pytest.approx(t.logprob) for t in expected) for v in top.values())
     metrics = choice.model_extra["metrics"]  # type: ignore[index]
     assert metrics["deadline_met"] is True and metrics["ttft"] > 0
@@ -141,28 +113,6 @@ async def test_prompt_logprobs_are_vllms_per_position_tables() -> None:
         assert set(row) == {str(token), str(top[0].token_id)}
 
 
-async def test_a_stream_the_engine_ends_says_why_before_done() -> None:
-    engine = medha.Engine(engine_config())
-    await engine.start()
-    _, http = openai_client(engine)
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
-    body["ignore_eos"] = True
-    async with http, anyio.create_task_group() as group:
-        responses: list[httpx2.Response] = []
-
-        async def post() -> None:
-            responses.append(await http.post("/v1/completions", json=body))
-
-        group.start_soon(post)
-        while engine.stats().iterations < 3:
-            await anyio.sleep(0.005)
-        await engine.stop()
-    lines = [line for line in responses[0].text.split("\n\n") if line]
-    assert lines[-1] == "data: [DONE]" and len(lines) > 3
-    error = json.loads(lines[-2][len("data: ") :])["error"]
-    assert error["code"] == 503 and "closed" in error["message"]
-
-
 async def test_a_streamed_completion_adds_up_to_the_unstreamed_one() -> None:
     async with serving() as (engine, client):
         body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12}
@@ -174,8 +124,9 @@ async def test_a_streamed_completion_adds_up_to_the_unstreamed_one() -> None:
                 **body, stop=["e"], stream=True, stream_options={"include_usage": True}
             )
         ]
-        await _idle(engine)
+        await idle(engine)
     *tokens, last = chunks
+    assert whole.choices[0].finish_reason == "stop"  # the stop string: text was held back
     assert "".join(c.choices[0].text for c in tokens) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in tokens][-1] == whole.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in tokens[:-1])
@@ -228,7 +179,7 @@ async def test_n_and_several_prompts_are_choices_in_openais_order() -> None:
         third = await engine.generate(
             "one", SamplingParams(max_tokens=12, temperature=1.5, seed=5, ignore_eos=True)
         )
-        await _idle(engine)
+        await idle(engine)
     assert [c.index for c in greedy.choices] == [0, 1, 2, 3]
     assert [c.text for c in greedy.choices] == [alone[0], alone[0], alone[1], alone[1]]
     assert greedy.usage is not None  # each prompt counts once, however many choices it has
@@ -266,89 +217,6 @@ async def test_response_format_and_structured_outputs_constrain_the_output() -> 
     assert len(regex.choices[0].text) == 6 and regex.choices[0].text[3] == "-"
 
 
-BAD_COMPLETIONS = [
-    ({"temperature": -1}, 400, "temperature"),
-    ({"top_p": 0}, 400, "top_p"),
-    ({"max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": ""}, 400, "empty"),
-    ({"prompt": []}, 400, "empty"),
-    ({"prompt": [1, 10**9]}, 400, "outside the vocabulary"),
-    ({"prompt": [[5, 6], [1, 10**9]]}, 400, "outside the vocabulary"),
-    ({"prompt": ["fine", [5, 6]]}, 400, "prompt"),  # OpenAI's prompts are all text or all ids
-    ({"prompt": "x " * 5000}, 400, "context"),
-    ({"max_tokens": "many"}, 400, "max_tokens"),
-    ({"prompt": {"text": "x"}}, 400, "prompt"),
-    ({"deadline": -1}, 400, "deadline"),
-    ({"model": "gpt-4"}, 404, "does not exist"),
-    ({"echo": True}, 400, "echo"),
-    ({"best_of": 3}, 400, "best_of"),
-    ({"n": 17}, 400, "choices"),
-    ({"n": 0}, 400, "n must be"),
-    ({"stop": 5}, 400, "stop"),
-    ({"logit_bias": {"99999999": 1}}, 400, "vocabulary"),
-    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"structured_outputs": {"regex": "("}}, 400, "does not compile"),
-]
-
-
-@pytest.mark.parametrize(("change", "status", "message"), BAD_COMPLETIONS)
-async def test_a_bad_completion_is_refused_in_openais_shape_and_queues_nothing(
-    change: dict[str, Any], status: int, message: str
-) -> None:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **change}
-    async with serving(max_model_len=4096) as (engine, client):
-        response = await client._client.post("http://medha/v1/completions", json=body)
-        assert response.status_code == status
-        error = response.json()["error"]
-        assert message in error["message"] and error["code"] == status
-        assert error["type"] == "invalid_request_error"
-        stats = engine.stats()
-        assert (stats.iterations, stats.waiting, stats.running) == (0, 0, 0)
-
-
-BAD_CHATS = [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"content": "no role"}]}, "role"),
-    ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
-    ({"response_format": {"type": "json_schema"}}, "json_schema"),
-    ({"response_format": {"type": "xml"}}, "response_format"),
-    (
-        {
-            "response_format": {"type": "json_object"},
-            "extra_body": {"structured_outputs": {"regex": "a"}},
-        },
-        "either response_format or structured_outputs",
-    ),
-    ({"n": 2, "stream": False, "max_completion_tokens": -3}, "max_tokens"),
-]
-
-
-@pytest.mark.parametrize(("change", "message"), BAD_CHATS)
-async def test_a_bad_chat_is_a_400_while_another_request_streams_on(
-    change: dict[str, Any], message: str
-) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, **change}
-    async with serving() as (engine, client):
-        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-        alone = await engine.generate(PROMPT, params)
-        async with anyio.create_task_group() as group:
-            streamed: list[str] = []
-
-            async def stream() -> None:
-                async for event in engine.stream(PROMPT, params):
-                    streamed.append(event.text)
-
-            group.start_soon(stream)
-            while not streamed:
-                await anyio.sleep(0.005)
-            with pytest.raises(openai.BadRequestError) as refused:
-                await client.chat.completions.create(**body)
-        assert message in str(refused.value)
-        assert "".join(streamed) == alone.text
-        await _idle(engine)
-
-
 async def test_deadline_x_request_id_and_unknown_fields() -> None:
     async with serving() as (engine, client):
         done = await client.completions.create(
@@ -362,24 +230,71 @@ async def test_deadline_x_request_id_and_unknown_fields() -> None:
         assert done.id == "mine"
         metrics = done.choices[0].model_extra["metrics"]  # type: ignore[index]
         assert metrics["deadline"] == 30.0 and metrics["deadline_met"] is True
-        # The id is free again once its request ended; while one runs, it is taken.
+        # A gateway may reuse one id for calls that overlap: each is its own request.
         async with anyio.create_task_group() as group:
-            group.start_soon(
-                lambda: client.completions.create(
-                    prompt=PROMPT,
-                    max_tokens=200,
-                    extra_body={"ignore_eos": True},
-                    extra_headers={"X-Request-Id": "mine"},
-                    model=MODEL,
+            results: list[Any] = []
+
+            async def call(tokens: int) -> None:
+                results.append(
+                    await client.completions.create(
+                        model=MODEL,
+                        prompt=PROMPT,
+                        max_tokens=tokens,
+                        extra_body={"ignore_eos": True},
+                        extra_headers={"X-Request-Id": "mine"},
+                    )
                 )
-            )
+
+            group.start_soon(call, 200)
             while engine.stats().running == 0:
                 await anyio.sleep(0.005)
-            with pytest.raises(openai.BadRequestError, match="already in use"):
-                await client.completions.create(
-                    model=MODEL, prompt=PROMPT, extra_headers={"X-Request-Id": "mine"}
-                )
+            await call(3)
             assert engine.stats().running == 1
+    assert [r.id for r in results] == ["mine", "mine"]
+    assert sorted(r.usage.completion_tokens for r in results) == [3, 200]
+
+
+async def test_null_means_the_default_and_vllms_guided_fields_work() -> None:
+    async with serving() as (engine, client):
+        body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6}
+        nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "top_k": None}
+        done = await client.completions.create(**body, seed=4, extra_body=nulls)
+        same = await engine.generate(PROMPT, SamplingParams(max_tokens=6, seed=4))
+        assert done.choices[0].text == same.text  # temperature 1.0, top_p 1.0, n 1
+        choice = await client.completions.create(
+            **body, extra_body={"guided_choice": ["yes", "no"]}
+        )
+        regex = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, extra_body={"guided_regex": "[a-c]{4}"}
+        )
+    assert choice.choices[0].text in ("yes", "no")
+    assert re.fullmatch("[a-c]{4}", regex.choices[0].message.content or "")
+
+
+async def test_streamed_chat_choices_logprobs_and_usage_add_up() -> None:
+    async with serving() as (engine, client):
+        body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10}
+        body.update(n=2, seed=7, temperature=1.0, logprobs=True, top_logprobs=2)
+        body["extra_body"] = {"prompt_logprobs": 1}
+        whole = await client.chat.completions.create(**body)
+        stream = await client.chat.completions.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        await idle(engine)
+    *deltas, last = chunks
+    assert last.choices == [] and last.usage == whole.usage
+    assert [c.choices[0].delta.role for c in deltas[:2]] == ["assistant", "assistant"]
+    for index, expected in enumerate(whole.choices):
+        mine = [c.choices[0] for c in deltas[2:] if c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == expected.message.content
+        content = [entry for c in mine if c.logprobs for entry in c.logprobs.content or ()]
+        assert expected.logprobs is not None and content == expected.logprobs.content
+        assert mine[-1].finish_reason == expected.finish_reason
+        # The prompt's logprobs come on a choice's first chunk, as in the whole response.
+        prompt_rows = [c.model_extra.get("prompt_logprobs") for c in mine]
+        assert prompt_rows[0] == expected.model_extra["prompt_logprobs"] is not None
+        assert prompt_rows[1:] == [None] * (len(mine) - 1)
 
 
 async def test_health_models_and_stats() -> None:

@@ -384,8 +384,9 @@ class Engine:
 
     def tokenize(self, prompt: Prompt, sampling: SamplingParams | None = None) -> list[int]:
         """The token ids a request of `prompt` runs (the last `truncate_prompt_tokens` of
-        them, with `sampling`), checked as `stream` checks them: to count a prompt's tokens,
-        or to send them instead of its text."""
+        them, with `sampling`): to count a prompt's tokens, or to send them instead of its
+        text. Raises what `stream` raises for the prompt itself (empty, not UTF-8, ids outside
+        the vocabulary); whether it fits the context is `stream`'s to check."""
         self._actor()
         keep = None if sampling is None else sampling.truncate_prompt_tokens
         return self._prompt_ids(prompt, keep)

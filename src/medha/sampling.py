@@ -269,8 +269,18 @@ def _normalise_strings(field: str, value: object, *, words: bool = False) -> tup
             _fail(field, value, f"every string must be a str, got {type(item).__name__}")
         elif not (item.strip() if words else item):
             _fail(field, value, "words must not be blank" if words else "must not be empty")
+        elif words and not _is_utf8(item):  # a lone surrogate: no tokenizer encodes it
+            _fail(field, value, "words must be valid UTF-8 text (no lone surrogates)")
         result.append(item)
     return tuple(result)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _normalise_token_ids(field: str, ids: object) -> tuple[int, ...]:

@@ -14,6 +14,8 @@ from medha.commands.user_errors import UsageError
 if TYPE_CHECKING:
     from medha.config import EngineConfig
 
+GRACE_S = 5
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -45,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import fastapi  # noqa: F401  # medha.server's, checked here for a clear message
         import uvicorn
     except ImportError as exc:
         raise UsageError(
@@ -82,16 +85,26 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -> None:
+    import anyio
+
     from medha.engine import Engine
     from medha.server import create_app
 
     async with Engine(config) as engine:
         app = create_app(engine, args.served_model_name)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
-        print(
-            f"medha: serving {args.model} at http://{args.host}:{args.port}/v1 "
-            f"(policy {config.policy}, {engine.max_model_len}-token context)",
-            file=sys.stderr,
-            flush=True,
+        # On Ctrl-C, open streams get GRACE_S to end; then they are cut and aborted.
+        settings = uvicorn.Config(
+            app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACE_S
         )
-        await server.serve()
+        server = uvicorn.Server(settings)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(server.serve)
+            while not (server.started or server.should_exit):
+                await anyio.sleep(0.05)
+            if server.started:
+                print(
+                    f"medha: serving {args.model} at http://{args.host}:{args.port}/v1 "
+                    f"(policy {config.policy}, {engine.max_model_len}-token context)",
+                    file=sys.stderr,
+                    flush=True,
+                )

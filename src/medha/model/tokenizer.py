@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from medha.errors import InvalidRequestError, ModelLoadError
+from medha.request_input import check_unicode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -190,6 +191,8 @@ def _text_content(messages: object) -> list[dict[str, Any]]:
                     )
                 texts.append(str(part.get("text", "")))
             message = {**message, "content": "\n".join(texts)}
+        if isinstance(message.get("content"), str):
+            check_unicode(message["content"], f"messages[{index}]'s content")
         result.append(dict(message))
     return result
 

@@ -5,14 +5,16 @@ repetition_penalty, ...) and medha's own `deadline` (seconds to the first token,
 `Engine.stream` takes it). pydantic checks only the JSON's shape; SamplingParams checks the
 values, so the HTTP API refuses exactly what the Python API refuses, with the same messages.
 Unknown fields are kept and logged, not refused: OpenAI's clients send some medha has no use for
-(`user`, `store`, `metadata`, ...), as vLLM does.
+(`user`, `store`, `metadata`, ...), as vLLM does; but a known field that would change the output
+and that medha does not do (`functions`, `chat_template`, ...) is refused, not silently dropped.
+An explicit null takes the field's default, as OpenAI's API allows.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from medha.errors import InvalidRequestError
 from medha.sampling import SamplingParams
@@ -57,6 +59,29 @@ class ResponseFormat(BaseModel):
         return StructuredOutputsParams(json=schema)  # type: ignore[arg-type]  # dicts are taken
 
 
+UNSUPPORTED = {
+    # field: the value that means "not used" (anything else is refused)
+    "functions": None,
+    "function_call": None,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "continue_final_message": False,
+    "use_beam_search": False,
+    "prompt_embeds": None,
+    "guided_whitespace_pattern": None,
+    "skip_special_tokens": True,
+}
+"""vLLM's and OpenAI's fields that change the output in a way medha does not do."""
+
+GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+"""vLLM's former names of structured outputs (`guided_json`, ...), as its server still takes."""
+
+
 class _SamplingFields(BaseModel):
     """What both endpoints share: OpenAI's sampling fields, vLLM's extras and medha's deadline."""
 
@@ -87,6 +112,7 @@ class _SamplingFields(BaseModel):
     bad_words: list[str] | None = None
     structured_outputs: dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
     # medha's
     deadline: float | None = None
     """Seconds from arrival to the first token (Engine.stream's `deadline`); None: the
@@ -96,9 +122,41 @@ class _SamplingFields(BaseModel):
     def wants_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @field_validator(
+        "n",
+        "temperature",
+        "top_p",
+        "stream",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "ignore_eos",
+        "include_stop_str_in_output",
+        mode="before",
+    )
+    @classmethod
+    def _null_is_the_default(cls, value: object, info: ValidationInfo) -> object:
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
+
     def ignored_fields(self) -> list[str]:
-        """The fields sent that medha does not know (logged by the server)."""
-        return sorted(self.model_extra or {})
+        """The fields sent that medha does not know (logged by the server); raises
+        InvalidRequestError for a known one it does not do."""
+        extra = self.model_extra or {}
+        for name, unused in UNSUPPORTED.items():
+            value = extra.get(name)
+            if value is not None and value != unused and value not in ([], {}):
+                raise InvalidRequestError(f"{name} is not supported by medha")
+        return sorted(set(extra) - set(UNSUPPORTED) - set(GUIDED))
+
+    def _guided(self) -> dict[str, Any] | None:
+        extra = self.model_extra or {}
+        given = {GUIDED[name]: extra[name] for name in GUIDED if extra.get(name) is not None}
+        return given or None
 
     def check_choices(self, prompts: int) -> None:
         if self.n < 1:
@@ -113,11 +171,16 @@ class _SamplingFields(BaseModel):
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
-        """medha's SamplingParams of this request (of its first choice: `choice_seeds` gives
-        the others theirs)."""
-        if self.response_format is not None and self.structured_outputs is not None:
-            raise InvalidRequestError("give either response_format or structured_outputs")
-        structured: StructuredOutputsParams | dict[str, Any] | None = self.structured_outputs
+        """medha's SamplingParams of this request (of its first choice: `start_choices` gives
+        each other sample its seed)."""
+        shapes = [self.response_format, self.structured_outputs, self._guided()]
+        if sum(shape is not None for shape in shapes) > 1:
+            raise InvalidRequestError(
+                "give one of response_format, structured_outputs and guided_* (vLLM's old names)"
+            )
+        structured: StructuredOutputsParams | dict[str, Any] | None = (
+            self.structured_outputs or self._guided()
+        )
         if self.response_format is not None:
             structured = self.response_format.structured_outputs()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -154,10 +217,9 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
-    prompt_logprobs: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one choice (or n) each: OpenAI takes one or a list of them."""
@@ -185,7 +247,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None

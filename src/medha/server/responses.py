@@ -1,13 +1,15 @@
 """The response bodies of the OpenAI-compatible API, built from medha's TokenEvents.
 
-A choice accumulates its events (`ChoiceOutput`); the two endpoints render it in their own
-shapes: `text_completion` with the legacy logprobs table, `chat.completion` with a message and
-per-token logprob objects. Beyond OpenAI's fields, a finished choice carries medha's `metrics`
-(TTFT, TPOT, the deadline and whether it was met), which OpenAI's clients keep as extra fields.
+A choice accumulates its events (`ChoiceOutput`); a `Renderer` gives it the shape of its
+endpoint: `text_completion` with the legacy logprobs table, `chat.completion` with a message and
+per-token logprob objects, whole or as stream deltas. Beyond OpenAI's fields, a finished choice
+carries medha's `metrics` (TTFT, TPOT, the deadline and whether it was met), which OpenAI's
+clients keep as extra fields.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +19,19 @@ from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 Rows = list[tuple[int, float | None, tuple[TokenLogprob, ...] | None]]
 """(token id, logprob, top logprobs) of each token of a stretch of a choice's output."""
 
+_FLOOR = -9999.0
+"""A logprob of -inf (or NaN) as JSON, which has neither (vLLM's value)."""
+
+
+def _finite(logprob: float | None) -> float | None:
+    if logprob is None or math.isfinite(logprob):
+        return logprob
+    return _FLOOR
+
 
 class TokenStrings:
     """Each token id's text alone, as logprobs name tokens (a byte of a multi-byte character
-    decodes to U+FFFD; `bytes` then holds its UTF-8), cached: top logprobs decode N per token."""
+    decodes to U+FFFD), cached: top logprobs decode N per token."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
@@ -66,6 +77,13 @@ class ChoiceOutput:
             self.finish_reason = event.finish_reason
             self.metrics = event.metrics
 
+    def rows(self) -> Rows:
+        tops = self.top_logprobs
+        return [
+            (token, self.logprobs[i], tops[i] if i < len(tops) else None)
+            for i, token in enumerate(self.token_ids)
+        ]
+
 
 def usage(choices: list[ChoiceOutput], prompt_tokens: list[int]) -> dict[str, int]:
     """OpenAI's token counts: each prompt once (however many choices it has), every output."""
@@ -90,20 +108,88 @@ def metrics_json(metrics: RequestMetrics | None) -> dict[str, Any] | None:
     }
 
 
+@dataclass(frozen=True)
+class Renderer:
+    """Choices in one endpoint's shape: chat's or the legacy completions'."""
+
+    chat: bool
+    strings: TokenStrings
+    logprobs: bool
+    """Whether the request asked for logprobs."""
+
+    def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
+        """A finished choice of a whole (not streamed) response."""
+        choice: dict[str, Any] = {"index": output.index}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": output.text}
+        else:
+            choice["text"] = output.text
+        choice["logprobs"] = (
+            self._logprobs(output.rows(), output.text_offsets) if self.logprobs else None
+        )
+        choice["finish_reason"] = output.finish_reason
+        choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
+        choice["metrics"] = metrics_json(output.metrics)
+        return choice
+
+    def role(self, index: int) -> dict[str, Any] | None:
+        """A chat stream's first chunk of a choice, naming the role (as OpenAI's)."""
+        if not self.chat:
+            return None
+        delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    def delta(
+        self, output: ChoiceOutput, event: TokenEvent, prompt_ids: list[int]
+    ) -> dict[str, Any] | None:
+        """A streamed chunk's choice for `event` (already added to `output`); None when it
+        says nothing (its text is held back: a stop string may be starting)."""
+        has_row = self.logprobs and event.token_id is not None
+        if not (event.text or event.finish_reason or has_row or event.prompt_logprobs):
+            return None
+        choice: dict[str, Any] = {"index": output.index}
+        if self.chat:
+            choice["delta"] = {"content": event.text} if event.text else {}
+        else:
+            choice["text"] = event.text
+        choice["logprobs"] = None
+        if has_row:
+            assert event.token_id is not None
+            row = [(event.token_id, event.logprob, event.top_logprobs)]
+            choice["logprobs"] = self._logprobs(row, output.text_offsets[-1:])
+        if event.prompt_logprobs is not None:  # on a choice's first event
+            choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
+        choice["finish_reason"] = event.finish_reason
+        if event.finish_reason is not None:
+            choice["metrics"] = metrics_json(event.metrics)
+        return choice
+
+    def _logprobs(self, rows: Rows, offsets: list[int]) -> dict[str, Any]:
+        if self.chat:
+            return chat_logprobs(rows, self.strings)
+        return completion_logprobs(rows, offsets, self.strings)
+
+    def _prompt_logprobs(
+        self, output: ChoiceOutput, prompt_ids: list[int]
+    ) -> list[dict[str, Any] | None] | None:
+        return prompt_logprobs_json(output, prompt_ids, self.strings)
+
+
 def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -> dict[str, Any]:
     """The legacy completions table of `rows`, whose tokens start at `offsets` of the choice's
-    text. Its top logprobs are keyed by text: of alternatives whose texts are the same (bytes of
-    one character each decode to U+FFFD), the most likely is kept; chat's format has no such
-    loss."""
+    text. Its top logprobs hold the most likely tokens and the sampled one (as vLLM's), keyed
+    by text: of tokens whose texts are the same (bytes of one character each decode to
+    U+FFFD), the most likely is kept."""
     top = []
-    for _, _, alternatives in rows:
-        table: dict[str, float] = {}
+    for token_id, logprob, alternatives in rows:
+        table: dict[str, float | None] = {}
         for alternative in alternatives or ():  # most likely first: it keeps a shared text
-            table.setdefault(strings(alternative.token_id), alternative.logprob)
+            table.setdefault(strings(alternative.token_id), _finite(alternative.logprob))
+        table.setdefault(strings(token_id), _finite(logprob))
         top.append(table)
     return {
         "tokens": [strings(token_id) for token_id, _, _ in rows],
-        "token_logprobs": [logprob for _, logprob, _ in rows],
+        "token_logprobs": [_finite(logprob) for _, logprob, _ in rows],
         "top_logprobs": top,
         "text_offset": offsets,
     }
@@ -111,16 +197,15 @@ def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -
 
 def _token_json(token_id: int, logprob: float | None, strings: TokenStrings) -> dict[str, Any]:
     text = strings(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(
-    events: Rows,
-    strings: TokenStrings,
-) -> dict[str, Any]:
-    """Chat's `logprobs.content`: one object per token, with its most likely alternatives."""
+def chat_logprobs(rows: Rows, strings: TokenStrings) -> dict[str, Any]:
+    """Chat's `logprobs.content`: one object per token, with its most likely alternatives.
+    `bytes` is the UTF-8 of the token's text (a byte of a multi-byte character: U+FFFD's, as
+    vLLM's)."""
     content = []
-    for token_id, logprob, alternatives in events:
+    for token_id, logprob, alternatives in rows:
         entry = _token_json(token_id, logprob, strings)
         entry["top_logprobs"] = [
             _token_json(t.token_id, t.logprob, strings) for t in alternatives or ()
@@ -138,26 +223,20 @@ def prompt_logprobs_json(
         return None
     rows: list[dict[str, Any] | None] = []
     tops = choice.prompt_top_logprobs or ()
-    for position, (token_id, logprob) in enumerate(
-        zip(prompt_ids, choice.prompt_logprobs, strict=False)
-    ):
+    # strict=False: a request aborted before its first token has scored part of its prompt.
+    scored = zip(prompt_ids, choice.prompt_logprobs, strict=False)
+    for position, (token_id, logprob) in enumerate(scored):
         if logprob is None:
             rows.append(None)
             continue
-        row = {str(token_id): {"logprob": logprob, "decoded_token": strings(token_id)}}
+        row = {str(token_id): {"logprob": _finite(logprob), "decoded_token": strings(token_id)}}
         for alternative in (tops[position] if position < len(tops) else None) or ():
             row.setdefault(
                 str(alternative.token_id),
-                {"logprob": alternative.logprob, "decoded_token": strings(alternative.token_id)},
+                {
+                    "logprob": _finite(alternative.logprob),
+                    "decoded_token": strings(alternative.token_id),
+                },
             )
         rows.append(row)
     return rows
-
-
-def logprob_rows(choice: ChoiceOutput, start: int = 0) -> Rows:
-    """(token id, logprob, top logprobs) of the choice's tokens from `start` on."""
-    tops = choice.top_logprobs
-    return [
-        (choice.token_ids[i], choice.logprobs[i], tops[i] if i < len(tops) else None)
-        for i in range(start, len(choice.token_ids))
-    ]

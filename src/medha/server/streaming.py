@@ -1,0 +1,119 @@
+"""Delivering a request's choices: whole (aborted if the client disconnects first) or as
+server-sent events (ended by an error event if the engine ends them)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from medha.errors import EngineClosedError, EngineFailedError, InvalidRequestError, MedhaError
+from medha.log import get_logger
+from medha.server.choices import Choice, merged_events
+from medha.server.responses import ChoiceOutput, Renderer, usage
+
+_log = get_logger(__name__)
+_T = TypeVar("_T")
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve."""
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its response was ready."""
+
+
+def status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of an error."""
+    if isinstance(error, ModelNotFoundError):
+        return 404, "invalid_request_error"
+    if isinstance(error, InvalidRequestError):
+        return 400, "invalid_request_error"
+    if isinstance(error, EngineClosedError | EngineFailedError):
+        return 503, "server_error"
+    return 500, "server_error"
+
+
+def error_body(error: BaseException) -> dict[str, Any]:
+    """OpenAI's error object; an error medha did not raise on purpose says only that."""
+    status, kind = status_of(error)
+    message = str(error) if isinstance(error, MedhaError) else "internal error (see the log)"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+async def collect(choices: list[Choice]) -> list[ChoiceOutput]:
+    """Every choice, streamed to its end."""
+    outputs = [ChoiceOutput(c.index) for c in choices]
+    async with aclosing(merged_events(choices)) as events:
+        async for index, event in events:
+            outputs[index].add(event)
+    return outputs
+
+
+async def until_disconnected(request: Request, work: Callable[[], Awaitable[_T]]) -> _T:
+    """`work()`'s result; cancelled (its requests aborted) if the client disconnects first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    job = asyncio.ensure_future(work())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():
+            raise ClientDisconnectedError(request.url.path)
+        return job.result()
+    finally:
+        job.cancel()
+        watch.cancel()
+        await asyncio.gather(job, watch, return_exceptions=True)
+
+
+async def chunks(
+    head: dict[str, Any],
+    choices: list[Choice],
+    render: Renderer,
+    include_usage: bool,
+    prompt_tokens: list[int],
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A streamed response's chunks: a chat's role chunks first, then one per event that says
+    something; with `include_usage`, a last chunk of token counts."""
+    for choice in choices:
+        if (first := render.role(choice.index)) is not None:
+            yield {**head, "choices": [first]}
+    outputs = {c.index: ChoiceOutput(c.index) for c in choices}
+    prompts = {c.index: c.prompt_ids for c in choices}
+    async with aclosing(merged_events(choices)) as events:
+        async for index, event in events:
+            outputs[index].add(event)
+            delta = render.delta(outputs[index], event, prompts[index])
+            if delta is not None:
+                yield {**head, "choices": [delta]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage(list(outputs.values()), prompt_tokens)}
+
+
+def event_stream(body: AsyncGenerator[dict[str, Any], None]) -> StreamingResponse:
+    """Server-sent events: a `data: {json}` line per chunk, then `data: [DONE]`. An error after
+    the stream began (the engine stopped or failed, a grammar violation) is sent as an
+    `error` object before `[DONE]`."""
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async with aclosing(body) as chunks_:
+                async for chunk in chunks_:
+                    yield f"data: {json.dumps(chunk, allow_nan=False)}\n\n"
+        except Exception as error:
+            if not isinstance(error, MedhaError):
+                _log.exception("stream failed")
+            yield f"data: {json.dumps(error_body(error))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")

@@ -1,0 +1,44 @@
+"""Shared set-up of the server tests: OpenAI's client of an engine's app, in process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import openai
+
+import medha
+from medha.server import create_app
+from tests.engine_support import engine_config
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+
+
+def openai_client(engine: medha.Engine) -> tuple[openai.AsyncOpenAI, httpx2.AsyncClient]:
+    """OpenAI's client of `engine`'s app, and the HTTP client under it (no socket)."""
+    transport = httpx2.ASGITransport(app=create_app(engine))
+    http = httpx2.AsyncClient(transport=transport, base_url="http://medha")
+    client = openai.AsyncOpenAI(
+        api_key="unused", base_url="http://medha/v1", http_client=http, max_retries=0
+    )
+    return client, http
+
+
+@asynccontextmanager
+async def serving(**config: Any) -> AsyncIterator[tuple[medha.Engine, openai.AsyncOpenAI]]:
+    async with medha.Engine(engine_config(**config)) as engine:
+        client, http = openai_client(engine)
+        async with http:
+            yield engine, client
+
+
+async def idle(engine: medha.Engine) -> medha.EngineStats:
+    with anyio.fail_after(10):
+        while (stats := engine.stats()).running or stats.waiting:
+            await anyio.sleep(0.01)
+    assert stats.free_blocks == stats.total_blocks
+    return stats
