@@ -10,10 +10,10 @@ batches step for step:
   not share this process's GIL);
 - "http whole": the same without streaming (one JSON response per request).
 The server is uvicorn on the engine's event loop (`medha serve`'s set-up). The three run in
-turn, REPEATS times. Per request, measured where the caller is: TTFT (send to first token's
-text; "http whole": to the whole response), TPOT (first to last token, over tokens - 1;
-streams only), e2e; and the engine's own TTFT and TPOT (RequestMetrics, which the server
-returns as each choice's `metrics`). A ratio is the median over repeats of the system's p50
+turn, REPEATS times. Per request, measured where the caller is: TTFT (send to the first
+token's text) and TPOT (first to last token, over tokens - 1), for streams; e2e; and the
+engine's own TTFT and TPOT (RequestMetrics, which the server returns as each choice's
+`metrics`). A ratio is the median over repeats of the system's p50
 over "engine"'s p50 in the same repeat.
 
     python benchmarks/server_overhead.py [--json benchmarks/results/server_overhead.json]
@@ -88,7 +88,7 @@ def timings(
     return {
         "start": start,
         "end": times[-1],
-        "ttft": times[0] - start,
+        "ttft": times[0] - start if streamed else None,  # a whole response has no first token
         "tpot": (times[-1] - times[0]) / (len(times) - 1) if streamed else None,
         "e2e": times[-1] - start,
         "engine ttft": engine_ttft,
