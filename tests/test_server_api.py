@@ -262,8 +262,19 @@ async def test_null_means_the_default_and_vllms_guided_fields_work() -> None:
         same = await engine.generate(PROMPT, SamplingParams(max_tokens=6, seed=4))
         assert done.choices[0].text == same.text  # temperature 1.0, top_p 1.0, n 1
         choice = await client.completions.create(
-            **body, extra_body={"guided_choice": ["yes", "no"]}
+            **body,
+            # "text" constrains nothing: it may come beside guided_choice
+            extra_body={"guided_choice": ["yes", "no"], "response_format": {"type": "text"}},
         )
+        chat = await client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": None},  # type: ignore[typeddict-item]
+            extra_body={"add_generation_prompt": None},
+        )
+        assert [c.usage for c in [c async for c in chat]][-1] is None  # no usage chunk
         regex = await client.chat.completions.create(
             model=MODEL, messages=MESSAGES, max_tokens=8, extra_body={"guided_regex": "[a-c]{4}"}
         )

@@ -51,3 +51,12 @@ def test_without_the_serve_extra_it_says_what_to_install(
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     assert main(["serve", "tiny-random"]) == 2
     assert "pip install 'medha[serve]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_out_of_range_is_refused_before_the_model_loads(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["serve", "tiny-random", "--port", port])
+    assert exited.value.code == 2 and "a port is 0-65535" in capsys.readouterr().err

@@ -85,6 +85,8 @@ BAD_CHATS = [
     ({"extra_body": {"chat_template": "{{ x }}"}}, "chat_template is not supported"),
     ({"extra_body": {"skip_special_tokens": False}}, "skip_special_tokens is not supported"),
     ({"extra_body": {"continue_final_message": True}}, "continue_final_message"),
+    ({"extra_body": {"echo": True}}, "echo is not supported"),
+    ({"extra_body": {"add_special_tokens": True}}, "add_special_tokens is not supported"),
     ({"n": 2, "stream": False, "max_completion_tokens": -3}, "max_tokens"),
 ]
 
@@ -193,6 +195,10 @@ async def test_a_grammar_violation_is_a_500_and_harms_no_other_request(
     [
         ("chat/completions", b'{"messages": [{"role": "user", "content": "caf\\udce9"}]}'),
         ("completions", b'{"prompt": "hi", "bad_words": ["caf\\udce9"]}'),
+        (
+            "chat/completions",
+            b'{"messages": [{"role": "user", "name": "\\udce9", "content": "hi"}]}',
+        ),
     ],
 )
 async def test_text_that_is_not_utf8_is_a_400(path: str, raw: bytes) -> None:
@@ -252,3 +258,26 @@ async def test_choices_refused_together_release_every_id() -> None:
         assert refused.value is not None
         done = await engine.generate([5, 6], params, request_id="x-0")
         assert done.finish_reason == "length" and engine.stats().iterations > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/v1/completions", b'{"prompt": "caf\xe9"}', 400),  # not UTF-8 (Latin-1)
+        ("get", "/v1/no-such-thing", b"", 404),
+        ("get", "/v1/completions", b"", 405),
+    ],
+)
+async def test_starlettes_own_errors_are_in_openais_shape(
+    method: str, path: str, body: bytes, status: int
+) -> None:
+    async with serving() as (_, client):
+        response = await client._client.request(
+            method,
+            f"http://medha{path}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"]

@@ -21,6 +21,7 @@ import httpx2
 import openai
 import pytest
 import uvicorn
+from starlette.requests import ClientDisconnect
 
 import medha
 from medha.server import create_app
@@ -152,3 +153,46 @@ def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
 def test_the_docs_example_serves_an_engine_inside_the_callers_loop() -> None:
     printed, expected = run_documented_example(Path(__file__).parent.parent / "docs" / "server.md")
     assert printed == expected
+
+
+@pytest.mark.usefixtures("no_gc")
+async def test_a_stream_cut_inside_send_aborts_its_requests_at_once() -> None:
+    # An ASGI server of spec 2.4 tells a gone client by raising OSError from `send`, where
+    # Starlette leaves the response's body suspended: the body must still be closed (and its
+    # requests aborted) before the response returns, not when the garbage collector runs.
+    body = json.dumps({**LONG, "stream": True, "n": 2}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"medha")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive() -> dict[str, object]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if len(sent) == 4:  # the headers, then three chunks
+            raise OSError("the client went away")
+
+    async with medha.Engine(engine_config()) as engine:
+        with pytest.raises(ClientDisconnect) as cut:
+            await create_app(engine)(scope, receive, send)
+        # While the error lives (a server logging it, an error tracker holding it), its
+        # traceback's frames hold the response and its body.
+        await _aborted_and_freed(engine, aborted=2)
+        assert cut.value.__traceback__ is not None

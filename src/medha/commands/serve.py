@@ -27,7 +27,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: MODEL)"
     )
@@ -43,6 +43,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default 1)")
     p.add_argument("--max-model-len", type=positive_int, default=None)
     p.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {text!r}")
+    return port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,8 +112,9 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
             while not (server.started or server.should_exit):
                 await anyio.sleep(0.05)
             if server.started:
+                host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6
                 print(
-                    f"medha: serving {args.model} at http://{args.host}:{args.port}/v1 "
+                    f"medha: serving {args.model} at http://{host}:{args.port}/v1 "
                     f"(policy {config.policy}, {engine.max_model_len}-token context)",
                     file=sys.stderr,
                     flush=True,

@@ -191,8 +191,9 @@ def _text_content(messages: object) -> list[dict[str, Any]]:
                     )
                 texts.append(str(part.get("text", "")))
             message = {**message, "content": "\n".join(texts)}
-        if isinstance(message.get("content"), str):
-            check_unicode(message["content"], f"messages[{index}]'s content")
+        for key, value in message.items():  # the template renders them all
+            if isinstance(value, str):
+                check_unicode(value, f"messages[{index}]'s {key}")
         result.append(dict(message))
     return result
 

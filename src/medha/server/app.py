@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medha.engine import Engine
 from medha.errors import InvalidRequestError, MedhaError
@@ -51,6 +52,7 @@ def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
     app.add_exception_handler(MedhaError, _error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnectedError, _disconnected)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
@@ -148,9 +150,15 @@ async def _error(_: Request | None, exc: MedhaError) -> JSONResponse:
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    # A bug: OpenAI's shape still, and the traceback in the server's log.
-    _log.error("request failed", error=repr(exc), exc_info=exc)
+    # A bug: OpenAI's shape still. Starlette raises it again after this answer, for the
+    # server to log with its traceback.
     return JSONResponse(error_body(exc), status_code=500)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own (no such route, wrong method, a body that is not JSON), in OpenAI's shape.
+    error = {"message": str(exc.detail), "type": "invalid_request_error", "param": None}
+    return JSONResponse({"error": {**error, "code": exc.status_code}}, status_code=exc.status_code)
 
 
 async def _disconnected(_: Request, exc: ClientDisconnectedError) -> Response:

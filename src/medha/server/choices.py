@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import anyio
+
 from medha.engine import Engine
 from medha.request import TokenEvent
 from medha.sampling import SamplingParams
@@ -100,4 +102,6 @@ async def merged_events(
     finally:
         for task in pumps:
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        # Shielded: under anyio (Starlette's disconnect) the scope cancelled again here.
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*pumps, return_exceptions=True)

@@ -24,11 +24,21 @@ MAX_CHOICES = 16
 """Most choices one HTTP request may ask for (prompts x n): each is an engine request."""
 
 
+def _null_is_the_default(cls: type[BaseModel], value: object, info: ValidationInfo) -> object:
+    """A field's validator: JSON's null means the field's default (OpenAI's fields are
+    nullable)."""
+    if value is None and info.field_name is not None:
+        return cls.model_fields[info.field_name].default
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     include_usage: bool = False
     """A last chunk with no choices and the token counts of the whole request."""
+
+    _defaults = field_validator("include_usage", mode="before")(classmethod(_null_is_the_default))
 
 
 class JsonSchemaFormat(BaseModel):
@@ -38,6 +48,8 @@ class JsonSchemaFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     """None (OpenAI's schema is optional): any JSON value."""
     strict: bool | None = None
+
+    _defaults = field_validator("name", mode="before")(classmethod(_null_is_the_default))
 
 
 class ResponseFormat(BaseModel):
@@ -70,6 +82,9 @@ UNSUPPORTED = {
     "prompt_embeds": None,
     "guided_whitespace_pattern": None,
     "skip_special_tokens": True,
+    "add_special_tokens": False,
+    "return_tokens_as_token_ids": False,
+    "echo": False,  # chat's (the completions endpoint has its own field, refused alike)
 }
 """vLLM's and OpenAI's fields that change the output in a way medha does not do."""
 
@@ -122,7 +137,7 @@ class _SamplingFields(BaseModel):
     def wants_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    @field_validator(
+    _defaults = field_validator(
         "n",
         "temperature",
         "top_p",
@@ -136,12 +151,7 @@ class _SamplingFields(BaseModel):
         "ignore_eos",
         "include_stop_str_in_output",
         mode="before",
-    )
-    @classmethod
-    def _null_is_the_default(cls, value: object, info: ValidationInfo) -> object:
-        if value is None and info.field_name is not None:
-            return cls.model_fields[info.field_name].default
-        return value
+    )(classmethod(_null_is_the_default))
 
     def ignored_fields(self) -> list[str]:
         """The fields sent that medha does not know (logged by the server); raises
@@ -173,7 +183,8 @@ class _SamplingFields(BaseModel):
     ) -> SamplingParams:
         """medha's SamplingParams of this request (of its first choice: `start_choices` gives
         each other sample its seed)."""
-        shapes = [self.response_format, self.structured_outputs, self._guided()]
+        text = self.response_format is not None and self.response_format.type == "text"
+        shapes = [None if text else self.response_format, self.structured_outputs, self._guided()]
         if sum(shape is not None for shape in shapes) > 1:
             raise InvalidRequestError(
                 "give one of response_format, structured_outputs and guided_* (vLLM's old names)"
@@ -181,7 +192,7 @@ class _SamplingFields(BaseModel):
         structured: StructuredOutputsParams | dict[str, Any] | None = (
             self.structured_outputs or self._guided()
         )
-        if self.response_format is not None:
+        if self.response_format is not None and not text:
             structured = self.response_format.structured_outputs()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -252,6 +263,10 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+
+    _chat_defaults = field_validator("add_generation_prompt", mode="before")(
+        classmethod(_null_is_the_default)
+    )
 
     def output_limit(self) -> int | None:
         """max_completion_tokens (OpenAI's current name) or max_tokens; None: up to the

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
@@ -116,4 +117,17 @@ def event_stream(body: AsyncGenerator[dict[str, Any], None]) -> StreamingRespons
             yield f"data: {json.dumps(error_body(error))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream")
+    return _ClosingStreamingResponse(lines(), media_type="text/event-stream")
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body when it ends however it ends: Starlette leaves
+    a body interrupted inside `send` (a client gone, a server's shutdown) to the garbage
+    collector, and with it the abort of the body's requests."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
