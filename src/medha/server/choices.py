@@ -102,6 +102,7 @@ async def merged_events(
     finally:
         for task in pumps:
             task.cancel()
-        # Shielded: under anyio (Starlette's disconnect) the scope cancelled again here.
+        # Shielded: inside a cancelled anyio scope (Starlette's disconnect listener), this wait
+        # would be cancelled too, cutting the pumps' cleanup short.
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*pumps, return_exceptions=True)
