@@ -60,3 +60,12 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads(
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "tiny-random", "--port", port])
     assert exited.value.code == 2 and "a port is 0-65535" in capsys.readouterr().err
+
+
+def test_the_api_key_comes_from_the_option_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse_args(["serve", "m"]).api_key is None
+    monkeypatch.setenv("MEDHA_API_KEY", "from-env")
+    assert parse_args(["serve", "m"]).api_key == "from-env"
+    assert parse_args(["serve", "m", "--api-key", "given"]).api_key == "given"

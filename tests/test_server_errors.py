@@ -281,3 +281,25 @@ async def test_starlettes_own_errors_are_in_openais_shape(
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == status and error["message"]
+
+
+async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        transport = httpx2.ASGITransport(app=create_app(engine, api_key="s3cret"))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
+
+            def client(key: str) -> openai.AsyncOpenAI:
+                return openai.AsyncOpenAI(
+                    api_key=key, base_url="http://medha/v1", http_client=http, max_retries=0
+                )
+
+            for wrong in ("nope", "s3cret-and-more", "S3CRET"):
+                with pytest.raises(openai.AuthenticationError, match="API key"):
+                    await client(wrong).completions.create(model=MODEL, prompt=PROMPT)
+            assert (await http.get("/v1/models")).status_code == 401  # no header at all
+            done = await client("s3cret").completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=2
+            )
+            assert done.usage is not None and done.usage.completion_tokens == 2
+            assert (await http.get("/health")).status_code == 200
+            assert engine.stats().finished == 1

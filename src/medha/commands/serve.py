@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from medha.config import EngineConfig
 
 GRACE_S = 5
+API_KEY_VARIABLE = "MEDHA_API_KEY"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,6 +32,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: MODEL)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"clients must send it (Authorization: Bearer KEY); default: ${API_KEY_VARIABLE}",
     )
     p.add_argument(
         "--config",
@@ -101,7 +108,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
     from medha.server import create_app
 
     async with Engine(config) as engine:
-        app = create_app(engine, args.served_model_name)
+        app = create_app(engine, args.served_model_name, api_key=args.api_key)
         # On Ctrl-C, open streams get GRACE_S to end; then they are cut and aborted.
         settings = uvicorn.Config(
             app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACE_S

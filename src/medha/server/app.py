@@ -13,9 +13,12 @@ wrong shape) is a 400 before anything is queued.
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,11 +47,16 @@ from medha.server.streaming import (
 _log = get_logger(__name__)
 
 
-def create_app(engine: Engine, served_model_name: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, served_model_name: str | None = None, *, api_key: str | None = None
+) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
-    (default: EngineConfig.model)."""
+    (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
+    (`Authorization: Bearer KEY`, what OpenAI's clients send); /health and /stats stay open."""
     api = _Api(engine, served_model_name or engine.config.model)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
+    if api_key is not None:
+        app.middleware("http")(partial(_require_key, api_key.encode()))
     app.add_exception_handler(MedhaError, _error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnectedError, _disconnected)  # type: ignore[arg-type]
@@ -143,6 +151,18 @@ class _Api:
         ignored = body.ignored_fields()
         if ignored:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
+
+
+async def _require_key(
+    key: bytes, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    if request.url.path.startswith("/v1/"):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key):
+            error = {"message": "a valid API key is needed (Authorization: Bearer KEY)"}
+            error.update(type="invalid_request_error", code="invalid_api_key")
+            return JSONResponse({"error": {**error, "param": None}}, status_code=401)
+    return await call_next(request)
 
 
 async def _error(_: Request | None, exc: MedhaError) -> JSONResponse:
