@@ -301,5 +301,13 @@ async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:
                 model=MODEL, prompt=PROMPT, max_tokens=2
             )
             assert done.usage is not None and done.usage.completion_tokens == 2
+            stream = await client("s3cret").chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=3, stream=True
+            )
+            assert [c.choices[0].finish_reason async for c in stream][-1] == "length"
+            with pytest.raises(openai.AuthenticationError):
+                await client("nope").chat.completions.create(
+                    model=MODEL, messages=MESSAGES, stream=True
+                )
             assert (await http.get("/health")).status_code == 200
-            assert engine.stats().finished == 1
+            assert engine.stats().finished == 2

@@ -16,12 +16,11 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,8 +54,9 @@ def create_app(
     (`Authorization: Bearer KEY`, what OpenAI's clients send); /health and /stats stay open."""
     api = _Api(engine, served_model_name or engine.config.model)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
-    if api_key is not None:
-        app.middleware("http")(partial(_require_key, api_key.encode()))
+    # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
+    # response's sends in a task of their own.
+    guard = [] if api_key is None else [Depends(_key_check(api_key.encode()))]
     app.add_exception_handler(MedhaError, _error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnectedError, _disconnected)  # type: ignore[arg-type]
@@ -64,11 +64,18 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"], response_model=None)
-    app.add_api_route(
-        "/v1/chat/completions", api.chat_completions, methods=["POST"], response_model=None
-    )
+    app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=guard)
+    for path, endpoint in [
+        ("/v1/completions", api.completions),
+        ("/v1/chat/completions", api.chat_completions),
+    ]:
+        app.add_api_route(
+            path,
+            endpoint,  # type: ignore[arg-type]  # mypy joins the two methods' types to "function"
+            methods=["POST"],
+            response_model=None,
+            dependencies=guard,
+        )
     return app
 
 
@@ -153,16 +160,14 @@ class _Api:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
 
 
-async def _require_key(
-    key: bytes, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    if request.url.path.startswith("/v1/"):
+def _key_check(key: bytes) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key):
-            error = {"message": "a valid API key is needed (Authorization: Bearer KEY)"}
-            error.update(type="invalid_request_error", code="invalid_api_key")
-            return JSONResponse({"error": {**error, "param": None}}, status_code=401)
-    return await call_next(request)
+            message = "a valid API key is needed (Authorization: Bearer KEY)"
+            raise StarletteHTTPException(401, message)
+
+    return check
 
 
 async def _error(_: Request | None, exc: MedhaError) -> JSONResponse:
