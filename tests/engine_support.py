@@ -3,6 +3,7 @@ and the "request alone" reference outputs."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -182,3 +183,10 @@ def greedy_under_grammar(
         if matcher.complete or out[-1] in eos_token_ids:
             break
     return out
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -16,7 +16,7 @@ import pytest
 
 import medha
 from medha.cli import main
-from tests.engine_support import StreamsUntilFailure
+from tests.engine_support import StreamsUntilFailure, free_port
 from tests.parallel_support import (
     parallel_config,
     run_concurrently,
@@ -32,12 +32,6 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_torchrun(address: str, log: Path) -> subprocess.Popen[bytes]:
@@ -81,7 +75,7 @@ def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow
 async def test_engine_attaches_to_torchrun_workers(tmp_path: Path, loopback: None) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "torchrun.log"
     torchrun = _start_torchrun(address, log)
     try:
@@ -103,7 +97,7 @@ async def test_an_attached_worker_that_dies_fails_every_open_stream(
 ) -> None:
     # Run after the test above, this is also the second attached engine of this process (torch
     # numbers RPC start-up rounds per set of names, which attached engines reuse).
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     torchrun = _start_torchrun(address, tmp_path / "torchrun.log")
     streams = StreamsUntilFailure()
     try:
@@ -149,7 +143,7 @@ async def test_attaching_at_a_port_in_use_is_a_clear_error() -> None:
 async def test_an_engine_nobody_attaches_to_gives_up_after_timeout_s() -> None:
     from medha.parallel.cluster import WorkerStartError
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     config = parallel_config(2, 1, 1).model_copy(
         update={"parallel": medha.ParallelConfig(tp=2, attach=address, timeout_s=2)}
     )

@@ -8,7 +8,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from starlette.requests import ClientDisconnect
 import medha
 from medha.server import create_app
 from tests.docs_support import run_documented_example
-from tests.engine_support import MODEL, cost_profile_path, engine_config
+from tests.engine_support import MODEL, cost_profile_path, engine_config, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -39,16 +38,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @asynccontextmanager
 async def http_server() -> AsyncIterator[tuple[medha.Engine, httpx2.AsyncClient]]:
     async with medha.Engine(engine_config()) as engine:
-        port = _free_port()
+        port = free_port()
         config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error")
         server = uvicorn.Server(config)
         async with anyio.create_task_group() as group:
@@ -116,7 +109,7 @@ def _as_chat(body: dict[str, object]) -> dict[str, object]:
 def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
     config = tmp_path / "engine.json"
     config.write_text(json.dumps({"cost_profile": str(cost_profile_path()), "num_blocks": 256}))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "medha.cli", "serve", MODEL, "--port", str(port)]
     command += ["--config", str(config), "--served-model-name", "tiny", "--policy", "fcfs"]
     server = subprocess.Popen(
