@@ -4,6 +4,7 @@ and the "request alone" reference outputs."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+import medha.request_prompt
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
 from medha.errors import EngineFailedError
@@ -190,3 +192,35 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def long_from(monkeypatch: Any, length: int) -> None:
+    """Make a prompt over `length` characters or ids long: prepared off the event loop."""
+    monkeypatch.setattr(medha.request_prompt, "LONG_PROMPT", length)
+
+
+class HeldEncode:
+    """An engine's tokenizer, made to hold every encode of a long text until released (or for
+    10 s), noting the threads it ran on."""
+
+    def __init__(self, engine: Any, monkeypatch: Any) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[int] = []
+        self.timed_out = False
+        tokenizer = engine.tokenizer
+        encode = tokenizer.encode
+
+        def held(text: str, add_special_tokens: bool = True) -> list[int]:
+            if len(text) > medha.request_prompt.LONG_PROMPT:
+                self.threads.append(threading.get_ident())
+                self.entered.set()
+                self.timed_out |= not self.release.wait(10)
+            return encode(text, add_special_tokens)
+
+        monkeypatch.setattr(tokenizer, "encode", held)
+
+    async def wait_entered(self) -> None:
+        with anyio.fail_after(10):
+            while not self.entered.is_set():
+                await anyio.sleep(0.005)

@@ -3,6 +3,7 @@ before anything is queued, leaving a stream aborts its request, a closed engine 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import anyio
@@ -217,13 +218,14 @@ async def test_text_encoding_to_ids_the_model_lacks_is_refused_before_queueing()
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
         ids = engine.tokenizer.encode("hello there")
-        vocab = engine._vocab_size
-        engine._vocab_size = max(ids)  # type: ignore[misc]
+        prompts = engine._prompts
+        assert prompts is not None
+        engine._prompts = dataclasses.replace(prompts, vocab_size=max(ids))
         with pytest.raises(
             InvalidRequestError, match=f"token ids the model does not have: \\[{max(ids)}"
         ):
             engine.stream("hello there", params)
-        engine._vocab_size = vocab  # type: ignore[misc]
+        engine._prompts = prompts
         assert (await engine.generate("hello there", params)).finish_reason == "length"
         assert engine.stats().finished == 1
 

@@ -40,16 +40,15 @@ from medha.errors import (
     WrongEventLoopError,
 )
 from medha.log import get_logger
-from medha.output_text import OutputText
 from medha.perf.cost_model import RooflineCostModel
 from medha.perf.prefill_refresh import PrefillTableRefresher
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_constraints import RequestConstraints
 from medha.request_input import prompt_token_ids, request_ids
-from medha.request_limits import output_limit
+from medha.request_prompt import PromptPreparer, is_long, run_off_loop
 from medha.sampling import SamplingParams
-from medha.scheduler.prefix_cache import block_hashes
+from medha.scheduler import Scheduler
 
 _log = get_logger(__name__)
 
@@ -94,6 +93,7 @@ class Engine:
         self.max_model_len = 0
         self._vocab_size = 0
         self._constraints: RequestConstraints | None = None
+        self._prompts: PromptPreparer | None = None
         self.calibration: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -142,9 +142,9 @@ class Engine:
         from medha.engine_setup import build_engine_parts
 
         parts = await thread.run(build_engine_parts, self.config)
-        self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
-        self._vocab_size = parts.runner.arch.vocab_size
-        self._constraints = RequestConstraints(parts.tokenizer, self._vocab_size)
+        self._take_model(
+            parts.tokenizer, parts.runner.arch.vocab_size, parts.max_model_len, parts.scheduler
+        )
         self.calibration = parts.calibration
         self._stage = StageActor(parts.runner, thread)
         self._scheduler_actor = SchedulerActor(
@@ -161,6 +161,17 @@ class Engine:
             model=self.config.model,
             policy=self.config.policy,
             kv_blocks=parts.scheduler.config.num_blocks,
+        )
+
+    def _take_model(
+        self, tokenizer: Any, vocab_size: int, max_model_len: int, scheduler: Scheduler
+    ) -> None:
+        """What requests are checked and prepared with, from the loaded model."""
+        self.tokenizer, self.max_model_len, self._vocab_size = tokenizer, max_model_len, vocab_size
+        self._constraints = RequestConstraints(tokenizer, vocab_size)
+        caches = self.config.enable_prefix_caching
+        self._prompts = PromptPreparer(
+            tokenizer, vocab_size, max_model_len, scheduler, self.config.block_size if caches else 0
         )
 
     def _online_time_scale(
@@ -202,9 +213,9 @@ class Engine:
 
         try:
             parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
-            self.tokenizer, self.max_model_len = parts.tokenizer, parts.max_model_len
-            self._vocab_size = parts.vocab_size
-            self._constraints = RequestConstraints(parts.tokenizer, self._vocab_size)
+            self._take_model(
+                parts.tokenizer, parts.vocab_size, parts.max_model_len, parts.scheduler
+            )
             self.calibration = parts.calibration
             actor = PipelineSchedulerActor(
                 parts.scheduler,
@@ -308,6 +319,11 @@ class Engine:
         Invalid input raises here, before anything is queued. The request is queued when the
         iteration starts; leaving the `async for` early, closing the iterator or cancelling the
         consuming task aborts it and frees its KV cache.
+
+        A long prompt (over 16,384 characters, or token ids) is tokenized and checked on a
+        worker thread when the iteration starts, so that other streams run on meanwhile: the
+        errors that need its tokens (too long for the context, ids outside the vocabulary)
+        raise from the iteration, still before anything is queued. Its TTFT counts that time.
         """
         request = self._prepare(prompt, sampling, deadline, request_id)
         return self._stream(request)
@@ -328,20 +344,7 @@ class Engine:
         """Stream a prepared request to its end; its Completion."""
         async for _ in self._stream(request):
             pass
-        wants_logprobs = request.params.logprobs is not None
-        scores_prompt = request.params.prompt_logprobs is not None
-        return Completion(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_ids,
-            token_ids=list(request.token_ids),
-            text=request.text,
-            finish_reason=request.finish_reason or "abort",
-            metrics=request.metrics,
-            logprobs=list(request.logprobs) if wants_logprobs else None,
-            top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
-            prompt_logprobs=list(request.prompt_logprobs) if scores_prompt else None,
-            prompt_top_logprobs=list(request.prompt_top_logprobs) if scores_prompt else None,
-        )
+        return request.completion()
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a request by id, or several (an iterable of ids, as vLLM's AsyncLLM takes
@@ -363,30 +366,15 @@ class Engine:
             actor.tell(Abort(one))
 
     def stats(self) -> EngineStats:
-        actor = self._actor()
-        s = actor.scheduler.stats()
-        return EngineStats(
-            free_blocks=sum(s.free_blocks),
-            total_blocks=sum(s.total_blocks),
-            waiting=s.waiting,
-            running=s.prefilling + s.decoding,
-            preempted=s.preempted,
-            finished=s.finished,
-            aborted=s.aborted,
-            preemptions=s.preemptions,
-            iterations=actor.iterations,
-            time_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.time_scale,
-            context_scale=1.0 if actor.time_scale is None else actor.time_scale.cost.context_scale,
-            pauses=actor.pauses,
-            cached_blocks=sum(s.cached_blocks),
-            prefix_cache_hit_tokens=s.prefix_hit_blocks * actor.scheduler.config.block_size,
-        )
+        return EngineStats.of(self._actor())
 
     def tokenize(self, prompt: Prompt, sampling: SamplingParams | None = None) -> list[int]:
         """The token ids a request of `prompt` runs (the last `truncate_prompt_tokens` of
         them, with `sampling`): to count a prompt's tokens, or to send them instead of its
         text. Raises what `stream` raises for the prompt itself (empty, not UTF-8, ids outside
-        the vocabulary); whether it fits the context is `stream`'s to check."""
+        the vocabulary); whether it fits the context is `stream`'s to check. It runs on the
+        calling thread: for a long text, from a coroutine, call it through
+        `anyio.to_thread.run_sync` (the tokenizers library releases the GIL while it encodes)."""
         self._actor()
         keep = None if sampling is None else sampling.truncate_prompt_tokens
         return self._prompt_ids(prompt, keep)
@@ -417,12 +405,21 @@ class Engine:
         # A stream made on the engine's loop may still be iterated on another one.
         self._check_loop()
         actor = self._actor()
-        if request.finish_reason is None:  # else aborted before its iteration started
-            request.metrics.arrival = self._clock()
-            request.submitted = True
-            actor.tell(Submit(request))
         finished = False
         try:
+            if request.finish_reason is None:  # else aborted before its iteration started
+                request.metrics.arrival = self._clock()
+                if request.unprepared_prompt is not None:
+                    assert self._prompts is not None
+                    prepare = self._prompts.prepare
+                    params = request.params
+                    request.take_prompt(
+                        await run_off_loop(prepare, request.unprepared_prompt, params)
+                    )
+                    actor = self._actor()  # the engine may have stopped meanwhile
+            if request.finish_reason is None:  # else aborted while its prompt was prepared
+                request.submitted = True
+                actor.tell(Submit(request))
             async with request.receive:
                 async for item in request.receive:
                     if isinstance(item, BaseException):
@@ -433,7 +430,7 @@ class Engine:
         finally:
             if not finished:
                 request.abandoned = True
-                if not self._closed and actor.failure is None:
+                if request.submitted and not self._closed and actor.failure is None:
                     actor.tell(Abort(request.request_id, request))
 
     def _prepare(
@@ -445,17 +442,22 @@ class Engine:
     ) -> TrackedRequest:
         """Validate a request and reserve its id; nothing is queued."""
         self._check_loop()
-        actor = self._actor()
+        self._actor()
         params = SamplingParams() if sampling is None else sampling
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(
                 f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
             )
-        prompt_ids = self._prompt_ids(prompt, params.truncate_prompt_tokens)
+        assert self._prompts is not None and self._constraints is not None  # set at start
+        long_prompt = is_long(prompt)
+        if long_prompt:
+            # Prepared when its iteration starts, on a worker thread (medha.request_prompt).
+            # What needs no tokens is checked here all the same.
+            prepared = self._prompts.placeholder(prompt, params)
+        else:
+            prepared = self._prompts.prepare(prompt, params)
         params.check_vocab(self._vocab_size)
-        max_new_tokens = output_limit(len(prompt_ids), params, self.max_model_len, actor.scheduler)
         checked_deadline = check_deadline(deadline)
-        assert self._constraints is not None  # set at start, with the tokenizer
         bad_words_ids = self._constraints.bad_words_ids(params.bad_words)
         grammar = self._constraints.grammar(params)
         if request_id is None:
@@ -466,15 +468,12 @@ class Engine:
             raise InvalidRequestError("request_id must be a non-empty string")
         elif self._taken(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        caches = self.config.enable_prefix_caching
         request = TrackedRequest(
             request_id=request_id,
-            prompt_ids=prompt_ids,
+            prompt_ids=prepared.ids,
             params=params,
-            max_new_tokens=max_new_tokens,
-            output=OutputText(
-                self.tokenizer, prompt_ids, params, self.tokenizer.eos_token_ids, max_new_tokens
-            ),
+            max_new_tokens=prepared.max_new_tokens,
+            output=prepared.output,
             metrics=RequestMetrics(
                 arrival=0.0,
                 deadline=checked_deadline or 0.0,
@@ -484,8 +483,9 @@ class Engine:
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
             bad_words_ids=bad_words_ids,
             grammar=grammar,
-            hash_block_size=self.config.block_size if caches else 0,
-            block_hashes=block_hashes(prompt_ids, self.config.block_size) if caches else (),
+            hash_block_size=self._prompts.hash_block_size,
+            block_hashes=prepared.block_hashes,
+            unprepared_prompt=prompt if long_prompt else None,
         )
         self._by_id[request_id] = request
         return request

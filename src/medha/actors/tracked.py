@@ -13,7 +13,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from medha.model.prompt_scoring import PromptScores
 from medha.output_text import OutputText
-from medha.request import RequestMetrics, TokenEvent, TokenLogprob
+from medha.request import Completion, RequestMetrics, TokenEvent, TokenLogprob
 from medha.sampling import SamplingParams
 from medha.scheduler.prefix_cache import block_hashes
 from medha.stopping import StopUpdate
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
     from medha.grammar import GrammarMatcher
+    from medha.request_prompt import PreparedPrompt
 
 StreamItem = TokenEvent | BaseException
 
@@ -63,6 +64,10 @@ class TrackedRequest:
     """Its stream ended before the request did (the consumer left): the id is free again."""
     submitted: bool = False
     """Handed to the scheduler actor (its stream's iteration started)."""
+    unprepared_prompt: object = None
+    """A long prompt as the caller gave it, until its stream prepares it off the event loop
+    (medha.request_prompt); meanwhile prompt_ids, max_new_tokens, output and block_hashes
+    are placeholders, and the request is not submitted."""
     _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
     receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
 
@@ -72,6 +77,14 @@ class TrackedRequest:
             # The first token has no context: nothing predicts it.
             self.prompt_logprobs.append(None)
             self.prompt_top_logprobs.append(None)
+
+    def take_prompt(self, prompt: PreparedPrompt) -> None:
+        """Take the parts of its long prompt, prepared off the event loop."""
+        self.prompt_ids = prompt.ids
+        self.max_new_tokens = prompt.max_new_tokens
+        self.output = prompt.output
+        self.block_hashes = prompt.block_hashes
+        self.unprepared_prompt = None
 
     def tokens(self, start: int, end: int) -> tuple[int, ...]:
         """Tokens [start, end) of prompt + generated output."""
@@ -181,6 +194,23 @@ class TrackedRequest:
     def holds_id(self) -> bool:
         """Whether its request id is taken: until it finishes, fails or its consumer leaves."""
         return self.finish_reason is None and not self.abandoned
+
+    def completion(self) -> Completion:
+        """What `Engine.generate` returns, once its stream has ended."""
+        wants_logprobs = self.params.logprobs is not None
+        scores_prompt = self.params.prompt_logprobs is not None
+        return Completion(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            token_ids=list(self.token_ids),
+            text=self.text,
+            finish_reason=self.finish_reason or "abort",
+            metrics=self.metrics,
+            logprobs=list(self.logprobs) if wants_logprobs else None,
+            top_logprobs=list(self.top_logprobs) if wants_logprobs else None,
+            prompt_logprobs=list(self.prompt_logprobs) if scores_prompt else None,
+            prompt_top_logprobs=list(self.prompt_top_logprobs) if scores_prompt else None,
+        )
 
     @property
     def text(self) -> str:

@@ -30,6 +30,7 @@ from medha.errors import InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
+from medha.server.prompts import chat_prompt_ids, completion_prompt_ids
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.streaming import (
@@ -107,7 +108,7 @@ class _Api:
         prompts = body.prompts()
         body.check_choices(len(prompts))
         params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
-        prompt_ids = [self.engine.tokenize(prompt, params) for prompt in prompts]
+        prompt_ids = await completion_prompt_ids(self.engine, prompts, params)
         return await self._respond(request, body, params, prompt_ids, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -120,8 +121,9 @@ class _Api:
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:
             raise InvalidRequestError(f"the model `{self.model_name}` has no chat template")
-        templated = tokenizer.apply_chat_template(body.messages, body.add_generation_prompt)
-        prompt_ids = self.engine.tokenize(templated, params)
+        prompt_ids = await chat_prompt_ids(
+            self.engine, body.messages, body.add_generation_prompt, params
+        )
         return await self._respond(request, body, params, [prompt_ids], chat=True)
 
     async def _respond(

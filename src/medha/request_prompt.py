@@ -1,0 +1,111 @@
+"""A request's prompt as the engine runs it: token ids checked against the vocabulary and the
+context, the output's length limit, its text state and its prefix-caching digests.
+
+Preparing a prompt costs time that grows with it: a 1M-token text takes ~2.3 s to tokenize
+on a 2-core CPU, and ~0.15 s more to check, digest and hand to the detokenizer. On the event
+loop that time would stall every stream, since the scheduler actor runs there too. So a long
+prompt is prepared on a worker thread, when its stream's iteration starts; a short one inline,
+so that `Engine.stream()` raises its errors at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+
+from medha.output_text import OutputText
+from medha.request_input import prompt_token_ids
+from medha.request_limits import output_limit
+from medha.sampling import SamplingParams
+from medha.scheduler import Scheduler
+from medha.scheduler.prefix_cache import block_hashes
+
+T = TypeVar("T")
+
+LONG_PROMPT = 16_384
+"""Characters of a text, or ids of a token-id prompt, above which it is prepared off the
+event loop (a text that long takes ~20 ms to tokenize)."""
+
+
+def is_long(prompt: object) -> bool:
+    """Whether `prompt` is prepared off the event loop."""
+    if isinstance(prompt, str | list | tuple) or callable(getattr(prompt, "tolist", None)):
+        try:
+            return len(prompt) > LONG_PROMPT  # type: ignore[arg-type]
+        except TypeError:  # a 0-d array: refused inline
+            return False
+    return False
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    ids: list[int]
+    max_new_tokens: int
+    """params.max_tokens, or what the context leaves where that is None."""
+    output: OutputText
+    block_hashes: tuple[bytes, ...]
+    """Digests of the prompt's full blocks; () with prefix caching off."""
+
+
+@dataclass(frozen=True)
+class PromptPreparer:
+    """Prepares the prompts of one engine. Only reads what it holds, so it may run on any
+    thread: the scheduler's limits it checks are fixed when the engine starts."""
+
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    scheduler: Scheduler
+    hash_block_size: int
+    """Tokens per prefix-caching block; 0: prefix caching is off."""
+
+    def placeholder(self, prompt: object, params: SamplingParams) -> PreparedPrompt:
+        """What stands in for a long prompt's parts until they are prepared. A token-id
+        prompt's length is known without its tokens, so whether it fits is checked now
+        (PromptTooLongError, RequestTooLargeError): only a text's wait for its tokens."""
+        if not isinstance(prompt, str):
+            length = len(prompt)  # type: ignore[arg-type]  # is_long(prompt): it has one
+            keep = params.truncate_prompt_tokens
+            output_limit(
+                length if keep is None else min(length, keep),
+                params,
+                self.max_model_len,
+                self.scheduler,
+            )
+        # Never read: the request is submitted only once it has its prepared parts.
+        return PreparedPrompt([], 0, OutputText(self.tokenizer, [], params, (), 1), ())
+
+    def prepare(self, prompt: object, params: SamplingParams) -> PreparedPrompt:
+        """Typed errors (medha.errors) for a prompt that cannot run: empty, not a prompt,
+        ids outside the vocabulary, too long for the context or the KV cache."""
+        ids = prompt_token_ids(
+            prompt, self.tokenizer, self.vocab_size, params.truncate_prompt_tokens
+        )
+        max_new_tokens = output_limit(len(ids), params, self.max_model_len, self.scheduler)
+        output = OutputText(
+            self.tokenizer, ids, params, self.tokenizer.eos_token_ids, max_new_tokens
+        )
+        size = self.hash_block_size
+        return PreparedPrompt(ids, max_new_tokens, output, block_hashes(ids, size) if size else ())
+
+
+_tokenizer_slot: RunVar[anyio.CapacityLimiter] = RunVar("medha_tokenizer_slot")
+
+
+async def run_off_loop(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` (tokenizer work) on a worker thread, one such call at a time per event
+    loop: long tokenizations queue behind each other rather than take the model thread's CPU
+    together. The tokenizers library releases the GIL while it encodes, so the loop runs on
+    meanwhile. A cancelled caller returns at once and frees its turn; its call runs to its
+    end (a tokenizer cannot be interrupted), its result dropped."""
+    try:
+        slot = _tokenizer_slot.get()
+    except LookupError:
+        slot = anyio.CapacityLimiter(1)
+        _tokenizer_slot.set(slot)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=slot, abandon_on_cancel=True)

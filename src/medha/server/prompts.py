@@ -1,0 +1,51 @@
+"""An HTTP request's prompts as the engine's token ids, tokenized off the event loop when long.
+
+Tokenizing a long text holds its thread for seconds (a 1M-token document: ~2.3 s on a 2-core
+CPU), and on the event loop that stalls every stream the server is sending. So a long prompt
+is tokenized on a worker thread (medha.request_prompt.run_off_loop, one at a time), and a short
+one inline: a short request never waits behind a long one's tokenization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from medha.engine import Engine
+from medha.request_prompt import is_long, run_off_loop
+from medha.sampling import SamplingParams
+
+T = TypeVar("T")
+
+
+async def completion_prompt_ids(
+    engine: Engine, prompts: Sequence[str | list[int]], params: SamplingParams
+) -> list[list[int]]:
+    """Each prompt's ids (InvalidRequestError and its kind for one that cannot be a prompt)."""
+    return [await _tokenized(prompt, engine.tokenize, prompt, params) for prompt in prompts]
+
+
+async def chat_prompt_ids(
+    engine: Engine,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    params: SamplingParams,
+) -> list[int]:
+    """The ids of `messages` rendered by the model's chat template. Rendering is cheap (a
+    string join, even for a long document); encoding the result is what takes time."""
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=False)
+    return await _tokenized(text, _template_ids, engine, text, params)
+
+
+def _template_ids(engine: Engine, text: str, params: SamplingParams) -> list[int]:
+    # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
+    # writes its own (a BOS), and the tokenizer's would be a second one.
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    return engine.tokenize(ids, params)
+
+
+async def _tokenized(prompt: object, fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)`, off the event loop if `prompt` is long."""
+    if is_long(prompt):
+        return await run_off_loop(fn, *args)
+    return fn(*args)
