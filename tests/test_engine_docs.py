@@ -1,4 +1,5 @@
-"""docs/engine.md's examples run as written: the online time scale, the bf16 engine, pausing."""
+"""docs/engine.md's examples run as written: the online time scale, the bf16 engine, pausing,
+long prompts."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> No
 
 
 def test_the_truncation_example_runs_the_end_of_a_prompt_beyond_the_context() -> None:
-    assert _run_block_with("truncate_prompt_tokens=200") == "ran 200 of 400 prompt tokens\n"
+    assert _run_block_with("truncate_prompt_tokens=200)") == "ran 200 of 400 prompt tokens\n"
 
 
 def test_the_bad_words_example_runs() -> None:
@@ -98,3 +99,10 @@ def test_the_prompt_scoring_example_prints_what_the_model_computes() -> None:
 
 def test_the_structured_outputs_example_prints_a_valid_tool_call() -> None:
     assert _run_block_with("TOOL_CALL") == "['argument', 'tool'] True stop\nTrue\n"
+
+
+def test_the_long_prompt_example_prints_what_the_docs_say() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    section = doc[doc.index("## Long prompts") : doc.index("## Cancellation and errors")]
+    printed = re.findall(r"prints\n\n```\n(.*?)```", section, re.S)
+    assert _run_block_with("quarterly report") == printed[0]

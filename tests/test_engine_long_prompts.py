@@ -126,16 +126,20 @@ async def test_a_long_prompts_errors_come_from_its_iteration_and_queue_nothing(
         with pytest.raises(PromptTooLongError, match="context of 4096"):
             async for _ in stream:
                 pass
-        # A token-id prompt's length needs no tokenizing: refused at once.
+        # A token-id prompt's length needs no tokenizing: refused at once, unless it is to
+        # be truncated to fit.
         with pytest.raises(PromptTooLongError):
             engine.stream(list(range(1, 300)) * 20, GREEDY, request_id="a")
+        keep_end = SamplingParams(max_tokens=2, truncate_prompt_tokens=100)
+        kept = await engine.generate(list(range(1, 300)) * 20, keep_end, request_id="a")
+        assert len(kept.prompt_token_ids) == 100
         outside = [1] * 20 + [10**6]
         with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
             await engine.generate(outside, GREEDY, request_id="a")
         with pytest.raises(InvalidRequestError, match="must hold ints"):
             await engine.generate([1] * 20 + ["x"], GREEDY, request_id="a")  # type: ignore[list-item]
         stats = await _idle(engine)
-        assert stats.finished == stats.aborted == 0
+        assert stats.finished == 1 and stats.aborted == 0
         # Every refusal freed the id.
         assert (await engine.generate("x" * 20, GREEDY, request_id="a")).finish_reason == "length"
 

@@ -6,7 +6,9 @@ registered under, and that no step writes into a shared block."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,21 @@ def test_block_hashes_name_whole_prefixes() -> None:
     assert a[0] == b[0] and a[1] != b[1]
     # The same block after another prefix is another prefix.
     assert block_hashes([*range(16, 32)], 16)[0] != a[1]
+
+
+def test_a_long_prompts_digests_match_block_by_block_ones_across_its_packs() -> None:
+    """Packed 64K ids at a time, a 200K-token prompt's digests are those of hashing each
+    block after the ones before, whichever pack a block's ids came from."""
+    rng = random.Random(7)
+    ids = [rng.randrange(1 << 40) for _ in range(3 * 65_536 + 40)]
+    ids[65_535:65_537] = [1 << 62, 5]  # a block across the first packs' boundary
+    parent = b""
+    expected = []
+    for start in range(0, len(ids) - 15, 16):
+        parent = hashlib.sha256(parent + array("q", ids[start : start + 16]).tobytes()).digest()
+        expected.append(parent)
+    assert block_hashes(ids, 16) == tuple(expected)
+    assert block_hashes(ids[:65_540], 16, b"parent")[0] != expected[0]
 
 
 def test_the_allocator_evicts_unreferenced_cached_blocks_last_and_oldest_first() -> None:

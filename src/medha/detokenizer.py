@@ -83,8 +83,14 @@ class IncrementalDetokenizer:
             if skip_special_tokens
             else frozenset()
         )
-        context = [t for t in prompt_ids if t not in self._skipped_ids]
-        self._window: list[int] = context[-CONTEXT_TOKENS:]
+        # From the prompt's end: a long prompt's tail is all it takes.
+        self._window: list[int] = []
+        for token in reversed(prompt_ids):
+            if len(self._window) == CONTEXT_TOKENS:
+                break
+            if token not in self._skipped_ids:
+                self._window.append(token)
+        self._window.reverse()
         # Characters of decode(self._window) already emitted (or belonging to the prompt).
         # A character the prompt left unfinished is emitted whole with the output.
         self._emitted = _final_length(self._decode(self._window)) if self._window else 0

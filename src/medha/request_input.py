@@ -4,7 +4,7 @@ ids, or refused with a typed error (medha.errors) before anything is queued."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from medha.errors import InvalidRequestError, InvalidSamplingParamsError
@@ -29,8 +29,8 @@ def prompt_token_ids(
             raise InvalidRequestError("the prompt is empty")
         check_unicode(prompt, "the prompt")
         ids = tokenizer.encode(prompt)
-        beyond = [token for token in ids if token >= vocab_size]
-        if beyond:
+        if not _in_vocabulary(ids, vocab_size):
+            beyond = [token for token in ids if token >= vocab_size]
             # A token the tokenizer has and the model does not (transformers' GGUF
             # conversion adds <|endoftext|> to Llama-3 files), spelled out in the text.
             raise InvalidRequestError(
@@ -38,17 +38,11 @@ def prompt_token_ids(
                 f"(its vocabulary is [0, {vocab_size}))"
             )
     elif isinstance(prompt, list | tuple):
-        for token in prompt:
-            # numbers.Integral: numpy's integers too.
-            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-                raise InvalidRequestError(
-                    f"a token-id prompt must hold ints, found {type(token).__name__}"
-                )
-            if not 0 <= token < vocab_size:
-                raise InvalidRequestError(
-                    f"token id {token} is outside the vocabulary [0, {vocab_size})"
-                )
-        ids = [int(token) for token in prompt]
+        ids = list(prompt)  # a copy: the caller may reuse its list
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            if not (set(map(type, chunk)) == {int} and _in_vocabulary(chunk, vocab_size)):
+                ids[start : start + _CHUNK] = _checked_one_by_one(chunk, vocab_size)
     else:
         raise InvalidRequestError(
             f"prompt must be a str or a list of token ids (or a 1-D array of them), got "
@@ -61,6 +55,35 @@ def prompt_token_ids(
     if isinstance(prompt, str):
         return _truncated_text(prompt, ids, tokenizer, keep)
     return ids[-keep:]
+
+
+_CHUNK = 65_536
+"""Ids checked per pass of C code (~3 ms): between passes, other threads get the GIL. A
+long prompt is checked on a worker thread, and a pure-Python loop there would hand the GIL
+back only every 5 ms, stalling the event loop and the model thread at every step."""
+
+
+def _in_vocabulary(ids: list[int], vocab_size: int) -> bool:
+    """Whether every id of `ids` (Python ints) is in [0, vocab_size)."""
+    return all(
+        min(chunk) >= 0 and max(chunk) < vocab_size
+        for chunk in (ids[start : start + _CHUNK] for start in range(0, len(ids), _CHUNK))
+    )
+
+
+def _checked_one_by_one(tokens: Sequence[object], vocab_size: int) -> list[int]:
+    """`tokens` as Python ints (from numpy's integers too), or the error of the first that is
+    not a token id of the vocabulary."""
+    for token in tokens:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise InvalidRequestError(
+                f"a token-id prompt must hold ints, found {type(token).__name__}"
+            )
+        if not 0 <= token < vocab_size:  # type: ignore[operator]  # an Integral
+            raise InvalidRequestError(
+                f"token id {token} is outside the vocabulary [0, {vocab_size})"
+            )
+    return [int(token) for token in tokens]  # type: ignore[call-overload]  # Integrals
 
 
 def _truncated_text(text: str, ids: list[int], tokenizer: _Encoder, keep: int) -> list[int]:

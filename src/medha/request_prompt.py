@@ -6,17 +6,24 @@ on a 2-core CPU, and ~0.15 s more to check, digest and hand to the detokenizer. 
 loop that time would stall every stream, since the scheduler actor runs there too. So a long
 prompt is prepared on a worker thread, when its stream's iteration starts; a short one inline,
 so that `Engine.stream()` raises its errors at once.
+
+The worker is one thread for the process, at a lower CPU priority (TOKENIZER_NICE), and the
+checks that run there go through C code a chunk at a time (medha.request_input): a thread that
+runs Python bytecode for long hands the GIL back only every 5 ms, which would slow the event
+loop and the model thread at every step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import anyio
-import anyio.to_thread
-from anyio.lowlevel import RunVar
 
 from medha.output_text import OutputText
 from medha.request_input import prompt_token_ids
@@ -94,18 +101,39 @@ class PromptPreparer:
         return PreparedPrompt(ids, max_new_tokens, output, block_hashes(ids, size) if size else ())
 
 
-_tokenizer_slot: RunVar[anyio.CapacityLimiter] = RunVar("medha_tokenizer_slot")
+TOKENIZER_NICE = 10
+"""How much lower the tokenizer thread's CPU priority is than the process's (Linux, where
+each thread has its own nice value). On a machine whose cores the model keeps busy (a CPU
+engine), tokenizing a long prompt at the same priority slows every step while it lasts: on 2
+cores, a 1M-token document made the other streams' largest gap between two tokens 5x the usual
+(benchmarks/long_prompt_stall.py). Lower, it takes the CPU the model leaves: the long request
+waits for its tokens instead of every other request, as LARS has it wait for its prefill. Where
+cores are free (a GPU engine), it changes nothing."""
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
 
 
 async def run_off_loop(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` (tokenizer work) on a worker thread, one such call at a time per event
-    loop: long tokenizations queue behind each other rather than take the model thread's CPU
-    together. The tokenizers library releases the GIL while it encodes, so the loop runs on
-    meanwhile. A cancelled caller returns at once and frees its turn; its call runs to its
-    end (a tokenizer cannot be interrupted), its result dropped."""
-    try:
-        slot = _tokenizer_slot.get()
-    except LookupError:
-        slot = anyio.CapacityLimiter(1)
-        _tokenizer_slot.set(slot)
-    return await anyio.to_thread.run_sync(fn, *args, limiter=slot, abandon_on_cancel=True)
+    """`fn(*args)` (tokenizer work) on the process's tokenizer thread, one call at a time:
+    long tokenizations queue behind each other rather than take the model's CPU together. The
+    tokenizers library releases the GIL while it encodes, so the event loop runs on meanwhile.
+    A cancelled caller returns at once; its call, if it has started, runs to its end (a
+    tokenizer cannot be interrupted), its result dropped."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="medha-tokenizer", initializer=_lower_priority
+            )
+        executor = _executor
+    return await asyncio.wrap_future(executor.submit(fn, *args))
+
+
+def _lower_priority() -> None:
+    if sys.platform != "linux":
+        return  # elsewhere PRIO_PROCESS names a process, not a thread
+    thread = threading.get_native_id()
+    with contextlib.suppress(OSError):  # a nice value at its limit already
+        nice = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, nice + TOKENIZER_NICE))

@@ -28,15 +28,22 @@ from collections.abc import Iterator, Sequence
 BlockHash = bytes
 
 
+_PACK = 65_536
+
+
 def block_hashes(
     token_ids: Sequence[int], block_size: int, parent: BlockHash = b""
 ) -> tuple[BlockHash, ...]:
     """The chained digest of every full block of `token_ids` (a trailing partial block has
     none): block i's digest covers tokens [0, (i + 1) * block_size). `parent`: the digest of
     the block before `token_ids` when they continue a sequence (its output, as it grows)."""
-    # 8 bytes per id whatever the vocabulary, packed at once (a 1M-token prompt in ~0.1 s);
+    # 8 bytes per id whatever the vocabulary (a 1M-token prompt in ~0.1 s), packed 64K ids at
+    # a time: each pack holds the GIL, which threads other than a long prompt's want too.
     # sha256: a collision would silently serve another prompt's KV, so no 64-bit hash.
-    data = array("q", token_ids).tobytes()
+    data = b"".join(
+        array("q", token_ids[start : start + _PACK]).tobytes()
+        for start in range(0, len(token_ids), _PACK)
+    )
     step = 8 * block_size
     digests: list[BlockHash] = []
     for end in range(step, len(data) + 1, step):
