@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Sequence
+from contextlib import aclosing
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,22 @@ class HeldEncode:
         with anyio.fail_after(10):
             while not self.entered.is_set():
                 await anyio.sleep(0.005)
+
+    async def run_while_others_stream(self, engine: Any, call: Any) -> None:
+        """Run `call()` (which tokenizes a long text) while a stream runs, and release the
+        tokenizer once the engine has run 5 iterations with it held: on the event loop, the
+        tokenizer would hold the engine still, until it gave up waiting (`timed_out`)."""
+        params = SamplingParams(max_tokens=3000, temperature=0.0, ignore_eos=True)
+        async with anyio.create_task_group() as group, aclosing(engine.stream("go", params)) as s:
+            await anext(s)  # streaming
+            group.start_soon(call)
+            try:
+                await self.wait_entered()
+                start = engine.stats().iterations
+                with anyio.fail_after(10):
+                    while engine.stats().iterations < start + 5:
+                        await anyio.sleep(0.005)
+            finally:
+                self.release.set()
+        assert not self.timed_out and self.threads
+        assert threading.get_ident() not in self.threads

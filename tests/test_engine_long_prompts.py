@@ -4,7 +4,9 @@ inline prompt runs, and their errors, aborts and cancellations leave nothing beh
 
 from __future__ import annotations
 
+import gc
 import threading
+import warnings
 from functools import partial
 from typing import Any
 
@@ -31,13 +33,11 @@ async def _idle(engine: medha.Engine) -> medha.EngineStats:
     return stats
 
 
-async def test_other_streams_keep_their_tokens_while_a_long_prompt_is_tokenized(
+async def test_other_streams_keep_going_while_a_long_prompt_is_tokenized(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
         held = HeldEncode(engine, monkeypatch)
-        tokens_while_held = 0
         failure: list[BaseException] = []
 
         async def long_request() -> None:
@@ -46,20 +46,7 @@ async def test_other_streams_keep_their_tokens_while_a_long_prompt_is_tokenized(
             except PromptTooLongError as exc:
                 failure.append(exc)
 
-        async with anyio.create_task_group() as group:
-            stream = engine.stream("keep going", params)
-            async for _ in stream:
-                if not held.entered.is_set():
-                    if tokens_while_held == 0:
-                        group.start_soon(long_request)
-                        await held.wait_entered()
-                    continue
-                tokens_while_held += 1
-                if tokens_while_held == 5:
-                    held.release.set()
-                    break
-            await stream.aclose()
-        assert tokens_while_held == 5 and not held.timed_out
+        await held.run_while_others_stream(engine, long_request)
         assert held.threads[0] != threading.get_ident()  # the loop's thread
         assert len(failure) == 1 and "context of 4096" in str(failure[0])
         stats = await _idle(engine)
@@ -144,27 +131,53 @@ async def test_a_long_prompts_errors_come_from_its_iteration_and_queue_nothing(
         assert (await engine.generate("x" * 20, GREEDY, request_id="a")).finish_reason == "length"
 
 
-async def test_aborting_a_request_while_its_prompt_is_tokenized(
+async def _end_of(stream: Any, events: list[Any]) -> None:
+    """Consume `stream` into `events`; its error, if it raises, as the last one."""
+    try:
+        async for event in stream:
+            events.append(event)
+    except Exception as exc:
+        events.append(exc)
+
+
+async def _until(condition: Any) -> None:
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+async def test_an_abort_ends_a_stream_whose_prompt_is_tokenized_or_waits_its_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One prompt is being tokenized, another waits behind it for the tokenizer thread: an
+    abort ends either stream at once, and the waiting one's text is never tokenized."""
     long_from(monkeypatch, 10)
     async with medha.Engine(engine_config()) as engine:
         held = HeldEncode(engine, monkeypatch)
-        events: list[medha.TokenEvent] = []
-
-        async def consume() -> None:
-            async for event in engine.stream("a prompt that is long", GREEDY, request_id="r"):
-                events.append(event)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(consume)
-            await held.wait_entered()
-            await engine.abort("r")
+        first: list[Any] = []
+        second: list[Any] = []
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_end_of, engine.stream("a first long one", request_id="a"), first)
+                await held.wait_entered()
+                group.start_soon(
+                    _end_of, engine.stream("a second long one", request_id="b"), second
+                )
+                await anyio.sleep(0.05)  # queued behind the first
+                await engine.abort(["b", "a"])
+                await _until(lambda: first and second)
+                assert not held.release.is_set()  # the first is still being tokenized
+        finally:
             held.release.set()
-        assert [(e.token_id, e.finish_reason) for e in events] == [(None, "abort")]
+        for events in (first, second):
+            assert [(e.token_id, e.finish_reason) for e in events] == [(None, "abort")]
+            metrics = events[0].metrics
+            # It arrived when its iteration started, before the abort.
+            assert 0 < metrics.arrival < metrics.finished_time and metrics.ttft is None
+        assert len(held.threads) == 1  # the second text never reached the tokenizer
         stats = await _idle(engine)
         assert stats.finished == stats.aborted == 0  # never queued
-        assert (await engine.generate("again, long", GREEDY, request_id="r")).token_ids
+        assert (await engine.generate("again, long", GREEDY, request_id="a")).token_ids
 
 
 async def test_cancelling_a_stream_while_its_prompt_is_tokenized_frees_its_id_at_once(
@@ -173,36 +186,71 @@ async def test_cancelling_a_stream_while_its_prompt_is_tokenized_frees_its_id_at
     long_from(monkeypatch, 10)
     async with medha.Engine(engine_config()) as engine:
         held = HeldEncode(engine, monkeypatch)
-        async with anyio.create_task_group() as group:
-            group.start_soon(partial(engine.generate, "a long prompt", GREEDY, request_id="r"))
-            await held.wait_entered()
-            group.cancel_scope.cancel()
-        # Returned at once, though the tokenizer still holds: the id is free already.
-        assert not held.release.is_set()
-        engine.stream("x", GREEDY, request_id="r")
-        held.release.set()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(partial(engine.generate, "a long prompt", GREEDY, request_id="r"))
+                await held.wait_entered()
+                group.cancel_scope.cancel()
+            # Returned at once, though the tokenizer still holds: the id is free already.
+            assert not held.release.is_set()
+            engine.stream("x", GREEDY, request_id="r")
+        finally:
+            held.release.set()
         stats = await _idle(engine)
         assert stats.finished == stats.aborted == 0
 
 
-async def test_an_engine_stopped_while_a_prompt_is_tokenized_ends_its_stream_closed(
+async def test_an_engine_stopped_while_prompts_are_tokenized_ends_their_streams_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     long_from(monkeypatch, 10)
-    errors: list[BaseException] = []
+    events: list[list[Any]] = [[], []]
     engine = medha.Engine(engine_config())
-    held: HeldEncode | None = None
-
-    async def consume() -> None:
+    async with anyio.create_task_group() as group, engine:
+        held = HeldEncode(engine, monkeypatch)
         try:
-            await engine.generate("a prompt that is long", GREEDY)
-        except EngineClosedError as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as group:
-        async with engine:
-            held = HeldEncode(engine, monkeypatch)
-            group.start_soon(consume)
+            group.start_soon(_end_of, engine.stream("one long prompt"), events[0])
             await held.wait_entered()
-        held.release.set()
-    assert len(errors) == 1
+            group.start_soon(_end_of, engine.stream("another long one"), events[1])
+            await anyio.sleep(0.05)
+            await engine.stop()
+            await _until(lambda: all(events))
+            assert not held.release.is_set()
+        finally:
+            held.release.set()
+    assert [type(e[0]) for e in events] == [EngineClosedError, EngineClosedError]
+    assert len(held.threads) == 1
+
+
+async def test_a_long_token_id_prompt_is_taken_when_the_stream_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a short one's: the caller may reuse its list or array before iterating."""
+    long_from(monkeypatch, 10)
+    async with medha.Engine(engine_config()) as engine:
+        original = list(range(5, 40))
+        expected = (await engine.generate(original, GREEDY)).token_ids
+        for make in (list, np.array):
+            prompt = make(original)
+            stream = engine.stream(prompt, GREEDY)
+            prompt[:] = [1] * len(original)
+            tokens = [event.token_id async for event in stream]
+            assert tokens == expected
+
+
+async def test_a_refused_long_prompt_leaves_no_stream_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    long_from(monkeypatch, 10)
+    async with medha.Engine(engine_config()) as engine:
+        gc.collect()  # earlier tests' garbage: not this one's to report
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(PromptTooLongError) as _:
+                await engine.generate("word " * 2000)
+            # The error's traceback holds the request: gone once the error is, and once the
+            # loop's callback that resumed this task with it has returned.
+            del _
+            await anyio.sleep(0.01)
+            gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

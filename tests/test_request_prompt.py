@@ -4,6 +4,7 @@ long prompts are prepared on (medha.request_prompt.run_off_loop)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -102,16 +103,76 @@ async def test_a_cancelled_caller_returns_at_once_and_its_queued_call_never_runs
         ran.append("hold")
         release.wait(10)
 
+    queued = anyio.Event()
+
+    async def call_queued() -> None:
+        queued.set()  # then, with no await between, its call is queued
+        await run_off_loop(ran.append, "queued")
+
     async with anyio.create_task_group() as group:
         group.start_soon(run_off_loop, hold)
         with anyio.fail_after(10):
             while not ran:
                 await anyio.sleep(0.005)
-        group.start_soon(run_off_loop, ran.append, "queued")
-        await anyio.sleep(0.05)
+        group.start_soon(call_queued)
+        await queued.wait()
+        await anyio.sleep(0)
         started = time.monotonic()
         group.cancel_scope.cancel()
     assert time.monotonic() - started < 1.0  # while `hold` still holds the thread
     release.set()
     assert await run_off_loop(ran.append, "after") is None
     assert ran == ["hold", "after"]
+
+
+_CHILD = """
+import asyncio, os, sys, threading
+from medha.request_prompt import run_off_loop
+
+assert asyncio.run(run_off_loop(lambda: 1)) == 1  # the parent's tokenizer thread exists
+child = os.fork()
+if child == 0:
+    try:
+        result = asyncio.run(asyncio.wait_for(run_off_loop(lambda: 2), 10))
+    except BaseException:
+        os._exit(1)
+    os._exit(0 if result == 2 else 1)
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_starts_a_tokenizer_thread_of_its_own() -> None:
+    result = subprocess.run([sys.executable, "-c", _CHILD], timeout=60)
+    assert result.returncode == 0
+
+
+_NICE_OF_THREADS = """
+import asyncio, glob, os, threading
+from medha.model.presets import materialize_preset
+from medha.model.tokenizer import Tokenizer
+from medha.request_prompt import run_off_loop
+
+tokenizer = Tokenizer.from_folder(materialize_preset("tiny-random"))
+# The first encode of the process, on the tokenizer thread: the tokenizers library starts
+# its worker pool.
+asyncio.run(run_off_loop(tokenizer.hf_tokenizer, ["some text"] * 64))
+for task in sorted(glob.glob("/proc/self/task/*")):
+    fields = open(task + "/stat").read().rsplit(")", 1)[1].split()
+    print(fields[16])  # the thread's nice value
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_only_the_tokenizer_thread_runs_at_the_lower_priority() -> None:
+    """Not the tokenizers library's worker pool, which a first encode there would start."""
+    result = subprocess.run(
+        [sys.executable, "-c", _NICE_OF_THREADS], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    nice = [int(line) for line in result.stdout.split()]
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered = min(19, own + TOKENIZER_NICE)
+    assert nice.count(lowered) == 1 and len(nice) > 2
+    assert set(nice) == {own, lowered}

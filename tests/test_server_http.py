@@ -129,13 +129,16 @@ def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        client = openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1")
-        done = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5
-        )
-        assert done.choices[0].message.content and done.model == "tiny"
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model=MODEL, prompt="hi")
+        with openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1") as client:
+            done = client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=5,
+                extra_body={"ignore_eos": True},
+            )
+            assert done.choices[0].message.content and done.model == "tiny"
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=MODEL, prompt="hi")
     finally:
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=60)

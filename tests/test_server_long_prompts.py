@@ -3,15 +3,11 @@ worker thread: other streams go on meanwhile, and the response is what an inline
 
 from __future__ import annotations
 
-import threading
-from contextlib import aclosing
 from typing import Any
 
-import anyio
 import pytest
 
 import medha
-from medha import SamplingParams
 from tests.engine_support import MODEL, HeldEncode, long_from
 from tests.server_support import MESSAGES, PROMPT, idle, serving
 
@@ -36,30 +32,13 @@ async def _completion(client: Any) -> Any:
 
 
 async def _while_another_streams(engine: medha.Engine, held: HeldEncode, call: Any) -> Any:
-    """`call()`'s response, with its tokenizer held until a stream started before it has had 5
-    more tokens (on the event loop, that could never happen)."""
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    """`call()`'s response, tokenized while another stream goes on."""
     response: list[Any] = []
-    tokens_while_held = 0
 
     async def send() -> None:
         response.append(await call())
 
-    async with (
-        anyio.create_task_group() as group,
-        aclosing(engine.stream("keep going", params)) as stream,
-    ):
-        async for _ in stream:
-            if not held.entered.is_set():
-                group.start_soon(send)
-                await held.wait_entered()
-                continue
-            tokens_while_held += 1
-            if tokens_while_held == 5:
-                held.release.set()
-                break
-    assert tokens_while_held == 5 and not held.timed_out
-    assert held.threads and threading.get_ident() not in held.threads
+    await held.run_while_others_stream(engine, send)
     return response[0]
 
 

@@ -32,6 +32,7 @@ from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor,
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
+from medha.engine_setup import online_time_scale
 from medha.engine_stats import EngineStats
 from medha.errors import (
     EngineClosedError,
@@ -40,13 +41,10 @@ from medha.errors import (
     WrongEventLoopError,
 )
 from medha.log import get_logger
-from medha.perf.cost_model import RooflineCostModel
-from medha.perf.prefill_refresh import PrefillTableRefresher
-from medha.perf.time_scale import OnlineTimeScale
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_constraints import RequestConstraints
 from medha.request_input import prompt_token_ids, request_ids
-from medha.request_prompt import PromptPreparer, is_long, run_off_loop
+from medha.request_prompt import PromptPreparer, is_long, prepare_off_loop, snapshot
 from medha.sampling import SamplingParams
 from medha.scheduler import Scheduler
 
@@ -152,7 +150,7 @@ class Engine:
             self._stage,
             self._clock,
             self._record_iterations,
-            self._online_time_scale(parts.cost, parts.max_model_len),
+            online_time_scale(self.config, parts.cost, parts.max_model_len),
             pause_steps=self.config.pauses_iterations,
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
@@ -172,18 +170,6 @@ class Engine:
         caches = self.config.enable_prefix_caching
         self._prompts = PromptPreparer(
             tokenizer, vocab_size, max_model_len, scheduler, self.config.block_size if caches else 0
-        )
-
-    def _online_time_scale(
-        self, cost: RooflineCostModel, max_model_len: int
-    ) -> OnlineTimeScale | None:
-        """The online learner of the cost model's level, if the config wants one. The prefill
-        tables its steps make due are walked 2% of an iteration's budget at a time."""
-        if not self.config.online_time_scale:
-            return None
-        slice_seconds = 0.02 * self.config.target_batch_time
-        return OnlineTimeScale(
-            cost, tables=PrefillTableRefresher(cost, max_model_len, slice_seconds)
         )
 
     async def _start_parallel(self) -> None:
@@ -222,7 +208,7 @@ class Engine:
                 parts.cluster,
                 self._clock,
                 self._record_iterations,
-                self._online_time_scale(parts.cost, parts.max_model_len),
+                online_time_scale(self.config, parts.cost, parts.max_model_len),
             )
             self._scheduler_actor = actor
 
@@ -270,6 +256,9 @@ class Engine:
             return
         self._check_loop()
         self._closed = True
+        for request in list(self._by_id.values()):
+            if request.stop_preparing is not None:
+                request.stop_preparing()  # its stream then ends with EngineClosedError
         # Not returning early when closed already: a second caller (a shutdown hook racing
         # `async with`) waits for the actors to stop too.
         await self._stop_started()
@@ -359,8 +348,10 @@ class Engine:
             if request is not None and request.holds_id and not request.submitted:
                 # Never queued: it ends here, unseen by the scheduler (not in stats().aborted).
                 now = self._clock()
-                request.metrics.arrival = now
+                request.metrics.arrival = request.metrics.arrival or now  # 0: not iterated
                 request.abort(now)
+                if request.stop_preparing is not None:
+                    request.stop_preparing()
                 _log.info("request aborted", request_id=one, queued=False)
                 continue
             actor.tell(Abort(one))
@@ -411,11 +402,7 @@ class Engine:
                 request.metrics.arrival = self._clock()
                 if request.unprepared_prompt is not None:
                     assert self._prompts is not None
-                    prepare = self._prompts.prepare
-                    params = request.params
-                    request.take_prompt(
-                        await run_off_loop(prepare, request.unprepared_prompt, params)
-                    )
+                    await prepare_off_loop(request, self._prompts)
                     actor = self._actor()  # the engine may have stopped meanwhile
             if request.finish_reason is None:  # else aborted while its prompt was prepared
                 request.submitted = True
@@ -430,7 +417,9 @@ class Engine:
         finally:
             if not finished:
                 request.abandoned = True
-                if request.submitted and not self._closed and actor.failure is None:
+                if not request.submitted:
+                    request.close_unsubmitted()
+                elif not self._closed and actor.failure is None:
                     actor.tell(Abort(request.request_id, request))
 
     def _prepare(
@@ -485,7 +474,7 @@ class Engine:
             grammar=grammar,
             hash_block_size=self._prompts.hash_block_size,
             block_hashes=prepared.block_hashes,
-            unprepared_prompt=prompt if long_prompt else None,
+            unprepared_prompt=snapshot(prompt) if long_prompt else None,
         )
         self._by_id[request_id] = request
         return request

@@ -28,6 +28,8 @@ from medha.perf import (
     RooflineCostModel,
     load_profile,
 )
+from medha.perf.prefill_refresh import PrefillTableRefresher
+from medha.perf.time_scale import OnlineTimeScale
 from medha.scheduler import Scheduler, SchedulerConfig
 
 _log = get_logger(__name__)
@@ -190,3 +192,14 @@ def build_scheduler_config(
         num_blocks=num_blocks,
         **parallel,
     )
+
+
+def online_time_scale(
+    config: EngineConfig, cost: RooflineCostModel, max_model_len: int
+) -> OnlineTimeScale | None:
+    """The online learner of the cost model's level, if the config wants one. The prefill
+    tables its steps make due are walked 2% of an iteration's budget at a time."""
+    if not config.online_time_scale:
+        return None
+    slice_seconds = 0.02 * config.target_batch_time
+    return OnlineTimeScale(cost, tables=PrefillTableRefresher(cost, max_model_len, slice_seconds))

@@ -23,7 +23,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
 
 from medha.output_text import OutputText
 from medha.request_input import prompt_token_ids
@@ -31,6 +33,9 @@ from medha.request_limits import output_limit
 from medha.sampling import SamplingParams
 from medha.scheduler import Scheduler
 from medha.scheduler.prefix_cache import block_hashes
+
+if TYPE_CHECKING:
+    from medha.actors.tracked import TrackedRequest
 
 T = TypeVar("T")
 
@@ -47,6 +52,16 @@ def is_long(prompt: object) -> bool:
         except TypeError:  # a 0-d array: refused inline
             return False
     return False
+
+
+def snapshot(prompt: object) -> object:
+    """A long prompt as it is now, for preparing later: token ids copied, as a short prompt's
+    are taken at once (the caller may reuse its list or array); a text as it is."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list | tuple):
+        return list(prompt)
+    return prompt.tolist()  # type: ignore[attr-defined]  # is_long(prompt): it has one
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,21 @@ cores, a 1M-token document made the other streams' largest gap between two token
 waits for its tokens instead of every other request, as LARS has it wait for its prefill. Where
 cores are free (a GPU engine), it changes nothing."""
 
+
+async def prepare_off_loop(request: TrackedRequest, preparer: PromptPreparer) -> None:
+    """Give `request` the parts of its long prompt, prepared on the tokenizer thread. Returns
+    without them if `request.stop_preparing()` is called meanwhile (an abort, the engine
+    stopping): a prompt still queued for the thread is then never tokenized."""
+    with anyio.CancelScope() as scope:
+        request.stop_preparing = scope.cancel
+        try:
+            prompt = request.unprepared_prompt
+            prepared = await run_off_loop(preparer.prepare, prompt, request.params)
+        finally:
+            request.stop_preparing = None
+        request.take_prompt(prepared)
+
+
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -130,10 +160,31 @@ async def run_off_loop(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.wrap_future(executor.submit(fn, *args))
 
 
+def _forget_executor() -> None:
+    """In a forked child, which has only the thread that forked: the parent's tokenizer thread
+    is not there to run anything."""
+    global _executor, _executor_lock
+    _executor, _executor_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
 def _lower_priority() -> None:
     if sys.platform != "linux":
         return  # elsewhere PRIO_PROCESS names a process, not a thread
+    _start_tokenizers_pool()
     thread = threading.get_native_id()
     with contextlib.suppress(OSError):  # a nice value at its limit already
         nice = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(19, nice + TOKENIZER_NICE))
+
+
+def _start_tokenizers_pool() -> None:
+    """Start the tokenizers library's pool of worker threads now, if nothing has yet: a new
+    thread takes the nice value of the thread that starts it, so a pool started from the
+    tokenizer thread would slow every batch encode of the process."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).encode_batch(["a", "a"])

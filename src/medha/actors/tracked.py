@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,9 @@ class TrackedRequest:
     """A long prompt as the caller gave it, until its stream prepares it off the event loop
     (medha.request_prompt); meanwhile prompt_ids, max_new_tokens, output and block_hashes
     are placeholders, and the request is not submitted."""
+    stop_preparing: Callable[[], object] | None = field(default=None, repr=False)
+    """While its stream waits for its long prompt to be prepared: ends that wait (an abort,
+    the engine stopping)."""
     _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
     receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
 
@@ -77,6 +81,12 @@ class TrackedRequest:
             # The first token has no context: nothing predicts it.
             self.prompt_logprobs.append(None)
             self.prompt_top_logprobs.append(None)
+
+    def close_unsubmitted(self) -> None:
+        """Its stream ended before it was submitted (its prompt refused, its consumer gone,
+        the engine stopped): nothing will use its queue."""
+        self._send.close()
+        self.receive.close()
 
     def take_prompt(self, prompt: PreparedPrompt) -> None:
         """Take the parts of its long prompt, prepared off the event loop."""
