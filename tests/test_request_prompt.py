@@ -13,6 +13,7 @@ import anyio
 import numpy as np
 import pytest
 
+from medha import request_prompt
 from medha.errors import InvalidRequestError
 from medha.request_input import prompt_token_ids
 from medha.request_prompt import TOKENIZER_NICE, run_off_loop
@@ -176,3 +177,19 @@ def test_only_the_tokenizer_thread_runs_at_the_lower_priority() -> None:
     lowered = min(19, own + TOKENIZER_NICE)
     assert nice.count(lowered) == 1 and len(nice) > 2
     assert set(nice) == {own, lowered}
+
+
+async def test_a_tokenizer_thread_whose_set_up_fails_runs_all_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("no pool")
+
+    monkeypatch.setattr(request_prompt, "_start_tokenizers_pool", broken)
+    monkeypatch.setattr(request_prompt, "_executor", None)  # a thread of its own, set up anew
+    try:
+        assert await run_off_loop(lambda: 5) == 5
+    finally:
+        executor = request_prompt._executor
+        assert executor is not None
+        executor.shutdown()

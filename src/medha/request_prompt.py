@@ -16,7 +16,6 @@ loop and the model thread at every step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from medha.log import get_logger
 from medha.output_text import OutputText
 from medha.request_input import prompt_token_ids
 from medha.request_limits import output_limit
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from medha.actors.tracked import TrackedRequest
 
 T = TypeVar("T")
+_log = get_logger(__name__)
 
 LONG_PROMPT = 16_384
 """Characters of a text, or ids of a token-id prompt, above which it is prepared off the
@@ -120,7 +121,7 @@ TOKENIZER_NICE = 10
 """How much lower the tokenizer thread's CPU priority is than the process's (Linux, where
 each thread has its own nice value). On a machine whose cores the model keeps busy (a CPU
 engine), tokenizing a long prompt at the same priority slows every step while it lasts: on 2
-cores, a 1M-token document made the other streams' largest gap between two tokens 5x the usual
+cores, a 1M-token document made the other streams' largest gap between two tokens 4-5x usual
 (benchmarks/long_prompt_stall.py). Lower, it takes the CPU the model leaves: the long request
 waits for its tokens instead of every other request, as LARS has it wait for its prefill. Where
 cores are free (a GPU engine), it changes nothing."""
@@ -172,13 +173,17 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def _lower_priority() -> None:
+    """The tokenizer thread's set-up. An initializer that raises would leave the executor
+    broken, every call refused: a thread at the process's priority is better than none."""
     if sys.platform != "linux":
         return  # elsewhere PRIO_PROCESS names a process, not a thread
-    _start_tokenizers_pool()
-    thread = threading.get_native_id()
-    with contextlib.suppress(OSError):  # a nice value at its limit already
+    try:
+        _start_tokenizers_pool()
+        thread = threading.get_native_id()
         nice = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(19, nice + TOKENIZER_NICE))
+    except Exception as exc:
+        _log.warning("tokenizer thread left at the process's priority", error=repr(exc))
 
 
 def _start_tokenizers_pool() -> None:
