@@ -244,3 +244,12 @@ class HeldEncode:
                 self.release.set()
         assert not self.timed_out and self.threads
         assert threading.get_ident() not in self.threads
+
+
+async def idle(engine: Any) -> Any:
+    """Until nothing runs or waits; then every KV block must be free. The engine's stats."""
+    with anyio.fail_after(10):
+        while (stats := engine.stats()).running or stats.waiting:
+            await anyio.sleep(0.01)
+    assert stats.free_blocks == stats.total_blocks
+    return stats

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import httpx2
 import openai
 
@@ -34,11 +33,3 @@ async def serving(**config: Any) -> AsyncIterator[tuple[medha.Engine, openai.Asy
         client, http = openai_client(engine)
         async with http:
             yield engine, client
-
-
-async def idle(engine: medha.Engine) -> medha.EngineStats:
-    with anyio.fail_after(10):
-        while (stats := engine.stats()).running or stats.waiting:
-            await anyio.sleep(0.01)
-    assert stats.free_blocks == stats.total_blocks
-    return stats

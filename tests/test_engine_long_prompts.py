@@ -17,20 +17,12 @@ import pytest
 import medha
 from medha import EngineClosedError, InvalidRequestError, PromptTooLongError, SamplingParams
 from medha.request_prompt import LONG_PROMPT
-from tests.engine_support import HeldEncode, engine_config, long_from
+from tests.engine_support import HeldEncode, engine_config, idle, long_from
 
 pytestmark = pytest.mark.anyio
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 LONG_TEXT = "word " * (LONG_PROMPT // 5 + 1)  # ~9.8K tokens: more than the context of 4096
-
-
-async def _idle(engine: medha.Engine) -> medha.EngineStats:
-    with anyio.fail_after(10):
-        while (stats := engine.stats()).running or stats.waiting:
-            await anyio.sleep(0.01)
-    assert stats.free_blocks == stats.total_blocks
-    return stats
 
 
 async def test_other_streams_keep_going_while_a_long_prompt_is_tokenized(
@@ -49,7 +41,7 @@ async def test_other_streams_keep_going_while_a_long_prompt_is_tokenized(
         await held.run_while_others_stream(engine, long_request)
         assert held.threads[0] != threading.get_ident()  # the loop's thread
         assert len(failure) == 1 and "context of 4096" in str(failure[0])
-        stats = await _idle(engine)
+        stats = await idle(engine)
         assert stats.finished == 0  # the long request was never queued
         # Its id is free again.
         assert (await engine.generate("x", GREEDY, request_id="long")).finish_reason == "length"
@@ -92,7 +84,7 @@ async def test_a_prompt_prepared_off_the_loop_runs_as_one_prepared_inline(
         hits = engine.stats().prefix_cache_hit_tokens
         await engine.generate(_prompts(engine)[0], GREEDY)
         assert engine.stats().prefix_cache_hit_tokens - hits >= engine.config.block_size
-        await _idle(engine)
+        await idle(engine)
     for before, after in zip(inline, off_loop, strict=True):
         for a, b in zip(before, after, strict=True):
             assert b.prompt_token_ids == a.prompt_token_ids
@@ -125,7 +117,7 @@ async def test_a_long_prompts_errors_come_from_its_iteration_and_queue_nothing(
             await engine.generate(outside, GREEDY, request_id="a")
         with pytest.raises(InvalidRequestError, match="must hold ints"):
             await engine.generate([1] * 20 + ["x"], GREEDY, request_id="a")  # type: ignore[list-item]
-        stats = await _idle(engine)
+        stats = await idle(engine)
         assert stats.finished == 1 and stats.aborted == 0
         # Every refusal freed the id.
         assert (await engine.generate("x" * 20, GREEDY, request_id="a")).finish_reason == "length"
@@ -175,7 +167,7 @@ async def test_an_abort_ends_a_stream_whose_prompt_is_tokenized_or_waits_its_tur
             # It arrived when its iteration started, before the abort.
             assert 0 < metrics.arrival < metrics.finished_time and metrics.ttft is None
         assert len(held.threads) == 1  # the second text never reached the tokenizer
-        stats = await _idle(engine)
+        stats = await idle(engine)
         assert stats.finished == stats.aborted == 0  # never queued
         assert (await engine.generate("again, long", GREEDY, request_id="a")).token_ids
 
@@ -196,7 +188,7 @@ async def test_cancelling_a_stream_while_its_prompt_is_tokenized_frees_its_id_at
             engine.stream("x", GREEDY, request_id="r")
         finally:
             held.release.set()
-        stats = await _idle(engine)
+        stats = await idle(engine)
         assert stats.finished == stats.aborted == 0
 
 

@@ -15,8 +15,8 @@ import pytest
 import medha
 from medha import SamplingParams
 from medha.server import create_app
-from tests.engine_support import MODEL, engine_config
-from tests.server_support import MESSAGES, PROMPT, idle, openai_client, serving
+from tests.engine_support import MODEL, engine_config, idle
+from tests.server_support import MESSAGES, PROMPT, openai_client, serving
 
 pytestmark = pytest.mark.anyio
 

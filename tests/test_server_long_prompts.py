@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 import medha
-from tests.engine_support import MODEL, HeldEncode, long_from
-from tests.server_support import MESSAGES, PROMPT, idle, serving
+from tests.engine_support import MODEL, HeldEncode, idle, long_from
+from tests.server_support import MESSAGES, PROMPT, serving
 
 pytestmark = pytest.mark.anyio
 
