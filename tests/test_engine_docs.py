@@ -1,5 +1,5 @@
 """docs/engine.md's examples run as written: the online time scale, the bf16 engine, pausing,
-long prompts."""
+long prompts, metrics."""
 
 from __future__ import annotations
 
@@ -106,3 +106,10 @@ def test_the_long_prompt_example_prints_what_the_docs_say() -> None:
     section = doc[doc.index("## Long prompts") : doc.index("## Cancellation and errors")]
     printed = re.findall(r"prints\n\n```\n(.*?)```", section, re.S)
     assert _run_block_with("quarterly report") == printed[0]
+
+
+def test_the_metrics_example_prints_what_the_docs_say() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    section = doc[doc.index("## Metrics (Prometheus)") : doc.index("## Config errors")]
+    printed = re.findall(r"prints\n\n```\n(.*?)```", section, re.S)
+    assert _run_block_with("A request its client leaves") == printed[0]

@@ -1,7 +1,8 @@
 """Prefix caching across processes: with SPP over two stages and KVP over two groups, a shared
 prefix longer than one group's share is reused from both groups' caches, a next turn reuses the
 block an answer filled, and every output
-equals the single-process engine's without a cache (greedy, seeded and penalised)."""
+equals the single-process engine's without a cache (greedy, seeded and penalised). The engine's
+metrics count the pipeline's work."""
 
 from __future__ import annotations
 
@@ -48,9 +49,18 @@ async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> 
     async with medha.Engine(parallel_config(1, 2, 2)) as engine:
         cached = await _one_by_one(engine)
         stats = engine.stats()
+        metrics = engine.metrics.registry
+        label = {"model_name": engine.metrics.model_name}
     # Three later prompts, each taking the prefix's 8 full blocks (128 tokens); the next turn
     # takes 9 (144 tokens), the last one filled by the first answer, on the second group.
     assert stats.prefix_cache_hit_tokens == 3 * 128 + 144
+    # The engine's metrics count a pipeline's work as the single process's.
+    prompt_tokens = sum(map(len, PROMPTS)) + len(PROMPTS[0]) + 6 + 2
+    computed = metrics.get_sample_value("medha:prefill_tokens_computed_total", label)
+    assert computed == prompt_tokens - stats.prefix_cache_hit_tokens
+    assert metrics.get_sample_value("medha:prompt_tokens_total", label) == prompt_tokens
+    assert metrics.get_sample_value("medha:generation_tokens_total", label) == 5 * 6
+    assert metrics.get_sample_value("medha:iteration_seconds_count", label) == stats.iterations
     assert stats.free_blocks == stats.total_blocks
     single = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=False)
     async with medha.Engine(single) as engine:

@@ -1,7 +1,8 @@
 """medha's OpenAI-compatible API (medha.server), spoken to by OpenAI's own Python client in
 process (no socket): outputs equal the Engine's for the same prompt and parameters, streamed
 and not; chat renders the model's template; n and several prompts are choices in OpenAI's order;
-response_format constrains the output; /v1/models, /health and /stats describe the engine.
+response_format constrains the output; /v1/models, /health, /stats and /metrics describe the
+engine.
 Refusals and failures: tests/test_server_errors.py."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import medha
 from medha import SamplingParams
@@ -320,6 +322,17 @@ async def test_health_models_and_stats() -> None:
         await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
         stats = (await http.get("/stats")).json()
         assert stats["total_blocks"] == engine.stats().total_blocks and stats["finished"] == 1
+        metrics = await http.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain; version=")
+        samples = {
+            (sample.name, sample.labels.get("finished_reason")): sample.value
+            for family in text_string_to_metric_families(metrics.text)
+            for sample in family.samples
+            if sample.labels.get("model_name") == MODEL
+        }
+        ended = [samples["medha:request_success_total", r] for r in ("stop", "length")]
+        assert sum(ended) == 1 and samples["medha:prompt_tokens_total", None] > 0
+        assert samples["medha:kv_cache_total_blocks", None] == stats["total_blocks"]
         await engine.stop()
         assert (await http.get("/health")).status_code == 503
         with pytest.raises(openai.APIStatusError) as closed:

@@ -316,4 +316,5 @@ async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:
                     model=MODEL, messages=MESSAGES, stream=True
                 )
             assert (await http.get("/health")).status_code == 200
+            assert (await http.get("/metrics")).status_code == 200
             assert engine.stats().finished == 2

@@ -32,6 +32,7 @@ from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor,
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
+from medha.engine_metrics import EngineMetrics
 from medha.engine_setup import online_time_scale
 from medha.engine_stats import EngineStats
 from medha.errors import (
@@ -59,9 +60,16 @@ class Engine:
     """Serve one model; use as `async with Engine(config) as engine:`.
 
     `record_iterations`: keep a record of every iteration in `iteration_history` (for
-    benchmarks and plots; it grows without bound, so not for a long-running service)."""
+    benchmarks and plots; it grows without bound, so not for a long-running service).
+    `model_name`: the label of its Prometheus metrics, `metrics` (default: config.model)."""
 
-    def __init__(self, config: EngineConfig, *, record_iterations: bool = False) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        record_iterations: bool = False,
+        model_name: str | None = None,
+    ) -> None:
         if not isinstance(config, EngineConfig):
             raise TypeError(
                 f"Engine takes a medha.EngineConfig, got {type(config).__name__}: "
@@ -69,6 +77,7 @@ class Engine:
             )
         self.config = config
         self._record_iterations = record_iterations
+        self.metrics = EngineMetrics.of(self, model_name or config.model)
         self._host: ActorHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler_actor: SchedulerActor | None = None
@@ -152,6 +161,7 @@ class Engine:
             self._record_iterations,
             online_time_scale(self.config, parts.cost, parts.max_model_len),
             pause_steps=self.config.pauses_iterations,
+            metrics=self.metrics,
         )
         await self._start_actors(self._stage.run, self._scheduler_actor.run)
         _log.info(
@@ -209,6 +219,7 @@ class Engine:
                 self._clock,
                 self._record_iterations,
                 online_time_scale(self.config, parts.cost, parts.max_model_len),
+                self.metrics,
             )
             self._scheduler_actor = actor
 

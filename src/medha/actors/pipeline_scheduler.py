@@ -27,6 +27,7 @@ import anyio
 
 from medha.actors.messages import StepOutput
 from medha.actors.scheduler_actor import Abort, SchedulerActor, Submit
+from medha.engine_metrics import EngineMetrics
 from medha.errors import EngineFailedError
 from medha.log import get_logger
 from medha.parallel.cluster import Cluster
@@ -73,8 +74,16 @@ class PipelineSchedulerActor(SchedulerActor):
         clock: Callable[[], float],
         record_iterations: bool = False,
         time_scale: OnlineTimeScale | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
-        super().__init__(scheduler, None, clock, record_iterations, time_scale)  # type: ignore[arg-type]
+        super().__init__(
+            scheduler,
+            None,  # type: ignore[arg-type]  # no stage actor: plans go to the cluster
+            clock,
+            record_iterations,
+            time_scale,
+            metrics=metrics,
+        )
         self.cluster = cluster
         self.layout = cluster.layout
         self._flights: dict[int, _Flight] = {}

@@ -24,6 +24,7 @@ from medha.actors.base import Actor, ActorStoppedError
 from medha.actors.messages import Forget, ModelStep, ResumeStep, SeqWork, StepOutput, StepPaused
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
+from medha.engine_metrics import EngineMetrics
 from medha.errors import (
     EngineClosedError,
     EngineFailedError,
@@ -79,6 +80,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         record_iterations: bool = False,
         time_scale: OnlineTimeScale | None = None,
         pause_steps: bool = False,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         super().__init__("scheduler")
         self.scheduler = scheduler
@@ -98,6 +100,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         done (see _must_wait), in order."""
         self.iterations = 0
         self.history: list[IterationRecord] | None = [] if record_iterations else None
+        self.metrics = metrics
+        """Where requests' tokens and ends, and iterations, are counted (None: nowhere)."""
 
     async def run(self) -> None:
         try:
@@ -207,6 +211,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         if scheduled is not None:
             request.metrics.deadline = scheduled.deadline
         self.requests[request.request_id] = request
+        if self.metrics is not None:
+            request.on_end = self._count_end
         _log.info(
             "request queued",
             request_id=request.request_id,
@@ -403,8 +409,14 @@ class SchedulerActor(Actor[Submit | Abort]):
             params, len(request.prompt_ids), request.eos_token_ids, prompt, request.bad_words_ids
         )
 
+    def _count_end(self, request: TrackedRequest, reason: str) -> None:
+        assert self.metrics is not None
+        self.metrics.request_ended(request.metrics, reason, len(request.prompt_ids))
+
     def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
         self.iterations += 1
+        if self.metrics is not None:
+            self.metrics.iteration(seconds, plan.predicted_time, plan.num_tokens, plan.num_decodes)
         if self.history is not None:
             self.history.append(
                 IterationRecord(
@@ -440,6 +452,8 @@ class SchedulerActor(Actor[Submit | Abort]):
                 scheduled = self.scheduler.get(request_id)
                 if scheduled is not None:
                     request.metrics.deadline = scheduled.deadline
+            if self.metrics is not None:
+                self.metrics.token(request.metrics, len(request.prompt_ids))
             event = TokenEvent(
                 request_id,
                 sampled.token_id,

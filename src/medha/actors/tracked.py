@@ -72,6 +72,9 @@ class TrackedRequest:
     stop_preparing: Callable[[], object] | None = field(default=None, repr=False)
     """While its stream waits for its long prompt to be prepared: ends that wait (an abort,
     the engine stopping)."""
+    on_end: Callable[[TrackedRequest, str], object] | None = field(default=None, repr=False)
+    """Told once, when it ends: why ("stop", "length", "abort", or "error" for a failure),
+    after its metrics have their end time (the engine's metrics)."""
     _send: MemoryObjectSendStream[StreamItem] = field(init=False, repr=False)
     receive: MemoryObjectReceiveStream[StreamItem] = field(init=False, repr=False)
 
@@ -174,6 +177,7 @@ class TrackedRequest:
         self._send_item(event)
         if event.finish_reason is not None:
             self._send.close()
+            self._ended(event.finish_reason)
 
     def abort(self, now: float) -> None:
         """End the stream at time `now` with a last event of finish_reason "abort", no token,
@@ -185,6 +189,7 @@ class TrackedRequest:
             text = self.output.release_held() if self.token_ids else ""
             self.text_parts.append(text)
             self._send_item(TokenEvent(self.request_id, None, text, "abort", metrics=self.metrics))
+            self._ended("abort")
         self._send.close()
 
     def fail(self, error: BaseException, now: float) -> None:
@@ -192,8 +197,14 @@ class TrackedRequest:
         if self.finish_reason is None:
             self.finish_reason = "abort"
             self.metrics.finished_time = now
+            self._ended("error")
         self._send_item(error)
         self._send.close()
+
+    def _ended(self, reason: str) -> None:
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self, reason)
 
     def _send_item(self, item: StreamItem) -> None:
         # The consumer may have gone away (it aborted): then there is nobody to tell.

@@ -107,7 +107,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
     from medha.engine import Engine
     from medha.server import create_app
 
-    async with Engine(config) as engine:
+    async with Engine(config, model_name=args.served_model_name) as engine:
         app = create_app(engine, args.served_model_name, api_key=args.api_key)
         # On Ctrl-C, open streams get GRACE_S to end; then they are cut and aborted.
         settings = uvicorn.Config(

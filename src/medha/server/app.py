@@ -4,7 +4,8 @@
         app = create_app(engine)          # mount it in a service, or: medha serve MODEL
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`stream: true`), GET /v1/models, /health and /stats. The app does not own the engine: whoever
+`stream: true`), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus metrics,
+medha.engine_metrics). The app does not own the engine: whoever
 started it stops it, after the server. A client that disconnects aborts its requests, streamed
 or not, and frees their KV cache. Errors have OpenAI's shape ({"error": {"message", "type",
 "param", "code"}}): a request medha refuses (medha.errors.InvalidRequestError, or a body of the
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medha.engine import Engine
+from medha.engine_metrics import CONTENT_TYPE
 from medha.errors import InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.sampling import SamplingParams
@@ -52,7 +54,8 @@ def create_app(
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
-    (`Authorization: Bearer KEY`, what OpenAI's clients send); /health and /stats stay open."""
+    (`Authorization: Bearer KEY`, what OpenAI's clients send); /health, /stats and /metrics
+    stay open."""
     api = _Api(engine, served_model_name or engine.config.model)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
@@ -65,6 +68,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
+    app.add_api_route("/metrics", api.metrics, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=guard)
     for path, endpoint in [
         ("/v1/completions", api.completions),
@@ -96,6 +100,9 @@ class _Api:
 
     async def stats(self) -> dict[str, Any]:
         return asdict(self.engine.stats())
+
+    async def metrics(self) -> Response:
+        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created}

@@ -1,0 +1,203 @@
+"""Engine.metrics: the engine's Prometheus metrics count every request, token and iteration
+once, whatever ends the request, and read the gauges from Engine.stats()."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import medha
+from medha import SamplingParams
+from medha.engine_metrics import EngineMetrics
+from medha.engine_stats import EngineStats
+from medha.request import RequestMetrics
+from tests.engine_support import engine_config, idle
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "tiny-random"
+
+
+def value(metrics: EngineMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"model_name": metrics.model_name, **labels})
+
+
+def finished(metrics: EngineMetrics, reason: str) -> float | None:
+    return value(metrics, "medha:request_success_total", finished_reason=reason)
+
+
+def deadlines(metrics: EngineMetrics, outcome: str) -> float | None:
+    return value(metrics, "medha:first_token_deadline_total", outcome=outcome)
+
+
+async def test_finished_requests_count_their_tokens_latencies_and_iterations() -> None:
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    lengths = [5, 3, 1]
+    async with medha.Engine(engine_config(), model_name="served") as engine:
+        metrics = engine.metrics
+        assert metrics.model_name == "served"
+        async with anyio.create_task_group() as group:
+            for prompt, length in zip(prompts, lengths, strict=True):
+                params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
+                group.start_soon(engine.generate, prompt, params, 30.0)
+        stats = await idle(engine)
+        assert finished(metrics, "length") == 3
+        assert finished(metrics, "stop") == finished(metrics, "abort") == 0
+        assert finished(metrics, "error") == 0
+        assert value(metrics, "medha:generation_tokens_total") == sum(lengths)
+        assert value(metrics, "medha:prompt_tokens_total") == 12
+        assert value(metrics, "medha:prefill_tokens_computed_total") == 12
+        assert value(metrics, "medha:time_to_first_token_seconds_count") == 3
+        assert deadlines(metrics, "met") == 3 and deadlines(metrics, "missed") == 0
+        assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="1.0") == 3
+        # Every token after a request's first is one inter-token latency.
+        assert value(metrics, "medha:inter_token_latency_seconds_count") == sum(lengths) - 3
+        # A one-token request has no time per output token.
+        assert value(metrics, "medha:request_time_per_output_token_seconds_count") == 2
+        assert value(metrics, "medha:e2e_request_latency_seconds_count") == 3
+        assert value(metrics, "medha:request_prompt_tokens_sum") == 12
+        assert value(metrics, "medha:request_generation_tokens_sum") == sum(lengths)
+        assert value(metrics, "medha:request_generation_tokens_bucket", le="1.0") == 1
+        assert value(metrics, "medha:iteration_seconds_count") == stats.iterations
+        assert value(metrics, "medha:iteration_tokens_sum") == 12 + sum(lengths) - 3
+        assert value(metrics, "medha:iteration_time_prediction_ratio_count") == stats.iterations
+        assert value(metrics, "medha:kv_cache_usage_perc") == 0.0
+        assert value(metrics, "medha:kv_cache_total_blocks") == stats.total_blocks
+
+
+async def test_the_gauges_are_the_stats_of_the_moment() -> None:
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        stream = engine.stream([1, 2, 3] * 20, params)
+        waiting = engine.stream([4, 5, 6], params)
+        async for _ in stream:
+            # No await between the two: both see the same moment.
+            stats, metrics = engine.stats(), engine.metrics
+            break
+        await stream.aclose()
+        await waiting.aclose()
+        assert stats.running == 1
+        assert value(metrics, "medha:num_requests_running") == 1
+        assert value(metrics, "medha:num_requests_waiting") == stats.waiting == 0
+        used = 1 - stats.free_blocks / stats.total_blocks
+        assert value(metrics, "medha:kv_cache_usage_perc") == pytest.approx(used)
+        assert used > 0
+        # A stream closed unstarted was never the scheduler's: only the first one counts.
+        await idle(engine)
+        assert finished(metrics, "abort") == 1
+
+
+async def test_an_abort_and_a_stopped_engine_count_once_with_their_reason() -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    engine = medha.Engine(engine_config())
+    async with engine:
+        metrics = engine.metrics
+        async for _ in engine.stream([1, 2, 3], params, request_id="left"):
+            break  # leaving the loop aborts it
+        running = engine.stream([4, 5, 6], params, request_id="running")
+        await running.__anext__()
+        await engine.abort("left")  # already ended: nothing more to count
+        await anyio.sleep(0.05)
+        assert finished(metrics, "abort") == 1
+        assert value(metrics, "medha:e2e_request_latency_seconds_count") == 1
+    # Stopping the engine ends the running request with an error.
+    with pytest.raises(medha.EngineClosedError):
+        async for _ in running:
+            pass
+    assert finished(metrics, "error") == 1
+    assert finished(metrics, "abort") == 1
+    assert value(metrics, "medha:e2e_request_latency_seconds_count") == 2
+    # A stopped engine's metrics still render, without the gauges of a running one.
+    families = {f.name for f in text_string_to_metric_families(metrics.render().decode())}
+    assert "medha:request_success" in families
+    assert "medha:num_requests_running" not in families
+
+
+async def test_a_first_token_after_its_deadline_is_a_miss() -> None:
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config()) as engine:
+        completion = await engine.generate([1, 2, 3], params, deadline=1e-9)
+        assert completion.metrics.deadline_met is False
+        metrics = engine.metrics
+        assert deadlines(metrics, "missed") == 1 and deadlines(metrics, "met") == 0
+        assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="10.0") == 0
+
+
+def _metrics_of(arrival: float, deadline: float, finished_time: float) -> RequestMetrics:
+    metrics = RequestMetrics(arrival=arrival, deadline=deadline)
+    metrics.finished_time = finished_time
+    return metrics
+
+
+def test_a_request_ended_without_a_first_token_misses_only_a_passed_deadline() -> None:
+    metrics = EngineMetrics(MODEL, lambda: None)
+    metrics.request_ended(_metrics_of(1.0, 0.5, 1.4), "abort", 10)
+    assert deadlines(metrics, "missed") == 0
+    metrics.request_ended(_metrics_of(1.0, 0.5, 1.6), "error", 10)
+    assert deadlines(metrics, "missed") == 1
+    assert finished(metrics, "abort") == finished(metrics, "error") == 1
+    assert value(metrics, "medha:request_generation_tokens_bucket", le="1.0") == 2
+
+
+def test_each_engine_has_a_registry_of_its_own_which_does_not_keep_it_alive() -> None:
+    first, second = medha.Engine(engine_config()), medha.Engine(engine_config())
+    assert first.metrics.registry is not second.metrics.registry
+    # Not started: counters and histograms only.
+    names = {f.name for f in first.metrics.registry.collect()}
+    assert "medha:time_to_first_token_seconds" in names
+    assert "medha:num_requests_running" not in names
+    # It can be served with another registry's metrics.
+    service = CollectorRegistry()
+    service.register(first.metrics.registry)
+    assert service.get_sample_value("medha:request_success_total", {
+        "model_name": MODEL, "finished_reason": "stop"
+    }) == 0  # fmt: skip
+    metrics, gone = second.metrics, weakref.ref(second)
+    del second
+    gc.collect()
+    assert gone() is None
+    assert "medha:num_requests_running" not in {f.name for f in metrics.registry.collect()}
+
+
+def test_the_gauges_follow_the_stats() -> None:
+    stats = EngineStats(
+        free_blocks=30,
+        total_blocks=40,
+        waiting=2,
+        running=3,
+        preempted=1,
+        finished=9,
+        aborted=0,
+        preemptions=4,
+        iterations=50,
+        time_scale=1.25,
+        pauses=6,
+        cached_blocks=7,
+        prefix_cache_hit_tokens=112,
+    )
+    metrics = EngineMetrics(MODEL, lambda: stats)
+    expected = {
+        "medha:num_requests_running": 3,
+        "medha:num_requests_waiting": 2,
+        "medha:num_requests_preempted": 1,
+        "medha:kv_cache_usage_perc": 0.25,
+        "medha:kv_cache_total_blocks": 40,
+        "medha:prefix_cache_blocks": 7,
+        "medha:cost_time_scale": 1.25,
+        "medha:num_preemptions_total": 4,
+        "medha:iteration_pauses_total": 6,
+        "medha:prefix_cache_hit_tokens_total": 112,
+    }
+    assert {name: value(metrics, name) for name in expected} == expected
+    # An inf ratio (a deadline of 0 cannot be given, but a rounding could make one) is counted.
+    request = RequestMetrics(arrival=0.0, deadline=0.0)
+    request.record_token(0.5)
+    metrics.token(request, 3)
+    assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="+Inf") == 1
+    assert value(metrics, "medha:first_token_deadline_ratio_sum") == math.inf
