@@ -4,6 +4,7 @@ once, whatever ends the request, and read the gauges from Engine.stats()."""
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import weakref
 
@@ -42,11 +43,25 @@ async def test_finished_requests_count_their_tokens_latencies_and_iterations() -
     async with medha.Engine(engine_config(), model_name="served") as engine:
         metrics = engine.metrics
         assert metrics.model_name == "served"
+        done: list[medha.Completion] = []
+
+        async def generate(prompt: list[int], length: int) -> None:
+            params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
+            done.append(await engine.generate(prompt, params, 30.0))
+
         async with anyio.create_task_group() as group:
             for prompt, length in zip(prompts, lengths, strict=True):
-                params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
-                group.start_soon(engine.generate, prompt, params, 30.0)
+                group.start_soon(generate, prompt, length)
         stats = await idle(engine)
+        runs = [c.metrics for c in done]
+        gaps = [b - a for m in runs for a, b in itertools.pairwise(m.token_times)]
+        assert value(metrics, "medha:inter_token_latency_seconds_sum") == pytest.approx(sum(gaps))
+        ttfts = sum(m.ttft or 0 for m in runs)
+        assert value(metrics, "medha:time_to_first_token_seconds_sum") == pytest.approx(ttfts)
+        e2e = sum(m.e2e or 0 for m in runs)
+        assert value(metrics, "medha:e2e_request_latency_seconds_sum") == pytest.approx(e2e)
+        ratios = sum((m.ttft or 0) / m.deadline for m in runs)
+        assert value(metrics, "medha:first_token_deadline_ratio_sum") == pytest.approx(ratios)
         assert finished(metrics, "length") == 3
         assert finished(metrics, "stop") == finished(metrics, "abort") == 0
         assert finished(metrics, "error") == 0

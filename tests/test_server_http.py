@@ -139,6 +139,9 @@ def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
             assert done.choices[0].message.content and done.model == "tiny"
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model=MODEL, prompt="hi")
+        # The metrics are labelled with the served name.
+        metrics = httpx2.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'medha:generation_tokens_total{model_name="tiny"} 5.0' in metrics
     finally:
         server.send_signal(signal.SIGINT)
         _, stderr = server.communicate(timeout=60)

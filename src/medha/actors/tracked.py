@@ -203,8 +203,7 @@ class TrackedRequest:
 
     def _ended(self, reason: str) -> None:
         if self.on_end is not None:
-            on_end, self.on_end = self.on_end, None
-            on_end(self, reason)
+            self.on_end(self, reason)
 
     def _send_item(self, item: StreamItem) -> None:
         # The consumer may have gone away (it aborted): then there is nobody to tell.
