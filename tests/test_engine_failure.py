@@ -83,3 +83,9 @@ async def test_a_stream_started_while_the_failing_step_runs_fails_too() -> None:
     assert len(errors) == 1
     assert type(errors[0]) is EngineFailedError
     assert type(errors[0].__cause__) is RuntimeError and str(errors[0].__cause__) == "device lost"
+    # The engine's metrics count every failed stream once, the late one too.
+    ended = engine.metrics.registry.get_sample_value(
+        "medha:request_success_total",
+        {"model_name": engine.metrics.model_name, "finished_reason": "error"},
+    )
+    assert ended == len(streams.counts) + 1

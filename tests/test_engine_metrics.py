@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
+import threading
+import time
 import weakref
+from typing import Any
 
 import anyio
 import pytest
@@ -14,11 +16,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import medha
-from medha import SamplingParams
-from medha.engine_metrics import EngineMetrics
+from medha import SamplingParams, engine_stats
+from medha.engine_metrics import RATIO_CAP, EngineMetrics
 from medha.engine_stats import EngineStats
 from medha.request import RequestMetrics
 from tests.engine_support import engine_config, idle
+from tests.server_support import openai_client
 
 pytestmark = pytest.mark.anyio
 
@@ -90,22 +93,26 @@ async def test_the_gauges_are_the_stats_of_the_moment() -> None:
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     async with medha.Engine(engine_config()) as engine:
         stream = engine.stream([1, 2, 3] * 20, params)
-        waiting = engine.stream([4, 5, 6], params)
+        never_iterated = engine.stream([4, 5, 6], params)
         async for _ in stream:
             # No await between the two: both see the same moment.
-            stats, metrics = engine.stats(), engine.metrics
+            stats, text = engine.stats(), engine.metrics.render().decode()
             break
         await stream.aclose()
-        await waiting.aclose()
-        assert stats.running == 1
-        assert value(metrics, "medha:num_requests_running") == 1
-        assert value(metrics, "medha:num_requests_waiting") == stats.waiting == 0
+        await never_iterated.aclose()
+        gauges = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        assert stats.running == 1 and gauges["medha:num_requests_running"] == 1
+        assert gauges["medha:num_requests_waiting"] == stats.waiting
         used = 1 - stats.free_blocks / stats.total_blocks
-        assert value(metrics, "medha:kv_cache_usage_perc") == pytest.approx(used)
+        assert gauges["medha:kv_cache_usage_perc"] == pytest.approx(used)
         assert used > 0
-        # A stream closed unstarted was never the scheduler's: only the first one counts.
+        # A stream never iterated was never submitted: only the first one counts.
         await idle(engine)
-        assert finished(metrics, "abort") == 1
+        assert finished(engine.metrics, "abort") == 1
 
 
 async def test_an_abort_and_a_stopped_engine_count_once_with_their_reason() -> None:
@@ -117,6 +124,9 @@ async def test_an_abort_and_a_stopped_engine_count_once_with_their_reason() -> N
             break  # leaving the loop aborts it
         running = engine.stream([4, 5, 6], params, request_id="running")
         await running.__anext__()
+        with anyio.fail_after(5):  # the abandoned stream is closed on the loop, then aborts
+            while finished(metrics, "abort") == 0:
+                await anyio.sleep(0.005)
         await engine.abort("left")  # already ended: nothing more to count
         await anyio.sleep(0.05)
         assert finished(metrics, "abort") == 1
@@ -210,9 +220,80 @@ def test_the_gauges_follow_the_stats() -> None:
         "medha:prefix_cache_hit_tokens_total": 112,
     }
     assert {name: value(metrics, name) for name in expected} == expected
-    # An inf ratio (a deadline of 0 cannot be given, but a rounding could make one) is counted.
-    request = RequestMetrics(arrival=0.0, deadline=0.0)
-    request.record_token(0.5)
-    metrics.token(request, 3)
-    assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="+Inf") == 1
-    assert value(metrics, "medha:first_token_deadline_ratio_sum") == math.inf
+    # An absurd deadline (5e-324 s is a valid one) is counted, capped: the sum stays finite.
+    for deadline in (5e-324, 0.0):
+        request = RequestMetrics(arrival=0.0, deadline=deadline)
+        request.record_token(0.5)
+        metrics.token(request, 3)
+    assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="+Inf") == 2
+    assert value(metrics, "medha:first_token_deadline_ratio_bucket", le="10.0") == 0
+    assert value(metrics, "medha:first_token_deadline_ratio_sum") == 2 * RATIO_CAP
+
+
+async def test_stats_from_another_thread_are_taken_on_the_engines_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[int] = []
+    of = EngineStats.of
+
+    def recording(actor: Any) -> EngineStats:
+        threads.append(threading.get_ident())
+        return of(actor)
+
+    monkeypatch.setattr(EngineStats, "of", recording)
+    async with medha.Engine(engine_config()) as engine:
+        loop_thread = threading.get_ident()
+        stats = await anyio.to_thread.run_sync(engine.stats)
+        text = await anyio.to_thread.run_sync(engine.metrics.render)
+        assert threads == [loop_thread, loop_thread]
+        assert stats.total_blocks == engine.stats().total_blocks
+        assert b"medha:num_requests_running{" in text
+        # A loop too busy to answer in time: the scrape goes on without the gauges.
+        monkeypatch.setattr(engine_stats, "CROSS_THREAD_TIMEOUT_S", 0.05)
+        scraped: list[bytes] = []
+        scrape = threading.Thread(target=lambda: scraped.append(engine.metrics.render()))
+        scrape.start()
+        time.sleep(0.5)  # the loop's thread, blocked
+        scrape.join(5)
+        assert b"medha:request_success_total{" in scraped[0]
+        assert b"medha:num_requests_running{" not in scraped[0]
+
+
+async def test_a_request_ended_before_its_first_token_keeps_its_re_predicted_deadline() -> None:
+    config = engine_config(policy="lars", online_time_scale=False, max_chunk=32)
+    async with medha.Engine(config) as engine:
+        scheduler = engine._actor().scheduler
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        stream = engine.stream([1, 2, 3] * 600, params, request_id="long")
+        events = []
+
+        async def consume() -> None:
+            events.extend([event async for event in stream])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            with anyio.fail_after(10):
+                while scheduler.get("long") is None or scheduler.get("long").in_flight == 0:
+                    await anyio.sleep(0.001)
+            scheduler.cost.time_scale = 1000.0  # type: ignore[attr-defined]
+            with anyio.fail_after(10):  # re-priced at its next plan
+                while scheduler.get("long").deadline < 100:
+                    await anyio.sleep(0.001)
+            repredicted = scheduler.get("long").deadline
+            await engine.abort("long")
+        (last,) = events
+        assert last.finish_reason == "abort" and last.metrics.first_token_time is None
+        assert last.metrics.deadline == repredicted
+
+
+async def test_with_metrics_off_there_are_none_and_no_metrics_route() -> None:
+    async with medha.Engine(engine_config(enable_metrics=False)) as engine:
+        assert engine.metrics is None
+        done = await engine.generate([1, 2, 3], SamplingParams.greedy(3, ignore_eos=True))
+        assert done.finish_reason == "length"
+        assert engine._actor().metrics is None
+        _, http = openai_client(engine)
+        async with http:
+            missing = await http.get("/metrics")
+            assert missing.status_code == 404
+            assert (await http.get("/stats")).status_code == 200

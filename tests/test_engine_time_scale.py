@@ -88,6 +88,12 @@ async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_toke
     assert default.metrics.deadline_met is True
     assert given.metrics.deadline == 0.7
     assert given_deadlines == {0.7}  # re-priced while pending, the scheduler kept it too
+    # The engine's metrics judge each first token by the same deadline.
+    ratios = engine.metrics.registry.get_sample_value(
+        "medha:first_token_deadline_ratio_sum", {"model_name": engine.metrics.model_name}
+    )
+    runs = [default.metrics, given.metrics]
+    assert ratios == pytest.approx(sum((m.ttft or 0) / m.deadline for m in runs))
 
 
 async def test_a_lone_prefills_long_iterations_do_not_teach_the_time_scale() -> None:

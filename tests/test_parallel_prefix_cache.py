@@ -46,9 +46,10 @@ async def _one_by_one(engine: medha.Engine) -> list[list[int]]:
 
 
 async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> None:
-    async with medha.Engine(parallel_config(1, 2, 2)) as engine:
+    async with medha.Engine(parallel_config(1, 2, 2), record_iterations=True) as engine:
         cached = await _one_by_one(engine)
         stats = engine.stats()
+        in_flight = sum(record.seconds for record in engine.iteration_history)
         metrics = engine.metrics.registry
         label = {"model_name": engine.metrics.model_name}
     # Three later prompts, each taking the prefix's 8 full blocks (128 tokens); the next turn
@@ -61,6 +62,9 @@ async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> 
     assert metrics.get_sample_value("medha:prompt_tokens_total", label) == prompt_tokens
     assert metrics.get_sample_value("medha:generation_tokens_total", label) == 5 * 6
     assert metrics.get_sample_value("medha:iteration_seconds_count", label) == stats.iterations
+    # An iteration's time there is its slowest stage's, less than its time in flight.
+    stage_seconds = metrics.get_sample_value("medha:iteration_seconds_sum", label)
+    assert stage_seconds is not None and 0 < stage_seconds < in_flight
     assert stats.free_blocks == stats.total_blocks
     single = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=False)
     async with medha.Engine(single) as engine:

@@ -12,7 +12,7 @@ import pytest
 
 import medha
 from medha import SamplingParams
-from medha.actors.scheduler_actor import IterationRecord
+from medha.actors.scheduler_messages import IterationRecord
 from tests.parallel_support import parallel_config, single_process_greedy
 
 pytestmark = pytest.mark.anyio

@@ -333,6 +333,10 @@ async def test_health_models_and_stats() -> None:
         ended = [samples["medha:request_success_total", r] for r in ("stop", "length")]
         assert sum(ended) == 1 and samples["medha:prompt_tokens_total", None] > 0
         assert samples["medha:kv_cache_total_blocks", None] == stats["total_blocks"]
+        accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        openmetrics = await http.get("/metrics", headers=accept)
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n")
         await engine.stop()
         assert (await http.get("/health")).status_code == 503
         with pytest.raises(openai.APIStatusError) as closed:

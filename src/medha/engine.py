@@ -28,13 +28,14 @@ import anyio
 
 from medha.actors.host import ActorHost
 from medha.actors.model_thread import ModelThread
-from medha.actors.scheduler_actor import Abort, IterationRecord, SchedulerActor, Submit
+from medha.actors.scheduler_actor import SchedulerActor
+from medha.actors.scheduler_messages import Abort, IterationRecord, Submit
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
 from medha.engine_metrics import EngineMetrics
 from medha.engine_setup import online_time_scale
-from medha.engine_stats import EngineStats
+from medha.engine_stats import EngineStats, on_loop
 from medha.errors import (
     EngineClosedError,
     EngineFailedError,
@@ -59,9 +60,9 @@ def _seconds_since(t0: float) -> float:
 class Engine:
     """Serve one model; use as `async with Engine(config) as engine:`.
 
-    `record_iterations`: keep a record of every iteration in `iteration_history` (for
-    benchmarks and plots; it grows without bound, so not for a long-running service).
-    `model_name`: the label of its Prometheus metrics, `metrics` (default: config.model)."""
+    `record_iterations`: keep a record of every iteration in `iteration_history` (benchmarks,
+    plots: it grows without bound). `model_name`: the label of its Prometheus metrics,
+    `metrics` (default: config.model; None with config.enable_metrics off)."""
 
     def __init__(
         self,
@@ -368,7 +369,8 @@ class Engine:
             actor.tell(Abort(one))
 
     def stats(self) -> EngineStats:
-        return EngineStats.of(self._actor())
+        """A snapshot, taken on the engine's loop (from another thread, waiting for it)."""
+        return on_loop(self._loop, partial(EngineStats.of, self._actor()))
 
     def tokenize(self, prompt: Prompt, sampling: SamplingParams | None = None) -> list[int]:
         """The token ids a request of `prompt` runs (the last `truncate_prompt_tokens` of

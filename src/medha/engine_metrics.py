@@ -1,17 +1,17 @@
 """EngineMetrics: an engine's Prometheus metrics (`Engine.metrics`), for dashboards and alerts.
 
-The names are vLLM's with `medha:` for `vllm:` (`medha:time_to_first_token_seconds`,
-`medha:num_requests_running`, `medha:kv_cache_usage_perc`, ...), so a vLLM dashboard carries
-over by renaming the prefix. Medha adds what its scheduler is judged by: whether first tokens
-come by their deadlines (`medha:first_token_deadline_total`, `medha:first_token_deadline_ratio`),
-how well iterations keep to their predicted times, and its between-layer pauses.
+Where medha measures what vLLM does, the name is vLLM's with `medha:` for `vllm:`
+(`medha:time_to_first_token_seconds`, `medha:num_requests_running`, `medha:kv_cache_usage_perc`,
+...; docs/engine.md lists the differences). Medha adds what its scheduler is judged by: whether
+first tokens come by their deadlines (`medha:first_token_deadline_total`,
+`medha:first_token_deadline_ratio`), how well iterations keep to their predicted times, and
+its between-layer pauses.
 
 Every metric has the label `model_name`. The engine's scheduler actor records requests and
 iterations as they happen, on the event loop (a few microseconds a token); the gauges are read
-from `Engine.stats()` when the registry is collected. The registry is the engine's own, so two
-engines in one process never clash: serve it with `render()` (medha's server does, at
-/metrics), `prometheus_client.make_asgi_app(engine.metrics.registry)`, or register it in
-another registry (`prometheus_client.REGISTRY.register(engine.metrics.registry)`).
+from `Engine.stats()` when the registry is collected (on the engine's loop, whichever thread
+collects). The registry is the engine's own, so two engines in one process never clash: serve
+it with `exposition()` (medha's server does, at /metrics), or with prometheus_client's own means.
 """
 
 from __future__ import annotations
@@ -21,16 +21,19 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest as _render
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from medha.engine_stats import EngineStats
 from medha.errors import MedhaError
+from medha.log import get_logger
 from medha.request import RequestMetrics
 
 if TYPE_CHECKING:
     from medha.engine import Engine
+
+_log = get_logger(__name__)
 
 # Long contexts make for long first tokens: a 1M-token prefill takes minutes on one GPU.
 _LATENCY_BUCKETS = (
@@ -42,10 +45,9 @@ _TOKEN_LATENCY_BUCKETS = (
     *(0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
 )
 _RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+RATIO_CAP = 1000.0
+"""Ratios above it count as it: one absurd deadline (1e-300 s) cannot swamp a sum for good."""
 _TOKEN_COUNT_BUCKETS = tuple(float(2**k) for k in range(21))  # 1 .. 1M tokens
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-"""The HTTP Content-Type of `EngineMetrics.render()`'s text."""
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 """`medha:request_success_total`'s finished_reason values: "error" is a request the engine
@@ -133,8 +135,11 @@ class EngineMetrics:
         )
 
     @classmethod
-    def of(cls, engine: Engine, model_name: str) -> EngineMetrics:
-        """The metrics of `engine`, which they do not keep alive."""
+    def of(cls, engine: Engine, model_name: str) -> EngineMetrics | None:
+        """The metrics of `engine`, which they do not keep alive; None where its config has
+        them off (enable_metrics)."""
+        if not engine.config.enable_metrics:
+            return None
         stats_of = weakref.WeakMethod(engine.stats)
 
         def stats() -> EngineStats | None:
@@ -143,12 +148,21 @@ class EngineMetrics:
                 return None if method is None else method()
             except MedhaError:  # not started, stopped or failed
                 return None
+            except Exception as exc:  # its loop too busy to answer, or closed meanwhile
+                _log.warning("metrics collected without the engine's stats", error=repr(exc))
+                return None
 
         return cls(model_name, stats)
 
     def render(self) -> bytes:
-        """The registry in Prometheus's text format (Content-Type: `CONTENT_TYPE`)."""
-        return _render(self.registry)
+        """The registry in Prometheus's text format."""
+        return generate_latest(self.registry)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry in the format an HTTP `Accept` header asks for (Prometheus's text
+        unless it asks for OpenMetrics), and that format's Content-Type."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
     # -- recorded by the scheduler actor ----------------------------------------------------------
 
@@ -164,7 +178,8 @@ class EngineMetrics:
         ttft = metrics.ttft
         assert ttft is not None, "a token was recorded"
         self._ttft.observe(ttft)
-        self._deadline_ratio.observe(ttft / metrics.deadline if metrics.deadline > 0 else math.inf)
+        ratio = ttft / metrics.deadline if metrics.deadline > 0 else math.inf
+        self._deadline_ratio.observe(min(ratio, RATIO_CAP))
         (self._deadline_met if ttft <= metrics.deadline else self._deadline_missed).inc()
 
     def request_ended(self, metrics: RequestMetrics, reason: str, prompt_tokens: int) -> None:
@@ -187,7 +202,7 @@ class EngineMetrics:
         self._iteration_tokens.observe(tokens)
         self._prefill_tokens.inc(tokens - decodes)
         if predicted > 0:
-            self._prediction.observe(seconds / predicted)
+            self._prediction.observe(min(seconds / predicted, RATIO_CAP))
 
 
 class _StatsCollector:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from medha.actors.scheduler_actor import SchedulerActor
+
+T = TypeVar("T")
+
+CROSS_THREAD_TIMEOUT_S = 5.0
+"""How long `on_loop` waits for a busy event loop before TimeoutError."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +63,27 @@ class EngineStats:
             cached_blocks=sum(s.cached_blocks),
             prefix_cache_hit_tokens=s.prefix_hit_blocks * actor.scheduler.config.block_size,
         )
+
+
+def on_loop(loop: asyncio.AbstractEventLoop | None, take: Callable[[], T]) -> T:
+    """`take()` on `loop`'s thread: at once when called there (or with no loop yet), else as a
+    callback of the loop, waited for. The scheduler's tables change on that thread only, so a
+    snapshot read from another one (a Prometheus scrape thread, an `LLM` user) could see them
+    half changed, or fail with "dictionary changed size during iteration"."""
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if loop is None or here is loop:
+        return take()
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(take())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)  # RuntimeError once the loop is closed
+    return future.result(timeout=CROSS_THREAD_TIMEOUT_S)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from medha.actors.messages import StepOutput
-from medha.actors.scheduler_actor import Abort, SchedulerActor, Submit
+from medha.actors.scheduler_actor import SchedulerActor
+from medha.actors.scheduler_messages import Abort, Submit
 from medha.engine_metrics import EngineMetrics
 from medha.errors import EngineFailedError
 from medha.log import get_logger
@@ -185,7 +186,8 @@ class PipelineSchedulerActor(SchedulerActor):
         self.scheduler.on_step_done(plan, now, finished)
         self._add_block_hashes(output.sampled)
         self._admit_parked()
-        self._record(plan, flight.issued_at, now - flight.issued_at)
+        stage = (flight.compute_seconds, plan.predicted_stage_time)
+        self._record(plan, flight.issued_at, now - flight.issued_at, stage)
         # A lone prefill's long iteration shows another level than the ordinary batches'.
         if (
             self.time_scale is not None

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import anyio
 
 from medha.actors.base import Actor, ActorStoppedError
 from medha.actors.messages import Forget, ModelStep, ResumeStep, SeqWork, StepOutput, StepPaused
+from medha.actors.scheduler_messages import Abort, IterationRecord, Submit
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.engine_metrics import EngineMetrics
@@ -43,32 +43,6 @@ _log = get_logger(__name__)
 # How long to wait for a message when the scheduler has work but can issue nothing (memory
 # full of in-flight work cannot happen with one stage, but a plan may still come back empty).
 _IDLE_POLL_S = 0.002
-
-
-@dataclass(frozen=True, slots=True)
-class Submit:
-    request: TrackedRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    request_id: str
-    request: TrackedRequest | None = None
-    """The request to abort when its own stream ends early; None (`Engine.abort`): whichever
-    request holds the id. A stream may end long after its request finished (an abandoned async
-    generator is closed when it is collected), and the id may be a new request's by then."""
-
-
-@dataclass(frozen=True, slots=True)
-class IterationRecord:
-    """What one iteration ran: for the demo's timeline and the calibration report."""
-
-    step_id: int
-    started: float
-    seconds: float
-    predicted_seconds: float
-    tokens: tuple[tuple[str, int, bool], ...]
-    """(request id, query tokens, is prefill) per sequence."""
 
 
 class SchedulerActor(Actor[Submit | Abort]):
@@ -103,6 +77,12 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.metrics = metrics
         """Where requests' tokens and ends, and iterations, are counted (None: nowhere)."""
 
+    def tell(self, message: Submit | Abort) -> None:
+        super().tell(message)
+        if isinstance(message, Submit) and self.metrics is not None:
+            # Counted from here, however it ends: refused late, parked, left in the mailbox.
+            message.request.on_end = self._count_end
+
     async def run(self) -> None:
         try:
             while await self._take_messages():
@@ -133,10 +113,7 @@ class SchedulerActor(Actor[Submit | Abort]):
         """Handle what the mailbox holds; block for a message when there is no work at all.
         False once the mailbox is closed (the engine is stopping)."""
         try:
-            while True:
-                message = self.receive_nowait()
-                if message is None:
-                    break
+            while (message := self.receive_nowait()) is not None:
                 self._handle(message)
             if not self.scheduler.has_work:
                 await self._forget_released()
@@ -175,6 +152,8 @@ class SchedulerActor(Actor[Submit | Abort]):
         if message.request is not None and tracked is not message.request:
             return  # that request has finished; the id is free, or another request's
         request = self.requests.pop(message.request_id, None)
+        if request is not None:
+            self._settle_deadline(request)
         if self.scheduler.abort(message.request_id) or request is not None:
             _log.info("request aborted", request_id=message.request_id)
         if request is not None:
@@ -211,8 +190,6 @@ class SchedulerActor(Actor[Submit | Abort]):
         if scheduled is not None:
             request.metrics.deadline = scheduled.deadline
         self.requests[request.request_id] = request
-        if self.metrics is not None:
-            request.on_end = self._count_end
         _log.info(
             "request queued",
             request_id=request.request_id,
@@ -409,14 +386,31 @@ class SchedulerActor(Actor[Submit | Abort]):
             params, len(request.prompt_ids), request.eos_token_ids, prompt, request.bad_words_ids
         )
 
+    def _settle_deadline(self, request: TrackedRequest) -> None:
+        """Before its first token or its end without one: a default deadline follows the
+        scheduler's re-predictions until then."""
+        if request.deadline is None and request.metrics.first_token_time is None:
+            scheduled = self.scheduler.get(request.request_id)
+            if scheduled is not None:
+                request.metrics.deadline = scheduled.deadline
+
     def _count_end(self, request: TrackedRequest, reason: str) -> None:
         assert self.metrics is not None
         self.metrics.request_ended(request.metrics, reason, len(request.prompt_ids))
 
-    def _record(self, plan: BatchPlan, started: float, seconds: float) -> None:
+    def _record(
+        self,
+        plan: BatchPlan,
+        started: float,
+        seconds: float,
+        stage: tuple[float, float] | None = None,
+    ) -> None:
+        """Count an iteration that took `seconds` from `started`. `stage`: the measured and
+        predicted seconds of its slowest pipeline stage (default: its own)."""
         self.iterations += 1
         if self.metrics is not None:
-            self.metrics.iteration(seconds, plan.predicted_time, plan.num_tokens, plan.num_decodes)
+            measured, predicted = stage or (seconds, plan.predicted_time)
+            self.metrics.iteration(measured, predicted, plan.num_tokens, plan.num_decodes)
         if self.history is not None:
             self.history.append(
                 IterationRecord(
@@ -446,12 +440,8 @@ class SchedulerActor(Actor[Submit | Abort]):
             except GrammarViolationError as exc:
                 self._fail_one(request, exc)
                 continue
+            self._settle_deadline(request)
             request.metrics.record_token(now)
-            if request.metrics.num_output_tokens == 1 and request.deadline is None:
-                # A default deadline follows the scheduler's re-predictions until now.
-                scheduled = self.scheduler.get(request_id)
-                if scheduled is not None:
-                    request.metrics.deadline = scheduled.deadline
             if self.metrics is not None:
                 self.metrics.token(request.metrics, len(request.prompt_ids))
             event = TokenEvent(
@@ -494,12 +484,14 @@ class SchedulerActor(Actor[Submit | Abort]):
     def _fail_one(self, request: TrackedRequest, error: BaseException) -> None:
         """End one request with `error` (a bug that concerns it alone); the others go on."""
         _log.error("request failed", request_id=request.request_id, error=repr(error))
+        self._settle_deadline(request)
         self.scheduler.abort(request.request_id)
         del self.requests[request.request_id]
         request.fail(error, self.clock())
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
         for request in [*self.requests.values(), *self._parked]:
+            self._settle_deadline(request)
             failure = type(error)(str(error))
             failure.__cause__ = cause
             request.fail(failure, self.clock())

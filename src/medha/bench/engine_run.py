@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from medha.actors.scheduler_actor import IterationRecord
+from medha.actors.scheduler_messages import IterationRecord
 from medha.bench.mixed_workload import MixedRequest
 from medha.engine import Engine
 from medha.sampling import SamplingParams

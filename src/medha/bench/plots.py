@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medha.actors.scheduler_actor import IterationRecord
+from medha.actors.scheduler_messages import IterationRecord
 from medha.bench.engine_run import RequestResult
 
 

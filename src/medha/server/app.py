@@ -27,7 +27,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medha.engine import Engine
-from medha.engine_metrics import CONTENT_TYPE
 from medha.errors import InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.sampling import SamplingParams
@@ -68,7 +67,8 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
-    app.add_api_route("/metrics", api.metrics, methods=["GET"])
+    if engine.metrics is not None:  # else a 404, as for any path the app lacks
+        app.add_api_route("/metrics", api.metrics, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=guard)
     for path, endpoint in [
         ("/v1/completions", api.completions),
@@ -101,8 +101,10 @@ class _Api:
     async def stats(self) -> dict[str, Any]:
         return asdict(self.engine.stats())
 
-    async def metrics(self) -> Response:
-        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
+    async def metrics(self, request: Request) -> Response:
+        assert self.engine.metrics is not None, "the route is there only with metrics"
+        body, content_type = self.engine.metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     async def models(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created}
