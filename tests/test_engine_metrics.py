@@ -3,11 +3,13 @@ once, whatever ends the request, and read the gauges from Engine.stats()."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -17,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import medha
 from medha import SamplingParams, engine_stats
+from medha.actors.scheduler_actor import SchedulerActor
 from medha.engine_metrics import RATIO_CAP, EngineMetrics
 from medha.engine_stats import EngineStats
 from medha.request import RequestMetrics
-from tests.engine_support import engine_config, idle
+from tests.engine_support import engine_config, idle, tracked_request
 from tests.server_support import openai_client
 
 pytestmark = pytest.mark.anyio
@@ -166,8 +169,25 @@ def test_a_request_ended_without_a_first_token_misses_only_a_passed_deadline() -
     assert deadlines(metrics, "missed") == 0
     metrics.request_ended(_metrics_of(1.0, 0.5, 1.6), "error", 10)
     assert deadlines(metrics, "missed") == 1
-    assert finished(metrics, "abort") == finished(metrics, "error") == 1
-    assert value(metrics, "medha:request_generation_tokens_bucket", le="1.0") == 2
+    # Deadline 0: none was set (refused before the scheduler set the default one).
+    metrics.request_ended(_metrics_of(1.0, 0.0, 9.0), "error", 10)
+    assert deadlines(metrics, "missed") == 1
+    assert finished(metrics, "abort") == 1 and finished(metrics, "error") == 2
+    assert value(metrics, "medha:request_generation_tokens_bucket", le="1.0") == 3
+
+
+def test_a_parked_request_failing_keeps_its_own_deadline() -> None:
+    """Parked: its id is still the previous request's in the scheduler (a pipeline)."""
+
+    class Previous:
+        deadline = 123.0
+
+    scheduler = SimpleNamespace(get=lambda request_id: Previous())
+    actor = SchedulerActor(scheduler, None, lambda: 2.0)  # type: ignore[arg-type]
+    parked = tracked_request([1, 2, 3], SamplingParams.greedy(2))
+    actor._parked.append(parked)
+    actor._fail_requests(medha.EngineClosedError("closed"), None)
+    assert parked.metrics.deadline == 1.0 and parked.finish_reason == "abort"
 
 
 def test_each_engine_has_a_registry_of_its_own_which_does_not_keep_it_alive() -> None:
@@ -251,12 +271,33 @@ async def test_stats_from_another_thread_are_taken_on_the_engines_loop(
         # A loop too busy to answer in time: the scrape goes on without the gauges.
         monkeypatch.setattr(engine_stats, "CROSS_THREAD_TIMEOUT_S", 0.05)
         scraped: list[bytes] = []
+        taken = len(threads)
         scrape = threading.Thread(target=lambda: scraped.append(engine.metrics.render()))
         scrape.start()
         time.sleep(0.5)  # the loop's thread, blocked
         scrape.join(5)
         assert b"medha:request_success_total{" in scraped[0]
         assert b"medha:num_requests_running{" not in scraped[0]
+        await anyio.sleep(0.05)  # the loop reaches the scrape's callback: given up, it is skipped
+        assert len(threads) == taken
+
+
+def test_stats_of_an_engine_whose_loop_is_not_running_are_taken_at_once() -> None:
+    loop = asyncio.new_event_loop()
+    engine = medha.Engine(engine_config())
+    loop.run_until_complete(engine.start())
+    try:
+        started = time.monotonic()
+        assert engine.stats().total_blocks == 1024  # on the loop's thread, between runs
+        scrape: list[bytes] = []
+        thread = threading.Thread(target=lambda: scrape.append(engine.metrics.render()))
+        thread.start()
+        thread.join(10)
+        assert time.monotonic() - started < 2  # not CROSS_THREAD_TIMEOUT_S
+        assert b"medha:num_requests_running{" in scrape[0]
+    finally:
+        loop.run_until_complete(engine.stop())
+        loop.close()
 
 
 async def test_a_request_ended_before_its_first_token_keeps_its_re_predicted_deadline() -> None:

@@ -11,7 +11,7 @@ Every metric has the label `model_name`. The engine's scheduler actor records re
 iterations as they happen, on the event loop (a few microseconds a token); the gauges are read
 from `Engine.stats()` when the registry is collected (on the engine's loop, whichever thread
 collects). The registry is the engine's own, so two engines in one process never clash: serve
-it with `exposition()` (medha's server does, at /metrics), or with prometheus_client's own means.
+it with `render()` (medha's server does, at /metrics), or with prometheus_client's own means.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 
 from medha.engine_stats import EngineStats
 from medha.errors import MedhaError
@@ -45,6 +44,10 @@ _TOKEN_LATENCY_BUCKETS = (
     *(0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
 )
 _RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""What `EngineMetrics.render()` writes: Prometheus's text format 0.0.4, which every Prometheus
+scrapes whatever it asks for. Not OpenMetrics: prometheus_client 0.26 writes it with `medha:`
+turned into `medha_` on the sample lines but not in `# TYPE`, which scrapers reject."""
 RATIO_CAP = 1000.0
 """Ratios above it count as it: one absurd deadline (1e-300 s) cannot swamp a sum for good."""
 _TOKEN_COUNT_BUCKETS = tuple(float(2**k) for k in range(21))  # 1 .. 1M tokens
@@ -155,14 +158,8 @@ class EngineMetrics:
         return cls(model_name, stats)
 
     def render(self) -> bytes:
-        """The registry in Prometheus's text format."""
+        """The registry in Prometheus's text format (Content-Type: `CONTENT_TYPE`)."""
         return generate_latest(self.registry)
-
-    def exposition(self, accept: str = "") -> tuple[bytes, str]:
-        """The registry in the format an HTTP `Accept` header asks for (Prometheus's text
-        unless it asks for OpenMetrics), and that format's Content-Type."""
-        encode, content_type = choose_encoder(accept)
-        return encode(self.registry), content_type
 
     # -- recorded by the scheduler actor ----------------------------------------------------------
 
@@ -193,7 +190,9 @@ class EngineMetrics:
         self._request_generation.observe(metrics.num_output_tokens)
         if (tpot := metrics.tpot) is not None:
             self._tpot.observe(tpot)
-        if metrics.first_token_time is None and end - metrics.arrival > metrics.deadline:
+        # Deadline 0: none yet (a default one is set when the scheduler takes the request).
+        late = metrics.deadline > 0 and end - metrics.arrival > metrics.deadline
+        if metrics.first_token_time is None and late:
             self._deadline_missed.inc()  # e.g. a client that gave up waiting
 
     def iteration(self, seconds: float, predicted: float, tokens: int, decodes: int) -> None:

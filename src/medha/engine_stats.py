@@ -74,8 +74,8 @@ def on_loop(loop: asyncio.AbstractEventLoop | None, take: Callable[[], T]) -> T:
         here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         here = None
-    if loop is None or here is loop:
-        return take()
+    if loop is None or here is loop or not loop.is_running():
+        return take()  # nothing changes the tables meanwhile
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def run() -> None:
@@ -85,5 +85,9 @@ def on_loop(loop: asyncio.AbstractEventLoop | None, take: Callable[[], T]) -> T:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    loop.call_soon_threadsafe(run)  # RuntimeError once the loop is closed
-    return future.result(timeout=CROSS_THREAD_TIMEOUT_S)
+    loop.call_soon_threadsafe(run)
+    try:
+        return future.result(timeout=CROSS_THREAD_TIMEOUT_S)
+    except TimeoutError:
+        future.cancel()  # the loop, when it gets to it, skips the work
+        raise

@@ -490,8 +490,9 @@ class SchedulerActor(Actor[Submit | Abort]):
         request.fail(error, self.clock())
 
     def _fail_requests(self, error: BaseException, cause: BaseException | None) -> None:
+        for request in self.requests.values():
+            self._settle_deadline(request)  # not the parked: their id is another request's
         for request in [*self.requests.values(), *self._parked]:
-            self._settle_deadline(request)
             failure = type(error)(str(error))
             failure.__cause__ = cause
             request.fail(failure, self.clock())

@@ -5,11 +5,11 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
 `stream: true`), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus metrics,
-medha.engine_metrics). The app does not own the engine: whoever
-started it stops it, after the server. A client that disconnects aborts its requests, streamed
-or not, and frees their KV cache. Errors have OpenAI's shape ({"error": {"message", "type",
-"param", "code"}}): a request medha refuses (medha.errors.InvalidRequestError, or a body of the
-wrong shape) is a 400 before anything is queued.
+medha.engine_metrics). The app does not own the engine: whoever started it stops it, after the
+server. A client that disconnects aborts its requests, streamed or not, and frees their KV
+cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a request
+medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400 before
+anything is queued.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medha.engine import Engine
+from medha.engine_metrics import CONTENT_TYPE
 from medha.errors import InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.sampling import SamplingParams
@@ -54,7 +55,7 @@ def create_app(
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
     (`Authorization: Bearer KEY`, what OpenAI's clients send); /health, /stats and /metrics
-    stay open."""
+    (there unless EngineConfig.enable_metrics is off) stay open."""
     api = _Api(engine, served_model_name or engine.config.model)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
@@ -101,10 +102,9 @@ class _Api:
     async def stats(self) -> dict[str, Any]:
         return asdict(self.engine.stats())
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics(self) -> Response:
         assert self.engine.metrics is not None, "the route is there only with metrics"
-        body, content_type = self.engine.metrics.exposition(request.headers.get("accept", ""))
-        return Response(body, headers={"Content-Type": content_type})
+        return Response(self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created}
