@@ -4,8 +4,8 @@
         app = create_app(engine)          # mount it in a service, or: medha serve MODEL
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`stream: true`), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus metrics,
-medha.engine_metrics). The app does not own the engine: whoever started it stops it, after the
+`stream: true`), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health, /stats and
+/metrics (the engine's Prometheus metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it, after the
 server. A client that disconnects aborts its requests, streamed or not, and frees their KV
 cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a request
 medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400 before
@@ -45,6 +45,7 @@ from medha.server.streaming import (
     status_of,
     until_disconnected,
 )
+from medha.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 _log = get_logger(__name__)
 
@@ -54,8 +55,9 @@ def create_app(
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
-    (`Authorization: Bearer KEY`, what OpenAI's clients send); /health, /stats and /metrics
-    (there unless EngineConfig.enable_metrics is off) stay open."""
+    (`Authorization: Bearer KEY`, what OpenAI's clients send), and so must /tokenize and
+    /detokenize; /health, /stats and /metrics (there unless EngineConfig.enable_metrics is
+    off) stay open."""
     api = _Api(engine, served_model_name or engine.config.model)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
@@ -74,10 +76,12 @@ def create_app(
     for path, endpoint in [
         ("/v1/completions", api.completions),
         ("/v1/chat/completions", api.chat_completions),
+        ("/tokenize", api.tokenize),
+        ("/detokenize", api.detokenize),
     ]:
         app.add_api_route(
             path,
-            endpoint,  # type: ignore[arg-type]  # mypy joins the two methods' types to "function"
+            endpoint,  # type: ignore[arg-type]  # mypy joins the methods' types to "function"
             methods=["POST"],
             response_model=None,
             dependencies=guard,
@@ -163,12 +167,23 @@ class _Api:
         rendered = [render.whole(o, c.prompt_ids) for o, c in zip(outputs, choices, strict=True)]
         return JSONResponse({**head, "choices": rendered, "usage": usage(outputs, prompt_tokens)})
 
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        return await tokenize(self.engine, body)
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._check_model(body.model)
+        return await detokenize(self.engine, body)
+
     def _check(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> None:
-        if body.model is not None and body.model != self.model_name:
-            raise ModelNotFoundError(f"The model `{body.model}` does not exist.")
+        self._check_model(body.model)
         ignored = body.ignored_fields()
         if ignored:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.")
 
 
 def _key_check(key: bytes) -> Callable[[Request], None]:

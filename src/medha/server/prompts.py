@@ -22,29 +22,37 @@ async def completion_prompt_ids(
     engine: Engine, prompts: Sequence[str | list[int]], params: SamplingParams
 ) -> list[list[int]]:
     """Each prompt's ids (InvalidRequestError and its kind for one that cannot be a prompt)."""
-    return [await _tokenized(prompt, engine.tokenize, prompt, params) for prompt in prompts]
+    return [await off_loop_if_long(prompt, engine.tokenize, prompt, params) for prompt in prompts]
+
+
+async def text_ids(engine: Engine, text: str, add_special_tokens: bool) -> list[int]:
+    """The ids of a completion prompt, with or without the tokenizer's special tokens."""
+    if add_special_tokens:
+        return await off_loop_if_long(text, engine.tokenize, text)
+    return await off_loop_if_long(text, _plain_ids, engine, text, None)
 
 
 async def chat_prompt_ids(
     engine: Engine,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
-    params: SamplingParams,
+    params: SamplingParams | None = None,
 ) -> list[int]:
     """The ids of `messages` rendered by the model's chat template. Rendering is cheap (a
     string join, even for a long document); encoding the result is what takes time."""
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=False)
-    return await _tokenized(text, _template_ids, engine, text, params)
-
-
-def _template_ids(engine: Engine, text: str, params: SamplingParams) -> list[int]:
     # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
     # writes its own (a BOS), and the tokenizer's would be a second one.
+    return await off_loop_if_long(text, _plain_ids, engine, text, params)
+
+
+def _plain_ids(engine: Engine, text: str, params: SamplingParams | None) -> list[int]:
+    """`text`'s ids without the tokenizer's special tokens, checked as a prompt."""
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     return engine.tokenize(ids, params)
 
 
-async def _tokenized(prompt: object, fn: Callable[..., T], *args: object) -> T:
+async def off_loop_if_long(prompt: object, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)`, off the event loop if `prompt` is long."""
     if is_long(prompt):
         return await run_off_loop(fn, *args)

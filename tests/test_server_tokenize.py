@@ -1,0 +1,133 @@
+"""POST /tokenize and /detokenize (vLLM's): the ids the completions endpoints run for a prompt or
+a chat, their text back, typed errors, the API key, and long texts off the event loop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx2
+import pytest
+
+import medha
+from medha.server import create_app
+from tests.engine_support import MODEL, HeldEncode, engine_config, idle, long_from
+from tests.server_support import MESSAGES, PROMPT, openai_client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@asynccontextmanager
+async def serving(**config: Any) -> AsyncIterator[tuple[medha.Engine, Any, Any]]:
+    """An engine, OpenAI's client of its app, and the HTTP client under it."""
+    async with medha.Engine(engine_config(**config)) as engine:
+        client, http = openai_client(engine)
+        async with http:
+            yield engine, client, http
+
+
+async def _post(http: Any, path: str, **body: Any) -> Any:
+    return await http.post(path, json=body)
+
+
+async def test_a_prompts_tokens_are_the_ones_a_completion_runs() -> None:
+    async with serving() as (engine, client, http):
+        answer = (await _post(http, "/tokenize", prompt=PROMPT, model=MODEL)).json()
+        ids = engine.tokenize(PROMPT)
+        assert answer == {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        completion = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+        assert completion.usage.prompt_tokens == answer["count"]
+        plain = await _post(
+            http, "/tokenize", prompt=PROMPT, add_special_tokens=False, return_token_strs=True
+        )
+        plain_ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+        assert plain_ids != ids  # the tokenizer's BOS is left out
+        assert plain.json()["tokens"] == plain_ids
+        pieces = engine.tokenizer.hf_tokenizer.convert_ids_to_tokens(plain_ids)
+        assert plain.json()["token_strs"] == pieces
+
+
+async def test_a_chats_tokens_are_the_ones_a_chat_completion_runs() -> None:
+    async with serving() as (engine, client, http):
+        answer = (await _post(http, "/tokenize", messages=MESSAGES)).json()
+        assert answer["tokens"] == engine.tokenizer.apply_chat_template(MESSAGES)
+        chat = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+        assert chat.usage.prompt_tokens == answer["count"] == len(answer["tokens"])
+        no_turn = await _post(http, "/tokenize", messages=MESSAGES, add_generation_prompt=False)
+        expected = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=False)
+        assert no_turn.json()["tokens"] == expected != answer["tokens"]
+
+
+async def test_detokenize_gives_the_text_of_ids_special_tokens_included() -> None:
+    async with serving() as (engine, _client, http):
+        ids = (await _post(http, "/tokenize", messages=MESSAGES)).json()["tokens"]
+        text = (await _post(http, "/detokenize", tokens=ids, model=MODEL)).json()["prompt"]
+        assert text == engine.tokenizer.decode(ids, skip_special_tokens=False)
+        assert text != engine.tokenizer.decode(ids)  # the template's special tokens are there
+        assert (await _post(http, "/detokenize", tokens=[])).json() == {"prompt": ""}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/tokenize", {"prompt": PROMPT, "messages": MESSAGES}, 400, "one of them"),
+        ("/tokenize", {}, 400, "one of them"),
+        ("/tokenize", {"prompt": ""}, 400, "empty"),
+        ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "chat template"),
+        ("/tokenize", {"prompt": PROMPT, "model": "other"}, 404, "`other` does not exist"),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "vocabulary"),
+        ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": "other"}, 404, "`other` does not exist"),
+    ],
+)
+async def test_bad_bodies_are_typed_errors_and_harm_nothing(
+    path: str, body: dict[str, Any], status: int, says: str
+) -> None:
+    async with serving() as (engine, _client, http):
+        response = await _post(http, path, **body)
+        assert response.status_code == status
+        assert says in response.json()["error"]["message"]
+        assert (await _post(http, "/tokenize", prompt=PROMPT)).status_code == 200
+        await idle(engine)
+
+
+async def test_tokenize_needs_the_api_key() -> None:
+    async with serving() as (engine, _, _http):
+        app = create_app(engine, api_key="s3cret")
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
+            for path, body in [("/tokenize", {"prompt": PROMPT}), ("/detokenize", {"tokens": [1]})]:
+                assert (await http.post(path, json=body)).status_code == 401
+                key = {"Authorization": "Bearer s3cret"}
+                assert (await http.post(path, json=body, headers=key)).status_code == 200
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special tokens", "without"])
+async def test_a_long_text_is_tokenized_off_the_loop_and_may_exceed_the_context(
+    monkeypatch: pytest.MonkeyPatch, special: bool
+) -> None:
+    document = "A long document, sentence after sentence. " * 600  # ~5.4K tokens
+    async with serving() as (engine, _client, http):
+        body = {"prompt": document, "add_special_tokens": special}
+        inline = (await _post(http, "/tokenize", **body)).json()
+        long_from(monkeypatch, 1000)
+        held = HeldEncode(engine, monkeypatch)
+        answers: list[Any] = []
+
+        async def send() -> None:
+            answers.append((await _post(http, "/tokenize", **body)).json())
+
+        await held.run_while_others_stream(engine, send)
+        assert held.threads and threading.get_ident() not in held.threads
+        assert answers[0] == inline
+        assert inline["count"] > inline["max_model_len"] == 4096  # counted, not refused
+        text = (await _post(http, "/detokenize", tokens=inline["tokens"])).json()["prompt"]
+        assert text == engine.tokenizer.decode(inline["tokens"], skip_special_tokens=False)
+        await idle(engine)
