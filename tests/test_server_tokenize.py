@@ -3,6 +3,7 @@ a chat, their text back, typed errors, the API key, and long texts off the event
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,16 +35,21 @@ async def serving(**config: Any) -> AsyncIterator[tuple[medha.Engine, Any, Any]]
 
 
 async def _post(http: Any, path: str, **body: Any) -> Any:
-    return await http.post(path, json=body)
+    # json.dumps escapes a lone surrogate ("\\ud800"), which a client's encoder refuses to send.
+    headers = {"Content-Type": "application/json"}
+    return await http.post(path, content=json.dumps(body), headers=headers)
 
 
 async def test_a_prompts_tokens_are_the_ones_a_completion_runs() -> None:
     async with serving() as (engine, client, http):
         answer = (await _post(http, "/tokenize", prompt=PROMPT, model=MODEL)).json()
         ids = engine.tokenize(PROMPT)
-        assert answer == {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
-        completion = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
-        assert completion.usage.prompt_tokens == answer["count"]
+        assert answer == {
+            "count": len(ids),
+            "max_model_len": engine.max_model_len,
+            "tokens": ids,
+            "token_strs": None,  # as vLLM: null unless asked for
+        }
         plain = await _post(
             http, "/tokenize", prompt=PROMPT, add_special_tokens=False, return_token_strs=True
         )
@@ -52,6 +58,17 @@ async def test_a_prompts_tokens_are_the_ones_a_completion_runs() -> None:
         assert plain.json()["tokens"] == plain_ids
         pieces = engine.tokenizer.hf_tokenizer.convert_ids_to_tokens(plain_ids)
         assert plain.json()["token_strs"] == pieces
+        # /v1/completions runs those ids, with or without the special tokens (vLLM's field).
+        for special, expected in [(True, ids), (False, plain_ids), (None, ids)]:
+            completion = await client.completions.create(
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=1,
+                extra_body={"add_special_tokens": special, "prompt_logprobs": 0},
+            )
+            assert completion.usage.prompt_tokens == len(expected)
+            scored = completion.choices[0].model_extra["prompt_logprobs"]
+            assert [int(next(iter(row))) for row in scored[1:]] == expected[1:]
 
 
 async def test_a_chats_tokens_are_the_ones_a_chat_completion_runs() -> None:
@@ -81,6 +98,12 @@ async def test_detokenize_gives_the_text_of_ids_special_tokens_included() -> Non
         ("/tokenize", {}, 400, "one of them"),
         ("/tokenize", {"prompt": ""}, 400, "empty"),
         ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "chat template"),
+        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 'X' }}"}, 400, "chat_template"),
+        ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, 400, "continue"),
+        ("/tokenize", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
+        ("/tokenize", {"prompt": "a\ud800b", "add_special_tokens": False}, 400, "UTF-8"),
+        ("/v1/completions", {"prompt": "a\ud800b", "add_special_tokens": False}, 400, "UTF-8"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "add_special_tokens": True}, 400, "chat"),
         ("/tokenize", {"prompt": PROMPT, "model": "other"}, 404, "`other` does not exist"),
         ("/detokenize", {"tokens": [1, 10**9]}, 400, "vocabulary"),
         ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
@@ -131,3 +154,24 @@ async def test_a_long_text_is_tokenized_off_the_loop_and_may_exceed_the_context(
         text = (await _post(http, "/detokenize", tokens=inline["tokens"])).json()["prompt"]
         assert text == engine.tokenizer.decode(inline["tokens"], skip_special_tokens=False)
         await idle(engine)
+
+
+async def test_the_answer_is_written_at_once_not_walked_by_fastapis_encoder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FastAPI's encoder walks a returned dict in Python, on the event loop: for a 900K-token
+    document's ids, ~2 s in which nothing streams."""
+    import fastapi.routing
+
+    encode = fastapi.routing.jsonable_encoder
+    walked: list[Any] = []
+
+    def recording(value: Any, *args: Any, **kwargs: Any) -> Any:
+        walked.append(value)
+        return encode(value, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "jsonable_encoder", recording)
+    async with serving() as (_, _client, http):
+        answer = await _post(http, "/tokenize", prompt=PROMPT, return_token_strs=True)
+        assert answer.status_code == 200 and answer.json()["count"] > 0
+    assert not [value for value in walked if isinstance(value, dict) and "tokens" in value]

@@ -49,6 +49,8 @@ from medha.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize
 
 _log = get_logger(__name__)
 
+_Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
+
 
 def create_app(
     engine: Engine, served_model_name: str | None = None, *, api_key: str | None = None
@@ -121,7 +123,9 @@ class _Api:
         prompts = body.prompts()
         body.check_choices(len(prompts))
         params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
-        prompt_ids = await completion_prompt_ids(self.engine, prompts, params)
+        prompt_ids = await completion_prompt_ids(
+            self.engine, prompts, params, body.add_special_tokens
+        )
         return await self._respond(request, body, params, prompt_ids, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -167,23 +171,20 @@ class _Api:
         rendered = [render.whole(o, c.prompt_ids) for o, c in zip(outputs, choices, strict=True)]
         return JSONResponse({**head, "choices": rendered, "usage": usage(outputs, prompt_tokens)})
 
-    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
-        self._check_model(body.model)
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
+        self._check(body, request)
         return await tokenize(self.engine, body)
 
-    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
-        self._check_model(body.model)
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        self._check(body, request)
         return await detokenize(self.engine, body)
 
-    def _check(self, body: CompletionRequest | ChatCompletionRequest, request: Request) -> None:
-        self._check_model(body.model)
+    def _check(self, body: _Body, request: Request) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise ModelNotFoundError(f"The model `{body.model}` does not exist.")
         ignored = body.ignored_fields()
         if ignored:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ModelNotFoundError(f"The model `{model}` does not exist.")
 
 
 def _key_check(key: bytes) -> Callable[[Request], None]:

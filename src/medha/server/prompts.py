@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from medha.engine import Engine
+from medha.request_input import check_unicode
 from medha.request_prompt import is_long, run_off_loop
 from medha.sampling import SamplingParams
 
@@ -19,17 +20,19 @@ T = TypeVar("T")
 
 
 async def completion_prompt_ids(
-    engine: Engine, prompts: Sequence[str | list[int]], params: SamplingParams
+    engine: Engine,
+    prompts: Sequence[str | list[int]],
+    params: SamplingParams | None,
+    add_special_tokens: bool = True,
 ) -> list[list[int]]:
-    """Each prompt's ids (InvalidRequestError and its kind for one that cannot be a prompt)."""
-    return [await off_loop_if_long(prompt, engine.tokenize, prompt, params) for prompt in prompts]
-
-
-async def text_ids(engine: Engine, text: str, add_special_tokens: bool) -> list[int]:
-    """The ids of a completion prompt, with or without the tokenizer's special tokens."""
-    if add_special_tokens:
-        return await off_loop_if_long(text, engine.tokenize, text)
-    return await off_loop_if_long(text, _plain_ids, engine, text, None)
+    """Each prompt's ids (InvalidRequestError and its kind for one that cannot be a prompt); a
+    text's with or without the tokenizer's special tokens (a BOS)."""
+    return [
+        await off_loop_if_long(prompt, engine.tokenize, prompt, params)
+        if add_special_tokens or not isinstance(prompt, str)
+        else await off_loop_if_long(prompt, _plain_ids, engine, prompt, params)
+        for prompt in prompts
+    ]
 
 
 async def chat_prompt_ids(
@@ -48,6 +51,7 @@ async def chat_prompt_ids(
 
 def _plain_ids(engine: Engine, text: str, params: SamplingParams | None) -> list[int]:
     """`text`'s ids without the tokenizer's special tokens, checked as a prompt."""
+    check_unicode(text, "the prompt")  # what the tokenizer cannot take: typed, as in tokenize
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     return engine.tokenize(ids, params)
 

@@ -24,7 +24,7 @@ MAX_CHOICES = 16
 """Most choices one HTTP request may ask for (prompts x n): each is an engine request."""
 
 
-def _null_is_the_default(cls: type[BaseModel], value: object, info: ValidationInfo) -> object:
+def null_is_the_default(cls: type[BaseModel], value: object, info: ValidationInfo) -> object:
     """A field's validator: JSON's null means the field's default (OpenAI's fields are
     nullable)."""
     if value is None and info.field_name is not None:
@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
     """A last chunk with no choices and the token counts of the whole request."""
 
-    _defaults = field_validator("include_usage", mode="before")(classmethod(_null_is_the_default))
+    _defaults = field_validator("include_usage", mode="before")(classmethod(null_is_the_default))
 
 
 class JsonSchemaFormat(BaseModel):
@@ -49,7 +49,7 @@ class JsonSchemaFormat(BaseModel):
     """None (OpenAI's schema is optional): any JSON value."""
     strict: bool | None = None
 
-    _defaults = field_validator("name", mode="before")(classmethod(_null_is_the_default))
+    _defaults = field_validator("name", mode="before")(classmethod(null_is_the_default))
 
 
 class ResponseFormat(BaseModel):
@@ -82,7 +82,6 @@ UNSUPPORTED = {
     "prompt_embeds": None,
     "guided_whitespace_pattern": None,
     "skip_special_tokens": True,
-    "add_special_tokens": False,
     "return_tokens_as_token_ids": False,
     "echo": False,  # chat's (the completions endpoint has its own field, refused alike)
 }
@@ -95,6 +94,16 @@ GUIDED = {
     "guided_grammar": "grammar",
 }
 """vLLM's former names of structured outputs (`guided_json`, ...), as its server still takes."""
+
+
+def ignored_fields(extra: dict[str, Any]) -> list[str]:
+    """Of a body's fields beyond its model's, those medha does not know (the server logs them);
+    InvalidRequestError for one it knows and does not do (UNSUPPORTED)."""
+    for name, unused in UNSUPPORTED.items():
+        value = extra.get(name)
+        if value is not None and value != unused and value not in ([], {}):
+            raise InvalidRequestError(f"{name} is not supported by medha")
+    return sorted(set(extra) - set(UNSUPPORTED) - set(GUIDED))
 
 
 class _SamplingFields(BaseModel):
@@ -151,17 +160,12 @@ class _SamplingFields(BaseModel):
         "ignore_eos",
         "include_stop_str_in_output",
         mode="before",
-    )(classmethod(_null_is_the_default))
+    )(classmethod(null_is_the_default))
 
     def ignored_fields(self) -> list[str]:
         """The fields sent that medha does not know (logged by the server); raises
         InvalidRequestError for a known one it does not do."""
-        extra = self.model_extra or {}
-        for name, unused in UNSUPPORTED.items():
-            value = extra.get(name)
-            if value is not None and value != unused and value not in ([], {}):
-                raise InvalidRequestError(f"{name} is not supported by medha")
-        return sorted(set(extra) - set(UNSUPPORTED) - set(GUIDED))
+        return ignored_fields(self.model_extra or {})
 
     def _guided(self) -> dict[str, Any] | None:
         extra = self.model_extra or {}
@@ -231,6 +235,12 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True
+    """vLLM's: encode a text prompt with the tokenizer's special tokens (a BOS)."""
+
+    _completion_defaults = field_validator("add_special_tokens", mode="before")(
+        classmethod(null_is_the_default)
+    )
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one choice (or n) each: OpenAI takes one or a list of them."""
@@ -263,9 +273,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    """vLLM's; only false: the chat template writes the special tokens."""
 
-    _chat_defaults = field_validator("add_generation_prompt", mode="before")(
-        classmethod(_null_is_the_default)
+    _chat_defaults = field_validator("add_generation_prompt", "add_special_tokens", mode="before")(
+        classmethod(null_is_the_default)
     )
 
     def output_limit(self) -> int | None:
@@ -283,8 +295,19 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
     def check_supported(self) -> None:
+        check_no_special_tokens(self.add_special_tokens)
         if self.tools and self.tool_choice != "none":
             raise InvalidRequestError(
                 "tools are not supported (medha does not parse tool calls); ask for the call "
                 "as JSON with response_format={'type': 'json_schema', ...}"
             )
+
+
+def check_no_special_tokens(add_special_tokens: bool | None) -> None:
+    """Chat messages are encoded without the tokenizer's special tokens (a BOS): the chat
+    template writes its own, and the tokenizer's would be a second one."""
+    if add_special_tokens:
+        raise InvalidRequestError(
+            "add_special_tokens is not supported with messages: the chat template writes the "
+            "special tokens"
+        )

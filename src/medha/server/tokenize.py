@@ -2,22 +2,27 @@
 (will this document fit the context?) or reads its ids before sending it.
 
 /tokenize takes a completion prompt ({"prompt": text}) or chat messages ({"messages": [...]})
-and answers {"count", "max_model_len", "tokens"}: the ids /v1/completions or
-/v1/chat/completions would run for it. With "return_token_strs": true it adds "token_strs",
-the tokenizer's piece for each id. /detokenize takes {"tokens": [...]} and answers
-{"prompt": text}, special tokens included (as vLLM). A long text, or a long list of ids, is
-handled off the event loop, as the completions endpoints handle a long prompt.
+and answers {"count", "max_model_len", "tokens", "token_strs"}: the ids /v1/completions or
+/v1/chat/completions would run for it, and with "return_token_strs": true the tokenizer's
+piece for each (else null). /detokenize takes {"tokens": [...]} and answers {"prompt": text},
+special tokens included (as vLLM). A long text, or a long list of ids, is handled off the event
+loop, as the completions endpoints handle a long prompt; the answer is written as JSON at once,
+not through FastAPI's encoder (a Python walk over every id: ~2 s on the loop for 900K ids).
+Fields medha does not do are refused as the completions endpoints refuse them
+(protocol.UNSUPPORTED: `chat_template`, `continue_final_message`, ...).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from medha.engine import Engine
 from medha.errors import InvalidRequestError
-from medha.server.prompts import chat_prompt_ids, off_loop_if_long, text_ids
+from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
+from medha.server.protocol import check_no_special_tokens, ignored_fields, null_is_the_default
 
 
 class TokenizeRequest(BaseModel):
@@ -34,6 +39,14 @@ class TokenizeRequest(BaseModel):
     """With `prompt`: the tokenizer's own special tokens (a BOS); default true, as
     /v1/completions encodes. With `messages` only false: the chat template writes them."""
     return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+    _defaults = field_validator("add_generation_prompt", "return_token_strs", mode="before")(
+        classmethod(null_is_the_default)
+    )
+
+    def ignored_fields(self) -> list[str]:
+        return ignored_fields(self.model_extra or {})
 
 
 class DetokenizeRequest(BaseModel):
@@ -44,28 +57,30 @@ class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
 
+    def ignored_fields(self) -> list[str]:
+        return ignored_fields(self.model_extra or {})
 
-async def tokenize(engine: Engine, body: TokenizeRequest) -> dict[str, Any]:
+
+async def tokenize(engine: Engine, body: TokenizeRequest) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give `prompt` (a text) or `messages` (a chat), one of them")
     if body.messages is not None:
-        if body.add_special_tokens:
-            raise InvalidRequestError(
-                "add_special_tokens with messages is not supported: the chat template writes "
-                "the special tokens"
-            )
+        check_no_special_tokens(body.add_special_tokens)
+        if body.tools:
+            raise InvalidRequestError("tools are not supported (medha does not parse tool calls)")
         if not engine.tokenizer.has_chat_template:
             raise InvalidRequestError("the model has no chat template")
         ids = await chat_prompt_ids(engine, body.messages, body.add_generation_prompt)
     else:
         assert body.prompt is not None
-        ids = await text_ids(engine, body.prompt, body.add_special_tokens is not False)
-    result: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len}
-    result["tokens"] = ids
+        special = body.add_special_tokens is not False
+        (ids,) = await completion_prompt_ids(engine, [body.prompt], None, special)
+    pieces = None
     if body.return_token_strs:
-        pieces = engine.tokenizer.hf_tokenizer.convert_ids_to_tokens
-        result["token_strs"] = await off_loop_if_long(ids, pieces, ids)
-    return result
+        to_pieces = engine.tokenizer.hf_tokenizer.convert_ids_to_tokens
+        pieces = await off_loop_if_long(ids, to_pieces, ids)
+    result = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    return JSONResponse({**result, "token_strs": pieces})
 
 
 async def detokenize(engine: Engine, body: DetokenizeRequest) -> dict[str, Any]:
