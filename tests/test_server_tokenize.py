@@ -44,6 +44,10 @@ async def test_a_prompts_tokens_are_the_ones_a_completion_runs() -> None:
     async with serving() as (engine, client, http):
         answer = (await _post(http, "/tokenize", prompt=PROMPT, model=MODEL)).json()
         ids = engine.tokenize(PROMPT)
+        # An empty model name is the served model, as in vLLM (and on every endpoint).
+        assert (await _post(http, "/tokenize", prompt=PROMPT, model="")).json() == answer
+        done = await client.completions.create(model="", prompt=PROMPT, max_tokens=1)
+        assert done.model == MODEL
         assert answer == {
             "count": len(ids),
             "max_model_len": engine.max_model_len,

@@ -180,7 +180,7 @@ class _Api:
         return await detokenize(self.engine, body)
 
     def _check(self, body: _Body, request: Request) -> None:
-        if body.model is not None and body.model != self.model_name:
+        if body.model and body.model != self.model_name:  # none or "": the served one (vLLM)
             raise ModelNotFoundError(f"The model `{body.model}` does not exist.")
         ignored = body.ignored_fields()
         if ignored:

@@ -112,7 +112,8 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    """The served model's name; None (not OpenAI's) means the one this server serves."""
+    """The served model's name; None or "" (not OpenAI's; vLLM's) means the one this server
+    serves."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
