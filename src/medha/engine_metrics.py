@@ -216,42 +216,19 @@ class _StatsCollector:
         if stats is None:
             return
         used = stats.total_blocks - stats.free_blocks
+        usage = used / stats.total_blocks if stats.total_blocks else 0.0
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        # One row a metric: (kind, name, help, value). Longer descriptions: docs/engine.md.
         families = [
             (gauge, "num_requests_running", "Requests prefilling or decoding.", stats.running),
             (gauge, "num_requests_waiting", "Requests waiting for a first chunk.", stats.waiting),
-            (
-                gauge,
-                "num_requests_preempted",
-                "Requests preempted (their KV freed), waiting to be recomputed.",
-                stats.preempted,
-            ),
-            (
-                gauge,
-                "kv_cache_usage_perc",
-                "Fraction of KV blocks in use (1 = full); unused prefix cache blocks are free.",
-                used / stats.total_blocks if stats.total_blocks else 0.0,
-            ),
+            (gauge, "num_requests_preempted", "Preempted, to be recomputed.", stats.preempted),
+            (gauge, "kv_cache_usage_perc", "KV blocks in use (1 = full).", usage),
             (gauge, "kv_cache_total_blocks", "KV blocks in all.", stats.total_blocks),
             (gauge, "prefix_cache_blocks", "KV blocks in the prefix cache.", stats.cached_blocks),
-            (
-                gauge,
-                "cost_time_scale",
-                "Measured over calibrated iteration time, as learned online (1 when off).",
-                stats.time_scale,
-            ),
-            (
-                counter,
-                "num_preemptions",
-                "Preemptions (a request's KV freed for others).",
-                stats.preemptions,
-            ),
-            (
-                counter,
-                "iteration_pauses",
-                "Iterations stopped between layers for a newer, more urgent request.",
-                stats.pauses,
-            ),
+            (gauge, "cost_time_scale", "Measured over calibrated time.", stats.time_scale),
+            (counter, "num_preemptions", "Requests' KV freed for others.", stats.preemptions),
+            (counter, "iteration_pauses", "Iterations paused for a newer one.", stats.pauses),
             (
                 counter,
                 "prefix_cache_hit_tokens",
