@@ -69,3 +69,29 @@ def test_the_api_key_comes_from_the_option_or_the_environment(
     monkeypatch.setenv("MEDHA_API_KEY", "from-env")
     assert parse_args(["serve", "m"]).api_key == "from-env"
     assert parse_args(["serve", "m", "--api-key", "given"]).api_key == "given"
+
+
+def test_tool_call_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["serve", "m", "--tool-call-parser", "hermes"]).tool_call_parser == "hermes"
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["serve", "m", "--tool-call-parser", "mistral"])
+    assert exited.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
+    # vLLM's --enable-auto-tool-choice is taken, with a parser, as vLLM needs it.
+    assert main(["serve", "tiny-random", "--enable-auto-tool-choice"]) == 2
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in capsys.readouterr().err
+
+
+def test_a_parser_the_model_defeats_is_one_line_and_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import medha.server
+
+    def create_app(*args: object, tool_call_parser: str, **kwargs: object) -> None:
+        assert tool_call_parser == "hermes"
+        raise ValueError("the hermes parser looks for <tool_call> ... marks special")
+
+    monkeypatch.setattr(medha.server, "create_app", create_app)
+    code = main(["serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medha: error: the hermes parser") and err.count("\n") == 1

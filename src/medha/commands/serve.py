@@ -15,6 +15,8 @@ from medha.commands.user_errors import UsageError
 if TYPE_CHECKING:
     from medha.config import EngineConfig
 
+PARSER_NAMES = ("hermes", "llama3_json")
+"""medha.server.tool_parsers.PARSERS' names (not imported: the server's modules load late)."""
 GRACE_S = 5
 API_KEY_VARIABLE = "MEDHA_API_KEY"
 
@@ -49,6 +51,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default 1)")
     p.add_argument("--max-model-len", type=positive_int, default=None)
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(PARSER_NAMES),
+        help='reads the tool calls of chat requests with tool_choice "auto" (vLLM\'s names); '
+        'a named function or "required" needs none',
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM's command lines: --tool-call-parser alone enables it",
+    )
     p.set_defaults(func=run)
 
 
@@ -72,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         ) from exc
     import anyio
 
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise UsageError("--enable-auto-tool-choice needs --tool-call-parser")
     config = engine_config(args)
     anyio.run(_serve, config, args, uvicorn)
     return 0
@@ -108,7 +124,15 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
     from medha.server import create_app
 
     async with Engine(config, model_name=args.served_model_name) as engine:
-        app = create_app(engine, args.served_model_name, api_key=args.api_key)
+        try:
+            app = create_app(
+                engine,
+                args.served_model_name,
+                api_key=args.api_key,
+                tool_call_parser=args.tool_call_parser,
+            )
+        except ValueError as exc:  # a parser this model's tokenizer defeats
+            raise UsageError(str(exc)) from exc
         # On Ctrl-C, open streams get GRACE_S to end; then they are cut and aborted.
         settings = uvicorn.Config(
             app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACE_S

@@ -115,6 +115,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: Literal[True] = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]: ...
 
     @overload
@@ -124,6 +125,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: Literal[False],
+        tools: list[dict[str, Any]] | None = None,
     ) -> str: ...
 
     @overload
@@ -133,6 +135,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int] | str: ...
 
     def apply_chat_template(
@@ -141,10 +144,13 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int] | str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result;
         with `tokenize=False` (as in transformers) the rendered text. Give the engine the ids:
-        encoding the text again adds the tokenizer's special tokens (a second BOS)."""
+        encoding the text again adds the tokenizer's special tokens (a second BOS). `tools`
+        (OpenAI's function definitions) go to the template, which shows them to the model in
+        its format (a template that does not use them leaves them out)."""
         if not self.has_chat_template:
             raise ModelLoadError(
                 self.folder / TOKENIZER_CONFIG_FILE,
@@ -159,6 +165,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=tokenize,
                 return_dict=False,
+                tools=None if tools is None else list[Any](tools),
             )
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc

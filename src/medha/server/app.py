@@ -4,7 +4,7 @@
         app = create_app(engine)          # mount it in a service, or: medha serve MODEL
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`stream: true`), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health, /stats and
+`stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health, /stats and
 /metrics (the engine's Prometheus metrics, medha.engine_metrics). The app does not own the
 engine: whoever started it stops it, after the server. A client that disconnects aborts its
 requests, streamed or not, and frees their KV cache. Errors have OpenAI's shape ({"error":
@@ -46,6 +46,9 @@ from medha.server.streaming import (
     until_disconnected,
 )
 from medha.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from medha.server.tool_calls import ToolCalling
+from medha.server.tool_parsers import ToolCallParser
+from medha.server.tool_parsers import tool_call_parser as parser_for
 
 _log = get_logger(__name__)
 
@@ -53,14 +56,23 @@ _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | Detokenize
 
 
 def create_app(
-    engine: Engine, served_model_name: str | None = None, *, api_key: str | None = None
+    engine: Engine,
+    served_model_name: str | None = None,
+    *,
+    api_key: str | None = None,
+    tool_call_parser: str | ToolCallParser | None = None,
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
     (`Authorization: Bearer KEY`, what OpenAI's clients send), and so must /tokenize and
     /detokenize; /health, /stats and /metrics (there unless EngineConfig.enable_metrics is
-    off) stay open."""
-    api = _Api(engine, served_model_name or engine.config.model)
+    off) stay open. `tool_call_parser` reads the calls of chat requests with `tool_choice:
+    "auto"`: a name (`hermes`, `llama3_json`: medha.server.tool_parsers; ValueError for one
+    that cannot read this model's output) or a ToolCallParser of your own."""
+    parser = tool_call_parser
+    if isinstance(parser, str):
+        parser = parser_for(parser, engine.tokenizer)
+    api = _Api(engine, served_model_name or engine.config.model, parser)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
     # response's sends in a task of their own.
@@ -92,9 +104,10 @@ def create_app(
 
 
 class _Api:
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, parser: ToolCallParser | None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.tool_call_parser = parser
         self.created = int(time.time())
         self.strings = TokenStrings(engine.tokenizer)
 
@@ -132,16 +145,18 @@ class _Api:
         self._check(body, request)
         body.check_supported()
         body.check_choices(1)
+        tools = body.tool_calling(self.tool_call_parser)
+        schema = None if tools is None else tools.schema
         params = body.sampling_params(
-            body.output_limit(), body.logprob_count(), body.prompt_logprobs
+            body.output_limit(), body.logprob_count(), body.prompt_logprobs, schema
         )
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:
             raise InvalidRequestError(f"the model `{self.model_name}` has no chat template")
         prompt_ids = await chat_prompt_ids(
-            self.engine, body.messages, body.add_generation_prompt, params
+            self.engine, body.messages, body.add_generation_prompt, params, body.tools
         )
-        return await self._respond(request, body, params, [prompt_ids], chat=True)
+        return await self._respond(request, body, params, [prompt_ids], chat=True, tools=tools)
 
     async def _respond(
         self,
@@ -150,6 +165,7 @@ class _Api:
         params: SamplingParams,
         prompt_ids: list[list[int]],
         chat: bool,
+        tools: ToolCalling | None = None,
     ) -> Response:
         # A client's X-Request-Id names the response; engine ids get a unique part as well, so
         # that gateways reusing one trace id for several calls are not refused.
@@ -159,7 +175,7 @@ class _Api:
         choices = await start_choices(
             self.engine, prompt_ids, params, body.n, body.deadline, engine_ids
         )
-        render = Renderer(chat, self.strings, params.logprobs is not None)
+        render = Renderer(chat, self.strings, params.logprobs is not None, tools)
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}
         head["model"] = self.model_name

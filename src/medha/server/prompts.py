@@ -15,6 +15,7 @@ from medha.engine import Engine
 from medha.request_input import check_unicode
 from medha.request_prompt import is_long, run_off_loop
 from medha.sampling import SamplingParams
+from medha.server.tool_protocol import ToolDefinition, template_messages, template_tools
 
 T = TypeVar("T")
 
@@ -40,10 +41,17 @@ async def chat_prompt_ids(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     params: SamplingParams | None = None,
+    tools: list[ToolDefinition] | None = None,
 ) -> list[int]:
-    """The ids of `messages` rendered by the model's chat template. Rendering is cheap (a
-    string join, even for a long document); encoding the result is what takes time."""
-    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt, tokenize=False)
+    """The ids of `messages` rendered by the model's chat template, with `tools` for it to
+    show the model. Rendering is cheap (a string join, even for a long document); encoding
+    the result is what takes time."""
+    text = engine.tokenizer.apply_chat_template(
+        template_messages(messages),
+        add_generation_prompt,
+        tokenize=False,
+        tools=template_tools(tools),
+    )
     # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
     # writes its own (a BOS), and the tokenizer's would be a second one.
     return await off_loop_if_long(text, _plain_ids, engine, text, params)

@@ -7,6 +7,7 @@ values, so the HTTP API refuses exactly what the Python API refuses, with the sa
 Unknown fields are kept and logged, not refused: OpenAI's clients send some medha has no use for
 (`user`, `store`, `metadata`, ...), as vLLM does; but a known field that would change the output
 and that medha does not do (`functions`, `chat_template`, ...) is refused, not silently dropped.
+Tools are medha.server.tool_protocol's.
 An explicit null takes the field's default, as OpenAI's API allows.
 """
 
@@ -18,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from medha.errors import InvalidRequestError
 from medha.sampling import SamplingParams
+from medha.server.tool_calls import ToolCalling
+from medha.server.tool_parsers import ToolCallParser
+from medha.server.tool_protocol import ToolChoice, ToolDefinition, tool_calling
 from medha.structured_outputs import StructuredOutputsParams
 
 MAX_CHOICES = 16
@@ -184,21 +188,33 @@ class _SamplingFields(BaseModel):
             raise InvalidRequestError("stream_options is only allowed with stream=true")
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        tool_schema: dict[str, Any] | None = None,
     ) -> SamplingParams:
         """medha's SamplingParams of this request (of its first choice: `start_choices` gives
-        each other sample its seed)."""
+        each other sample its seed); `tool_schema` constrains the output to a tool call."""
         text = self.response_format is not None and self.response_format.type == "text"
         shapes = [None if text else self.response_format, self.structured_outputs, self._guided()]
-        if sum(shape is not None for shape in shapes) > 1:
+        if sum(shape is not None for shape in [*shapes, tool_schema]) > 1:
             raise InvalidRequestError(
-                "give one of response_format, structured_outputs and guided_* (vLLM's old names)"
+                "give one of response_format, structured_outputs, guided_* (vLLM's old names) "
+                'and tool_choice "required" or a named function'
             )
         structured: StructuredOutputsParams | dict[str, Any] | None = (
             self.structured_outputs or self._guided()
         )
         if self.response_format is not None and not text:
             structured = self.response_format.structured_outputs()
+        if tool_schema is not None:
+            # Without free whitespace: a call is read by a program, to which it means nothing,
+            # and a model could spend its whole max_tokens on it (a random one does).
+            structured = StructuredOutputsParams(
+                json=tool_schema,  # type: ignore[arg-type]  # dicts are taken
+                disable_any_whitespace=True,
+            )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -271,15 +287,21 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice = None
+    """None: "auto" with tools, else "none" (OpenAI's defaults)."""
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     """vLLM's; only false: the chat template writes the special tokens."""
 
-    _chat_defaults = field_validator("add_generation_prompt", "add_special_tokens", mode="before")(
-        classmethod(null_is_the_default)
-    )
+    _chat_defaults = field_validator(
+        "add_generation_prompt", "add_special_tokens", "parallel_tool_calls", mode="before"
+    )(classmethod(null_is_the_default))
+
+    def tool_calling(self, parser: ToolCallParser | None) -> ToolCalling | None:
+        """How the output becomes tool calls (medha.server.tool_protocol); None: plain text."""
+        return tool_calling(self.tools, self.tool_choice, self.parallel_tool_calls, parser)
 
     def output_limit(self) -> int | None:
         """max_completion_tokens (OpenAI's current name) or max_tokens; None: up to the
@@ -297,11 +319,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         check_no_special_tokens(self.add_special_tokens)
-        if self.tools and self.tool_choice != "none":
-            raise InvalidRequestError(
-                "tools are not supported (medha does not parse tool calls); ask for the call "
-                "as JSON with response_format={'type': 'json_schema', ...}"
-            )
 
 
 def check_no_special_tokens(add_special_tokens: bool | None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from medha.model.tokenizer import Tokenizer
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
+from medha.server.tool_calls import ToolCalling, ToolCallStream
 
 Rows = list[tuple[int, float | None, tuple[TokenLogprob, ...] | None]]
 """(token id, logprob, top logprobs) of each token of a stretch of a choice's output."""
@@ -61,6 +62,8 @@ class ChoiceOutput:
     prompt_top_logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] | None = None
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
+    tool_stream: ToolCallStream | None = None
+    """A streamed chat's tool calls, as far as they have gone out."""
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
@@ -116,18 +119,24 @@ class Renderer:
     strings: TokenStrings
     logprobs: bool
     """Whether the request asked for logprobs."""
+    tools: ToolCalling | None = None
+    """A chat's tool calling: its output becomes tool calls (medha.server.tool_calls)."""
 
     def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
         """A finished choice of a whole (not streamed) response."""
         choice: dict[str, Any] = {"index": output.index}
-        if self.chat:
+        finish_reason = output.finish_reason
+        if self.tools is not None:
+            choice["message"], parsed = self.tools.message(output.text)
+            finish_reason = self.tools.finish_reason(finish_reason, parsed)
+        elif self.chat:
             choice["message"] = {"role": "assistant", "content": output.text}
         else:
             choice["text"] = output.text
         choice["logprobs"] = (
             self._logprobs(output.rows(), output.text_offsets) if self.logprobs else None
         )
-        choice["finish_reason"] = output.finish_reason
+        choice["finish_reason"] = finish_reason
         choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
         choice["metrics"] = metrics_json(output.metrics)
         return choice
@@ -145,11 +154,19 @@ class Renderer:
         """A streamed chunk's choice for `event` (already added to `output`); None when it
         says nothing (its text is held back: a stop string may be starting)."""
         has_row = self.logprobs and event.token_id is not None
-        if not (event.text or event.finish_reason or has_row or event.prompt_logprobs):
+        finish_reason = event.finish_reason
+        message: dict[str, Any] = {"content": event.text} if event.text else {}
+        if self.tools is not None:
+            if output.tool_stream is None:
+                output.tool_stream = ToolCallStream(self.tools)
+            message = output.tool_stream.delta(output.text, finish_reason is not None)
+            if output.tool_stream.parsed is not None:
+                finish_reason = self.tools.finish_reason(finish_reason, output.tool_stream.parsed)
+        if not (message or finish_reason or has_row or event.prompt_logprobs):
             return None
         choice: dict[str, Any] = {"index": output.index}
         if self.chat:
-            choice["delta"] = {"content": event.text} if event.text else {}
+            choice["delta"] = message
         else:
             choice["text"] = event.text
         choice["logprobs"] = None
@@ -159,7 +176,7 @@ class Renderer:
             choice["logprobs"] = self._logprobs(row, output.text_offsets[-1:])
         if event.prompt_logprobs is not None:  # on a choice's first event
             choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
-        choice["finish_reason"] = event.finish_reason
+        choice["finish_reason"] = finish_reason
         if event.finish_reason is not None:
             choice["metrics"] = metrics_json(event.metrics)
         return choice

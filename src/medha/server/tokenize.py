@@ -23,6 +23,7 @@ from medha.engine import Engine
 from medha.errors import InvalidRequestError
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import check_no_special_tokens, ignored_fields, null_is_the_default
+from medha.server.tool_protocol import ToolDefinition
 
 
 class TokenizeRequest(BaseModel):
@@ -39,7 +40,8 @@ class TokenizeRequest(BaseModel):
     """With `prompt`: the tokenizer's own special tokens (a BOS); default true, as
     /v1/completions encodes. With `messages` only false: the chat template writes them."""
     return_token_strs: bool = False
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
+    """With `messages`: the tools the chat template shows the model (as chat completions)."""
 
     _defaults = field_validator("add_generation_prompt", "return_token_strs", mode="before")(
         classmethod(null_is_the_default)
@@ -64,13 +66,15 @@ class DetokenizeRequest(BaseModel):
 async def tokenize(engine: Engine, body: TokenizeRequest) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give `prompt` (a text) or `messages` (a chat), one of them")
+    if body.tools and body.prompt is not None:
+        raise InvalidRequestError("tools are taken with `messages`, not with `prompt`")
     if body.messages is not None:
         check_no_special_tokens(body.add_special_tokens)
-        if body.tools:
-            raise InvalidRequestError("tools are not supported (medha does not parse tool calls)")
         if not engine.tokenizer.has_chat_template:
             raise InvalidRequestError("the model has no chat template")
-        ids = await chat_prompt_ids(engine, body.messages, body.add_generation_prompt)
+        ids = await chat_prompt_ids(
+            engine, body.messages, body.add_generation_prompt, None, body.tools
+        )
     else:
         assert body.prompt is not None
         special = body.add_special_tokens is not False

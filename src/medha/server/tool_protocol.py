@@ -1,0 +1,158 @@
+"""OpenAI's `tools` and `tool_choice` on a chat request: what the model is shown, and how its
+output is constrained and read.
+
+The tools go to the chat template (`apply_chat_template(..., tools=...)`, as transformers and
+vLLM pass them), which writes them into the prompt in the model's own format. Then, by
+`tool_choice`:
+
+- a named function (`{"type": "function", "function": {"name": ...}}`): the output is
+  constrained to the function's `parameters` schema (medha.structured_outputs) and is the call's
+  arguments: a valid call of any model, with no parser;
+- `"required"`: the output is constrained to a JSON array of one or more `{"name",
+  "parameters"}` objects, one of the tools each (one at most with `parallel_tool_calls: false`);
+- `"auto"` (the default when tools are given): the model writes text or calls in its own
+  format, which the server's parser (medha.server.tool_parsers) reads; without a parser it is
+  refused, as vLLM refuses it without `--enable-auto-tool-choice`;
+- `"none"`: the tools are shown and the output is plain text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from medha.errors import InvalidRequestError
+from medha.server.tool_calls import ToolCalling
+from medha.server.tool_parsers import ToolCallParser
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments (an object); None: no arguments are described."""
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name": ...}}`: call this function."""
+
+    type: Literal["function"]
+    function: _FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def tool_calling(
+    tools: list[ToolDefinition] | None,
+    choice: ToolChoice,
+    parallel: bool,
+    parser: ToolCallParser | None,
+) -> ToolCalling | None:
+    """How a request's output becomes tool calls; None when it stays text (no tools, or
+    `tool_choice: "none"`). InvalidRequestError for a choice its tools cannot meet."""
+    if not tools:
+        if choice is not None and choice != "none":
+            raise InvalidRequestError("tool_choice needs tools")
+        return None
+    if choice is None:
+        choice = "auto"  # OpenAI's default when tools are given
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if parser is None:
+            raise InvalidRequestError(
+                'tool_choice "auto" needs a tool-call parser, which this server was started '
+                'without (medha serve --tool-call-parser hermes|llama3_json); "required" or a '
+                "named function needs none"
+            )
+        return ToolCalling("auto", parser=parser, parallel=parallel)
+    if choice == "required":
+        return ToolCalling("required", schema=_required_schema(tools, parallel), parallel=parallel)
+    by_name = {tool.function.name: tool.function for tool in tools}
+    function = by_name.get(choice.function.name)
+    if function is None:
+        raise InvalidRequestError(
+            f"tool_choice names the function {choice.function.name!r}, which is not in tools"
+        )
+    schema = _ANY_OBJECT if function.parameters is None else function.parameters
+    return ToolCalling("named", schema=schema, function=function.name, parallel=parallel)
+
+
+def _required_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, Any]:
+    """A JSON array of calls, each `{"name": one of the tools, "parameters": its arguments}`
+    (the shape vLLM constrains `"required"` to)."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [tool.function.name]},
+                "parameters": tool.function.parameters or _ANY_OBJECT,
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,  # nothing else for the model to spend tokens on
+        }
+        for tool in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def template_tools(tools: list[ToolDefinition] | None) -> list[dict[str, Any]] | None:
+    """The tools as the chat template takes them (OpenAI's JSON, which transformers passes)."""
+    if not tools:
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in tools]
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with each earlier call's arguments as an object: OpenAI sends them as JSON
+    text, and chat templates (Llama 3.1's, Qwen's) write them with `tojson`, which would quote
+    the text again. vLLM converts them alike."""
+    result = []
+    for index, message in enumerate(messages):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not calls:
+            result.append(message)
+            continue
+        if not isinstance(calls, list):
+            raise InvalidRequestError(f"messages[{index}].tool_calls must be a list")
+        converted = []
+        for number, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidRequestError(
+                    f"messages[{index}].tool_calls[{number}] must have a function with a name"
+                )
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError as exc:
+                    raise InvalidRequestError(
+                        f"messages[{index}].tool_calls[{number}].function.arguments is not "
+                        f"JSON: {exc}"
+                    ) from exc
+            converted.append({**call, "function": {**function, "arguments": arguments}})
+        result.append({**message, "tool_calls": converted})
+    return result
