@@ -401,6 +401,29 @@ def test_llm_chat_renders_the_chat_template_as_vllm_does() -> None:
     assert both[1].prompt_token_ids == llm.engine.tokenizer.apply_chat_template(bye)
 
 
+def test_llm_chat_shows_the_tools_and_earlier_calls_to_the_template(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_server_tools import TEMPLATE, TIME, WEATHER
+
+    called = {"function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    history = [
+        {"role": "user", "content": "Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [called]},
+    ]
+    with medha.LLM(engine_config()) as llm:
+        tokenizer = llm.engine.tokenizer
+        monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", TEMPLATE)
+        (done,) = llm.chat(history, GREEDY, tools=[WEATHER, TIME])
+        oops = {"function": {"name": "f", "arguments": "{oops"}}
+        broken = [{"role": "assistant", "tool_calls": [oops]}]
+        with pytest.raises(InvalidRequestError, match="arguments is not JSON"):
+            llm.chat(broken, GREEDY)
+    assert tokenizer.decode(done.prompt_token_ids) == (
+        "TOOLS: get_weather get_time\nuser: Rome?\nassistant:  CALL get_weather(Rome)\nassistant:"
+    )
+
+
 def test_llm_takes_one_sampling_params_per_prompt_as_vllm_does() -> None:
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     with medha.LLM(engine_config()) as llm:

@@ -71,7 +71,13 @@ def test_the_api_key_comes_from_the_option_or_the_environment(
     assert parse_args(["serve", "m", "--api-key", "given"]).api_key == "given"
 
 
-def test_tool_call_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_tool_call_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def not_reached(args: object) -> None:
+        raise AssertionError("the command went on to build the engine")
+
+    monkeypatch.setattr("medha.commands.serve.engine_config", not_reached)
     assert parse_args(["serve", "m", "--tool-call-parser", "hermes"]).tool_call_parser == "hermes"
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "m", "--tool-call-parser", "mistral"])

@@ -174,6 +174,84 @@ async def test_auto_reads_the_calls_the_model_writes() -> None:
     assert streamed["content"] is None and finish == "tool_calls"
 
 
+DAY = {"type": "string", "enum": ["mon", "tue"]}
+BOOK = {  # parameters with $defs, as pydantic writes them
+    "type": "function",
+    "function": {
+        "name": "book",
+        "parameters": {
+            "type": "object",
+            "properties": {"day": {"$ref": "#/$defs/Day"}},
+            "required": ["day"],
+            "additionalProperties": False,
+            "$defs": {"Day": DAY},
+        },
+    },
+}
+TREE = {  # a recursive schema: "#" is the function's parameters
+    "type": "function",
+    "function": {
+        "name": "tree",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "v": {"type": "integer", "minimum": 0, "maximum": 9},
+                "kids": {"type": "array", "maxItems": 1, "items": {"$ref": "#"}},
+            },
+            "required": ["v", "kids"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _is_tree(value: Any) -> bool:
+    return (
+        set(value) == {"v", "kids"}
+        and 0 <= value["v"] <= 9
+        and len(value["kids"]) <= 1
+        and all(_is_tree(kid) for kid in value["kids"])
+    )
+
+
+async def test_references_in_parameters_point_where_they_did() -> None:
+    # "required" puts every tool's schema into one: their $refs must still resolve, each in
+    # its own tool's schema.
+    body: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": [BOOK, TREE]}
+    body.update(tool_choice="required", temperature=1.0, max_tokens=150)
+    seen = set()
+    async with serving() as (_, client, _http):
+        for seed in range(6):
+            done = await client.chat.completions.create(**body, seed=seed)
+            for name, arguments in _calls(done.choices[0].message):
+                seen.add(name)
+                if name == "book":
+                    assert arguments["day"] in DAY["enum"]
+                else:
+                    assert _is_tree(arguments), arguments
+        named = await client.chat.completions.create(
+            **{**body, "tool_choice": {"type": "function", "function": {"name": "book"}}}
+        )
+    assert seen == {"book", "tree"}
+    assert (
+        json.loads(named.choices[0].message.tool_calls[0].function.arguments)["day"] in DAY["enum"]
+    )
+
+
+async def test_a_function_without_parameters_is_called_with_an_object() -> None:
+    ping = {"type": "function", "function": {"name": "ping", "parameters": {}}}
+    body: dict[str, Any] = {"model": MODEL, "messages": ASK, "tools": [ping], "max_tokens": 30}
+    body["tool_choice"] = {"type": "function", "function": {"name": "ping"}}
+    async with serving() as (_, client, _http):
+        for seed in range(3):
+            done = await client.chat.completions.create(**body, seed=seed)
+            arguments = done.choices[0].message.tool_calls[0].function.arguments
+            if done.choices[0].finish_reason == "stop":
+                assert isinstance(json.loads(arguments), dict)
+            else:  # cut short: still the start of an object
+                assert arguments.startswith("{")
+
+
 class _LineParser:
     """A parser of a made-up format, as a user's own: `CALL name` on a line ends the text."""
 
@@ -201,8 +279,9 @@ async def test_a_parser_of_ones_own() -> None:
 TEMPLATE = (  # a newline after a block tag is trimmed (transformers' trim_blocks): '\n'
     "{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}{{ '\\n' }}"
     "{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content or '' }}"
-    "{% for c in m.tool_calls or [] %} CALL {{ c.function.name }}({{ c.function.arguments.city }})"
-    "{% endfor %}{{ '\\n' }}{% endfor %}"
+    "{% if m.tool_calls is defined and not m.tool_calls %}{{ raise_exception('[]') }}{% endif %}"
+    "{% for c in m.tool_calls or [] %} CALL {{ c.function.name }}"
+    "({{ c.function.arguments.city or '' }}){% endfor %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
@@ -222,6 +301,13 @@ async def test_tools_and_earlier_calls_reach_the_chat_template(monkeypatch: Any)
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        # As vLLM takes them: no calls ([]) are none, and no arguments ("") are {}.
+        {"role": "assistant", "content": "So?", "tool_calls": []},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "get_time", "arguments": ""}}],
+        },
     ]
     async with serving() as (engine, client, http):
         monkeypatch.setattr(engine.tokenizer.hf_tokenizer, "chat_template", TEMPLATE)
@@ -232,7 +318,8 @@ async def test_tools_and_earlier_calls_reach_the_chat_template(monkeypatch: Any)
     ids = tokens.json()["tokens"]
     assert engine.tokenizer.decode(ids) == (
         "TOOLS: get_weather get_time\nuser: What is the weather in Paris?\n"
-        "assistant:  CALL get_weather(Paris)\ntool: Sunny\nassistant:"
+        "assistant:  CALL get_weather(Paris)\ntool: Sunny\nassistant: So?\n"
+        "assistant:  CALL get_time()\nassistant:"
     )
     assert done.usage.prompt_tokens == len(ids)
 
@@ -270,6 +357,34 @@ async def test_tools_and_earlier_calls_reach_the_chat_template(monkeypatch: Any)
             "messages[0].tool_calls[0].function.arguments is not JSON",
         ),
         ({"functions": [WEATHER["function"]]}, "functions is not supported"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "different names"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "must be an object schema, got type 'string'",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+                        ],
+                    }
+                ],
+                "tools": [WEATHER],
+                "tool_choice": "none",
+            },
+            "arguments is not JSON",
+        ),
     ],
 )
 async def test_what_tools_cannot_do_is_a_400(fields: dict[str, Any], message: str) -> None:

@@ -52,6 +52,24 @@ TIME = FunctionCall("get_time", "{}")
             '<tool_call>["get_time"]</tool_call>',
             ParsedOutput('<tool_call>["get_time"]</tool_call>', ()),
         ),
+        (  # the end marker inside an argument is the argument's
+            '<tool_call>{"name": "say", "arguments": {"text": "</tool_call>"}}</tool_call>',
+            ParsedOutput(None, (FunctionCall("say", '{"text": "</tool_call>"}'),)),
+        ),
+        (  # whitespace alone around the calls is no content
+            '\n<tool_call>{"name": "get_time"}</tool_call>\n<tool_call>{"name": "get_time"}',
+            ParsedOutput(None, (TIME, TIME)),
+        ),
+        (  # one block that is no call makes none of them calls
+            '<tool_call>{"name": "get_time"}</tool_call><tool_call>["x"]</tool_call>',
+            ParsedOutput(
+                '<tool_call>{"name": "get_time"}</tool_call><tool_call>["x"]</tool_call>', ()
+            ),
+        ),
+        (  # something else inside a block
+            '<tool_call>{"name": "get_time"} and more</tool_call>',
+            ParsedOutput('<tool_call>{"name": "get_time"} and more</tool_call>', ()),
+        ),
         (  # arguments keep non-ASCII text as it is
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich"}}</tool_call>',
             ParsedOutput(None, (FunctionCall("get_weather", '{"city": "Zürich"}'),)),
@@ -95,12 +113,33 @@ def test_llama3_json_reads_whole_output_calls(text: str, expected: ParsedOutput)
     assert Llama3JsonParser().extract(text) == expected
 
 
+NOT_JSON = [
+    '{"name": "f", "arguments": {"x": NaN}}',  # Python's decoder takes these; JSON has none
+    '{"name": "f", "arguments": {"x": Infinity}}',
+    '{"name": "f", "arguments": {"x": 1e400}}',  # decodes to inf, which JSON cannot write
+    '{"name": "f", "arguments": ' + "[" * 5000 + "]" * 5000 + "}",  # deeper than Python
+    '{"name": "f", "arguments": {}, "note": NaN}',  # anywhere in the call
+]
+
+
+@pytest.mark.parametrize("call", NOT_JSON)
+def test_a_call_json_cannot_carry_is_no_call(call: str) -> None:
+    hermes = f"<tool_call>{call}</tool_call>"
+    assert HermesParser().extract(hermes) == ParsedOutput(hermes, ())
+    llama = call.replace('"arguments"', '"parameters"')
+    assert Llama3JsonParser().extract(llama) == ParsedOutput(llama, ())
+    required = f"[{llama}]"
+    assert ToolCalling("required").parse(required) == ParsedOutput(required, ())
+
+
 def test_the_hermes_parser_holds_back_only_what_may_be_a_call() -> None:
     parser = HermesParser()
     assert parser.held_from("Hello") == 5
     assert parser.held_from("Hello <tool") == 6  # a marker may be starting
     assert parser.held_from("Hello <tools") == 12  # it was not one
     assert parser.held_from("a<tool_call>{} <") == 1  # from the first marker on
+    assert parser.held_from(" \n<tool_call>{") == 0  # whitespace alone is no content
+    assert parser.held_from(" \n<to") == 0
     llama = Llama3JsonParser()
     assert llama.held_from("  ") == 0
     assert llama.held_from(' {"na') == 0
@@ -134,6 +173,8 @@ HERMES_OUTPUTS = [
     'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
     '</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
     'Broken <tool_call>{"name": "get_weather", "argu',
+    '\n\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n',
+    "  \n",
     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> then text',
 ]
 LLAMA_OUTPUTS = [
@@ -193,6 +234,10 @@ def test_streamed_named_and_required_calls() -> None:
     assert stream.delta(cut_short, finished=True) == {"content": cut_short}
     assert stream.parsed is not None
     assert required.finish_reason("length", stream.parsed) == "length"
+    for not_calls in ["[]", text + " and more", '{"name": "get_time", "parameters": {}}']:
+        assert required.parse(not_calls) == ParsedOutput(not_calls, ())
+    message, _ = required.message(text)  # a message's calls have no index (a stream's have)
+    assert [set(call) for call in message["tool_calls"]] == [{"id", "type", "function"}]
     one = ToolCalling("required", parallel=False)
     two = json.dumps([{"name": "a", "parameters": {}}, {"name": "b", "parameters": {}}])
     assert one.parse(two).calls == (FunctionCall("a", "{}"),)

@@ -111,18 +111,23 @@ class LLM:
         deadlines: Sequence[float | None] | None = None,
         *,
         add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Completion]:
         """As vLLM's LLM.chat: `messages` is one conversation ([{"role": ..., "content": ...},
         ...]) or a list of them; each is rendered with the model's chat template and generated
-        as `generate` does, one Completion per conversation, in order. A tokenizer without a
-        chat template raises ModelLoadError; malformed messages InvalidRequestError, before
+        as `generate` does, one Completion per conversation, in order. `tools` (OpenAI's
+        function definitions) go to the template, as in vLLM; the output is the model's text
+        (the server reads tool calls from it: docs/server.md). A tokenizer without a chat
+        template raises ModelLoadError; malformed messages InvalidRequestError, before
         anything runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
+        shown = None if tools is None else [dict(tool) for tool in tools]
         prompts = [
-            tokenizer.apply_chat_template(list(c), add_generation_prompt) for c in conversations
+            tokenizer.apply_chat_template(list(c), add_generation_prompt, tools=shown)
+            for c in conversations
         ]
         return self.generate(prompts, sampling, deadlines)
 

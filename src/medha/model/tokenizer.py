@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from medha.errors import InvalidRequestError, ModelLoadError
+from medha.model.chat_history import calls_as_objects
 from medha.request_input import check_unicode
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class Tokenizer:
                 self.folder / TOKENIZER_CONFIG_FILE,
                 "the tokenizer has no chat template; pass a plain prompt instead of messages",
             )
-        messages = _text_content(messages)
+        messages = calls_as_objects(_text_content(messages))
         from jinja2 import TemplateError
 
         try:
@@ -165,10 +166,12 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=tokenize,
                 return_dict=False,
-                tools=None if tools is None else list[Any](tools),
+                tools=None if tools is None else list(tools),
             )
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
+        except RecursionError as exc:  # values nested deeper than the template can write
+            raise InvalidRequestError("the messages are nested too deeply") from exc
         if not tokenize:
             return cast("str", rendered)
         # Some transformers versions return a BatchEncoding even when asked for plain ids.

@@ -4,12 +4,13 @@
         app = create_app(engine)          # mount it in a service, or: medha serve MODEL
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health, /stats and
-/metrics (the engine's Prometheus metrics, medha.engine_metrics). The app does not own the
-engine: whoever started it stops it, after the server. A client that disconnects aborts its
-requests, streamed or not, and frees their KV cache. Errors have OpenAI's shape ({"error":
-{"message", "type", "param", "code"}}): a request medha refuses (medha.errors.InvalidRequestError,
-or a body of the wrong shape) is a 400 before anything is queued.
+`stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and
+/detokenize (vLLM's), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus
+metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it,
+after the server. A client that disconnects aborts its requests, streamed or not, and frees
+their KV cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a
+request medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400
+before anything is queued.
 """
 
 from __future__ import annotations

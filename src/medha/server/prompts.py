@@ -15,7 +15,7 @@ from medha.engine import Engine
 from medha.request_input import check_unicode
 from medha.request_prompt import is_long, run_off_loop
 from medha.sampling import SamplingParams
-from medha.server.tool_protocol import ToolDefinition, template_messages, template_tools
+from medha.server.tool_protocol import ToolDefinition, template_tools
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ async def chat_prompt_ids(
     show the model. Rendering is cheap (a string join, even for a long document); encoding
     the result is what takes time."""
     text = engine.tokenizer.apply_chat_template(
-        template_messages(messages),
+        messages,
         add_generation_prompt,
         tokenize=False,
         tools=template_tools(tools),

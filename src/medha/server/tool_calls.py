@@ -12,22 +12,28 @@ and vLLM's; a named function's choice keeps "stop", as OpenAI's does).
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from medha.server.tool_parsers import FunctionCall, ParsedOutput, ToolCallParser
+from medha.server.tool_parsers import (
+    FunctionCall,
+    ParsedOutput,
+    ToolCallParser,
+    decode_json,
+    read_call,
+)
 
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def call_json(index: int, call: FunctionCall) -> dict[str, Any]:
+def call_json(call: FunctionCall, index: int | None = None) -> dict[str, Any]:
     """A whole tool call, as a message's (with `index`, as a stream delta's)."""
     function = {"name": call.name, "arguments": call.arguments}
-    return {"index": index, "id": call_id(), "type": "function", "function": function}
+    whole = {"id": call_id(), "type": "function", "function": function}
+    return whole if index is None else {"index": index, **whole}
 
 
 @dataclass(frozen=True)
@@ -69,26 +75,24 @@ class ToolCalling:
         parsed = self.parse(text)
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if parsed.calls:
-            message["tool_calls"] = [call_json(i, call) for i, call in enumerate(parsed.calls)]
-            for call in message["tool_calls"]:
-                del call["index"]  # a stream's, not a message's
+            message["tool_calls"] = [call_json(call) for call in parsed.calls]
         return message, parsed
 
 
 def _required_calls(text: str) -> ParsedOutput:
     """The calls of a `"required"` output (`[{"name": ..., "parameters": {...}}, ...]`); a
     choice cut short is not one: its text is the content."""
+    body = text.strip()
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
+        items, end = decode_json(body)
+    except ValueError:
         return ParsedOutput(text, ())
-    calls = []
-    for item in items if isinstance(items, list) else [None]:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str)):
-            return ParsedOutput(text, ())
-        arguments = json.dumps(item.get("parameters", {}), ensure_ascii=False)
-        calls.append(FunctionCall(item["name"], arguments))
-    return ParsedOutput(None, tuple(calls)) if calls else ParsedOutput(text, ())
+    if not isinstance(items, list) or not items or end != len(body):
+        return ParsedOutput(text, ())
+    calls = [read_call(item, "parameters") for item in items]
+    if None in calls:
+        return ParsedOutput(text, ())
+    return ParsedOutput(None, tuple(call for call in calls if call is not None))
 
 
 @dataclass
@@ -119,7 +123,7 @@ class ToolCallStream:
         content = self.parsed.content or ""
         if len(content) > self.sent:
             delta["content"] = content[self.sent :]
-        delta["tool_calls"] = [call_json(i, call) for i, call in enumerate(self.parsed.calls)]
+        delta["tool_calls"] = [call_json(call, i) for i, call in enumerate(self.parsed.calls)]
         return delta
 
     def _held_from(self, text: str) -> int:

@@ -17,9 +17,9 @@ at once, the rest waits until the model ends.
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from medha.model.tokenizer import Tokenizer
@@ -43,7 +43,12 @@ class ParsedOutput:
 
 class ToolCallParser(Protocol):
     """What `create_app(..., tool_call_parser=...)` takes for a model whose format medha has
-    no parser for (vLLM's `--tool-parser-plugin`): two pure functions of the output text."""
+    no parser for (vLLM's `--tool-parser-plugin`): two pure functions of the output text.
+
+    A stream sends `text[:held_from(text)]` as content while the model writes, so the content
+    `extract` finds in the finished output must start with what `held_from` let out of every
+    earlier text: hold back whatever might yet turn out to be a call, or not be content.
+    """
 
     def extract(self, text: str) -> ParsedOutput:
         """A finished output's content and calls (no calls: the text is all content)."""
@@ -52,58 +57,93 @@ class ToolCallParser(Protocol):
         """Where, in the output streamed so far, text starts that may become a call."""
 
 
-def _call(value: object, arguments_key: str) -> FunctionCall | None:
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(text: str, position: int = 0) -> tuple[object, int]:
+    """The JSON value at `position` of `text`, and where it ends; ValueError if there is none.
+    Strict JSON: Python's decoder takes NaN and Infinity, which a client's JSON does not."""
+    try:
+        return _DECODER.raw_decode(text, position)
+    except RecursionError as exc:  # a model can nest brackets deeper than Python recurses
+        raise ValueError("nested too deeply") from exc
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def read_call(value: object, arguments_key: str) -> FunctionCall | None:
     """A call from a decoded JSON object, or None if it is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get(arguments_key, {})
     if not isinstance(arguments, dict):
         return None
-    return FunctionCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+    try:  # 1e400 decodes to inf, which is not JSON to write back
+        text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
+        return None
+    return FunctionCall(value["name"], text)
 
 
 def _not_called(text: str) -> ParsedOutput:
     return ParsedOutput(text, ())
 
 
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
 class HermesParser:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks; the last may be
-    unclosed (the model ended, or hit a stop string, before writing `</tool_call>`)."""
+    unclosed (the model ended, or hit a stop string, before writing `</tool_call>`). The text
+    around the blocks is the content, unless it is only whitespace."""
 
     name: ClassVar[str] = "hermes"
     START = "<tool_call>"
     END = "</tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 
     def extract(self, text: str) -> ParsedOutput:
-        if self.START not in text:
-            return _not_called(text)
         calls = []
         outside = []  # the text between and around the blocks
         position = 0
-        for block in self._BLOCK.finditer(text):
-            outside.append(text[position : block.start()])
-            position = block.end()
-            try:
-                call = _call(json.loads(block.group(1)), "arguments")
-            except json.JSONDecodeError:
-                call = None
+        while (start := text.find(self.START, position)) >= 0:
+            outside.append(text[position:start])
+            try:  # the object itself, not up to the next END: an argument may contain END
+                value, end = decode_json(text, _skip_space(text, start + len(self.START)))
+            except ValueError:
+                return _not_called(text)
+            call = read_call(value, "arguments")
             if call is None:
                 return _not_called(text)
             calls.append(call)
+            end = _skip_space(text, end)
+            if text.startswith(self.END, end):
+                position = end + len(self.END)
+            elif end == len(text):
+                position = end
+            else:
+                return _not_called(text)  # something else inside the block
+        if not calls:
+            return _not_called(text)
         outside.append(text[position:])
         content = "".join(outside)
         return ParsedOutput(content if content.strip() else None, tuple(calls))
 
     def held_from(self, text: str) -> int:
-        start = text.find(self.START)
-        if start >= 0:
-            return start
-        # A marker may be starting at the end: hold its first characters back.
-        for length in range(min(len(self.START) - 1, len(text)), 0, -1):
-            if text.endswith(self.START[:length]):
-                return len(text) - length
-        return len(text)
+        held = text.find(self.START)
+        if held < 0:
+            held = len(text)
+            # A marker may be starting at the end: hold its first characters back.
+            for length in range(min(len(self.START) - 1, len(text)), 0, -1):
+                if text.endswith(self.START[:length]):
+                    held = len(text) - length
+                    break
+        # Whitespace alone before a call is no content (extract's None): hold it too.
+        return held if text[:held].strip() else 0
 
 
 class Llama3JsonParser:
@@ -113,7 +153,6 @@ class Llama3JsonParser:
 
     name: ClassVar[str] = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
-    _decoder = json.JSONDecoder()
 
     def extract(self, text: str) -> ParsedOutput:
         body = text.strip()
@@ -124,11 +163,11 @@ class Llama3JsonParser:
         position = 0
         while position < len(body):
             try:
-                value, position = self._decoder.raw_decode(body, position)
-            except json.JSONDecodeError:
+                value, position = decode_json(body, position)
+            except ValueError:
                 return _not_called(text)
             named = isinstance(value, dict) and "parameters" in value
-            call = _call(value, "parameters" if named else "arguments")
+            call = read_call(value, "parameters" if named else "arguments")
             if call is None:
                 return _not_called(text)
             calls.append(call)
@@ -137,23 +176,20 @@ class Llama3JsonParser:
 
     def held_from(self, text: str) -> int:
         begun = text.lstrip()
-        if not begun or begun.startswith("{") or self.PYTHON_TAG.startswith(begun[:14]):
+        if begun.startswith("{") or self.PYTHON_TAG.startswith(begun[:14]):  # "" too
             return 0  # nothing yet, or a call (or its tag) is starting: all of it may be one
         return len(text)
 
 
 def _skip_separator(body: str, position: int) -> int:
     """Past the whitespace and one `;` between two calls."""
-    while position < len(body) and body[position].isspace():
-        position += 1
+    position = _skip_space(body, position)
     if position < len(body) and body[position] == ";":
         position += 1
-    while position < len(body) and body[position].isspace():
-        position += 1
-    return position
+    return _skip_space(body, position)
 
 
-PARSERS: dict[str, type[HermesParser] | type[Llama3JsonParser]] = {
+PARSERS: dict[str, Callable[[], ToolCallParser]] = {
     HermesParser.name: HermesParser,
     Llama3JsonParser.name: Llama3JsonParser,
 }
@@ -166,7 +202,7 @@ def tool_call_parser(name: str, tokenizer: Tokenizer) -> ToolCallParser:
     decodes without special tokens): the parser would never see a call."""
     if name not in PARSERS:
         raise ValueError(f"no tool-call parser {name!r}; medha has {', '.join(sorted(PARSERS))}")
-    parser: Any = PARSERS[name]()
+    parser = PARSERS[name]()
     marker = getattr(parser, "START", None)
     if marker is not None:
         ids = tokenizer.encode(marker, add_special_tokens=False)
@@ -175,4 +211,4 @@ def tool_call_parser(name: str, tokenizer: Tokenizer) -> ToolCallParser:
                 f"the {name} parser looks for {marker} in the output text, which this "
                 "tokenizer marks special and medha leaves out of the text"
             )
-    return parser  # type: ignore[no-any-return]
+    return parser

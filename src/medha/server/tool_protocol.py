@@ -18,7 +18,6 @@ vLLM pass them), which writes them into the prompt in the model's own format. Th
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -58,8 +57,6 @@ class NamedToolChoice(BaseModel):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
-_ANY_OBJECT: dict[str, Any] = {"type": "object"}
-
 
 def tool_calling(
     tools: list[ToolDefinition] | None,
@@ -85,6 +82,9 @@ def tool_calling(
                 "named function needs none"
             )
         return ToolCalling("auto", parser=parser, parallel=parallel)
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        raise InvalidRequestError(f"tools must have different names, got {names}")
     if choice == "required":
         return ToolCalling("required", schema=_required_schema(tools, parallel), parallel=parallel)
     by_name = {tool.function.name: tool.function for tool in tools}
@@ -93,29 +93,67 @@ def tool_calling(
         raise InvalidRequestError(
             f"tool_choice names the function {choice.function.name!r}, which is not in tools"
         )
-    schema = _ANY_OBJECT if function.parameters is None else function.parameters
+    schema = _parameters(function)
     return ToolCalling("named", schema=schema, function=function.name, parallel=parallel)
+
+
+def _parameters(function: FunctionDefinition) -> dict[str, Any]:
+    """The schema of `function`'s arguments, which are a JSON object (OpenAI's `arguments`
+    is one): `{}` or none allows any object."""
+    parameters = function.parameters or {}
+    kind = parameters.get("type", "object")
+    if kind != "object":
+        raise InvalidRequestError(
+            f"the parameters of {function.name!r} must be an object schema, got type {kind!r}"
+        )
+    return {**parameters, "type": "object"}
 
 
 def _required_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, Any]:
     """A JSON array of calls, each `{"name": one of the tools, "parameters": its arguments}`
-    (the shape vLLM constrains `"required"` to)."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [tool.function.name]},
-                "parameters": tool.function.parameters or _ANY_OBJECT,
-            },
-            "required": ["name", "parameters"],
-            "additionalProperties": False,  # nothing else for the model to spend tokens on
-        }
-        for tool in tools
-    ]
+    (the shape vLLM constrains `"required"` to). Each tool's schema moves under the root's
+    `$defs`, its references (`#`, `#/$defs/...`) rewritten to point where they pointed."""
+    definitions = {}
+    calls = []
+    for index, tool in enumerate(tools):
+        key = f"tool_{index}"
+        definitions[key] = _moved_refs(_parameters(tool.function), f"#/$defs/{key}")
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.function.name]},
+                    "parameters": {"$ref": f"#/$defs/{key}"},
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": False,  # nothing else for the model to spend tokens on
+            }
+        )
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
+    schema["$defs"] = definitions
     return schema
+
+
+def _moved_refs(schema: Any, root: str) -> Any:
+    """`schema` with each local `$ref` (`#...`) made relative to `root` instead of `#`."""
+    try:
+        return _rewrite(schema, root)
+    except RecursionError as exc:
+        raise InvalidRequestError("a tool's parameters are nested too deeply") from exc
+
+
+def _rewrite(node: Any, root: str) -> Any:
+    if isinstance(node, list):
+        return [_rewrite(item, root) for item in node]
+    if not isinstance(node, dict):
+        return node
+    moved = {key: _rewrite(value, root) for key, value in node.items()}
+    reference = node.get("$ref")
+    if isinstance(reference, str) and reference.startswith("#"):
+        moved["$ref"] = root + reference[1:]
+    return moved
 
 
 def template_tools(tools: list[ToolDefinition] | None) -> list[dict[str, Any]] | None:
@@ -123,36 +161,3 @@ def template_tools(tools: list[ToolDefinition] | None) -> list[dict[str, Any]] |
     if not tools:
         return None
     return [tool.model_dump(exclude_none=True) for tool in tools]
-
-
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`messages` with each earlier call's arguments as an object: OpenAI sends them as JSON
-    text, and chat templates (Llama 3.1's, Qwen's) write them with `tojson`, which would quote
-    the text again. vLLM converts them alike."""
-    result = []
-    for index, message in enumerate(messages):
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
-        if not calls:
-            result.append(message)
-            continue
-        if not isinstance(calls, list):
-            raise InvalidRequestError(f"messages[{index}].tool_calls must be a list")
-        converted = []
-        for number, call in enumerate(calls):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise InvalidRequestError(
-                    f"messages[{index}].tool_calls[{number}] must have a function with a name"
-                )
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequestError(
-                        f"messages[{index}].tool_calls[{number}].function.arguments is not "
-                        f"JSON: {exc}"
-                    ) from exc
-            converted.append({**call, "function": {**function, "arguments": arguments}})
-        result.append({**message, "tool_calls": converted})
-    return result
