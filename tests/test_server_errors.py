@@ -70,7 +70,7 @@ BAD_CHATS = [
     ({"messages": []}, "messages"),
     ({"messages": [{"content": "no role"}]}, "role"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "needs a tool-call parser"),
     ({"response_format": {"type": "json_schema"}}, "json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     (

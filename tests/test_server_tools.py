@@ -358,6 +358,20 @@ async def test_tools_and_earlier_calls_reach_the_chat_template(monkeypatch: Any)
         ),
         ({"functions": [WEATHER["function"]]}, "functions is not supported"),
         ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "different names"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "none"}, "different names"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "1" * 5000}}],
+                    }
+                ],
+                "tools": [WEATHER],
+                "tool_choice": "none",
+            },
+            "arguments is not JSON",  # an integer longer than Python converts
+        ),
         (
             {
                 "tools": [

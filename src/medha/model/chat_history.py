@@ -42,7 +42,7 @@ def calls_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             elif isinstance(arguments, str):
                 try:
                     arguments = json.loads(arguments)
-                except (json.JSONDecodeError, RecursionError) as exc:
+                except (ValueError, RecursionError) as exc:  # ValueError: also huge ints
                     raise InvalidRequestError(
                         f"messages[{index}].tool_calls[{number}].function.arguments is not "
                         f"JSON: {exc}"

@@ -70,6 +70,11 @@ def tool_calling(
         if choice is not None and choice != "none":
             raise InvalidRequestError("tool_choice needs tools")
         return None
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        raise InvalidRequestError(f"tools must have different names, got {names}")
+    for tool in tools:
+        _parameters(tool.function)  # an object schema, whatever the choice (as OpenAI checks)
     if choice is None:
         choice = "auto"  # OpenAI's default when tools are given
     if choice == "none":
@@ -82,9 +87,6 @@ def tool_calling(
                 "named function needs none"
             )
         return ToolCalling("auto", parser=parser, parallel=parallel)
-    names = [tool.function.name for tool in tools]
-    if len(set(names)) < len(names):
-        raise InvalidRequestError(f"tools must have different names, got {names}")
     if choice == "required":
         return ToolCalling("required", schema=_required_schema(tools, parallel), parallel=parallel)
     by_name = {tool.function.name: tool.function for tool in tools}
