@@ -419,6 +419,21 @@ def test_llm_chat_shows_the_tools_and_earlier_calls_to_the_template(
         broken = [{"role": "assistant", "tool_calls": [oops]}]
         with pytest.raises(InvalidRequestError, match="arguments is not JSON"):
             llm.chat(broken, GREEDY)
+        # JSON escapes a lone surrogate, which no tokenizer encodes: typed, as the server's.
+        lone = {"function": {"name": "f", "arguments": '{"city": "\\ud800"}'}}
+        with pytest.raises(InvalidRequestError, match="not valid UTF-8"):
+            llm.chat([{"role": "assistant", "tool_calls": [lone]}], GREEDY, tools=[WEATHER])
+        with pytest.raises(InvalidRequestError, match="tools must be a list"):
+            llm.chat(history, GREEDY, tools=WEATHER)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=r"tools\[1\] must be a dict"):
+            llm.chat(history, GREEDY, tools=[WEATHER, "get_time"])  # type: ignore[list-item]
+        # A template adding a name to a number: the chat's values do not fit it.
+        monkeypatch.setattr(
+            tokenizer.hf_tokenizer, "chat_template", "{{ 1 + messages[0].content }}"
+        )
+        with pytest.raises(InvalidRequestError, match="cannot render"):
+            llm.chat(history, GREEDY)
+        assert llm.engine.stats().finished == 1
     assert tokenizer.decode(done.prompt_token_ids) == (
         "TOOLS: get_weather get_time\nuser: Rome?\nassistant:  CALL get_weather(Rome)\nassistant:"
     )

@@ -22,6 +22,13 @@ def test_a_schema_is_stored_as_compact_json_text_whether_given_as_dict_or_text()
     hash(SamplingParams(structured_outputs=from_dict))  # frozen params stay hashable
 
 
+def _deep(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {}
+    for _ in range(depth):
+        schema = {"not": schema}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -32,6 +39,8 @@ def test_a_schema_is_stored_as_compact_json_text_whether_given_as_dict_or_text()
         ({"json": 3}, "must be a JSON schema"),
         ({"json": {"default": float("nan")}}, "cannot be written as JSON"),
         ({"json": {"type": object}}, "cannot be written as JSON"),
+        ({"json": _deep(100_000)}, "nested too deeply"),  # deeper than Python recurses
+        ({"json": '{"not":' * 100_000 + "{}" + "}" * 100_000}, "nested too deeply"),
         ({"regex": ""}, "non-empty str"),
         ({"grammar": 5}, "non-empty str"),
         ({"choice": "yes"}, "list/tuple of str"),

@@ -70,6 +70,10 @@ TIME = FunctionCall("get_time", "{}")
             '<tool_call>{"name": "get_time"} and more</tool_call>',
             ParsedOutput('<tool_call>{"name": "get_time"} and more</tool_call>', ()),
         ),
+        (  # other keys but no arguments: data with a name, not a call
+            '<tool_call>{"name": "get_time", "when": "now"}</tool_call>',
+            ParsedOutput('<tool_call>{"name": "get_time", "when": "now"}</tool_call>', ()),
+        ),
         (  # arguments keep non-ASCII text as it is
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich"}}</tool_call>',
             ParsedOutput(None, (FunctionCall("get_weather", '{"city": "Zürich"}'),)),
@@ -106,6 +110,7 @@ def test_hermes_reads_tool_call_blocks(text: str, expected: ParsedOutput) -> Non
             ParsedOutput('{"name": "get_time", "parameters": {}} and then some', ()),
         ),
         ('{"name": "get_time"}; 5', ParsedOutput('{"name": "get_time"}; 5', ())),
+        ('{"name": "Ada", "age": 36}', ParsedOutput('{"name": "Ada", "age": 36}', ())),
         ('{"name": "get_ti', ParsedOutput('{"name": "get_ti', ())),
     ],
 )
@@ -168,6 +173,24 @@ def _streamed(calling: ToolCalling, text: str, cuts: list[int]) -> tuple[dict[st
     return message, str(finish)
 
 
+TOOL_NAMES = frozenset({"get_weather", "get_time"})
+
+
+def test_auto_calls_only_the_tools_given() -> None:
+    # A model answering in JSON that has a "name" key (or a hallucinated function) called
+    # nothing: the text is the content, whole.
+    calling = ToolCalling("auto", parser=Llama3JsonParser(), names=TOOL_NAMES)
+    answer = '{"name": "Ada", "parameters": {"age": 36}}'
+    assert calling.parse(answer) == ParsedOutput(answer, ())
+    assert calling.finish_reason("stop", calling.parse(answer)) == "stop"
+    assert calling.parse('{"name": "get_time"}') == ParsedOutput(None, (TIME,))
+    hermes = ToolCalling("auto", parser=HermesParser(), names=TOOL_NAMES)
+    one_unknown = (
+        'Hi<tool_call>{"name": "get_time"}</tool_call><tool_call>{"name": "rm"}</tool_call>'
+    )
+    assert hermes.parse(one_unknown) == ParsedOutput(one_unknown, ())
+
+
 HERMES_OUTPUTS = [
     "No call here, only <b>text</b> and a < sign.",
     'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -176,11 +199,13 @@ HERMES_OUTPUTS = [
     '\n\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n',
     "  \n",
     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> then text',
+    'Sure.\n<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>',
 ]
 LLAMA_OUTPUTS = [
     '{"name": "get_weather", "parameters": {"city": "Paris"}}',
     "  Plain text, no call.",
     '{"not": "a call"}',
+    '{"name": "Ada", "parameters": {"age": 36}}',
 ]
 
 
@@ -190,7 +215,7 @@ LLAMA_OUTPUTS = [
     + [(Llama3JsonParser(), t) for t in LLAMA_OUTPUTS],
 )
 def test_streamed_deltas_add_up_to_the_whole_message(parser: Any, text: str) -> None:
-    calling = ToolCalling("auto", parser=parser)
+    calling = ToolCalling("auto", parser=parser, names=TOOL_NAMES)
     whole, parsed = calling.message(text)
     rng = random.Random(text)
     for trial in range(30):

@@ -124,9 +124,8 @@ class LLM:
             raise EngineClosedError("this LLM was closed")
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
-        shown = None if tools is None else [dict(tool) for tool in tools]
         prompts = [
-            tokenizer.apply_chat_template(list(c), add_generation_prompt, tools=shown)
+            tokenizer.apply_chat_template(list(c), add_generation_prompt, tools=tools)
             for c in conversations
         ]
         return self.generate(prompts, sampling, deadlines)

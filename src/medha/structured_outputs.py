@@ -99,12 +99,19 @@ def _fail(field: str, value: object, problem: str) -> NoReturn:
     raise InvalidSamplingParamsError(f"StructuredOutputsParams.{field}={value!r}: {problem}")
 
 
+def _too_deep() -> NoReturn:
+    # Without the value: its repr would recurse as deep.
+    raise InvalidSamplingParamsError("StructuredOutputsParams.json is nested too deeply") from None
+
+
 def _schema_text(schema: object) -> str:
     if isinstance(schema, str):
         try:
             parsed: Any = json.loads(schema)
         except json.JSONDecodeError as exc:
             _fail("json", schema, f"is not valid JSON ({exc})")
+        except RecursionError:
+            _too_deep()
     elif isinstance(schema, Mapping):
         parsed = schema
     else:
@@ -116,6 +123,8 @@ def _schema_text(schema: object) -> str:
         return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         _fail("json", schema, f"cannot be written as JSON ({exc})")
+    except RecursionError:
+        _too_deep()
 
 
 def _choices(choice: object) -> tuple[str, ...]:

@@ -116,7 +116,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: Literal[True] = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]: ...
 
     @overload
@@ -126,7 +126,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: Literal[False],
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str: ...
 
     @overload
@@ -136,7 +136,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: bool,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int] | str: ...
 
     def apply_chat_template(
@@ -145,7 +145,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tokenize: bool = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int] | str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result;
         with `tokenize=False` (as in transformers) the rendered text. Give the engine the ids:
@@ -164,21 +164,35 @@ class Tokenizer:
             rendered = self._hf.apply_chat_template(
                 messages,
                 add_generation_prompt=add_generation_prompt,
-                tokenize=tokenize,
-                return_dict=False,
-                tools=None if tools is None else list(tools),
+                tokenize=False,
+                tools=_tool_list(tools),
             )
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
+        except TypeError as exc:  # a template doing arithmetic on a value of another type
+            raise InvalidRequestError(f"the chat template cannot render the chat: {exc}") from exc
         except RecursionError as exc:  # values nested deeper than the template can write
             raise InvalidRequestError("the messages are nested too deeply") from exc
+        text = cast("str", rendered)
+        # Values the checks above do not reach (a call's decoded arguments, the tools) may hold
+        # a lone surrogate (JSON's "\ud800"), which no tokenizer encodes.
+        check_unicode(text, "the rendered chat")
         if not tokenize:
-            return cast("str", rendered)
-        # Some transformers versions return a BatchEncoding even when asked for plain ids.
-        ids = cast(
-            "Sequence[int]", rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
-        )
-        return [int(i) for i in ids]
+            return text
+        # What transformers does with tokenize=True: the template writes the special tokens.
+        return self.encode(text, add_special_tokens=False)
+
+
+def _tool_list(tools: object) -> list[dict[str, Any]] | None:
+    """`tools` checked: a list of function definitions (dicts) or None."""
+    if tools is None:
+        return None
+    if not isinstance(tools, Sequence) or isinstance(tools, str | bytes | Mapping):
+        raise InvalidRequestError("tools must be a list of function definitions (dicts)")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise InvalidRequestError(f"tools[{index}] must be a dict, got {type(tool).__name__}")
+    return [dict(tool) for tool in tools]
 
 
 def _text_content(messages: object) -> list[dict[str, Any]]:

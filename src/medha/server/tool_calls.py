@@ -49,6 +49,9 @@ class ToolCalling:
     """auto's parser."""
     parallel: bool = True
     """False: one call at most (OpenAI's `parallel_tool_calls`)."""
+    names: frozenset[str] = frozenset()
+    """The tools' names: auto output calling any other function calls nothing (its text is
+    the content), as a model answering in JSON that has a "name" key has not called a tool."""
 
     def parse(self, text: str) -> ParsedOutput:
         """A finished output's content and calls."""
@@ -60,6 +63,8 @@ class ToolCalling:
         else:
             assert self.parser is not None
             parsed = self.parser.extract(text)
+            if any(call.name not in self.names for call in parsed.calls):
+                return ParsedOutput(text, ())
         if not self.parallel and len(parsed.calls) > 1:
             return ParsedOutput(parsed.content, parsed.calls[:1])
         return parsed

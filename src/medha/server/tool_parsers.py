@@ -74,8 +74,12 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def read_call(value: object, arguments_key: str) -> FunctionCall | None:
-    """A call from a decoded JSON object, or None if it is not one."""
+    """A call from a decoded JSON object, or None if it is not one. An object of a name alone
+    calls a function of no arguments; with other keys but no arguments, it is data that
+    happens to have a name (`{"name": "Ada", "age": 36}`), not a call."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    if arguments_key not in value and len(value) > 1:
         return None
     arguments = value.get(arguments_key, {})
     if not isinstance(arguments, dict):

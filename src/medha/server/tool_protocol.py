@@ -86,7 +86,7 @@ def tool_calling(
                 'without (medha serve --tool-call-parser hermes|llama3_json); "required" or a '
                 "named function needs none"
             )
-        return ToolCalling("auto", parser=parser, parallel=parallel)
+        return ToolCalling("auto", parser=parser, parallel=parallel, names=frozenset(names))
     if choice == "required":
         return ToolCalling("required", schema=_required_schema(tools, parallel), parallel=parallel)
     by_name = {tool.function.name: tool.function for tool in tools}
@@ -138,22 +138,42 @@ def _required_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, A
     return schema
 
 
-def _moved_refs(schema: Any, root: str) -> Any:
-    """`schema` with each local `$ref` (`#...`) made relative to `root` instead of `#`."""
+def _moved_refs(schema: dict[str, Any], root: str) -> dict[str, Any]:
+    """`schema` with each local path `$ref` (`#`, `#/...`) made relative to `root` instead of
+    `#`. Anchors (`#name`) stay: they name a place wherever it moves. A schema with its own
+    `$id` is a resource of its own, whose references resolve inside it: it stays too."""
+    if "$id" in schema:
+        return schema
     try:
         return _rewrite(schema, root)
     except RecursionError as exc:
         raise InvalidRequestError("a tool's parameters are nested too deeply") from exc
 
 
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are JSON data, not schemas: a `$ref` key there is data."""
+_NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+"""Keywords whose values map names (which may be anything, `$ref` too) to schemas."""
+
+
 def _rewrite(node: Any, root: str) -> Any:
+    """A subschema (a dict, a list of them, or a boolean) with its references moved."""
     if isinstance(node, list):
         return [_rewrite(item, root) for item in node]
-    if not isinstance(node, dict):
+    if not isinstance(node, dict) or "$id" in node:
         return node
-    moved = {key: _rewrite(value, root) for key, value in node.items()}
+    moved = {}
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS:
+            moved[key] = value
+        elif key in _NAMED_SCHEMAS and isinstance(value, dict):
+            moved[key] = {name: _rewrite(item, root) for name, item in value.items()}
+        else:
+            moved[key] = _rewrite(value, root)
     reference = node.get("$ref")
-    if isinstance(reference, str) and reference.startswith("#"):
+    if isinstance(reference, str) and (reference == "#" or reference.startswith("#/")):
         moved["$ref"] = root + reference[1:]
     return moved
 

@@ -1,0 +1,100 @@
+"""`tool_choice: "required"`'s schema, which puts every tool's parameters into one: each tool's
+references must still resolve where they did, for the JSON schema reference validator and for
+the grammar the output is constrained to."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from medha import GrammarViolationError, StructuredOutputsParams
+from medha.server.tool_protocol import ToolDefinition, tool_calling
+from tests.engine_support import grammar_compiler
+
+INTEGER_AT_A = {"type": "object", "properties": {"a": {}}, "required": ["a"]}
+"""Each case's parameters: `a` must be an integer, by way of the case's reference."""
+
+
+def _with_a(schema: Any, **more: Any) -> dict[str, Any]:
+    return {**INTEGER_AT_A, "properties": {"a": schema}, **more}
+
+
+CASES = {
+    "defs": _with_a({"$ref": "#/$defs/I"}, **{"$defs": {"I": {"type": "integer"}}}),
+    "old definitions": _with_a({"$ref": "#/definitions/I"}, definitions={"I": {"type": "integer"}}),
+    "root": {  # "#" is the tool's parameters, not the whole schema
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "next": {"$ref": "#"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    "anchor": _with_a({"$ref": "#int"}, **{"$defs": {"I": {"$anchor": "int", "type": "integer"}}}),
+    "own id": _with_a(
+        {"$ref": "#/$defs/I"},
+        **{"$id": "https://example.com/tool", "$defs": {"I": {"type": "integer"}}},
+    ),
+}
+VALID = {"defs": {"a": 1}, "old definitions": {"a": 1}, "root": {"a": 1, "next": {"a": 2}}}
+INVALID = {"defs": {"a": "x"}, "old definitions": {"a": "x"}, "root": {"a": 1, "next": {"a": "x"}}}
+
+
+def _required_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    # Another tool first, with $defs of its own: the case's are not the root's.
+    other = {"type": "object", "$defs": {"I": {"type": "string"}}, "properties": {}}
+    tools = [
+        ToolDefinition.model_validate({"type": "function", "function": function})
+        for function in (
+            {"name": "other", "parameters": other},
+            {"name": "f", "parameters": parameters},
+        )
+    ]
+    calling = tool_calling(tools, "required", parallel=True, parser=None)
+    assert calling is not None and calling.schema is not None
+    return calling.schema
+
+
+def _grammar_accepts(schema: dict[str, Any], value: object) -> bool:
+    matcher = grammar_compiler().matcher(
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    )
+    text = json.dumps(value, separators=(",", ":"))
+    try:
+        for token in grammar_compiler()._tokenizer.encode(text, add_special_tokens=False):
+            matcher.accept(token)
+    except GrammarViolationError:
+        return False
+    return bool(matcher._matcher.is_accepting())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_required_keeps_each_tools_references(case: str) -> None:
+    schema = _required_schema(CASES[case])
+    valid = [{"name": "f", "parameters": VALID.get(case, {"a": 1})}]
+    invalid = [{"name": "f", "parameters": INVALID.get(case, {"a": "x"})}]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert jsonschema.Draft202012Validator(schema).is_valid(valid)
+    assert not jsonschema.Draft202012Validator(schema).is_valid(invalid)
+    assert _grammar_accepts(schema, valid)
+    assert not _grammar_accepts(schema, invalid)
+
+
+def test_data_in_a_schema_is_not_moved() -> None:
+    # "$ref" as a property's name, or inside a const's value, is data, not a reference.
+    parameters = {
+        "type": "object",
+        "properties": {
+            "$ref": {"type": "integer"},
+            "b": {"const": {"$ref": "#/x"}},
+            "c": {"enum": [{"$ref": "#"}]},
+        },
+        "required": ["$ref", "b", "c"],
+    }
+    schema = _required_schema(parameters)
+    moved = schema["$defs"]["tool_1"]
+    assert moved["properties"] == parameters["properties"]
+    call = [{"name": "f", "parameters": {"$ref": 1, "b": {"$ref": "#/x"}, "c": {"$ref": "#"}}}]
+    assert jsonschema.Draft202012Validator(schema).is_valid(call)
+    assert _grammar_accepts(schema, call)
