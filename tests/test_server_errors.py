@@ -40,7 +40,8 @@ BAD_COMPLETIONS = [
     ({"prompt": {"text": "x"}}, 400, "prompt"),
     ({"deadline": -1}, 400, "deadline"),
     ({"model": "gpt-4"}, 404, "does not exist"),
-    ({"echo": True}, 400, "echo"),
+    ({"echo": True, "prompt": "x " * 5000}, 400, "context"),
+    ({"echo": True, "max_tokens": -1}, 400, "max_tokens"),  # 0 only: the prompt alone
     ({"best_of": 3}, 400, "best_of"),
     ({"n": 17}, 400, "choices"),
     ({"n": 0}, 400, "n must be"),

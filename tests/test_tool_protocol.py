@@ -82,19 +82,26 @@ def test_required_keeps_each_tools_references(case: str) -> None:
 
 
 def test_data_in_a_schema_is_not_moved() -> None:
-    # "$ref" as a property's name, or inside a const's value, is data, not a reference.
+    # "$ref" as a property's name, or inside a const's value, is data, not a reference; a
+    # property named as a keyword ("default") is a schema, whose reference moves.
+    data = {
+        "$ref": {"type": "integer"},
+        "b": {"const": {"$ref": "#/x"}},
+        "c": {"enum": [{"$ref": "#"}]},
+    }
     parameters = {
         "type": "object",
-        "properties": {
-            "$ref": {"type": "integer"},
-            "b": {"const": {"$ref": "#/x"}},
-            "c": {"enum": [{"$ref": "#"}]},
-        },
-        "required": ["$ref", "b", "c"],
+        "properties": {**data, "default": {"$ref": "#/$defs/I"}},
+        "required": ["$ref", "b", "c", "default"],
+        "$defs": {"I": {"type": "integer"}},
     }
     schema = _required_schema(parameters)
-    moved = schema["$defs"]["tool_1"]
-    assert moved["properties"] == parameters["properties"]
-    call = [{"name": "f", "parameters": {"$ref": 1, "b": {"$ref": "#/x"}, "c": {"$ref": "#"}}}]
+    moved = schema["$defs"]["tool_1"]["properties"]
+    assert {key: moved[key] for key in data} == data
+    arguments = {"$ref": 1, "b": {"$ref": "#/x"}, "c": {"$ref": "#"}, "default": 2}
+    call = [{"name": "f", "parameters": arguments}]
+    wrong = [{"name": "f", "parameters": {**arguments, "default": "x"}}]
     assert jsonschema.Draft202012Validator(schema).is_valid(call)
+    assert not jsonschema.Draft202012Validator(schema).is_valid(wrong)
     assert _grammar_accepts(schema, call)
+    assert not _grammar_accepts(schema, wrong)

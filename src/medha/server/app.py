@@ -33,7 +33,8 @@ from medha.errors import InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
-from medha.server.prompts import chat_prompt_ids, completion_prompt_ids
+from medha.server.echo import EchoedPrompt, echoed_prompt
+from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.streaming import (
@@ -136,11 +137,22 @@ class _Api:
         body.check_supported()
         prompts = body.prompts()
         body.check_choices(len(prompts))
-        params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
+        prompt_only = bool(body.echo) and body.max_tokens == 0  # score the prompt, no more
+        params = body.sampling_params(
+            1 if prompt_only else body.max_tokens, body.logprobs, body.engine_prompt_logprobs()
+        )
         prompt_ids = await completion_prompt_ids(
             self.engine, prompts, params, body.add_special_tokens
         )
-        return await self._respond(request, body, params, prompt_ids, chat=False)
+        echoes = None
+        if body.echo:
+            tokenizer = self.engine.tokenizer
+            echoes = [
+                await off_loop_if_long(ids, echoed_prompt, tokenizer, ids) for ids in prompt_ids
+            ]
+        return await self._respond(
+            request, body, params, prompt_ids, chat=False, echoes=echoes, prompt_only=prompt_only
+        )
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check(body, request)
@@ -167,6 +179,8 @@ class _Api:
         prompt_ids: list[list[int]],
         chat: bool,
         tools: ToolCalling | None = None,
+        echoes: list[EchoedPrompt] | None = None,
+        prompt_only: bool = False,
     ) -> Response:
         # A client's X-Request-Id names the response; engine ids get a unique part as well, so
         # that gateways reusing one trace id for several calls are not refused.
@@ -174,9 +188,16 @@ class _Api:
         response_id = given or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         engine_ids = f"{given}-{uuid.uuid4().hex[:8]}" if given else response_id
         choices = await start_choices(
-            self.engine, prompt_ids, params, body.n, body.deadline, engine_ids
+            self.engine, prompt_ids, params, body.n, body.deadline, engine_ids, echoes, prompt_only
         )
-        render = Renderer(chat, self.strings, params.logprobs is not None, tools)
+        render = Renderer(
+            chat,
+            self.strings,
+            params.logprobs is not None,
+            tools,
+            top_logprobs=params.logprobs or 0,
+            prompt_logprobs=body.prompt_logprobs,
+        )
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}
         head["model"] = self.model_name

@@ -19,6 +19,7 @@ import anyio
 from medha.engine import Engine
 from medha.request import TokenEvent
 from medha.sampling import SamplingParams
+from medha.server.echo import EchoedPrompt, without_output
 
 _SEEDS = 1 << 64  # SamplingParams' seeds are 64-bit unsigned
 
@@ -28,6 +29,10 @@ class Choice:
     index: int
     prompt_ids: list[int]
     stream: AsyncGenerator[TokenEvent, None]
+    echo: EchoedPrompt | None = None
+    """The prompt, which the choice's text starts with (completions' `echo`)."""
+    prompt_only: bool = False
+    """Only the prompt is wanted (`echo` with `max_tokens: 0`): the output is not shown."""
 
 
 async def start_choices(
@@ -37,10 +42,13 @@ async def start_choices(
     n: int,
     deadline: float | None,
     id_prefix: str,
+    echoes: Sequence[EchoedPrompt] | None = None,
+    prompt_only: bool = False,
 ) -> list[Choice]:
     """Validate the choices of `prompts` x `n` (index = prompt x n + sample, as OpenAI orders
     them); nothing is queued, and if one is refused the others' ids are released. With a seed,
-    sample j of a prompt takes seed + j: n samples under one seed would all be the same."""
+    sample j of a prompt takes seed + j: n samples under one seed would all be the same.
+    `echoes`: each prompt echoed, and with `prompt_only` nothing else (see Choice)."""
     choices: list[Choice] = []
     try:
         for prompt_index, prompt_ids in enumerate(prompts):
@@ -53,7 +61,8 @@ async def start_choices(
                 stream = engine.stream(
                     prompt_ids, sample_params, deadline, request_id=f"{id_prefix}-{index}"
                 )
-                choices.append(Choice(index, prompt_ids, stream))
+                echo = None if echoes is None else echoes[prompt_index]
+                choices.append(Choice(index, prompt_ids, stream, echo, prompt_only))
     except BaseException:
         for choice in choices:
             await choice.stream.aclose()  # never iterated: nothing was queued
@@ -82,7 +91,8 @@ async def merged_events(
             # aclosing: a cancelled pump closes its stream now, which aborts its request.
             async with aclosing(choice.stream) as stream:
                 async for event in stream:
-                    queue.put_nowait((choice.index, event))
+                    shown = without_output(event) if choice.prompt_only else event
+                    queue.put_nowait((choice.index, shown))
         except Exception as error:
             queue.put_nowait(error)
         finally:

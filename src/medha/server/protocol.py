@@ -87,7 +87,7 @@ UNSUPPORTED = {
     "guided_whitespace_pattern": None,
     "skip_special_tokens": True,
     "return_tokens_as_token_ids": False,
-    "echo": False,  # chat's (the completions endpoint has its own field, refused alike)
+    "echo": False,  # chat's (vLLM's; the completions endpoint has OpenAI's, which medha does)
 }
 """vLLM's and OpenAI's fields that change the output in a way medha does not do."""
 
@@ -250,6 +250,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
+    """The prompt starts each choice's text, and its scored tokens the logprobs (medha.server.
+    echo); with max_tokens 0, nothing else."""
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = True
@@ -270,9 +272,14 @@ class CompletionRequest(_SamplingFields):
             raise InvalidRequestError("the prompt is empty")
         return list(prompt)  # type: ignore[arg-type]  # several, text or token ids
 
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes: the request's, and with `echo` and
+        `logprobs` as many alternatives as the echoed prompt's table shows."""
+        if not self.echo or self.logprobs is None:
+            return self.prompt_logprobs
+        return max(self.prompt_logprobs or 0, self.logprobs)
+
     def check_supported(self) -> None:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported (prompt_logprobs scores a prompt)")
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

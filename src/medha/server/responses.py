@@ -15,6 +15,7 @@ from typing import Any
 
 from medha.model.tokenizer import Tokenizer
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
+from medha.server.echo import EchoedPrompt, prompt_rows
 from medha.server.tool_calls import ToolCalling, ToolCallStream
 
 Rows = list[tuple[int, float | None, tuple[TokenLogprob, ...] | None]]
@@ -64,6 +65,10 @@ class ChoiceOutput:
     metrics: RequestMetrics | None = None
     tool_stream: ToolCallStream | None = None
     """A streamed chat's tool calls, as far as they have gone out."""
+    echo: EchoedPrompt | None = None
+    """The prompt the text starts with (completions' `echo`)."""
+    echo_sent: bool = False
+    """A stream sent the echo (with the choice's first chunk)."""
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
@@ -121,21 +126,29 @@ class Renderer:
     """Whether the request asked for logprobs."""
     tools: ToolCalling | None = None
     """A chat's tool calling: its output becomes tool calls (medha.server.tool_calls)."""
+    top_logprobs: int = 0
+    """How many alternatives the logprobs name per token (the echoed prompt's are cut to it)."""
+    prompt_logprobs: int | None = None
+    """The request's `prompt_logprobs` (None: not shown, though computed for an echo)."""
 
     def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
         """A finished choice of a whole (not streamed) response."""
         choice: dict[str, Any] = {"index": output.index}
         finish_reason = output.finish_reason
+        rows, offsets = output.rows(), output.text_offsets
         if self.tools is not None:
             choice["message"], parsed = self.tools.message(output.text)
             finish_reason = self.tools.finish_reason(finish_reason, parsed)
         elif self.chat:
             choice["message"] = {"role": "assistant", "content": output.text}
+        elif output.echo is not None:
+            choice["text"] = output.echo.text + output.text
+            rows = self._echo_rows(output) + rows
+            shift = len(output.echo.text)
+            offsets = [*output.echo.offsets, *(shift + offset for offset in offsets)]
         else:
             choice["text"] = output.text
-        choice["logprobs"] = (
-            self._logprobs(output.rows(), output.text_offsets) if self.logprobs else None
-        )
+        choice["logprobs"] = self._logprobs(rows, offsets) if self.logprobs else None
         choice["finish_reason"] = finish_reason
         choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
         choice["metrics"] = metrics_json(output.metrics)
@@ -154,6 +167,8 @@ class Renderer:
         """A streamed chunk's choice for `event` (already added to `output`); None when it
         says nothing (its text is held back: a stop string may be starting)."""
         has_row = self.logprobs and event.token_id is not None
+        echo = None if output.echo_sent else output.echo  # with the choice's first chunk
+        output.echo_sent = True
         finish_reason = event.finish_reason
         message: dict[str, Any] = {"content": event.text} if event.text else {}
         if self.tools is not None:
@@ -162,19 +177,25 @@ class Renderer:
             message = output.tool_stream.delta(output.text, finish_reason is not None)
             if output.tool_stream.parsed is not None:
                 finish_reason = self.tools.finish_reason(finish_reason, output.tool_stream.parsed)
-        if not (message or finish_reason or has_row or event.prompt_logprobs):
+        shown_prompt = event.prompt_logprobs is not None and self.prompt_logprobs is not None
+        if not (message or finish_reason or has_row or shown_prompt or echo):
             return None
         choice: dict[str, Any] = {"index": output.index}
         if self.chat:
             choice["delta"] = message
         else:
-            choice["text"] = event.text
-        choice["logprobs"] = None
+            choice["text"] = event.text if echo is None else echo.text + event.text
+        rows: Rows = []
+        offsets: list[int] = []
+        if echo is not None and self.logprobs:
+            rows, offsets = self._echo_rows(output), list(echo.offsets)
         if has_row:
             assert event.token_id is not None
-            row = [(event.token_id, event.logprob, event.top_logprobs)]
-            choice["logprobs"] = self._logprobs(row, output.text_offsets[-1:])
-        if event.prompt_logprobs is not None:  # on a choice's first event
+            rows.append((event.token_id, event.logprob, event.top_logprobs))
+            shift = 0 if output.echo is None else len(output.echo.text)
+            offsets.append(shift + output.text_offsets[-1])
+        choice["logprobs"] = self._logprobs(rows, offsets) if rows else None
+        if shown_prompt:  # on a choice's first event
             choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
         choice["finish_reason"] = finish_reason
         if event.finish_reason is not None:
@@ -186,10 +207,18 @@ class Renderer:
             return chat_logprobs(rows, self.strings)
         return completion_logprobs(rows, offsets, self.strings)
 
+    def _echo_rows(self, output: ChoiceOutput) -> Rows:
+        assert output.echo is not None
+        return prompt_rows(
+            output.echo, output.prompt_logprobs, output.prompt_top_logprobs, self.top_logprobs
+        )
+
     def _prompt_logprobs(
         self, output: ChoiceOutput, prompt_ids: list[int]
     ) -> list[dict[str, Any] | None] | None:
-        return prompt_logprobs_json(output, prompt_ids, self.strings)
+        if self.prompt_logprobs is None:
+            return None
+        return prompt_logprobs_json(output, prompt_ids, self.strings, self.prompt_logprobs)
 
 
 def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -> dict[str, Any]:
@@ -197,8 +226,11 @@ def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -
     text. Its top logprobs hold the most likely tokens and the sampled one (as vLLM's), keyed
     by text: of tokens whose texts are the same (bytes of one character each decode to
     U+FFFD), the most likely is kept."""
-    top = []
+    top: list[dict[str, float | None] | None] = []
     for token_id, logprob, alternatives in rows:
+        if logprob is None:  # an echoed prompt's first token, which nothing predicts
+            top.append(None)
+            continue
         table: dict[str, float | None] = {}
         for alternative in alternatives or ():  # most likely first: it keeps a shared text
             table.setdefault(strings(alternative.token_id), _finite(alternative.logprob))
@@ -232,10 +264,10 @@ def chat_logprobs(rows: Rows, strings: TokenStrings) -> dict[str, Any]:
 
 
 def prompt_logprobs_json(
-    choice: ChoiceOutput, prompt_ids: list[int], strings: TokenStrings
+    choice: ChoiceOutput, prompt_ids: list[int], strings: TokenStrings, top: int
 ) -> list[dict[str, Any] | None] | None:
     """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob,
-    decoded_token}} for the prompt's own token and the most likely ones."""
+    decoded_token}} for the prompt's own token and the `top` most likely ones."""
     if choice.prompt_logprobs is None:
         return None
     rows: list[dict[str, Any] | None] = []
@@ -247,7 +279,7 @@ def prompt_logprobs_json(
             rows.append(None)
             continue
         row = {str(token_id): {"logprob": _finite(logprob), "decoded_token": strings(token_id)}}
-        for alternative in (tops[position] if position < len(tops) else None) or ():
+        for alternative in ((tops[position] if position < len(tops) else None) or ())[:top]:
             row.setdefault(
                 str(alternative.token_id),
                 {

@@ -50,7 +50,7 @@ def error_body(error: BaseException) -> dict[str, Any]:
 
 async def collect(choices: list[Choice]) -> list[ChoiceOutput]:
     """Every choice, streamed to its end."""
-    outputs = [ChoiceOutput(c.index) for c in choices]
+    outputs = [ChoiceOutput(c.index, echo=c.echo) for c in choices]
     async with aclosing(merged_events(choices)) as events:
         async for index, event in events:
             outputs[index].add(event)
@@ -89,7 +89,7 @@ async def chunks(
     for choice in choices:
         if (first := render.role(choice.index)) is not None:
             yield {**head, "choices": [first]}
-    outputs = {c.index: ChoiceOutput(c.index) for c in choices}
+    outputs = {c.index: ChoiceOutput(c.index, echo=c.echo) for c in choices}
     prompts = {c.index: c.prompt_ids for c in choices}
     async with aclosing(merged_events(choices)) as events:
         async for index, event in events:

@@ -142,8 +142,6 @@ def _moved_refs(schema: dict[str, Any], root: str) -> dict[str, Any]:
     """`schema` with each local path `$ref` (`#`, `#/...`) made relative to `root` instead of
     `#`. Anchors (`#name`) stay: they name a place wherever it moves. A schema with its own
     `$id` is a resource of its own, whose references resolve inside it: it stays too."""
-    if "$id" in schema:
-        return schema
     try:
         return _rewrite(schema, root)
     except RecursionError as exc:
