@@ -439,6 +439,26 @@ def test_llm_chat_shows_the_tools_and_earlier_calls_to_the_template(
     )
 
 
+def test_llm_chat_continues_the_final_message_with_the_templates_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_tokenizer import THINKING
+
+    answer = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    with medha.LLM(engine_config()) as llm:
+        monkeypatch.setattr(llm.engine.tokenizer.hf_tokenizer, "chat_template", THINKING)
+        (done,) = llm.chat(
+            answer,
+            GREEDY,
+            add_generation_prompt=False,
+            continue_final_message=True,
+            chat_template_kwargs={"enable_thinking": False},
+        )
+        with pytest.raises(InvalidRequestError, match="set one of them"):
+            llm.chat(answer, GREEDY, continue_final_message=True)
+    assert llm.engine.tokenizer.decode(done.prompt_token_ids) == "/no_think HiHello, I"
+
+
 def test_llm_takes_one_sampling_params_per_prompt_as_vllm_does() -> None:
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     with medha.LLM(engine_config()) as llm:

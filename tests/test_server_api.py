@@ -310,6 +310,43 @@ async def test_streamed_chat_choices_logprobs_and_usage_add_up() -> None:
         assert prompt_rows[1:] == [None] * (len(mine) - 1)
 
 
+async def test_chat_template_kwargs_and_continue_final_message_shape_the_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_tokenizer import THINKING
+
+    answer = [*MESSAGES, {"role": "assistant", "content": "My name"}]
+    shape: dict[str, Any] = {
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    async with serving() as (engine, client):
+        monkeypatch.setattr(engine.tokenizer.hf_tokenizer, "chat_template", THINKING)
+        ids = engine.tokenizer.apply_chat_template(
+            answer,
+            False,
+            continue_final_message=True,
+            chat_template_kwargs={"enable_thinking": False},
+        )
+        greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        reference = await engine.generate(ids, greedy)
+        done = await client.chat.completions.create(
+            model=MODEL,
+            messages=answer,  # type: ignore[arg-type]
+            max_tokens=4,
+            temperature=0.0,
+            extra_body={"ignore_eos": True, **shape},
+        )
+        tokenized = await client._client.post(
+            "http://medha/tokenize", json={"messages": answer, **shape}
+        )
+    assert engine.tokenizer.decode(ids) == "/no_think Be brief.Hello?My name"
+    assert done.choices[0].message.content == reference.text
+    assert done.usage is not None and done.usage.prompt_tokens == len(ids)
+    assert tokenized.json()["tokens"] == ids
+
+
 async def test_health_models_and_stats() -> None:
     engine = medha.Engine(engine_config())
     await engine.start()

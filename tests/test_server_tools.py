@@ -409,5 +409,5 @@ async def test_what_tools_cannot_do_is_a_400(fields: dict[str, Any], message: st
         assert message in answer.json()["error"]["message"]
         tokenized = await http.post("/tokenize", json={"prompt": "x", "tools": [WEATHER]})
         assert tokenized.status_code == 400
-        assert "tools are taken with `messages`" in tokenized.json()["error"]["message"]
+        assert "are taken with `messages`" in tokenized.json()["error"]["message"]
         assert engine.stats().running == 0 and engine.stats().waiting == 0

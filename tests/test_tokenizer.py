@@ -126,3 +126,54 @@ def test_a_corrupt_tokenizer_config_raises_model_load_error_naming_it(
     (folder / "tokenizer_config.json").write_text("{'single': 'quotes'}")
     with pytest.raises(ModelLoadError, match=r"tokenizer_config\.json"):
         Tokenizer.from_folder(folder)
+
+
+ANSWER = [*CHAT, {"role": "assistant", "content": "My name is"}]
+
+
+def test_continue_final_message_leaves_the_last_message_open(tokenizer: Tokenizer) -> None:
+    text = tokenizer.apply_chat_template(
+        ANSWER, add_generation_prompt=False, tokenize=False, continue_final_message=True
+    )
+    assert text.endswith("<|im_start|>assistant\nMy name is")
+    assert text == tokenizer.hf_tokenizer.apply_chat_template(
+        ANSWER, tokenize=False, continue_final_message=True
+    )
+    ids = tokenizer.apply_chat_template(ANSWER, False, continue_final_message=True)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    with pytest.raises(InvalidRequestError, match="set one of them"):
+        tokenizer.apply_chat_template(ANSWER, continue_final_message=True)
+
+
+def test_a_template_that_drops_the_message_to_continue_is_an_invalid_request(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = "{% for m in messages[:-1] %}{{ m.content }}{% endfor %}"
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", template)
+    with pytest.raises(InvalidRequestError, match="final message"):
+        tokenizer.apply_chat_template(ANSWER, False, continue_final_message=True)
+
+
+THINKING = (
+    "{% if enable_thinking is defined and not enable_thinking %}/no_think {% endif %}"
+    "{% for m in messages %}{{ m.content }}{% endfor %}"
+)
+
+
+def test_chat_template_kwargs_are_the_templates_variables(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", THINKING)
+
+    def render(**kwargs: object) -> str:
+        return tokenizer.apply_chat_template(CHAT, tokenize=False, chat_template_kwargs=kwargs)
+
+    assert render(enable_thinking=False) == "/no_think Be brief.What is your name?"
+    assert render(enable_thinking=True) == render() == "Be brief.What is your name?"
+    assert render(unused=1) == render()  # a variable the template does not use: nothing
+    for reserved in ("tokenize", "chat_template", "messages", "tools", "add_generation_prompt"):
+        with pytest.raises(InvalidRequestError, match=f"may not set {reserved}"):
+            render(**{reserved: None})
+    for not_a_dict in (["enable_thinking"], {1: True}):
+        with pytest.raises(InvalidRequestError, match="must be a dict"):
+            tokenizer.apply_chat_template(CHAT, chat_template_kwargs=not_a_dict)  # type: ignore[arg-type]

@@ -112,20 +112,30 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[Completion]:
         """As vLLM's LLM.chat: `messages` is one conversation ([{"role": ..., "content": ...},
         ...]) or a list of them; each is rendered with the model's chat template and generated
         as `generate` does, one Completion per conversation, in order. `tools` (OpenAI's
         function definitions) go to the template, as in vLLM; the output is the model's text
-        (the server reads tool calls from it: docs/server.md). A tokenizer without a chat
-        template raises ModelLoadError; malformed messages InvalidRequestError, before
-        anything runs."""
+        (the server reads tool calls from it: docs/server.md). `continue_final_message` (with
+        add_generation_prompt=False) has the model go on with the last message, and
+        `chat_template_kwargs` are the template's variables (Qwen 3's `enable_thinking`), as in
+        vLLM. A tokenizer without a chat template raises ModelLoadError; malformed messages
+        InvalidRequestError, before anything runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
         prompts = [
-            tokenizer.apply_chat_template(list(c), add_generation_prompt, tools=tools)
+            tokenizer.apply_chat_template(
+                list(c),
+                add_generation_prompt,
+                tools=tools,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+            )
             for c in conversations
         ]
         return self.generate(prompts, sampling, deadlines)

@@ -9,6 +9,7 @@ network, and real enough (merges, special tokens, a chat template) to exercise e
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class Tokenizer:
         *,
         tokenize: Literal[True] = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]: ...
 
     @overload
@@ -127,6 +130,8 @@ class Tokenizer:
         *,
         tokenize: Literal[False],
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> str: ...
 
     @overload
@@ -137,6 +142,8 @@ class Tokenizer:
         *,
         tokenize: bool,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int] | str: ...
 
     def apply_chat_template(
@@ -146,18 +153,31 @@ class Tokenizer:
         *,
         tokenize: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int] | str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) and tokenize the result;
         with `tokenize=False` (as in transformers) the rendered text. Give the engine the ids:
         encoding the text again adds the tokenizer's special tokens (a second BOS). `tools`
         (OpenAI's function definitions) go to the template, which shows them to the model in
-        its format (a template that does not use them leaves them out)."""
+        its format (a template that does not use them leaves them out).
+
+        As in transformers and vLLM: `continue_final_message` leaves the last message open, for
+        the model to go on writing it (a prefilled answer; not with add_generation_prompt), and
+        `chat_template_kwargs` are variables for the template (Qwen 3's `enable_thinking`);
+        one the template does not use changes nothing."""
         if not self.has_chat_template:
             raise ModelLoadError(
                 self.folder / TOKENIZER_CONFIG_FILE,
                 "the tokenizer has no chat template; pass a plain prompt instead of messages",
             )
         messages = calls_as_objects(_text_content(messages))
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError(
+                "continue_final_message goes on with the last message; add_generation_prompt "
+                "starts a new one: set one of them"
+            )
+        variables = _template_variables(chat_template_kwargs)
         from jinja2 import TemplateError
 
         try:
@@ -166,10 +186,14 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
                 tools=_tool_list(tools),
+                continue_final_message=continue_final_message,
+                **variables,
             )
         except TemplateError as exc:
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
-        except TypeError as exc:  # a template doing arithmetic on a value of another type
+        except (TypeError, ValueError) as exc:
+            # TypeError: a template doing arithmetic on a value of another type; ValueError:
+            # transformers' own refusals (a final message to continue that the template drops).
             raise InvalidRequestError(f"the chat template cannot render the chat: {exc}") from exc
         except RecursionError as exc:  # values nested deeper than the template can write
             raise InvalidRequestError("the messages are nested too deeply") from exc
@@ -181,6 +205,30 @@ class Tokenizer:
             return text
         # What transformers does with tokenize=True: the template writes the special tokens.
         return self.encode(text, add_special_tokens=False)
+
+
+_TEMPLATE_INPUTS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+"""The template's variables medha sets from the chat itself."""
+
+
+def _template_variables(kwargs: object) -> dict[str, Any]:
+    """`chat_template_kwargs` checked: variables for the template, none of which may be a
+    parameter of transformers' apply_chat_template (`tokenize`, `chat_template`: that would
+    change what is rendered, and how) or a variable medha sets from the chat."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+        raise InvalidRequestError("chat_template_kwargs must be a dict of named values")
+    from transformers import PreTrainedTokenizerBase
+
+    parameters = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    refused = sorted(key for key in kwargs if key in parameters or key in _TEMPLATE_INPUTS)
+    if refused:
+        raise InvalidRequestError(
+            f"chat_template_kwargs may not set {', '.join(refused)}: the request's own fields "
+            "(messages, tools, add_generation_prompt, ...) set what they can"
+        )
+    return dict(kwargs)
 
 
 def _tool_list(tools: object) -> list[dict[str, Any]] | None:

@@ -42,15 +42,21 @@ async def chat_prompt_ids(
     add_generation_prompt: bool,
     params: SamplingParams | None = None,
     tools: list[ToolDefinition] | None = None,
+    *,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """The ids of `messages` rendered by the model's chat template, with `tools` for it to
-    show the model. Rendering is cheap (a string join, even for a long document); encoding
-    the result is what takes time."""
+    show the model (and the rest as Tokenizer.apply_chat_template takes it). Rendering is
+    cheap (a string join, even for a long document); encoding the result is what takes
+    time."""
     text = engine.tokenizer.apply_chat_template(
         messages,
         add_generation_prompt,
         tokenize=False,
         tools=template_tools(tools),
+        continue_final_message=continue_final_message,
+        chat_template_kwargs=chat_template_kwargs,
     )
     # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
     # writes its own (a BOS), and the tokenizer's would be a second one.

@@ -80,8 +80,6 @@ UNSUPPORTED = {
     "functions": None,
     "function_call": None,
     "chat_template": None,
-    "chat_template_kwargs": None,
-    "continue_final_message": False,
     "use_beam_search": False,
     "prompt_embeds": None,
     "guided_whitespace_pattern": None,
@@ -301,9 +299,17 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     """vLLM's; only false: the chat template writes the special tokens."""
+    continue_final_message: bool = False
+    """vLLM's: the model goes on with the last message (with add_generation_prompt false)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's: variables for the chat template (Qwen 3's `enable_thinking`)."""
 
     _chat_defaults = field_validator(
-        "add_generation_prompt", "add_special_tokens", "parallel_tool_calls", mode="before"
+        "add_generation_prompt",
+        "add_special_tokens",
+        "parallel_tool_calls",
+        "continue_final_message",
+        mode="before",
     )(classmethod(null_is_the_default))
 
     def tool_calling(self, parser: ToolCallParser | None) -> ToolCalling | None:

@@ -42,10 +42,13 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
     tools: list[ToolDefinition] | None = None
     """With `messages`: the tools the chat template shows the model (as chat completions)."""
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    """With `messages`, as chat completions take them."""
 
-    _defaults = field_validator("add_generation_prompt", "return_token_strs", mode="before")(
-        classmethod(null_is_the_default)
-    )
+    _defaults = field_validator(
+        "add_generation_prompt", "return_token_strs", "continue_final_message", mode="before"
+    )(classmethod(null_is_the_default))
 
     def ignored_fields(self) -> list[str]:
         return ignored_fields(self.model_extra or {})
@@ -66,14 +69,25 @@ class DetokenizeRequest(BaseModel):
 async def tokenize(engine: Engine, body: TokenizeRequest) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give `prompt` (a text) or `messages` (a chat), one of them")
-    if body.tools and body.prompt is not None:
-        raise InvalidRequestError("tools are taken with `messages`, not with `prompt`")
+    if body.prompt is not None and (
+        body.tools or body.continue_final_message or body.chat_template_kwargs
+    ):
+        raise InvalidRequestError(
+            "tools, continue_final_message and chat_template_kwargs are taken with `messages`, "
+            "not with `prompt`"
+        )
     if body.messages is not None:
         check_no_special_tokens(body.add_special_tokens)
         if not engine.tokenizer.has_chat_template:
             raise InvalidRequestError("the model has no chat template")
         ids = await chat_prompt_ids(
-            engine, body.messages, body.add_generation_prompt, None, body.tools
+            engine,
+            body.messages,
+            body.add_generation_prompt,
+            None,
+            body.tools,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs,
         )
     else:
         assert body.prompt is not None
