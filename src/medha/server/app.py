@@ -166,15 +166,7 @@ class _Api:
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:
             raise InvalidRequestError(f"the model `{self.model_name}` has no chat template")
-        prompt_ids = await chat_prompt_ids(
-            self.engine,
-            body.messages,
-            body.add_generation_prompt,
-            params,
-            body.tools,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
-        )
+        prompt_ids = await chat_prompt_ids(self.engine, body, params)
         return await self._respond(request, body, params, [prompt_ids], chat=True, tools=tools)
 
     async def _respond(

@@ -9,7 +9,7 @@ one inline: a short request never waits behind a long one's tokenization.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from medha.engine import Engine
 from medha.request_input import check_unicode
@@ -36,27 +36,29 @@ async def completion_prompt_ids(
     ]
 
 
+class ChatInput(Protocol):
+    """What a request body says of its chat (chat completions', /tokenize's)."""
+
+    messages: Any  # a list of message dicts (None on a /tokenize body of a prompt)
+    add_generation_prompt: bool
+    tools: list[ToolDefinition] | None
+    continue_final_message: bool
+    chat_template_kwargs: dict[str, Any] | None
+
+
 async def chat_prompt_ids(
-    engine: Engine,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool,
-    params: SamplingParams | None = None,
-    tools: list[ToolDefinition] | None = None,
-    *,
-    continue_final_message: bool = False,
-    chat_template_kwargs: dict[str, Any] | None = None,
+    engine: Engine, chat: ChatInput, params: SamplingParams | None = None
 ) -> list[int]:
-    """The ids of `messages` rendered by the model's chat template, with `tools` for it to
-    show the model (and the rest as Tokenizer.apply_chat_template takes it). Rendering is
-    cheap (a string join, even for a long document); encoding the result is what takes
-    time."""
+    """The ids of `chat`'s messages rendered by the model's chat template, with its tools for
+    it to show the model (Tokenizer.apply_chat_template). Rendering is cheap (a string join,
+    even for a long document); encoding the result is what takes time."""
     text = engine.tokenizer.apply_chat_template(
-        messages,
-        add_generation_prompt,
+        chat.messages,
+        chat.add_generation_prompt,
         tokenize=False,
-        tools=template_tools(tools),
-        continue_final_message=continue_final_message,
-        chat_template_kwargs=chat_template_kwargs,
+        tools=template_tools(chat.tools),
+        continue_final_message=chat.continue_final_message,
+        chat_template_kwargs=chat.chat_template_kwargs,
     )
     # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
     # writes its own (a BOS), and the tokenizer's would be a second one.

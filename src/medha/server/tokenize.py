@@ -80,15 +80,7 @@ async def tokenize(engine: Engine, body: TokenizeRequest) -> JSONResponse:
         check_no_special_tokens(body.add_special_tokens)
         if not engine.tokenizer.has_chat_template:
             raise InvalidRequestError("the model has no chat template")
-        ids = await chat_prompt_ids(
-            engine,
-            body.messages,
-            body.add_generation_prompt,
-            None,
-            body.tools,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
-        )
+        ids = await chat_prompt_ids(engine, body)
     else:
         assert body.prompt is not None
         special = body.add_special_tokens is not False

@@ -143,9 +143,10 @@ def _moved_refs(schema: dict[str, Any], root: str) -> dict[str, Any]:
     `#`. Anchors (`#name`) stay: they name a place wherever it moves. A schema with its own
     `$id` is a resource of its own, whose references resolve inside it: it stays too."""
     try:
-        return _rewrite(schema, root)
+        moved: dict[str, Any] = _rewrite(schema, root)
     except RecursionError as exc:
         raise InvalidRequestError("a tool's parameters are nested too deeply") from exc
+    return moved
 
 
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
