@@ -79,6 +79,10 @@ def test_tool_call_options(
 
     monkeypatch.setattr("medha.commands.serve.engine_config", not_reached)
     assert parse_args(["serve", "m", "--tool-call-parser", "hermes"]).tool_call_parser == "hermes"
+    assert not parse_args(["serve", "m"]).enable_tokenizer_info_endpoint
+    assert parse_args(
+        ["serve", "m", "--enable-tokenizer-info-endpoint"]
+    ).enable_tokenizer_info_endpoint
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "m", "--tool-call-parser", "mistral"])
     assert exited.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
@@ -92,12 +96,19 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
 ) -> None:
     import medha.server
 
-    def create_app(*args: object, tool_call_parser: str, **kwargs: object) -> None:
-        assert tool_call_parser == "hermes"
+    def create_app(
+        *args: object, tool_call_parser: str, enable_tokenizer_info: bool, **kwargs: object
+    ) -> None:
+        assert tool_call_parser == "hermes" and enable_tokenizer_info
         raise ValueError("the hermes parser looks for <tool_call> ... marks special")
 
     monkeypatch.setattr(medha.server, "create_app", create_app)
-    code = main(["serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"])
+    code = main(
+        [
+            *("serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"),
+            "--enable-tokenizer-info-endpoint",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("medha: error: the hermes parser") and err.count("\n") == 1

@@ -144,6 +144,32 @@ async def test_tokenize_needs_the_api_key() -> None:
                 assert (await http.post(path, json=body, headers=key)).status_code == 200
 
 
+async def test_tokenizer_info_is_what_a_remote_tokenizer_needs() -> None:
+    # lm-evaluation-harness's remote tokenizer: the eos token's text from /tokenizer_info,
+    # its id from /tokenize, the chat template to render chats itself.
+    async with serving() as (engine, _, plain):
+        assert (await plain.get("/tokenizer_info")).status_code == 404  # off by default
+        app = create_app(engine, api_key="s3cret", enable_tokenizer_info=True)
+        transport = httpx2.ASGITransport(app=app)
+        key = {"Authorization": "Bearer s3cret"}
+        async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
+            assert (await http.get("/tokenizer_info")).status_code == 401
+            info = (await http.get("/tokenizer_info", headers=key)).json()
+            eos = await http.post(
+                "/tokenize",
+                json={"prompt": info["eos_token"], "add_special_tokens": False},
+                headers=key,
+            )
+    hf = engine.tokenizer.hf_tokenizer
+    assert eos.json()["tokens"] == [hf.eos_token_id]
+    assert info["bos_token"] == hf.bos_token and info["chat_template"] == hf.chat_template
+    assert info["tokenizer_class"] == type(hf).__name__
+    assert info["added_tokens_decoder"][str(hf.bos_token_id)] == hf.bos_token
+    # Nothing of this machine's files.
+    assert not {"name_or_path", "vocab_file", "is_local"} & set(info)
+    assert str(engine.tokenizer.folder) not in json.dumps(info)
+
+
 @pytest.mark.parametrize("special", [True, False], ids=["special tokens", "without"])
 async def test_a_long_text_is_tokenized_off_the_loop_and_may_exceed_the_context(
     monkeypatch: pytest.MonkeyPatch, special: bool

@@ -63,6 +63,12 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="accepted for vLLM's command lines: --tool-call-parser alone enables it",
     )
+    p.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (the tokenizer's configuration and chat template), as "
+        "vLLM's option does",
+    )
     p.set_defaults(func=run)
 
 
@@ -130,6 +136,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
                 args.served_model_name,
                 api_key=args.api_key,
                 tool_call_parser=args.tool_call_parser,
+                enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
             )
         except ValueError as exc:  # a parser this model's tokenizer defeats
             raise UsageError(str(exc)) from exc

@@ -5,7 +5,7 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
 `stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and
-/detokenize (vLLM's), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus
+/detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus
 metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it,
 after the server. A client that disconnects aborts its requests, streamed or not, and frees
 their KV cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a
@@ -47,7 +47,13 @@ from medha.server.streaming import (
     status_of,
     until_disconnected,
 )
-from medha.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from medha.server.tokenize import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    tokenize,
+    tokenizer_info,
+)
 from medha.server.tool_calls import ToolCalling
 from medha.server.tool_parsers import ToolCallParser
 from medha.server.tool_parsers import tool_call_parser as parser_for
@@ -63,6 +69,7 @@ def create_app(
     *,
     api_key: str | None = None,
     tool_call_parser: str | ToolCallParser | None = None,
+    enable_tokenizer_info: bool = False,
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
@@ -70,7 +77,10 @@ def create_app(
     /detokenize; /health, /stats and /metrics (there unless EngineConfig.enable_metrics is
     off) stay open. `tool_call_parser` reads the calls of chat requests with `tool_choice:
     "auto"`: a name (`hermes`, `llama3_json`: medha.server.tool_parsers; ValueError for one
-    that cannot read this model's output) or a ToolCallParser of your own."""
+    that cannot read this model's output) or a ToolCallParser of your own.
+    `enable_tokenizer_info` adds vLLM's GET /tokenizer_info (the tokenizer's configuration and
+    chat template, for clients that tokenize as the server does), behind the key as /tokenize
+    is; off by default, as in vLLM, since it shows the chat template."""
     parser = tool_call_parser
     if isinstance(parser, str):
         parser = parser_for(parser, engine.tokenizer)
@@ -89,6 +99,10 @@ def create_app(
     if engine.metrics is not None:  # else a 404, as for any path the app lacks
         app.add_api_route("/metrics", api.metrics, methods=["GET"])
     app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=guard)
+    if enable_tokenizer_info:
+        app.add_api_route(
+            "/tokenizer_info", api.tokenizer_info, methods=["GET"], dependencies=guard
+        )
     for path, endpoint in [
         ("/v1/completions", api.completions),
         ("/v1/chat/completions", api.chat_completions),
@@ -206,6 +220,9 @@ class _Api:
         outputs = await until_disconnected(request, lambda: collect(choices))
         rendered = [render.whole(o, c.prompt_ids) for o, c in zip(outputs, choices, strict=True)]
         return JSONResponse({**head, "choices": rendered, "usage": usage(outputs, prompt_tokens)})
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return tokenizer_info(self.engine)
 
     async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
         self._check(body, request)

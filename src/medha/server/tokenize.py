@@ -99,6 +99,40 @@ async def detokenize(engine: Engine, body: DetokenizeRequest) -> dict[str, Any]:
     return {"prompt": await off_loop_if_long(body.tokens, _text_of, engine, body.tokens)}
 
 
+_LOCAL_FIELDS = frozenset(
+    {"vocab_file", "merges_file", "tokenizer_file", "name_or_path", "is_local", "local_files_only"}
+)
+"""Fields of the tokenizer's configuration that describe this machine's files, not the
+tokenizer."""
+
+
+def tokenizer_info(engine: Engine) -> dict[str, Any]:
+    """GET /tokenizer_info, as vLLM's (`--enable-tokenizer-info-endpoint`): the tokenizer's
+    configuration as transformers read it (tokenizer_config.json's fields: its special tokens,
+    `model_max_length`, `added_tokens_decoder`, ...), without this machine's paths, with its
+    class and chat template. lm-evaluation-harness's remote tokenizer reads it."""
+    hf = engine.tokenizer.hf_tokenizer
+    config = {k: _json_ready(v) for k, v in hf.init_kwargs.items() if k not in _LOCAL_FIELDS}
+    config["tokenizer_class"] = type(hf).__name__
+    template = getattr(hf, "chat_template", None)
+    if template:
+        config["chat_template"] = template  # a chat_template.jinja file's too
+    return config
+
+
+def _json_ready(value: Any) -> Any:
+    """`value` with transformers' AddedToken objects as their text."""
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    if hasattr(value, "content"):  # an AddedToken
+        return str(value.content)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
 def _text_of(engine: Engine, ids: list[int]) -> str:
     engine.tokenize(ids)  # ids the model lacks: InvalidRequestError, as for a prompt
     return str(engine.tokenizer.decode(ids, skip_special_tokens=False))
