@@ -119,7 +119,7 @@ async def test_max_tokens_zero_scores_token_prompts_as_lm_eval_asks() -> None:
         done.choices, prompts, references, harness.choices, strict=True
     ):
         assert choice.finish_reason == "length"
-        assert choice.text == engine.tokenizer.decode(prompt)
+        assert choice.text == engine.tokenizer.decode(prompt, skip_special_tokens=False)
         table = choice.logprobs
         assert table is not None and table.token_logprobs is not None
         assert table.tokens == _strings(engine, prompt)
@@ -140,7 +140,41 @@ async def test_max_tokens_zero_scores_token_prompts_as_lm_eval_asks() -> None:
         ]
         top_ids = [a[0].token_id for a in (reference.prompt_top_logprobs or ())[context:] if a]
         assert greedy == [t == p for t, p in zip(top_ids, prompt[context:], strict=True)]
-        assert extended.text == choice.text + reference.text
+        # A character the prompt leaves unfinished is the output's to finish, shown once.
+        whole = engine.tokenizer.decode([*prompt, *reference.token_ids], skip_special_tokens=False)
+        assert extended.text == whole
+
+
+async def test_a_text_prompt_is_echoed_as_sent_special_tokens_and_all() -> None:
+    chat = "<|im_start|>user\nHi, café<|im_end|>\n<|im_start|>assistant\n"
+    async with serving() as (engine, client):
+        done = await client.completions.create(
+            model=MODEL,
+            prompt=chat,
+            max_tokens=0,
+            echo=True,
+            logprobs=0,
+            extra_body={"add_special_tokens": False},
+        )
+        ids = engine.tokenizer.encode(chat, add_special_tokens=False)
+        # Truncated by the engine: the tokens it kept, decoded.
+        kept = await client.completions.create(
+            model=MODEL,
+            prompt=chat,
+            max_tokens=0,
+            echo=True,
+            extra_body={"add_special_tokens": False, "truncate_prompt_tokens": 4},
+        )
+    (choice,) = done.choices
+    assert choice.text == chat
+    table = choice.logprobs
+    assert table is not None and table.text_offset is not None and table.tokens is not None
+    assert table.tokens == _strings(engine, ids)
+    assert any(token == "<|im_start|>" for token in table.tokens)
+    for token, offset in zip(table.tokens, table.text_offset, strict=True):
+        if token != "\ufffd":  # a byte of "é" alone
+            assert chat[offset : offset + len(token)] == token
+    assert kept.choices[0].text == engine.tokenizer.decode(ids[-4:], skip_special_tokens=False)
 
 
 def _added_up(chunks: list[Any]) -> dict[int, dict[str, Any]]:

@@ -42,6 +42,8 @@ BAD_COMPLETIONS = [
     ({"model": "gpt-4"}, 404, "does not exist"),
     ({"echo": True, "prompt": "x " * 5000}, 400, "context"),
     ({"echo": True, "max_tokens": -1}, 400, "max_tokens"),  # 0 only: the prompt alone
+    ({"echo": True, "logprobs": 2, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ({"echo": True, "max_tokens": 0, "min_tokens": 2}, 400, "min_tokens must be 0"),
     ({"best_of": 3}, 400, "best_of"),
     ({"n": 17}, 400, "choices"),
     ({"n": 0}, 400, "n must be"),

@@ -171,9 +171,25 @@ def test_chat_template_kwargs_are_the_templates_variables(
     assert render(enable_thinking=False) == "/no_think Be brief.What is your name?"
     assert render(enable_thinking=True) == render() == "Be brief.What is your name?"
     assert render(unused=1) == render()  # a variable the template does not use: nothing
-    for reserved in ("tokenize", "chat_template", "messages", "tools", "add_generation_prompt"):
+    for reserved in ("tokenize", "chat_template", "messages", "tools", "conversation"):
         with pytest.raises(InvalidRequestError, match=f"may not set {reserved}"):
             render(**{reserved: None})
+    # As vLLM merges them: the arguments of what is rendered, not of how.
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", TINY_CHAT_TEMPLATE)
+    assert render(add_generation_prompt=False) == tokenizer.apply_chat_template(
+        CHAT, False, tokenize=False
+    )
+    continued = tokenizer.apply_chat_template(
+        ANSWER,
+        tokenize=False,
+        chat_template_kwargs={"add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert continued.endswith("My name is")
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", "{{ documents[0].text }}")
+    assert render(documents=[{"title": "A", "text": "Cited."}]) == "Cited."
+    for wrong in ({"add_generation_prompt": "no"}, {"documents": "Cited."}):
+        with pytest.raises(InvalidRequestError, match="chat_template_kwargs' "):
+            render(**wrong)
     for not_a_dict in (["enable_thinking"], {1: True}):
         with pytest.raises(InvalidRequestError, match="must be a dict"):
             tokenizer.apply_chat_template(CHAT, chat_template_kwargs=not_a_dict)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """`tool_choice: "required"`'s schema, which puts every tool's parameters into one: each tool's
-references must still resolve where they did, for the JSON schema reference validator and for
-the grammar the output is constrained to."""
+references must still resolve where they did, and not into another tool's, for the JSON schema
+reference validator and for the grammar the output is constrained to."""
 
 from __future__ import annotations
 
@@ -33,21 +33,29 @@ CASES = {
     },
     "anchor": _with_a({"$ref": "#int"}, **{"$defs": {"I": {"$anchor": "int", "type": "integer"}}}),
     "own id": _with_a(
-        {"$ref": "#/$defs/I"},
-        **{"$id": "https://example.com/tool", "$defs": {"I": {"type": "integer"}}},
+        {"$ref": "#/$defs/I"}, **{"$id": "params", "$defs": {"I": {"type": "integer"}}}
     ),
+    "inner id": _with_a({"$ref": "n"}, **{"$defs": {"N": {"$id": "n", "type": "integer"}}}),
 }
 VALID = {"defs": {"a": 1}, "old definitions": {"a": 1}, "root": {"a": 1, "next": {"a": 2}}}
 INVALID = {"defs": {"a": "x"}, "old definitions": {"a": "x"}, "root": {"a": 1, "next": {"a": "x"}}}
 
 
 def _required_schema(parameters: dict[str, Any]) -> dict[str, Any]:
-    # Another tool first, with $defs of its own: the case's are not the root's.
-    other = {"type": "object", "$defs": {"I": {"type": "string"}}, "properties": {}}
+    # Other tools first, whose $defs, anchor and $ids have the case's names, with strings
+    # where the case has integers: the case's are neither the root's nor another tool's.
+    named = {
+        "type": "object",
+        "$id": "params",
+        "$defs": {"I": {"type": "string"}, "N": {"$id": "n", "type": "string"}},
+        "properties": {},
+    }
+    anchored = {"type": "object", "$defs": {"I": {"type": "string", "$anchor": "int"}}}
     tools = [
         ToolDefinition.model_validate({"type": "function", "function": function})
         for function in (
-            {"name": "other", "parameters": other},
+            {"name": "named", "parameters": named},
+            {"name": "anchored", "parameters": anchored},
             {"name": "f", "parameters": parameters},
         )
     ]
@@ -96,7 +104,7 @@ def test_data_in_a_schema_is_not_moved() -> None:
         "$defs": {"I": {"type": "integer"}},
     }
     schema = _required_schema(parameters)
-    moved = schema["$defs"]["tool_1"]["properties"]
+    moved = schema["$defs"]["tool_2"]["properties"]
     assert {key: moved[key] for key in data} == data
     arguments = {"$ref": 1, "b": {"$ref": "#/x"}, "c": {"$ref": "#"}, "default": 2}
     call = [{"name": "f", "parameters": arguments}]

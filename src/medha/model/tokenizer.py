@@ -172,12 +172,16 @@ class Tokenizer:
                 "the tokenizer has no chat template; pass a plain prompt instead of messages",
             )
         messages = calls_as_objects(_text_content(messages))
+        variables = _template_variables(chat_template_kwargs)
+        # As in vLLM, chat_template_kwargs may also set these, over the arguments.
+        add_generation_prompt = _flag(variables, "add_generation_prompt", add_generation_prompt)
+        continue_final_message = _flag(variables, "continue_final_message", continue_final_message)
+        documents = _documents(variables.pop("documents", None))
         if continue_final_message and add_generation_prompt:
             raise InvalidRequestError(
                 "continue_final_message goes on with the last message; add_generation_prompt "
                 "starts a new one: set one of them"
             )
-        variables = _template_variables(chat_template_kwargs)
         from jinja2 import TemplateError
 
         try:
@@ -187,6 +191,7 @@ class Tokenizer:
                 tokenize=False,
                 tools=_tool_list(tools),
                 continue_final_message=continue_final_message,
+                documents=documents,
                 **variables,
             )
         except TemplateError as exc:
@@ -207,14 +212,15 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-_TEMPLATE_INPUTS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
-"""The template's variables medha sets from the chat itself."""
+_SETTABLE = frozenset({"add_generation_prompt", "continue_final_message", "documents"})
+"""Parameters of transformers' apply_chat_template that chat_template_kwargs may set (vLLM's
+merge lets it): what the chat's template is given, not how it renders."""
 
 
 def _template_variables(kwargs: object) -> dict[str, Any]:
     """`chat_template_kwargs` checked: variables for the template, none of which may be a
-    parameter of transformers' apply_chat_template (`tokenize`, `chat_template`: that would
-    change what is rendered, and how) or a variable medha sets from the chat."""
+    parameter of transformers' apply_chat_template (`tokenize`, `chat_template`, `tools`: that
+    would change what is rendered, and how), but for those of _SETTABLE, or the messages."""
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
@@ -222,16 +228,35 @@ def _template_variables(kwargs: object) -> dict[str, Any]:
     from transformers import PreTrainedTokenizerBase
 
     parameters = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
-    refused = sorted(key for key in kwargs if key in parameters or key in _TEMPLATE_INPUTS)
+    refused = sorted(
+        key for key in kwargs if key == "messages" or (key in parameters and key not in _SETTABLE)
+    )
     if refused:
         raise InvalidRequestError(
             f"chat_template_kwargs may not set {', '.join(refused)}: the request's own fields "
-            "(messages, tools, add_generation_prompt, ...) set what they can"
+            "(messages, tools, ...) set what they can"
         )
     return dict(kwargs)
 
 
-def _tool_list(tools: object) -> list[dict[str, Any]] | None:
+def _flag(variables: dict[str, Any], name: str, default: bool) -> bool:
+    """The bool chat_template_kwargs sets for `name` (taken out of them), else `default`."""
+    value = variables.pop(name, default)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"chat_template_kwargs' {name} must be true or false")
+    return value
+
+
+def _documents(documents: object) -> list[dict[str, Any]] | None:
+    """chat_template_kwargs' `documents` (a RAG template's: Command R's, Granite's), checked."""
+    if documents is None:
+        return None
+    if not isinstance(documents, list) or not all(isinstance(d, Mapping) for d in documents):
+        raise InvalidRequestError("chat_template_kwargs' documents must be a list of dicts")
+    return [dict(document) for document in documents]
+
+
+def _tool_list(tools: object) -> list[Any] | None:
     """`tools` checked: a list of function definitions (dicts) or None."""
     if tools is None:
         return None

@@ -160,9 +160,12 @@ class _Api:
         )
         echoes = None
         if body.echo:
-            tokenizer = self.engine.tokenizer
+            tokenizer, special = self.engine.tokenizer, body.add_special_tokens
             echoes = [
-                await off_loop_if_long(ids, echoed_prompt, tokenizer, ids) for ids in prompt_ids
+                await off_loop_if_long(
+                    prompt, echoed_prompt, tokenizer, prompt, ids, special, prompt_only
+                )
+                for prompt, ids in zip(prompts, prompt_ids, strict=True)
             ]
         return await self._respond(
             request, body, params, prompt_ids, chat=False, echoes=echoes, prompt_only=prompt_only

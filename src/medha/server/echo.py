@@ -6,10 +6,10 @@ This is how evaluation harnesses ask a server for a text's likelihood (lm-evalua
 `local-completions` sends `echo: true, logprobs: 1, max_tokens: 1`): it is the engine's
 `prompt_logprobs` in OpenAI's legacy table.
 
-The echoed text is the prompt's tokens decoded, as the output's are (medha.detokenizer, the
-tokenizer's special tokens left out): what the model saw, truncation included, whose token
-offsets are exact. A text prompt comes back as sent with tokenizers that decode what they
-encode (byte-level BPE: Llama 3, Qwen, SmolLM2).
+A text prompt is echoed as sent, its tokens' offsets from the tokenizer's own offset mapping
+(a BOS the tokenizer added has no text, and starts at 0). A prompt of token ids, or a text the
+engine truncated (`truncate_prompt_tokens`), is echoed as its tokens decode, special tokens
+included, as the logprobs name them.
 """
 
 from __future__ import annotations
@@ -33,9 +33,30 @@ class EchoedPrompt:
     """Where each token's text starts in `text` (OpenAI's text_offset)."""
 
 
-def echoed_prompt(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> EchoedPrompt:
-    """`prompt_ids` decoded token by token: linear in the prompt's length."""
-    detokenizer = IncrementalDetokenizer(tokenizer)
+def echoed_prompt(
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    prompt_ids: Sequence[int],
+    add_special_tokens: bool,
+    prompt_only: bool,
+) -> EchoedPrompt:
+    """The echo of `prompt`, which the engine runs as `prompt_ids`; `prompt_only`: no output
+    follows it (a character the prompt's last tokens leave unfinished is then shown as
+    U+FFFD, else the output's first text completes it)."""
+    if isinstance(prompt, str):
+        encoded = tokenizer.hf_tokenizer(
+            prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True
+        )
+        if list(encoded["input_ids"]) == list(prompt_ids):  # else truncated
+            starts = tuple(int(start) for start, _ in encoded["offset_mapping"])
+            return EchoedPrompt(tuple(prompt_ids), prompt, starts)
+    return _decoded(tokenizer, prompt_ids, prompt_only)
+
+
+def _decoded(tokenizer: Tokenizer, prompt_ids: Sequence[int], flush: bool) -> EchoedPrompt:
+    """`prompt_ids` decoded token by token (linear in the prompt's length), special tokens
+    included."""
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
     text: list[str] = []
     offsets = []
     length = 0
@@ -44,7 +65,8 @@ def echoed_prompt(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> EchoedProm
         delta = detokenizer.step(token)
         text.append(delta)
         length += len(delta)
-    text.append(detokenizer.flush())
+    if flush:
+        text.append(detokenizer.flush())
     return EchoedPrompt(tuple(prompt_ids), "".join(text), tuple(offsets))
 
 

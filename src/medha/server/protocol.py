@@ -273,11 +273,14 @@ class CompletionRequest(_SamplingFields):
     def engine_prompt_logprobs(self) -> int | None:
         """The prompt logprobs the engine computes: the request's, and with `echo` and
         `logprobs` as many alternatives as the echoed prompt's table shows."""
-        if not self.echo or self.logprobs is None:
-            return self.prompt_logprobs
-        return max(self.prompt_logprobs or 0, self.logprobs)
+        asked = self.prompt_logprobs
+        if not self.echo or self.logprobs is None or (asked is not None and asked < 0):
+            return asked  # a negative count: SamplingParams refuses it, as without echo
+        return max(asked or 0, self.logprobs)
 
     def check_supported(self) -> None:
+        if self.echo and self.max_tokens == 0 and self.min_tokens > 0:
+            raise InvalidRequestError("min_tokens must be 0 with max_tokens 0 (the prompt alone)")
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

@@ -99,11 +99,9 @@ async def detokenize(engine: Engine, body: DetokenizeRequest) -> dict[str, Any]:
     return {"prompt": await off_loop_if_long(body.tokens, _text_of, engine, body.tokens)}
 
 
-_LOCAL_FIELDS = frozenset(
-    {"vocab_file", "merges_file", "tokenizer_file", "name_or_path", "is_local", "local_files_only"}
-)
-"""Fields of the tokenizer's configuration that describe this machine's files, not the
-tokenizer."""
+_LOCAL_FIELDS = frozenset({"name_or_path", "is_local", "local_files_only"})
+"""Fields of the tokenizer's configuration that describe this machine, not the tokenizer (so
+does any `..._file`: a path, of this machine's or of the model author's)."""
 
 
 def tokenizer_info(engine: Engine) -> dict[str, Any]:
@@ -112,7 +110,16 @@ def tokenizer_info(engine: Engine) -> dict[str, Any]:
     `model_max_length`, `added_tokens_decoder`, ...), without this machine's paths, with its
     class and chat template. lm-evaluation-harness's remote tokenizer reads it."""
     hf = engine.tokenizer.hf_tokenizer
-    config = {k: _json_ready(v) for k, v in hf.init_kwargs.items() if k not in _LOCAL_FIELDS}
+    folder = str(engine.tokenizer.folder)
+    config = {
+        key: _json_ready(value)
+        for key, value in hf.init_kwargs.items()
+        if not (
+            key in _LOCAL_FIELDS
+            or key.endswith("_file")
+            or (isinstance(value, str) and folder in value)
+        )
+    }
     config["tokenizer_class"] = type(hf).__name__
     template = getattr(hf, "chat_template", None)
     if template:

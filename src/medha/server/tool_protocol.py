@@ -114,12 +114,12 @@ def _parameters(function: FunctionDefinition) -> dict[str, Any]:
 def _required_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, Any]:
     """A JSON array of calls, each `{"name": one of the tools, "parameters": its arguments}`
     (the shape vLLM constrains `"required"` to). Each tool's schema moves under the root's
-    `$defs`, its references (`#`, `#/$defs/...`) rewritten to point where they pointed."""
+    `$defs`, as a resource of its own: its references point where they pointed."""
     definitions = {}
     calls = []
     for index, tool in enumerate(tools):
         key = f"tool_{index}"
-        definitions[key] = _moved_refs(_parameters(tool.function), f"#/$defs/{key}")
+        definitions[key] = _own_resource(_parameters(tool.function), index)
         calls.append(
             {
                 "type": "object",
@@ -138,43 +138,16 @@ def _required_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, A
     return schema
 
 
-def _moved_refs(schema: dict[str, Any], root: str) -> dict[str, Any]:
-    """`schema` with each local path `$ref` (`#`, `#/...`) made relative to `root` instead of
-    `#`. Anchors (`#name`) stay: they name a place wherever it moves. A schema with its own
-    `$id` is a resource of its own, whose references resolve inside it: it stays too."""
-    try:
-        moved: dict[str, Any] = _rewrite(schema, root)
-    except RecursionError as exc:
-        raise InvalidRequestError("a tool's parameters are nested too deeply") from exc
-    return moved
+_TOOL_BASE = "https://medha.invalid/tools/"
+"""Where each tool's schema lives, as a resource of the one schema of `"required"` (a URI
+of nothing: it names, and is never fetched)."""
 
 
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
-"""Keywords whose values are JSON data, not schemas: a `$ref` key there is data."""
-_NAMED_SCHEMAS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
-"""Keywords whose values map names (which may be anything, `$ref` too) to schemas."""
-
-
-def _rewrite(node: Any, root: str) -> Any:
-    """A subschema (a dict, a list of them, or a boolean) with its references moved."""
-    if isinstance(node, list):
-        return [_rewrite(item, root) for item in node]
-    if not isinstance(node, dict) or "$id" in node:
-        return node
-    moved = {}
-    for key, value in node.items():
-        if key in _DATA_KEYWORDS:
-            moved[key] = value
-        elif key in _NAMED_SCHEMAS and isinstance(value, dict):
-            moved[key] = {name: _rewrite(item, root) for name, item in value.items()}
-        else:
-            moved[key] = _rewrite(value, root)
-    reference = node.get("$ref")
-    if isinstance(reference, str) and (reference == "#" or reference.startswith("#/")):
-        moved["$ref"] = root + reference[1:]
-    return moved
+def _own_resource(schema: dict[str, Any], index: int) -> dict[str, Any]:
+    """`schema` as a resource of its own: with a `$id` of its own, which its references
+    resolve against (`#`, `#/$defs/...`, its anchors, the `$id`s inside it), so that no two
+    tools' references or anchors meet. A `$id` it had is replaced."""
+    return {**schema, "$id": f"{_TOOL_BASE}{index}/"}
 
 
 def template_tools(tools: list[ToolDefinition] | None) -> list[dict[str, Any]] | None:
