@@ -7,13 +7,14 @@ refuses calls from a loop it does not run on; medha.LLM validates a whole batch 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -247,11 +248,22 @@ async def test_a_stream_iterated_on_another_loop_is_refused_there() -> None:
         assert engine.stats().running == 0
 
 
+@contextlib.contextmanager
+def _pythons_ctrl_c_handler() -> Iterator[None]:
+    """Python's own SIGINT handler, as a script has it: a process started in the background by
+    a shell without job control (`cmd &`, as CI runners may) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_interrupting_llm_generate_aborts_its_requests() -> None:
     """Ctrl-C in a script or a notebook: the requests of the interrupted call stop and free their
     KV; they do not run on beside the next call."""
     params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
-    with medha.LLM(engine_config()) as llm:
+    with _pythons_ctrl_c_handler(), medha.LLM(engine_config()) as llm:
 
         def stats() -> medha.EngineStats:
             return llm._runtime.portal.call(llm.engine.stats)
