@@ -157,13 +157,15 @@ async def test_a_text_prompt_is_echoed_as_sent_special_tokens_and_all() -> None:
             extra_body={"add_special_tokens": False},
         )
         ids = engine.tokenizer.encode(chat, add_special_tokens=False)
-        # Truncated by the engine: the tokens it kept, decoded.
+        # Truncated by the engine: the tokens it kept, decoded, special tokens and all.
+        marker = engine.tokenizer.encode("<|im_start|>", add_special_tokens=False)
+        keep = len(ids) - max(i for i, token in enumerate(ids) if [token] == marker)
         kept = await client.completions.create(
             model=MODEL,
             prompt=chat,
             max_tokens=0,
             echo=True,
-            extra_body={"add_special_tokens": False, "truncate_prompt_tokens": 4},
+            extra_body={"add_special_tokens": False, "truncate_prompt_tokens": keep},
         )
     (choice,) = done.choices
     assert choice.text == chat
@@ -174,7 +176,8 @@ async def test_a_text_prompt_is_echoed_as_sent_special_tokens_and_all() -> None:
     for token, offset in zip(table.tokens, table.text_offset, strict=True):
         if token != "\ufffd":  # a byte of "é" alone
             assert chat[offset : offset + len(token)] == token
-    assert kept.choices[0].text == engine.tokenizer.decode(ids[-4:], skip_special_tokens=False)
+    assert kept.choices[0].text == engine.tokenizer.decode(ids[-keep:], skip_special_tokens=False)
+    assert kept.choices[0].text.startswith("<|im_start|>")
 
 
 def _added_up(chunks: list[Any]) -> dict[int, dict[str, Any]]:
