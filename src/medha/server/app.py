@@ -5,8 +5,8 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
 `stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and
-/detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health, /stats and /metrics (the engine's Prometheus
-metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it,
+/detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health, /stats
+and /metrics (the engine's Prometheus metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it,
 after the server. A client that disconnects aborts its requests, streamed or not, and frees
 their KV cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a
 request medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400
