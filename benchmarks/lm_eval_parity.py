@@ -1,11 +1,12 @@
 """lm-evaluation-harness through `medha serve` against lm-evaluation-harness on transformers.
 
-Scores one small multiple-choice task (20 general-knowledge questions, written here, 80
-log-likelihood requests) twice on SmolLM2-135M in float32: with lm-eval's `local-completions`
-model against `medha serve` (its `echo` + `logprobs` completions, and the server's tokenizer
-through /tokenizer_info, /tokenize and /detokenize), and with lm-eval's `hf` model on the same
-weights. Prints both accuracies and how far each request's log-likelihood and is-greedy flag
-differ.
+Runs two small tasks on 20 general-knowledge questions written here, twice on SmolLM2-135M in
+float32: with lm-eval's `local-completions` model against `medha serve` (its `echo` +
+`logprobs` completions, and the server's tokenizer through /tokenizer_info, /tokenize and
+/detokenize), and with lm-eval's `hf` model on the same weights. The multiple-choice task makes
+80 log-likelihood requests; the generation task 20 greedy generations (up to a newline, 24
+tokens at most). Prints both accuracies, how far each log-likelihood and is-greedy flag differ,
+and how many generations are the same.
 
 lm-eval is not a medha dependency: install it in a virtual environment of its own and pass its
 `lm_eval` command (nothing is downloaded: the task's data is a local JSON file).
@@ -25,7 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"], 0),
@@ -73,6 +76,23 @@ metric_list:
   - metric: acc_norm
 """
 
+GENERATION_TASK = """task: medha_generation
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n", "Question:"]
+  max_gen_toks: 24
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
 PORT = 8011
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -94,6 +114,7 @@ def main() -> int:
             )
         )
         (work / "medha_parity.yaml").write_text(TASK.format(data=data))
+        (work / "medha_generation.yaml").write_text(GENERATION_TASK.format(data=data))
         served = _lm_eval_through_medha(args.lm_eval, work)
         reference = _lm_eval(
             args.lm_eval,
@@ -106,7 +127,19 @@ def main() -> int:
     return 0
 
 
-def _lm_eval_through_medha(command: str, work: Path) -> tuple[dict, dict]:
+@dataclass(frozen=True)
+class Run:
+    """What one lm-eval model made of the two tasks."""
+
+    metrics: dict[str, float]
+    """The multiple-choice task's."""
+    scores: dict[tuple[int, int], tuple[float, bool]]
+    """(log-likelihood, is-greedy) by (question, choice)."""
+    generations: dict[int, str]
+    """The generation by question."""
+
+
+def _lm_eval_through_medha(command: str, work: Path) -> Run:
     medha = Path(sys.executable).with_name("medha")
     server = subprocess.Popen(
         [
@@ -140,15 +173,12 @@ def _wait_for(url: str) -> None:
     raise RuntimeError(f"medha serve did not answer {url}")
 
 
-def _lm_eval(
-    command: str, work: Path, model: str, model_args: str, more: list[str]
-) -> tuple[dict, dict]:
-    """(the task's metrics, each request's (log-likelihood, is-greedy) by doc and choice)."""
+def _lm_eval(command: str, work: Path, model: str, model_args: str, more: list[str]) -> Run:
     out = work / f"out-{model}"
     subprocess.run(
         [
             *(command, "--model", model, "--model_args", model_args, *more),
-            *("--tasks", "medha_parity", "--include_path", str(work)),
+            *("--tasks", "medha_parity,medha_generation", "--include_path", str(work)),
             *("--log_samples", "--output_path", str(out)),
         ],
         env={**os.environ, **OFFLINE},
@@ -156,32 +186,41 @@ def _lm_eval(
         capture_output=True,
     )
     (results,) = out.rglob("results_*.json")
-    (samples,) = out.rglob("samples_*.jsonl")
     metrics = json.loads(results.read_text())["results"]["medha_parity"]
-    rows = [json.loads(line) for line in samples.read_text().splitlines()]
     scores = {
         (row["doc_id"], choice): (float(resp[0][0]), str(resp[0][1]) == "True")
-        for row in rows
+        for row in _samples(out, "medha_parity")
         for choice, resp in enumerate(row["resps"])
     }
-    return metrics, scores
+    generations = {
+        row["doc_id"]: str(row["resps"][0][0]) for row in _samples(out, "medha_generation")
+    }
+    return Run(metrics, scores, generations)
 
 
-def _report(served: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
-    (served_metrics, served_scores), (hf_metrics, hf_scores) = served, reference
+def _samples(out: Path, task: str) -> list[dict[str, Any]]:
+    (samples,) = out.rglob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in samples.read_text().splitlines()]
+
+
+def _report(served: Run, reference: Run) -> None:
     print(f"{'lm-eval model':34} {'acc':>6} {'acc_norm':>9}")
-    for name, metrics in [
-        ("local-completions -> medha serve", served_metrics),
-        ("hf (transformers)", hf_metrics),
+    for name, run in [
+        ("local-completions -> medha serve", served),
+        ("hf (transformers)", reference),
     ]:
-        print(f"{name:34} {metrics['acc,none']:6.2f} {metrics['acc_norm,none']:9.2f}")
-    assert served_scores.keys() == hf_scores.keys()
-    gaps = [abs(served_scores[k][0] - hf_scores[k][0]) for k in hf_scores]
-    same_greedy = sum(served_scores[k][1] == hf_scores[k][1] for k in hf_scores)
+        print(f"{name:34} {run.metrics['acc,none']:6.2f} {run.metrics['acc_norm,none']:9.2f}")
+    assert served.scores.keys() == reference.scores.keys()
+    keys = reference.scores
+    gaps = [abs(served.scores[k][0] - reference.scores[k][0]) for k in keys]
+    same_greedy = sum(served.scores[k][1] == reference.scores[k][1] for k in keys)
     print(
         f"{len(gaps)} log-likelihood requests: max |difference| {max(gaps):.2e}, "
         f"mean {sum(gaps) / len(gaps):.2e}; is-greedy the same in {same_greedy}/{len(gaps)}"
     )
+    assert served.generations.keys() == reference.generations.keys()
+    same = sum(served.generations[k] == reference.generations[k] for k in reference.generations)
+    print(f"{len(reference.generations)} greedy generations: {same} the same")
 
 
 if __name__ == "__main__":
