@@ -33,25 +33,10 @@ async def test_echo_prepends_the_prompt_and_its_scored_tokens() -> None:
     )
     async with serving() as (engine, client):
         reference = await engine.generate(PROMPT, params)
-        done = await client.completions.create(
-            model=MODEL,
-            prompt=PROMPT,
-            max_tokens=3,
-            temperature=0.0,
-            logprobs=2,
-            echo=True,
-            extra_body={"ignore_eos": True},
-        )
-        plain = (
-            await client.completions.create(
-                model=MODEL,
-                prompt=PROMPT,
-                max_tokens=3,
-                temperature=0.0,
-                logprobs=2,
-                extra_body={"ignore_eos": True},
-            )
-        ).choices[0]
+        greedy: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3}
+        greedy.update(temperature=0.0, logprobs=2, extra_body={"ignore_eos": True})
+        done = await client.completions.create(**greedy, echo=True)
+        plain = (await client.completions.create(**greedy)).choices[0]  # the same, no echo
         fewer = await client.completions.create(
             model=MODEL,
             prompt=PROMPT,
