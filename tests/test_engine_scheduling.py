@@ -93,7 +93,10 @@ async def _first_token_while_long_prefills(policy: str) -> tuple[int, int, int]:
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     async with medha.Engine(config, record_iterations=True) as engine:
         async with anyio.create_task_group() as group:
-            group.start_soon(engine.generate, long_prompt, params, None)
+            # A loose deadline: with the engine's default (its predicted prefill time, at least
+            # 0.5 s), a machine slower than its calibration leaves the long request less slack
+            # than the short one, and LARS then rightly serves the long request first.
+            group.start_soon(engine.generate, long_prompt, params, 30.0)
             # Arrive once the long prefill is under way (or, for fcfs, already queued).
             while engine.stats().running == 0:
                 await anyio.sleep(0)
