@@ -17,9 +17,12 @@ PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
 
 
-def openai_client(engine: medha.Engine) -> tuple[openai.AsyncOpenAI, httpx2.AsyncClient]:
-    """OpenAI's client of `engine`'s app, and the HTTP client under it (no socket)."""
-    transport = httpx2.ASGITransport(app=create_app(engine))
+def openai_client(
+    engine: medha.Engine, **app_options: Any
+) -> tuple[openai.AsyncOpenAI, httpx2.AsyncClient]:
+    """OpenAI's client of `engine`'s app (create_app's `app_options`), and the HTTP client
+    under it (no socket)."""
+    transport = httpx2.ASGITransport(app=create_app(engine, **app_options))
     http = httpx2.AsyncClient(transport=transport, base_url="http://medha")
     client = openai.AsyncOpenAI(
         api_key="unused", base_url="http://medha/v1", http_client=http, max_retries=0

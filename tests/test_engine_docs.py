@@ -3,6 +3,7 @@ long prompts, metrics."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import re
@@ -45,6 +46,14 @@ def test_the_sampling_example_prints_each_token_with_its_two_most_likely() -> No
         )
         assert match is not None, line
         assert float(match[4]) >= float(match[6])  # most likely first
+
+
+def test_the_special_tokens_example_shows_the_markers_only_without_skipping() -> None:
+    hidden, shown = (
+        ast.literal_eval(line)
+        for line in _run_block_with("skip_special_tokens=False").split("\n")[:2]
+    )
+    assert "<|im_start|>" in shown and shown.replace("<|im_start|>", "") == hidden
 
 
 def test_the_truncation_example_runs_the_end_of_a_prompt_beyond_the_context() -> None:

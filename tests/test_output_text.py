@@ -96,3 +96,29 @@ def test_a_request_hands_out_any_span_of_its_prompt_and_output() -> None:
     for start in range(len(everything)):
         for end in range(start + 1, len(everything) + 1):
             assert request.tokens(start, end) == everything[start:end]
+
+
+_SPECIAL = BYTE_LEVEL.token_to_id("<eos>")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_have_text_only_without_skip_special_tokens(skip: bool) -> None:
+    hi = BYTE_LEVEL.encode("Hi").ids
+    ids = [*hi, _SPECIAL, *hi]
+    params = SamplingParams(max_tokens=len(ids), skip_special_tokens=skip)
+    output = OutputText(HFDecoder(BYTE_LEVEL), [_SPECIAL], params)
+    assert "".join(output.push(token).text for token in ids) == ("HiHi" if skip else "Hi<eos>Hi")
+
+
+@pytest.mark.parametrize(
+    ("skip", "include", "shown"),
+    [(True, True, ""), (False, True, "<eos>"), (False, False, ""), (True, False, "")],
+)
+def test_an_eos_shows_its_text_with_include_stop_str_in_output(
+    skip: bool, include: bool, shown: str
+) -> None:
+    params = SamplingParams(skip_special_tokens=skip, include_stop_str_in_output=include)
+    output = OutputText(HFDecoder(BYTE_LEVEL), [], params, eos_token_ids=(_SPECIAL,))
+    updates = [output.push(token) for token in [*BYTE_LEVEL.encode("Hi").ids, _SPECIAL]]
+    assert "".join(u.text for u in updates) == "Hi" + shown
+    assert updates[-1].finish_reason == "stop"

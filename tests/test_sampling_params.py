@@ -25,6 +25,7 @@ def test_defaults_match_vllm() -> None:
     assert params.ignore_eos is False
     assert params.logprobs is None
     assert params.include_stop_str_in_output is False
+    assert params.skip_special_tokens is True
     assert params.min_tokens == 0
     assert params.repetition_penalty == 1.0
     assert params.presence_penalty == 0.0
@@ -158,6 +159,7 @@ def test_boundary_values_are_valid() -> None:
         ("prompt_logprobs", 21),
         ("prompt_logprobs", "1"),
         ("include_stop_str_in_output", None),
+        ("skip_special_tokens", 0),
         ("min_tokens", -1),
         ("min_tokens", 17),  # above the default max_tokens of 16
         ("min_tokens", 1.0),

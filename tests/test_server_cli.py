@@ -83,6 +83,7 @@ def test_tool_call_options(
     assert parse_args(
         ["serve", "m", "--enable-tokenizer-info-endpoint"]
     ).enable_tokenizer_info_endpoint
+    assert not parse_args(["serve", "m"]).return_tokens_as_token_ids
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "m", "--tool-call-parser", "mistral"])
     assert exited.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
@@ -97,16 +98,21 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
     import medha.server
 
     def create_app(
-        *args: object, tool_call_parser: str, enable_tokenizer_info: bool, **kwargs: object
+        *args: object,
+        tool_call_parser: str,
+        enable_tokenizer_info: bool,
+        return_tokens_as_token_ids: bool,
+        **kwargs: object,
     ) -> None:
         assert tool_call_parser == "hermes" and enable_tokenizer_info
+        assert return_tokens_as_token_ids
         raise ValueError("the hermes parser looks for <tool_call> ... marks special")
 
     monkeypatch.setattr(medha.server, "create_app", create_app)
     code = main(
         [
             *("serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"),
-            "--enable-tokenizer-info-endpoint",
+            *("--enable-tokenizer-info-endpoint", "--return-tokens-as-token-ids"),
         ]
     )
     assert code == 2

@@ -53,6 +53,18 @@ def test_eos_stops_and_its_text_is_not_emitted() -> None:
     assert _emitted(updates) == "hi"
 
 
+def test_eos_text_is_kept_with_include_stop_str_in_output() -> None:
+    # vLLM's rule: the token that ended the request is detokenized with the flag (an eos that
+    # is a special token then has text only without skip_special_tokens).
+    params = SamplingParams(include_stop_str_in_output=True)
+    checker = StopChecker(params, eos_token_ids=(EOS, 7))
+    assert checker.hides(7) is False
+    updates = _run(checker, ["hi", "</s>"], token_ids=[PLAIN, 7])
+    assert updates[-1] == StopUpdate(text="</s>", finish_reason="stop", matched=7)
+    assert _emitted(updates) == "hi</s>"
+    assert StopChecker(SamplingParams(), eos_token_ids=(7,)).hides(7) is True
+
+
 def test_eos_on_the_last_allowed_token_is_a_stop_not_a_length_finish() -> None:
     checker = StopChecker(SamplingParams(max_tokens=2), eos_token_ids=(EOS,))
     updates = _run(checker, ["a", ""], token_ids=[PLAIN, EOS])

@@ -27,7 +27,9 @@ class OutputText:
         eos_token_ids: Sequence[int] = (),
         max_tokens: int | None = None,
     ) -> None:
-        self._detokenizer = IncrementalDetokenizer(decoder, prompt_ids)
+        self._detokenizer = IncrementalDetokenizer(
+            decoder, prompt_ids, skip_special_tokens=params.skip_special_tokens
+        )
         self._stop = StopChecker(params, tuple(eos_token_ids), max_tokens)
 
     def push(self, token_id: int, complete: bool = False) -> StopUpdate:

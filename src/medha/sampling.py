@@ -59,8 +59,11 @@ class SamplingParams:
             likely tokens at each position (0 to 20), under the model's raw distribution: what
             perplexity and multiple-choice scoring need. Such a request computes its whole
             prompt: it takes nothing from the prefix cache, though it fills it (as vLLM).
-        include_stop_str_in_output: keep the matched stop string (or the stop token's text)
-            at the end of the output.
+        include_stop_str_in_output: keep the matched stop string (or the text of the stop
+            token or eos that ended the request) at the end of the output.
+        skip_special_tokens: leave the tokenizer's special tokens (a chat template's markers,
+            eos) out of the output's text, as vLLM does by default; False shows them, and stop
+            strings may then match their text. The token ids are the same either way.
         min_tokens: generate at least this many tokens before eos, a stop token or a stop
             string may end the request (0 to max_tokens; with max_tokens None, a request whose
             context leaves fewer is refused): until then eos (even with ignore_eos, as in
@@ -110,6 +113,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     min_tokens: int = 0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -140,7 +144,7 @@ class SamplingParams:
             normalise("seed", _as_int("seed", self.seed, minimum=0))
             if self.seed > _MAX_SEED:
                 _fail("seed", self.seed, "must fit in 64 bits unsigned")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
         if self.logprobs is False:

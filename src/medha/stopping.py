@@ -3,9 +3,9 @@
 Per request, per generated token: eos, stop token ids, stop strings and max_tokens, with
 vLLM's semantics:
 
-- eos ends the request ("stop") unless ignore_eos; the eos token's text is never emitted.
-- a token in stop_token_ids always ends the request ("stop"); its text is emitted only with
-  include_stop_str_in_output (as vLLM does).
+- eos ends the request ("stop") unless ignore_eos; a token in stop_token_ids always ends it
+  ("stop"). The text of the token that ended it is emitted only with include_stop_str_in_output
+  (as vLLM does; an eos that is a special token has text only without skip_special_tokens).
 - a stop string ends the request ("stop") as soon as it is complete in the text, even when it
   spans several tokens. The emitted text ends right before it (or right after it with
   include_stop_str_in_output), and nothing generated after it is emitted. While the text ends
@@ -108,11 +108,11 @@ class StopChecker:
         return self._generated
 
     def hides(self, token_id: int) -> bool:
-        """Whether `token_id` ends the request without its own text: eos, or a stop token
+        """Whether `token_id` ends the request without its own text: eos or a stop token,
         without include_stop_str_in_output."""
-        return token_id in self._eos_token_ids or (
-            token_id in self._stop_token_ids and not self._include_stop
-        )
+        if self._include_stop:
+            return False
+        return token_id in self._eos_token_ids or token_id in self._stop_token_ids
 
     def update(self, token_id: int, text_delta: str, complete: bool = False) -> StopUpdate:
         """Account for one generated token and the text delta its detokenization produced.
@@ -124,11 +124,7 @@ class StopChecker:
         checking = self._generated > self._min_tokens
 
         matched: str | int | None = None
-        if token_id in self._eos_token_ids:
-            text_delta = ""
-            if checking:
-                matched = token_id
-        elif token_id in self._stop_token_ids:
+        if token_id in self._eos_token_ids or token_id in self._stop_token_ids:
             if checking:
                 matched = token_id
             if not self._include_stop:

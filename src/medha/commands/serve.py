@@ -69,6 +69,12 @@ def add_parser(subparsers: Any) -> None:
         help="serve GET /tokenizer_info (the tokenizer's configuration and chat template), as "
         "vLLM's option does",
     )
+    p.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprobs name tokens 'token_id:ID' instead of by their text (a request's "
+        "return_tokens_as_token_ids overrides it), as vLLM's option does",
+    )
     p.set_defaults(func=run)
 
 
@@ -137,6 +143,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
                 api_key=args.api_key,
                 tool_call_parser=args.tool_call_parser,
                 enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
+                return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             )
         except ValueError as exc:  # a parser this model's tokenizer defeats
             raise UsageError(str(exc)) from exc

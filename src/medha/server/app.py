@@ -70,6 +70,7 @@ def create_app(
     api_key: str | None = None,
     tool_call_parser: str | ToolCallParser | None = None,
     enable_tokenizer_info: bool = False,
+    return_tokens_as_token_ids: bool = False,
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
@@ -80,11 +81,13 @@ def create_app(
     that cannot read this model's output) or a ToolCallParser of your own.
     `enable_tokenizer_info` adds vLLM's GET /tokenizer_info (the tokenizer's configuration and
     chat template, for clients that tokenize as the server does), behind the key as /tokenize
-    is; off by default, as in vLLM, since it shows the chat template."""
+    is; off by default, as in vLLM, since it shows the chat template.
+    `return_tokens_as_token_ids`: logprobs name tokens `token_id:ID`, not by their text, unless
+    a request says otherwise (its own `return_tokens_as_token_ids`), as vLLM's option."""
     parser = tool_call_parser
     if isinstance(parser, str):
         parser = parser_for(parser, engine.tokenizer)
-    api = _Api(engine, served_model_name or engine.config.model, parser)
+    api = _Api(engine, served_model_name or engine.config.model, parser, return_tokens_as_token_ids)
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
     # response's sends in a task of their own.
@@ -120,12 +123,20 @@ def create_app(
 
 
 class _Api:
-    def __init__(self, engine: Engine, model_name: str, parser: ToolCallParser | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        parser: ToolCallParser | None,
+        tokens_as_ids: bool,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.tool_call_parser = parser
         self.created = int(time.time())
         self.strings = TokenStrings(engine.tokenizer)
+        self.tokens_as_ids = tokens_as_ids
+        """The default of requests' `return_tokens_as_token_ids`."""
 
     async def health(self) -> JSONResponse:
         try:
@@ -212,6 +223,11 @@ class _Api:
             tools,
             top_logprobs=params.logprobs or 0,
             prompt_logprobs=body.prompt_logprobs,
+            tokens_as_ids=(
+                self.tokens_as_ids
+                if body.return_tokens_as_token_ids is None
+                else body.return_tokens_as_token_ids
+            ),
         )
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}

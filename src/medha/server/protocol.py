@@ -83,8 +83,6 @@ UNSUPPORTED = {
     "use_beam_search": False,
     "prompt_embeds": None,
     "guided_whitespace_pattern": None,
-    "skip_special_tokens": True,
-    "return_tokens_as_token_ids": False,
     "echo": False,  # chat's (vLLM's; the completions endpoint has OpenAI's, which medha does)
 }
 """vLLM's and OpenAI's fields that change the output in a way medha does not do."""
@@ -135,6 +133,10 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool | None = None
+    """vLLM's: logprobs name each token `token_id:ID` instead of by its text (None: the
+    server's default, `create_app(return_tokens_as_token_ids=...)`)."""
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -162,6 +164,7 @@ class _SamplingFields(BaseModel):
         "min_tokens",
         "ignore_eos",
         "include_stop_str_in_output",
+        "skip_special_tokens",
         mode="before",
     )(classmethod(null_is_the_default))
 
@@ -227,6 +230,7 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             min_tokens=self.min_tokens,
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,

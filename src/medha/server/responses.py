@@ -10,6 +10,7 @@ clients keep as extra fields.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,14 @@ def _finite(logprob: float | None) -> float | None:
     if logprob is None or math.isfinite(logprob):
         return logprob
     return _FLOOR
+
+
+def token_id_name(token_id: int) -> str:
+    """A token's name in logprobs with vLLM's `return_tokens_as_token_ids`: `token_id:ID`.
+    Unlike its text, it tells every token apart (the bytes of one character each decode to
+    U+FFFD; different tokens may spell the same text), which is what a client that trains on
+    the sampled tokens (RL) needs."""
+    return f"token_id:{token_id}"
 
 
 class TokenStrings:
@@ -130,6 +139,8 @@ class Renderer:
     """How many alternatives the logprobs name per token (the echoed prompt's are cut to it)."""
     prompt_logprobs: int | None = None
     """The request's `prompt_logprobs` (None: not shown, though computed for an echo)."""
+    tokens_as_ids: bool = False
+    """Logprobs name tokens `token_id:ID` (`return_tokens_as_token_ids`), not by their text."""
 
     def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
         """A finished choice of a whole (not streamed) response."""
@@ -203,9 +214,10 @@ class Renderer:
         return choice
 
     def _logprobs(self, rows: Rows, offsets: list[int]) -> dict[str, Any]:
+        name = token_id_name if self.tokens_as_ids else self.strings
         if self.chat:
-            return chat_logprobs(rows, self.strings)
-        return completion_logprobs(rows, offsets, self.strings)
+            return chat_logprobs(rows, self.strings, name)
+        return completion_logprobs(rows, offsets, name)
 
     def _echo_rows(self, output: ChoiceOutput) -> Rows:
         assert output.echo is not None
@@ -221,11 +233,13 @@ class Renderer:
         return prompt_logprobs_json(output, prompt_ids, self.strings, self.prompt_logprobs)
 
 
-def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -> dict[str, Any]:
+def completion_logprobs(
+    rows: Rows, offsets: list[int], name: Callable[[int], str]
+) -> dict[str, Any]:
     """The legacy completions table of `rows`, whose tokens start at `offsets` of the choice's
-    text. Its top logprobs hold the most likely tokens and the sampled one (as vLLM's), keyed
-    by text: of tokens whose texts are the same (bytes of one character each decode to
-    U+FFFD), the most likely is kept."""
+    text, each token called by `name` (its text, or token_id_name). Its top logprobs hold the
+    most likely tokens and the sampled one (as vLLM's), keyed by name: of tokens whose texts
+    are the same (bytes of one character each decode to U+FFFD), the most likely is kept."""
     top: list[dict[str, float | None] | None] = []
     for token_id, logprob, alternatives in rows:
         if logprob is None:  # an echoed prompt's first token, which nothing predicts
@@ -233,31 +247,36 @@ def completion_logprobs(rows: Rows, offsets: list[int], strings: TokenStrings) -
             continue
         table: dict[str, float | None] = {}
         for alternative in alternatives or ():  # most likely first: it keeps a shared text
-            table.setdefault(strings(alternative.token_id), _finite(alternative.logprob))
-        table.setdefault(strings(token_id), _finite(logprob))
+            table.setdefault(name(alternative.token_id), _finite(alternative.logprob))
+        table.setdefault(name(token_id), _finite(logprob))
         top.append(table)
     return {
-        "tokens": [strings(token_id) for token_id, _, _ in rows],
+        "tokens": [name(token_id) for token_id, _, _ in rows],
         "token_logprobs": [_finite(logprob) for _, logprob, _ in rows],
         "top_logprobs": top,
         "text_offset": offsets,
     }
 
 
-def _token_json(token_id: int, logprob: float | None, strings: TokenStrings) -> dict[str, Any]:
+def _token_json(
+    token_id: int, logprob: float | None, strings: TokenStrings, name: Callable[[int], str]
+) -> dict[str, Any]:
     text = strings(token_id)
-    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+    return {"token": name(token_id), "logprob": _finite(logprob), "bytes": list(text.encode())}
 
 
-def chat_logprobs(rows: Rows, strings: TokenStrings) -> dict[str, Any]:
+def chat_logprobs(
+    rows: Rows, strings: TokenStrings, name: Callable[[int], str] | None = None
+) -> dict[str, Any]:
     """Chat's `logprobs.content`: one object per token, with its most likely alternatives.
-    `bytes` is the UTF-8 of the token's text (a byte of a multi-byte character: U+FFFD's, as
-    vLLM's)."""
+    `token` is `name` of the token (by default its text); `bytes` is the UTF-8 of the token's
+    text either way (a byte of a multi-byte character: U+FFFD's, as vLLM's)."""
+    name = strings if name is None else name
     content = []
     for token_id, logprob, alternatives in rows:
-        entry = _token_json(token_id, logprob, strings)
+        entry = _token_json(token_id, logprob, strings, name)
         entry["top_logprobs"] = [
-            _token_json(t.token_id, t.logprob, strings) for t in alternatives or ()
+            _token_json(t.token_id, t.logprob, strings, name) for t in alternatives or ()
         ]
         content.append(entry)
     return {"content": content}
