@@ -37,15 +37,14 @@ def _params(i: int, max_tokens: int = 24) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kinds[i % len(kinds)])
 
 
-async def _ask_all(engine: medha.Engine, together: bool) -> list[list[int]]:
+async def _ask_all(engine: medha.Engine, together: bool) -> dict[str, medha.Completion]:
     """Every question about the document: one after the other (each hits what the earlier
     ones computed), or all at once (the first computes it while the others wait)."""
     prompts = [[*DOCUMENT, *question] for question in QUESTIONS]
-    results: list[list[int]] = [[] for _ in prompts]
+    results: dict[str, medha.Completion] = {}
 
     async def one(i: int) -> None:
-        done = await engine.generate(prompts[i], _params(i), request_id=f"q{i}")
-        results[i] = done.token_ids
+        results[f"q{i}"] = await engine.generate(prompts[i], _params(i), request_id=f"q{i}")
 
     if together:
         async with anyio.create_task_group() as group:
@@ -57,6 +56,10 @@ async def _ask_all(engine: medha.Engine, together: bool) -> list[list[int]]:
     return results
 
 
+def _tokens(done: dict[str, medha.Completion]) -> dict[str, list[int]]:
+    return {request_id: completion.token_ids for request_id, completion in done.items()}
+
+
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "concurrent"])
 async def test_questions_about_one_document_match_an_engine_without_the_cache(
     together: bool,
@@ -64,10 +67,16 @@ async def test_questions_about_one_document_match_an_engine_without_the_cache(
     async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
         expected = await _ask_all(engine, together)
         assert engine.stats().prefix_cache_hit_tokens == 0
+    assert {done.metrics.cached_tokens for done in expected.values()} == {0}
     async with medha.Engine(engine_config(target_batch_time=0.003)) as engine:
         cached = await _ask_all(engine, together)
         stats = engine.stats()
-    assert cached == expected
+    assert _tokens(cached) == _tokens(expected)
+    # Each request's share of the hits (no request here is preempted: each hits once).
+    hits = [cached[f"q{i}"].metrics.cached_tokens for i in range(len(QUESTIONS))]
+    assert sum(hits) == stats.prefix_cache_hit_tokens
+    if not together:
+        assert hits == [0] + [400] * (len(QUESTIONS) - 1)
     if together:
         # Each later question takes most of the document from the cache: it waits, or queues,
         # while the first computes it (the last block or so it may compute itself).
@@ -126,9 +135,9 @@ async def test_requests_with_a_hit_survive_preemption_by_recompute() -> None:
     # that outgrow them evict requests that hold shared blocks, which recompute (and may hit
     # again).
     async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
-        expected = await _ask_all(engine, together=True)
+        expected = _tokens(await _ask_all(engine, together=True))
     async with medha.Engine(engine_config(num_blocks=34, target_batch_time=0.003)) as engine:
-        cached = await _ask_all(engine, together=True)
+        cached = _tokens(await _ask_all(engine, together=True))
         stats = engine.stats()
     assert stats.preemptions > 0, "the small cache never forced a preemption"
     assert stats.prefix_cache_hit_tokens > 0

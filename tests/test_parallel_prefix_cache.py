@@ -34,14 +34,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _one_by_one(engine: medha.Engine) -> list[list[int]]:
+async def _one_by_one(engine: medha.Engine) -> list[medha.Completion]:
     """Every prompt, then the first one's next turn (its prompt and answer, and more)."""
     answers = [
-        (await engine.generate(prompt, params)).token_ids
+        await engine.generate(prompt, params)
         for prompt, params in zip(PROMPTS, PARAMS, strict=True)
     ]
-    next_turn = [*PROMPTS[0], *answers[0], 5, 6]
-    answers.append((await engine.generate(next_turn, PARAMS[0])).token_ids)
+    next_turn = [*PROMPTS[0], *answers[0].token_ids, 5, 6]
+    answers.append(await engine.generate(next_turn, PARAMS[0]))
     return answers
 
 
@@ -55,6 +55,7 @@ async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> 
     # Three later prompts, each taking the prefix's 8 full blocks (128 tokens); the next turn
     # takes 9 (144 tokens), the last one filled by the first answer, on the second group.
     assert stats.prefix_cache_hit_tokens == 3 * 128 + 144
+    assert [done.metrics.cached_tokens for done in cached] == [0, 128, 128, 128, 144]
     # The engine's metrics count a pipeline's work as the single process's.
     prompt_tokens = sum(map(len, PROMPTS)) + len(PROMPTS[0]) + 6 + 2
     computed = metrics.get_sample_value("medha:prefill_tokens_computed_total", label)
@@ -68,4 +69,5 @@ async def test_a_prefix_spanning_two_kvp_groups_is_reused_across_processes() -> 
     assert stats.free_blocks == stats.total_blocks
     single = parallel_config(1, 1, 1, num_blocks=256, enable_prefix_caching=False)
     async with medha.Engine(single) as engine:
-        assert await _one_by_one(engine) == cached
+        alone = await _one_by_one(engine)
+    assert [done.token_ids for done in alone] == [done.token_ids for done in cached]

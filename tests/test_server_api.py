@@ -378,3 +378,28 @@ async def test_health_models_and_stats() -> None:
         with pytest.raises(openai.APIStatusError) as closed:
             await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
         assert closed.value.status_code == 503
+
+
+async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held() -> None:
+    document = " ".join(f"word{i}" for i in range(40))
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 2, "temperature": 0.0}
+    body["extra_body"] = {"ignore_eos": True}
+    async with serving() as (engine, client):
+        ids = engine.tokenize(document)
+        block = engine.config.block_size
+        first = await client.completions.create(**body, prompt=document, n=2)
+        both = await client.completions.create(**body, prompt=[f"{document} more", "new words"])
+        stream = await client.completions.create(
+            **body, prompt=document, stream=True, stream_options={"include_usage": True}
+        )
+        last = [chunk async for chunk in stream][-1]
+        assert len(ids) % block and engine.tokenize(f"{document} more")[: len(ids)] == ids
+
+    def cached(done: Any) -> int:
+        assert done.usage is not None and done.usage.prompt_tokens_details is not None
+        return int(done.usage.prompt_tokens_details.cached_tokens)
+
+    # The first prompt's second choice finds it cached, but nothing was before the request.
+    assert cached(first) == 0
+    # The document's whole blocks, for the prompt that starts with it; none for the other.
+    assert cached(both) == cached(last) == len(ids) // block * block > 0

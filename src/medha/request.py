@@ -66,6 +66,9 @@ class RequestMetrics:
     """Seconds after arrival by which the first token was due (the caller's, or the default
     max(1.5 x predicted prefill time, 0.5 s))."""
     deadline_given: bool = False
+    cached_tokens: int = 0
+    """Prompt tokens its prefill took from the prefix cache instead of computing them, as
+    it first started (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_output_tokens: int = 0

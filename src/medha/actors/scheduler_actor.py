@@ -34,7 +34,6 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.perf.time_scale import OnlineTimeScale
 from medha.request import TokenEvent
-from medha.sampling import SamplingSetup
 from medha.scheduler import BatchPlan, Scheduler, SeqKind
 from medha.scheduler.pausing import ran_alone
 
@@ -352,7 +351,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     request.tokens(seq.start, seq.end),
                     tuple(block for _, blocks in seq.new_blocks for block in blocks),
                     seq.samples,
-                    self._first_sampling(request),
+                    request.first_sampling(seq.start),
                     seq.kind is SeqKind.DECODE,
                     request.score_rows(seq.start, seq.end),
                     request.token_mask(seq.samples),
@@ -369,22 +368,6 @@ class SchedulerActor(Actor[Submit | Abort]):
                 self.requests[request_id].preemptions += 1
             _log.info("request preempted", request_id=request_id)
         return plan
-
-    def _first_sampling(self, request: TrackedRequest) -> SamplingSetup | None:
-        """What the sampling stage needs of the request, on its first step; None afterwards
-        (a delta)."""
-        if request.sampling_sent:
-            return None
-        request.sampling_sent = True
-        # Penalties count the prompt's ids: a step that starts past a prefix cache hit does
-        # not show the stage the cached ones, so they come along once. Prompt logprobs need
-        # the token after each chunk.
-        params = request.params
-        wants_prompt = params.needs_history or params.prompt_logprobs is not None
-        prompt = tuple(request.prompt_ids) if wants_prompt else None
-        return SamplingSetup(
-            params, len(request.prompt_ids), request.eos_token_ids, prompt, request.bad_words_ids
-        )
 
     def _settle_deadline(self, request: TrackedRequest) -> None:
         """Before its first token or its end without one: a default deadline follows the
@@ -463,6 +446,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     request_id=request_id,
                     reason=update.finish_reason,
                     tokens=request.metrics.num_output_tokens,
+                    cached_tokens=request.metrics.cached_tokens,
                     ttft=request.metrics.ttft,
                 )
             request.emit(event)

@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from medha.model.prompt_scoring import PromptScores
 from medha.output_text import OutputText
 from medha.request import Completion, RequestMetrics, TokenEvent, TokenLogprob
-from medha.sampling import SamplingParams
+from medha.sampling import SamplingParams, SamplingSetup
 from medha.scheduler.prefix_cache import block_hashes
 from medha.stopping import StopUpdate
 
@@ -119,6 +119,24 @@ class TrackedRequest:
     def token_mask(self, samples: bool) -> NDArray[np.int32] | None:
         """The tokens its grammar allows next, for a step that samples it; else None."""
         return self.grammar.next_mask() if samples and self.grammar is not None else None
+
+    def first_sampling(self, start: int) -> SamplingSetup | None:
+        """What the sampling stage needs of the request, with the step of its first chunk,
+        which starts at prompt token `start` (past its prefix cache hit); None afterwards (a
+        delta)."""
+        if self.sampling_sent:
+            return None
+        self.sampling_sent = True
+        self.metrics.cached_tokens = start
+        # Penalties count the prompt's ids: a step that starts past a prefix cache hit does
+        # not show the stage the cached ones, so they come along once. Prompt logprobs need
+        # the token after each chunk.
+        params = self.params
+        wants_prompt = params.needs_history or params.prompt_logprobs is not None
+        prompt = tuple(self.prompt_ids) if wants_prompt else None
+        return SamplingSetup(
+            params, len(self.prompt_ids), self.eos_token_ids, prompt, self.bad_words_ids
+        )
 
     def score_rows(self, start: int, end: int) -> range:
         """Rows of its step over positions [start, end) that score prompt tokens not scored

@@ -102,14 +102,25 @@ class ChoiceOutput:
         ]
 
 
-def usage(choices: list[ChoiceOutput], prompt_tokens: list[int]) -> dict[str, int]:
-    """OpenAI's token counts: each prompt once (however many choices it has), every output."""
+def usage(choices: list[ChoiceOutput], prompt_tokens: list[int]) -> dict[str, Any]:
+    """OpenAI's token counts: each prompt once (however many choices it has), every output,
+    and (`prompt_tokens_details.cached_tokens`) of each prompt, the tokens the prefix cache
+    held before the request: its `n` choices are `n` engine requests, and those that started
+    after the first one computed the prompt found it cached; the least of their hits is what
+    was cached already."""
     prompt = sum(prompt_tokens)
     completion = sum(len(c.token_ids) for c in choices)
+    per_prompt = len(choices) // len(prompt_tokens)  # choice i is prompt i // n's
+    hits: dict[int, int] = {}
+    for choice in choices:
+        cached = 0 if choice.metrics is None else choice.metrics.cached_tokens
+        which = choice.index // per_prompt
+        hits[which] = min(hits.get(which, cached), cached)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(hits.values())},
     }
 
 
