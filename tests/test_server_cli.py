@@ -84,6 +84,8 @@ def test_tool_call_options(
         ["serve", "m", "--enable-tokenizer-info-endpoint"]
     ).enable_tokenizer_info_endpoint
     assert not parse_args(["serve", "m"]).return_tokens_as_token_ids
+    assert parse_args(["serve", "m"]).reasoning_parser is None
+    assert parse_args(["serve", "m", "--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "m", "--tool-call-parser", "mistral"])
     assert exited.value.code == 2 and "invalid choice: 'mistral'" in capsys.readouterr().err
@@ -102,10 +104,11 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
         tool_call_parser: str,
         enable_tokenizer_info: bool,
         return_tokens_as_token_ids: bool,
+        reasoning_parser: str,
         **kwargs: object,
     ) -> None:
         assert tool_call_parser == "hermes" and enable_tokenizer_info
-        assert return_tokens_as_token_ids
+        assert return_tokens_as_token_ids and reasoning_parser == "deepseek_r1"
         raise ValueError("the hermes parser looks for <tool_call> ... marks special")
 
     monkeypatch.setattr(medha.server, "create_app", create_app)
@@ -113,6 +116,7 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
         [
             *("serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"),
             *("--enable-tokenizer-info-endpoint", "--return-tokens-as-token-ids"),
+            *("--reasoning-parser", "deepseek_r1"),
         ]
     )
     assert code == 2

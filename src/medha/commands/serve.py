@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 PARSER_NAMES = ("hermes", "llama3_json")
 """medha.server.tool_parsers.PARSERS' names (not imported: the server's modules load late)."""
+REASONING_PARSER_NAMES = ("deepseek_r1", "qwen3")
+"""medha.server.reasoning.REASONING_PARSERS' names."""
 GRACE_S = 5
 API_KEY_VARIABLE = "MEDHA_API_KEY"
 
@@ -74,6 +76,13 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="logprobs name tokens 'token_id:ID' instead of by their text (a request's "
         "return_tokens_as_token_ids overrides it), as vLLM's option does",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSER_NAMES,
+        help="puts a chat's thinking (<think>...</think>) in message.reasoning, apart from its "
+        "answer (vLLM's names)",
     )
     p.set_defaults(func=run)
 
@@ -144,6 +153,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
                 tool_call_parser=args.tool_call_parser,
                 enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
                 return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                reasoning_parser=args.reasoning_parser,
             )
         except ValueError as exc:  # a parser this model's tokenizer defeats
             raise UsageError(str(exc)) from exc

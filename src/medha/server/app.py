@@ -36,6 +36,8 @@ from medha.server.choices import start_choices
 from medha.server.echo import EchoedPrompt, echoed_prompt
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
+from medha.server.reasoning import Reasoning, ReasoningParser
+from medha.server.reasoning import reasoning_parser as find_reasoning_parser
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.streaming import (
     ClientDisconnectedError,
@@ -60,6 +62,10 @@ from medha.server.tool_parsers import tool_call_parser as parser_for
 
 _log = get_logger(__name__)
 
+_PROMPT_TAIL = 16
+"""Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
+model's thinking."""
+
 _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
 
@@ -71,6 +77,7 @@ def create_app(
     tool_call_parser: str | ToolCallParser | None = None,
     enable_tokenizer_info: bool = False,
     return_tokens_as_token_ids: bool = False,
+    reasoning_parser: str | ReasoningParser | None = None,
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
@@ -83,11 +90,19 @@ def create_app(
     chat template, for clients that tokenize as the server does), behind the key as /tokenize
     is; off by default, as in vLLM, since it shows the chat template.
     `return_tokens_as_token_ids`: logprobs name tokens `token_id:ID`, not by their text, unless
-    a request says otherwise (its own `return_tokens_as_token_ids`), as vLLM's option."""
+    a request says otherwise (its own `return_tokens_as_token_ids`), as vLLM's option.
+    `reasoning_parser` (`deepseek_r1`, `qwen3`: medha.server.reasoning) puts a chat's thinking
+    in `message.reasoning`, apart from its answer (ValueError for a name medha lacks)."""
     parser = tool_call_parser
     if isinstance(parser, str):
         parser = parser_for(parser, engine.tokenizer)
-    api = _Api(engine, served_model_name or engine.config.model, parser, return_tokens_as_token_ids)
+    api = _Api(
+        engine,
+        served_model_name or engine.config.model,
+        parser,
+        return_tokens_as_token_ids,
+        None if reasoning_parser is None else find_reasoning_parser(reasoning_parser),
+    )
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
     # response's sends in a task of their own.
@@ -129,6 +144,7 @@ class _Api:
         model_name: str,
         parser: ToolCallParser | None,
         tokens_as_ids: bool,
+        reasoning_parser: ReasoningParser | None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -137,6 +153,7 @@ class _Api:
         self.strings = TokenStrings(engine.tokenizer)
         self.tokens_as_ids = tokens_as_ids
         """The default of requests' `return_tokens_as_token_ids`."""
+        self.reasoning_parser = reasoning_parser
 
     async def health(self) -> JSONResponse:
         try:
@@ -195,7 +212,16 @@ class _Api:
         if not tokenizer.has_chat_template:
             raise InvalidRequestError(f"the model `{self.model_name}` has no chat template")
         prompt_ids = await chat_prompt_ids(self.engine, body, params)
-        return await self._respond(request, body, params, [prompt_ids], chat=True, tools=tools)
+        reasoning = None
+        if self.reasoning_parser is not None:
+            tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
+            constrained = params.structured_outputs is not None
+            reasoning = Reasoning.of(
+                self.reasoning_parser, tail, body.include_reasoning, constrained
+            )
+        return await self._respond(
+            request, body, params, [prompt_ids], chat=True, tools=tools, reasoning=reasoning
+        )
 
     async def _respond(
         self,
@@ -207,6 +233,7 @@ class _Api:
         tools: ToolCalling | None = None,
         echoes: list[EchoedPrompt] | None = None,
         prompt_only: bool = False,
+        reasoning: Reasoning | None = None,
     ) -> Response:
         # A client's X-Request-Id names the response; engine ids get a unique part as well, so
         # that gateways reusing one trace id for several calls are not refused.
@@ -228,6 +255,7 @@ class _Api:
                 if body.return_tokens_as_token_ids is None
                 else body.return_tokens_as_token_ids
             ),
+            reasoning=reasoning,
         )
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}

@@ -310,12 +310,15 @@ class ChatCompletionRequest(_SamplingFields):
     """vLLM's: the model goes on with the last message (with add_generation_prompt false)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM's: variables for the chat template (Qwen 3's `enable_thinking`)."""
+    include_reasoning: bool = True
+    """vLLM's: with a reasoning parser, the message has the model's thinking."""
 
     _chat_defaults = field_validator(
         "add_generation_prompt",
         "add_special_tokens",
         "parallel_tool_calls",
         "continue_final_message",
+        "include_reasoning",
         mode="before",
     )(classmethod(null_is_the_default))
 

@@ -17,6 +17,7 @@ from typing import Any
 from medha.model.tokenizer import Tokenizer
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.server.echo import EchoedPrompt, prompt_rows
+from medha.server.reasoning import Reasoning, ThinkingSplit
 from medha.server.tool_calls import ToolCalling, ToolCallStream
 
 Rows = list[tuple[int, float | None, tuple[TokenLogprob, ...] | None]]
@@ -74,6 +75,8 @@ class ChoiceOutput:
     metrics: RequestMetrics | None = None
     tool_stream: ToolCallStream | None = None
     """A streamed chat's tool calls, as far as they have gone out."""
+    thinking: ThinkingSplit | None = None
+    """A streamed chat's thinking and answer, as far as they have gone out."""
     echo: EchoedPrompt | None = None
     """The prompt the text starts with (completions' `echo`)."""
     echo_sent: bool = False
@@ -152,17 +155,17 @@ class Renderer:
     """The request's `prompt_logprobs` (None: not shown, though computed for an echo)."""
     tokens_as_ids: bool = False
     """Logprobs name tokens `token_id:ID` (`return_tokens_as_token_ids`), not by their text."""
+    reasoning: Reasoning | None = None
+    """A chat's reasoning parsing (medha.server.reasoning): thinking apart from the answer,
+    whose text alone is the content (and the tool calls)."""
 
     def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
         """A finished choice of a whole (not streamed) response."""
         choice: dict[str, Any] = {"index": output.index}
         finish_reason = output.finish_reason
         rows, offsets = output.rows(), output.text_offsets
-        if self.tools is not None:
-            choice["message"], parsed = self.tools.message(output.text)
-            finish_reason = self.tools.finish_reason(finish_reason, parsed)
-        elif self.chat:
-            choice["message"] = {"role": "assistant", "content": output.text}
+        if self.chat:
+            choice["message"], finish_reason = self._message(output.text, finish_reason)
         elif output.echo is not None:
             choice["text"] = output.echo.text + output.text
             rows = self._echo_rows(output) + rows
@@ -175,6 +178,22 @@ class Renderer:
         choice["prompt_logprobs"] = self._prompt_logprobs(output, prompt_ids)
         choice["metrics"] = metrics_json(output.metrics)
         return choice
+
+    def _message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A whole chat choice's message of its output `text`, and its finish reason."""
+        reasoning: str | None = None
+        content: str | None = text
+        if self.reasoning is not None:
+            split = self.reasoning.split()
+            split.feed(text, finished=True)
+            reasoning, content = split.message_parts()
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.tools is not None:
+            message, parsed = self.tools.message(content or "")
+            finish_reason = self.tools.finish_reason(finish_reason, parsed)
+        if reasoning is not None and self.reasoning is not None and self.reasoning.shown:
+            message["reasoning"] = reasoning
+        return message, finish_reason
 
     def role(self, index: int) -> dict[str, Any] | None:
         """A chat stream's first chunk of a choice, naming the role (as OpenAI's)."""
@@ -193,12 +212,20 @@ class Renderer:
         output.echo_sent = True
         finish_reason = event.finish_reason
         message: dict[str, Any] = {"content": event.text} if event.text else {}
+        answer, thinking = output.text, ""
+        if self.reasoning is not None:
+            if output.thinking is None:
+                output.thinking = self.reasoning.split()
+            thinking, new = output.thinking.feed(output.text, finish_reason is not None)
+            answer, message = output.thinking.content, {"content": new} if new else {}
         if self.tools is not None:
             if output.tool_stream is None:
                 output.tool_stream = ToolCallStream(self.tools)
-            message = output.tool_stream.delta(output.text, finish_reason is not None)
+            message = output.tool_stream.delta(answer, finish_reason is not None)
             if output.tool_stream.parsed is not None:
                 finish_reason = self.tools.finish_reason(finish_reason, output.tool_stream.parsed)
+        if thinking and self.reasoning is not None and self.reasoning.shown:
+            message = {"reasoning": thinking, **message}
         shown_prompt = event.prompt_logprobs is not None and self.prompt_logprobs is not None
         if not (message or finish_reason or has_row or shown_prompt or echo):
             return None

@@ -1,0 +1,159 @@
+"""A reasoning model's thinking apart from its answer: vLLM's `--reasoning-parser`.
+
+Models such as DeepSeek-R1 and Qwen 3 think between `<think>` and `</think>` before they
+answer. With a reasoning parser, a chat choice's `message.reasoning` (vLLM's field, formerly
+`reasoning_content`) holds the thinking and `content` the answer; streamed, the thinking goes out
+in `delta.reasoning`, the answer in `delta.content`, and tool calls are read from the answer.
+
+An output that starts with `<think>` (after whitespace) thinks. Where one that does not is,
+the prompt says, so that a stream and a whole response agree from the first token: a chat
+template that ends the prompt with `<think>` (DeepSeek-R1's, Qwen3-Thinking-2507's) has the
+model think from its first token, and one that ends it with an empty `<think></think>` (Qwen 3's
+`enable_thinking: false`) has it answer. After a prompt with neither, it is the answer
+(`qwen3`) or thinking (`deepseek_r1`, whose first models thought without writing the tag).
+Thinking ends at the first `</think>`, and everything after it is the answer; an output that
+never writes it (cut short by max_tokens) is all thinking.
+
+A constrained output (structured outputs, a named or required tool call) starts as the answer,
+whatever the prompt: medha's grammar holds from the first token, so the model does not think
+first (vLLM starts the grammar after the thinking instead). A grammar that writes `<think>`
+first has its thinking read all the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class _Part(Enum):
+    UNDECIDED = "undecided"
+    """The output so far may still be the start tag (or whitespace before it)."""
+    REASONING = "reasoning"
+    CONTENT = "content"
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    """Where a model writes its thinking: between `start` and `end`."""
+
+    untagged_is_reasoning: bool
+    """An output whose prompt has no tag and which writes no start tag thinks first."""
+    start: str = "<think>"
+    end: str = "</think>"
+
+    def untagged_output(self, prompt_tail: str) -> _Part:
+        """Where an output that does not start with the start tag is, after a prompt that
+        ends with `prompt_tail` (one that starts with it thinks)."""
+        tail = prompt_tail.rstrip()
+        if tail.endswith(self.start):
+            return _Part.REASONING
+        if tail.endswith(self.end):
+            return _Part.CONTENT
+        return _Part.REASONING if self.untagged_is_reasoning else _Part.CONTENT
+
+
+REASONING_PARSERS = {
+    "deepseek_r1": ReasoningParser(untagged_is_reasoning=True),
+    "qwen3": ReasoningParser(untagged_is_reasoning=False),
+}
+"""vLLM's names of the parsers medha has."""
+
+
+def reasoning_parser(parser: str | ReasoningParser) -> ReasoningParser:
+    """A parser by vLLM's name (ValueError for one medha lacks), or the one given."""
+    if isinstance(parser, ReasoningParser):
+        return parser
+    if parser not in REASONING_PARSERS:
+        known = ", ".join(sorted(REASONING_PARSERS))
+        raise ValueError(f"no reasoning parser {parser!r} (medha has: {known})")
+    return REASONING_PARSERS[parser]
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """One chat request's reasoning parsing: where its output starts, and whether the
+    thinking is shown (vLLM's `include_reasoning`)."""
+
+    parser: ReasoningParser
+    untagged: _Part
+    """Where an output that does not start with the start tag is."""
+    shown: bool = True
+
+    @classmethod
+    def of(
+        cls, parser: ReasoningParser, prompt_tail: str, shown: bool, constrained: bool
+    ) -> Reasoning:
+        """`constrained`: its output follows a grammar from the first token."""
+        untagged = _Part.CONTENT if constrained else parser.untagged_output(prompt_tail)
+        return cls(parser, untagged, shown)
+
+    def split(self) -> ThinkingSplit:
+        return ThinkingSplit(self.parser, self.untagged)
+
+
+@dataclass
+class ThinkingSplit:
+    """One choice's output text, read as it grows: its thinking and its answer so far."""
+
+    parser: ReasoningParser
+    untagged: _Part
+    """Where the output is if it does not start with the start tag."""
+    part: _Part = _Part.UNDECIDED
+    read: int = 0
+    """Characters of the output read (text that may be the start of a tag is not)."""
+    reasoning: str = ""
+    content: str = ""
+    thought: bool = False
+    """The output has a thinking part (maybe empty)."""
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str]:
+        """Read the output `text` so far (`finished`: all of it): the thinking and the answer
+        it adds."""
+        had_reasoning, had_content = len(self.reasoning), len(self.content)
+        start, end = self.parser.start, self.parser.end
+        while True:
+            if self.part is _Part.UNDECIDED:
+                head = text[self.read :]
+                stripped = head.lstrip()
+                if stripped.startswith(start):
+                    self.read += len(head) - len(stripped) + len(start)
+                    self.part, self.thought = _Part.REASONING, True
+                    continue
+                if start.startswith(stripped) and not finished:
+                    break
+                self.part = self.untagged
+                self.thought = self.untagged is _Part.REASONING
+            elif self.part is _Part.REASONING:
+                at = text.find(end, self.read)
+                if at >= 0:
+                    self.reasoning += text[self.read : at]
+                    self.read = at + len(end)
+                    self.part = _Part.CONTENT
+                    continue
+                upto = len(text) if finished else len(text) - _tag_start(text, end, self.read)
+                self.reasoning += text[self.read : upto]
+                self.read = upto
+                break
+            else:
+                self.content += text[self.read :]
+                self.read = len(text)
+                break
+        return self.reasoning[had_reasoning:], self.content[had_content:]
+
+    def message_parts(self) -> tuple[str | None, str | None]:
+        """A whole response's (reasoning, content), as vLLM has them: no reasoning without a
+        thinking part; no content (None) after thinking that nothing followed."""
+        if not self.thought:
+            return None, self.content
+        return self.reasoning, self.content or None
+
+
+def _tag_start(text: str, tag: str, since: int) -> int:
+    """The length of the longest end of `text[since:]` that begins `tag` (held back: the
+    next text may complete it)."""
+    longest = min(len(tag) - 1, len(text) - since)
+    for length in range(longest, 0, -1):
+        if tag.startswith(text[len(text) - length :]):
+            return length
+    return 0

@@ -1,0 +1,95 @@
+"""Reasoning parsers (medha.server.reasoning): a chat output's thinking and answer, where the
+prompt says the output starts, the same whole or read in any pieces."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from medha.server.reasoning import REASONING_PARSERS, Reasoning, reasoning_parser
+
+QWEN_THINKING_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+OPENED = "<|im_start|>assistant\n<think>\n"
+
+CASES = [
+    # parser, prompt's end, output, constrained -> (reasoning, content)
+    ("qwen3", "", "<think>\nplan\n</think>\n\nAnswer", False, ("\nplan\n", "\n\nAnswer")),
+    ("qwen3", "", "Answer", False, (None, "Answer")),
+    ("qwen3", "", "", False, (None, "")),
+    ("qwen3", "", "  <think>x</think>y", False, ("x", "y")),
+    ("qwen3", "", "<thinking>x</thinking>", False, (None, "<thinking>x</thinking>")),
+    ("qwen3", "", "<think>cut short", False, ("cut short", None)),
+    ("qwen3", "", "<think>a</think>b<think>c</think>", False, ("a", "b<think>c</think>")),
+    ("qwen3", QWEN_THINKING_OFF, "Answer </think>", False, (None, "Answer </think>")),
+    ("qwen3", OPENED, "plan</think>Answer", False, ("plan", "Answer")),
+    ("qwen3", OPENED, " <think>plan</think>", False, ("plan", None)),  # opened twice
+    ("deepseek_r1", "", "plan</think>Answer", False, ("plan", "Answer")),
+    ("deepseek_r1", "", "<think>plan</think>Answer", False, ("plan", "Answer")),
+    ("deepseek_r1", "", "plan cut short", False, ("plan cut short", None)),
+    ("deepseek_r1", QWEN_THINKING_OFF, "Answer", False, (None, "Answer")),
+    ("deepseek_r1", OPENED, "\n\nplan</think>\n\nAnswer", False, ("\n\nplan", "\n\nAnswer")),
+    # A grammar holds from the first token: the answer, unless it writes the tag itself.
+    ("deepseek_r1", OPENED, '{"a": 1}', True, (None, '{"a": 1}')),
+    ("deepseek_r1", "", '{"a": 1}', True, (None, '{"a": 1}')),
+    ("qwen3", OPENED, "<think>p</think>{}", True, ("p", "{}")),
+]
+
+
+def _whole(reasoning: Reasoning, output: str) -> tuple[str | None, str | None]:
+    split = reasoning.split()
+    split.feed(output, finished=True)
+    return split.message_parts()
+
+
+@pytest.mark.parametrize(("name", "prompt", "output", "constrained", "expected"), CASES)
+def test_the_thinking_and_the_answer_of_an_output(
+    name: str,
+    prompt: str,
+    output: str,
+    constrained: bool,
+    expected: tuple[str | None, str | None],
+) -> None:
+    reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True, constrained)
+    assert _whole(reasoning, output) == expected
+
+
+@pytest.mark.parametrize(("name", "prompt", "output", "constrained", "expected"), CASES)
+def test_read_in_pieces_an_output_gives_what_it_gives_whole(
+    name: str,
+    prompt: str,
+    output: str,
+    constrained: bool,
+    expected: tuple[str | None, str | None],
+) -> None:
+    reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True, constrained)
+    rng = random.Random(output)
+    for _ in range(30):
+        inner = range(1, max(len(output), 1))
+        cuts = sorted(rng.sample(inner, min(len(inner), rng.randint(0, 6))))
+        ends = [*cuts, len(output)] if output else [0]
+        split = reasoning.split()
+        thought, answered = "", ""
+        for end in ends:
+            new_thought, new_answer = split.feed(output[:end], finished=end == ends[-1])
+            thought, answered = thought + new_thought, answered + new_answer
+        assert split.message_parts() == expected
+        assert (thought, answered) == (expected[0] or "", expected[1] or "")
+
+
+def test_a_tag_split_across_pieces_is_held_back_until_it_is_whole() -> None:
+    split = Reasoning.of(REASONING_PARSERS["qwen3"], OPENED, True, False).split()
+    assert split.feed("plan</th", finished=False) == ("plan", "")
+    assert split.feed("plan</think>An", finished=False) == ("", "An")
+    undecided = Reasoning.of(REASONING_PARSERS["qwen3"], "", True, False).split()
+    assert undecided.feed(" <thi", finished=False) == ("", "")  # may still open thinking
+    assert undecided.feed(" <thin!", finished=False) == ("", " <thin!")  # it did not
+
+
+def test_parsers_are_named_as_vllms() -> None:
+    from medha.commands.serve import REASONING_PARSER_NAMES
+
+    assert sorted(REASONING_PARSER_NAMES) == sorted(REASONING_PARSERS)
+    assert reasoning_parser("qwen3") is REASONING_PARSERS["qwen3"]
+    with pytest.raises(ValueError, match="no reasoning parser 'granite'"):
+        reasoning_parser("granite")
