@@ -23,6 +23,8 @@ CASES = [
     ("qwen3", "", "<think>a</think>b<think>c</think>", False, ("a", "b<think>c</think>")),
     ("qwen3", QWEN_THINKING_OFF, "Answer </think>", False, (None, "Answer </think>")),
     ("qwen3", OPENED, "plan</think>Answer", False, ("plan", "Answer")),
+    ("qwen3", OPENED, "plan </th", False, ("plan </th", None)),  # never closed
+    ("qwen3", "", " <thi", False, (None, " <thi")),
     ("qwen3", OPENED, " <think>plan</think>", False, ("plan", None)),  # opened twice
     ("deepseek_r1", "", "plan</think>Answer", False, ("plan", "Answer")),
     ("deepseek_r1", "", "<think>plan</think>Answer", False, ("plan", "Answer")),

@@ -73,9 +73,9 @@ async def test_the_thinking_is_apart_from_the_answer_whole_and_streamed() -> Non
     async with serving(reasoning_parser="qwen3") as client:
         done = await client.chat.completions.create(**body)
         reasoning, content, order = await _streamed(client, **body)
-        hidden = await client.chat.completions.create(
-            **{**body, "extra_body": {**body["extra_body"], "include_reasoning": False}}
-        )
+        hide = {**body, "extra_body": {**body["extra_body"], "include_reasoning": False}}
+        hidden = await client.chat.completions.create(**hide)
+        hidden_stream = await _streamed(client, **hide)
     async with serving() as plain_client:  # no parser: the output as written
         plain = await plain_client.chat.completions.create(**body)
     message = done.choices[0].message
@@ -85,6 +85,7 @@ async def test_the_thinking_is_apart_from_the_answer_whole_and_streamed() -> Non
     assert order == sorted(order, key=["reasoning", "content"].index)  # thinking first
     assert "reasoning" not in (hidden.choices[0].message.model_extra or {})
     assert hidden.choices[0].message.content == "The capital is Paris."
+    assert hidden_stream == ("", "The capital is Paris.", ["content"] * len(hidden_stream[2]))
     assert plain.choices[0].message.content == THOUGHT
     assert "reasoning" not in (plain.choices[0].message.model_extra or {})
 
@@ -109,6 +110,18 @@ async def test_a_prompt_that_opens_the_thinking_has_the_output_start_in_it() -> 
     # Closed by the prompt: the same kind of output is the answer.
     assert closed.choices[0].message.content
     assert "reasoning" not in (closed.choices[0].message.model_extra or {})
+
+
+async def test_a_constrained_output_is_the_answer_though_the_prompt_opens_the_thinking() -> None:
+    opened = [*MESSAGES, {"role": "assistant", "content": "<think>\n"}]
+    body: dict[str, Any] = {"model": MODEL, "messages": opened, "max_tokens": 40}
+    body.update(response_format={"type": "json_object"})
+    body["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+    async with serving(reasoning_parser="deepseek_r1") as client:
+        done = await client.chat.completions.create(**body)
+    message = done.choices[0].message
+    assert "reasoning" not in (message.model_extra or {})
+    assert message.content is not None and message.content.startswith("{")
 
 
 async def test_tool_calls_are_read_from_the_answer_after_the_thinking() -> None:
