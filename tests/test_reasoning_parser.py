@@ -4,9 +4,11 @@ prompt says the output starts, the same whole or read in any pieces."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from medha.model.tokenizer import Tokenizer, write_tiny_tokenizer
 from medha.server.reasoning import REASONING_PARSERS, Reasoning, reasoning_parser
 
 QWEN_THINKING_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -88,10 +90,27 @@ def test_a_tag_split_across_pieces_is_held_back_until_it_is_whole() -> None:
     assert undecided.feed(" <thin!", finished=False) == ("", " <thin!")  # it did not
 
 
-def test_parsers_are_named_as_vllms() -> None:
+def _tokenizer(folder: Path, *special: str) -> Tokenizer:
+    """A tiny tokenizer, with `special` added as special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    write_tiny_tokenizer(folder)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    hf.add_special_tokens({"additional_special_tokens": list(special)})
+    return Tokenizer(hf, folder=folder)
+
+
+def test_parsers_are_named_as_vllms(tmp_path: Path) -> None:
     from medha.commands.serve import REASONING_PARSER_NAMES
 
     assert sorted(REASONING_PARSER_NAMES) == sorted(REASONING_PARSERS)
-    assert reasoning_parser("qwen3") is REASONING_PARSERS["qwen3"]
+    tokenizer = _tokenizer(tmp_path)
+    assert reasoning_parser("qwen3", tokenizer) is REASONING_PARSERS["qwen3"]
     with pytest.raises(ValueError, match="no reasoning parser 'granite'"):
-        reasoning_parser("granite")
+        reasoning_parser("granite", tokenizer)
+
+
+@pytest.mark.parametrize("tag", ["<think>", "</think>"])
+def test_a_tag_the_tokenizer_drops_as_special_is_refused(tmp_path: Path, tag: str) -> None:
+    with pytest.raises(ValueError, match=f"looks for {tag} in the output text"):
+        reasoning_parser("deepseek_r1", _tokenizer(tmp_path, tag))

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import medha
 from medha import SamplingParams
+from medha.request import RequestMetrics
+from medha.server.responses import ChoiceOutput, usage
 from tests.engine_support import MODEL, engine_config, idle
 from tests.server_support import MESSAGES, PROMPT, openai_client, serving
 
@@ -378,6 +380,19 @@ async def test_health_models_and_stats() -> None:
         with pytest.raises(openai.APIStatusError) as closed:
             await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
         assert closed.value.status_code == 503
+
+
+def test_usage_counts_each_prompts_cached_tokens_once_the_least_of_its_choices() -> None:
+    # Two prompts x n=2: choice i is prompt i // 2's; a later choice found what the first
+    # computed, which was not in the cache before the request.
+    choices = []
+    for index, cached in enumerate([0, 32, 16, 48]):
+        choice = ChoiceOutput(index, token_ids=[1, 2])
+        choice.metrics = RequestMetrics(arrival=0.0, deadline=1.0, cached_tokens=cached)
+        choices.append(choice)
+    counts = usage(choices, [40, 50])
+    assert counts["prompt_tokens_details"] == {"cached_tokens": 0 + 16}
+    assert (counts["prompt_tokens"], counts["completion_tokens"]) == (90, 8)
 
 
 async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held() -> None:

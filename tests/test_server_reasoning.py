@@ -141,3 +141,13 @@ async def test_tool_calls_are_read_from_the_answer_after_the_thinking() -> None:
     assert tool_call.function.name == "get_weather"  # type: ignore[union-attr]
     assert json.loads(tool_call.function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
     assert not message.content
+    async with serving(reasoning_parser="deepseek_r1", tool_call_parser="hermes") as client:
+        # The random model's own output, untagged after a prompt that opens nothing: all
+        # thinking (deepseek_r1's rule), so no answer and no call.
+        thinking = await client.chat.completions.create(
+            **{**body, "extra_body": {}, "max_tokens": 8, "temperature": 0.0}
+        )
+    message = thinking.choices[0].message
+    assert (message.model_extra or {}).get("reasoning")
+    assert message.content is None and not message.tool_calls
+    assert thinking.choices[0].finish_reason == "length"

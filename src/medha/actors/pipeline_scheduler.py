@@ -209,7 +209,7 @@ class PipelineSchedulerActor(SchedulerActor):
         groups: list[list[ShardWork]] = [[] for _ in range(self.layout.kvp)]
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
-            sampling = request.first_sampling(seq.start)
+            sampling = request.start_sampling(seq.start)
             tokens = request.tokens(seq.start, seq.end)
             score_rows = request.score_rows(seq.start, seq.end)
             token_mask = request.token_mask(seq.samples)

@@ -351,7 +351,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                     request.tokens(seq.start, seq.end),
                     tuple(block for _, blocks in seq.new_blocks for block in blocks),
                     seq.samples,
-                    request.first_sampling(seq.start),
+                    request.start_sampling(seq.start),
                     seq.kind is SeqKind.DECODE,
                     request.score_rows(seq.start, seq.end),
                     request.token_mask(seq.samples),

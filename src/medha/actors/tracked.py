@@ -120,10 +120,11 @@ class TrackedRequest:
         """The tokens its grammar allows next, for a step that samples it; else None."""
         return self.grammar.next_mask() if samples and self.grammar is not None else None
 
-    def first_sampling(self, start: int) -> SamplingSetup | None:
-        """What the sampling stage needs of the request, with the step of its first chunk,
-        which starts at prompt token `start` (past its prefix cache hit); None afterwards (a
-        delta)."""
+    def start_sampling(self, start: int) -> SamplingSetup | None:
+        """For a step of the request that starts at token `start`: on its first step (its
+        first chunk, which starts past its prefix cache hit), record that hit as its
+        metrics' cached_tokens and return what the sampling stage needs of it; None
+        afterwards (a delta)."""
         if self.sampling_sent:
             return None
         self.sampling_sent = True

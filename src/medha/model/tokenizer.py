@@ -100,6 +100,12 @@ class Tokenizer:
             if token.special
         )
 
+    def is_special(self, text: str) -> bool:
+        """Whether `text` is one special token: output text leaves it out (a format's marker
+        that is one would never be seen there)."""
+        ids = self.encode(text, add_special_tokens=False)
+        return len(ids) == 1 and ids[0] in self.special_token_ids
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._hf, "chat_template", None))

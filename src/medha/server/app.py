@@ -92,7 +92,8 @@ def create_app(
     `return_tokens_as_token_ids`: logprobs name tokens `token_id:ID`, not by their text, unless
     a request says otherwise (its own `return_tokens_as_token_ids`), as vLLM's option.
     `reasoning_parser` (`deepseek_r1`, `qwen3`: medha.server.reasoning) puts a chat's thinking
-    in `message.reasoning`, apart from its answer (ValueError for a name medha lacks)."""
+    in `message.reasoning`, apart from its answer (ValueError for a name medha lacks, or tags
+    this model's tokenizer drops as special tokens)."""
     parser = tool_call_parser
     if isinstance(parser, str):
         parser = parser_for(parser, engine.tokenizer)
@@ -101,7 +102,9 @@ def create_app(
         served_model_name or engine.config.model,
         parser,
         return_tokens_as_token_ids,
-        None if reasoning_parser is None else find_reasoning_parser(reasoning_parser),
+        None
+        if reasoning_parser is None
+        else find_reasoning_parser(reasoning_parser, engine.tokenizer),
     )
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed

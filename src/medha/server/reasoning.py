@@ -24,9 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medha.model.tokenizer import Tokenizer
 
 
-class _Part(Enum):
+class OutputPart(Enum):
+    """Where an output's text is being read: thinking, answer, or not known yet."""
+
     UNDECIDED = "undecided"
     """The output so far may still be the start tag (or whitespace before it)."""
     REASONING = "reasoning"
@@ -42,15 +48,15 @@ class ReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
 
-    def untagged_output(self, prompt_tail: str) -> _Part:
+    def untagged_output(self, prompt_tail: str) -> OutputPart:
         """Where an output that does not start with the start tag is, after a prompt that
         ends with `prompt_tail` (one that starts with it thinks)."""
         tail = prompt_tail.rstrip()
         if tail.endswith(self.start):
-            return _Part.REASONING
+            return OutputPart.REASONING
         if tail.endswith(self.end):
-            return _Part.CONTENT
-        return _Part.REASONING if self.untagged_is_reasoning else _Part.CONTENT
+            return OutputPart.CONTENT
+        return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
 
 
 REASONING_PARSERS = {
@@ -60,14 +66,22 @@ REASONING_PARSERS = {
 """vLLM's names of the parsers medha has."""
 
 
-def reasoning_parser(parser: str | ReasoningParser) -> ReasoningParser:
-    """A parser by vLLM's name (ValueError for one medha lacks), or the one given."""
-    if isinstance(parser, ReasoningParser):
-        return parser
-    if parser not in REASONING_PARSERS:
-        known = ", ".join(sorted(REASONING_PARSERS))
-        raise ValueError(f"no reasoning parser {parser!r} (medha has: {known})")
-    return REASONING_PARSERS[parser]
+def reasoning_parser(parser: str | ReasoningParser, tokenizer: Tokenizer) -> ReasoningParser:
+    """A parser by vLLM's name, or the one given, for a model with `tokenizer`. ValueError for
+    a name medha lacks, and for tags the tokenizer drops from output text as special tokens
+    (the output is decoded without them by default): the parser would never see them."""
+    if isinstance(parser, str):
+        if parser not in REASONING_PARSERS:
+            known = ", ".join(sorted(REASONING_PARSERS))
+            raise ValueError(f"no reasoning parser {parser!r} (medha has: {known})")
+        parser = REASONING_PARSERS[parser]
+    for tag in (parser.start, parser.end):
+        if tokenizer.is_special(tag):
+            raise ValueError(
+                f"the reasoning parser looks for {tag} in the output text, which this "
+                "model's tokenizer leaves out of it as a special token"
+            )
+    return parser
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ class Reasoning:
     thinking is shown (vLLM's `include_reasoning`)."""
 
     parser: ReasoningParser
-    untagged: _Part
+    untagged: OutputPart
     """Where an output that does not start with the start tag is."""
     shown: bool = True
 
@@ -85,7 +99,7 @@ class Reasoning:
         cls, parser: ReasoningParser, prompt_tail: str, shown: bool, constrained: bool
     ) -> Reasoning:
         """`constrained`: its output follows a grammar from the first token."""
-        untagged = _Part.CONTENT if constrained else parser.untagged_output(prompt_tail)
+        untagged = OutputPart.CONTENT if constrained else parser.untagged_output(prompt_tail)
         return cls(parser, untagged, shown)
 
     def split(self) -> ThinkingSplit:
@@ -97,9 +111,9 @@ class ThinkingSplit:
     """One choice's output text, read as it grows: its thinking and its answer so far."""
 
     parser: ReasoningParser
-    untagged: _Part
+    untagged: OutputPart
     """Where the output is if it does not start with the start tag."""
-    part: _Part = _Part.UNDECIDED
+    part: OutputPart = OutputPart.UNDECIDED
     read: int = 0
     """Characters of the output read (text that may be the start of a tag is not)."""
     reasoning: str = ""
@@ -111,35 +125,40 @@ class ThinkingSplit:
         """Read the output `text` so far (`finished`: all of it): the thinking and the answer
         it adds."""
         had_reasoning, had_content = len(self.reasoning), len(self.content)
-        start, end = self.parser.start, self.parser.end
-        while True:
-            if self.part is _Part.UNDECIDED:
-                head = text[self.read :]
-                stripped = head.lstrip()
-                if stripped.startswith(start):
-                    self.read += len(head) - len(stripped) + len(start)
-                    self.part, self.thought = _Part.REASONING, True
-                    continue
-                if start.startswith(stripped) and not finished:
-                    break
-                self.part = self.untagged
-                self.thought = self.untagged is _Part.REASONING
-            elif self.part is _Part.REASONING:
-                at = text.find(end, self.read)
-                if at >= 0:
-                    self.reasoning += text[self.read : at]
-                    self.read = at + len(end)
-                    self.part = _Part.CONTENT
-                    continue
-                upto = len(text) if finished else len(text) - _tag_start(text, end, self.read)
-                self.reasoning += text[self.read : upto]
-                self.read = upto
-                break
-            else:
-                self.content += text[self.read :]
-                self.read = len(text)
-                break
+        # A part only ever gives way to a later one: undecided, thinking, answer.
+        if self.part is OutputPart.UNDECIDED:
+            self._decide(text, finished)
+        if self.part is OutputPart.REASONING:
+            self._read_reasoning(text, finished)
+        if self.part is OutputPart.CONTENT:
+            self.content += text[self.read :]
+            self.read = len(text)
         return self.reasoning[had_reasoning:], self.content[had_content:]
+
+    def _decide(self, text: str, finished: bool) -> None:
+        """Whether the output starts with the start tag, once its text tells."""
+        head = text[self.read :]
+        stripped = head.lstrip()
+        start = self.parser.start
+        if stripped.startswith(start):
+            self.read += len(head) - len(stripped) + len(start)
+            self.part, self.thought = OutputPart.REASONING, True
+        elif finished or not start.startswith(stripped):
+            self.part = self.untagged
+            self.thought = self.untagged is OutputPart.REASONING
+
+    def _read_reasoning(self, text: str, finished: bool) -> None:
+        """Thinking up to the end tag (a possible start of it is held back)."""
+        end = self.parser.end
+        at = text.find(end, self.read)
+        if at >= 0:
+            self.reasoning += text[self.read : at]
+            self.read = at + len(end)
+            self.part = OutputPart.CONTENT
+            return
+        upto = len(text) if finished else len(text) - _tag_start(text, end, self.read)
+        self.reasoning += text[self.read : upto]
+        self.read = upto
 
     def message_parts(self) -> tuple[str | None, str | None]:
         """A whole response's (reasoning, content), as vLLM has them: no reasoning without a

@@ -188,8 +188,8 @@ class Renderer:
             split.feed(text, finished=True)
             reasoning, content = split.message_parts()
         message: dict[str, Any] = {"role": "assistant", "content": content}
-        if self.tools is not None:
-            message, parsed = self.tools.message(content or "")
+        if self.tools is not None and content is not None:  # None: thinking alone, no call
+            message, parsed = self.tools.message(content)
             finish_reason = self.tools.finish_reason(finish_reason, parsed)
         if reasoning is not None and self.reasoning is not None and self.reasoning.shown:
             message["reasoning"] = reasoning

@@ -208,11 +208,9 @@ def tool_call_parser(name: str, tokenizer: Tokenizer) -> ToolCallParser:
         raise ValueError(f"no tool-call parser {name!r}; medha has {', '.join(sorted(PARSERS))}")
     parser = PARSERS[name]()
     marker = getattr(parser, "START", None)
-    if marker is not None:
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-        if len(ids) == 1 and ids[0] in tokenizer.special_token_ids:
-            raise ValueError(
-                f"the {name} parser looks for {marker} in the output text, which this "
-                "tokenizer marks special and medha leaves out of the text"
-            )
+    if marker is not None and tokenizer.is_special(marker):
+        raise ValueError(
+            f"the {name} parser looks for {marker} in the output text, which this "
+            "tokenizer marks special and medha leaves out of the text"
+        )
     return parser
