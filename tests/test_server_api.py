@@ -138,6 +138,34 @@ async def test_a_streamed_completion_adds_up_to_the_unstreamed_one() -> None:
     assert tokens[-1].choices[0].model_extra["metrics"]["e2e"] > 0  # type: ignore[index]
 
 
+async def test_continuous_usage_stats_count_each_choice_so_far_on_its_chunks() -> None:
+    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "n": 2}
+    body.update(temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    async with serving() as (_, client):
+        chunks = [
+            c async for c in await client.chat.completions.create(**body, stream_options=options)
+        ]
+        alone = [  # continuous_usage_stats counts only with include_usage, as in vLLM
+            c
+            async for c in await client.chat.completions.create(
+                **body, stream_options={"continuous_usage_stats": True}
+            )
+        ]
+    *per_choice, last = chunks
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 10
+    counted: dict[int, int] = {}
+    for chunk in per_choice:
+        (choice,) = chunk.choices
+        assert chunk.usage is not None and chunk.usage.prompt_tokens == last.usage.prompt_tokens
+        counted[choice.index] = chunk.usage.completion_tokens
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + counted[choice.index]
+    assert counted == {0: 5, 1: 5}
+    assert [chunk.usage for chunk in per_choice[:2]] == [per_choice[0].usage] * 2  # the roles'
+    assert per_choice[0].usage.completion_tokens == 0  # type: ignore[union-attr]
+    assert all(chunk.usage is None for chunk in alone)
+
+
 async def test_chat_renders_the_models_template_streamed_or_not() -> None:
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
     async with serving() as (engine, client):

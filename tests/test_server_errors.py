@@ -91,7 +91,7 @@ BAD_CHATS = [
     ({"extra_body": {"continue_final_message": True}}, "set one of them"),
     ({"extra_body": {"chat_template_kwargs": {"chat_template": "{{ 'X' }}"}}}, "may not set"),
     ({"extra_body": {"chat_template_kwargs": ["enable_thinking"]}}, "chat_template_kwargs"),
-    ({"extra_body": {"echo": True}}, "echo is not supported"),
+    ({"extra_body": {"echo": "loud"}}, "echo"),
     ({"extra_body": {"add_special_tokens": True}}, "add_special_tokens is not supported"),
     ({"n": 2, "stream": False, "max_completion_tokens": -3}, "max_tokens"),
 ]

@@ -259,6 +259,7 @@ class _Api:
                 else body.return_tokens_as_token_ids
             ),
             reasoning=reasoning,
+            chat_echo=body.echoed() if isinstance(body, ChatCompletionRequest) else "",
         )
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}
@@ -266,7 +267,9 @@ class _Api:
         prompt_tokens = [len(ids) for ids in prompt_ids]
         if body.stream:
             head["object"] = "chat.completion.chunk" if chat else kind
-            return event_stream(chunks(head, choices, render, body.wants_usage, prompt_tokens))
+            per_chunk = body.wants_usage_per_chunk
+            stream = chunks(head, choices, render, body.wants_usage, prompt_tokens, per_chunk)
+            return event_stream(stream)
         outputs = await until_disconnected(request, lambda: collect(choices))
         rendered = [render.whole(o, c.prompt_ids) for o, c in zip(outputs, choices, strict=True)]
         return JSONResponse({**head, "choices": rendered, "usage": usage(outputs, prompt_tokens)})

@@ -41,8 +41,12 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     """A last chunk with no choices and the token counts of the whole request."""
+    continuous_usage_stats: bool = False
+    """vLLM's: with include_usage, every chunk of a choice has its counts so far too."""
 
-    _defaults = field_validator("include_usage", mode="before")(classmethod(null_is_the_default))
+    _defaults = field_validator("include_usage", "continuous_usage_stats", mode="before")(
+        classmethod(null_is_the_default)
+    )
 
 
 class JsonSchemaFormat(BaseModel):
@@ -83,7 +87,6 @@ UNSUPPORTED = {
     "use_beam_search": False,
     "prompt_embeds": None,
     "guided_whitespace_pattern": None,
-    "echo": False,  # chat's (vLLM's; the completions endpoint has OpenAI's, which medha does)
 }
 """vLLM's and OpenAI's fields that change the output in a way medha does not do."""
 
@@ -150,6 +153,12 @@ class _SamplingFields(BaseModel):
     @property
     def wants_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def wants_usage_per_chunk(self) -> bool:
+        """vLLM's `continuous_usage_stats`, which counts only with `include_usage`."""
+        options = self.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
 
     _defaults = field_validator(
         "n",
@@ -312,6 +321,9 @@ class ChatCompletionRequest(_SamplingFields):
     """vLLM's: variables for the chat template (Qwen 3's `enable_thinking`)."""
     include_reasoning: bool = True
     """vLLM's: with a reasoning parser, the message has the model's thinking."""
+    echo: bool = False
+    """vLLM's: the content starts with the last message's, when that is the assistant's (a
+    prefilled answer the model continues, `continue_final_message`)."""
 
     _chat_defaults = field_validator(
         "add_generation_prompt",
@@ -319,6 +331,7 @@ class ChatCompletionRequest(_SamplingFields):
         "parallel_tool_calls",
         "continue_final_message",
         "include_reasoning",
+        "echo",
         mode="before",
     )(classmethod(null_is_the_default))
 
@@ -342,6 +355,18 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         check_no_special_tokens(self.add_special_tokens)
+
+    def echoed(self) -> str:
+        """What `echo` starts each choice's content with: the last message's content if it
+        is the assistant's (text parts joined by newlines, as the template got them), else
+        nothing. The messages are checked already (the prompt was rendered)."""
+        last = self.messages[-1]
+        if not self.echo or last.get("role") != "assistant":
+            return ""
+        content = last.get("content")
+        if isinstance(content, list):
+            return "\n".join(str(part.get("text", "")) for part in content)
+        return content if isinstance(content, str) else ""
 
 
 def check_no_special_tokens(add_special_tokens: bool | None) -> None:

@@ -127,6 +127,16 @@ def usage(choices: list[ChoiceOutput], prompt_tokens: list[int]) -> dict[str, An
     }
 
 
+def so_far(choice: ChoiceOutput, prompt_ids: list[int]) -> dict[str, int]:
+    """One streamed choice's token counts so far (vLLM's `continuous_usage_stats`)."""
+    prompt, completion = len(prompt_ids), len(choice.token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def metrics_json(metrics: RequestMetrics | None) -> dict[str, Any] | None:
     if metrics is None:
         return None
@@ -158,6 +168,8 @@ class Renderer:
     reasoning: Reasoning | None = None
     """A chat's reasoning parsing (medha.server.reasoning): thinking apart from the answer,
     whose text alone is the content (and the tool calls)."""
+    chat_echo: str = ""
+    """What a chat's `echo` starts each content with (vLLM's: the last message's)."""
 
     def whole(self, output: ChoiceOutput, prompt_ids: list[int]) -> dict[str, Any]:
         """A finished choice of a whole (not streamed) response."""
@@ -193,6 +205,8 @@ class Renderer:
             finish_reason = self.tools.finish_reason(finish_reason, parsed)
         if reasoning is not None and self.reasoning is not None and self.reasoning.shown:
             message["reasoning"] = reasoning
+        if self.chat_echo:
+            message["content"] = self.chat_echo + (message["content"] or "")
         return message, finish_reason
 
     def role(self, index: int) -> dict[str, Any] | None:
@@ -200,6 +214,13 @@ class Renderer:
         if not self.chat:
             return None
         delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    def echo(self, index: int) -> dict[str, Any] | None:
+        """A chat stream's chunk of a choice's `echo`, after the role's (as vLLM's)."""
+        if not self.chat_echo:
+            return None
+        delta = {"content": self.chat_echo}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
     def delta(

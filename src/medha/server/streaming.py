@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from medha.errors import EngineClosedError, EngineFailedError, InvalidRequestError, MedhaError
 from medha.log import get_logger
 from medha.server.choices import Choice, merged_events
-from medha.server.responses import ChoiceOutput, Renderer, usage
+from medha.server.responses import ChoiceOutput, Renderer, so_far, usage
 
 _log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -83,20 +83,30 @@ async def chunks(
     render: Renderer,
     include_usage: bool,
     prompt_tokens: list[int],
+    continuous_usage: bool = False,
 ) -> AsyncGenerator[dict[str, Any], None]:
-    """A streamed response's chunks: a chat's role chunks first, then one per event that says
-    something; with `include_usage`, a last chunk of token counts."""
-    for choice in choices:
-        if (first := render.role(choice.index)) is not None:
-            yield {**head, "choices": [first]}
+    """A streamed response's chunks: a chat's role chunks first (and its echo's), then one
+    per event that says something; with `include_usage`, a last chunk of token counts, and
+    with `continuous_usage` each choice's counts so far on each of its chunks (vLLM's)."""
     outputs = {c.index: ChoiceOutput(c.index, echo=c.echo) for c in choices}
     prompts = {c.index: c.prompt_ids for c in choices}
+
+    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        if not continuous_usage:
+            return {**head, "choices": [choice]}
+        index = choice["index"]
+        return {**head, "choices": [choice], "usage": so_far(outputs[index], prompts[index])}
+
+    for starts in (render.role, render.echo):
+        for choice in choices:
+            if (first := starts(choice.index)) is not None:
+                yield chunk(first)
     async with aclosing(merged_events(choices)) as events:
         async for index, event in events:
             outputs[index].add(event)
             delta = render.delta(outputs[index], event, prompts[index])
             if delta is not None:
-                yield {**head, "choices": [delta]}
+                yield chunk(delta)
     if include_usage:
         yield {**head, "choices": [], "usage": usage(list(outputs.values()), prompt_tokens)}
 
