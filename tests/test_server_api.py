@@ -386,6 +386,8 @@ async def test_health_models_and_stats() -> None:
         assert [m.id for m in models.data] == [MODEL]
         assert models.data[0].model_extra["max_model_len"] == engine.max_model_len  # type: ignore[index]
         assert (await http.get("/health")).json() == {"status": "ok"}
+        assert (await http.get("/ping")).json() == (await http.post("/ping")).json()
+        assert (await http.get("/version")).json() == {"version": medha.__version__}
         await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
         stats = (await http.get("/stats")).json()
         assert stats["total_blocks"] == engine.stats().total_blocks and stats["finished"] == 1
@@ -405,6 +407,7 @@ async def test_health_models_and_stats() -> None:
         assert "# TYPE medha:request_success_total counter" in metrics.text
         await engine.stop()
         assert (await http.get("/health")).status_code == 503
+        assert (await http.get("/ping")).status_code == 503
         with pytest.raises(openai.APIStatusError) as closed:
             await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
         assert closed.value.status_code == 503

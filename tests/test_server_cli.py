@@ -109,6 +109,7 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
     ) -> None:
         assert tool_call_parser == "hermes" and enable_tokenizer_info
         assert return_tokens_as_token_ids and reasoning_parser == "deepseek_r1"
+        assert kwargs["allowed_origins"] == ["*"]
         raise ValueError("the hermes parser looks for <tool_call> ... marks special")
 
     monkeypatch.setattr(medha.server, "create_app", create_app)
@@ -116,7 +117,7 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
         [
             *("serve", "tiny-random", "--tool-call-parser", "hermes", "--port", "0"),
             *("--enable-tokenizer-info-endpoint", "--return-tokens-as-token-ids"),
-            *("--reasoning-parser", "deepseek_r1"),
+            *("--reasoning-parser", "deepseek_r1", "--allowed-origins", '["*"]'),
         ]
     )
     assert code == 2

@@ -84,7 +84,25 @@ def add_parser(subparsers: Any) -> None:
         help="puts a chat's thinking (<think>...</think>) in message.reasoning, apart from its "
         "answer (vLLM's names)",
     )
+    p.add_argument(
+        "--allowed-origins",
+        type=origin_list,
+        default=[],
+        help="web pages from these origins may call the API from a browser (CORS), a JSON list "
+        "as vLLM takes it: '[\"https://app.example.com\"]', or '[\"*\"]' for any; default none",
+    )
     p.set_defaults(func=run)
+
+
+def origin_list(text: str) -> list[str]:
+    """`--allowed-origins`: a JSON list of strings, as vLLM's."""
+    try:
+        origins = json.loads(text)
+    except json.JSONDecodeError:
+        origins = None
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise argparse.ArgumentTypeError(f"not a JSON list of origins: {text!r}")
+    return origins
 
 
 def port_number(text: str) -> int:
@@ -154,6 +172,7 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
                 enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
                 return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                 reasoning_parser=args.reasoning_parser,
+                allowed_origins=args.allowed_origins,
             )
         except ValueError as exc:  # a parser this model's tokenizer defeats
             raise UsageError(str(exc)) from exc

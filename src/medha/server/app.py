@@ -5,8 +5,9 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
 `stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and
-/detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health, /stats
-and /metrics (the engine's Prometheus metrics, medha.engine_metrics). The app does not own the engine: whoever started it stops it,
+/detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health (and
+/ping), /version, /stats and /metrics (the engine's Prometheus metrics, medha.engine_metrics).
+The app does not own the engine: whoever started it stops it,
 after the server. A client that disconnects aborts its requests, streamed or not, and frees
 their KV cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a
 request medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -26,7 +27,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+import medha
 from medha.engine import Engine
 from medha.engine_metrics import CONTENT_TYPE
 from medha.errors import InvalidRequestError, MedhaError
@@ -78,12 +81,13 @@ def create_app(
     enable_tokenizer_info: bool = False,
     return_tokens_as_token_ids: bool = False,
     reasoning_parser: str | ReasoningParser | None = None,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The API of `engine` (started, on this event loop), serving it as `served_model_name`
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
     (`Authorization: Bearer KEY`, what OpenAI's clients send), and so must /tokenize and
-    /detokenize; /health, /stats and /metrics (there unless EngineConfig.enable_metrics is
-    off) stay open. `tool_call_parser` reads the calls of chat requests with `tool_choice:
+    /detokenize; /health, /ping, /version, /stats and /metrics (there unless
+    EngineConfig.enable_metrics is off) stay open. `tool_call_parser` reads the calls of chat requests with `tool_choice:
     "auto"`: a name (`hermes`, `llama3_json`: medha.server.tool_parsers; ValueError for one
     that cannot read this model's output) or a ToolCallParser of your own.
     `enable_tokenizer_info` adds vLLM's GET /tokenizer_info (the tokenizer's configuration and
@@ -93,7 +97,9 @@ def create_app(
     a request says otherwise (its own `return_tokens_as_token_ids`), as vLLM's option.
     `reasoning_parser` (`deepseek_r1`, `qwen3`: medha.server.reasoning) puts a chat's thinking
     in `message.reasoning`, apart from its answer (ValueError for a name medha lacks, or tags
-    this model's tokenizer drops as special tokens)."""
+    this model's tokenizer drops as special tokens). `allowed_origins` lets web pages from those
+    origins (`https://app.example.com`, or `*` for any) call the API from a browser (CORS), as
+    vLLM's `--allowed-origins`; none by default (vLLM allows any)."""
     parser = tool_call_parser
     if isinstance(parser, str):
         parser = parser_for(parser, engine.tokenizer)
@@ -107,6 +113,14 @@ def create_app(
         else find_reasoning_parser(reasoning_parser, engine.tokenizer),
     )
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
+    if allowed_origins:
+        # A pure ASGI middleware: it leaves streamed responses' sends where they are.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
     # response's sends in a task of their own.
     guard = [] if api_key is None else [Depends(_key_check(api_key.encode()))]
@@ -116,6 +130,8 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/ping", api.health, methods=["GET", "POST"])  # SageMaker's, as vLLM's
+    app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
     if engine.metrics is not None:  # else a 404, as for any path the app lacks
         app.add_api_route("/metrics", api.metrics, methods=["GET"])
@@ -164,6 +180,9 @@ class _Api:
         except MedhaError as exc:
             return await _error(None, exc)
         return JSONResponse({"status": "ok"})
+
+    async def version(self) -> dict[str, str]:
+        return {"version": medha.__version__}
 
     async def stats(self) -> dict[str, Any]:
         return asdict(self.engine.stats())
