@@ -63,7 +63,9 @@ async def _streamed(client: openai.AsyncOpenAI, **body: Any) -> tuple[str, str, 
         if delta.content:
             content += delta.content
             order.append("content")
-        order += [f"call {call.function.name}" for call in delta.tool_calls or []]  # type: ignore[union-attr]
+        for call in delta.tool_calls or []:
+            assert call.function is not None
+            order.append(f"call {call.function.name}")
     return reasoning, content, order
 
 

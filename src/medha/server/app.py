@@ -87,9 +87,10 @@ def create_app(
     (default: EngineConfig.model). With `api_key`, every /v1 request must bring it
     (`Authorization: Bearer KEY`, what OpenAI's clients send), and so must /tokenize and
     /detokenize; /health, /ping, /version, /stats and /metrics (there unless
-    EngineConfig.enable_metrics is off) stay open. `tool_call_parser` reads the calls of chat requests with `tool_choice:
-    "auto"`: a name (`hermes`, `llama3_json`: medha.server.tool_parsers; ValueError for one
-    that cannot read this model's output) or a ToolCallParser of your own.
+    EngineConfig.enable_metrics is off) stay open. `tool_call_parser` reads the calls of chat
+    requests with `tool_choice: "auto"`: a name (`hermes`, `llama3_json`:
+    medha.server.tool_parsers; ValueError for one that cannot read this model's output) or a
+    ToolCallParser of your own.
     `enable_tokenizer_info` adds vLLM's GET /tokenizer_info (the tokenizer's configuration and
     chat template, for clients that tokenize as the server does), behind the key as /tokenize
     is; off by default, as in vLLM, since it shows the chat template.
