@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+import httpx2
 import pytest
 
 import medha
 from medha.commands.serve import origin_list
+from medha.server import create_app
 from tests.engine_support import MODEL, engine_config
 from tests.server_support import openai_client
 
@@ -45,6 +47,26 @@ async def test_an_allowed_origin_may_call_the_api_from_a_browser() -> None:
     assert streamed.headers["access-control-allow-origin"] == APP
     assert streamed.text.rstrip().endswith("data: [DONE]") and streamed.text.count("data:") > 2
     assert "access-control-allow-origin" not in default.headers
+
+
+async def test_an_unexpected_error_still_tells_the_browser_it_may_read_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with medha.Engine(engine_config()) as engine:
+        app = create_app(engine, allowed_origins=[APP])
+        with pytest.raises(TypeError, match="a list of origins, not one string"):
+            create_app(engine, allowed_origins=APP)
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(engine, "stats", broken)
+        # Starlette answers, then raises the error again for the server to log.
+        transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
+            failed = await http.get("/stats", headers={"Origin": APP})
+    assert failed.status_code == 500 and failed.json()["error"]["message"]
+    assert failed.headers["access-control-allow-origin"] == APP
 
 
 def test_allowed_origins_are_a_json_list_as_vllm_takes_them() -> None:

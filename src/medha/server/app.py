@@ -7,11 +7,11 @@ Endpoints: POST /v1/completions and /v1/chat/completions (streamed as server-sen
 `stream: true`; chat with OpenAI's tools, medha.server.tool_protocol), POST /tokenize and
 /detokenize (vLLM's; GET /tokenizer_info too, when enabled), GET /v1/models, /health (and
 /ping), /version, /stats and /metrics (the engine's Prometheus metrics, medha.engine_metrics).
-The app does not own the engine: whoever started it stops it,
-after the server. A client that disconnects aborts its requests, streamed or not, and frees
-their KV cache. Errors have OpenAI's shape ({"error": {"message", "type", "param", "code"}}): a
-request medha refuses (medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400
-before anything is queued.
+The app does not own the engine: whoever started it stops it, after the server. A client that
+disconnects aborts its requests, streamed or not, and frees their KV cache. Errors have OpenAI's
+shape ({"error": {"message", "type", "param", "code"}}): a request medha refuses
+(medha.errors.InvalidRequestError, or a body of the wrong shape) is a 400 before anything is
+queued.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 import medha
 from medha.engine import Engine
@@ -115,13 +116,7 @@ def create_app(
     )
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     if allowed_origins:
-        # A pure ASGI middleware: it leaves streamed responses' sends where they are.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(allowed_origins),
-            allow_methods=["*"],
-            allow_headers=["*"],
-        )
+        _allow_origins(app, allowed_origins)
     # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
     # response's sends in a task of their own.
     guard = [] if api_key is None else [Depends(_key_check(api_key.encode()))]
@@ -311,6 +306,23 @@ class _Api:
         ignored = body.ignored_fields()
         if ignored:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
+
+
+def _allow_origins(app: FastAPI, origins: Sequence[str]) -> None:
+    """CORS for `origins`, around everything else: Starlette answers an unexpected error
+    (a 500) from a layer outside the middlewares an app adds, whose answer would lack the
+    headers, and a browser would show a network error instead of it. CORSMiddleware is pure
+    ASGI: it leaves streamed responses' sends where they are."""
+    if isinstance(origins, str):
+        raise TypeError(f"allowed_origins is a list of origins, not one string: [{origins!r}]")
+    build = app.build_middleware_stack
+
+    def outermost() -> ASGIApp:
+        return CORSMiddleware(
+            build(), allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"]
+        )
+
+    app.build_middleware_stack = outermost  # type: ignore[method-assign]  # Starlette's hook
 
 
 def _key_check(key: bytes) -> Callable[[Request], None]:

@@ -216,7 +216,7 @@ class Renderer:
         delta = {"role": "assistant", "content": ""}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
-    def echo(self, index: int) -> dict[str, Any] | None:
+    def echo_chunk(self, index: int) -> dict[str, Any] | None:
         """A chat stream's chunk of a choice's `echo`, after the role's (as vLLM's)."""
         if not self.chat_echo:
             return None

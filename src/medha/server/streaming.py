@@ -97,7 +97,7 @@ async def chunks(
         index = choice["index"]
         return {**head, "choices": [choice], "usage": so_far(outputs[index], prompts[index])}
 
-    for starts in (render.role, render.echo):
+    for starts in (render.role, render.echo_chunk):
         for choice in choices:
             if (first := starts(choice.index)) is not None:
                 yield chunk(first)
