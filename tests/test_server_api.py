@@ -164,6 +164,24 @@ async def test_continuous_usage_stats_count_each_choice_so_far_on_its_chunks() -
     assert [chunk.usage for chunk in per_choice[:2]] == [per_choice[0].usage] * 2  # the roles'
     assert per_choice[0].usage.completion_tokens == 0  # type: ignore[union-attr]
     assert all(chunk.usage is None for chunk in alone)
+    # Completions' choices too, each with its own prompt's tokens.
+    async with serving() as (engine, client):
+        prompts = ["one two three", "four"]
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=prompts,
+            max_tokens=3,
+            stream=True,
+            stream_options=options,  # type: ignore[arg-type]  # vLLM's field
+            extra_body={"ignore_eos": True},
+        )
+        counts = {
+            c.choices[0].index: c.usage for c in [chunk async for chunk in stream] if c.choices
+        }
+        lengths = [len(engine.tokenize(p)) for p in prompts]
+    for index, length in enumerate(lengths):
+        assert counts[index] is not None
+        assert (counts[index].prompt_tokens, counts[index].completion_tokens) == (length, 3)
 
 
 async def test_chat_renders_the_models_template_streamed_or_not() -> None:

@@ -49,6 +49,18 @@ async def test_an_allowed_origin_may_call_the_api_from_a_browser() -> None:
     assert "access-control-allow-origin" not in default.headers
 
 
+async def test_a_preflight_needs_no_api_key_and_a_call_still_does() -> None:
+    async with medha.Engine(engine_config()) as engine:
+        _, http = openai_client(engine, allowed_origins=[APP], api_key="secret")
+        async with http:
+            preflight = await http.options("/v1/models", headers={"Origin": APP, **PREFLIGHT})
+            refused = await http.get("/v1/models", headers={"Origin": APP})
+    # A browser sends no Authorization header with a preflight.
+    assert preflight.status_code == 200
+    assert refused.status_code == 401  # and the browser may read why
+    assert refused.headers["access-control-allow-origin"] == APP
+
+
 async def test_an_unexpected_error_still_tells_the_browser_it_may_read_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -274,6 +274,12 @@ def _tool_list(tools: object) -> list[Any] | None:
     return [dict(tool) for tool in tools]
 
 
+def joined_text_parts(parts: list[Mapping[str, Any]]) -> str:
+    """OpenAI's text content parts as one string, as a chat template that takes a string
+    gets them (by newlines, as vLLM joins them)."""
+    return "\n".join(str(part.get("text", "")) for part in parts)
+
+
 def _text_content(messages: object) -> list[dict[str, Any]]:
     """`messages` checked, with OpenAI's content parts ([{"type": "text", "text": ...}]) joined
     into one string (by newlines, as vLLM does for templates that take a string): a template
@@ -286,14 +292,12 @@ def _text_content(messages: object) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"messages[{index}] must be a dict with a string 'role'")
         content = message.get("content")
         if isinstance(content, list):
-            texts = []
             for part in content:
                 if not (isinstance(part, Mapping) and part.get("type") == "text"):
                     raise InvalidRequestError(
                         f"messages[{index}]: only text content parts are supported, got {part!r}"
                     )
-                texts.append(str(part.get("text", "")))
-            message = {**message, "content": "\n".join(texts)}
+            message = {**message, "content": joined_text_parts(content)}
         for key, value in message.items():  # the template renders them all
             if isinstance(value, str):
                 check_unicode(value, f"messages[{index}]'s {key}")

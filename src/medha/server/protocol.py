@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from medha.errors import InvalidRequestError
+from medha.model.tokenizer import joined_text_parts
 from medha.sampling import SamplingParams
 from medha.server.tool_calls import ToolCalling
 from medha.server.tool_parsers import ToolCallParser
@@ -365,7 +366,7 @@ class ChatCompletionRequest(_SamplingFields):
             return ""
         content = last.get("content")
         if isinstance(content, list):
-            return "\n".join(str(part.get("text", "")) for part in content)
+            return joined_text_parts(content)
         return content if isinstance(content, str) else ""
 
 
