@@ -85,6 +85,8 @@ def test_tool_call_options(
     ).enable_tokenizer_info_endpoint
     assert not parse_args(["serve", "m"]).return_tokens_as_token_ids
     assert parse_args(["serve", "m"]).reasoning_parser is None
+    # vLLM's, for what medha always does: taken, so that a vLLM command line runs as it is.
+    assert parse_args(["serve", "m", "--enable-prompt-tokens-details"]).model == "m"
     assert parse_args(["serve", "m", "--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
     with pytest.raises(SystemExit) as exited:
         parse_args(["serve", "m", "--tool-call-parser", "mistral"])

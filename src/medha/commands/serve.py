@@ -73,6 +73,12 @@ def add_parser(subparsers: Any) -> None:
         "vLLM's option does",
     )
     p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="accepted for vLLM's command lines: medha always sends usage's "
+        "prompt_tokens_details (its cached tokens), as OpenAI does",
+    )
+    p.add_argument(
         "--return-tokens-as-token-ids",
         action="store_true",
         help="logprobs name tokens 'token_id:ID' instead of by their text (a request's "
