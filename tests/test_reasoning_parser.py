@@ -40,14 +40,8 @@ CASES = [
 ]
 
 
-def _whole(reasoning: Reasoning, output: str) -> tuple[str | None, str | None]:
-    split = reasoning.split()
-    split.feed(output, finished=True)
-    return split.message_parts()
-
-
 @pytest.mark.parametrize(("name", "prompt", "output", "constrained", "expected"), CASES)
-def test_the_thinking_and_the_answer_of_an_output(
+def test_the_thinking_and_the_answer_whole_or_read_in_any_pieces(
     name: str,
     prompt: str,
     output: str,
@@ -55,18 +49,9 @@ def test_the_thinking_and_the_answer_of_an_output(
     expected: tuple[str | None, str | None],
 ) -> None:
     reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True, constrained)
-    assert _whole(reasoning, output) == expected
-
-
-@pytest.mark.parametrize(("name", "prompt", "output", "constrained", "expected"), CASES)
-def test_read_in_pieces_an_output_gives_what_it_gives_whole(
-    name: str,
-    prompt: str,
-    output: str,
-    constrained: bool,
-    expected: tuple[str | None, str | None],
-) -> None:
-    reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True, constrained)
+    whole = reasoning.split()
+    whole.feed(output, finished=True)
+    assert whole.message_parts() == expected
     rng = random.Random(output)
     for _ in range(30):
         inner = range(1, max(len(output), 1))
