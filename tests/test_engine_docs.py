@@ -122,3 +122,7 @@ def test_the_metrics_example_prints_what_the_docs_say() -> None:
     section = doc[doc.index("## Metrics (Prometheus)") : doc.index("## Config errors")]
     printed = re.findall(r"prints\n\n```\n(.*?)```", section, re.S)
     assert _run_block_with("A request its client leaves") == printed[0]
+
+
+def test_the_thinking_first_example_thinks_then_answers_the_choice() -> None:
+    assert _run_block_with("thinking=medha.Thinking") == "True True stop\n"

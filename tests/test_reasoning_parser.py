@@ -8,47 +8,43 @@ from pathlib import Path
 
 import pytest
 
+from medha import SamplingParams, Thinking
 from medha.model.tokenizer import Tokenizer, write_tiny_tokenizer
-from medha.server.reasoning import REASONING_PARSERS, Reasoning, reasoning_parser
+from medha.server.reasoning import REASONING_PARSERS, Reasoning, reasoning_parser, thinking_first
 
 QWEN_THINKING_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 OPENED = "<|im_start|>assistant\n<think>\n"
 
 CASES = [
-    # parser, prompt's end, output, constrained -> (reasoning, content)
-    ("qwen3", "", "<think>\nplan\n</think>\n\nAnswer", False, ("\nplan\n", "\n\nAnswer")),
-    ("qwen3", "", "Answer", False, (None, "Answer")),
-    ("qwen3", "", "", False, (None, "")),
-    ("qwen3", "", "  <think>x</think>y", False, ("x", "y")),
-    ("qwen3", "", "<thinking>x</thinking>", False, (None, "<thinking>x</thinking>")),
-    ("qwen3", "", "<think>cut short", False, ("cut short", None)),
-    ("qwen3", "", "<think>a</think>b<think>c</think>", False, ("a", "b<think>c</think>")),
-    ("qwen3", QWEN_THINKING_OFF, "Answer </think>", False, (None, "Answer </think>")),
-    ("qwen3", OPENED, "plan</think>Answer", False, ("plan", "Answer")),
-    ("qwen3", OPENED, "plan </th", False, ("plan </th", None)),  # never closed
-    ("qwen3", "", " <thi", False, (None, " <thi")),
-    ("qwen3", OPENED, " <think>plan</think>", False, ("plan", None)),  # opened twice
-    ("deepseek_r1", "", "plan</think>Answer", False, ("plan", "Answer")),
-    ("deepseek_r1", "", "<think>plan</think>Answer", False, ("plan", "Answer")),
-    ("deepseek_r1", "", "plan cut short", False, ("plan cut short", None)),
-    ("deepseek_r1", QWEN_THINKING_OFF, "Answer", False, (None, "Answer")),
-    ("deepseek_r1", OPENED, "\n\nplan</think>\n\nAnswer", False, ("\n\nplan", "\n\nAnswer")),
-    # A grammar holds from the first token: the answer, unless it writes the tag itself.
-    ("deepseek_r1", OPENED, '{"a": 1}', True, (None, '{"a": 1}')),
-    ("deepseek_r1", "", '{"a": 1}', True, (None, '{"a": 1}')),
-    ("qwen3", OPENED, "<think>p</think>{}", True, ("p", "{}")),
+    # parser, prompt's end, output -> (reasoning, content)
+    ("qwen3", "", "<think>\nplan\n</think>\n\nAnswer", ("\nplan\n", "\n\nAnswer")),
+    ("qwen3", "", "Answer", (None, "Answer")),
+    ("qwen3", "", "", (None, "")),
+    ("qwen3", "", "  <think>x</think>y", ("x", "y")),
+    ("qwen3", "", "<thinking>x</thinking>", (None, "<thinking>x</thinking>")),
+    ("qwen3", "", "<think>cut short", ("cut short", None)),
+    ("qwen3", "", "<think>a</think>b<think>c</think>", ("a", "b<think>c</think>")),
+    ("qwen3", QWEN_THINKING_OFF, "Answer </think>", (None, "Answer </think>")),
+    ("qwen3", OPENED, "plan</think>Answer", ("plan", "Answer")),
+    ("qwen3", OPENED, "plan </th", ("plan </th", None)),  # never closed
+    ("qwen3", "", " <thi", (None, " <thi")),
+    ("qwen3", OPENED, " <think>plan</think>", ("plan", None)),  # opened twice
+    ("deepseek_r1", "", "plan</think>Answer", ("plan", "Answer")),
+    ("deepseek_r1", "", "<think>plan</think>Answer", ("plan", "Answer")),
+    ("deepseek_r1", "", "plan cut short", ("plan cut short", None)),
+    ("deepseek_r1", QWEN_THINKING_OFF, "Answer", (None, "Answer")),
+    ("deepseek_r1", OPENED, "\n\nplan</think>\n\nAnswer", ("\n\nplan", "\n\nAnswer")),
 ]
 
 
-@pytest.mark.parametrize(("name", "prompt", "output", "constrained", "expected"), CASES)
+@pytest.mark.parametrize(("name", "prompt", "output", "expected"), CASES)
 def test_the_thinking_and_the_answer_whole_or_read_in_any_pieces(
     name: str,
     prompt: str,
     output: str,
-    constrained: bool,
     expected: tuple[str | None, str | None],
 ) -> None:
-    reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True, constrained)
+    reasoning = Reasoning.of(REASONING_PARSERS[name], prompt, True)
     whole = reasoning.split()
     whole.feed(output, finished=True)
     assert whole.message_parts() == expected
@@ -67,12 +63,40 @@ def test_the_thinking_and_the_answer_whole_or_read_in_any_pieces(
 
 
 def test_a_tag_split_across_pieces_is_held_back_until_it_is_whole() -> None:
-    split = Reasoning.of(REASONING_PARSERS["qwen3"], OPENED, True, False).split()
+    split = Reasoning.of(REASONING_PARSERS["qwen3"], OPENED, True).split()
     assert split.feed("plan</th", finished=False) == ("plan", "")
     assert split.feed("plan</think>An", finished=False) == ("", "An")
-    undecided = Reasoning.of(REASONING_PARSERS["qwen3"], "", True, False).split()
+    undecided = Reasoning.of(REASONING_PARSERS["qwen3"], "", True).split()
     assert undecided.feed(" <thi", finished=False) == ("", "")  # may still open thinking
     assert undecided.feed(" <thin!", finished=False) == ("", " <thin!")  # it did not
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt", "thinking"),
+    [
+        ("qwen3", "", Thinking(opened=False)),  # it may think first
+        ("qwen3", OPENED, Thinking(opened=True)),
+        ("qwen3", QWEN_THINKING_OFF, None),
+        ("deepseek_r1", "", Thinking(opened=True)),  # untagged, it thinks
+        ("deepseek_r1", QWEN_THINKING_OFF, None),
+    ],
+)
+def test_a_constrained_output_may_think_where_the_prompt_lets_it(
+    name: str, prompt: str, thinking: Thinking | None
+) -> None:
+    parser = REASONING_PARSERS[name]
+    assert parser.thinking(prompt) == thinking
+    plain = SamplingParams(max_tokens=5)
+    assert thinking_first(plain, thinking) is plain
+    json_object = SamplingParams(structured_outputs={"json_object": True})
+    constrained = thinking_first(json_object, thinking).structured_outputs
+    assert constrained is not None and constrained.json_object
+    assert constrained.thinking == thinking
+    own = Thinking("[T]", "[/T]")  # a request's own is kept
+    asked = SamplingParams(structured_outputs={"json_object": True, "thinking": own})
+    assert thinking_first(asked, Thinking()) is asked
+    never = SamplingParams(structured_outputs={"json_object": True, "thinking": False})
+    assert thinking_first(never, Thinking()) is never
 
 
 def _tokenizer(folder: Path, *special: str) -> Tokenizer:

@@ -5,6 +5,7 @@ and streamed alike; where the prompt opens the thinking, the output starts in it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from itertools import groupby
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 import medha
+from medha.server.reasoning import ReasoningParser
 from tests.engine_support import MODEL, engine_config
 from tests.server_support import MESSAGES, openai_client
 
@@ -45,9 +47,10 @@ async def serving(**app_options: Any) -> AsyncIterator[openai.AsyncOpenAI]:
 
 
 def _literal(text: str) -> dict[str, Any]:
-    """Structured outputs that make the model write `text`."""
+    """Structured outputs that make the model write `text`, its thinking included (so they
+    hold from the first token: `thinking` False)."""
     regex = "".join("\\" + c if c in "{}[]().*+?|\\^$" else c for c in text)
-    return {"structured_outputs": {"regex": regex}}
+    return {"structured_outputs": {"regex": regex, "thinking": False}}
 
 
 async def _streamed(client: openai.AsyncOpenAI, **body: Any) -> tuple[str, str, list[str]]:
@@ -114,16 +117,59 @@ async def test_a_prompt_that_opens_the_thinking_has_the_output_start_in_it() -> 
     assert "reasoning" not in (closed.choices[0].message.model_extra or {})
 
 
-async def test_a_constrained_output_is_the_answer_though_the_prompt_opens_the_thinking() -> None:
-    opened = [*MESSAGES, {"role": "assistant", "content": "<think>\n"}]
-    body: dict[str, Any] = {"model": MODEL, "messages": opened, "max_tokens": 40}
-    body.update(response_format={"type": "json_object"})
-    body["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
-    async with serving(reasoning_parser="deepseek_r1") as client:
-        done = await client.chat.completions.create(**body)
+async def test_a_constrained_output_thinks_first_where_the_prompt_lets_it() -> None:
+    # A parser of single-token tags, as `<think>` is in Qwen 3's vocabulary; untagged, the
+    # output thinks (as DeepSeek-R1's). While it thinks, the random model is kept to a few
+    # tokens, the end tag among them; the choice's tokens are not, and the grammar wins where
+    # the two share none, so the answer is the grammar's alone.
+    brackets = ReasoningParser(untagged_is_reasoning=True, start="[", end="]")
+    async with medha.Engine(engine_config()) as engine:
+        allowed = [engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in "ab]"]
+        client, http = openai_client(engine, reasoning_parser=brackets)
+        body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 60}
+        body["extra_body"] = {
+            "structured_outputs": {"choice": ["yes", "no"]},
+            "allowed_token_ids": allowed,
+        }
+        async with http:
+            done = [await client.chat.completions.create(**body, seed=seed) for seed in range(4)]
+            streamed = await _streamed(client, **body, seed=0)
+            closed = [*MESSAGES, {"role": "assistant", "content": "[]"}]  # no thinking
+            extra = {**body["extra_body"], "continue_final_message": True}
+            extra["add_generation_prompt"] = False
+            answer = await client.chat.completions.create(
+                **{**body, "messages": closed, "extra_body": extra}
+            )
+    for choice in (response.choices[0] for response in done):
+        assert re.fullmatch("[ab]*", (choice.message.model_extra or {})["reasoning"])
+        assert choice.message.content in ("yes", "no")
+        assert choice.finish_reason == "stop"
+    first = done[0].choices[0].message
+    assert streamed[:2] == ((first.model_extra or {})["reasoning"], first.content)
+    assert any((r.choices[0].message.model_extra or {})["reasoning"] for r in done)  # thought
+    assert "reasoning" not in (answer.choices[0].message.model_extra or {})
+    assert answer.choices[0].message.content in ("yes", "no")
+
+
+async def test_a_named_tool_call_follows_the_thinking() -> None:
+    brackets = ReasoningParser(untagged_is_reasoning=True, start="[", end="]")
+    city = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}}}
+    city.update(required=["city"], additionalProperties=False)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": city}}
+    async with medha.Engine(engine_config()) as engine:
+        allowed = [engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in "ab]"]
+        client, http = openai_client(engine, reasoning_parser=brackets)
+        body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 80}
+        body.update(tools=[tool], seed=2, extra_body={"allowed_token_ids": allowed})
+        body["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+        async with http:
+            done = await client.chat.completions.create(**body)
     message = done.choices[0].message
-    assert "reasoning" not in (message.model_extra or {})
-    assert message.content is not None and message.content.startswith("{")
+    assert re.fullmatch("[ab]*", (message.model_extra or {})["reasoning"])
+    (call,) = message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Oslo", "Rome")
+    assert message.content is None
 
 
 async def test_tool_calls_are_read_from_the_answer_after_the_thinking() -> None:

@@ -30,7 +30,7 @@ from medha.errors import (
     WrongEventLoopError,
 )
 from medha.sampling import SamplingParams
-from medha.structured_outputs import StructuredOutputsParams
+from medha.structured_outputs import StructuredOutputsParams, Thinking
 
 if TYPE_CHECKING:
     from medha.config import EngineConfig, ParallelConfig
@@ -87,6 +87,7 @@ __all__ = [
     "RequestTooLargeError",
     "SamplingParams",
     "StructuredOutputsParams",
+    "Thinking",
     "TokenEvent",
     "TokenLogprob",
     "UnsupportedModelError",

@@ -23,6 +23,7 @@ import numpy as np
 
 from medha.errors import GrammarViolationError, InvalidSamplingParamsError
 from medha.structured_outputs import StructuredOutputsParams
+from medha.thinking_grammar import with_thinking
 
 if TYPE_CHECKING:
     import llguidance
@@ -108,6 +109,8 @@ class GrammarCompiler:
 
         try:
             grammar = _grammar_text(params)
+            if params.thinking:
+                grammar = with_thinking(grammar, params.thinking, self._tag_token)
         except ValueError as exc:  # a schema nested too deep, a lone surrogate in the text
             raise _refused(params, str(exc)) from exc
         compiled = self._compiled.get(grammar)
@@ -130,6 +133,14 @@ class GrammarCompiler:
         if matcher.error:
             raise _refused(params, matcher.error)
         return matcher
+
+    def _tag_token(self, tag: str) -> int | None:
+        """The token that a thinking tag is, where llguidance reads it as a token and not as
+        text (medha.thinking_grammar); else None."""
+        ids = self._tokenizer.encode(tag, add_special_tokens=False)
+        if len(ids) == 1 and self._llguidance_tokenizer().is_special_token(ids[0]):
+            return ids[0]
+        return None
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use, as vLLM does, then kept: 0.5 s for a 49K vocabulary on a CPU

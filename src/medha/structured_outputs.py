@@ -11,11 +11,50 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from medha.errors import InvalidSamplingParamsError
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+_Params = TypeVar("_Params", "Thinking", "StructuredOutputsParams")
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """Lets a reasoning model think before its constrained output (medha's, where vLLM's
+    `--reasoning-parser` starts the grammar after the thinking).
+
+    The output may be free text between `start` and `end` first; the constraint holds from
+    just after `end`. The thinking may not contain `end` (it ends at the first one), and a tag
+    that is one token of the vocabulary (Qwen 3's and DeepSeek-R1's `<think>`) must be written
+    as that token.
+
+    Attributes:
+        start, end: the tags around the thinking (DeepSeek-R1's and Qwen 3's by default).
+        opened: the output starts inside the thinking, as after a chat template that ends the
+            prompt with `start` (DeepSeek-R1's); it may still write `start` first. Else it
+            either starts with `start` or is the constrained output from its first token.
+    """
+
+    start: str = "<think>"
+    end: str = "</think>"
+    opened: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                _fail(f"thinking.{name}", value, "must be a non-empty str")
+        if self.start == self.end:
+            _fail("thinking.end", self.end, "must differ from thinking.start")
+        if not isinstance(self.opened, bool):
+            _fail("thinking.opened", self.opened, "must be a bool")
+
+    @classmethod
+    def coerce(cls, value: object) -> Thinking:
+        """`value` itself, or a mapping of its fields."""
+        return _coerced(cls, value, "StructuredOutputsParams.thinking", ", or False")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +75,11 @@ class StructuredOutputsParams:
             `response_format={"type": "json_object"}`).
         disable_any_whitespace: JSON only: no whitespace between tokens of the JSON, so the
             model cannot spend its tokens on indentation. vLLM's default allows it.
+        thinking: a Thinking: the model may think first, and the constraint holds after it.
+            None: the constraint holds from the first token, unless a server's reasoning
+            parser sets a Thinking (`medha serve --reasoning-parser` does, from the prompt).
+            False: from the first token whatever the server (a grammar that writes the
+            thinking itself, to bound it, say).
 
     The request ends ("stop") as soon as its output completes the constraint and nothing more
     could follow; where more could (a regex such as `a+`), the model may also end it with eos.
@@ -47,6 +91,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     disable_any_whitespace: bool = False
+    thinking: Thinking | Literal[False] | None = None
 
     def __post_init__(self) -> None:
         normalise = partial(object.__setattr__, self)
@@ -63,6 +108,8 @@ class StructuredOutputsParams:
         for name in ("json_object", "disable_any_whitespace"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
+        if self.thinking is not None and self.thinking is not False:
+            normalise("thinking", Thinking.coerce(self.thinking))
         given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
         if len(given) != 1:
             raise InvalidSamplingParamsError(
@@ -78,21 +125,26 @@ class StructuredOutputsParams:
     @classmethod
     def coerce(cls, value: object) -> StructuredOutputsParams:
         """`value` itself, or a mapping of its fields (as a JSON request body gives them)."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(str(key) for key in value if key not in known)
-            if unknown:
-                raise InvalidSamplingParamsError(
-                    f"SamplingParams.structured_outputs: unknown field(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(sorted(known))}"
-                )
-            return cls(**value)
+        return _coerced(cls, value, "SamplingParams.structured_outputs")
+
+
+def _coerced(cls: type[_Params], value: object, name: str, or_else: str = "") -> _Params:
+    """`value` if it is a `cls`, else a `cls` of the mapping `value`'s fields (`name`: what
+    errors call it; `or_else`: what else the caller takes)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
         raise InvalidSamplingParamsError(
-            "SamplingParams.structured_outputs must be a medha.StructuredOutputsParams (or a "
-            f"dict of its fields), got {type(value).__name__}"
+            f"{name} must be a medha.{cls.__name__} (or a dict of its fields){or_else}, got "
+            f"{type(value).__name__}"
         )
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass
+    unknown = sorted(str(key) for key in value if key not in known)
+    if unknown:
+        raise InvalidSamplingParamsError(
+            f"{name}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return cls(**value)
 
 
 def _fail(field: str, value: object, problem: str) -> NoReturn:

@@ -40,7 +40,7 @@ from medha.server.choices import start_choices
 from medha.server.echo import EchoedPrompt, echoed_prompt
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
-from medha.server.reasoning import Reasoning, ReasoningParser
+from medha.server.reasoning import Reasoning, ReasoningParser, thinking_first
 from medha.server.reasoning import reasoning_parser as find_reasoning_parser
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.streaming import (
@@ -233,10 +233,8 @@ class _Api:
         reasoning = None
         if self.reasoning_parser is not None:
             tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
-            constrained = params.structured_outputs is not None
-            reasoning = Reasoning.of(
-                self.reasoning_parser, tail, body.include_reasoning, constrained
-            )
+            reasoning = Reasoning.of(self.reasoning_parser, tail, body.include_reasoning)
+            params = thinking_first(params, self.reasoning_parser.thinking(tail))
         return await self._respond(
             request, body, params, [prompt_ids], chat=True, tools=tools, reasoning=reasoning
         )

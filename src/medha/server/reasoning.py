@@ -14,17 +14,21 @@ model think from its first token, and one that ends it with an empty `<think></t
 Thinking ends at the first `</think>`, and everything after it is the answer; an output that
 never writes it (cut short by max_tokens) is all thinking.
 
-A constrained output (structured outputs, a named or required tool call) starts as the answer,
-whatever the prompt: medha's grammar holds from the first token, so the model does not think
-first (vLLM starts the grammar after the thinking instead). A grammar that writes `<think>`
-first has its thinking read all the same.
+A constrained output (structured outputs, a named or required tool call) may think first as
+well, where the prompt lets it: its grammar holds from the end of the thinking, so the answer
+is what the constraint asks for (as vLLM starts the grammar after the thinking). Medha reads
+the thinking with the grammar (StructuredOutputsParams.thinking), so the tags and where the
+output starts mean the same there as here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
+
+from medha.sampling import SamplingParams
+from medha.structured_outputs import Thinking
 
 if TYPE_CHECKING:
     from medha.model.tokenizer import Tokenizer
@@ -58,6 +62,14 @@ class ReasoningParser:
             return OutputPart.CONTENT
         return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
 
+    def thinking(self, prompt_tail: str) -> Thinking | None:
+        """The thinking a constrained output may do first, after a prompt that ends with
+        `prompt_tail`; None where the prompt has closed it (the output is the answer)."""
+        if prompt_tail.rstrip().endswith(self.end):
+            return None
+        opened = self.untagged_output(prompt_tail) is OutputPart.REASONING
+        return Thinking(self.start, self.end, opened=opened)
+
 
 REASONING_PARSERS = {
     "deepseek_r1": ReasoningParser(untagged_is_reasoning=True),
@@ -84,6 +96,15 @@ def reasoning_parser(parser: str | ReasoningParser, tokenizer: Tokenizer) -> Rea
     return parser
 
 
+def thinking_first(params: SamplingParams, thinking: Thinking | None) -> SamplingParams:
+    """`params`, whose structured output (if any) may now follow `thinking` (a request that
+    says how it thinks keeps its own)."""
+    structured = params.structured_outputs
+    if structured is None or thinking is None or structured.thinking is not None:
+        return params
+    return replace(params, structured_outputs=replace(structured, thinking=thinking))
+
+
 @dataclass(frozen=True)
 class Reasoning:
     """One chat request's reasoning parsing: where its output starts, and whether the
@@ -95,12 +116,8 @@ class Reasoning:
     shown: bool = True
 
     @classmethod
-    def of(
-        cls, parser: ReasoningParser, prompt_tail: str, shown: bool, constrained: bool
-    ) -> Reasoning:
-        """`constrained`: its output follows a grammar from the first token."""
-        untagged = OutputPart.CONTENT if constrained else parser.untagged_output(prompt_tail)
-        return cls(parser, untagged, shown)
+    def of(cls, parser: ReasoningParser, prompt_tail: str, shown: bool) -> Reasoning:
+        return cls(parser, parser.untagged_output(prompt_tail), shown)
 
     def split(self) -> ThinkingSplit:
         return ThinkingSplit(self.parser, self.untagged)
