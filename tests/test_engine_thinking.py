@@ -21,7 +21,8 @@ pytestmark = pytest.mark.anyio
 PROMPT = [5, 6, 7, 5, 6, 7, 5, 6]
 CHOICES = ["yes", "no"]
 TAGS = ("[", "]")
-"""One token each in the test model's vocabulary, as `<think>` is in Qwen 3's."""
+"""One token each in the test model's vocabulary (ordinary ones, so read as text: added tokens
+such as Qwen 3's `<think>` are tests/test_thinking_grammar.py's)."""
 
 
 @pytest.fixture

@@ -10,7 +10,14 @@ import pytest
 
 from medha import SamplingParams, Thinking
 from medha.model.tokenizer import Tokenizer, write_tiny_tokenizer
-from medha.server.reasoning import REASONING_PARSERS, Reasoning, reasoning_parser, thinking_first
+from medha.server.reasoning import (
+    REASONING_PARSERS,
+    OutputPart,
+    Reasoning,
+    ReasoningParser,
+    reasoning_parser,
+    thinking_first,
+)
 
 QWEN_THINKING_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 OPENED = "<|im_start|>assistant\n<think>\n"
@@ -97,6 +104,14 @@ def test_a_constrained_output_may_think_where_the_prompt_lets_it(
     assert thinking_first(asked, Thinking()) is asked
     never = SamplingParams(structured_outputs={"json_object": True, "thinking": False})
     assert thinking_first(never, Thinking()) is never
+
+
+def test_a_prompt_that_ends_with_both_tags_opens_the_thinking() -> None:
+    # Tags of a model's own, one the end of the other: the start tag wins, as for an output.
+    parser = ReasoningParser(untagged_is_reasoning=False, start="<<t>", end="<t>")
+    assert parser.untagged_output("prompt <<t>") is OutputPart.REASONING
+    assert parser.thinking("prompt <<t>") == Thinking("<<t>", "<t>", opened=True)
+    assert parser.thinking("prompt <t>") is None
 
 
 def _tokenizer(folder: Path, *special: str) -> Tokenizer:

@@ -118,8 +118,8 @@ async def test_a_prompt_that_opens_the_thinking_has_the_output_start_in_it() -> 
 
 
 async def test_a_constrained_output_thinks_first_where_the_prompt_lets_it() -> None:
-    # A parser of single-token tags, as `<think>` is in Qwen 3's vocabulary; untagged, the
-    # output thinks (as DeepSeek-R1's). While it thinks, the random model is kept to a few
+    # A parser of tags that are one token each (so the random model can write them);
+    # untagged, the output thinks (as DeepSeek-R1's). While it thinks, the random model is kept to a few
     # tokens, the end tag among them; the choice's tokens are not, and the grammar wins where
     # the two share none, so the answer is the grammar's alone.
     brackets = ReasoningParser(untagged_is_reasoning=True, start="[", end="]")
@@ -199,3 +199,20 @@ async def test_tool_calls_are_read_from_the_answer_after_the_thinking() -> None:
     assert (message.model_extra or {}).get("reasoning")
     assert message.content is None and not message.tool_calls
     assert thinking.choices[0].finish_reason == "length"
+
+
+async def test_a_requests_own_thinking_says_where_its_output_starts() -> None:
+    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 40, "seed": 1}
+    never = {"structured_outputs": {"json_object": True, "thinking": False}}
+    other_tags = {"structured_outputs": {"json_object": True, "thinking": {"end": "</t>"}}}
+    async with serving(reasoning_parser="deepseek_r1") as client:
+        done = await client.chat.completions.create(**{**body, "extra_body": never})
+        streamed = await _streamed(client, **{**body, "extra_body": never})
+        with pytest.raises(openai.BadRequestError, match="not the reasoning parser's"):
+            await client.chat.completions.create(**{**body, "extra_body": other_tags})
+    # The grammar holds from the first token: the JSON is the answer, not thinking (which
+    # the parser would read an untagged output as).
+    message = done.choices[0].message
+    assert "reasoning" not in (message.model_extra or {})
+    assert message.content is not None and message.content.startswith("{")
+    assert streamed[:2] == ("", message.content)

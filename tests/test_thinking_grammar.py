@@ -133,6 +133,47 @@ def test_thinking_tags_of_a_models_own(compiler: GrammarCompiler) -> None:
     assert done[-1] and not any(done[:-1])
 
 
+@pytest.mark.parametrize(("start", "end"), [('<"q">', "<\\q>"), ("\x7f<", ">\x7f")])
+def test_tags_with_characters_a_lark_literal_escapes(start: str, end: str) -> None:
+    compiler = grammar_compiler()
+    params = StructuredOutputsParams(choice=["A"], thinking=Thinking(start, end))
+    done = _complete_after_each(compiler, params, _ids(compiler, f"{start}x{end}A"))
+    assert done[-1] and not any(done[:-1])
+
+
+@pytest.mark.parametrize(
+    ("constraint", "problem"),
+    [
+        ({"grammar": '%llguidance {"allow_initial_skip": true}\nstart: "a"'}, "%llguidance"),
+        (
+            {"grammar": '{"grammars": [{"lark_grammar": "start: \\"a\\""}], "max_tokens": 3}'},
+            "max_tokens",
+        ),
+    ],
+)
+def test_a_constraint_whose_options_would_not_hold_after_thinking_is_refused(
+    constraint: dict[str, str], problem: str
+) -> None:
+    compiler = grammar_compiler()
+    compiler.matcher(StructuredOutputsParams(**constraint))  # fine without thinking
+    with pytest.raises(InvalidSamplingParamsError, match=problem):
+        compiler.matcher(StructuredOutputsParams(**constraint, thinking=Thinking()))
+
+
+def test_a_constraint_that_does_not_compile_is_refused_with_its_own_error() -> None:
+    params = StructuredOutputsParams(grammar="start: undefined_rule", thinking=Thinking())
+    with pytest.raises(InvalidSamplingParamsError, match="undefined_rule") as refused:
+        grammar_compiler().matcher(params)
+    assert "thinking" not in str(refused.value) and "medha_constraint" not in str(refused.value)
+
+
+def test_a_tag_holding_an_added_token_and_more_is_refused(tmp_path: Path) -> None:
+    compiler = _token_tags_compiler(tmp_path)
+    params = StructuredOutputsParams(regex="x", thinking=Thinking(end="</think>\n"))
+    with pytest.raises(InvalidSamplingParamsError, match="one added token"):
+        compiler.matcher(params)
+
+
 @pytest.mark.parametrize(
     ("thinking", "problem"),
     [

@@ -105,14 +105,32 @@ class GrammarCompiler:
         """A fresh matcher at the start of `params`' grammar (`banned`: see GrammarMatcher).
         InvalidSamplingParamsError if it does not compile (a bad regex, an unsupported schema
         feature, a grammar error, a limit of the grammar engine)."""
-        import llguidance
-
         try:
             grammar = _grammar_text(params)
-            if params.thinking:
-                grammar = with_thinking(grammar, params.thinking, self._tag_token)
         except ValueError as exc:  # a schema nested too deep, a lone surrogate in the text
             raise _refused(params, str(exc)) from exc
+        if params.thinking:
+            try:
+                grammar = with_thinking(grammar, params.thinking, self._tag_token)
+            except ValueError as exc:  # a constraint or tags it cannot wrap
+                raise _refused(params, str(exc)) from exc
+        compiled = self._compiled_grammar(grammar, params)
+        words = (self._llguidance_tokenizer().vocab_size + 31) // 32
+        matcher = GrammarMatcher(compiled.deep_copy(), words, banned)
+        # The first mask now: what the lexer builds lazily may hit a limit, which is better
+        # refused here than found mid-request (and the first step reuses it).
+        matcher.next_mask()
+        if matcher.error:
+            raise _refused(params, matcher.error)
+        return matcher
+
+    def _compiled_grammar(
+        self, grammar: str, params: StructuredOutputsParams
+    ) -> llguidance.LLMatcher:
+        """`grammar` compiled (or from the cache); InvalidSamplingParamsError if it does not
+        compile."""
+        import llguidance
+
         compiled = self._compiled.get(grammar)
         if compiled is None:
             tokenizer = self._llguidance_tokenizer()
@@ -125,22 +143,21 @@ class GrammarCompiler:
             if len(self._compiled) >= _MAX_CACHED_GRAMMARS:
                 self._compiled.clear()
             self._compiled[grammar] = compiled
-        words = (self._llguidance_tokenizer().vocab_size + 31) // 32
-        matcher = GrammarMatcher(compiled.deep_copy(), words, banned)
-        # The first mask now: what the lexer builds lazily may hit a limit, which is better
-        # refused here than found mid-request (and the first step reuses it).
-        matcher.next_mask()
-        if matcher.error:
-            raise _refused(params, matcher.error)
-        return matcher
+        return compiled
 
     def _tag_token(self, tag: str) -> int | None:
         """The token that a thinking tag is, where llguidance reads it as a token and not as
-        text (medha.thinking_grammar); else None."""
+        text (an added token: medha.thinking_grammar); else None (text). ValueError for a tag
+        that holds such a token and more: the grammar could never read it."""
         ids = self._tokenizer.encode(tag, add_special_tokens=False)
-        if len(ids) == 1 and self._llguidance_tokenizer().is_special_token(ids[0]):
-            return ids[0]
-        return None
+        special = [t for t in ids if self._llguidance_tokenizer().is_special_token(t)]
+        if special and len(ids) > 1:
+            raise ValueError(
+                f"the thinking tag {tag!r} holds the added token "
+                f"{self._tokenizer.decode(special[:1], skip_special_tokens=False)!r} and more; "
+                "a tag must be one added token, or text without any"
+            )
+        return special[0] if special else None
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use, as vLLM does, then kept: 0.5 s for a 49K vocabulary on a CPU

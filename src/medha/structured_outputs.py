@@ -26,9 +26,9 @@ class Thinking:
     `--reasoning-parser` starts the grammar after the thinking).
 
     The output may be free text between `start` and `end` first; the constraint holds from
-    just after `end`. The thinking may not contain `end` (it ends at the first one), and a tag
-    that is one token of the vocabulary (Qwen 3's and DeepSeek-R1's `<think>`) must be written
-    as that token.
+    just after `end`. The thinking may not contain `end` (it ends at the first one). A tag that
+    is one added token of the vocabulary (Qwen 3's and DeepSeek-R1's `<think>`) must be written
+    as that token; other tags are text (one that holds an added token and more is refused).
 
     Attributes:
         start, end: the tags around the thinking (DeepSeek-R1's and Qwen 3's by default).

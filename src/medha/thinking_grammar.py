@@ -6,10 +6,11 @@ any structured output: a Lark grammar that reads the thinking, then the constrai
 sub-grammar. A sub-grammar has a lexer of its own, so the constraint (a JSON schema's
 whitespace rules, a user's Lark `%ignore`) means what it means without thinking.
 
-A tag is read as text, or, where the vocabulary has it as one token that llguidance counts as
-special, as that token. Qwen 3's and DeepSeek-R1's `<think>` and `</think>` are such tokens
-(added to the vocabulary, not special to the tokenizer): llguidance never reads added tokens as
-their text, so a text tag could only be spelled out in pieces, which these models never do.
+A tag is read as text, or, where the vocabulary has it as one added token (which llguidance
+counts as special), as that token. Qwen 3's and DeepSeek-R1's `<think>` and `</think>` are such
+tokens (added to the vocabulary, not special to the tokenizer): llguidance never reads added
+tokens as their text, so a text tag could only be spelled out in pieces, which these models
+never do.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def with_thinking(
     """The llguidance grammar `constraint` (Lark text, or a grammar list as JSON text) after
     the thinking `thinking` allows. `tag_token`: the token a tag is, else None (read as text)."""
     grammars = _grammar_list(constraint)
+    if any("%llguidance" in (g.get("lark_grammar") or "") for g in grammars):
+        # Options of the whole grammar: as a sub-grammar, the constraint would lose them.
+        raise ValueError("a grammar with %llguidance options cannot follow thinking")
     name = grammars[0].get("name") or _CONSTRAINT
     grammars[0] = {**grammars[0], "name": name}
     start, end = (tag_token(tag) for tag in (thinking.start, thinking.end))
@@ -54,10 +58,15 @@ def _grammar_list(grammar: str) -> list[dict[str, Any]]:
     """An llguidance grammar's list of grammars (Lark text is a list of one)."""
     if grammar.lstrip().startswith("{"):
         parsed: dict[str, Any] = json.loads(grammar)
+        options = sorted(key for key, value in parsed.items() if key != "grammars" and value)
+        if options:  # max_tokens: the wrapper's would bound the thinking too
+            raise ValueError(f"a grammar with {', '.join(options)} cannot follow thinking")
         return list(parsed["grammars"])
     return [{"lark_grammar": grammar}]
 
 
 def _literal(text: str) -> str:
-    """`text` as a Lark string literal (which takes JSON's escapes)."""
-    return json.dumps(text, ensure_ascii=False)
+    """`text` as a Lark string literal (which takes JSON's escapes): JSON's, and every other
+    character that is not printable escaped too (Lark's lexer refuses DEL)."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return "".join(c if c.isprintable() or ord(c) > 0xFFFF else f"\\u{ord(c):04x}" for c in quoted)

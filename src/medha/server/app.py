@@ -20,12 +20,13 @@ import hmac
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
@@ -38,14 +39,17 @@ from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
 from medha.server.echo import EchoedPrompt, echoed_prompt
+from medha.server.openai_responses import ResponsesRequest
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
 from medha.server.reasoning import Reasoning, ReasoningParser, thinking_first
 from medha.server.reasoning import reasoning_parser as find_reasoning_parser
 from medha.server.responses import Renderer, TokenStrings, usage
+from medha.server.responses_reply import responses_reply
 from medha.server.streaming import (
     ClientDisconnectedError,
     ModelNotFoundError,
+    Started,
     chunks,
     collect,
     error_body,
@@ -139,6 +143,7 @@ def create_app(
     for path, endpoint in [
         ("/v1/completions", api.completions),
         ("/v1/chat/completions", api.chat_completions),
+        ("/v1/responses", api.responses),
         ("/tokenize", api.tokenize),
         ("/detokenize", api.detokenize),
     ]:
@@ -150,6 +155,14 @@ def create_app(
             dependencies=guard,
         )
     return app
+
+
+@dataclass(frozen=True)
+class _ChatRequest:
+    params: SamplingParams
+    prompt_ids: list[int]
+    tools: ToolCalling | None
+    reasoning: Reasoning | None
 
 
 class _Api:
@@ -213,11 +226,39 @@ class _Api:
                 )
                 for prompt, ids in zip(prompts, prompt_ids, strict=True)
             ]
-        return await self._respond(
+        started = await self._start(
             request, body, params, prompt_ids, chat=False, echoes=echoes, prompt_only=prompt_only
         )
+        return await self._respond(request, body, started)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return await self._respond(request, body, await self._start_chat(body, request))
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, as the chat request it means (medha.server.openai_responses)."""
+        try:
+            chat_body = ChatCompletionRequest.model_validate(body.chat_body())
+        except ValidationError as exc:
+            raise InvalidRequestError(f"bad request: {exc.errors()[0]['msg']}") from exc
+        started = await self._start_chat(chat_body, request)
+        return await responses_reply(request, body, started, self.model_name, self.engine.tokenizer)
+
+    async def _start_chat(self, body: ChatCompletionRequest, request: Request) -> Started:
+        chat = await self._chat(body, request)
+        return await self._start(
+            request,
+            body,
+            chat.params,
+            [chat.prompt_ids],
+            True,
+            chat.tools,
+            None,
+            False,
+            chat.reasoning,
+        )
+
+    async def _chat(self, body: ChatCompletionRequest, request: Request) -> _ChatRequest:
+        """A chat request checked, its sampling params and its prompt."""
         self._check(body, request)
         body.check_supported()
         body.check_choices(1)
@@ -233,13 +274,40 @@ class _Api:
         reasoning = None
         if self.reasoning_parser is not None:
             tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
-            reasoning = Reasoning.of(self.reasoning_parser, tail, body.include_reasoning)
             params = thinking_first(params, self.reasoning_parser.thinking(tail))
-        return await self._respond(
-            request, body, params, [prompt_ids], chat=True, tools=tools, reasoning=reasoning
-        )
+            structured = params.structured_outputs
+            thinking = None if structured is None else structured.thinking
+            reasoning = Reasoning.of(self.reasoning_parser, tail, body.include_reasoning, thinking)
+        return _ChatRequest(params, prompt_ids, tools, reasoning)
 
     async def _respond(
+        self, request: Request, body: CompletionRequest | ChatCompletionRequest, started: Started
+    ) -> Response:
+        """A completion or chat request's response, whole or (`stream`) as its chunks."""
+        head = started.head
+        if body.stream:
+            if head["object"] == "chat.completion":
+                head["object"] = "chat.completion.chunk"
+            per_chunk = body.wants_usage_per_chunk
+            stream = chunks(
+                head,
+                started.choices,
+                started.render,
+                body.wants_usage,
+                started.prompt_tokens,
+                per_chunk,
+            )
+            return event_stream(stream)
+        outputs = await until_disconnected(request, lambda: collect(started.choices))
+        rendered = [
+            started.render.whole(o, c.prompt_ids)
+            for o, c in zip(outputs, started.choices, strict=True)
+        ]
+        return JSONResponse(
+            {**head, "choices": rendered, "usage": usage(outputs, started.prompt_tokens)}
+        )
+
+    async def _start(
         self,
         request: Request,
         body: CompletionRequest | ChatCompletionRequest,
@@ -250,7 +318,8 @@ class _Api:
         echoes: list[EchoedPrompt] | None = None,
         prompt_only: bool = False,
         reasoning: Reasoning | None = None,
-    ) -> Response:
+    ) -> Started:
+        """A request's choices started in the engine, and how their output is written."""
         # A client's X-Request-Id names the response; engine ids get a unique part as well, so
         # that gateways reusing one trace id for several calls are not refused.
         given = request.headers.get("x-request-id")
@@ -277,15 +346,7 @@ class _Api:
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": response_id, "object": kind, "created": int(time.time())}
         head["model"] = self.model_name
-        prompt_tokens = [len(ids) for ids in prompt_ids]
-        if body.stream:
-            head["object"] = "chat.completion.chunk" if chat else kind
-            per_chunk = body.wants_usage_per_chunk
-            stream = chunks(head, choices, render, body.wants_usage, prompt_tokens, per_chunk)
-            return event_stream(stream)
-        outputs = await until_disconnected(request, lambda: collect(choices))
-        rendered = [render.whole(o, c.prompt_ids) for o, c in zip(outputs, choices, strict=True)]
-        return JSONResponse({**head, "choices": rendered, "usage": usage(outputs, prompt_tokens)})
+        return Started(choices, render, head, [len(ids) for ids in prompt_ids])
 
     async def tokenizer_info(self) -> dict[str, Any]:
         return tokenizer_info(self.engine)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from medha.errors import InvalidRequestError
 from medha.sampling import SamplingParams
 from medha.structured_outputs import Thinking
 
@@ -65,10 +66,10 @@ class ReasoningParser:
     def thinking(self, prompt_tail: str) -> Thinking | None:
         """The thinking a constrained output may do first, after a prompt that ends with
         `prompt_tail`; None where the prompt has closed it (the output is the answer)."""
-        if prompt_tail.rstrip().endswith(self.end):
+        part = self.untagged_output(prompt_tail)
+        if part is OutputPart.CONTENT and prompt_tail.rstrip().endswith(self.end):
             return None
-        opened = self.untagged_output(prompt_tail) is OutputPart.REASONING
-        return Thinking(self.start, self.end, opened=opened)
+        return Thinking(self.start, self.end, opened=part is OutputPart.REASONING)
 
 
 REASONING_PARSERS = {
@@ -116,8 +117,27 @@ class Reasoning:
     shown: bool = True
 
     @classmethod
-    def of(cls, parser: ReasoningParser, prompt_tail: str, shown: bool) -> Reasoning:
-        return cls(parser, parser.untagged_output(prompt_tail), shown)
+    def of(
+        cls,
+        parser: ReasoningParser,
+        prompt_tail: str,
+        shown: bool,
+        thinking: Thinking | Literal[False] | None = None,
+    ) -> Reasoning:
+        """`thinking`: the request's structured output's (after thinking_first), which says
+        where a constrained output starts; None: the prompt says. InvalidRequestError for a
+        request's own thinking tags that are not the parser's."""
+        if thinking is None:
+            return cls(parser, parser.untagged_output(prompt_tail), shown)
+        if thinking is False:  # the grammar holds from the first token
+            return cls(parser, OutputPart.CONTENT, shown)
+        if (thinking.start, thinking.end) != (parser.start, parser.end):
+            raise InvalidRequestError(
+                f"structured_outputs.thinking's tags {thinking.start!r}, {thinking.end!r} are "
+                f"not the reasoning parser's ({parser.start!r}, {parser.end!r})"
+            )
+        opened = thinking.opened
+        return cls(parser, OutputPart.REASONING if opened else OutputPart.CONTENT, shown)
 
     def split(self) -> ThinkingSplit:
         return ThinkingSplit(self.parser, self.untagged)

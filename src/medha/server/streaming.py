@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -20,6 +21,17 @@ from medha.server.responses import ChoiceOutput, Renderer, so_far, usage
 
 _log = get_logger(__name__)
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Started:
+    """A request's choices, started in the engine, and how to write their output."""
+
+    choices: list[Choice]
+    render: Renderer
+    head: dict[str, Any]
+    """What every chunk (or the whole response) starts with: id, object, created, model."""
+    prompt_tokens: list[int]
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -127,10 +139,10 @@ def event_stream(body: AsyncGenerator[dict[str, Any], None]) -> StreamingRespons
             yield f"data: {json.dumps(error_body(error))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return _ClosingStreamingResponse(lines(), media_type="text/event-stream")
+    return ClosingStreamingResponse(lines(), media_type="text/event-stream")
 
 
-class _ClosingStreamingResponse(StreamingResponse):
+class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body when it ends however it ends: Starlette leaves
     a body interrupted inside `send` (a client gone, a server's shutdown) to the garbage
     collector, and with it the abort of the body's requests."""
