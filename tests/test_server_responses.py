@@ -29,11 +29,26 @@ WEATHER_PARAMETERS = {
     "required": ["city"],
     "additionalProperties": False,
 }
-WEATHER = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS}
+ABOUT = {"description": "The weather now.", "strict": True}
+WEATHER = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMETERS, **ABOUT}
 CHAT_WEATHER = {
     "type": "function",
-    "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS},
+    "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS, **ABOUT},
 }
+TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+BRACKETS = ReasoningParser(untagged_is_reasoning=True, start="[", end="]")
+"""As in test_server_reasoning: tags of one token each (so the random model can write them);
+untagged, the output thinks."""
+
+
+def _thinking_tokens(engine: medha.Engine) -> list[int]:
+    """A few tokens, the end tag among them: the random model kept to them while it thinks
+    ends its thinking soon; what follows is the grammar's (they share no token with it)."""
+    return [engine.tokenizer.encode(t, add_special_tokens=False)[0] for t in "ab]"]
+
+
+def _regex(text: str) -> str:
+    return "".join("\\" + c if c in "{}[]().*+?|\\^$" else c for c in text)
 
 
 @pytest.fixture
@@ -68,6 +83,18 @@ async def _streamed(client: openai.AsyncOpenAI, **body: Any) -> list[Any]:
     return [event async for event in await client.responses.create(**body, stream=True)]
 
 
+ITEM_OPENS = {
+    "message": ["output_item.added", "content_part.added"],
+    "reasoning": ["output_item.added"],
+    "function_call": ["output_item.added"],
+}
+ITEM_CLOSES = {
+    "message": ["output_text.done", "content_part.done", "output_item.done"],
+    "reasoning": ["reasoning_text.done", "output_item.done"],
+    "function_call": ["function_call_arguments.done", "output_item.done"],
+}
+
+
 def _check_events(events: list[Any]) -> Any:
     """The events are numbered in order, each item opens and closes before the next, the
     deltas add up to what each item holds at its end; the last event's response."""
@@ -92,6 +119,17 @@ def _check_events(events: list[Any]) -> Any:
         else:
             assert texts.get(item.id, "") == (item.content[0].text if item.content else "")
     assert [item.model_dump() for item in done] == [o.model_dump() for o in final.response.output]
+    # Each item's events in OpenAI's order, one item after the other.
+    indices = [e.output_index for e in events[2:-1]]
+    assert indices == sorted(indices)
+    for index, item in enumerate(done):
+        kinds = [e.type.removeprefix("response.") for e in events[2:-1] if e.output_index == index]
+        inner = [kind for kind in kinds if kind.endswith(".delta")]
+        assert kinds == [*ITEM_OPENS[item.type], *inner, *ITEM_CLOSES[item.type]], item.type
+        assert set(inner) <= {ITEM_CLOSES[item.type][0].replace(".done", ".delta")}
+    # Every event has what OpenAI's types require (the client builds them unchecked).
+    for event in events:
+        type(event).model_validate(event.model_dump(exclude_unset=True))
     return final.response
 
 
@@ -118,6 +156,10 @@ async def test_a_text_request_is_the_chat_it_means_whole_and_streamed() -> None:
         chat.usage.completion_tokens,
     )
     assert whole.usage.total_tokens == chat.usage.total_tokens
+    # The chat request computed the prompt first: its whole KV blocks came from the cache.
+    cached = whole.usage.input_tokens_details
+    assert cached.cached_tokens == whole.usage.input_tokens // 16 * 16 > 0
+    assert cached.cache_write_tokens == 0
     assert whole.object == "response" and whole.id.startswith("resp_")
     assert whole.model == MODEL and whole.instructions == "Be brief."
     assert whole.text.format.type == "text" and whole.tools == [] and whole.store is False
@@ -229,6 +271,10 @@ async def test_a_json_schema_format_is_the_output_of_its_schema() -> None:
         )
     assert done.status == "completed"
     assert isinstance(json.loads(done.output_text)["ok"], bool)
+    # A first request: it computed its prompt, and the prefix cache keeps its whole blocks.
+    assert done.usage is not None
+    written = done.usage.input_tokens_details.cache_write_tokens
+    assert written == done.usage.input_tokens // 16 * 16 > 0
     assert done.text.format.type == "json_schema"
 
 
@@ -253,6 +299,7 @@ async def test_thinking_is_a_reasoning_item_before_the_answer() -> None:
     assert thought and re.fullmatch("[ab]*", thought)
     assert answer.type == "message" and done.output_text in ("yes", "no")
     assert done.usage is not None
+    assert done.usage.output_tokens_details.reasoning_tokens <= done.usage.output_tokens
     assert done.usage.output_tokens_details.reasoning_tokens == len(
         tokenizer.encode(thought, add_special_tokens=False)
     )
@@ -279,11 +326,16 @@ async def test_thinking_is_a_reasoning_item_before_the_answer() -> None:
         ({"input": [{"role": "tool", "content": "x"}]}, "role must be"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "call_id"),
         ({"input": []}, "input is empty"),
-        ({"extra_body": {"n": 2}}, "n must be 1"),
+        ({"extra_body": {"n": 2}}, "n is chat's"),
+        ({"extra_body": {"echo": True}}, "echo is chat's"),
+        ({"extra_body": {"logprobs": True}}, "logprobs is chat's"),
+        ({"extra_body": {"messages": [{"role": "user", "content": "x"}]}}, "messages is chat's"),
+        ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format is"),
+        ({"tools": [{"type": "function", "parameters": {}}]}, "tools.0.function.name"),
         ({"tool_choice": {"type": "file_search"}}, "tool_choice must be"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format"),
         ({"temperature": -1}, "temperature"),
-        ({"max_output_tokens": 0}, "max_tokens"),
+        ({"max_output_tokens": 0}, "max_output_tokens must be >= 1"),
     ],
 )
 async def test_what_medha_cannot_do_is_refused(body: dict[str, Any], problem: str) -> None:
@@ -315,3 +367,84 @@ async def test_an_error_after_the_stream_began_is_an_error_event() -> None:
         "param": None,
         "sequence_number": 1,
     }
+
+
+async def test_a_named_call_after_thinking_and_one_cut_short() -> None:
+    body: dict[str, Any] = {"model": MODEL, "input": "Weather?", "tools": [WEATHER]}
+    body["tool_choice"] = {"type": "function", "name": "get_weather"}
+    async with serving(reasoning_parser=BRACKETS) as (engine, client):
+        body["extra_body"] = {"allowed_token_ids": _thinking_tokens(engine), "seed": 0}
+        done = await client.responses.create(**body, max_output_tokens=60)
+        streamed = _check_events(await _streamed(client, **body, max_output_tokens=60))
+        cut = await client.responses.create(**body, max_output_tokens=6)
+        cut_streamed = _check_events(await _streamed(client, **body, max_output_tokens=6))
+    thinking, call = done.output
+    assert thinking.type == "reasoning" and call.type == "function_call"
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Oslo", "Rome")
+    assert _without_ids(streamed.model_dump()["output"]) == _without_ids(
+        done.model_dump()["output"]
+    )
+    # Cut short in its arguments: the call is incomplete, and so is the response.
+    assert cut.status == "incomplete" and cut.output[-1].type == "function_call"
+    assert cut.output[-1].status == "incomplete"
+    assert _without_ids(cut_streamed.model_dump()["output"]) == _without_ids(
+        cut.model_dump()["output"]
+    )
+
+
+async def test_an_empty_thinking_is_no_reasoning_item() -> None:
+    async with serving(reasoning_parser=BRACKETS) as (engine, client):
+        end = engine.tokenizer.encode("]", add_special_tokens=False)
+        body = {"model": MODEL, "input": "Hi", "max_output_tokens": 1}
+        body["extra_body"] = {"allowed_token_ids": end}  # "]" at once: no thinking, no answer
+        done = await client.responses.create(**body)
+        streamed = _check_events(await _streamed(client, **body))
+    assert [item.type for item in done.output] == ["message"] and done.output_text == ""
+    assert _without_ids(streamed.model_dump()["output"]) == _without_ids(
+        done.model_dump()["output"]
+    )
+
+
+async def test_auto_reads_text_and_calls_in_order_whole_and_streamed() -> None:
+    call = '<tool_call>{{"name": "get_weather", "arguments": {{"city": "{}"}}}}</tool_call>'
+    written = "Checking. " + call.format("Oslo") + call.format("Rome")
+    body: dict[str, Any] = {"model": MODEL, "input": "Weather?", "tools": [WEATHER, TIME]}
+    body.update(max_output_tokens=120, tool_choice="auto")
+    body["extra_body"] = {"structured_outputs": {"regex": _regex(written)}}
+    async with serving(tool_call_parser="hermes") as (_, client):
+        done = await client.responses.create(**body)
+        streamed = _check_events(await _streamed(client, **body))
+        no_tools = await client.responses.create(model=MODEL, input="Hi", tool_choice="auto")
+    message, *calls = done.output
+    assert message.type == "message" and done.output_text == "Checking. "
+    assert [(c.type, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("function_call", "get_weather", {"city": "Oslo"}),
+        ("function_call", "get_weather", {"city": "Rome"}),
+    ]
+    assert len({c.call_id for c in calls}) == 2
+    assert _without_ids(streamed.model_dump()["output"]) == _without_ids(
+        done.model_dump()["output"]
+    )
+    assert no_tools.status in ("completed", "incomplete")  # "auto" without tools: no calls
+
+
+def test_a_request_is_translated_field_for_field() -> None:
+    schema = {"type": "object"}
+    text_format = {"type": "json_schema", "name": "obj", "schema": schema, "strict": True}
+    request = ResponsesRequest(
+        model=MODEL,
+        input="Hi",
+        tools=[WEATHER],
+        parallel_tool_calls=False,
+        text={"format": text_format},
+        max_output_tokens=7,
+        top_k=3,  # vLLM's extras pass on
+    )
+    body = request.chat_body()
+    assert body["tools"] == [CHAT_WEATHER] and body["parallel_tool_calls"] is False
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "obj", "schema": schema, "strict": True},
+    }
+    assert (body["max_completion_tokens"], body["top_k"]) == (7, 3)
+    assert body["messages"] == [{"role": "user", "content": "Hi"}]

@@ -238,10 +238,12 @@ class _Api:
         """OpenAI's Responses API, as the chat request it means (medha.server.openai_responses)."""
         try:
             chat_body = ChatCompletionRequest.model_validate(body.chat_body())
-        except ValidationError as exc:
-            raise InvalidRequestError(f"bad request: {exc.errors()[0]['msg']}") from exc
+        except ValidationError as exc:  # in the chat request it became: say which field
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise InvalidRequestError(f"{where}: {first['msg']}") from exc
         started = await self._start_chat(chat_body, request)
-        return await responses_reply(request, body, started, self.model_name, self.engine.tokenizer)
+        return await responses_reply(request, body, started, self.model_name, self.engine)
 
     async def _start_chat(self, body: ChatCompletionRequest, request: Request) -> Started:
         chat = await self._chat(body, request)

@@ -33,8 +33,26 @@ _NOT_KEPT = {
 }
 """Fields that need a response store or a server-side prompt, which medha does not keep."""
 
+_CHAT_ONLY = (
+    "messages",
+    "n",
+    "echo",
+    "logprobs",
+    "prompt_logprobs",
+    "response_format",
+    "max_tokens",
+    "max_completion_tokens",
+    "best_of",
+)
+"""Chat's and completions' own fields, which the Responses API has in its own way (`input`,
+`text.format`, `max_output_tokens`) or not at all (one output, no logprobs)."""
+
 _TAKEN_UNUSED = ("include", "truncation", "service_tier", "stream_options")
 """OpenAI's fields that change nothing medha does (logged by no one: they are expected)."""
+
+_NO_CALL = ("auto", "none")
+"""Tool choices that ask for no call: without tools, they say nothing (OpenAI's default is
+"auto", tools or not)."""
 
 _RESPONSE_FIELDS = (
     "instructions",
@@ -89,19 +107,28 @@ class ResponsesRequest(BaseModel):
                 )
         if self.top_logprobs:
             raise InvalidRequestError("top_logprobs is not supported by medha's /v1/responses")
+        extra = self.model_extra or {}
+        for name in _CHAT_ONLY:
+            if extra.get(name) is not None:
+                raise InvalidRequestError(
+                    f"{name} is chat's, not a field of the Responses API (which takes vLLM's "
+                    "sampling extras, not chat's own fields)"
+                )
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise InvalidRequestError(
+                f"max_output_tokens must be >= 1, got {self.max_output_tokens}"
+            )
         passed = {
             name: value
-            for name, value in (self.model_extra or {}).items()
+            for name, value in extra.items()
             if name not in _NOT_KEPT and name not in _TAKEN_UNUSED
         }
-        if passed.get("n") not in (None, 1):
-            raise InvalidRequestError("n must be 1: a response has one output")
         body: dict[str, Any] = {**passed, "model": self.model, "messages": self._messages()}
         body.update(temperature=self.temperature, top_p=self.top_p, stream=self.stream)
         body["max_completion_tokens"] = self.max_output_tokens
         if self.tools:
             body["tools"] = [_chat_tool(tool) for tool in self.tools]
-        if self.tool_choice is not None:
+        if self.tool_choice is not None and (self.tools or self.tool_choice not in _NO_CALL):
             body["tool_choice"] = _chat_tool_choice(self.tool_choice)
         if self.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = self.parallel_tool_calls
@@ -163,7 +190,7 @@ def _add_item(messages: list[dict[str, Any]], item: dict[str, Any]) -> None:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
     elif kind == "function_call_output":
         output = item.get("output")
-        content = output if isinstance(output, str) else _content(output)
+        content = output if isinstance(output, str) else _content(output, "a function's output")
         messages.append(
             {"role": "tool", "tool_call_id": _field(item, "call_id"), "content": content}
         )
@@ -183,12 +210,14 @@ def _field(item: dict[str, Any], name: str) -> str:
     return value
 
 
-def _content(content: object) -> str | list[dict[str, Any]]:
-    """An input message's content as chat's: text, or text parts."""
+def _content(
+    content: object, what: str = "an input message's content"
+) -> str | list[dict[str, Any]]:
+    """An input message's content (or `what`) as chat's: text, or text parts."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequestError("an input message's content must be a string or a list")
+        raise InvalidRequestError(f"{what} must be a string or a list of text parts")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -263,20 +292,22 @@ def response_object(
 
 
 def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dict[str, Any]]:
-    """A chat choice's message as a response's output items."""
+    """A chat choice's message as a response's output items (the last one is incomplete when
+    max_output_tokens cut it short)."""
     status = response_status(finish_reason)
     items = []
-    if message.get("reasoning") is not None:
+    if message.get("reasoning"):
         items.append(reasoning_item(new_id("rs"), message["reasoning"]))
     content = message.get("content")
     calls = message.get("tool_calls") or []
     if content or not (items or calls):
-        items.append(message_item(new_id("msg"), content or "", status))
-    for call in calls:
+        last = not calls
+        items.append(message_item(new_id("msg"), content or "", status if last else "completed"))
+    for index, call in enumerate(calls):
         function = call["function"]
-        items.append(
-            function_call_item(new_id("fc"), call["id"], function["name"], function["arguments"])
-        )
+        last = index == len(calls) - 1
+        item = function_call_item(new_id("fc"), call["id"], function["name"], function["arguments"])
+        items.append({**item, "status": status if last else "completed"})
     return items
 
 
@@ -316,14 +347,22 @@ def function_call_item(
     }
 
 
-def response_usage(chat_usage: dict[str, Any], reasoning_tokens: int) -> dict[str, Any]:
-    """A chat usage object as a response's; `reasoning_tokens`: the thinking's."""
+def response_usage(
+    chat_usage: dict[str, Any], reasoning_tokens: int, cache_block: int
+) -> dict[str, Any]:
+    """A chat usage object as a response's. `reasoning_tokens`: the thinking's text encoded
+    again (which may give a token more than the model wrote: no more than the output's).
+    `cache_block`: the tokens of a KV block, which the prefix cache keeps whole (0: no prefix
+    cache); the prompt's whole blocks that were not cached are what it wrote to the cache."""
     details = chat_usage.get("prompt_tokens_details") or {}
+    input_tokens, cached = chat_usage["prompt_tokens"], details.get("cached_tokens", 0)
+    written = max(0, input_tokens // cache_block * cache_block - cached) if cache_block else 0
+    output_tokens = chat_usage["completion_tokens"]
     return {
-        "input_tokens": chat_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
-        "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, output_tokens)},
         "total_tokens": chat_usage["total_tokens"],
     }
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from medha.model.tokenizer import Tokenizer
+from medha.engine import Engine
 from medha.server.openai_responses import (
     ResponsesRequest,
     Status,
@@ -29,19 +29,22 @@ async def responses_reply(
     body: ResponsesRequest,
     started: Started,
     model_name: str,
-    tokenizer: Tokenizer,
+    engine: Engine,
 ) -> Response:
-    """The response object, or (`stream`) its events; `tokenizer` counts the thinking."""
+    """The response object, or (`stream`) its events."""
     response_id, created = new_id("resp"), int(time.time())
+    tokenizer, config = engine.tokenizer, engine.config
+    cache_block = config.block_size if config.enable_prefix_caching else 0
 
     def response(items: list[dict[str, Any]], status: Status, used: Any) -> dict[str, Any]:
         return response_object(response_id, model_name, body, items, status, used, created)
 
-    def thinking_tokens(text: str) -> int:  # the thinking's text, encoded again
-        return len(tokenizer.encode(text, add_special_tokens=False))
+    def response_usage_of(chat_usage: dict[str, Any], thinking: str) -> dict[str, Any]:
+        thinking_tokens = len(tokenizer.encode(thinking, add_special_tokens=False))
+        return response_usage(chat_usage, thinking_tokens, cache_block)
 
     if body.stream:
-        events = ResponseEvents(response, thinking_tokens)
+        events = ResponseEvents(response, response_usage_of)
         chat_chunks = chunks(
             started.head, started.choices, started.render, True, started.prompt_tokens
         )
@@ -50,6 +53,5 @@ async def responses_reply(
     ((output, choice),) = zip(outputs, started.choices, strict=True)
     rendered = started.render.whole(output, choice.prompt_ids)
     message, finish = rendered["message"], rendered["finish_reason"]
-    used = usage(outputs, started.prompt_tokens)
-    used = response_usage(used, thinking_tokens(message.get("reasoning") or ""))
+    used = response_usage_of(usage(outputs, started.prompt_tokens), message.get("reasoning") or "")
     return JSONResponse(response(output_items(message, finish), response_status(finish), used))

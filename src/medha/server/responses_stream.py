@@ -29,7 +29,6 @@ from medha.server.openai_responses import (
     new_id,
     reasoning_item,
     response_status,
-    response_usage,
     text_part,
 )
 from medha.server.streaming import ClosingStreamingResponse, error_body
@@ -53,9 +52,14 @@ class _OpenItem:
 class ResponseEvents:
     """One streamed response's events, from its (single) choice's chat chunks."""
 
-    def __init__(self, response: Response, reasoning_tokens: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        response: Response,
+        response_usage: Callable[[dict[str, Any], str], dict[str, Any]],
+    ) -> None:
+        """`response_usage(chat_usage, thinking)`: a response's usage."""
         self._response = response
-        self._reasoning_tokens = reasoning_tokens
+        self._response_usage = response_usage
         self._sequence = 0
         self._items: list[dict[str, Any]] = []
         self._open: _OpenItem | None = None
@@ -95,6 +99,8 @@ class ResponseEvents:
     def _grow(self, kind: str, delta: str) -> list[dict[str, Any]]:
         events = []
         if self._open is None or self._open.kind != kind:
+            # A call opens with its id and name (chat sends them before its arguments).
+            assert kind != "function_call", "a call's arguments before its name"
             events += self._close()
             self._open = _OpenItem(kind, new_id("rs" if kind == "reasoning" else "msg"))
             events += self._added()
@@ -141,10 +147,13 @@ class ResponseEvents:
             )
         return events
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, last: bool = False) -> list[dict[str, Any]]:
+        """Close the open item (`last`: the response's last, incomplete if the output was cut
+        short)."""
         item, self._open = self._open, None
         if item is None:
             return []
+        status = response_status(self._finish_reason) if last else "completed"
         where = {"item_id": item.item_id, "output_index": len(self._items)}
         events = []
         if item.kind == "reasoning":
@@ -156,7 +165,7 @@ class ResponseEvents:
                 )
             )
         elif item.kind == "message":
-            done = message_item(item.item_id, item.text, response_status(self._finish_reason))
+            done = message_item(item.item_id, item.text, status)
             text_done = {"content_index": 0, "text": item.text, "logprobs": []}
             events.append(self._event("response.output_text.done", **where, **text_done))
             part = text_part(item.text)
@@ -164,7 +173,7 @@ class ResponseEvents:
                 self._event("response.content_part.done", **where, content_index=0, part=part)
             )
         else:
-            done = function_call_item(item.item_id, item.call_id, item.name, item.text)
+            done = function_call_item(item.item_id, item.call_id, item.name, item.text, status)
             arguments = {"arguments": item.text, "name": item.name}
             events.append(
                 self._event("response.function_call_arguments.done", **where, **arguments)
@@ -176,12 +185,13 @@ class ResponseEvents:
         return events
 
     def _finish(self, chat_usage: dict[str, Any]) -> list[dict[str, Any]]:
-        events = self._close()
-        if not self._items:  # nothing written: an empty answer, as a whole response has it
+        if not self._items and self._open is None:  # nothing written: an empty answer
             self._open = _OpenItem("message", new_id("msg"))
-            events += self._added() + self._close()
+            events = self._added() + self._close(last=True)
+        else:
+            events = self._close(last=True)
         status = response_status(self._finish_reason)
-        usage = response_usage(chat_usage, self._reasoning_tokens(self._thinking))
+        usage = self._response_usage(chat_usage, self._thinking)
         whole = self._response(self._items, status, usage)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         events.append(self._event(kind, response=whole))

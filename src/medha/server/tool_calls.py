@@ -140,6 +140,8 @@ class ToolCallStream:
             self.parsed = self.calling.parse(text)
         new, self.sent = text[self.sent :], len(text)
         if not self._named_started:
+            if not (new or finished):
+                return {}  # no answer yet (a reasoning model may still be thinking)
             # The call's name and id come on its first delta, as OpenAI's do.
             self._named_started = True
             function = {"name": self.calling.function, "arguments": new}
