@@ -164,6 +164,14 @@ async def test_a_named_tool_call_follows_the_thinking() -> None:
         body["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
         async with http:
             done = await client.chat.completions.create(**body)
+            # Kept from the end tag, the model never answers: no call, whole or streamed.
+            never_ends = {**body, "max_tokens": 5, "extra_body": {"allowed_token_ids": allowed[:2]}}
+            thought = await client.chat.completions.create(**never_ends)
+            thought_streamed = await _streamed(client, **never_ends)
+    unanswered = thought.choices[0].message
+    assert unanswered.content is None and not unanswered.tool_calls
+    assert thought.choices[0].finish_reason == "length"
+    assert thought_streamed == ((unanswered.model_extra or {})["reasoning"], "", ["reasoning"] * 5)
     message = done.choices[0].message
     assert re.fullmatch("[ab]*", (message.model_extra or {})["reasoning"])
     (call,) = message.tool_calls or []

@@ -448,3 +448,19 @@ def test_a_request_is_translated_field_for_field() -> None:
     }
     assert (body["max_completion_tokens"], body["top_k"]) == (7, 3)
     assert body["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+async def test_a_named_call_cut_short_while_thinking_is_no_call() -> None:
+    body: dict[str, Any] = {"model": MODEL, "input": "Weather?", "tools": [WEATHER]}
+    body.update(tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=5)
+    async with serving(reasoning_parser=BRACKETS) as (engine, client):
+        never_ends = _thinking_tokens(engine)[:2]  # without the end tag
+        body["extra_body"] = {"allowed_token_ids": never_ends, "seed": 0, "n": 1, "echo": False}
+        done = await client.responses.create(**body)
+        streamed = _check_events(await _streamed(client, **body))
+    (thinking,) = done.output  # no call: the model never answered
+    assert thinking.type == "reasoning" and thinking.status == "incomplete"
+    assert done.status == "incomplete"
+    assert _without_ids(streamed.model_dump()["output"]) == _without_ids(
+        done.model_dump()["output"]
+    )

@@ -240,12 +240,15 @@ def test_streamed_named_and_required_calls() -> None:
     ]
     assert message["content"] is None and finish == "stop"  # OpenAI's, for a named function
     stream = ToolCallStream(named)
-    first = stream.delta("", finished=False)  # the name and id come first, arguments after
-    assert first["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
-    assert stream.delta("{", finished=False) == {
-        "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]
+    # Nothing before the arguments start (a reasoning model may still be thinking); then the
+    # name and id with the first of them, the rest after.
+    assert stream.delta("", finished=False) == {}
+    first = stream.delta("{", finished=False)
+    assert first["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{"}
+    assert stream.delta('{"', finished=False) == {
+        "tool_calls": [{"index": 0, "function": {"arguments": '"'}}]
     }
-    assert stream.delta("{", finished=False) == {}
+    assert stream.delta('{"', finished=False) == {}
 
     required = ToolCalling("required")
     text = json.dumps([{"name": "get_weather", "parameters": {"city": "Paris"}}])

@@ -33,22 +33,24 @@ _NOT_KEPT = {
 }
 """Fields that need a response store or a server-side prompt, which medha does not keep."""
 
-_CHAT_ONLY = (
-    "messages",
-    "n",
-    "echo",
-    "logprobs",
-    "prompt_logprobs",
-    "response_format",
-    "max_tokens",
-    "max_completion_tokens",
-    "best_of",
-)
+_CHAT_ONLY: dict[str, object] = {
+    # field: the value that means "not used" (anything else is refused)
+    "messages": None,
+    "n": 1,
+    "echo": False,
+    "logprobs": False,
+    "prompt_logprobs": None,
+    "response_format": None,
+    "max_tokens": None,
+    "max_completion_tokens": None,
+    "best_of": 1,
+}
 """Chat's and completions' own fields, which the Responses API has in its own way (`input`,
 `text.format`, `max_output_tokens`) or not at all (one output, no logprobs)."""
 
 _TAKEN_UNUSED = ("include", "truncation", "service_tier", "stream_options")
-"""OpenAI's fields that change nothing medha does (logged by no one: they are expected)."""
+"""OpenAI's fields that change nothing medha does (not logged as ignored: OpenAI's clients send
+them routinely)."""
 
 _NO_CALL = ("auto", "none")
 """Tool choices that ask for no call: without tools, they say nothing (OpenAI's default is
@@ -99,17 +101,17 @@ class ResponsesRequest(BaseModel):
 
     def chat_body(self) -> dict[str, Any]:
         """The chat completions request this one means (validated by its model after)."""
+        extra = self.model_extra or {}
         for name, unused in _NOT_KEPT.items():
-            if (self.model_extra or {}).get(name, unused) not in (unused, None):
+            if extra.get(name, unused) not in (unused, None):
                 raise InvalidRequestError(
                     f"{name} is not supported: medha keeps no responses or prompts between "
                     "requests (send the whole conversation in `input`)"
                 )
         if self.top_logprobs:
             raise InvalidRequestError("top_logprobs is not supported by medha's /v1/responses")
-        extra = self.model_extra or {}
-        for name in _CHAT_ONLY:
-            if extra.get(name) is not None:
+        for name, not_used in _CHAT_ONLY.items():
+            if extra.get(name, not_used) not in (not_used, None):
                 raise InvalidRequestError(
                     f"{name} is chat's, not a field of the Responses API (which takes vLLM's "
                     "sampling extras, not chat's own fields)"
@@ -296,10 +298,12 @@ def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dic
     max_output_tokens cut it short)."""
     status = response_status(finish_reason)
     items = []
-    if message.get("reasoning"):
-        items.append(reasoning_item(new_id("rs"), message["reasoning"]))
     content = message.get("content")
     calls = message.get("tool_calls") or []
+    if message.get("reasoning"):
+        alone = not (content or calls)  # the last item then (cut short while thinking)
+        thinking_status = status if alone else "completed"
+        items.append(reasoning_item(new_id("rs"), message["reasoning"], thinking_status))
     if content or not (items or calls):
         last = not calls
         items.append(message_item(new_id("msg"), content or "", status if last else "completed"))
@@ -311,12 +315,13 @@ def output_items(message: dict[str, Any], finish_reason: str | None) -> list[dic
     return items
 
 
-def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
+def reasoning_item(item_id: str, text: str, status: Status = "completed") -> dict[str, Any]:
     return {
         "type": "reasoning",
         "id": item_id,
         "summary": [],
         "content": [{"type": "reasoning_text", "text": text}],
+        "status": status,
     }
 
 
@@ -353,7 +358,9 @@ def response_usage(
     """A chat usage object as a response's. `reasoning_tokens`: the thinking's text encoded
     again (which may give a token more than the model wrote: no more than the output's).
     `cache_block`: the tokens of a KV block, which the prefix cache keeps whole (0: no prefix
-    cache); the prompt's whole blocks that were not cached are what it wrote to the cache."""
+    cache); the prompt's whole blocks that were not cached are what it wrote to the cache
+    (the scheduler always computes a prompt's last token, so a cached last block of a prompt
+    that ends on a block boundary is computed again, and counted)."""
     details = chat_usage.get("prompt_tokens_details") or {}
     input_tokens, cached = chat_usage["prompt_tokens"], details.get("cached_tokens", 0)
     written = max(0, input_tokens // cache_block * cache_block - cached) if cache_block else 0

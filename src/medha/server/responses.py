@@ -233,13 +233,15 @@ class Renderer:
         output.echo_sent = True
         finish_reason = event.finish_reason
         message: dict[str, Any] = {"content": event.text} if event.text else {}
-        answer, thinking = output.text, ""
+        answer, thinking, answered = output.text, "", True
         if self.reasoning is not None:
             if output.thinking is None:
                 output.thinking = self.reasoning.split()
             thinking, new = output.thinking.feed(output.text, finish_reason is not None)
             answer, message = output.thinking.content, {"content": new} if new else {}
-        if self.tools is not None:
+            # Thinking alone, ended: no answer, so no call (as a whole response has it).
+            answered = finish_reason is None or output.thinking.message_parts()[1] is not None
+        if self.tools is not None and answered:
             if output.tool_stream is None:
                 output.tool_stream = ToolCallStream(self.tools)
             message = output.tool_stream.delta(answer, finish_reason is not None)

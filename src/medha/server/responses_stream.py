@@ -129,7 +129,7 @@ class ResponseEvents:
         assert item is not None
         index = len(self._items)
         if item.kind == "reasoning":
-            going = {**reasoning_item(item.item_id, ""), "content": []}
+            going = {**reasoning_item(item.item_id, "", "in_progress"), "content": []}
         elif item.kind == "message":
             going = {**message_item(item.item_id, "", "in_progress"), "content": []}
         else:
@@ -158,7 +158,7 @@ class ResponseEvents:
         events = []
         if item.kind == "reasoning":
             self._thinking += item.text
-            done = reasoning_item(item.item_id, item.text)
+            done = reasoning_item(item.item_id, item.text, status)
             events.append(
                 self._event(
                     "response.reasoning_text.done", **where, content_index=0, text=item.text
