@@ -247,16 +247,15 @@ class _Api:
 
     async def _start_chat(self, body: ChatCompletionRequest, request: Request) -> Started:
         chat = await self._chat(body, request)
+        prompt_ids = [chat.prompt_ids]
         return await self._start(
             request,
             body,
             chat.params,
-            [chat.prompt_ids],
-            True,
-            chat.tools,
-            None,
-            False,
-            chat.reasoning,
+            prompt_ids,
+            chat=True,
+            tools=chat.tools,
+            reasoning=chat.reasoning,
         )
 
     async def _chat(self, body: ChatCompletionRequest, request: Request) -> _ChatRequest:
