@@ -4,6 +4,8 @@ long context, measured through the Engine, next to the cost model's predictions.
 - TTFT of one long prompt: pp=1 (one process) vs pp=2 without SPP vs pp=2 with SPP. Chunks are
   fixed (fcfs-chunked) so every run prefills the same chunks.
 - TPOT of greedy decoding after a long prompt: kvp=1 vs kvp=2 (the KV split half and half).
+- A burst of short requests (all sent at once): how long until the last one is done, kvp=1 vs
+  kvp=2. Each short request lives on one KVP group, so the groups serve them side by side.
 
 Every process runs ONE torch thread, so pp=2 and kvp=2 use two cores where the one-process
 baseline uses one: the question is how much of a second device each mechanism turns into speed.
@@ -12,7 +14,8 @@ The model is random-weight, no GQA (KV reads weigh as much as possible), sized s
 replica shape with a profile calibrated here (one thread), fed the chunks the engine actually
 ran (TTFT) or the decode shapes (TPOT).
 
-    python benchmarks/parallel_cpu.py [--prompt 3072] [--context 6144] [--json out.json]
+    python benchmarks/parallel_cpu.py [--prompt 3072] [--context 6144] [--burst 16]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ MODEL_CONFIG: dict[str, Any] = {
 }
 CHUNK = 256
 DECODE_TOKENS = 24
+SHORT_PROMPT = 200
+SHORT_OUTPUT = 32
 
 
 def build_model(folder: Path) -> Path:
@@ -76,6 +81,8 @@ def engine_config(model: Path, profile: Path, parallel: medha.ParallelConfig, **
         policy="fcfs-chunked",
         fixed_chunk=CHUNK,
         parallel=parallel,
+        # Every measurement repeats its prompts: each run must compute them again.
+        enable_prefix_caching=False,
     )
     settings.update(kw)
     return medha.EngineConfig(**settings)
@@ -99,6 +106,34 @@ async def run_request(
         history = engine.iteration_history[skip:]
         cost = engine._scheduler_actor.scheduler.cost  # type: ignore[union-attr]
     return done, statistics.median(ttfts), statistics.median(tpots), history, cost
+
+
+async def run_burst(
+    config: Any, prompts: list[list[int]], max_tokens: int, repeats: int
+) -> tuple[list[list[int]], float, float]:
+    """Send every prompt at once, `repeats` times after a warm-up: (the outputs, median time
+    until the last one finished, the cost model's time for the iterations of that run: the sum
+    of their predictions, one plan at a time without a pipeline)."""
+    async with medha.Engine(config, record_iterations=True) as engine:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        await engine.generate(prompts[0], params)
+        spans, predictions = [], []
+        done: list[Any] = [None] * len(prompts)
+
+        async def one(i: int) -> None:
+            done[i] = await engine.generate(prompts[i], params)
+
+        for _ in range(repeats):
+            skip = len(engine.iteration_history)
+            started = time.perf_counter()
+            async with anyio.create_task_group() as group:
+                for i in range(len(prompts)):
+                    group.start_soon(one, i)
+            spans.append(time.perf_counter() - started)
+            history = engine.iteration_history[skip:]
+            predictions.append(sum(record.predicted_seconds for record in history))
+    outputs = [completion.token_ids for completion in done]
+    return outputs, statistics.median(spans), statistics.median(predictions)
 
 
 def predicted_ttft(cost: Any, history: list[Any], spp: bool) -> float:
@@ -184,6 +219,29 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 wall_s=time.perf_counter() - started,
             )
         )
+    prompts = [
+        [(13 * i + 7 * n) % MODEL_CONFIG["vocab_size"] for i in range(SHORT_PROMPT)]
+        for n in range(args.burst)
+    ]
+    reference = None
+    for name, parallel in (
+        ("kvp=1", medha.ParallelConfig()),
+        ("kvp=2", medha.ParallelConfig(kvp=2, max_tokens_per_kvp_group=4096)),
+    ):
+        started = time.perf_counter()
+        config = engine_config(model, profile, parallel, policy="lars")
+        outputs, span, predicted = await run_burst(config, prompts, SHORT_OUTPUT, args.repeats)
+        reference = reference or outputs
+        assert outputs == reference, f"{name}: tokens differ from kvp=1"
+        rows.append(
+            dict(
+                metric=f"{args.burst} short requests",
+                config=name,
+                measured_s=span,
+                predicted_s=predicted,
+                wall_s=time.perf_counter() - started,
+            )
+        )
     return rows
 
 
@@ -203,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=3072, help="TTFT prompt tokens")
     parser.add_argument("--context", type=int, default=6144, help="TPOT context tokens")
+    parser.add_argument("--burst", type=int, default=16, help="short requests sent at once")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--cache", help="folder to keep the model and profile between runs")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")

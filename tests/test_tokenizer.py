@@ -107,6 +107,24 @@ def test_malformed_messages_are_an_invalid_request(tokenizer: Tokenizer, message
         tokenizer.apply_chat_template(messages)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("absent", [{"content": None}, {}])
+def test_a_message_without_content_reaches_the_template_as_an_empty_string(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, absent: dict[str, None]
+) -> None:
+    # A tool-calling turn has content null. SmolLM2's template joins the content to strings,
+    # which None would break; vLLM passes "" instead, whether content is null or missing.
+    joining = "{% for m in messages %}{{ m.role + ': ' + m.content + '|' }}{% endfor %}"
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "chat_template", joining)
+    call = {"function": {"name": "f", "arguments": "{}"}}
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", **absent, "tool_calls": [call]},
+    ]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+    assert text == "user: Hi|assistant: |"
+    assert chat[1].get("content") is None  # the caller's messages are left as they were
+
+
 def test_tiny_tokenizer_training_is_deterministic(tmp_path: Path) -> None:
     write_tiny_tokenizer(tmp_path / "a", vocab_size=350)
     write_tiny_tokenizer(tmp_path / "b", vocab_size=350)

@@ -33,6 +33,7 @@ from medha.errors import EngineFailedError
 from medha.log import get_logger
 from medha.parallel.cluster import Cluster
 from medha.parallel.messages import ShardStep, ShardWork, StageDone
+from medha.parallel.placement import seq_works
 from medha.perf.time_scale import OnlineTimeScale
 from medha.scheduler import BatchPlan, Scheduler
 from medha.scheduler.pausing import ran_alone
@@ -207,38 +208,26 @@ class PipelineSchedulerActor(SchedulerActor):
 
     def _issue(self, plan: BatchPlan) -> None:
         groups: list[list[ShardWork]] = [[] for _ in range(self.layout.kvp)]
+        merge_rows = 0
         for seq in plan.seqs:
             request = self.requests[seq.request_id]
-            sampling = request.start_sampling(seq.start)
             tokens = request.tokens(seq.start, seq.end)
-            score_rows = request.score_rows(seq.start, seq.end)
-            token_mask = request.token_mask(seq.samples)
-            blocks: dict[int, tuple[int, ...]] = {}
-            for group, ids in seq.new_blocks:
-                blocks[group] = blocks.get(group, ()) + tuple(ids)
-            shards = {shard.group: shard for shard in seq.shards}
-            appender = seq.append_group
-            for group, works in enumerate(groups):
-                shard = shards.get(group)
-                works.append(
-                    ShardWork(
-                        request_id=seq.request_id,
-                        start=seq.start,
-                        token_ids=tokens,
-                        new_blocks=blocks.get(group, ()),
-                        samples=seq.samples,
-                        # Only group 0 holds the sampling rank (ParallelLayout.sampler_rank):
-                        # the others need no copy (a penalised request's carries its prompt).
-                        sampling=sampling if group == 0 else None,
-                        kv_start=None if shard is None else shard.start,
-                        kv_end=0 if shard is None else shard.end,
-                        appends=group == appender,
-                        # Group 0's last stage scores: the others skip the LM head.
-                        score_rows=score_rows if group == 0 else range(0),
-                        token_mask=token_mask if group == 0 else None,
-                    )
-                )
-        self._send_steps(plan, groups, plan.released, plan.preempted)
+            spread = len(seq.shards) > 1
+            works = seq_works(
+                seq,
+                self.layout.kvp,
+                tokens=tokens,
+                sampling=request.start_sampling(seq.start),
+                score_rows=request.score_rows(seq.start, seq.end),
+                token_mask=request.token_mask(seq.samples),
+                merge_offset=merge_rows if spread else None,
+            )
+            if spread:
+                merge_rows += len(tokens)
+            for group_works, work in zip(groups, works, strict=True):
+                if work is not None:
+                    group_works.append(work)
+        self._send_steps(plan, groups, plan.released, plan.preempted, merge_rows)
         in_flight = sum(1 for f in self._order if f.plan is not None)
         self.max_plans_in_flight = max(self.max_plans_in_flight, in_flight)
 
@@ -248,6 +237,7 @@ class PipelineSchedulerActor(SchedulerActor):
         groups: list[list[ShardWork]] | tuple[()],
         release: tuple[str, ...],
         preempted: tuple[str, ...],
+        merge_rows: int = 0,
     ) -> None:
         seq_no = self._next_seq
         self._next_seq += 1
@@ -260,6 +250,7 @@ class PipelineSchedulerActor(SchedulerActor):
                 release,
                 preempted,
                 return_logits=self.record_logits and plan is not None,
+                merge_rows=merge_rows,
             )
             for g in range(kvp)
         ]

@@ -29,7 +29,7 @@ from medha.model.prompt_scoring import PromptScores, to_device
 from medha.model.request_sampling import RequestSampling, sample_requests
 from medha.model.runner import StepSeq
 from medha.parallel.kvp import KvpMerge, shard_step_seq
-from medha.parallel.messages import ShardStep, StageDone
+from medha.parallel.messages import ShardStep, ShardWork, StageDone, head_rows
 from medha.parallel.stage_model import StageModel
 
 
@@ -81,6 +81,9 @@ class RemoteStage:
         kvp_merge: KvpMerge | None,
         device: torch.device,
         pp: int,
+        kvp_group: int = 0,
+        report_to: int | None = None,
+        reporters: dict[int, int] | None = None,
     ) -> None:
         self.rank = rank
         self.model, self.cache, self.attention = model, cache, attention
@@ -89,12 +92,19 @@ class RemoteStage:
         self.heads = heads
         """Runs the LM head: the last stage of the KVP group that samples (every TP rank)."""
         self.kvp_merge = kvp_merge
+        self.kvp_group = kvp_group
+        self.report_to = report_to
+        """Last stage of another KVP group: the rank of the sampling group it sends the final
+        hidden rows of the sequences it reports (its peer there: same TP rank)."""
+        self.reporters = reporters or {}
+        """Last stage of the sampling group: each other group's rank that reports to it."""
         self.device = device
         self._seqs: dict[str, _SeqState] = {}
         self._queue: dict[int, tuple[ShardStep, torch.futures.Future[StageDone]]] = {}
         self._next = 0
         self._cond = threading.Condition()
         self._sends = PendingSends(limit=pp)
+        self._reports = PendingSends(limit=pp)
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"stage-{rank}", daemon=True)
         self._thread.start()
@@ -140,9 +150,10 @@ class RemoteStage:
             state = self._seqs.get(request_id)
             if state is not None:
                 state.block_table.clear()
-        if not step.seqs:
+        if not step.seqs and not step.merge_rows:
             return StageDone(step.seq_no, self.rank)
         batch: list[StepSeq] = []
+        runs: list[ShardWork] = []
         for work in step.seqs:
             state = self._seqs.get(work.request_id)
             if state is None:
@@ -154,27 +165,92 @@ class RemoteStage:
             # Blocks reserved for a later part of the prompt arrive before this group holds any
             # of its KV: keep them all the same.
             state.block_table.extend(work.new_blocks)
-            batch.append(shard_step_seq(work, state.block_table))
+            if work.runs:
+                batch.append(shard_step_seq(work, state.block_table))
+                runs.append(work)
+        if self.kvp_merge is not None:
+            self.kvp_merge.prepare(runs, step.merge_rows)
         # Queued before the layers, so that the head follows them without a host sync.
         logit_rows = self._logit_rows(step) if self.next_rank is None and self.heads else None
-        out, started = self._forward(step, batch)
+        out: torch.Tensor | None = None
+        if batch:
+            out, started = self._forward(step, batch)
+        else:
+            # Nothing of this step runs on this group: it only joins the merges of the others.
+            started = time.perf_counter()
+            if self.kvp_merge is not None:
+                self.kvp_merge.join(len(self.model.layer_range))
         if self.next_rank is not None:
             # Timed before the send: handing the output on is not this stage's compute.
             seconds = self._seconds_since(started)
-            self._send(out)
+            if out is not None:  # the next stage runs the same batch, or none
+                self._send(out)
             return StageDone(step.seq_no, self.rank, seconds=seconds)
-        if not self.heads:
-            # Another KVP group's last stage: group 0's holds the same hidden states (after
-            # the KVP merge) and samples.
+        if not self.heads or not step.seqs:
+            # Another KVP group's last stage: the sampling group samples every sequence, and
+            # this one sends it the rows it needs of those it ran and the sampling group did not.
+            if out is not None:
+                self._report(step, runs, out)
             return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
-        logits = self.model.head(out if logit_rows is None else out.index_select(0, logit_rows))
+        hidden = self._step_hidden(step, runs, out)
+        logits = self.model.head(
+            hidden if logit_rows is None else hidden.index_select(0, logit_rows)
+        )
         # The sampling rank's TP peers run the LM head on the same rows (a collective).
         scores = score_prompts(
-            out, step.seqs, self.model.head, self._sampling_of if self.samples else None
+            hidden, step.seqs, self.model.head, self._sampling_of if self.samples else None
         )
         if not self.samples:
             return StageDone(step.seq_no, self.rank, seconds=self._seconds_since(started))
         return self._sample(step, logits, scores, started)
+
+    def _report(self, step: ShardStep, runs: list[ShardWork], out: torch.Tensor) -> None:
+        """Send the sampling group the final hidden rows its LM head reads of the sequences
+        this group reports (ShardWork.reporter), in step order."""
+        rows: list[int] = []
+        offset = 0
+        for work in runs:
+            if work.reporter == self.kvp_group:
+                rows.extend(offset + row for row in head_rows(work, step.all_logits))
+            offset += len(work.token_ids)
+        if rows:
+            assert self.report_to is not None
+            tensor = out.index_select(0, to_device(rows, self.device)).contiguous()
+            self._reports.add(dist.isend(tensor, dst=self.report_to), tensor)
+
+    def _step_hidden(
+        self, step: ShardStep, runs: list[ShardWork], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The final hidden states of every sequence of the step, in step order (the sampling
+        group's): its own output, with the rows the LM head reads of the sequences other
+        groups ran received from them (other rows stay zero: nothing reads them)."""
+        if len(runs) == len(step.seqs):
+            assert out is not None
+            return out
+        total = sum(len(work.token_ids) for work in step.seqs)
+        dtype = self.cache.k[0].dtype
+        hidden = torch.zeros(total, self.model.arch.hidden_size, dtype=dtype, device=self.device)
+        own: list[int] = []
+        received: dict[int, list[int]] = {}
+        offset = 0
+        for work in step.seqs:
+            count = len(work.token_ids)
+            if work.runs:
+                own.extend(range(offset, offset + count))
+            elif work.reporter is not None:
+                rows = received.setdefault(work.reporter, [])
+                rows.extend(offset + row for row in head_rows(work, step.all_logits))
+            offset += count
+        if out is not None:
+            hidden.index_copy_(0, to_device(own, self.device), out)
+        for group in sorted(received):
+            rows = received[group]
+            if not rows:
+                continue
+            part = torch.empty(len(rows), hidden.shape[1], dtype=dtype, device=self.device)
+            dist.recv(part, src=self.reporters[group])
+            hidden.index_copy_(0, to_device(rows, self.device), part)
+        return hidden
 
     def _seconds_since(self, started: float) -> float:
         """Compute time of this step so far: on CUDA once this thread's stream has run what

@@ -283,7 +283,7 @@ def joined_text_parts(parts: list[Mapping[str, Any]]) -> str:
 def _text_content(messages: object) -> list[dict[str, Any]]:
     """`messages` checked, with OpenAI's content parts ([{"type": "text", "text": ...}]) joined
     into one string (by newlines, as vLLM does for templates that take a string): a template
-    would otherwise render the list's Python repr."""
+    would otherwise render the list's Python repr. No content is "" (as in vLLM)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} dicts")
     result = []
@@ -291,7 +291,11 @@ def _text_content(messages: object) -> list[dict[str, Any]]:
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{index}] must be a dict with a string 'role'")
         content = message.get("content")
-        if isinstance(content, list):
+        if content is None:
+            # An assistant message that only calls tools has content null (or none): as in
+            # vLLM, the template gets "", which templates that join strings (SmolLM2's) take.
+            message = {**message, "content": ""}
+        elif isinstance(content, list):
             for part in content:
                 if not (isinstance(part, Mapping) and part.get("type") == "text"):
                     raise InvalidRequestError(

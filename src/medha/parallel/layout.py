@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+SAMPLING_GROUP = 0
+"""The KVP group whose last stage samples every token (its TP rank 0: `sampler_rank`)."""
+
 
 class RankCoords(NamedTuple):
     pp: int
@@ -114,10 +117,11 @@ class RankLayout:
 
     @property
     def sampler_rank(self) -> int:
-        """The rank that samples: last stage, KVP group 0, TP rank 0. After the KVP merge every
-        group holds the same hidden states and after the TP all-gather every TP rank the same
-        logits, so one rank suffices."""
-        return self.rank(self.pp - 1, 0, 0)
+        """The rank that samples: last stage, KVP group 0, TP rank 0. It samples every token,
+        from its group's final hidden states and those other groups send it of the sequences
+        they run alone (medha.parallel.placement); after the TP all-gather every TP rank holds
+        the same logits, so one rank suffices."""
+        return self.rank(self.pp - 1, SAMPLING_GROUP, 0)
 
 
 def split_layers(num_layers: int, pp: int) -> list[range]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed.rpc as rpc
 
-from medha.parallel.layout import RankLayout, split_layers
+from medha.parallel.layout import SAMPLING_GROUP, RankLayout, split_layers
 from medha.parallel.messages import ShardStep, StageDone
 
 # Test hook: the rank named here raises during start-up (the fault tests' "bad worker").
@@ -173,10 +173,25 @@ def _load_stage(rank: int, spec: WorkerSpec) -> None:
         prev_rank=layout.prev_stage(rank),
         next_rank=layout.next_stage(rank),
         samples=rank == layout.sampler_rank,
-        heads=last and coords.kvp == layout.coords(layout.sampler_rank).kvp,
-        kvp_merge=KvpMerge(groups.kvp, layout.kvp) if layout.kvp > 1 else None,
+        heads=last and coords.kvp == SAMPLING_GROUP,
+        kvp_merge=(
+            KvpMerge(groups.kvp, layout.kvp, model.arch.num_heads, model.arch.head_dim, device)
+            if layout.kvp > 1
+            else None
+        ),
         device=device,
         pp=layout.pp,
+        kvp_group=coords.kvp,
+        report_to=(
+            layout.rank(coords.pp, SAMPLING_GROUP, coords.tp)
+            if last and coords.kvp != SAMPLING_GROUP
+            else None
+        ),
+        reporters={
+            group: layout.rank(coords.pp, group, coords.tp)
+            for group in range(layout.kvp)
+            if last and group != SAMPLING_GROUP
+        },
     )
     # Loading ran parallel regions on this thread; the steps run on the stage's thread. Free
     # this thread's idle OpenMP pool, or libgomp would slow the stage's (medha.model.openmp).

@@ -1,0 +1,101 @@
+"""KVP groups as data-parallel replicas (DESIGN section 8): a short request runs on its own group
+only, a long one on each group holding part of its KV, and the outputs are still exactly one
+process's and HF's. Three groups, so that a long request can also spread over groups the
+sampling group is not one of (that group then sits out the merges and samples from rows sent
+to it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import medha
+from medha import SamplingParams
+from medha.parallel.messages import ShardStep
+from tests.parallel_support import (
+    assert_prompt_logprobs_equal_hf,
+    hf_greedy,
+    hf_logits,
+    logits_by_request,
+    parallel_config,
+    workload,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medha.parallel.cluster import Cluster
+
+    sent: list[list[ShardStep]] = []
+    submit = Cluster.submit
+
+    def recording(self: Cluster, steps: list[ShardStep], on_done: Any) -> None:
+        sent.append(steps)
+        submit(self, steps, on_done)
+
+    monkeypatch.setattr(Cluster, "submit", recording)
+    work = workload(seed=31, count=9, long_prompts=3)
+    done: list[medha.Completion] = []
+    async with medha.Engine(parallel_config(1, 1, 3)) as engine:
+        actor = engine._scheduler_actor
+        actor.record_logits = True  # type: ignore[union-attr]
+
+        async def one(i: int) -> None:
+            # Prompt logprobs too: the rows that score a prompt go to group 0 as well.
+            await anyio.sleep(0.002 * i)
+            prompt, max_tokens = work[i]
+            params = SamplingParams.greedy(max_tokens, ignore_eos=True, prompt_logprobs=2)
+            done.append(await engine.generate(prompt, params, request_id=f"r{i}"))
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(work)):
+                group.start_soon(one, i)
+        # A long request alone: one group has nothing at all to run, yet joins its merges.
+        alone = await engine.generate(work[0][0], SamplingParams.greedy(4, ignore_eos=True))
+        logits = logits_by_request(actor.logits_log)  # type: ignore[union-attr]
+        assert engine.stats().free_blocks == engine.stats().total_blocks
+
+    outputs = {completion.request_id: completion for completion in done}
+    for i, (prompt, max_tokens) in enumerate(work):
+        completion = outputs[f"r{i}"]
+        tokens = completion.token_ids
+        assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"
+        assert_prompt_logprobs_equal_hf(completion, 2)
+        rows = torch.stack(logits[f"r{i}"])
+        expected = hf_logits(prompt + tokens[:-1])[len(prompt) - 1 :]
+        error = float((rows - expected).abs().max() / expected.abs().max())
+        assert error < 1e-4, f"request {i}: relative logit error {error:.2e}"
+
+    ran_on: dict[str, set[int]] = {}
+    for steps in sent:
+        for group, step in enumerate(steps):
+            for shard_work in step.seqs:
+                if shard_work.runs:
+                    ran_on.setdefault(shard_work.request_id, set()).add(group)
+    shorts = [f"r{i}" for i in range(3, len(work))]
+    # Each short request ran on one group only, and the groups shared them out.
+    assert all(len(ran_on[request]) == 1 for request in shorts), ran_on
+    assert len(Counter(next(iter(ran_on[request])) for request in shorts)) >= 2, ran_on
+    # The long ones ran on two groups each, merged there.
+    assert all(len(ran_on[f"r{i}"]) == 2 for i in range(3)), ran_on
+    # Some merge went on without one of the groups running any of its rows, and the sampling
+    # group sampled a token from rows another group sent it.
+    assert any(
+        step.merge_rows and not any(w.runs and w.merge_offset is not None for w in step.seqs)
+        for steps in sent
+        for step in steps
+    )
+    assert alone.token_ids == hf_greedy(work[0][0], 4)
+    assert any(step.merge_rows and not step.seqs for steps in sent for step in steps)
+    reported = [w for steps in sent for w in steps[0].seqs if not w.runs and w.reporter is not None]
+    assert any(w.samples for w in reported) and any(w.score_rows for w in reported)
