@@ -97,5 +97,17 @@ async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.Monk
     )
     assert alone.token_ids == hf_greedy(work[0][0], 4)
     assert any(step.merge_rows and not step.seqs for steps in sent for step in steps)
+    # A long request spread over groups 1 and 2: group 0 joined the merge with neutral rows
+    # and sampled from the rows the appending group sent.
+    assert any(
+        not w.runs
+        and w.reporter is not None
+        and any(
+            r.request_id == w.request_id and r.merge_offset is not None
+            for r in steps[w.reporter].seqs
+        )
+        for steps in sent
+        for w in steps[0].seqs
+    )
     reported = [w for steps in sent for w in steps[0].seqs if not w.runs and w.reporter is not None]
     assert any(w.samples for w in reported) and any(w.score_rows for w in reported)

@@ -6,8 +6,9 @@ on several groups (a long request's) have their query rows in the step's merge b
 the same on every group: each layer, every group of the stage all-gathers the buffer, holding its
 partials (out, lse) in the rows of the sequences it runs and the merge's neutral element
 (out = 0, lse = -inf) elsewhere, so the groups always make the same collectives in the same
-order, whatever each runs. After the merge every group that runs a sequence holds the same
-hidden states for it. A sequence on one group needs no merge: its output is its group's own.
+order, whatever each runs. The merge gives every group that runs a sequence the same attention
+output for it (bit for bit; their later matmuls may round it differently, as their batches
+differ). A sequence on one group needs no merge: its output is its group's own.
 """
 
 from __future__ import annotations
