@@ -22,6 +22,7 @@ from tests.parallel_support import (
     hf_logits,
     logits_by_request,
     parallel_config,
+    run_concurrently,
     workload,
 )
 
@@ -111,3 +112,37 @@ async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.Monk
     )
     reported = [w for steps in sent for w in steps[0].seqs if not w.runs and w.reporter is not None]
     assert any(w.samples for w in reported) and any(w.score_rows for w in reported)
+
+
+async def test_without_a_shard_size_the_groups_are_data_parallel_replicas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No max_tokens_per_kvp_group: no request ever spreads, long or short; each runs on one
+    # group, the groups share them out, and nothing is merged.
+    from medha.parallel.cluster import Cluster
+
+    sent: list[list[ShardStep]] = []
+    submit = Cluster.submit
+
+    def recording(self: Cluster, steps: list[ShardStep], on_done: Any) -> None:
+        sent.append(steps)
+        submit(self, steps, on_done)
+
+    monkeypatch.setattr(Cluster, "submit", recording)
+    work = workload(seed=5, count=6, long_prompts=2)
+    parallel = medha.ParallelConfig(kvp=2, timeout_s=120)
+    async with medha.Engine(parallel_config(1, 1, 2, parallel=parallel)) as engine:
+        outputs = await run_concurrently(engine, work)
+        assert engine.max_model_len == 2048  # the model's context: one group holds it all
+        assert engine.stats().free_blocks == engine.stats().total_blocks
+    for i, ((prompt, max_tokens), tokens) in enumerate(zip(work, outputs, strict=True)):
+        assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"
+    ran_on: dict[str, set[int]] = {}
+    for steps in sent:
+        assert all(step.merge_rows == 0 for step in steps)
+        for group, step in enumerate(steps):
+            for shard_work in step.seqs:
+                if shard_work.runs:
+                    ran_on.setdefault(shard_work.request_id, set()).add(group)
+    assert all(len(groups) == 1 for groups in ran_on.values()), ran_on
+    assert {group for groups in ran_on.values() for group in groups} == {0, 1}, ran_on

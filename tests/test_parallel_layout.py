@@ -80,8 +80,8 @@ def test_layers_split_evenly_with_the_remainder_first() -> None:
 def test_parallel_config_is_frozen_validated_and_part_of_engine_config() -> None:
     config = medha.ParallelConfig(tp=2, pp=2, kvp=2, max_tokens_per_kvp_group=64)
     assert config.world_size == 8 and config.spp
-    with pytest.raises(ValidationError):
-        medha.ParallelConfig(kvp=2)  # no M
+    replicas = medha.ParallelConfig(kvp=2)  # no M: requests never spread, groups are replicas
+    assert replicas.world_size == 2 and replicas.max_tokens_per_kvp_group is None
     with pytest.raises(ValidationError):
         medha.ParallelConfig(tp=0)
     with pytest.raises(ValidationError):

@@ -187,9 +187,12 @@ def test_replicas_that_cannot_shard_the_model_are_rejected(
         RooflineCostModel(LLAMA_3_8B, H100_80GB, replica)
 
 
-def test_kvp_replica_needs_a_shard_size() -> None:
+def test_kvp_groups_without_a_shard_size_never_spread_a_request() -> None:
+    replicas = ReplicaSpec(kvp=2)  # data-parallel groups only
+    assert replicas.kvp_groups_at(10**9) == 1
+    assert ReplicaSpec(kvp=2, kvp_max_tokens_per_group=100).kvp_groups_at(150) == 2
     with pytest.raises(ValueError, match="kvp_max_tokens_per_group"):
-        ReplicaSpec(kvp=2)
+        ReplicaSpec(kvp=2, kvp_max_tokens_per_group=0)
 
 
 @pytest.mark.parametrize("bad", [S(-1, 0), S(1, -5), S(1, 10, 2), S(1, 10, 0), S(4, 0, 1, -1)])

@@ -43,10 +43,12 @@ class ParallelConfig(BaseModel):
     pp: int = Field(default=1, ge=1)
     """Pipeline stages, each holding a contiguous range of layers."""
     kvp: int = Field(default=1, ge=1)
-    """KV-cache parallel groups: a long request's KV is split along the sequence over them."""
+    """KV-cache parallel groups: a long request's KV is split along the sequence over them; a
+    request within one group's share lives on one group, so the groups also serve short
+    requests side by side (data-parallel replicas)."""
     max_tokens_per_kvp_group: int | None = Field(default=None, ge=1)
-    """M: a request's tokens [0, M) live on its first KVP group, [M, 2M) on the next. Required
-    when kvp > 1."""
+    """M: a request's tokens [0, M) live on its first KVP group, [M, 2M) on the next. None: a
+    request never spreads, and kvp > 1 groups are data-parallel replicas only."""
     spp: bool = True
     """Stream pipeline parallelism: a prompt's next chunk enters stage 0 as soon as the previous
     one left it (pp > 1 only)."""
@@ -66,8 +68,6 @@ class ParallelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        if self.kvp > 1 and self.max_tokens_per_kvp_group is None:
-            raise ValueError("kvp > 1 needs max_tokens_per_kvp_group (tokens per KVP shard)")
         if self.attach is not None:
             host, _, port = self.attach.rpartition(":")
             if not host or not port.isdigit():

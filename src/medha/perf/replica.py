@@ -17,17 +17,13 @@ class ReplicaSpec:
     pp: int = 1
     kvp: int = 1
     kvp_max_tokens_per_group: int | None = None
-    """M: KV tokens one KVP group holds for one request before the next group onboards.
-
-    Required when kvp > 1: the prefill-time table needs to know when a long prompt spreads.
-    """
+    """M: KV tokens one KVP group holds for one request before the next group onboards. None:
+    a request never spreads (with kvp > 1 the groups are data-parallel replicas only)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "kvp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kvp > 1 and self.kvp_max_tokens_per_group is None:
-            raise ValueError("kvp > 1 needs kvp_max_tokens_per_group (tokens per KVP shard)")
         if self.kvp_max_tokens_per_group is not None and self.kvp_max_tokens_per_group < 1:
             raise ValueError("kvp_max_tokens_per_group must be >= 1")
 
