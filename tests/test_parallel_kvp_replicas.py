@@ -34,17 +34,34 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[list[ShardStep]]:
+    """Every step the engine sends its workers, one ShardStep per KVP group."""
     from medha.parallel.cluster import Cluster
 
-    sent: list[list[ShardStep]] = []
+    steps_sent: list[list[ShardStep]] = []
     submit = Cluster.submit
 
     def recording(self: Cluster, steps: list[ShardStep], on_done: Any) -> None:
-        sent.append(steps)
+        steps_sent.append(steps)
         submit(self, steps, on_done)
 
     monkeypatch.setattr(Cluster, "submit", recording)
+    return steps_sent
+
+
+def _groups_run_on(sent: list[list[ShardStep]]) -> dict[str, set[int]]:
+    """The KVP groups each request's steps ran on."""
+    ran_on: dict[str, set[int]] = {}
+    for steps in sent:
+        for group, step in enumerate(steps):
+            for shard_work in step.seqs:
+                if shard_work.runs:
+                    ran_on.setdefault(shard_work.request_id, set()).add(group)
+    return ran_on
+
+
+async def test_groups_serve_short_requests_side_by_side(sent: list[list[ShardStep]]) -> None:
     work = workload(seed=31, count=9, long_prompts=3)
     done: list[medha.Completion] = []
     async with medha.Engine(parallel_config(1, 1, 3)) as engine:
@@ -77,12 +94,7 @@ async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.Monk
         error = float((rows - expected).abs().max() / expected.abs().max())
         assert error < 1e-4, f"request {i}: relative logit error {error:.2e}"
 
-    ran_on: dict[str, set[int]] = {}
-    for steps in sent:
-        for group, step in enumerate(steps):
-            for shard_work in step.seqs:
-                if shard_work.runs:
-                    ran_on.setdefault(shard_work.request_id, set()).add(group)
+    ran_on = _groups_run_on(sent)
     shorts = [f"r{i}" for i in range(3, len(work))]
     # Each short request ran on one group only, and the groups shared them out.
     assert all(len(ran_on[request]) == 1 for request in shorts), ran_on
@@ -115,20 +127,10 @@ async def test_groups_serve_short_requests_side_by_side(monkeypatch: pytest.Monk
 
 
 async def test_without_a_shard_size_the_groups_are_data_parallel_replicas(
-    monkeypatch: pytest.MonkeyPatch,
+    sent: list[list[ShardStep]],
 ) -> None:
     # No max_tokens_per_kvp_group: no request ever spreads, long or short; each runs on one
     # group, the groups share them out, and nothing is merged.
-    from medha.parallel.cluster import Cluster
-
-    sent: list[list[ShardStep]] = []
-    submit = Cluster.submit
-
-    def recording(self: Cluster, steps: list[ShardStep], on_done: Any) -> None:
-        sent.append(steps)
-        submit(self, steps, on_done)
-
-    monkeypatch.setattr(Cluster, "submit", recording)
     work = workload(seed=5, count=6, long_prompts=2)
     parallel = medha.ParallelConfig(kvp=2, timeout_s=120)
     async with medha.Engine(parallel_config(1, 1, 2, parallel=parallel)) as engine:
@@ -137,12 +139,7 @@ async def test_without_a_shard_size_the_groups_are_data_parallel_replicas(
         assert engine.stats().free_blocks == engine.stats().total_blocks
     for i, ((prompt, max_tokens), tokens) in enumerate(zip(work, outputs, strict=True)):
         assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"
-    ran_on: dict[str, set[int]] = {}
-    for steps in sent:
-        assert all(step.merge_rows == 0 for step in steps)
-        for group, step in enumerate(steps):
-            for shard_work in step.seqs:
-                if shard_work.runs:
-                    ran_on.setdefault(shard_work.request_id, set()).add(group)
+    assert all(step.merge_rows == 0 for steps in sent for step in steps)
+    ran_on = _groups_run_on(sent)
     assert all(len(groups) == 1 for groups in ran_on.values()), ran_on
     assert {group for groups in ran_on.values() for group in groups} == {0, 1}, ran_on
