@@ -2,7 +2,7 @@
 only, a long one on each group holding part of its KV, and the outputs are still exactly one
 process's and HF's. Three groups, so that a long request can also spread over groups the
 sampling group is not one of (that group then sits out the merges and samples from rows sent
-to it)."""
+to it). Without max_tokens_per_kvp_group, no request spreads: the groups are replicas only."""
 
 from __future__ import annotations
 
