@@ -16,15 +16,7 @@ import torch
 import medha
 from medha import SamplingParams
 from medha.parallel.messages import ShardStep
-from tests.parallel_support import (
-    assert_prompt_logprobs_equal_hf,
-    hf_greedy,
-    hf_logits,
-    logits_by_request,
-    parallel_config,
-    run_concurrently,
-    workload,
-)
+from tests import parallel_support as support
 
 pytestmark = pytest.mark.anyio
 
@@ -62,9 +54,9 @@ def _groups_run_on(sent: list[list[ShardStep]]) -> dict[str, set[int]]:
 
 
 async def test_groups_serve_short_requests_side_by_side(sent: list[list[ShardStep]]) -> None:
-    work = workload(seed=31, count=9, long_prompts=3)
+    work = support.workload(seed=31, count=9, long_prompts=3)
     done: list[medha.Completion] = []
-    async with medha.Engine(parallel_config(1, 1, 3)) as engine:
+    async with medha.Engine(support.parallel_config(1, 1, 3)) as engine:
         actor = engine._scheduler_actor
         actor.record_logits = True  # type: ignore[union-attr]
 
@@ -80,17 +72,17 @@ async def test_groups_serve_short_requests_side_by_side(sent: list[list[ShardSte
                 group.start_soon(one, i)
         # A long request alone: one group has nothing at all to run, yet joins its merges.
         alone = await engine.generate(work[0][0], SamplingParams.greedy(4, ignore_eos=True))
-        logits = logits_by_request(actor.logits_log)  # type: ignore[union-attr]
+        logits = support.logits_by_request(actor.logits_log)  # type: ignore[union-attr]
         assert engine.stats().free_blocks == engine.stats().total_blocks
 
     outputs = {completion.request_id: completion for completion in done}
     for i, (prompt, max_tokens) in enumerate(work):
         completion = outputs[f"r{i}"]
         tokens = completion.token_ids
-        assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"
-        assert_prompt_logprobs_equal_hf(completion, 2)
+        assert tokens == support.hf_greedy(prompt, max_tokens), f"request {i}"
+        support.assert_prompt_logprobs_equal_hf(completion, 2)
         rows = torch.stack(logits[f"r{i}"])
-        expected = hf_logits(prompt + tokens[:-1])[len(prompt) - 1 :]
+        expected = support.hf_logits(prompt + tokens[:-1])[len(prompt) - 1 :]
         error = float((rows - expected).abs().max() / expected.abs().max())
         assert error < 1e-4, f"request {i}: relative logit error {error:.2e}"
 
@@ -108,7 +100,7 @@ async def test_groups_serve_short_requests_side_by_side(sent: list[list[ShardSte
         for steps in sent
         for step in steps
     )
-    assert alone.token_ids == hf_greedy(work[0][0], 4)
+    assert alone.token_ids == support.hf_greedy(work[0][0], 4)
     assert any(step.merge_rows and not step.seqs for steps in sent for step in steps)
     # A long request spread over groups 1 and 2: group 0 joined the merge with neutral rows
     # and sampled from the rows the appending group sent.
@@ -131,14 +123,14 @@ async def test_without_a_shard_size_the_groups_are_data_parallel_replicas(
 ) -> None:
     # No max_tokens_per_kvp_group: no request ever spreads, long or short; each runs on one
     # group, the groups share them out, and nothing is merged.
-    work = workload(seed=5, count=6, long_prompts=2)
+    work = support.workload(seed=5, count=6, long_prompts=2)
     parallel = medha.ParallelConfig(kvp=2, timeout_s=120)
-    async with medha.Engine(parallel_config(1, 1, 2, parallel=parallel)) as engine:
-        outputs = await run_concurrently(engine, work)
+    async with medha.Engine(support.parallel_config(1, 1, 2, parallel=parallel)) as engine:
+        outputs = await support.run_concurrently(engine, work)
         assert engine.max_model_len == 2048  # the model's context: one group holds it all
         assert engine.stats().free_blocks == engine.stats().total_blocks
     for i, ((prompt, max_tokens), tokens) in enumerate(zip(work, outputs, strict=True)):
-        assert tokens == hf_greedy(prompt, max_tokens), f"request {i}"
+        assert tokens == support.hf_greedy(prompt, max_tokens), f"request {i}"
     assert all(step.merge_rows == 0 for steps in sent for step in steps)
     ran_on = _groups_run_on(sent)
     assert all(len(groups) == 1 for groups in ran_on.values()), ran_on
