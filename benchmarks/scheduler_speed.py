@@ -74,9 +74,10 @@ class AnalyticPricer:
         self.total += AnalyticCost.seq_time(seq)
         self.empty = False
 
-    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
+    def add_decodes(self, kv_tokens: Sequence[int], heads: bool = True) -> None:
+        rows = 1 if heads else 0
         for kv in kv_tokens:
-            self.add(SeqShape(1, kv, 1))
+            self.add(SeqShape(1, kv, 1, rows))
 
     def time(self) -> float:
         return 0.0 if self.empty else self.total

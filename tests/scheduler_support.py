@@ -27,7 +27,7 @@ from medha.scheduler.policies import ChunkingMode, policy_for
 
 @dataclass(frozen=True)
 class ToyCost:
-    """time = a + b * sum(q) + c * sum(q * (kv / n + q / 2)) + d * sum(kv / n).
+    """time = a + b * sum(q) + c * sum(q * (kv / n + q / 2)) + d * sum(kv / n) + e * sum(rows).
 
     Defaults: a 100K-token prompt takes ~10 s alone, a 1K-token one ~26 ms; a 50 ms budget
     fits ~2200 fresh tokens or ~270 tokens at 90K context.
@@ -41,8 +41,9 @@ class ToyCost:
     """Weight-streaming floor of the linear layers: below floor / per_token query tokens a batch
     costs the same (a roofline's memory-bound regime); 0 makes the model purely additive."""
     per_head_row: float = 0.0
-    """The LM head's cost per row past each sequence's first (SeqShape.head_rows): a scored
-    prompt's chunk pays it on every row."""
+    """The LM head's cost per row (SeqShape.head_rows, additive like the roofline model's): a
+    scored prompt's chunk pays it on every row, and the sampling KVP group for every
+    sequence."""
     pp_stages: int = 1
     iteration_budget: float | None = None
     """When set, prefill times include the fixed cost (overhead + floor) of every iteration a
@@ -56,7 +57,7 @@ class ToyCost:
             q = seq.q_tokens
             tokens += q
             other += self.per_attention * q * (kv + q / 2) + self.per_kv_read * kv
-            other += self.per_head_row * (seq.head_rows - 1)
+            other += self.per_head_row * seq.head_rows
         return self.overhead + max(self.linear_floor, self.per_token * tokens) + other
 
     def stage_time(self, seqs: Sequence[SeqShape]) -> float:

@@ -17,7 +17,7 @@ from medha.perf import (
     ReplicaSpec,
     RooflineCostModel,
 )
-from medha.scheduler.cost import BatchCostModel, SeqShape
+from medha.scheduler.cost import BatchCostModel, SeqShape, head_only
 
 S = SeqShape
 MILLION = 1_000_000
@@ -195,7 +195,28 @@ def test_kvp_groups_without_a_shard_size_never_spread_a_request() -> None:
         ReplicaSpec(kvp=2, kvp_max_tokens_per_group=0)
 
 
-@pytest.mark.parametrize("bad", [S(-1, 0), S(1, -5), S(1, 10, 2), S(1, 10, 0), S(4, 0, 1, -1)])
+def test_a_head_only_shape_costs_the_lm_head_at_the_last_stage_and_no_layer() -> None:
+    # The sampling KVP group runs the LM head for a sequence another group ran (head_only);
+    # that group runs the layers without the head (head_rows=0). A decode's head row reads
+    # the head's weights: 1 GB of Llama-3-8B's 16.
+    cost = model(pp=2, kvp=2)
+    eff, arch = cost.profile.efficiency, cost.arch
+    overhead = eff.iteration_overhead_s
+    decode, layers_only = S(1, 5000, 1, 1), S(1, 5000, 1, 0)
+    head = cost.batch_time([decode]) - cost.batch_time([layers_only])
+    weights_read = arch.vocab_size * arch.hidden_size * 2 / (H100_80GB.hbm_bandwidth * eff.memory)
+    assert head == pytest.approx(weights_read, rel=0.01)
+    assert cost.batch_time([head_only(1)]) == pytest.approx(2 * overhead + head)
+    assert cost.stage_time([head_only(1)]) == pytest.approx(overhead + head)
+    assert cost.batch_time([layers_only, head_only(1)]) == pytest.approx(cost.batch_time([decode]))
+    rows = cost.batch_time([head_only(300)]) - cost.batch_time([head_only(1)])
+    assert rows > 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [S(-1, 0), S(1, -5), S(1, 10, 2), S(1, 10, 0), S(4, 0, 1, -1), S(0, 5), S(0, 0, 2, 1)],
+)
 def test_malformed_sequences_are_rejected(bad: SeqShape) -> None:
     with pytest.raises(ValueError):
         model().batch_time([bad])
@@ -259,20 +280,22 @@ def test_a_stage_never_takes_longer_than_the_whole_batch(
 @given(
     prior=st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 200_000)), max_size=4),
     contexts=st.lists(st.integers(0, 2_000_000), max_size=40),
+    heads=st.booleans(),
 )
 def test_bulk_decode_pricing_gives_the_same_sums_bit_for_bit(
-    prior: list[tuple[int, int]], contexts: list[int]
+    prior: list[tuple[int, int]], contexts: list[int], heads: bool
 ) -> None:
     # The scheduler prices a group's decodes in one call; it must equal one add per decode,
-    # whatever the batch held before (a prefill chunk, say).
+    # whatever the batch held before (a prefill chunk, say). `heads` False: a group whose
+    # LM-head rows the sampling group runs.
     cost = model()
     one_by_one, bulk = cost.batch_pricer(), cost.batch_pricer()
     for q, kv in prior:
         one_by_one.add(SeqShape(q, kv, 1))
         bulk.add(SeqShape(q, kv, 1))
     for kv in contexts:
-        one_by_one.add(SeqShape(1, kv, 1))
-    bulk.add_decodes(contexts)
+        one_by_one.add(SeqShape(1, kv, 1, 1 if heads else 0))
+    bulk.add_decodes(contexts, heads=heads)
     assert bulk._sums == one_by_one._sums  # every term, kv_tokens included
     assert bulk.time() == one_by_one.time()
     assert bulk.stage_time() == one_by_one.stage_time()

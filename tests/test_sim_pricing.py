@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from medha.perf import A100_80GB, H100_80GB, LLAMA_3_8B, LLAMA_3_70B, ReplicaSpec, RooflineCostModel
 from medha.scheduler import Scheduler, SchedulerConfig, SeqShape
+from medha.scheduler.cost import head_only
 from medha.scheduler.kvp import shard_sizes
 from medha.scheduler.pricing import ListPricer, new_pricer
 from medha.sim import SimRequest, Simulator, plan_times
@@ -32,10 +33,12 @@ def shapes(max_groups: int) -> st.SearchStrategy[list[SeqShape]]:
         st.one_of(st.just(1), st.integers(1, 9000)),
         st.integers(0, 2_000_000),
         st.integers(1, max_groups),
-        # The LM head on one row, or on every row of a scored chunk.
+        # The LM head on one row, on every row of a scored chunk, or on another group (0).
         st.one_of(st.just(1), st.integers(0, 9000)),
     )
-    return st.lists(seq, min_size=1, max_size=40)
+    # The head rows of a sequence another group ran, on the sampling group.
+    reported = st.builds(head_only, st.one_of(st.just(1), st.integers(1, 9000)))
+    return st.lists(st.one_of(seq, reported), min_size=1, max_size=40)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-SAMPLING_GROUP = 0
-"""The KVP group whose last stage samples every token (its TP rank 0: `sampler_rank`)."""
+# The KVP group whose last stage samples every token (its TP rank 0: `sampler_rank`); the
+# scheduler prices its LM-head rows there.
+from medha.scheduler.plan import SAMPLING_GROUP
 
 
 class RankCoords(NamedTuple):

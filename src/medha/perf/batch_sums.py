@@ -60,8 +60,8 @@ class RooflinePricer:
         self._model.accumulate(self._sums, seq)
         self._time = None
 
-    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
-        self._model.accumulate_decodes(self._sums, kv_tokens)
+    def add_decodes(self, kv_tokens: Sequence[int], heads: bool = True) -> None:
+        self._model.accumulate_decodes(self._sums, kv_tokens, heads)
         self._time = None
 
     def time(self) -> float:

@@ -211,14 +211,16 @@ class RooflineCostModel:
         calibrated: without the online `time_scale` and `context_scale`."""
         # A batch crosses every stage, and each stage's worker pays the per-step overhead
         # (input preparation, host syncs): a plan alone in the pipeline takes the sum.
-        return sum(self._stages_terms(self.sums_of(seqs)), Terms()) if seqs else Terms()
+        sums = self.sums_of(seqs)
+        return sum(self._stages_terms(sums), Terms()) if _has_work(sums) else Terms()
 
     def stage_terms(self, seqs: Sequence[SeqShape]) -> Terms:
         """The slowest pipeline stage's share of the batch, including its send downstream."""
-        if not seqs:
+        sums = self.sums_of(seqs)
+        if not _has_work(sums):
             return Terms()
         eff = self.profile.efficiency
-        return max(self._stages_terms(self.sums_of(seqs)), key=lambda t: t.seconds(eff))
+        return max(self._stages_terms(sums), key=lambda t: t.seconds(eff))
 
     def breakdown(self, seqs: Sequence[SeqShape]) -> dict[str, float]:
         """Seconds per term (matmul, attention, memory, kv_read, ...) as calibrated; they sum to
@@ -247,6 +249,11 @@ class RooflineCostModel:
             raise ValueError(f"token and row counts must be >= 0: {seq}")
         if not 1 <= groups <= self.replica.kvp:
             raise ValueError(f"kvp_groups must be in [1, {self.replica.kvp}]: {seq}")
+        if q_tokens == 0:  # only the LM-head rows of a sequence another group ran (head_only)
+            if kv_tokens or groups != 1:
+                raise ValueError(f"a head-only shape has no KV tokens and one group: {seq}")
+            sums.head_rows += seq.head_rows
+            return
         local_kv = float(kv_tokens)  # this group's shard (SeqShape.kv_tokens)
         flops, nbytes = self._attention.work(q_tokens, local_kv)
         peak, attention_rate, hbm, kv_read_rate = self._attention_rates
@@ -263,10 +270,13 @@ class RooflineCostModel:
             partial = q_tokens * self._q_heads * (self.arch.head_dim * self.dtype_bytes + LSE_BYTES)
             sums.merge_bytes += allgather_wire_bytes(partial, groups)
 
-    def accumulate_decodes(self, sums: BatchSums, kv_tokens: Sequence[int]) -> None:
-        """`accumulate` of SeqShape(1, kv, 1) for each kv in `kv_tokens`: the one-token steps of
-        requests whose KV lives on one group (every decode without a KVP split), in one loop
-        with the same arithmetic in the same order (so the same sums, bit for bit)."""
+    def accumulate_decodes(
+        self, sums: BatchSums, kv_tokens: Sequence[int], heads: bool = True
+    ) -> None:
+        """`accumulate` of SeqShape(1, kv, 1, 1 if heads else 0) for each kv in `kv_tokens`:
+        the one-token steps of requests whose KV lives on one group (every decode without a KVP
+        split), in one loop with the same arithmetic in the same order (so the same sums, bit
+        for bit)."""
         attention_work = self._attention
         flops_per_key = attention_work.flops_per_key
         kv_bytes, qo_bytes = attention_work.kv_bytes_per_token, attention_work.qo_bytes_per_query
@@ -286,7 +296,8 @@ class RooflineCostModel:
         count = len(kv_tokens)
         sums.tokens += count
         sums.seqs += count
-        sums.head_rows += count
+        if heads:
+            sums.head_rows += count
         sums.attention, sums.kv_read, sums.kv_tokens = attention, kv_read, local
 
     def batch_seconds(self, sums: BatchSums) -> float:
@@ -295,12 +306,12 @@ class RooflineCostModel:
 
     def stage_seconds(self, sums: BatchSums) -> float:
         """`stage_time` of a batch given as its sums: its slowest pipeline stage."""
-        if len(self._stage_layers) == 1 or not sums.seqs:
+        if len(self._stage_layers) == 1 or not _has_work(sums):
             return self.batch_seconds(sums)
         return max(self._stage_seconds(sums)) * self.time_scale
 
     def _raw_batch_seconds(self, sums: BatchSums, context_scale: float | None = None) -> float:
-        if not sums.seqs:
+        if not _has_work(sums):
             return 0.0
         layer, first, last, send, iteration = self._seconds_parts(sums, context_scale)
         stages = len(self._stage_layers)
@@ -327,6 +338,10 @@ class RooflineCostModel:
         without building Terms, since this is the hot path of adaptive chunking (a test checks
         that both agree)."""
         eff = self.profile.efficiency
+        if not sums.seqs:
+            # Only LM-head rows of sequences other groups ran (head_only): no layer runs here,
+            # and the rows arrive at the last stage.
+            return 0.0, 0.0, self._lm_head_seconds(sums.head_rows), 0.0, eff.iteration_overhead_s
         token_layer, embedding, norm, send = self._token_seconds(sums.tokens)
         layer = (
             token_layer
@@ -382,9 +397,11 @@ class RooflineCostModel:
         return cached
 
     def _stages_terms(self, sums: BatchSums) -> list[Terms]:
-        layer = self._layer_terms(sums)
-        send_collective, send_latency = self._send_ideal(sums.tokens)
-        send = Terms(collective=send_collective, latency=send_latency)
+        layer = send = Terms()
+        if sums.seqs:  # else only LM-head rows of sequences other groups ran (head_only)
+            layer = self._layer_terms(sums)
+            send_collective, send_latency = self._send_ideal(sums.tokens)
+            send = Terms(collective=send_collective, latency=send_latency)
         last = len(self._stage_layers) - 1
         stages = []
         for stage, layers in enumerate(self._stage_layers):
@@ -468,6 +485,11 @@ _PREFILL_RESCALE_LOG = math.log(1.1)
 
 _CACHE_LIMIT = 1 << 16
 """Entries per memo table before it is cleared (bounds memory on very long runs)."""
+
+
+def _has_work(sums: BatchSums) -> bool:
+    """Whether a batch runs anything: a sequence, or LM-head rows of others (head_only)."""
+    return bool(sums.seqs or sums.head_rows)
 
 
 def _check_shardable(arch: ModelArch, replica: ReplicaSpec) -> None:

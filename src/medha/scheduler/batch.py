@@ -2,8 +2,9 @@
 
 Each KVP group runs the sequences that have KV on it, so the time budget is checked per group:
 a sequence spread over n groups appears in each of their batches as SeqShape(q, shard, n), with
-the shard that group holds (M tokens on every group but the last). The iteration takes as long
-as its slowest group.
+the shard that group holds (M tokens on every group but the last). Every sequence's LM-head
+rows run on the sampling group (plan.SAMPLING_GROUP), where they are priced, also for sequences
+that run elsewhere (`cost.head_only`). The iteration takes as long as its slowest group.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Sequence
 
 from medha.scheduler.chunking import finish_ceiling, largest_fitting_chunk
 from medha.scheduler.config import SchedulerConfig
-from medha.scheduler.cost import BatchCostModel, SeqShape
+from medha.scheduler.cost import BatchCostModel, SeqShape, head_only
 from medha.scheduler.kvp import shard_sizes
-from medha.scheduler.plan import ScheduledSeq, lm_head_rows
+from medha.scheduler.plan import SAMPLING_GROUP, ScheduledSeq, lm_head_rows
 from medha.scheduler.policies import ChunkingMode
 from medha.scheduler.pricing import new_pricer
 
@@ -31,6 +32,8 @@ class BatchBuilder:
         """Each group's batch as its cost model prices it (see pricing.py)."""
         self.tokens = [0] * config.kvp_groups
         """Query tokens per group (every sequence has at least one, so 0 means empty)."""
+        self.reported_rows = 0
+        """LM-head rows the sampling group runs for sequences it does not run itself."""
         self._times: list[float | None] = [0.0] * config.kvp_groups
         """Predicted time of each group's batch so far; None when it must be recomputed."""
         self.closed_groups: set[int] = set()
@@ -57,26 +60,43 @@ class BatchBuilder:
         q_tokens, head_rows = seq.end - seq.start, seq.head_rows
         pricers, tokens, times = self.pricers, self.tokens, self._times
         for group, shard in zip(groups, self._shards(seq.start, len(groups)), strict=True):
-            pricers[group].add(SeqShape(q_tokens, shard, len(groups), head_rows))
+            rows = head_rows if group == SAMPLING_GROUP else 0
+            pricers[group].add(SeqShape(q_tokens, shard, len(groups), rows))
             tokens[group] += q_tokens
             times[group] = None
+        if SAMPLING_GROUP not in groups:
+            self._add_reported_rows(head_rows)
         self.seqs.append(seq)
 
     def add_on_group(self, seq: ScheduledSeq, group: int) -> None:
         """`add` for a sequence whose KV lives on one group."""
         q_tokens = seq.end - seq.start
-        self.pricers[group].add(SeqShape(q_tokens, seq.start, 1, seq.head_rows))
+        if group == SAMPLING_GROUP:
+            self.pricers[group].add(SeqShape(q_tokens, seq.start, 1, seq.head_rows))
+        else:
+            self.pricers[group].add(SeqShape(q_tokens, seq.start, 1, 0))
+            self._add_reported_rows(seq.head_rows)
         self.tokens[group] += q_tokens
         self._times[group] = None
         self.seqs.append(seq)
 
     def price_decodes(self, group: int, kv_tokens: list[int]) -> None:
-        """Price one-token steps on `group` (SeqShape(1, kv, 1) each) whose ScheduledSeqs the
-        caller appended to `seqs` itself: the decode loop's bulk path (see `add_on_group`)."""
+        """Price one-token steps on `group` (SeqShape(1, kv, 1) each, their LM-head rows on
+        the sampling group) whose ScheduledSeqs the caller appended to `seqs` itself: the
+        decode loop's bulk path (see `add_on_group`)."""
         if kv_tokens:
-            self.pricers[group].add_decodes(kv_tokens)
+            sampler = group == SAMPLING_GROUP
+            self.pricers[group].add_decodes(kv_tokens, heads=sampler)
+            if not sampler:
+                self._add_reported_rows(len(kv_tokens))
             self.tokens[group] += len(kv_tokens)
             self._times[group] = None
+
+    def _add_reported_rows(self, rows: int) -> None:
+        """LM-head rows of a sequence that runs on other groups: the sampling group's work."""
+        self.pricers[SAMPLING_GROUP].add(head_only(rows))
+        self.reported_rows += rows
+        self._times[SAMPLING_GROUP] = None
 
     def add_prefill(
         self, seq: ScheduledSeq, groups: Sequence[int], is_long: bool, predicted: float | None
@@ -86,7 +106,9 @@ class BatchBuilder:
         self.num_prefills += 1
         if is_long:
             self.long_groups.update(groups)
-        if predicted is not None and len(groups) == 1:
+        # A prediction sized by the sampling group too may be that group's time, not this one's.
+        sized_alone = not _sized_by_sampler(groups, seq.head_rows)
+        if predicted is not None and len(groups) == 1 and sized_alone:
             self._times[groups[0]] = predicted
 
     def group_time(self, group: int) -> float:
@@ -100,14 +122,26 @@ class BatchBuilder:
         self, groups: Sequence[int], q_tokens: int, kv_tokens: int, scored: range = range(0)
     ) -> float:
         """Batch time of the slowest of `groups` with a (q_tokens, kv_tokens) step added, whose
-        rows at positions in `scored` run the LM head (see ScheduledSeq.head_rows)."""
+        rows at positions in `scored` run the LM head (see ScheduledSeq.head_rows) on the
+        sampling group; that group counts too when the step does not run there and scores
+        several rows (`_sized_by_sampler`)."""
         rows = lm_head_rows(scored, kv_tokens, kv_tokens + q_tokens)
+        pricers = self.pricers
         if len(groups) == 1:
-            return self.pricers[groups[0]].time_with(SeqShape(q_tokens, kv_tokens, 1, rows))
-        return max(
-            self.pricers[group].time_with(SeqShape(q_tokens, shard, len(groups), rows))
-            for group, shard in zip(groups, self._shards(kv_tokens, len(groups)), strict=True)
-        )
+            group = groups[0]
+            if group == SAMPLING_GROUP:
+                return pricers[group].time_with(SeqShape(q_tokens, kv_tokens, 1, rows))
+            time = pricers[group].time_with(SeqShape(q_tokens, kv_tokens, 1, 0))
+        else:
+            time = max(
+                pricers[group].time_with(
+                    SeqShape(q_tokens, shard, len(groups), rows if group == SAMPLING_GROUP else 0)
+                )
+                for group, shard in zip(groups, self._shards(kv_tokens, len(groups)), strict=True)
+            )
+        if _sized_by_sampler(groups, rows):
+            time = max(time, pricers[SAMPLING_GROUP].time_with(head_only(rows)))
+        return time
 
     def _shards(self, kv_tokens: int, groups: int) -> tuple[int, ...]:
         return shard_sizes(kv_tokens, groups, self.config.max_tokens_per_kvp_group)
@@ -196,7 +230,7 @@ class BatchBuilder:
         """(batch time, stage time) of the finished batch: its slowest group."""
         batch_time = stage_time = 0.0
         for group, tokens in enumerate(self.tokens):
-            if not tokens:
+            if not tokens and not (group == SAMPLING_GROUP and self.reported_rows):
                 continue
             group_time = self.group_time(group)
             batch_time = max(batch_time, group_time)
@@ -205,3 +239,11 @@ class BatchBuilder:
             else:
                 stage_time = max(stage_time, group_time)
         return batch_time, stage_time
+
+
+def _sized_by_sampler(groups: Sequence[int], head_rows: int) -> bool:
+    """Whether a chunk on `groups` is sized against the sampling group's budget as well: when it
+    does not run there and its LM-head rows grow with it (a scored prompt). One row per
+    sequence is charged there without sizing anything: it is the same whatever the chunk, and a
+    full sampling group must not close the others to prefills."""
+    return head_rows > 1 and SAMPLING_GROUP not in groups

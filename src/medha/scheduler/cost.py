@@ -17,7 +17,8 @@ class SeqShape(NamedTuple):
     the cheapest immutable records Python builds."""
 
     q_tokens: int
-    """Query tokens this step: a prefill chunk's length, or 1 for a decode."""
+    """Query tokens this step: a prefill chunk's length, or 1 for a decode; 0 for the LM-head
+    rows of a sequence another KVP group ran (`head_only`)."""
     kv_tokens: int
     """Tokens already in the KV cache that the queries attend to (besides themselves) on the
     KVP group priced: all of them when the sequence lives on one group, else that group's
@@ -26,9 +27,16 @@ class SeqShape(NamedTuple):
     """KVP groups the sequence's KV is spread over: each reads its own shard, in parallel, and
     their partial outputs then merge."""
     head_rows: int = 1
-    """Rows of its hidden states the LM head turns into logits: one (every sequence is charged
-    the row it may sample from), or every query row of a prefill chunk whose prompt is scored
-    (SamplingParams.prompt_logprobs)."""
+    """Rows of its hidden states the LM head turns into logits on the group priced: one (every
+    sequence is charged the row it may sample from), or every query row of a prefill chunk whose
+    prompt is scored (SamplingParams.prompt_logprobs); 0 on a group other than the one that
+    samples (medha.scheduler.plan.SAMPLING_GROUP), which runs the head for it."""
+
+
+def head_only(rows: int) -> SeqShape:
+    """What a sequence costs the sampling KVP group when it runs on others: its LM-head rows,
+    whose final hidden states the group that ran it sends there (no layer runs them)."""
+    return SeqShape(0, 0, 1, rows)
 
 
 class BatchCostModel(Protocol):

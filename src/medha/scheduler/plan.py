@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from medha.scheduler.cost import SeqShape
+from medha.scheduler.cost import SeqShape, head_only
+
+SAMPLING_GROUP = 0
+"""The KVP group whose last stage runs the LM head and samples for every sequence of a step (the
+engine keeps each request's sampling state there). A sequence that runs only on other groups
+sends it its final hidden rows, so its LM-head rows are priced on this group."""
 
 
 class SeqKind(Enum):
@@ -115,11 +120,18 @@ class BatchPlan:
 
     def group_shapes(self) -> dict[int, list[SeqShape]]:
         """What each KVP group runs: every sequence with KV on it, priced at that group's
-        shard (the scheduler's own view when it priced the plan)."""
+        shard, and the LM-head rows of every sequence on the sampling group (the scheduler's
+        own view when it priced the plan)."""
         by_group: dict[int, list[SeqShape]] = {}
         for seq in self.seqs:
             groups = len(seq.shards)
+            sampled_here = False
             for shard in seq.shards:
-                shape = SeqShape(seq.q_tokens, shard.tokens, groups, seq.head_rows)
+                sampler = shard.group == SAMPLING_GROUP
+                sampled_here |= sampler
+                rows = seq.head_rows if sampler else 0
+                shape = SeqShape(seq.q_tokens, shard.tokens, groups, rows)
                 by_group.setdefault(shard.group, []).append(shape)
+            if not sampled_here:
+                by_group.setdefault(SAMPLING_GROUP, []).append(head_only(seq.head_rows))
         return by_group

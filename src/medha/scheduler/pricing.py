@@ -23,9 +23,10 @@ class BatchPricer(Protocol):
 
     def add(self, seq: SeqShape) -> None: ...
 
-    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
-        """`add(SeqShape(1, kv, 1))` for each kv: the decodes of requests on one KVP group, in
-        bulk (once per group per iteration rather than once per decode)."""
+    def add_decodes(self, kv_tokens: Sequence[int], heads: bool = True) -> None:
+        """`add(SeqShape(1, kv, 1, 1 if heads else 0))` for each kv: the decodes of requests on
+        one KVP group, in bulk (once per group per iteration rather than once per decode);
+        `heads` False on a group whose LM-head rows another group runs."""
         ...
 
     def time(self) -> float: ...
@@ -51,8 +52,9 @@ class ListPricer:
         self._seqs.append(seq)
         self._time = None
 
-    def add_decodes(self, kv_tokens: Sequence[int]) -> None:
-        self._seqs.extend(SeqShape(1, kv, 1) for kv in kv_tokens)
+    def add_decodes(self, kv_tokens: Sequence[int], heads: bool = True) -> None:
+        rows = 1 if heads else 0
+        self._seqs.extend(SeqShape(1, kv, 1, rows) for kv in kv_tokens)
         self._time = None
 
     def time(self) -> float:
