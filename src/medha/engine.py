@@ -21,7 +21,6 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -33,6 +32,7 @@ from medha.actors.scheduler_messages import Abort, IterationRecord, Submit
 from medha.actors.stage import StageActor
 from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
+from medha.engine_loop import check_loop, starting_loop
 from medha.engine_metrics import EngineMetrics
 from medha.engine_setup import online_time_scale
 from medha.engine_stats import EngineStats, on_loop
@@ -40,7 +40,6 @@ from medha.errors import (
     EngineClosedError,
     EngineFailedError,
     InvalidRequestError,
-    WrongEventLoopError,
 )
 from medha.log import get_logger
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
@@ -110,25 +109,14 @@ class Engine:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     async def start(self) -> None:
         """Load the model (on the model thread), calibrate, and start the actors."""
         if self._loop is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio, or no loop at all
-            raise WrongEventLoopError(
-                "medha.Engine runs on asyncio (anyio's asyncio backend, asyncio.run, uvloop); "
-                "no asyncio event loop is running here"
-            ) from None
+        self._loop = starting_loop()
         if self.config.parallel.uses_workers:
             await self._start_parallel()
         else:
@@ -287,23 +275,7 @@ class Engine:
                 self._model_thread.close()
 
     def _check_loop(self) -> None:
-        """An engine serves the event loop it was started on: its actors are tasks there, and
-        replies from its threads go there. From another loop a call would wait for a
-        wake-up that never comes."""
-        if self._loop is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            raise WrongEventLoopError(
-                "no event loop is running here: call the Engine from a coroutine on the loop it "
-                "was started on (from synchronous code, use medha.LLM)"
-            ) from None
-        if running is not self._loop:
-            raise WrongEventLoopError(
-                "this Engine was started on another event loop; use it from that loop (from "
-                "another thread: asyncio.run_coroutine_threadsafe(..., loop)), or use medha.LLM"
-            )
+        check_loop(self._loop)  # medha.engine_loop
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -382,6 +354,15 @@ class Engine:
         self._actor()
         keep = None if sampling is None else sampling.truncate_prompt_tokens
         return self._prompt_ids(prompt, keep)
+
+    def output_limit(self, prompt_tokens: int, sampling: SamplingParams | None = None) -> int:
+        """How many tokens a request of a `prompt_tokens`-token prompt may generate with
+        `sampling`: its `max_tokens`, or (None) what the context and the KV cache leave. Raises
+        what `stream` raises for a request too long for them (PromptTooLongError,
+        RequestTooLargeError): to find how much of a long input fits before sending it."""
+        self._actor()
+        assert self._prompts is not None  # set at start
+        return self._prompts.output_limit(prompt_tokens, sampling or SamplingParams())
 
     def now(self) -> float:
         """The engine's clock: seconds since this Engine was created, on time.monotonic. The

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from medha.errors import InvalidRequestError
 from medha.log import get_logger
 from medha.output_text import OutputText
 from medha.request_input import prompt_token_ids
@@ -102,6 +103,14 @@ class PromptPreparer:
             )
         # Never read: the request is submitted only once it has its prepared parts.
         return PreparedPrompt([], 0, OutputText(self.tokenizer, [], params, (), 1), ())
+
+    def output_limit(self, prompt_tokens: object, params: SamplingParams) -> int:
+        """Engine.output_limit: the tokens a request of `prompt_tokens` may generate."""
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
+            raise InvalidRequestError(f"prompt_tokens must be an int, got {prompt_tokens!r}")
+        if prompt_tokens < 1:
+            raise InvalidRequestError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+        return output_limit(prompt_tokens, params, self.max_model_len, self.scheduler)
 
     def prepare(self, prompt: object, params: SamplingParams) -> PreparedPrompt:
         """Typed errors (medha.errors) for a prompt that cannot run: empty, not a prompt,

@@ -34,7 +34,12 @@ from starlette.types import ASGIApp
 import medha
 from medha.engine import Engine
 from medha.engine_metrics import CONTENT_TYPE
-from medha.errors import InvalidRequestError, MedhaError
+from medha.errors import (
+    InvalidRequestError,
+    MedhaError,
+    PromptTooLongError,
+    RequestTooLargeError,
+)
 from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
@@ -46,6 +51,7 @@ from medha.server.reasoning import Reasoning, ReasoningParser, thinking_first
 from medha.server.reasoning import reasoning_parser as find_reasoning_parser
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.responses_reply import responses_reply
+from medha.server.responses_truncation import fewest_dropped, turn_starts, without_turns
 from medha.server.streaming import (
     ClientDisconnectedError,
     ModelNotFoundError,
@@ -236,17 +242,46 @@ class _Api:
 
     async def responses(self, body: ResponsesRequest, request: Request) -> Response:
         """OpenAI's Responses API, as the chat request it means (medha.server.openai_responses)."""
-        try:
-            chat_body = ChatCompletionRequest.model_validate(body.chat_body())
-        except ValidationError as exc:  # in the chat request it became: say which field
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise InvalidRequestError(f"{where}: {first['msg']}") from exc
-        started = await self._start_chat(chat_body, request)
+        if body.truncation == "auto" and not isinstance(body.input, str):
+            chat_body, chat = await self._fitting_chat(body, request)
+        else:
+            chat_body = _chat_request_of(body)
+            chat = await self._chat(chat_body, request)
+        started = await self._start_chat(chat_body, request, chat)
         return await responses_reply(request, body, started, self.model_name, self.engine)
 
-    async def _start_chat(self, body: ChatCompletionRequest, request: Request) -> Started:
-        chat = await self._chat(body, request)
+    async def _fitting_chat(
+        self, body: ResponsesRequest, request: Request
+    ) -> tuple[ChatCompletionRequest, _ChatRequest]:
+        """The chat of a Responses request with `truncation: "auto"`: its input without the
+        fewest oldest turns that leave it room in the context (responses_truncation)."""
+        assert not isinstance(body.input, str)
+        items = body.input
+        starts = turn_starts(items)
+        tried: dict[int, tuple[ChatCompletionRequest, _ChatRequest]] = {}
+
+        async def fits(dropped: int) -> bool:
+            kept = without_turns(items, starts, dropped)
+            chat_body = _chat_request_of(body.model_copy(update={"input": kept}))
+            chat = await self._chat(chat_body, request)
+            tried[dropped] = chat_body, chat
+            try:
+                self.engine.output_limit(len(chat.prompt_ids), chat.params)
+            except (PromptTooLongError, RequestTooLargeError):
+                return False
+            return True
+
+        dropped = await fewest_dropped(len(starts), fits)
+        if dropped:
+            _log.info("responses input truncated", turns=len(starts), dropped_turns=dropped)
+        return tried[dropped]
+
+    async def _start_chat(
+        self, body: ChatCompletionRequest, request: Request, chat: _ChatRequest | None = None
+    ) -> Started:
+        """A chat request's choices started (`chat`: its prompt and parameters, when made)."""
+        if chat is None:
+            chat = await self._chat(body, request)
         prompt_ids = [chat.prompt_ids]
         return await self._start(
             request,
@@ -366,6 +401,16 @@ class _Api:
         ignored = body.ignored_fields()
         if ignored:
             _log.info("request fields ignored", path=request.url.path, fields=ignored)
+
+
+def _chat_request_of(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completions request a Responses request means."""
+    try:
+        return ChatCompletionRequest.model_validate(body.chat_body())
+    except ValidationError as exc:  # in the chat request it became: say which field
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequestError(f"{where}: {first['msg']}") from exc
 
 
 def _allow_origins(app: FastAPI, origins: Sequence[str]) -> None:

@@ -48,7 +48,7 @@ _CHAT_ONLY: dict[str, object] = {
 """Chat's and completions' own fields, which the Responses API has in its own way (`input`,
 `text.format`, `max_output_tokens`) or not at all (one output, no logprobs)."""
 
-_TAKEN_UNUSED = ("include", "truncation", "service_tier", "stream_options")
+_TAKEN_UNUSED = ("include", "service_tier", "stream_options")
 """OpenAI's fields that change nothing medha does (not logged as ignored: OpenAI's clients send
 them routinely)."""
 
@@ -98,6 +98,9 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     user: str | None = None
     top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    """"auto": a conversation too long for the context loses its oldest turns until it fits
+    (medha.server.responses_truncation); else ("disabled", OpenAI's default) it is refused."""
 
     def chat_body(self) -> dict[str, Any]:
         """The chat completions request this one means (validated by its model after)."""
@@ -288,7 +291,7 @@ def response_object(
         **request.echoed_fields(),
         "previous_response_id": None,
         "store": False,
-        "truncation": "disabled",
+        "truncation": request.truncation or "disabled",
         "usage": usage,
     }
 
