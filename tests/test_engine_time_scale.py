@@ -62,7 +62,9 @@ async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_toke
         scheduler = engine._actor().scheduler
         cost = scheduler.cost
         schedule = scheduler.schedule
-        level = {"next": 1000.0, "moves": 0}
+        # Levels far above 1: the predictions stay well over the default deadline's floor
+        # (0.5 s) however fast this machine's calibration finds a 120-token prefill.
+        level = {"next": 10_000.0, "moves": 0}
         given_deadlines: set[float] = set()
 
         def slower_then_schedule(now: float):  # type: ignore[no-untyped-def]
@@ -80,7 +82,7 @@ async def test_a_default_deadline_reported_is_the_one_in_force_at_the_first_toke
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         default = await engine.generate([1, 2, 3] * 40, params)
         predicted = cost.prefill_time(120)
-        level["next"] = 2000.0
+        level["next"] = 20_000.0
         given = await engine.generate([1, 2, 3] * 40, params, deadline=0.7)
     assert level["moves"] == 2  # once with each request pending
     assert predicted > 1.0  # the level moved a lot: the default is 1.5x the new prediction

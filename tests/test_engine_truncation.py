@@ -49,6 +49,11 @@ async def test_a_prompt_beyond_the_context_fits_once_truncated() -> None:
         done = await engine.generate(
             prompt, SamplingParams.greedy(4, ignore_eos=True, truncate_prompt_tokens=500)
         )
+        # vLLM's -1 keeps as many as the context holds: then there is no room for output.
+        to_context = SamplingParams.greedy(4, truncate_prompt_tokens=-1)
+        assert engine.tokenize(prompt, to_context) == prompt[-512:]
+        with pytest.raises(PromptTooLongError, match="512 tokens and max_tokens is 4"):
+            await engine.generate(prompt, to_context)
     assert done.prompt_token_ids == prompt[-500:]
     assert done.token_ids == hf_greedy(prompt[-500:], 4)
 

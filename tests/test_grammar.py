@@ -148,3 +148,44 @@ def test_a_grammar_whose_first_mask_fails_is_refused_at_compile_time(
     monkeypatch.setattr(GrammarMatcher, "error", property(lambda self: "lexer too complex"))
     with pytest.raises(InvalidSamplingParamsError, match="does not compile: lexer too complex"):
         grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+
+
+@pytest.mark.parametrize("special", ["<|im_end|>", "<|end_of_text|>"])  # the second is eos
+@pytest.mark.parametrize("kind", ["choice", "regex", "prefixed"])
+def test_forced_text_of_a_special_token_is_spelled_out_not_refused(special: str, kind: str) -> None:
+    # llguidance's mask allows the special token its tokenizer makes of forced text, which
+    # its parser then refuses (medha.grammar_specials): the mask keeps only what the parser
+    # takes, and the text is written as the tokens of its characters.
+    tokenizer = _tokenizer()
+    (token,) = tokenizer.encode(special, add_special_tokens=False)
+    text = {"choice": special, "regex": special, "prefixed": f"Answer: {special}"}[kind]
+    params = (
+        StructuredOutputsParams(regex=re.escape(text))
+        if kind == "regex"
+        else StructuredOutputsParams(choice=[text, "no"])
+    )
+    matcher = grammar_compiler().matcher(params)
+    written: list[int] = []
+    while not matcher.complete:
+        allowed = _allowed(matcher)
+        assert token not in allowed
+        # The special tokens first, as a model likely picks the marker it knows.
+        pick = min(allowed, key=lambda t: (t not in tokenizer.special_token_ids, t))
+        matcher.accept(pick)
+        written.append(pick)
+        assert len(written) < 40
+    assert tokenizer.decode(written, skip_special_tokens=False) == text
+
+
+def test_a_special_token_the_grammar_takes_as_a_token_stays_allowed() -> None:
+    # Thinking tags that are added tokens are read as tokens (medha.thinking_grammar), and
+    # eos ends an output that may end: the parser takes both, so the masks keep them.
+    tokenizer = _tokenizer()
+    (start,) = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    thinking = {"start": "<|im_start|>", "end": "<|im_end|>"}
+    params = StructuredOutputsParams(choice=["ok"], thinking=thinking)
+    matcher = grammar_compiler().matcher(params)
+    assert start in _allowed(matcher)
+    ending = grammar_compiler().matcher(StructuredOutputsParams(regex="[0-9]+"))
+    _spell(ending, "7")
+    assert set(tokenizer.eos_token_ids) <= _allowed(ending)

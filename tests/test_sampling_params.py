@@ -108,6 +108,12 @@ def test_boundary_values_are_valid() -> None:
     SamplingParams(top_p=1e-9, min_p=0.0, seed=2**64 - 1, top_k=1)
 
 
+def test_a_signed_seed_is_its_64_bits_unsigned_as_vllm_takes_int64_seeds() -> None:
+    assert SamplingParams(seed=-1).seed == 2**64 - 1
+    assert SamplingParams(seed=-(2**63)).seed == 2**63
+    assert SamplingParams(seed=np.int64(-2)).seed == 2**64 - 2  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -131,7 +137,7 @@ def test_boundary_values_are_valid() -> None:
         ("top_k", False),
         ("min_p", -0.01),
         ("min_p", 1.01),
-        ("seed", -1),
+        ("seed", -(2**63) - 1),
         ("seed", 2**64),
         ("seed", 1.5),
         ("stop", 5),
@@ -182,7 +188,7 @@ def test_boundary_values_are_valid() -> None:
         ("allowed_token_ids", [3, -1]),
         ("allowed_token_ids", "3"),
         ("truncate_prompt_tokens", 0),
-        ("truncate_prompt_tokens", -1),
+        ("truncate_prompt_tokens", -2),
         ("truncate_prompt_tokens", 2.5),
         ("truncate_prompt_tokens", True),
         ("bad_words", 5),
@@ -275,9 +281,13 @@ def test_logit_bias_takes_openais_string_ids_and_allowed_ids_are_kept_sorted_onc
 def test_truncate_prompt_tokens_keeps_the_end_of_a_longer_prompt() -> None:
     params = SamplingParams(truncate_prompt_tokens=np.int64(3))
     assert params.truncate_prompt_tokens == 3 and type(params.truncate_prompt_tokens) is int
-    assert params.truncated([1, 2, 3, 4, 5]) == [3, 4, 5]
-    assert params.truncated([1, 2]) == [1, 2]
-    assert SamplingParams().truncated([1, 2, 3]) == [1, 2, 3]
+    assert params.truncated([1, 2, 3, 4, 5], 100) == [3, 4, 5]
+    assert params.truncated([1, 2], 100) == [1, 2]
+    assert SamplingParams().truncated([1, 2, 3], 2) == [1, 2, 3]
+    # vLLM's -1: the context's length.
+    context = SamplingParams(truncate_prompt_tokens=-1)
+    assert context.prompt_keep(4) == 4 and params.prompt_keep(4) == 3
+    assert context.truncated([1, 2, 3, 4, 5, 6], 4) == [3, 4, 5, 6]
 
 
 def test_bad_words_take_a_word_or_a_list_and_need_the_token_history() -> None:

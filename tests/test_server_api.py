@@ -352,9 +352,10 @@ async def test_streamed_chat_choices_logprobs_and_usage_add_up() -> None:
         content = [entry for c in mine if c.logprobs for entry in c.logprobs.content or ()]
         assert expected.logprobs is not None and content == expected.logprobs.content
         assert mine[-1].finish_reason == expected.finish_reason
-        # The prompt's logprobs come on a choice's first chunk, as in the whole response.
+        # The prompt's logprobs come on a choice's first chunk; whole, beside the choices.
+        assert "prompt_logprobs" not in (expected.model_extra or {})
         prompt_rows = [c.model_extra.get("prompt_logprobs") for c in mine]
-        assert prompt_rows[0] == expected.model_extra["prompt_logprobs"] is not None
+        assert prompt_rows[0] == (whole.model_extra or {})["prompt_logprobs"] is not None
         assert prompt_rows[1:] == [None] * (len(mine) - 1)
 
 

@@ -291,6 +291,17 @@ async def test_starlettes_own_errors_are_in_openais_shape(
     assert error["code"] == status and error["message"]
 
 
+async def test_a_body_that_is_not_an_object_says_so() -> None:
+    json_type = {"content-type": "application/json"}
+    async with serving() as (_, client):
+        for content in (b"", b"[1, 2]", b'"text"'):
+            response = await client._client.post(
+                "http://medha/v1/completions", content=content, headers=json_type
+            )
+            assert response.status_code == 400
+            assert response.json()["error"]["message"].startswith("body: "), content
+
+
 async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:
     async with medha.Engine(engine_config()) as engine:
         transport = httpx2.ASGITransport(app=create_app(engine, api_key="s3cret"))

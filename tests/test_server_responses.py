@@ -448,6 +448,8 @@ def test_a_request_is_translated_field_for_field() -> None:
     }
     assert (body["max_completion_tokens"], body["top_k"]) == (7, 3)
     assert body["messages"] == [{"role": "user", "content": "Hi"}]
+    # JSON's null is a field's default, as on the other endpoints.
+    assert ResponsesRequest.model_validate({"input": "Hi", "stream": None}).stream is False
 
 
 async def test_a_named_call_cut_short_while_thinking_is_no_call() -> None:

@@ -56,6 +56,16 @@ def _seconds_since(t0: float) -> float:
     return time.monotonic() - t0
 
 
+def _checked_sampling(sampling: object) -> SamplingParams:
+    if sampling is None:
+        return SamplingParams()
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidRequestError(
+            f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
+        )
+    return sampling
+
+
 class Engine:
     """Serve one model; use as `async with Engine(config) as engine:`.
 
@@ -352,7 +362,7 @@ class Engine:
         calling thread: for a long text, from a coroutine, call it through
         `anyio.to_thread.run_sync` (the tokenizers library releases the GIL while it encodes)."""
         self._actor()
-        keep = None if sampling is None else sampling.truncate_prompt_tokens
+        keep = _checked_sampling(sampling).prompt_keep(self.max_model_len)
         return self._prompt_ids(prompt, keep)
 
     def output_limit(self, prompt_tokens: int, sampling: SamplingParams | None = None) -> int:
@@ -362,7 +372,7 @@ class Engine:
         RequestTooLargeError): to find how much of a long input fits before sending it."""
         self._actor()
         assert self._prompts is not None  # set at start
-        return self._prompts.output_limit(prompt_tokens, sampling or SamplingParams())
+        return self._prompts.output_limit(prompt_tokens, _checked_sampling(sampling))
 
     def now(self) -> float:
         """The engine's clock: seconds since this Engine was created, on time.monotonic. The
@@ -395,8 +405,7 @@ class Engine:
             if request.finish_reason is None:  # else aborted before its iteration started
                 request.metrics.arrival = self._clock()
                 if request.unprepared_prompt is not None:
-                    assert self._prompts is not None
-                    await prepare_off_loop(request, self._prompts)
+                    await self._prepare_long_prompt(request)
                     actor = self._actor()  # the engine may have stopped meanwhile
             if request.finish_reason is None:  # else aborted while its prompt was prepared
                 request.submitted = True
@@ -426,11 +435,7 @@ class Engine:
         """Validate a request and reserve its id; nothing is queued."""
         self._check_loop()
         self._actor()
-        params = SamplingParams() if sampling is None else sampling
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(
-                f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
-            )
+        params = _checked_sampling(sampling)
         assert self._prompts is not None and self._constraints is not None  # set at start
         long_prompt = is_long(prompt)
         if long_prompt:
@@ -472,6 +477,11 @@ class Engine:
         )
         self._by_id[request_id] = request
         return request
+
+    async def _prepare_long_prompt(self, request: TrackedRequest) -> None:
+        """Tokenize and check a long prompt `_prepare` left for later, off the event loop."""
+        assert self._prompts is not None
+        await prepare_off_loop(request, self._prompts)
 
     def _taken(self, request_id: str) -> bool:
         holder = self._by_id.get(request_id)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medha.errors import GrammarViolationError, InvalidSamplingParamsError
+from medha.grammar_specials import ForcedSpecials
 from medha.structured_outputs import StructuredOutputsParams
 from medha.thinking_grammar import with_thinking
 
@@ -39,14 +40,21 @@ class GrammarMatcher:
     """One request's position in its grammar. `banned`: tokens never allowed while another
     one is (eos, for a request with ignore_eos: its output goes on until the grammar ends)."""
 
-    __slots__ = ("_banned", "_mask", "_matcher", "_words")
+    __slots__ = ("_banned", "_mask", "_matcher", "_specials", "_words")
 
     def __init__(
-        self, matcher: llguidance.LLMatcher, words: int, banned: tuple[int, ...] = ()
+        self,
+        matcher: llguidance.LLMatcher,
+        words: int,
+        banned: tuple[int, ...] = (),
+        specials: ForcedSpecials | None = None,
     ) -> None:
         self._matcher = matcher
         self._words = words
         self._banned = banned
+        self._specials = specials
+        """The model's special tokens, which a mask may allow where the parser refuses them
+        (medha.grammar_specials)."""
         self._mask: NDArray[np.int32] | None = None
         """The mask of the current position, once computed (a step reads it, never writes)."""
 
@@ -57,7 +65,10 @@ class GrammarMatcher:
 
             mask = llguidance.numpy.allocate_token_bitmask(1, 32 * self._words)
             llguidance.numpy.fill_next_token_bitmask(self._matcher, mask, 0)
-            self._mask = _without(mask[0], self._banned)
+            allowed = mask[0]
+            if self._specials is not None:
+                allowed = self._specials.repair(self._matcher, allowed)
+            self._mask = _without(allowed, self._banned)
         return self._mask
 
     def accept(self, token_id: int) -> None:
@@ -98,6 +109,7 @@ class GrammarCompiler:
         self._vocab_size = vocab_size
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: dict[str, llguidance.LLMatcher] = {}
+        self._specials: ForcedSpecials | None = None
 
     def matcher(
         self, params: StructuredOutputsParams, banned: tuple[int, ...] = ()
@@ -116,7 +128,9 @@ class GrammarCompiler:
                 raise _refused(params, str(exc)) from exc
         compiled = self._compiled_grammar(grammar, params)
         words = (self._llguidance_tokenizer().vocab_size + 31) // 32
-        matcher = GrammarMatcher(compiled.deep_copy(), words, banned)
+        if self._specials is None:
+            self._specials = ForcedSpecials(self._tokenizer)
+        matcher = GrammarMatcher(compiled.deep_copy(), words, banned, self._specials)
         # The first mask now: what the lexer builds lazily may hit a limit, which is better
         # refused here than found mid-request (and the first step reuses it).
         matcher.next_mask()

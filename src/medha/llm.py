@@ -62,8 +62,13 @@ class LLM:
             raise EngineClosedError("this LLM was closed")
         self._runtime.check_process()
         batch = _prompt_batch(prompts)
-        if deadlines is not None and len(deadlines) != len(batch):
-            raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
+        if deadlines is not None:
+            if not isinstance(deadlines, Sequence) or isinstance(deadlines, str):
+                raise InvalidRequestError(
+                    f"deadlines must be a list (one per prompt) or None, got {deadlines!r}"
+                )
+            if len(deadlines) != len(batch):
+                raise InvalidRequestError(f"{len(batch)} prompts but {len(deadlines)} deadlines")
         per_prompt = _sampling_per_prompt(sampling, len(batch))
         # This thread only waits while the model thread works; an idle OpenMP pool of its own
         # (any torch op the caller ran) would slow the model thread's (medha.model.openmp).
@@ -77,13 +82,25 @@ class LLM:
                 )
                 for i, prompt in enumerate(batch)
             ]
+            try:
+                # A long text's checks need its tokens, which a stream makes when it starts:
+                # made now, one too long for the context raises before anything runs.
+                for request in requests:
+                    if request.unprepared_prompt is not None:
+                        await engine._prepare_long_prompt(request)
+            except BaseException:
+                for request in requests:
+                    request.close_unsubmitted()
+                raise
             results: list[Completion | None] = [None] * len(batch)
             errors: list[Exception] = []
 
             async def one(index: int) -> None:
                 try:
                     results[index] = await engine._complete(requests[index])
-                except Exception as exc:  # the engine failed or closed: the others end too
+                except Exception as exc:
+                    # The engine failed or closed, or this request did (a grammar violation):
+                    # the call raises that error, and the others are aborted.
                     errors.append(exc)
                     group.cancel_scope.cancel()
 
@@ -185,12 +202,13 @@ def _conversations(messages: object) -> list[Sequence[Mapping[str, Any]]]:
 
 
 def _prompt_batch(prompts: object) -> list[Prompt]:
-    """One prompt (a str, a token-id sequence, a 1-D array) as a batch of one; a sequence or
-    iterable of prompts (a 2-D array: one per row) as the batch."""
+    """One prompt (a str, a token-id sequence, a 1-D array, vLLM's {"prompt": text} or
+    {"prompt_token_ids": ids}) as a batch of one; a sequence or iterable of prompts (a 2-D
+    array: one per row) as the batch."""
     if not isinstance(prompts, str) and callable(getattr(prompts, "tolist", None)):
         prompts = prompts.tolist()  # type: ignore[attr-defined]  # numpy array, tensor
-    if isinstance(prompts, str):
-        return [prompts]
+    if isinstance(prompts, str | Mapping):
+        return [_vllm_prompt(prompts)]
     if not isinstance(prompts, Iterable):
         raise InvalidRequestError(
             f"prompts must be a str, a list of token ids or a list of prompts, got "
@@ -199,7 +217,25 @@ def _prompt_batch(prompts: object) -> list[Prompt]:
     items = list(prompts)
     if items and _is_token_id(items[0]):
         return [items]
-    return items
+    return [_vllm_prompt(item) for item in items]
+
+
+_VLLM_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def _vllm_prompt(prompt: Any) -> Any:
+    """A prompt as the engine takes it: vLLM's dict prompts (TextPrompt, TokensPrompt) as
+    their text or ids; anything else as it is (the engine checks it)."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    given = [key for key in _VLLM_PROMPT_KEYS if key in prompt]
+    others = sorted(str(key) for key in prompt if key not in _VLLM_PROMPT_KEYS)
+    if len(given) != 1 or others:
+        raise InvalidRequestError(
+            "a dict prompt is vLLM's {'prompt': text} or {'prompt_token_ids': ids}"
+            + (f" (medha takes no {', '.join(others)})" if others else "")
+        )
+    return prompt[given[0]]
 
 
 def _is_token_id(item: object) -> bool:

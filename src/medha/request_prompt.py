@@ -94,7 +94,7 @@ class PromptPreparer:
         (PromptTooLongError, RequestTooLargeError): only a text's wait for its tokens."""
         if not isinstance(prompt, str):
             length = len(prompt)  # type: ignore[arg-type]  # is_long(prompt): it has one
-            keep = params.truncate_prompt_tokens
+            keep = params.prompt_keep(self.max_model_len)
             output_limit(
                 length if keep is None else min(length, keep),
                 params,
@@ -116,7 +116,7 @@ class PromptPreparer:
         """Typed errors (medha.errors) for a prompt that cannot run: empty, not a prompt,
         ids outside the vocabulary, too long for the context or the KV cache."""
         ids = prompt_token_ids(
-            prompt, self.tokenizer, self.vocab_size, params.truncate_prompt_tokens
+            prompt, self.tokenizer, self.vocab_size, params.prompt_keep(self.max_model_len)
         )
         max_new_tokens = output_limit(len(ids), params, self.max_model_len, self.scheduler)
         output = OutputText(

@@ -45,7 +45,8 @@ class SamplingParams:
         top_p: nucleus sampling: keep the smallest set of tokens whose probability mass is
             >= top_p, in (0, 1]; 1.0 disables.
         min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
-        seed: seed of this request's own random generator; None draws a fresh one.
+        seed: seed of this request's own random generator (64 bits: 0 to 2**64 - 1, or a
+            signed one, -2**63 to -1, taken as its two's complement); None draws a fresh one.
         stop: strings that end the request; the text is cut before the first one. A single
             str or any sequence of str is accepted and stored as a tuple.
         stop_token_ids: token ids that end the request (even when ignore_eos is set).
@@ -82,7 +83,7 @@ class SamplingParams:
             sorted, without repeats.
         truncate_prompt_tokens: None, or k >= 1: the request runs only the last k tokens of
             its prompt (left truncation, as vLLM's): a long document keeps its end, next to
-            the question. A text keeps the special tokens its tokenizer adds in front (a BOS)
+            the question. -1 (vLLM's): k is the engine's context length (max_model_len). A text keeps the special tokens its tokenizer adds in front (a BOS)
             among its k. Its Completion's prompt_token_ids, prompt logprobs and length checks
             are those of the truncated prompt.
         bad_words: words never generated (vLLM's rule): each is tokenized without its leading
@@ -141,9 +142,11 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             _fail("min_p", self.min_p, "must be in [0, 1]")
         if self.seed is not None:
-            normalise("seed", _as_int("seed", self.seed, minimum=0))
-            if self.seed > _MAX_SEED:
-                _fail("seed", self.seed, "must fit in 64 bits unsigned")
+            seed = _as_int("seed", self.seed, minimum=-(2**63))
+            if seed > _MAX_SEED:
+                _fail("seed", seed, "must fit in 64 bits")
+            # vLLM's seeds are signed 64-bit (UIs send -1): a negative one is its bits unsigned.
+            normalise("seed", seed % 2**64)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
@@ -187,7 +190,9 @@ class SamplingParams:
                 _fail("allowed_token_ids", self.allowed_token_ids, "must not be empty")
             normalise("allowed_token_ids", tuple(sorted(set(allowed))))
         if self.truncate_prompt_tokens is not None:
-            keep = _as_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
+            keep = _as_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=-1)
+            if keep == 0:
+                _fail("truncate_prompt_tokens", keep, "must be -1 (the context) or >= 1")
             normalise("truncate_prompt_tokens", keep)
         if self.structured_outputs is not None:
             normalise("structured_outputs", StructuredOutputsParams.coerce(self.structured_outputs))
@@ -197,9 +202,15 @@ class SamplingParams:
         """Greedy decoding (temperature 0) of at most `max_tokens` tokens."""
         return cls(max_tokens=max_tokens, temperature=0.0, **overrides)
 
-    def truncated(self, prompt_ids: list[int]) -> list[int]:
-        """The prompt the request runs: its last `truncate_prompt_tokens` tokens, if set."""
+    def prompt_keep(self, max_model_len: int) -> int | None:
+        """How many of its prompt's last tokens the request runs (None: all of them), in a
+        context of `max_model_len` tokens (truncate_prompt_tokens=-1's)."""
         keep = self.truncate_prompt_tokens
+        return max_model_len if keep == -1 else keep
+
+    def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt the request runs (`prompt_keep`'s last tokens)."""
+        keep = self.prompt_keep(max_model_len)
         return prompt_ids if keep is None or len(prompt_ids) <= keep else prompt_ids[-keep:]
 
     @property

@@ -48,7 +48,6 @@ def generate_single(
     one: medha.grammar.GrammarCompiler(tokenizer, vocab_size).matcher(...))."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    prompt_ids = params.truncated(list(prompt_ids))
     if params.prompt_logprobs is not None:
         raise InvalidSamplingParamsError(
             "generate_single reports no prompt logprobs: run the request on a medha.Engine"
@@ -58,6 +57,7 @@ def generate_single(
             "generate_single has no tokenizer to encode bad_words: run the request on a "
             "medha.Engine"
         )
+    prompt_ids = params.truncated(list(prompt_ids), runner.arch.context_len)
     if (params.structured_outputs is None) != (grammar is None):
         raise InvalidSamplingParamsError(
             "generate_single needs params.structured_outputs compiled as `grammar` (a "

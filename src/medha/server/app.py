@@ -339,9 +339,12 @@ class _Api:
             started.render.whole(o, c.prompt_ids)
             for o, c in zip(outputs, started.choices, strict=True)
         ]
-        return JSONResponse(
-            {**head, "choices": rendered, "usage": usage(outputs, started.prompt_tokens)}
-        )
+        response = {**head, "choices": rendered, "usage": usage(outputs, started.prompt_tokens)}
+        if head["object"] == "chat.completion":
+            # vLLM's place: once, beside the choices, which share the one prompt.
+            rows = [choice.pop("prompt_logprobs") for choice in rendered]
+            response["prompt_logprobs"] = rows[0]
+        return JSONResponse(response)
 
     async def _start(
         self,
@@ -462,11 +465,15 @@ async def _disconnected(_: Request, exc: ClientDisconnectedError) -> Response:
     return Response(status_code=499)
 
 
+def _problem(error: Any) -> str:
+    """One validation error, as "field.path: what is wrong" ("body: ..." for the whole body:
+    not JSON, or not an object)."""
+    where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+    return f"{where}: {error['msg']}"
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     # OpenAI answers a body of the wrong shape with 400, not FastAPI's 422.
-    problems = "; ".join(
-        f"{'.'.join(str(part) for part in error['loc'] if part != 'body')}: {error['msg']}"
-        for error in exc.errors()
-    )
+    problems = "; ".join(_problem(error) for error in exc.errors())
     error = {"message": problems or "invalid request body", "type": "invalid_request_error"}
     return JSONResponse({"error": {**error, "param": None, "code": 400}}, status_code=400)

@@ -20,9 +20,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from medha.errors import InvalidRequestError
+from medha.server.protocol import null_is_the_default
 
 _NOT_KEPT = {
     # field: the value that means "not used" (anything else is refused)
@@ -94,6 +95,7 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     stream: bool = False
+    _defaults = field_validator("stream", mode="before")(classmethod(null_is_the_default))
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
