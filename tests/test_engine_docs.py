@@ -60,6 +60,10 @@ def test_the_truncation_example_runs_the_end_of_a_prompt_beyond_the_context() ->
     assert _run_block_with("truncate_prompt_tokens=200)") == "ran 200 of 400 prompt tokens\n"
 
 
+def test_the_generation_config_example_prints_no_defaults() -> None:
+    assert _run_block_with('generation_config="vllm"') == "{}\n"
+
+
 def test_the_bad_words_example_runs() -> None:
     assert (
         _run_block_with('bad_words=["the"') == "8 tokens, without 'the' or ' of' as their tokens\n"

@@ -22,6 +22,9 @@ def test_options_override_the_config_file(tmp_path: Path) -> None:
     assert config.dtype == "bfloat16"
     plain = engine_config(parse_args(["serve", "m", "--kv-cache-gib", "2", "--max-model-len", "9"]))
     assert (plain.policy, plain.kv_cache_gib, plain.max_model_len) == ("lars", 2.0, 9)
+    assert plain.generation_config == "auto"
+    vllm = engine_config(parse_args(["serve", "m", "--generation-config", "vllm"]))
+    assert vllm.generation_config == "vllm"
 
 
 @pytest.mark.parametrize(

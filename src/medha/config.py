@@ -165,6 +165,12 @@ class EngineConfig(BaseModel):
     (vLLM's automatic prefix caching). Cached blocks nobody uses count as free: they are
     evicted when memory is needed, least recently used first (docs/engine.md, "Prefix
     caching")."""
+    generation_config: str = "auto"
+    """Where requests' sampling defaults come from, as vLLM's `--generation-config`: "auto",
+    the model's generation_config.json (its temperature, top_p, top_k, min_p and
+    repetition_penalty, for a request that gives no SamplingParams or, on the server, leaves
+    those fields out; medha.model.generation_defaults); "vllm", SamplingParams' own defaults;
+    or a folder holding a generation_config.json to take them from."""
     max_model_len: int | None = Field(default=None, ge=1)
     """Longest prompt + output accepted; None: the model's max_position_embeddings, capped by
     its sliding window if it has one (and with KVP by kvp x max_tokens_per_kvp_group). Beyond

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -34,7 +34,7 @@ from medha.actors.tracked import TrackedRequest
 from medha.config import EngineConfig
 from medha.engine_loop import check_loop, starting_loop
 from medha.engine_metrics import EngineMetrics
-from medha.engine_setup import online_time_scale
+from medha.engine_setup import EngineParts, online_time_scale
 from medha.engine_stats import EngineStats, on_loop
 from medha.errors import (
     EngineClosedError,
@@ -47,7 +47,9 @@ from medha.request_constraints import RequestConstraints
 from medha.request_input import prompt_token_ids, request_ids
 from medha.request_prompt import PromptPreparer, is_long, prepare_off_loop, snapshot
 from medha.sampling import SamplingParams
-from medha.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from medha.parallel.engine_parts import ParallelParts
 
 _log = get_logger(__name__)
 
@@ -56,9 +58,10 @@ def _seconds_since(t0: float) -> float:
     return time.monotonic() - t0
 
 
-def _checked_sampling(sampling: object) -> SamplingParams:
+def _checked_sampling(sampling: object, defaults: dict[str, Any]) -> SamplingParams:
+    """`sampling`, or without one SamplingParams of the model's defaults (`defaults`)."""
     if sampling is None:
-        return SamplingParams()
+        return SamplingParams(**defaults)
     if not isinstance(sampling, SamplingParams):
         raise InvalidRequestError(
             f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
@@ -112,6 +115,9 @@ class Engine:
         self._constraints: RequestConstraints | None = None
         self._prompts: PromptPreparer | None = None
         self.calibration: Any = None
+        self.sampling_defaults: dict[str, Any] = {}
+        """The SamplingParams fields a request without SamplingParams gets: the model's
+        generation_config.json's (EngineConfig.generation_config), set at start."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -148,9 +154,7 @@ class Engine:
         from medha.engine_setup import build_engine_parts
 
         parts = await thread.run(build_engine_parts, self.config)
-        self._take_model(
-            parts.tokenizer, parts.runner.arch.vocab_size, parts.max_model_len, parts.scheduler
-        )
+        self._take_model(parts.tokenizer, parts.runner.arch.vocab_size, parts)
         self.calibration = parts.calibration
         self._stage = StageActor(parts.runner, thread)
         self._scheduler_actor = SchedulerActor(
@@ -171,10 +175,12 @@ class Engine:
         )
 
     def _take_model(
-        self, tokenizer: Any, vocab_size: int, max_model_len: int, scheduler: Scheduler
+        self, tokenizer: Any, vocab_size: int, parts: EngineParts | ParallelParts
     ) -> None:
         """What requests are checked and prepared with, from the loaded model."""
+        max_model_len, scheduler = parts.max_model_len, parts.scheduler
         self.tokenizer, self.max_model_len, self._vocab_size = tokenizer, max_model_len, vocab_size
+        self.sampling_defaults = dict(parts.sampling_defaults)
         self._constraints = RequestConstraints(tokenizer, vocab_size)
         caches = self.config.enable_prefix_caching
         self._prompts = PromptPreparer(
@@ -185,7 +191,7 @@ class Engine:
         """world > 1: the model runs in worker processes (medha.parallel); this process keeps
         the scheduler actor, which talks to them by RPC, and a supervisor of the workers."""
         from medha.actors.pipeline_scheduler import PipelineSchedulerActor, WorkersFailed
-        from medha.parallel.engine_parts import ParallelParts, build_parallel_parts
+        from medha.parallel.engine_parts import build_parallel_parts
 
         # If this start is cancelled while the thread starts the workers, whichever of the two
         # comes second stops them: no worker outlives a start that did not finish.
@@ -208,9 +214,7 @@ class Engine:
 
         try:
             parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
-            self._take_model(
-                parts.tokenizer, parts.vocab_size, parts.max_model_len, parts.scheduler
-            )
+            self._take_model(parts.tokenizer, parts.vocab_size, parts)
             self.calibration = parts.calibration
             actor = PipelineSchedulerActor(
                 parts.scheduler,
@@ -362,7 +366,8 @@ class Engine:
         calling thread: for a long text, from a coroutine, call it through
         `anyio.to_thread.run_sync` (the tokenizers library releases the GIL while it encodes)."""
         self._actor()
-        keep = _checked_sampling(sampling).prompt_keep(self.max_model_len)
+        params = _checked_sampling(sampling, self.sampling_defaults)
+        keep = params.prompt_keep(self.max_model_len)
         return self._prompt_ids(prompt, keep)
 
     def output_limit(self, prompt_tokens: int, sampling: SamplingParams | None = None) -> int:
@@ -372,7 +377,8 @@ class Engine:
         RequestTooLargeError): to find how much of a long input fits before sending it."""
         self._actor()
         assert self._prompts is not None  # set at start
-        return self._prompts.output_limit(prompt_tokens, _checked_sampling(sampling))
+        params = _checked_sampling(sampling, self.sampling_defaults)
+        return self._prompts.output_limit(prompt_tokens, params)
 
     def now(self) -> float:
         """The engine's clock: seconds since this Engine was created, on time.monotonic. The
@@ -435,7 +441,7 @@ class Engine:
         """Validate a request and reserve its id; nothing is queued."""
         self._check_loop()
         self._actor()
-        params = _checked_sampling(sampling)
+        params = _checked_sampling(sampling, self.sampling_defaults)
         assert self._prompts is not None and self._constraints is not None  # set at start
         long_prompt = is_long(prompt)
         if long_prompt:

@@ -15,6 +15,7 @@ from medha.errors import InvalidConfigError
 from medha.log import get_logger
 from medha.model.arch import ModelArch
 from medha.model.device import check_device
+from medha.model.generation_defaults import configured_defaults
 from medha.model.kv_cache import KVCache
 from medha.model.loader import load_checkpoint
 from medha.model.runner import ModelRunner, load_model
@@ -43,6 +44,8 @@ class EngineParts:
     cost: RooflineCostModel
     max_model_len: int
     calibration: CalibrationResult | None
+    sampling_defaults: dict[str, float | int]
+    """SamplingParams fields of EngineConfig.generation_config."""
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
@@ -56,6 +59,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     max_model_len = max_model_len_for(config, arch)
+    defaults = configured_defaults(config.generation_config, checkpoint.path)
     saved = saved_profile(config, arch)
     dtype = resolve_dtype(config.dtype)
     model = load_model(arch, checkpoint.get_tensor, dtype, device)
@@ -64,7 +68,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     runner = open_runner(model, cache, config.attention_backend)
     profile, calibration = device_profile(config, saved, lambda: runner)
     scheduler, cost = build_scheduler(config, num_blocks, arch, profile, ReplicaSpec(), dtype)
-    return EngineParts(runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration)
+    return EngineParts(
+        runner, checkpoint.tokenizer, scheduler, cost, max_model_len, calibration, defaults
+    )
 
 
 # -- shared with the multi-process engine (medha.parallel.engine_parts) -------------------------

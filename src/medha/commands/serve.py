@@ -55,6 +55,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default 1)")
     p.add_argument("--max-model-len", type=positive_int, default=None)
     p.add_argument(
+        "--generation-config",
+        default=None,
+        help="sampling defaults for the fields a request leaves out, as vLLM's option: 'auto' "
+        "(default: the model's generation_config.json), 'vllm' (none), or a folder holding one",
+    )
+    p.add_argument(
         "--tool-call-parser",
         default=None,
         choices=sorted(PARSER_NAMES),
@@ -158,6 +164,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "device": args.device,
         "kv_cache_gib": args.kv_cache_gib,
         "max_model_len": args.max_model_len,
+        "generation_config": args.generation_config,
     }
     fields.update({name: value for name, value in options.items() if value is not None})
     return EngineConfig(**fields)

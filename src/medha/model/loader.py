@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from medha.errors import ModelLoadError
 from medha.log import get_logger
 from medha.model.arch import ModelArch
+from medha.model.generation_defaults import GENERATION_CONFIG_FILE
 from medha.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -37,6 +37,8 @@ class ParallelParts:
     vocab_size: int
     calibration: Any
     cluster: Cluster
+    sampling_defaults: dict[str, float | int]
+    """SamplingParams fields of EngineConfig.generation_config."""
 
 
 def build_parallel_parts(config: EngineConfig) -> ParallelParts:
@@ -50,6 +52,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
         saved_profile,
     )
     from medha.model.device import check_device
+    from medha.model.generation_defaults import configured_defaults
     from medha.model.setup import build_runner, resolve_dtype
     from medha.parallel.tp import local_arch
     from medha.perf import ReplicaSpec
@@ -61,6 +64,7 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     checkpoint = load_checkpoint(config.model)
     arch = checkpoint.arch
     _check_layout(config, arch, layout)
+    defaults = configured_defaults(config.generation_config, checkpoint.path)
     max_model_len = _kvp_max_model_len(config, max_model_len_for(config, arch), layout)
     saved = saved_profile(config, arch)
     dtype = resolve_dtype(config.dtype)
@@ -116,7 +120,14 @@ def build_parallel_parts(config: EngineConfig) -> ParallelParts:
     )
     cluster.start(parallel.timeout_s)
     return ParallelParts(
-        checkpoint.tokenizer, scheduler, cost, max_model_len, arch.vocab_size, calibration, cluster
+        checkpoint.tokenizer,
+        scheduler,
+        cost,
+        max_model_len,
+        arch.vocab_size,
+        calibration,
+        cluster,
+        defaults,
     )
 
 

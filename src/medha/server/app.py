@@ -218,7 +218,10 @@ class _Api:
         body.check_choices(len(prompts))
         prompt_only = bool(body.echo) and body.max_tokens == 0  # score the prompt, no more
         params = body.sampling_params(
-            1 if prompt_only else body.max_tokens, body.logprobs, body.engine_prompt_logprobs()
+            1 if prompt_only else body.max_tokens,
+            body.logprobs,
+            body.engine_prompt_logprobs(),
+            defaults=self.engine.sampling_defaults,
         )
         prompt_ids = await completion_prompt_ids(
             self.engine, prompts, params, body.add_special_tokens
@@ -301,7 +304,11 @@ class _Api:
         tools = body.tool_calling(self.tool_call_parser)
         schema = None if tools is None else tools.schema
         params = body.sampling_params(
-            body.output_limit(), body.logprob_count(), body.prompt_logprobs, schema
+            body.output_limit(),
+            body.logprob_count(),
+            body.prompt_logprobs,
+            schema,
+            self.engine.sampling_defaults,
         )
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:

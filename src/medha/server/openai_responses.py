@@ -155,8 +155,9 @@ class ResponsesRequest(BaseModel):
             raise InvalidRequestError("input is empty")
         return messages
 
-    def echoed_fields(self) -> dict[str, Any]:
-        """What a response repeats of its request (OpenAI's defaults where it sent none)."""
+    def echoed_fields(self, sampling_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a response repeats of its request (OpenAI's defaults where it sent none; the
+        model's `sampling_defaults`, Engine.sampling_defaults, for its sampling)."""
         fields = {name: getattr(self, name) for name in _RESPONSE_FIELDS}
         fields["tools"] = fields["tools"] or []
         fields["tool_choice"] = fields["tool_choice"] or "auto"
@@ -164,7 +165,8 @@ class ResponsesRequest(BaseModel):
         fields["text"] = fields["text"] or {"format": {"type": "text"}}
         fields["metadata"] = fields["metadata"] or {}
         for name in ("temperature", "top_p"):
-            fields[name] = 1.0 if fields[name] is None else fields[name]
+            if fields[name] is None:
+                fields[name] = (sampling_defaults or {}).get(name, 1.0)
         return fields
 
 
@@ -279,8 +281,9 @@ def response_object(
     status: Status,
     usage: dict[str, Any] | None,
     created_at: int | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """OpenAI's response object."""
+    """OpenAI's response object (`sampling_defaults`: see ResponsesRequest.echoed_fields)."""
     return {
         "id": response_id,
         "object": "response",
@@ -290,7 +293,7 @@ def response_object(
         "incomplete_details": ({"reason": "max_output_tokens"} if status == "incomplete" else None),
         "model": model,
         "output": output,
-        **request.echoed_fields(),
+        **request.echoed_fields(sampling_defaults),
         "previous_response_id": None,
         "store": False,
         "truncation": request.truncation or "disabled",

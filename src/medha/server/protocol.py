@@ -13,6 +13,7 @@ An explicit null takes the field's default, as OpenAI's API allows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -110,6 +111,13 @@ def ignored_fields(extra: dict[str, Any]) -> list[str]:
     return sorted(set(extra) - set(UNSUPPORTED) - set(GUIDED))
 
 
+_SAMPLING_DEFAULTS: dict[str, Any] = {
+    name: getattr(SamplingParams(), name)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+}
+"""SamplingParams' own values of the fields a model's generation_config.json may set."""
+
+
 class _SamplingFields(BaseModel):
     """What both endpoints share: OpenAI's sampling fields, vLLM's extras and medha's deadline."""
 
@@ -119,8 +127,10 @@ class _SamplingFields(BaseModel):
     """The served model's name; None or "" (not OpenAI's; vLLM's) means the one this server
     serves."""
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # The five sampling fields a model's generation_config.json may set: None (left out, or
+    # null) is the model's value, else SamplingParams' (`sampling_params`).
+    temperature: float | None = None
+    top_p: float | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -130,9 +140,9 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling fields
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -163,14 +173,9 @@ class _SamplingFields(BaseModel):
 
     _defaults = field_validator(
         "n",
-        "temperature",
-        "top_p",
         "stream",
         "presence_penalty",
         "frequency_penalty",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
         "min_tokens",
         "ignore_eos",
         "include_stop_str_in_output",
@@ -204,9 +209,15 @@ class _SamplingFields(BaseModel):
         logprobs: int | None,
         prompt_logprobs: int | None = None,
         tool_schema: dict[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ) -> SamplingParams:
         """medha's SamplingParams of this request (of its first choice: `start_choices` gives
-        each other sample its seed); `tool_schema` constrains the output to a tool call."""
+        each other sample its seed); `tool_schema` constrains the output to a tool call;
+        `defaults`: the model's sampling defaults (Engine.sampling_defaults), for the fields
+        the request leaves out."""
+        model = {**_SAMPLING_DEFAULTS, **(defaults or {})}
+        given = {name: getattr(self, name) for name in _SAMPLING_DEFAULTS}
+        chosen = {name: model[name] if value is None else value for name, value in given.items()}
         text = self.response_format is not None and self.response_format.type == "text"
         shapes = [None if text else self.response_format, self.structured_outputs, self._guided()]
         if sum(shape is not None for shape in [*shapes, tool_schema]) > 1:
@@ -229,10 +240,7 @@ class _SamplingFields(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
+            **chosen,
             seed=self.seed,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -242,7 +250,6 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             min_tokens=self.min_tokens,
-            repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((self.logit_bias or {}).items()),  # type: ignore[arg-type]

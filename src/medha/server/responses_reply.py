@@ -37,7 +37,9 @@ async def responses_reply(
     cache_block = config.block_size if config.enable_prefix_caching else 0
 
     def response(items: list[dict[str, Any]], status: Status, used: Any) -> dict[str, Any]:
-        return response_object(response_id, model_name, body, items, status, used, created)
+        return response_object(
+            response_id, model_name, body, items, status, used, created, engine.sampling_defaults
+        )
 
     def response_usage_of(chat_usage: dict[str, Any], thinking: str) -> dict[str, Any]:
         thinking_tokens = len(tokenizer.encode(thinking, add_special_tokens=False))
