@@ -30,6 +30,9 @@ async def test_output_limit_is_what_stream_allows_and_raises_what_stream_raises(
         assert engine.output_limit(100, SamplingParams(max_tokens=None)) == CONTEXT - 100
         assert engine.output_limit(100) == 16  # SamplingParams' default max_tokens
         assert cramped.output_limit(100, SamplingParams(max_tokens=None)) == 320 - 100
+        # A prompt cut to its last 100 tokens is checked as those, as stream() runs it.
+        keep_end = SamplingParams(max_tokens=4, truncate_prompt_tokens=100)
+        assert engine.output_limit(5000, keep_end) == 4
         refused = [
             (engine, CONTEXT - 3, SamplingParams(max_tokens=4), PromptTooLongError),
             (engine, CONTEXT, SamplingParams(max_tokens=None), PromptTooLongError),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 import medha
@@ -52,6 +53,11 @@ def test_a_long_text_too_long_for_the_context_raises_before_anything_runs(
     fits = "there " * 2834
     (done,) = llm.generate(fits, SamplingParams(max_tokens=2, temperature=0.0))
     assert len(fits) > 16_384 and len(done.token_ids) == 2
+
+
+def test_deadlines_may_be_a_numpy_array(llm: medha.LLM) -> None:
+    done = llm.generate(["a", "b"], GREEDY, deadlines=np.array([20.0, 30.0]))
+    assert [d.metrics.deadline for d in done] == [20.0, 30.0]
 
 
 def test_arguments_of_the_wrong_type_are_typed_errors(llm: medha.LLM) -> None:

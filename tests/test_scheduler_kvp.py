@@ -156,13 +156,13 @@ def test_a_sampling_group_without_sequences_of_its_own_still_runs_the_lm_head() 
 
 
 def _chunks_beside_a_long_prefill(
-    policy: str, *others: tuple[str, int, bool]
+    policy: str, *others: tuple[str, int, bool], per_head_row: float = 2e-5
 ) -> tuple[dict[str, int], float]:
     """The tokens each request prefills in the first plan, and its predicted time: a long
     prompt ranked first takes group 0 (its chunk fills the budget, or with fcfs its whole
     prompt far over it), and `others` (id, prompt tokens, scored), ranked in that order after
     it, go to group 1."""
-    cost = ToyCost(per_head_row=2e-5)
+    cost = ToyCost(per_head_row=per_head_row)
     scheduler = make_scheduler(
         cost, policy=policy, kvp_groups=2, num_blocks=8192, target_batch_time=0.05
     )
@@ -197,4 +197,11 @@ def test_a_full_sampling_group_bounds_only_the_chunks_whose_head_rows_grow_with_
         "edf", ("scored", 3000, True), ("next", 5000, False)
     )
     assert 0 < both["scored"] <= 64 and both["next"] > 1500
+    assert predicted <= 0.05 * 1.1
+    # A head so costly that not one scored row fits group 0: the scored prompt waits, and
+    # group 1 stays open to the next prompt (it is group 0's budget that is spent).
+    waits, predicted = _chunks_beside_a_long_prefill(
+        "edf", ("scored", 3000, True), ("next", 5000, False), per_head_row=2e-4
+    )
+    assert waits["scored"] == 0 and waits["next"] > 1500
     assert predicted <= 0.05 * 1.1

@@ -63,6 +63,8 @@ class LLM:
         self._runtime.check_process()
         batch = _prompt_batch(prompts)
         if deadlines is not None:
+            if callable(getattr(deadlines, "tolist", None)):
+                deadlines = deadlines.tolist()  # type: ignore[union-attr]  # numpy array
             if not isinstance(deadlines, Sequence) or isinstance(deadlines, str):
                 raise InvalidRequestError(
                     f"deadlines must be a list (one per prompt) or None, got {deadlines!r}"

@@ -110,7 +110,9 @@ class PromptPreparer:
             raise InvalidRequestError(f"prompt_tokens must be an int, got {prompt_tokens!r}")
         if prompt_tokens < 1:
             raise InvalidRequestError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
-        return output_limit(prompt_tokens, params, self.max_model_len, self.scheduler)
+        keep = params.prompt_keep(self.max_model_len)  # what stream() cuts the prompt to
+        runs = prompt_tokens if keep is None else min(prompt_tokens, keep)
+        return output_limit(runs, params, self.max_model_len, self.scheduler)
 
     def prepare(self, prompt: object, params: SamplingParams) -> PreparedPrompt:
         """Typed errors (medha.errors) for a prompt that cannot run: empty, not a prompt,

@@ -46,7 +46,8 @@ class SamplingParams:
             >= top_p, in (0, 1]; 1.0 disables.
         min_p: drop tokens whose probability is below min_p times the top token's, in [0, 1].
         seed: seed of this request's own random generator (64 bits: 0 to 2**64 - 1, or a
-            signed one, -2**63 to -1, taken as its two's complement); None draws a fresh one.
+            signed one, -2**63 to -2, taken as its two's complement); None, or -1 as in vLLM,
+            draws a fresh one.
         stop: strings that end the request; the text is cut before the first one. A single
             str or any sequence of str is accepted and stored as a tuple.
         stop_token_ids: token ids that end the request (even when ignore_eos is set).
@@ -145,8 +146,9 @@ class SamplingParams:
             seed = _as_int("seed", self.seed, minimum=-(2**63))
             if seed > _MAX_SEED:
                 _fail("seed", seed, "must fit in 64 bits")
-            # vLLM's seeds are signed 64-bit (UIs send -1): a negative one is its bits unsigned.
-            normalise("seed", seed % 2**64)
+            # vLLM's seeds are signed 64-bit: -1 is no seed (what UIs send for "random"), as
+            # vLLM reads it; another negative one is its 64 bits unsigned.
+            normalise("seed", None if seed == -1 else seed % 2**64)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")

@@ -179,7 +179,12 @@ class BatchBuilder:
             # Progress guarantee: decodes alone may exceed the budget, yet prefills must move.
             return min(self.config.min_chunk, tokens_left), None
         if chunk is None:
-            self.closed_groups.update(groups)
+            # A chunk sized against the sampling group's budget too (a scored one's head
+            # rows) may be refused for that budget alone: its own groups stay open to the
+            # prefills after it (the next one there that does not fit closes them).
+            rows = lm_head_rows(scored, kv_tokens, kv_tokens + tokens_left)
+            if not _sized_by_sampler(groups, rows):
+                self.closed_groups.update(groups)
             return None
         return chunk, predicted
 
