@@ -266,7 +266,8 @@ class _Api:
         async def fits(dropped: int) -> bool:
             kept = without_turns(items, starts, dropped)
             chat_body = _chat_request_of(body.model_copy(update={"input": kept}))
-            chat = await self._chat(chat_body, request)
+            # Checked (its model, its ignored fields logged) on the first try only.
+            chat = await self._chat(chat_body, request, checked=bool(tried))
             tried[dropped] = chat_body, chat
             try:
                 self.engine.output_limit(len(chat.prompt_ids), chat.params)
@@ -296,9 +297,13 @@ class _Api:
             reasoning=chat.reasoning,
         )
 
-    async def _chat(self, body: ChatCompletionRequest, request: Request) -> _ChatRequest:
-        """A chat request checked, its sampling params and its prompt."""
-        self._check(body, request)
+    async def _chat(
+        self, body: ChatCompletionRequest, request: Request, checked: bool = False
+    ) -> _ChatRequest:
+        """A chat request checked (unless `checked` already), its sampling params and its
+        prompt."""
+        if not checked:
+            self._check(body, request)
         body.check_supported()
         body.check_choices(1)
         tools = body.tool_calling(self.tool_call_parser)
