@@ -5,9 +5,11 @@ worker that cannot start (or a bad model path) is a clear error at start, not a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -38,12 +40,26 @@ def _worker_pids(engine: medha.Engine) -> list[int]:
     return [p.pid for p in cluster.processes if p.pid is not None]
 
 
+def _thread_names(pid: int) -> set[str]:
+    """The names of a process's threads (Linux's /proc)."""
+    names = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            names.add((task / "comm").read_text().strip())
+    return names
+
+
 async def test_leaving_the_engine_terminates_every_worker() -> None:
     async with medha.Engine(parallel_config(2, 1, 1)) as engine:
         pids = _worker_pids(engine)
         assert len(pids) == 2
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         assert len((await engine.generate([1, 2, 3], params)).token_ids) == 3
+        if Path("/proc/self/task").is_dir():
+            # RPC over TCP: TensorPipe's shared-memory transport runs a reactor thread that
+            # polls, a core busy in each process while the engine idles (worker.rpc_options).
+            for pid in (os.getpid(), *pids):
+                assert not any(name.startswith("TP_SHM") for name in _thread_names(pid))
         # Idle: the actor sent the workers the request to forget, not left for the next plan.
         scheduler = engine._scheduler_actor.scheduler  # type: ignore[union-attr]
         with anyio.fail_after(5):

@@ -37,6 +37,7 @@ from medha.parallel.worker import (
     configure_worker,
     driver_name,
     ping_worker,
+    rpc_options,
     stop_worker,
     submit_step,
     worker_main,
@@ -126,9 +127,7 @@ class Cluster:
                 driver_name(self._session),
                 rank=0,
                 world_size=self.world_size + 1,
-                rpc_backend_options=rpc.TensorPipeRpcBackendOptions(
-                    init_method=init_method, num_worker_threads=8, rpc_timeout=timeout_s
-                ),
+                rpc_backend_options=rpc_options(init_method, timeout_s),
             )
         self._rpc_started = True
 
