@@ -124,6 +124,19 @@ async def test_a_start_cancelled_while_workers_start_leaves_nothing_behind() -> 
         assert len((await again.generate([1, 2, 3], params)).token_ids) == 3
 
 
+async def test_a_second_multi_process_engine_is_refused_before_its_workers_start() -> None:
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(parallel_config(2, 1, 1)) as first:
+        workers = set(multiprocessing.active_children())
+        with pytest.raises(WorkerStartError, match="one multi-process engine per Python process"):
+            async with medha.Engine(parallel_config(1, 2, 1)):
+                pass
+        assert set(multiprocessing.active_children()) == workers  # none of its own started
+        assert len((await first.generate([1, 2, 3], params)).token_ids) == 3
+    async with medha.Engine(parallel_config(1, 2, 1)) as second:  # once the first stopped
+        assert len((await second.generate([1, 2, 3], params)).token_ids) == 3
+
+
 async def test_workers_leave_ctrl_c_to_the_engine() -> None:
     """A terminal's Ctrl-C signals the whole process group: the workers ignore it, and the
     engine finishes its streams and stops them itself."""

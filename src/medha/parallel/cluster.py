@@ -53,6 +53,11 @@ _PING_PERIOD_S = 1.0
 _PING_TIMEOUT_S = 5.0
 
 
+_live_cluster: Cluster | None = None
+"""The cluster of this process's running multi-process engine (one at a time)."""
+_live_cluster_lock = threading.Lock()
+
+
 class WorkerStartError(EngineFailedError):
     """A worker process failed to start; the message carries its traceback."""
 
@@ -90,6 +95,17 @@ class Cluster:
             raise
 
     def _start(self, timeout_s: float) -> None:
+        global _live_cluster
+        with _live_cluster_lock:
+            if _live_cluster is not None:
+                # torch's RPC world, the engine's control plane, is one per process: found
+                # now, before any worker starts, not as "RPC is already initialized" later.
+                raise WorkerStartError(
+                    "one multi-process engine per Python process: another one is running "
+                    "here (torch's RPC world is one per process); stop it first, or run the "
+                    "second engine in a process of its own"
+                )
+            _live_cluster = self
         if self.attach is None:
             self._spawn(timeout_s)
         else:
@@ -358,6 +374,10 @@ class Cluster:
             self._rpc_started = False
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
+        global _live_cluster
+        with _live_cluster_lock:
+            if _live_cluster is self:
+                _live_cluster = None
         _log.info("workers stopped", world=self.world_size)
 
 
