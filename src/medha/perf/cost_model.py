@@ -53,7 +53,7 @@ class RooflineCostModel:
         predicted prefill time LARS ranks by (see prefill_table.py); without it, prompts are
         walked in chunks of `reference_chunk_tokens`."""
         replica = replica or ReplicaSpec()
-        _check_shardable(arch, replica)
+        replica.check_shards(arch)
         self.arch, self.profile, self.replica = arch, profile, replica
         self.dtype_bytes = dtype_bytes
         self._stage_layers = replica.layers_per_stage(arch.num_layers)
@@ -490,18 +490,3 @@ _CACHE_LIMIT = 1 << 16
 def _has_work(sums: BatchSums) -> bool:
     """Whether a batch runs anything: a sequence, or LM-head rows of others (head_only)."""
     return bool(sums.seqs or sums.head_rows)
-
-
-def _check_shardable(arch: ModelArch, replica: ReplicaSpec) -> None:
-    tp = replica.tp
-    problems = []
-    if arch.num_heads % tp:
-        problems.append(f"num_heads={arch.num_heads}")
-    if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
-        problems.append(f"num_kv_heads={arch.num_kv_heads}")
-    if arch.intermediate_size % tp:
-        problems.append(f"intermediate_size={arch.intermediate_size}")
-    if problems:
-        raise ValueError(f"tp={tp} does not divide {', '.join(problems)}")
-    if arch.num_layers < replica.pp:
-        raise ValueError(f"pp={replica.pp} exceeds the model's {arch.num_layers} layers")

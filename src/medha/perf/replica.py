@@ -7,6 +7,10 @@ span at most one node's GPUs runs over NVLink, anything wider over the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medha.model.arch import ModelArch
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,19 @@ class ReplicaSpec:
         if self.kvp == 1 or self.kvp_max_tokens_per_group is None:
             return 1
         return min(self.kvp, kv_tokens // self.kvp_max_tokens_per_group + 1)
+
+    def check_shards(self, arch: ModelArch) -> None:
+        """ValueError unless `arch` splits over this replica: tp dividing its heads (or its KV
+        heads dividing tp, which then replicates them) and its MLP, pp at most its layers."""
+        tp = self.tp
+        problems = []
+        if arch.num_heads % tp:
+            problems.append(f"num_heads={arch.num_heads}")
+        if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
+            problems.append(f"num_kv_heads={arch.num_kv_heads}")
+        if arch.intermediate_size % tp:
+            problems.append(f"intermediate_size={arch.intermediate_size}")
+        if problems:
+            raise ValueError(f"tp={tp} does not divide {', '.join(problems)}")
+        if arch.num_layers < self.pp:
+            raise ValueError(f"pp={self.pp} exceeds the model's {arch.num_layers} layers")
