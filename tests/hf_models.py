@@ -1,7 +1,8 @@
 """Tiny random-weight HF transformers models, built offline from configs, as ground truth.
 
 The variants cover what medha's decoder must reproduce: Llama-3-style GQA with llama3 rope
-scaling, Qwen2-style q/k/v bias, Llama with every bias (o_proj and MLP too, multi-query), and
+scaling, Qwen2-style q/k/v bias, Qwen3's per-head q/k norms (with YaRN rope scaling and a
+head_dim other than hidden/heads), Llama with every bias (o_proj and MLP too, multi-query), and
 tied embeddings as in SmolLM2 (plus linear rope scaling).
 """
 
@@ -10,7 +11,14 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from medha.model.arch import ModelArch
 from medha.model.llama import LlamaForCausalLM as MedhaLlama
@@ -54,6 +62,24 @@ VARIANTS: dict[str, tuple[type, type, dict[str, object]]] = {
         Qwen2Config,
         Qwen2ForCausalLM,
         dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0),
+    ),
+    "qwen3-yarn": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            rope_theta=1000000.0,
+            # As Qwen's model cards say to enable 4x the trained context. The original length
+            # is short, so that the ramp between extrapolated and interpolated dimensions
+            # falls inside this head_dim.
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        ),
     ),
     "llama-biases": (
         LlamaConfig,

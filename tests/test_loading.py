@@ -54,6 +54,15 @@ QWEN2_WITH_BIAS = {
     "tie_word_embeddings": True,
 }
 TIED_LLAMA = {**SMALL_LLAMA, "tie_word_embeddings": True}
+# Qwen3: q/k norms, a head_dim that is not hidden/heads, o_proj bias with attention_bias, YaRN.
+QWEN3 = {
+    **SMALL_LLAMA,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "head_dim": 16,
+    "attention_bias": True,
+    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +95,8 @@ def test_sharded_and_single_file_checkpoints_hold_identical_tensors(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "hf_config",
-    [SMALL_LLAMA, LLAMA3_GQA, QWEN2_WITH_BIAS, TIED_LLAMA],
-    ids=["llama", "llama3-gqa-rope-scaling", "qwen2-bias-tied", "llama-tied"],
+    [SMALL_LLAMA, LLAMA3_GQA, QWEN2_WITH_BIAS, TIED_LLAMA, QWEN3],
+    ids=["llama", "llama3-gqa-rope-scaling", "qwen2-bias-tied", "llama-tied", "qwen3-yarn"],
 )
 def test_random_checkpoints_have_exactly_the_parameters_transformers_expects(
     hf_config: dict, tmp_path: Path

@@ -148,3 +148,42 @@ def test_rope_scaling_parameters_are_read_as_numbers() -> None:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
+
+
+@pytest.mark.parametrize(
+    ("arch", "flags", "attention_bias", "mlp_bias"),
+    [
+        # transformers' Qwen2 always has q/k/v bias, Mistral none, whatever the config says;
+        # only Llama reads mlp_bias.
+        ("Qwen2ForCausalLM", dict(attention_bias=False, mlp_bias=True), True, False),
+        ("MistralForCausalLM", dict(attention_bias=True, mlp_bias=True), False, False),
+        ("Qwen3ForCausalLM", dict(attention_bias=True, mlp_bias=True), True, False),
+        ("Qwen3ForCausalLM", {}, False, False),
+        ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True), True, True),
+    ],
+)
+def test_biases_are_where_transformers_puts_them(
+    arch: str, flags: dict[str, bool], attention_bias: bool, mlp_bias: bool
+) -> None:
+    read = ModelArch.from_hf_config(_llama_config(architectures=[arch], **flags))
+    assert (read.attention_bias, read.mlp_bias) == (attention_bias, mlp_bias)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(rope_scaling="linear"), "rope_scaling must be an object"),
+        (dict(rope_parameters=["x"]), "rope_parameters must be an object"),
+        (dict(num_hidden_layers=-1), "num_layers must be > 0"),
+        (dict(num_attention_heads=0), "malformed config"),
+        (dict(head_dim=-8), "head_dim must be > 0"),
+        (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
+        (dict(architectures="LlamaForCausalLM"), "architectures must be a list"),
+    ],
+)
+def test_a_malformed_config_names_its_file_and_the_field(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message) as raised:
+        ModelArch.from_hf_config(_llama_config(**changes), source="/models/m/config.json")
+    assert str(raised.value).startswith("/models/m/config.json: ")

@@ -7,6 +7,7 @@ object the model runner is built from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,16 @@ from typing import Any
 from medha.errors import ModelLoadError, UnsupportedModelError
 
 # Every architecture here is the same decoder: RMSNorm, RoPE, GQA, SwiGLU. They differ only in
-# defaults (Qwen2 has q/k/v bias) and in names, which from_hf_config normalises.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# defaults (Qwen2 has q/k/v bias, Qwen3 an RMSNorm of each query and key head) and in names,
+# which from_hf_config normalises.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,19 @@ class ModelArch:
     sliding_window: int | None = None
     """Keys a query sees when some layer attends within a window (Mistral v0.1, Qwen2 with
     use_sliding_window); None when every layer attends to the whole sequence."""
+    qk_norm: bool = False
+    """Each query and key head is RMS-normalised (over head_dim, before RoPE) by the layer's
+    `q_norm`/`k_norm` weights (Qwen3)."""
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        for name in (*sizes, "num_kv_heads", "head_dim"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise UnsupportedModelError(
-                "config.json",
+            raise ValueError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_kv_heads}",
+                f"num_key_value_heads={self.num_kv_heads}"
             )
 
     @property
@@ -69,6 +82,11 @@ class ModelArch:
         length = self.max_position_embeddings
         if self.rope_type == "linear" and self.rope_scaling is not None:
             length = int(length * float(self.rope_scaling["factor"]))
+        if self.rope_type == "yarn" and self.rope_scaling is not None:
+            # YaRN stretches the length the model was trained at (Qwen2.5/Qwen3: 32,768 x 4),
+            # whatever max_position_embeddings says; vLLM derives its max_model_len the same way.
+            original = self.rope_scaling["original_max_position_embeddings"]
+            length = int(original * float(self.rope_scaling["factor"]))
         if self.sliding_window is not None:
             # Up to the window, sliding-window attention is causal attention, which medha runs;
             # longer sequences would need the window's mask. So medha serves up to the window,
@@ -78,7 +96,8 @@ class ModelArch:
 
     @property
     def o_proj_bias(self) -> bool:
-        """Llama/Mistral with attention_bias put a bias on o_proj too; Qwen2 only on q/k/v."""
+        """Llama/Mistral/Qwen3 with attention_bias put a bias on o_proj too; Qwen2 only on
+        q/k/v."""
         return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
 
     @property
@@ -93,6 +112,8 @@ class ModelArch:
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -107,8 +128,11 @@ class ModelArch:
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], source: str = "config.json") -> ModelArch:
-        """Read an HF `config.json` dict; unsupported architectures raise UnsupportedModelError."""
+        """Read an HF `config.json` dict; unsupported architectures raise UnsupportedModelError,
+        malformed values ModelLoadError, both naming `source`."""
         archs = config.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(name, str) for name in archs):
+            raise ModelLoadError(source, f"architectures must be a list of names, got {archs!r}")
         arch = archs[0] if archs else _architecture_from_model_type(config.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -119,9 +143,9 @@ class ModelArch:
         try:
             hidden = int(config["hidden_size"])
             num_heads = int(config["num_attention_heads"])
-            rope_scaling = config.get("rope_scaling")
+            rope_scaling = _mapping_or_none(config, "rope_scaling")
             # transformers >= 5 moved rope_theta into "rope_parameters".
-            rope_params = config.get("rope_parameters") or {}
+            rope_params = _mapping_or_none(config, "rope_parameters") or {}
             rope_theta = float(config.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
             if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
                 rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
@@ -133,7 +157,7 @@ class ModelArch:
             if rope_type == "default":
                 rope_scaling = None
             if rope_scaling:
-                rope_scaling = _checked_rope_scaling(dict(rope_scaling), str(rope_type))
+                rope_scaling = _checked_rope_scaling(dict(rope_scaling), str(rope_type), config)
             activation = config.get("hidden_act", "silu")
             if activation not in ("silu", "swish"):
                 raise UnsupportedModelError(
@@ -155,16 +179,35 @@ class ModelArch:
                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
                 max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v bias and no "attention_bias" key.
-                attention_bias=bool(config.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                mlp_bias=bool(config.get("mlp_bias", False)),
+                attention_bias=_attention_bias(config, arch),
+                # Only transformers' Llama reads mlp_bias; the others have no MLP bias.
+                mlp_bias=arch == "LlamaForCausalLM" and bool(config.get("mlp_bias", False)),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
                 sliding_window=_sliding_window(config, arch),
+                qk_norm=arch == "Qwen3ForCausalLM",
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise ModelLoadError(source, f"malformed config: {exc!r}") from exc
+
+
+def _mapping_or_none(config: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{key} must be an object or null, got {value!r}")
+    return value
+
+
+def _attention_bias(config: Mapping[str, Any], arch: str) -> bool:
+    """Whether q/k/v (and, see o_proj_bias, o_proj) have a bias, as transformers builds each
+    architecture: Qwen2 always (whatever its config says), Mistral never, Llama and Qwen3 as
+    their config's attention_bias says. A checkpoint's other bias tensors go unused, as there."""
+    if arch == "Qwen2ForCausalLM":
+        return True
+    if arch == "MistralForCausalLM":
+        return False
+    return bool(config.get("attention_bias", False))
 
 
 def _architecture_from_model_type(model_type: object) -> str:
@@ -172,6 +215,7 @@ def _architecture_from_model_type(model_type: object) -> str:
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
     }.get(str(model_type), str(model_type))
 
 
@@ -179,10 +223,15 @@ def _architecture_from_model_type(model_type: object) -> str:
 _ROPE_PARAMETERS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor",),
 }
+# Optional YaRN parameters (transformers' defaults apply where they are absent or null).
+_YARN_NUMBERS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
-def _checked_rope_scaling(rope_scaling: dict[str, Any], rope_type: str) -> dict[str, Any]:
+def _checked_rope_scaling(
+    rope_scaling: dict[str, Any], rope_type: str, config: Mapping[str, Any]
+) -> dict[str, Any]:
     """`rope_scaling` with its type's parameters present and numeric (KeyError/ValueError/
     TypeError otherwise, which from_hf_config reports as a malformed config)."""
     for name in _ROPE_PARAMETERS.get(rope_type, ()):
@@ -190,10 +239,36 @@ def _checked_rope_scaling(rope_scaling: dict[str, Any], rope_type: str) -> dict[
         if not value > 0:
             raise ValueError(f"rope_scaling[{name!r}] must be > 0, got {value}")
         rope_scaling[name] = value
+    if rope_type == "yarn":
+        _check_yarn(rope_scaling, config)
     if "original_max_position_embeddings" in rope_scaling:
         original = rope_scaling["original_max_position_embeddings"]
         rope_scaling["original_max_position_embeddings"] = int(original)
     return rope_scaling
+
+
+def _check_yarn(rope_scaling: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """YaRN's optional parameters read as numbers, and the length it stretches filled in as
+    transformers does: a top-level original_max_position_embeddings (Phi-3's place), else the
+    scaling's own, else max_position_embeddings."""
+    for name in _YARN_NUMBERS:
+        if rope_scaling.get(name) is not None:
+            value = float(rope_scaling[name])
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"rope_scaling[{name!r}] must be >= 0, got {value}")
+            rope_scaling[name] = value
+    if not isinstance(rope_scaling.get("truncate", True), bool):
+        raise ValueError(
+            f"rope_scaling['truncate'] must be a bool, got {rope_scaling['truncate']!r}"
+        )
+    original = config.get("original_max_position_embeddings")
+    if original is None:
+        original = rope_scaling.get("original_max_position_embeddings")
+    if original is None:
+        original = config.get("max_position_embeddings", 4096)
+    if not int(original) > 0:
+        raise ValueError(f"original_max_position_embeddings must be > 0, got {original}")
+    rope_scaling["original_max_position_embeddings"] = int(original)
 
 
 def _sliding_window(config: Mapping[str, Any], arch: str) -> int | None:
@@ -204,8 +279,8 @@ def _sliding_window(config: Mapping[str, Any], arch: str) -> int | None:
     layer_types = config.get("layer_types")
     if layer_types is not None:  # transformers >= 4.53 names each layer's attention
         return int(window) if "sliding_attention" in layer_types else None
-    if arch == "Qwen2ForCausalLM" and not config.get("use_sliding_window", False):
-        return None  # Qwen2 saves a window even when it is off
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not config.get("use_sliding_window"):
+        return None  # Qwen saves a window even when it is off
     # On, without layer_types: transformers has read max_window_layers both ways over its
     # versions (the layers below it slide, or those from it on), and vLLM slides every layer.
     # The cap is exact under any reading.

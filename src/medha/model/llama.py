@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 Parameter names are Hugging Face's, so a checkpoint's tensors load by name. Projections that
 share an input (q/k/v, gate/up) run as one matmul over one packed buffer (`pack_weights`, see
@@ -81,6 +81,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(arch.num_heads * d, h, bias=arch.o_proj_bias, device=device)
         self.qkv = PackedProjection([self.q_proj, self.k_proj, self.v_proj])
         self.out = PackedProjection([self.o_proj])
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(d, arch.rms_norm_eps, device)
+            self.k_norm = RMSNorm(d, arch.rms_norm_eps, device)
 
     @property
     def projections(self) -> tuple[PackedProjection, ...]:
@@ -99,8 +104,12 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(x).split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
+        qk = qk.view(tokens, heads + kv_heads, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = qk.split([heads, kv_heads], 1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), 1)
         # q and k heads are rotated together: one rotation per layer, not two.
-        q, k = rotation.apply(qk.view(tokens, heads + kv_heads, d)).split([heads, kv_heads], 1)
+        q, k = rotation.apply(qk).split([heads, kv_heads], 1)
         v = v.view(tokens, kv_heads, d)
         k_cache, v_cache = kv_cache.layer(self.layer_index)
         write_step_kv(k, v, k_cache, v_cache, meta)

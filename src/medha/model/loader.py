@@ -109,9 +109,12 @@ def expected_tensor_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
             shapes[f"{attn}.q_proj.bias"] = (q_out,)
             shapes[f"{attn}.k_proj.bias"] = (kv_out,)
             shapes[f"{attn}.v_proj.bias"] = (kv_out,)
-            # HF Llama/Mistral put a bias on o_proj too when attention_bias is set; Qwen2 does not.
-            if arch.architecture != "Qwen2ForCausalLM":
+            # HF Llama/Mistral/Qwen3 put a bias on o_proj too with attention_bias; Qwen2 does not.
+            if arch.o_proj_bias:
                 shapes[f"{attn}.o_proj.bias"] = (hidden,)
+        if arch.qk_norm:
+            shapes[f"{attn}.q_norm.weight"] = (head_dim,)
+            shapes[f"{attn}.k_norm.weight"] = (head_dim,)
         shapes[f"{mlp}.gate_proj.weight"] = (arch.intermediate_size, hidden)
         shapes[f"{mlp}.up_proj.weight"] = (arch.intermediate_size, hidden)
         shapes[f"{mlp}.down_proj.weight"] = (hidden, arch.intermediate_size)

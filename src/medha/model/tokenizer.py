@@ -72,7 +72,9 @@ class Tokenizer:
                 str(folder), local_files_only=True, trust_remote_code=False
             )
         except Exception as exc:
-            raise ModelLoadError(tokenizer_file, f"cannot load the tokenizer: {exc}") from exc
+            # The folder, not tokenizer.json: transformers also reads config.json and
+            # tokenizer_config.json here, and its message names the field it refused.
+            raise ModelLoadError(folder, f"transformers cannot load the tokenizer: {exc}") from exc
         return cls(
             hf_tokenizer,
             folder=folder,
