@@ -17,6 +17,7 @@ from medha.model import gguf_convert
 from medha.model.cache_dir import STALE_STAGING_SECONDS
 from medha.model.loader import load_checkpoint
 from medha.model.presets import SMOLLM2_135M, write_random_checkpoint
+from tests.gguf_support import write_tiny_gguf
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -31,81 +32,6 @@ TINY_LLAMA = {
     "max_position_embeddings": 256,
     "tie_word_embeddings": False,
 }
-
-_GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's convert script interleaves the rotary halves of each Q/K head; do the same."""
-    return (
-        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def write_tiny_gguf(hf_folder: Path, gguf_path: Path) -> None:
-    """Write the HF checkpoint in `hf_folder` as an F32 llama GGUF, the way llama.cpp would."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    config = json.loads((hf_folder / "config.json").read_text())
-    tokenizer = json.loads((hf_folder / "tokenizer.json").read_text())
-    tokenizer_config = json.loads((hf_folder / "tokenizer_config.json").read_text())
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(gguf_path), "llama")
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(config["hidden_size"] // heads)
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_vocab_size(config["vocab_size"])
-
-    vocab = tokenizer["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    special = {added["content"] for added in tokenizer["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if token in special else 1 for token in tokens])
-    writer.add_token_merges(
-        [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
-    )
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"][0])
-    writer.add_add_bos_token(True)
-    writer.add_chat_template(tokenizer_config["chat_template"])
-
-    weights = load_file(str(hf_folder / "model.safetensors"))
-    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
-    writer.add_tensor("output.weight", weights["lm_head.weight"])
-    for layer in range(config["num_hidden_layers"]):
-        for hf_name, gguf_name in _GGUF_NAMES.items():
-            weight = weights[f"model.layers.{layer}.{hf_name}.weight"]
-            if gguf_name == "attn_q":
-                weight = _llama_cpp_permute(weight, heads)
-            elif gguf_name == "attn_k":
-                weight = _llama_cpp_permute(weight, kv_heads)
-            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +221,7 @@ def test_a_cache_entry_is_readable_by_everyone_and_killed_builds_are_swept(
 def test_a_failed_conversion_leaves_no_folder_behind(
     tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash_halfway(gguf_path: Path, folder: Path) -> None:
+    def crash_halfway(gguf_path: Path, folder: Path, *named: object) -> None:
         (folder / "config.json").write_text("{}")
         raise RuntimeError("simulated crash")
 

@@ -33,15 +33,16 @@ from pathlib import Path
 from medha.errors import ModelLoadError, UnsupportedModelError
 from medha.log import get_logger
 from medha.model.cache_dir import atomic_folder, default_cache_dir
+from medha.model.gguf_rope import gguf_rope_scaling
 
 log = get_logger(__name__)
 
 # Bump when the folder layout written below changes, so stale cache entries are not reused.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: the rope scaling (gguf_rope) is in config.json
 _ENTRY_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _DIGESTS_FILE = "digests.json"
 _MEMO_ENTRIES = 256
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def cached_folder_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
@@ -112,7 +113,7 @@ def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
         _gguf_alone(gguf_path.expanduser().resolve()) as alone,
         atomic_folder(folder) as staging,
     ):
-        _write_hf_folder(alone, staging)
+        _write_hf_folder(alone, staging, architecture, gguf_path)
     log.info(
         "converted gguf",
         gguf=str(gguf_path),
@@ -188,12 +189,18 @@ def _gguf_alone(gguf_path: Path) -> Iterator[Path]:
         yield alone
 
 
-def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
+def _write_hf_folder(gguf_path: Path, folder: Path, architecture: str, named: Path) -> None:
     """Load the GGUF with transformers and save config, weights and tokenizer into `folder`;
-    `gguf_path` lies alone in its folder (_gguf_alone)."""
+    `gguf_path` lies alone in its folder (_gguf_alone); `named` is the path errors name."""
+    from gguf import GGUFReader
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    reader = GGUFReader(gguf_path)
+    # transformers' GGUF config mapping reads no head size for qwen3 (Qwen3-0.6B's 128 is not
+    # hidden / heads): pass llama.cpp's key length, which every architecture here writes.
+    key_length = reader.fields.get(f"{architecture}.attention.key_length")
+    overrides = {} if key_length is None else {"head_dim": int(key_length.contents())}
     try:
         with _captured_stderr():
             model = AutoModelForCausalLM.from_pretrained(
@@ -202,6 +209,7 @@ def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
                 local_files_only=True,
                 # Dense weights even where a packed-GGUF matmul kernel is installed.
                 quantization_config=GgufConfig(dequantize=True),
+                **overrides,
             )
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
@@ -213,6 +221,14 @@ def _write_hf_folder(gguf_path: Path, folder: Path) -> None:
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     config["architectures"] = [type(model).__name__]
+    # transformers reads the rope base but not the scaling: read it here (gguf_rope).
+    rope = dict(config.get("rope_parameters") or {})
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    scaling = gguf_rope_scaling(named, reader, architecture, head_dim, theta)
+    if scaling is not None:
+        config.pop("rope_scaling", None)
+        config["rope_parameters"] = {"rope_theta": theta, **scaling}
     state = model.state_dict()
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # the same storage as the embedding; saved once
