@@ -19,6 +19,8 @@ import pytest
 from medha.calibration import mixed_validation_batches
 from medha.cli import main, parse_args
 from medha.commands import generate
+from medha.commands.arg_types import policy_list
+from medha.commands.demo import lars_against_fcfs
 from medha.commands.user_errors import user_error_message
 from medha.config import EngineConfig
 
@@ -167,6 +169,10 @@ def test_calibrate_checks_its_output_path_before_calibrating(
     assert time.perf_counter() - started < 30  # refused before the 60 s of timing
     argv = ["calibrate", "tiny-random", "--out", str(tmp_path)]
     assert "it is a folder" in _user_error(capsys, argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "tiny-random", "--out", ""])
+    assert exit_info.value.code == 2
+    assert "argument --out: an empty path" in capsys.readouterr().err
 
 
 def test_calibrate_refuses_a_cache_too_small_to_calibrate_on(
@@ -177,8 +183,8 @@ def test_calibrate_refuses_a_cache_too_small_to_calibrate_on(
     assert "holds 32 tokens; calibration needs at least 2048 (--num-blocks 128)" in _user_error(
         capsys, argv
     )
-    assert mixed_validation_batches(32) == []
-    assert 0 < len(mixed_validation_batches(2048)) <= 12
+    assert mixed_validation_batches(2, 16) == []
+    assert 0 < len(mixed_validation_batches(128, 16)) <= 12
 
 
 @pytest.mark.parametrize("seconds", ["-1", "0", "nan", "inf", "soon"])
@@ -199,6 +205,12 @@ def test_demo_refuses_unknown_policies_before_running_any(
         main(["demo", "--policies", policies])
     assert exit_info.value.code == 2
     assert "argument --policies" in capsys.readouterr().err
+
+
+def test_demo_runs_each_policy_once_and_says_which_way_they_compare() -> None:
+    assert policy_list("lars, fcfs,lars") == ["lars", "fcfs"]
+    assert lars_against_fcfs(0.5, 2.0) == "lars is 4.0x lower than fcfs"
+    assert lars_against_fcfs(1.0, 0.8) == "lars is 1.2x higher than fcfs"
 
 
 @pytest.mark.parametrize(

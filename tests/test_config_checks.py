@@ -125,7 +125,7 @@ def test_building_a_config_imports_no_torch() -> None:
 # -- at engine start ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "meta"])
 def test_a_device_this_machine_lacks_fails_the_start_with_a_typed_error(device: str) -> None:
     config = EngineConfig(model="tiny-random", device=device, num_blocks=16)
     with pytest.raises(DeviceUnavailableError, match=device):

@@ -128,3 +128,23 @@ def test_a_parser_the_model_defeats_is_one_line_and_status_2(
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("medha: error: the hermes parser") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"])
+def test_a_port_in_use_or_a_foreign_host_is_one_line_and_status_2_before_the_model_loads(
+    host: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    import medha.engine
+
+    def no_engine(*args: object, **kwargs: object) -> None:
+        raise AssertionError("started the engine before binding the port")
+
+    monkeypatch.setattr(medha.engine, "Engine", no_engine)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "tiny-random", "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medha: error: cannot listen on {host}:{port}: ")
+    assert err.count("\n") == 1

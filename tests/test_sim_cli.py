@@ -123,3 +123,13 @@ def test_qps_does_not_apply_to_a_csv_trace(
     assert "--qps" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_a_model_whose_weights_leave_no_room_for_a_kv_cache_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Llama-3-70B in bf16 is 140 GB: one 80 GB A100 has no memory left for its KV cache.
+    argv = ["simulate", "--model", "llama-3-70b", "--hardware", "a100", "--num-requests", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no memory left for the KV cache" in err and "Traceback" not in err

@@ -21,6 +21,8 @@ from medha.sim import (
     load_trace,
     synthetic_workload,
 )
+from medha.sim.report import results_json, results_table
+from medha.sim.runs import PolicyRun
 from medha.sim.traces import BUNDLED_DIR, TRACES_ENV
 from tests.scheduler_support import ToyCost
 
@@ -179,10 +181,22 @@ def test_every_request_finishes_and_every_block_is_freed(
 
 def test_requests_that_can_never_fit_are_reported_not_fatal() -> None:
     small = Deployment(LLAMA_3_8B, A100_80GB, ReplicaSpec(tp=1))
-    requests = [SimRequest("huge", 0.0, 2_000_000, 4), SimRequest("ok", 0.1, 500, 4)]
+    requests = [
+        SimRequest("huge", 0.0, 2_000_000, 4, label="long"),
+        SimRequest("ok", 0.1, 500, 4),
+        SimRequest("also-huge", 0.2, 3_000_000, 4, label="other"),
+    ]
     result = simulate(small, requests)
-    assert list(result.rejected) == ["huge"] and "KV" in result.rejected["huge"]
+    assert list(result.rejected) == ["huge", "also-huge"] and "KV" in result.rejected["huge"]
     assert [r.request_id for r in result.records] == ["ok"]
+    # Counted under their own labels, which are listed though none of theirs finished.
+    assert result.labels == ["long", "other", "short"]
+    assert [result.rejected_count(label) for label in (None, "long", "short")] == [2, 1, 0]
+    runs = [PolicyRun("lars", result)]
+    by_label = results_json({}, runs)["policies"]["lars"]["rejected_by_label"]
+    assert by_label == {"long": 1, "other": 1, "short": 0}
+    assert results_table(runs, label="short").columns[1]._cells == ["1"]
+    assert results_table(runs, label="long").columns[1]._cells == ["0 (+1 rejected)"]
 
 
 # -- executor, routing, capacity ------------------------------------------------------------

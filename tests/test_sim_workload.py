@@ -73,6 +73,37 @@ def test_unknown_trace_names_list_the_known_ones() -> None:
         load_trace("alpaca")
 
 
+HEADER = "num_prefill_tokens,num_decode_tokens\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (HEADER.encode() + b"5,\xff\n", "not a UTF-8 text file"),
+        (HEADER.encode() + b"5," + b"9" * 200_000 + b"\n", "not a readable CSV file"),
+        (HEADER.encode(), "no requests"),
+        (b"num_prefill_tokens\n5\n", "missing column"),
+    ],
+    ids=["not-utf8", "huge-field", "header-only", "missing-column"],
+)
+def test_a_trace_file_that_cannot_be_read_is_a_trace_error_naming_it(
+    content: bytes, message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(TRACES_ENV, str(tmp_path))
+    (tmp_path / TRACE_FILES["conv"]).write_bytes(content)
+    with pytest.raises(TraceError, match=message) as raised:
+        load_trace("conv")
+    assert TRACE_FILES["conv"] in str(raised.value)
+
+
+def test_a_trace_may_start_with_a_byte_order_mark(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(TRACES_ENV, str(tmp_path))
+    (tmp_path / TRACE_FILES["conv"]).write_bytes(b"\xef\xbb\xbf" + HEADER.encode() + b"5,7\n")
+    assert load_trace("conv").prompt_tokens == (5,)
+
+
 # -- generators -----------------------------------------------------------------------------
 
 

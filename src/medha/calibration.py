@@ -13,30 +13,36 @@ from collections.abc import Sequence
 
 import torch
 
+from medha.errors import InvalidConfigError
 from medha.model.arch import ModelArch
 from medha.model.runner import ModelRunner, StepSeq
 from medha.perf import CPU, CalibrationResult, DeviceProfile, Measurement, fit_profile
 from medha.scheduler import BatchCostModel, SeqShape
 
 
-def calibration_grid(max_tokens: int) -> list[tuple[SeqShape, ...]]:
+def calibration_grid(num_blocks: int, block_size: int) -> list[tuple[SeqShape, ...]]:
     """Batch shapes that separate the model's terms: prefill chunks (matmul-bound) at several
-    prefix lengths (attention), decode batches (weight and KV reads), and mixes of both."""
+    prefix lengths (attention), decode batches (weight and KV reads), and mixes of both; those
+    whose sequences fit a cache of `num_blocks` blocks of `block_size` tokens."""
     grid: list[tuple[SeqShape, ...]] = []
     for chunk in (16, 64, 256, 1024):
         for prefix in (0, 512, 2048, 6144):
-            if chunk + prefix <= max_tokens:
-                grid.append((SeqShape(chunk, prefix),))
+            grid.append((SeqShape(chunk, prefix),))
     for batch in (1, 4, 16):
         for context in (64, 1024):
-            if batch * (context + 1) <= max_tokens:
-                grid.append(tuple(SeqShape(1, context) for _ in range(batch)))
-    if max_tokens >= 4 * 257 + 256:
-        grid.append((*(SeqShape(1, 256) for _ in range(4)), SeqShape(256, 0)))
-    if max_tokens >= 4 * 2049 + 4096 + 128:
-        grid.append((*(SeqShape(1, 2048) for _ in range(4)), SeqShape(128, 4096)))
-    return grid
+            grid.append(tuple(SeqShape(1, context) for _ in range(batch)))
+    grid.append((*(SeqShape(1, 256) for _ in range(4)), SeqShape(256, 0)))
+    grid.append((*(SeqShape(1, 2048) for _ in range(4)), SeqShape(128, 4096)))
+    return [shapes for shapes in grid if blocks_needed(shapes, block_size) <= num_blocks]
 
+
+def blocks_needed(shapes: Sequence[SeqShape], block_size: int) -> int:
+    """KV blocks a step of `shapes` takes (time_batch): whole blocks per sequence."""
+    return sum(-(-(shape.kv_tokens + shape.q_tokens) // block_size) for shape in shapes)
+
+
+MIN_GRID_TOKENS = 16
+"""The smallest batch of the grid: one 16-token chunk."""
 
 MIN_CALIBRATION_TOKENS = 2048
 """KV capacity a calibration needs: below it the grid has too few shapes to separate the
@@ -55,11 +61,11 @@ def calibration_target(arch: ModelArch, dtype: torch.dtype, device: torch.device
 
 
 def mixed_validation_batches(
-    max_tokens: int, count: int = 12, seed: int = 0
+    num_blocks: int, block_size: int, count: int = 12, seed: int = 0
 ) -> list[tuple[SeqShape, ...]]:
     """Random mixed batches unlike the grid (decodes at various contexts plus a prefill chunk
     over a prefix): what the engine runs, to check the fitted model's predictions. Fewer than
-    `count` where few of them fit in `max_tokens` (none below ~200 tokens)."""
+    `count` where few of them fit the cache (none below ~200 tokens)."""
     import random
 
     rng = random.Random(seed)
@@ -70,7 +76,7 @@ def mixed_validation_batches(
         decodes = [SeqShape(1, rng.randint(16, 3000)) for _ in range(rng.randint(0, 8))]
         chunk = SeqShape(rng.choice((32, 96, 160, 384, 768)), rng.randint(0, 4000))
         batch = (*decodes, chunk)
-        if sum(s.q_tokens + s.kv_tokens for s in batch) + 16 * len(batch) <= max_tokens:
+        if blocks_needed(batch, block_size) <= num_blocks:
             batches.append(batch)
     return batches
 
@@ -113,8 +119,15 @@ def calibrate_runner(
     dtype_bytes: int = 4,
 ) -> tuple[CalibrationResult, list[Measurement]]:
     """Measure as much of the grid as fits in `budget_s` (small shapes first) and fit."""
-    capacity = runner.kv_cache.capacity_tokens
-    grid = sorted(calibration_grid(capacity), key=lambda s: sum(x.q_tokens for x in s))
+    cache = runner.kv_cache
+    grid = calibration_grid(cache.num_blocks, runner.block_size)
+    if not grid:
+        raise InvalidConfigError(
+            f"a KV cache of {cache.capacity_tokens} tokens is too small to calibrate the cost "
+            f"model on (its smallest batch needs {MIN_GRID_TOKENS}): give more blocks, or a "
+            "saved cost_profile (`medha calibrate`)"
+        )
+    grid.sort(key=lambda s: sum(x.q_tokens for x in s))
     time_batch(runner, grid[0], repeats=1)  # warm-up: first calls allocate
     measurements: list[Measurement] = []
     deadline = time.perf_counter() + budget_s

@@ -56,7 +56,8 @@ def policy_list(text: str) -> list[str]:
     """argparse type: comma-separated scheduling policies, each one medha has."""
     from medha.scheduler import POLICY_NAMES
 
-    policies = [p.strip() for p in text.split(",") if p.strip()]
+    # Each once: a policy named twice would run twice for one row of results.
+    policies = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown or not policies:
         problem = f"unknown policy {', '.join(unknown)}" if unknown else "no policy given"

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from medha.commands.arg_types import doc_paragraph, positive_float, positive_int
+from medha.commands.arg_types import doc_paragraph, output_path, positive_float, positive_int
 from medha.commands.user_errors import UsageError, check_output_file
 
 
@@ -22,7 +22,9 @@ def add_parser(subparsers: Any) -> None:
         description=doc_paragraph(__doc__, 1),
     )
     p.add_argument("model", help="a preset, an HF folder or a .gguf file")
-    p.add_argument("--out", type=Path, default=None, help="profile path (default: cache dir)")
+    p.add_argument(
+        "--out", type=output_path, default=None, help="profile path (default: cache dir)"
+    )
     p.add_argument(
         "--seconds", type=positive_float, default=30.0, help="time budget of the grid (30)"
     )
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     cost = RooflineCostModel(runner.arch, result.profile, dtype_bytes=element)
     with console.status("checking predictions on mixed batches"):
         pairs = prediction_errors(
-            runner, cost, mixed_validation_batches(runner.kv_cache.capacity_tokens)
+            runner, cost, mixed_validation_batches(runner.kv_cache.num_blocks, runner.block_size)
         )
     errors = [abs(p - m) / m for p, m in pairs]
     try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +173,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -> None:
+    # Bound before the engine starts: a port in use is found in a moment, not after loading.
+    listening = _listening_socket(args.host, args.port)
+    with listening:
+        await _serve_on(listening, config, args, uvicorn)
+
+
+async def _serve_on(
+    listening: socket.socket, config: EngineConfig, args: argparse.Namespace, uvicorn: Any
+) -> None:
     import anyio
 
     from medha.engine import Engine
@@ -196,14 +207,26 @@ async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -
         )
         server = uvicorn.Server(settings)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(server.serve)
+            tasks.start_soon(partial(server.serve, sockets=[listening]))
             while not (server.started or server.should_exit):
                 await anyio.sleep(0.05)
             if server.started:
                 host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6
+                port = listening.getsockname()[1]  # the one the system chose for --port 0
                 print(
-                    f"medha: serving {args.model} at http://{host}:{args.port}/v1 "
+                    f"medha: serving {args.model} at http://{host}:{port}/v1 "
                     f"(policy {config.policy}, {engine.max_model_len}-token context)",
                     file=sys.stderr,
                     flush=True,
                 )
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here: a port in use or a host that is not this machine's is
+    the user's to fix (one line, exit 2), where uvicorn would exit from inside the server's
+    task with a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             num_replicas=args.replicas,
         )
         deployment.cost_model()  # checks the layout: tp dividing the heads, pp the layers
+        deployment.kv_tokens_per_group()  # and that the weights leave room for a KV cache
     except ValueError as exc:
         if user_error_message(exc) is not None:
             raise  # medha's own typed errors, and pydantic's: main prints them

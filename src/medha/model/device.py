@@ -24,6 +24,10 @@ def check_device(device: str | torch.device) -> torch.device:
         ) from exc
     if parsed.type == "cpu":
         return parsed
+    if parsed.type == "meta":  # allocates, but holds no data: nothing could run there
+        raise DeviceUnavailableError(
+            f"device {str(device)!r} holds no data and cannot run a model (use 'cpu' or 'cuda')"
+        )
     problem = _cuda_problem(parsed) if parsed.type == "cuda" else _allocation_problem(parsed)
     if problem is not None:
         raise DeviceUnavailableError(f"device {str(device)!r} is not available: {problem}")

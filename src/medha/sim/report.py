@@ -59,8 +59,8 @@ def results_table(runs: Sequence[PolicyRun], title: str = "", label: str | None 
     for run in runs:
         summary = run.result.summary(label)
         done = str(summary.requests)
-        if run.result.rejected:
-            done += f" (+{len(run.result.rejected)} rejected)"
+        if rejected := run.result.rejected_count(label):
+            done += f" (+{rejected} rejected)"
         table.add_row(run.spec, done, *summary_cells(summary))
     return table
 
@@ -89,6 +89,7 @@ def results_json(setup: Mapping[str, Any], runs: Sequence[PolicyRun]) -> dict[st
             "all": result.summary().to_dict(),
             "by_label": {label: result.summary(label).to_dict() for label in result.labels},
             "rejected": len(result.rejected),
+            "rejected_by_label": {label: result.rejected_count(label) for label in result.labels},
             "plans": result.plans,
             "simulated_seconds": result.end_time,
             "wall_seconds": round(result.wall_seconds, 3),

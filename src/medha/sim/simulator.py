@@ -71,10 +71,19 @@ class SimResult:
     stage0_busy_seconds: list[float]
     """Per replica, simulated seconds its first pipeline stage was occupied."""
     final_stats: list[SchedulerStats] = field(default_factory=list)
+    rejected_labels: dict[str, str] = field(default_factory=dict)
+    """The workload label of each rejected request (id -> label)."""
+
+    def rejected_count(self, label: str | None = None) -> int:
+        """Requests refused: all, or those with `label`."""
+        if label is None:
+            return len(self.rejected)
+        return sum(1 for found in self.rejected_labels.values() if found == label)
 
     @property
     def labels(self) -> list[str]:
-        return sorted({record.label for record in self.records})
+        """The workload labels of the requests given, finished or rejected."""
+        return sorted({record.label for record in self.records} | {*self.rejected_labels.values()})
 
     def summary(self, label: str | None = None) -> MetricsSummary:
         """Statistics over all finished requests, or over those with `label`."""
@@ -127,6 +136,7 @@ class Simulator:
         return SimResult(
             records=run.records,
             rejected=run.rejected,
+            rejected_labels=run.rejected_labels,
             chunks=run.chunks,
             end_time=run.now,
             plans=run.plans,
@@ -160,6 +170,7 @@ class _Run:
         self.now = 0.0
         self.records: list[RequestRecord] = []
         self.rejected: dict[str, str] = {}
+        self.rejected_labels: dict[str, str] = {}
         self.chunks: list[ChunkRecord] = []
         self.plans = 0
 
@@ -208,6 +219,7 @@ class _Run:
             )
         except InvalidRequestError as exc:
             self.rejected[request.request_id] = str(exc)
+            self.rejected_labels[request.request_id] = request.label
             return index
         self.replica_of[request.request_id] = index
         replica.outstanding_tokens += request.prompt_tokens + request.output_tokens

@@ -93,7 +93,8 @@ def load_trace(name: str, max_total_tokens: int | str | None = "default") -> Tra
 def read_lengths_csv(path: Path) -> tuple[list[int], list[int]]:
     """Columns num_prefill_tokens and num_decode_tokens of a Vidur-style trace CSV."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first column.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = set(reader.fieldnames or ())
             missing = {"num_prefill_tokens", "num_decode_tokens"} - columns
@@ -112,4 +113,10 @@ def read_lengths_csv(path: Path) -> tuple[list[int], list[int]]:
                 outputs.append(output)
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TraceError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as exc:  # a field over the csv module's size limit, a stray NUL
+        raise TraceError(f"{path}: not a readable CSV file ({exc})") from None
+    if not prompts:
+        raise TraceError(f"{path}: no requests (only a header)")
     return prompts, outputs
