@@ -134,6 +134,19 @@ def test_a_file_is_hashed_once_per_path_size_and_mtime(
     assert gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path) == first
 
 
+def test_a_new_cache_format_converts_a_file_an_older_medha_converted(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Format 3 added the rope scaling to config.json: format 2's entries, remembered by path,
+    # size and mtime, must not be found again.
+    monkeypatch.setattr(gguf_convert, "_FORMAT_VERSION", 2)
+    older = gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path)
+    monkeypatch.setattr(gguf_convert, "_FORMAT_VERSION", 3)
+    newer = gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path)
+    assert newer != older
+    assert gguf_convert.cached_folder_for(tiny_gguf[1], tmp_path) == newer  # remembered
+
+
 def test_a_broken_entry_that_cannot_be_removed_says_so(
     tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

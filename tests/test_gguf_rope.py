@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from medha.errors import UnsupportedModelError
+from medha.errors import ModelLoadError, UnsupportedModelError
 from medha.model.loader import load_checkpoint
 from tests.gguf_support import gguf_with
 
@@ -80,29 +80,35 @@ def _llama3(factor: float, low: float, high: float, original: int) -> dict[str, 
 
 
 @pytest.mark.parametrize(
-    ("theta", "scaling", "read_back"),
+    ("shape", "scaling", "read_back"),
     [
-        # Llama 3.1's parameters, with two divisors between 1 and the factor to fit a line to.
-        (10000.0, _llama3(8.0, 1.0, 4.0, 8192), _llama3(8.0, 1.0, 4.0, 8192)),
-        # With one: llama.cpp's defaults, which are Llama 3.1's.
-        (500000.0, _llama3(8.0, 1.0, 4.0, 8192), _llama3(8.0, 1.0, 4.0, 8192)),
-        (10000.0, _llama3(8.0, 1.0, 4.0, 64), _llama3(8.0, 1.0, 4.0, 64)),
+        # Llama 3.1's parameters: llama.cpp's defaults, taken as they are wherever they fit.
+        (dict(rope_theta=10000.0), _llama3(8.0, 1.0, 4.0, 8192), _llama3(8.0, 1.0, 4.0, 8192)),
+        (dict(rope_theta=500000.0), _llama3(8.0, 1.0, 4.0, 8192), _llama3(8.0, 1.0, 4.0, 8192)),
+        # Llama 3.2 1B's theta, head size and factor, where a fitted line is off by 1e-6.
+        (
+            dict(rope_theta=500000.0, hidden_size=128),
+            _llama3(32.0, 1.0, 4.0, 8192),
+            _llama3(32.0, 1.0, 4.0, 8192),
+        ),
+        # Others are fitted to the divisors between 1 and the factor.
+        (dict(rope_theta=10000.0), _llama3(8.0, 1.0, 4.0, 64), _llama3(8.0, 1.0, 4.0, 64)),
         # low, high and the original length matter only through the line: low is taken as 1.
-        (10000.0, _llama3(16.0, 2.0, 8.0, 128), _llama3(16.0, 1.0, 4.0, 64)),
+        (dict(rope_theta=10000.0), _llama3(16.0, 2.0, 8.0, 128), _llama3(16.0, 1.0, 4.0, 64)),
     ],
-    ids=["llama-3.1", "llama-3.1-defaults", "short-original", "fitted"],
+    ids=["llama-3.1", "llama-3.1-theta", "llama-3.2-1b", "short-original", "fitted"],
 )
 def test_llama_cpp_rope_freqs_become_the_llama3_scaling(
-    theta: float, scaling: dict[str, Any], read_back: dict[str, Any], tmp_path: Path
+    shape: dict[str, Any], scaling: dict[str, Any], read_back: dict[str, Any], tmp_path: Path
 ) -> None:
-    config = {**LLAMA, "rope_theta": theta, "rope_scaling": scaling}
+    config = {**LLAMA, **shape, "rope_scaling": scaling}
     divisors = _llama_cpp_rope_freqs(config)
     assert divisors.max() > 1.0 and divisors.min() == 1.0
     hf_folder, gguf_path = gguf_with(
         config, tmp_path, "llama", tensors={"rope_freqs.weight": divisors}
     )
     converted = load_checkpoint(gguf_path, cache_dir=tmp_path / "cache")
-    assert converted.arch.rope_scaling == pytest.approx(read_back)
+    assert converted.arch.rope_scaling == read_back
     torch.testing.assert_close(_logits(converted.path), _logits(hf_folder), rtol=1e-5, atol=1e-5)
 
 
@@ -179,9 +185,25 @@ def test_rope_scaling_metadata_becomes_the_configs(
         "both",
     ],
 )  # fmt: skip
-def test_a_rope_scaling_medha_cannot_reproduce_is_refused(
-    metadata: dict[str, Any], tensors: dict[str, np.ndarray], message: str, tmp_path: Path
+def test_a_rope_scaling_medha_cannot_reproduce_is_refused_before_converting(
+    metadata: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from medha.model import gguf_convert
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("dequantized the weights before reading the rope scaling")
+
+    monkeypatch.setattr(gguf_convert, "_write_hf_folder", no_conversion)
     _, gguf_path = gguf_with(LLAMA, tmp_path, "llama", metadata=metadata, tensors=tensors)
     with pytest.raises(UnsupportedModelError, match=message):
+        load_checkpoint(gguf_path, cache_dir=tmp_path / "cache")
+
+
+def test_a_scaling_without_its_factor_is_a_malformed_header(tmp_path: Path) -> None:
+    _, gguf_path = gguf_with(LLAMA, tmp_path, "llama", metadata={"rope.scaling.type": "linear"})
+    with pytest.raises(ModelLoadError, match="malformed header"):
         load_checkpoint(gguf_path, cache_dir=tmp_path / "cache")

@@ -49,6 +49,8 @@ def _configs(rope_scaling: dict[str, Any], head_dim: int = 64) -> tuple[Qwen3Con
          "attention_factor": 1.25},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
          "beta_fast": None, "attention_factor": None},  # null is the default
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+         "truncate": None},  # but a null truncate is false, as transformers reads it
         {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 8192},
         # So short a length that no dimension turns once: the ramp would have zero width.
         {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 6},

@@ -148,3 +148,23 @@ def test_a_port_in_use_or_a_foreign_host_is_one_line_and_status_2_before_the_mod
     err = capsys.readouterr().err
     assert err.startswith(f"medha: error: cannot listen on {host}:{port}: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("host", ["", "localhost", "127.0.0.1"])
+def test_the_server_listens_on_every_address_of_its_host_on_one_port(host: str) -> None:
+    import socket
+
+    from medha.commands.serve import listening_sockets
+
+    sockets = listening_sockets(host, 0)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1 and 0 not in ports
+        families = {sock.family for sock in sockets}
+        if host == "":  # every interface: IPv4's at least
+            assert socket.AF_INET in families
+        with socket.create_connection(("127.0.0.1", ports.pop()), timeout=5):
+            pass  # something listens where the banner will say
+    finally:
+        for sock in sockets:
+            sock.close()

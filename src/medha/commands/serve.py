@@ -174,13 +174,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 async def _serve(config: EngineConfig, args: argparse.Namespace, uvicorn: Any) -> None:
     # Bound before the engine starts: a port in use is found in a moment, not after loading.
-    listening = _listening_socket(args.host, args.port)
-    with listening:
+    listening = listening_sockets(args.host, args.port)
+    try:
         await _serve_on(listening, config, args, uvicorn)
+    finally:
+        for sock in listening:
+            sock.close()
 
 
 async def _serve_on(
-    listening: socket.socket, config: EngineConfig, args: argparse.Namespace, uvicorn: Any
+    listening: list[socket.socket],
+    config: EngineConfig,
+    args: argparse.Namespace,
+    uvicorn: Any,
 ) -> None:
     import anyio
 
@@ -207,12 +213,12 @@ async def _serve_on(
         )
         server = uvicorn.Server(settings)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(partial(server.serve, sockets=[listening]))
+            tasks.start_soon(partial(server.serve, sockets=listening))
             while not (server.started or server.should_exit):
                 await anyio.sleep(0.05)
             if server.started:
                 host = f"[{args.host}]" if ":" in args.host else args.host  # IPv6
-                port = listening.getsockname()[1]  # the one the system chose for --port 0
+                port = listening[0].getsockname()[1]  # the one the system chose for --port 0
                 print(
                     f"medha: serving {args.model} at http://{host}:{port}/v1 "
                     f"(policy {config.policy}, {engine.max_model_len}-token context)",
@@ -221,12 +227,36 @@ async def _serve_on(
                 )
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound here: a port in use or a host that is not this machine's is
-    the user's to fix (one line, exit 2), where uvicorn would exit from inside the server's
-    task with a traceback."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound here, one per address `host` resolves to (as asyncio's
+    create_server binds them: "" is every interface, IPv4 and IPv6), all on one port. A port
+    in use or a host that is not this machine's is the user's to fix (one line, exit 2),
+    where uvicorn would exit from inside the server's task with a traceback."""
     try:
-        return socket.create_server((host, port), family=family)
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 off): as asyncio, skip it
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # or binding :: would take 0.0.0.0's port too
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # --port 0: the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(2048)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    if not sockets:
+        raise UsageError(f"cannot listen on {host}:{port}: no address this machine can use")
+    return sockets

@@ -257,7 +257,7 @@ def _check_yarn(rope_scaling: dict[str, Any], config: Mapping[str, Any]) -> None
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"rope_scaling[{name!r}] must be >= 0, got {value}")
             rope_scaling[name] = value
-    if not isinstance(rope_scaling.get("truncate", True), bool):
+    if not isinstance(rope_scaling.get("truncate", True), bool | None):  # null: false, in HF
         raise ValueError(
             f"rope_scaling['truncate'] must be a bool, got {rope_scaling['truncate']!r}"
         )

@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medha.errors import ModelLoadError, UnsupportedModelError
 from medha.log import get_logger
@@ -60,7 +62,9 @@ def _content_key(gguf_path: Path, resolved: Path, root: Path) -> str:
     except OSError as exc:
         raise ModelLoadError(gguf_path, f"cannot read: {exc}") from exc
     memo_file = root / _DIGESTS_FILE
-    seen = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    # The format version is part of what is remembered: a file converted by an older medha
+    # (format 2 dropped the rope scaling) is hashed, and so converted, again.
+    seen = f"v{_FORMAT_VERSION}\0{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}"
     memo = _read_memo(memo_file)
     if seen in memo:
         return memo[seen]
@@ -106,26 +110,39 @@ def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
                 folder,
                 f"a broken cache entry ({problem}) that cannot be removed ({exc}); delete it",
             ) from exc
-    architecture = _gguf_architecture(gguf_path)
+    header = _gguf_header(gguf_path)
     started = time.perf_counter()
     with (
         _status_line(f"Converting {gguf_path.name} to safetensors (once)"),
         _gguf_alone(gguf_path.expanduser().resolve()) as alone,
         atomic_folder(folder) as staging,
     ):
-        _write_hf_folder(alone, staging, architecture, gguf_path)
+        _write_hf_folder(alone, staging, header)
     log.info(
         "converted gguf",
         gguf=str(gguf_path),
-        architecture=architecture,
+        architecture=header.architecture,
         folder=str(folder),
         seconds=round(time.perf_counter() - started, 2),
     )
     return folder
 
 
-def _gguf_architecture(gguf_path: Path) -> str:
-    """Read `general.architecture` from the header; corrupt or unsupported files raise here."""
+@dataclass(frozen=True)
+class _Header:
+    """What the conversion takes from a GGUF's header itself, besides transformers' reading."""
+
+    architecture: str
+    head_dim: int | None
+    """llama.cpp's key length, where the file has one: transformers' GGUF config mapping reads
+    no head size for qwen3 (Qwen3-0.6B's 128 is not hidden / heads)."""
+    rope_parameters: dict[str, Any] | None
+    """The rope scaling transformers' GGUF loader drops (gguf_rope), with its theta."""
+
+
+def _gguf_header(gguf_path: Path) -> _Header:
+    """Read the header before anything is dequantized: corrupt or unsupported files, and rope
+    scalings medha cannot reproduce, raise here, in a moment."""
     from gguf import GGUFReader
 
     try:
@@ -142,7 +159,25 @@ def _gguf_architecture(gguf_path: Path) -> str:
             f"GGUF architecture {architecture!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})",
         )
-    return architecture
+
+    def number(key: str) -> Any:
+        found = reader.fields.get(f"{architecture}.{key}")
+        return None if found is None else found.contents()
+
+    try:
+        key_length = number("attention.key_length")
+        heads = number("attention.head_count")
+        rope_dim = number("rope.dimension_count")
+        theta = float(number("rope.freq_base") or 10000.0)
+        head_dim = int(key_length or rope_dim or number("embedding_length") // heads)
+        scaling = gguf_rope_scaling(gguf_path, reader, architecture, head_dim, theta)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelLoadError(gguf_path, f"malformed header: {exc!r}") from exc
+    return _Header(
+        architecture,
+        None if key_length is None else int(key_length),
+        None if scaling is None else {"rope_theta": theta, **scaling},
+    )
 
 
 def _entry_problem(folder: Path) -> str | None:
@@ -189,18 +224,13 @@ def _gguf_alone(gguf_path: Path) -> Iterator[Path]:
         yield alone
 
 
-def _write_hf_folder(gguf_path: Path, folder: Path, architecture: str, named: Path) -> None:
+def _write_hf_folder(gguf_path: Path, folder: Path, header: _Header) -> None:
     """Load the GGUF with transformers and save config, weights and tokenizer into `folder`;
-    `gguf_path` lies alone in its folder (_gguf_alone); `named` is the path errors name."""
-    from gguf import GGUFReader
+    `gguf_path` lies alone in its folder (_gguf_alone)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    reader = GGUFReader(gguf_path)
-    # transformers' GGUF config mapping reads no head size for qwen3 (Qwen3-0.6B's 128 is not
-    # hidden / heads): pass llama.cpp's key length, which every architecture here writes.
-    key_length = reader.fields.get(f"{architecture}.attention.key_length")
-    overrides = {} if key_length is None else {"head_dim": int(key_length.contents())}
+    overrides = {} if header.head_dim is None else {"head_dim": header.head_dim}
     try:
         with _captured_stderr():
             model = AutoModelForCausalLM.from_pretrained(
@@ -221,14 +251,9 @@ def _write_hf_folder(gguf_path: Path, folder: Path, architecture: str, named: Pa
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     config["architectures"] = [type(model).__name__]
-    # transformers reads the rope base but not the scaling: read it here (gguf_rope).
-    rope = dict(config.get("rope_parameters") or {})
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    scaling = gguf_rope_scaling(named, reader, architecture, head_dim, theta)
-    if scaling is not None:
+    if header.rope_parameters is not None:  # transformers reads the base, not the scaling
         config.pop("rope_scaling", None)
-        config["rope_parameters"] = {"rope_theta": theta, **scaling}
+        config["rope_parameters"] = header.rope_parameters
     state = model.state_dict()
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # the same storage as the embedding; saved once

@@ -100,6 +100,7 @@ def _llama3_from_divisors(
     factor = float(divisors.max())
     if np.all(np.abs(divisors - 1.0) <= _DIVISOR_RTOL):
         return None  # all ones: no scaling
+    # llama.cpp's defaults (every Llama 3.x's values) first: where they fit, they are exact.
     candidates = [_LLAMA3_DEFAULTS]
     between = (divisors > 1.0 + _DIVISOR_RTOL) & (divisors < factor * (1 - _DIVISOR_RTOL))
     if between.sum() >= 2 and factor > 1:
@@ -108,8 +109,8 @@ def _llama3_from_divisors(
         if intercept < 0 < slope:
             high = 1.0 - 1.0 / intercept
             original = slope * 2 * math.pi * (high - 1.0)
-            candidates.insert(0, {"low_freq_factor": 1.0, "high_freq_factor": round(high, 6),
-                                  "original": round(original)})  # fmt: skip
+            candidates.append({"low_freq_factor": 1.0, "high_freq_factor": round(high, 6),
+                               "original": round(original)})  # fmt: skip
     for candidate in candidates:
         scaling = {
             "rope_type": "llama3",
