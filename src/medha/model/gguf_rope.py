@@ -89,8 +89,9 @@ def _llama3_from_divisors(
     Llama 3's divisor is 1 for short wavelengths, `factor` for long ones and, between,
     1 / ((1 - s) / factor + s) with s = (original / wavelength - low) / (high - low): s is
     linear in the frequency, and the scaling depends on (original, low, high) only through
-    that line. So low is taken as 1 (or the defaults, where fewer than two divisors lie
-    between) and the others fitted, then rounded and checked against every divisor."""
+    that line. llama.cpp's defaults (Llama 3.x's own) are tried first; else, where two or more
+    divisors lie between, low is taken as 1 and the others fitted to the line and rounded.
+    Either is taken only if it reproduces every divisor."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if divisors.shape != inv_freq.shape:
         raise UnsupportedModelError(
