@@ -9,9 +9,21 @@ import itertools
 import pytest
 
 from medha.scheduler import BatchPlan, Scheduler, SeqKind
-from medha.scheduler.lead_guard import MAX_CHALLENGERS, challenger_terms, keeps_lead
+from medha.scheduler.lead_guard import (
+    MAX_CHALLENGERS,
+    challenger_terms,
+    keeps_lead,
+    promote_guarded,
+)
 from medha.scheduler.pausing import overtake_time
-from tests.scheduler_support import Arrival, DriverResult, drive, make_scheduler, step
+from tests.scheduler_support import (
+    Arrival,
+    DriverResult,
+    ToyCost,
+    drive,
+    make_scheduler,
+    step,
+)
 
 CHAT = 2_000
 """~46 ms alone on the toy cost model: eight or so chunks at a 10 ms budget."""
@@ -55,7 +67,20 @@ def test_challenger_terms_are_the_guard_as_one_more_key_to_beat() -> None:
         assert below == (not keeps_lead(incumbent, w_i, challenger, w_c, t))
 
 
-@pytest.mark.parametrize("gap", [0.001, 0.01, 0.03])
+def test_a_tie_is_a_tie_whatever_the_rounding() -> None:
+    # 0.1 + 0.2 is 0.30000000000000004: the sides of a tie, computed from other terms.
+    assert 0.1 + 0.2 > 0.3
+    assert keeps_lead((0.1 + 0.2, 0.0), 0.0, (0.3, 0.0), 0.0, 0.0)
+    # Against a challenger that started too, a tie leaves it ahead (no handing back and forth).
+    assert not keeps_lead((0.1 + 0.2, 0.0), 0.0, (0.3, 0.0), 0.0, 0.0, ties_keep=False)
+    assert keeps_lead((0.29, 0.0), 0.0, (0.3, 0.0), 0.0, 0.0, ties_keep=False)
+    # More than rounding is no tie.
+    assert not keeps_lead((0.3 + 1e-6, 0.0), 0.0, (0.3, 0.0), 0.0, 0.0)
+
+
+# gap 0: the same instant, where the rule's two sides are equal and only rounding told them
+# apart (the second chat started, and they took turns).
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.01, 0.03])
 def test_two_chats_that_arrive_together_go_one_after_the_other(gap: float) -> None:
     guarded, order = _two_chats(lead_guard=True, gap=gap)
     assert _turns(order) == 1 and order[0] == "a"
@@ -86,6 +111,41 @@ def test_a_later_chat_with_an_earlier_deadline_still_preempts_a_started_one() ->
     )
     assert result.ttft("b") <= _alone_ttft() + 0.011  # at most the chunk in flight first
     assert result.ttft("a") > 0.02 + result.ttft("b")
+
+
+@pytest.mark.parametrize("doc_deadline", [0.8, 1.0, 1.5])
+def test_a_chat_that_cut_into_a_document_keeps_the_lead_to_its_first_token(
+    doc_deadline: float,
+) -> None:
+    """Once the chat runs, its slack stops falling and the document's key falls below its
+    own: LARS alone hands the document the budget back, and the two take turns. Both started,
+    the rule still holds between them: the chat would lose far more by waiting."""
+
+    def run(lead_guard: bool) -> tuple[DriverResult, str]:
+        scheduler = make_scheduler(
+            ToyCost(iteration_budget=0.01),  # prefill times with their iterations' overheads
+            policy="lars",
+            target_batch_time=0.01,
+            num_blocks=20_000,
+            lead_guard=lead_guard,
+        )
+        arrivals = [Arrival("doc", 0.0, 12_000, 2, deadline=doc_deadline)]
+        arrivals.append(Arrival("chat", 0.3, CHAT, 2))
+        result = drive(scheduler, arrivals)
+        first_token = 0.3 + result.ttft("chat")
+        firsts = "".join(
+            "C" if plan.prefills[0].request_id == "chat" else "d"
+            for plan in result.plans
+            if plan.prefills and 0.3 <= plan.created_at < first_token
+        )
+        return result, firsts
+
+    guarded, order = run(lead_guard=True)
+    unguarded, unguarded_order = run(lead_guard=False)
+    assert "Cd" in unguarded_order.rstrip("d"), "LARS alone takes turns: nothing to fix"
+    chat_runs = order[order.index("C") :].rstrip("d")
+    assert set(chat_runs) == {"C"}, order
+    assert guarded.ttft("chat") < unguarded.ttft("chat")
 
 
 def _doc_and_chats(lead_guard: bool) -> DriverResult:
@@ -185,3 +245,51 @@ def test_the_engine_config_passes_the_guard_to_the_scheduler(flag: bool) -> None
 
     config = build_scheduler_config(EngineConfig(model="tiny-random", lead_guard=flag), 100)
     assert config.lead_guard is flag
+
+
+class _Prefill:
+    """What promote_guarded reads of a candidate: key terms and remaining work."""
+
+    def __init__(self, base: float, rate: float, work: float) -> None:
+        self.key_base, self.key_rate, self.work = base, rate, work
+
+    def remaining_prefill_s(self, cost: object) -> float:
+        return self.work
+
+
+class _Candidates:
+    """CandidateOrder's part promote_guarded uses: started prefills and queued ones by key."""
+
+    def __init__(self, started: list[_Prefill], queued: list[_Prefill]) -> None:
+        self.ranked = sorted(
+            [(p.key_base, i, p, True) for i, p in enumerate(started)]
+            + [(p.key_base, len(started) + i, p, False) for i, p in enumerate(queued)],
+            key=lambda item: item[:2],
+        )
+        self.promoted: _Prefill | None = None
+
+    def started(self) -> list[tuple[float, int, _Prefill]]:
+        return [(key, order, p) for key, order, p, started in self.ranked if started]
+
+    def ahead_of(self, key: float, order: int, limit: int) -> list[_Prefill]:
+        ahead = [item for item in self.ranked if item[:2] < (key, order)]
+        return [p for *_, p, started in ahead if started] + [
+            p for *_, p, started in ahead if not started
+        ]
+
+    def promote(self, request: _Prefill) -> None:
+        self.promoted = request
+
+
+def test_between_two_started_prefills_a_tie_leaves_the_order_as_ranked() -> None:
+    # Keys that do not move (rate 0) and equal work: each would lose as much as it makes the
+    # other lose. 0.1 + 0.2 ranks just behind 0.3, by rounding alone.
+    ahead, behind = _Prefill(0.3, 0.0, 0.05), _Prefill(0.1 + 0.2, 0.0, 0.05)
+    candidates = _Candidates([behind, ahead], [])
+    assert [p for *_, p in candidates.started()] == [ahead, behind]
+    promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
+    assert candidates.promoted is None  # started too, the one ahead keeps its place
+    # Tied with a queued challenger, a started prefill keeps the lead.
+    candidates = _Candidates([behind], [ahead])
+    promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
+    assert candidates.promoted is behind

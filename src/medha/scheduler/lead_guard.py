@@ -41,18 +41,32 @@ KeyTerms = tuple[float, float]
 """(base, rate): the key at ranking time T is base - rate x T (smaller goes first)."""
 
 
+TIE_TOLERANCE = 1e-9
+"""Keys this close (relative to their size) are a tie. The two sides of the rule come from
+differently cached terms: two chats that arrive together with one d tie exactly, and rounding
+alone (0.7772 against 0.7771999999999999) would otherwise hand the lead back and forth."""
+
+
 def keeps_lead(
     incumbent: KeyTerms,
     incumbent_work: float,
     challenger: KeyTerms,
     challenger_work: float,
     at: float,
+    ties_keep: bool = True,
 ) -> bool:
     """Whether a started prefill (key terms, remaining seconds of work) should go before a
-    challenger ranked ahead of it at time `at`: key_I(at + w_C) <= key_C(at + w_I)."""
+    challenger ranked ahead of it at time `at`: key_I(at + w_C) <= key_C(at + w_I). A tie keeps
+    the lead where `ties_keep`, else (a challenger that started too, with an equal claim to
+    it) leaves the challenger ahead."""
     base_i, rate_i = incumbent
     base_c, rate_c = challenger
-    return base_i - rate_i * (at + challenger_work) <= base_c - rate_c * (at + incumbent_work)
+    waits = base_i - rate_i * (at + challenger_work)
+    makes_wait = base_c - rate_c * (at + incumbent_work)
+    tolerance = TIE_TOLERANCE * max(1.0, abs(waits), abs(makes_wait))
+    if ties_keep:
+        return waits <= makes_wait + tolerance
+    return waits < makes_wait - tolerance
 
 
 def challenger_terms(
@@ -73,13 +87,19 @@ one comparison each per iteration, and a crowd that far ahead is LARS's call, no
 def promote_guarded(candidates: CandidateOrder, cost: BatchCostModel, at: float) -> None:
     """Put first the best-ranked started prefill that keeps the lead over every candidate
     ranked ahead of it (at most MAX_CHALLENGERS of them), if any; the others keep their
-    places. One at most: the front is one place."""
-    for key, order, incumbent in candidates.started():
+    places. One at most: the front is one place.
+
+    A started prefill that leads already is passed over, not the end of the search: the one
+    it overtook, started too, may hold the lead against it by the rule (a chat that cut into a
+    document keeps going while the document's key falls below its own)."""
+    started = candidates.started()
+    for place, (key, order, incumbent) in enumerate(started):
         challengers = candidates.ahead_of(key, order, MAX_CHALLENGERS + 1)
         if not challengers:
-            return  # it leads already, and so does nobody after it
+            continue  # it leads already
         if len(challengers) > MAX_CHALLENGERS:
             return  # and more still are ahead of the ones after it
+        started_ahead = {id(request) for _, _, request in started[:place]}
         work = incumbent.remaining_prefill_s(cost)
         terms = (incumbent.key_base, incumbent.key_rate)
         if all(
@@ -89,6 +109,7 @@ def promote_guarded(candidates: CandidateOrder, cost: BatchCostModel, at: float)
                 (challenger.key_base, challenger.key_rate),
                 challenger.remaining_prefill_s(cost),
                 at,
+                ties_keep=id(challenger) not in started_ahead,
             )
             for challenger in challengers
         ):
