@@ -148,6 +148,35 @@ def test_a_chat_that_cut_into_a_document_keeps_the_lead_to_its_first_token(
     assert guarded.ttft("chat") < unguarded.ttft("chat")
 
 
+def test_twins_both_started_go_one_after_the_other() -> None:
+    """Two prompts of one length arriving together both start (a 1,536-token chunk cap leaves
+    the budget room for two): a tie by the rule, which the earlier arrival wins on every
+    iteration, where LARS's rank flips with every chunk."""
+
+    def fronts(lead_guard: bool) -> tuple[DriverResult, str]:
+        scheduler = make_scheduler(
+            policy="lars",
+            target_batch_time=0.05,
+            num_blocks=5_000,
+            max_chunk=1536,
+            lead_guard=lead_guard,
+        )
+        result = drive(scheduler, [Arrival("a", 0.0, 8_000, 2), Arrival("b", 0.0, 8_000, 2)])
+        firsts = "".join(
+            next(seq.request_id for seq in plan.seqs if seq.kind is SeqKind.PREFILL)
+            for plan in result.plans
+            if any(seq.kind is SeqKind.PREFILL for seq in plan.seqs)
+        )
+        return result, firsts
+
+    guarded, order = fronts(lead_guard=True)
+    unguarded, unguarded_order = fronts(lead_guard=False)
+    assert _turns(list(unguarded_order)) > 3, "LARS alone takes turns: nothing to fix"
+    assert _turns(list(order)) == 1 and order[0] == "a", order
+    assert guarded.ttft("a") < unguarded.ttft("a")
+    assert guarded.ttft("b") <= unguarded.ttft("b") + 1e-9
+
+
 def _doc_and_chats(lead_guard: bool) -> DriverResult:
     scheduler = make_scheduler(
         policy="lars", target_batch_time=0.05, num_blocks=20_000, lead_guard=lead_guard
@@ -250,8 +279,10 @@ def test_the_engine_config_passes_the_guard_to_the_scheduler(flag: bool) -> None
 class _Prefill:
     """What promote_guarded reads of a candidate: key terms and remaining work."""
 
-    def __init__(self, base: float, rate: float, work: float) -> None:
-        self.key_base, self.key_rate, self.work = base, rate, work
+    def __init__(self, base: float, rate: float, work: float, order: int) -> None:
+        self.key_base, self.key_rate, self.work, self.order = base, rate, work, order
+        self.rank = base
+        """Where the candidate order puts it (its key at the ranking time)."""
 
     def remaining_prefill_s(self, cost: object) -> float:
         return self.work
@@ -262,8 +293,8 @@ class _Candidates:
 
     def __init__(self, started: list[_Prefill], queued: list[_Prefill]) -> None:
         self.ranked = sorted(
-            [(p.key_base, i, p, True) for i, p in enumerate(started)]
-            + [(p.key_base, len(started) + i, p, False) for i, p in enumerate(queued)],
+            [(p.rank, i, p, True) for i, p in enumerate(started)]
+            + [(p.rank, len(started) + i, p, False) for i, p in enumerate(queued)],
             key=lambda item: item[:2],
         )
         self.promoted: _Prefill | None = None
@@ -281,15 +312,39 @@ class _Candidates:
         self.promoted = request
 
 
-def test_between_two_started_prefills_a_tie_leaves_the_order_as_ranked() -> None:
+def test_between_two_started_prefills_a_tie_goes_to_the_earlier_arrival() -> None:
     # Keys that do not move (rate 0) and equal work: each would lose as much as it makes the
     # other lose. 0.1 + 0.2 ranks just behind 0.3, by rounding alone.
-    ahead, behind = _Prefill(0.3, 0.0, 0.05), _Prefill(0.1 + 0.2, 0.0, 0.05)
-    candidates = _Candidates([behind, ahead], [])
-    assert [p for *_, p in candidates.started()] == [ahead, behind]
+    earlier, later = _Prefill(0.1 + 0.2, 0.0, 0.05, order=0), _Prefill(0.3, 0.0, 0.05, order=1)
+    candidates = _Candidates([earlier, later], [])
+    assert [p for *_, p in candidates.started()] == [later, earlier]
     promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
-    assert candidates.promoted is None  # started too, the one ahead keeps its place
-    # Tied with a queued challenger, a started prefill keeps the lead.
-    candidates = _Candidates([behind], [ahead])
+    assert candidates.promoted is earlier
+    # Ranked ahead already, the earlier arrival keeps the front without a promotion.
+    earlier, later = _Prefill(0.3, 0.0, 0.05, order=0), _Prefill(0.1 + 0.2, 0.0, 0.05, order=1)
+    candidates = _Candidates([earlier, later], [])
     promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
-    assert candidates.promoted is behind
+    assert candidates.promoted is None
+    # Tied with a queued challenger, a started prefill keeps the lead, whoever came first.
+    started, queued = _Prefill(0.1 + 0.2, 0.0, 0.05, order=1), _Prefill(0.3, 0.0, 0.05, order=0)
+    candidates = _Candidates([started], [queued])
+    promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
+    assert candidates.promoted is started
+
+
+def test_a_started_prefill_ranked_behind_others_leads_only_if_it_beats_every_started_one() -> None:
+    """The rule is pairwise and not transitive: a started prefill that beats the one ranked
+    first but loses to another started one does not take the front (it would, on the
+    iterations it ranked second, and lose it on the others)."""
+    first = _Prefill(0.0, 1.0, 1.0, order=0)  # ranked first, 1 s of work left
+    beats_first = _Prefill(0.2, 2.0, 0.05, order=1)  # a chat: loses much by waiting 1 s
+    beats_both = _Prefill(0.1, 2.0, 0.01, order=2)  # a shorter chat, more urgent still
+    assert keeps_lead((0.2, 2.0), 0.05, (0.0, 1.0), 1.0, 0.0)
+    assert not keeps_lead((0.2, 2.0), 0.05, (0.1, 2.0), 0.01, 0.0)
+    for ranking in ([first, beats_first, beats_both], [first, beats_both, beats_first]):
+        for place, prefill in enumerate(ranking):
+            prefill.rank = place
+        candidates = _Candidates(ranking, [])
+        assert [p for *_, p in candidates.started()] == ranking
+        promote_guarded(candidates, cost=None, at=0.0)  # type: ignore[arg-type]
+        assert candidates.promoted is beats_both

@@ -86,32 +86,42 @@ one comparison each per iteration, and a crowd that far ahead is LARS's call, no
 
 def promote_guarded(candidates: CandidateOrder, cost: BatchCostModel, at: float) -> None:
     """Put first the best-ranked started prefill that keeps the lead over every candidate
-    ranked ahead of it (at most MAX_CHALLENGERS of them), if any; the others keep their
-    places. One at most: the front is one place.
+    ranked ahead of it (at most MAX_CHALLENGERS of them) and over every other started
+    prefill, if any; the others keep their places. One at most: the front is one place.
 
-    A started prefill that leads already is passed over, not the end of the search: the one
-    it overtook, started too, may hold the lead against it by the rule (a chat that cut into a
-    document keeps going while the document's key falls below its own)."""
-    started = candidates.started()
-    for place, (key, order, incumbent) in enumerate(started):
+    Between two started prefills the rule decides whatever their ranks: the one it favours
+    stays favoured while it runs (serving I moves t + w_I not at all, so neither side of the
+    rule moves), where the LARS rank flips with every chunk (a chat that cut into a document
+    keeps going while the document's key falls below its own). A tie between two started
+    prefills (twins: one deadline and one d) goes to the earlier arrival, which does not move
+    either. No started prefill that beats all the others (the rule is not transitive): the
+    ranked order stands."""
+    # The best-ranked started prefills only: the checks are pairwise among them.
+    started = candidates.started()[: MAX_CHALLENGERS + 1]
+    work = {id(request): request.remaining_prefill_s(cost) for _, _, request in started}
+    for key, order, incumbent in started:
         challengers = candidates.ahead_of(key, order, MAX_CHALLENGERS + 1)
-        if not challengers:
-            continue  # it leads already
         if len(challengers) > MAX_CHALLENGERS:
             return  # and more still are ahead of the ones after it
-        started_ahead = {id(request) for _, _, request in started[:place]}
-        work = incumbent.remaining_prefill_s(cost)
+        ahead = {id(request) for request in challengers}
+        others = [request for _, _, request in started if request is not incumbent]
+        rivals = [*challengers, *(request for request in others if id(request) not in ahead)]
+        if not rivals:
+            return  # alone: it leads already
+        others_ids = {id(request) for request in others}
         terms = (incumbent.key_base, incumbent.key_rate)
         if all(
             keeps_lead(
                 terms,
-                work,
-                (challenger.key_base, challenger.key_rate),
-                challenger.remaining_prefill_s(cost),
+                work[id(incumbent)],
+                (rival.key_base, rival.key_rate),
+                work[id(rival)] if id(rival) in work else rival.remaining_prefill_s(cost),
                 at,
-                ties_keep=id(challenger) not in started_ahead,
+                # A queued challenger loses ties; a started one, to the earlier arrival.
+                ties_keep=id(rival) not in others_ids or incumbent.order < rival.order,
             )
-            for challenger in challengers
+            for rival in rivals
         ):
-            candidates.promote(incumbent)
+            if challengers:
+                candidates.promote(incumbent)
             return
