@@ -128,9 +128,10 @@ def test_at_most_one_long_prefill_per_kvp_group_per_batch() -> None:
     scheduler = make_scheduler(
         policy="lars", long_prefill_threshold=4096, target_batch_time=0.05, num_blocks=20_000
     )
-    scheduler.add_request("a", 60_000, 2, arrival=0.0, deadline=30.0)
-    scheduler.add_request("b", 60_000, 2, arrival=0.0, deadline=30.0)
-    result = drive(scheduler, [])
+    # b, more urgent, cuts into a (twins arriving together would go one after the other).
+    arrivals = [Arrival("a", 0.0, 60_000, 2, deadline=30.0)]
+    arrivals.append(Arrival("b", 1.0, 60_000, 2, deadline=5.0))
+    result = drive(scheduler, arrivals)
     assert set(result.finished) == {"a", "b"}
     long_plans: dict[str, list[int]] = {"a": [], "b": []}
     for index, plan in enumerate(result.plans):
