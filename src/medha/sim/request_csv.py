@@ -12,11 +12,11 @@ error, so that a misspelt optional column is not silently ignored. Rows need not
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from medha.sim.csv_file import csv_rows
 from medha.sim.workload import SimRequest, WorkloadError
 
 REQUIRED_COLUMNS = ("arrival_time", "prompt_tokens", "output_tokens")
@@ -27,19 +27,10 @@ def read_requests_csv(path: str | Path) -> list[SimRequest]:
     """The requests of a workload CSV, sorted by arrival. Raises WorkloadError naming the file,
     the line and the problem."""
     path = Path(path)
-    try:
-        # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which is no column.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            _check_header(path, reader.fieldnames)
-            # line_num, not a row count: blank lines are skipped, a quoted field spans lines.
-            requests = [_parse_row(path, reader.line_num, row) for row in reader]
-    except OSError as exc:
-        raise WorkloadError(f"cannot read workload CSV {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise WorkloadError(f"{path}: not a UTF-8 text file") from None
-    except csv.Error as exc:  # a field over the csv module's size limit, a stray NUL
-        raise WorkloadError(f"{path}: not a readable CSV file ({exc})") from None
+    with csv_rows(path, WorkloadError, "workload CSV") as reader:
+        _check_header(path, reader.fieldnames)
+        # line_num, not a row count: blank lines are skipped, a quoted field spans lines.
+        requests = [_parse_row(path, reader.line_num, row) for row in reader]
     if not requests:
         raise WorkloadError(f"{path}: no requests (only a header)")
     return sorted(requests, key=lambda request: request.arrival)

@@ -13,12 +13,12 @@ they are looked up, in this order, in
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from medha.errors import MedhaError
+from medha.sim.csv_file import csv_rows
 
 TRACE_FILES: dict[str, str] = {
     "sharegpt": "sharegpt_8k_filtered_stats_llama2_tokenizer.csv",
@@ -92,31 +92,22 @@ def load_trace(name: str, max_total_tokens: int | str | None = "default") -> Tra
 
 def read_lengths_csv(path: Path) -> tuple[list[int], list[int]]:
     """Columns num_prefill_tokens and num_decode_tokens of a Vidur-style trace CSV."""
-    try:
-        # utf-8-sig: a byte-order mark (a spreadsheet's export) is not part of the first column.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = set(reader.fieldnames or ())
-            missing = {"num_prefill_tokens", "num_decode_tokens"} - columns
-            if missing:
-                raise TraceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            prompts, outputs = [], []
-            for line, row in enumerate(reader, start=2):
-                try:
-                    prompt = int(row["num_prefill_tokens"])
-                    output = int(row["num_decode_tokens"])
-                except (TypeError, ValueError):
-                    raise TraceError(f"{path}:{line}: token counts must be integers") from None
-                if prompt < 1 or output < 1:
-                    raise TraceError(f"{path}:{line}: token counts must be >= 1")
-                prompts.append(prompt)
-                outputs.append(output)
-    except OSError as exc:
-        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise TraceError(f"{path}: not a UTF-8 text file") from None
-    except csv.Error as exc:  # a field over the csv module's size limit, a stray NUL
-        raise TraceError(f"{path}: not a readable CSV file ({exc})") from None
+    with csv_rows(path, TraceError, "trace") as reader:
+        columns = set(reader.fieldnames or ())
+        missing = {"num_prefill_tokens", "num_decode_tokens"} - columns
+        if missing:
+            raise TraceError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        prompts, outputs = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                prompt = int(row["num_prefill_tokens"])
+                output = int(row["num_decode_tokens"])
+            except (TypeError, ValueError):
+                raise TraceError(f"{path}:{line}: token counts must be integers") from None
+            if prompt < 1 or output < 1:
+                raise TraceError(f"{path}:{line}: token counts must be >= 1")
+            prompts.append(prompt)
+            outputs.append(output)
     if not prompts:
         raise TraceError(f"{path}: no requests (only a header)")
     return prompts, outputs
