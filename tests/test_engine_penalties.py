@@ -188,3 +188,26 @@ async def test_min_tokens_keeps_eos_from_ending_a_request_that_greedy_would_end_
     assert not set(held.token_ids[:5]) & set(EOS) and len(held.token_ids) > 5
     # vLLM bans eos before min_tokens even with ignore_eos.
     assert not set(ignored.token_ids[:5]) & set(EOS)
+
+
+async def test_a_vanishing_repetition_penalty_under_a_low_temperature_fails_nothing() -> None:
+    # r = 1e-38 takes a seen logit above ~3.4 to the largest float; a temperature of 0.5 then
+    # overflowed it to +inf, the draw past the vocabulary, and the engine failed for everyone.
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        first_logits = hf_model()(torch.tensor([prompt])).logits[0, -1]
+    # Divided by 1e-38 (below the largest float, ~3.4e38: every logit here is under 3.4), the
+    # largest seen logit leads the next one by ~1e37, so the first draw is certain.
+    first = max(prompt, key=lambda token: float(first_logits[token]))
+    firsts = set()
+    async with medha.Engine(engine_config()) as engine:
+        for seed in range(6):
+            extreme = SamplingParams(
+                max_tokens=6, temperature=0.5, repetition_penalty=1e-38, seed=seed
+            )
+            done = await engine.generate(prompt, extreme)
+            assert len(done.token_ids) == 6
+            firsts.add(done.token_ids[0])
+        after = await engine.generate(PROMPTS[1], SamplingParams.greedy(4))
+    assert firsts == {first}
+    assert after.token_ids == _reference(PROMPTS[1], SamplingParams.greedy(4))

@@ -120,17 +120,50 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability() -> None:
 def test_filtered_tokens_are_never_drawn_under_combined_filters() -> None:
     logits = _random_logits(1, 200, seed=9)[0]
     params = SamplingParams(temperature=2.0, top_k=20, top_p=0.8, min_p=0.05)
+    # vLLM V1's order: min-p against the top token, then top-k, then top-p over what is left.
     scaled = logits / 2.0
+    scaled = scaled.masked_fill(scaled - scaled.max() < torch.tensor(0.05).log(), float("-inf"))
     top20 = scaled.topk(20).indices
     probs = scaled[top20].softmax(-1)
-    nucleus = top20[(probs.cumsum(-1) - probs) < 0.8]
-    nucleus_max = float(scaled[nucleus].max())
-    allowed = {
-        int(t) for t in nucleus if float(scaled[t]) - nucleus_max >= torch.tensor(0.05).log()
-    }
+    allowed = {int(t) for t in top20[(probs.cumsum(-1) - probs) < 0.8]}
     tokens = _draw_many(logits, params, 5_000, seed=10)
     assert set(tokens) <= allowed
     assert len(set(tokens)) > 1
+
+
+def test_min_p_applies_before_top_p_as_in_vllm_v1() -> None:
+    # min-p 0.3 leaves tokens 0 and 1 (0.5 and 0.2 >= 0.15), renormalised to 0.714 and 0.286;
+    # top-p 0.7 then keeps token 0 alone. With min-p last (vLLM V0, HF), top-p 0.7 keeps tokens
+    # 0 and 1 of the full distribution, and token 1 is drawn about 2 times in 7.
+    logits = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]).log()
+    tokens = _draw_many(logits, SamplingParams(top_p=0.7, min_p=0.3), 2_000, seed=17)
+    assert set(tokens) == {0}
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1e-3])
+def test_a_logit_at_the_largest_float_under_a_low_temperature_is_drawn_not_nan(
+    temperature: float,
+) -> None:
+    # A repetition penalty of 1e-38 leaves a positive logit at the largest float; dividing by a
+    # temperature below 1 overflowed it to +inf, the softmax to NaN, and the draw to token id
+    # `vocab`, which failed the engine.
+    logits = _random_logits(3, 50, seed=18)
+    logits[:, 7] = torch.finfo(torch.float32).max
+    logits[1, 9] = torch.finfo(torch.float32).max  # two tokens at the top: either may come
+    logits[2, 3] = float("-inf")  # a masked token stays masked
+    params = [SamplingParams(temperature=temperature, min_p=0.1, top_p=0.9)] * 3
+    for seed in range(20):
+        out = sample(logits, params, [make_generator(seed)] * 3)
+        assert out.token_ids[0] == 7
+        assert out.token_ids[1] in {7, 9}
+        assert out.token_ids[2] == 7
+
+
+def test_a_row_without_a_finite_distribution_takes_an_id_in_the_vocabulary() -> None:
+    probs = torch.tensor([[0.2, float("nan"), 0.3], [0.0, 0.0, 0.0], [0.1, 0.6, 0.3]])
+    drawn = _draw_inverse_cdf(probs, torch.full((3,), 0.5)).tolist()
+    assert all(0 <= token < 3 for token in drawn)
+    assert drawn[2] == 1
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth() -> None:

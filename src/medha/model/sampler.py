@@ -4,11 +4,13 @@ Runs every step on the last pipeline stage, so the work is batched tensor ops ov
 kind; the per-row Python work is building small parameter tensors and one random draw per
 randomly sampled row.
 
-Order of operations for a random row (vLLM's, and HF's for what both have): the structured
-output's mask, allowed tokens, logit bias, penalties, min_tokens and bad words
-(medha.model.logits_processing), temperature, top-k, top-p (on the top-k-renormalised
-distribution), min-p, then one draw. Greedy rows take the argmax of the adjusted logits (ties:
-the lowest token id) and consume no randomness.
+Order of operations for a random row (vLLM V1's): the structured output's mask, allowed
+tokens, logit bias, penalties, min_tokens and bad words (medha.model.logits_processing),
+temperature, min-p (against the top token of the whole tempered distribution), top-k, top-p (on
+the distribution min-p and top-k leave, renormalised), then one draw. Min-p and top-k commute;
+top-p does not: vLLM's V0 and HF apply min-p last, which keeps more tokens when both it and
+top-p are set. Greedy rows take the argmax of the adjusted logits (ties: the lowest token id)
+and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
@@ -182,13 +184,11 @@ def _sample_random_rows(
     vocab = logits.shape[1]
     temperatures = torch.tensor([p.temperature for p in params], device=device)
     scaled = logits / temperatures.unsqueeze(1)
-
-    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_ps = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_ps):
-        scaled = _apply_top_k_top_p(scaled, top_ks, top_ps)
-    elif any(k < vocab for k in top_ks):
-        scaled = _apply_top_k(scaled, top_ks)
+    # A temperature below 1 overflows a logit near the largest float (where a tiny repetition
+    # penalty leaves one) to +inf, whose softmax is NaN: finite logits stay finite, as the
+    # penalties keep them (masked ones, -inf, stay masked).
+    most = torch.finfo(scaled.dtype).max
+    scaled = torch.where(logits.isfinite(), scaled.clamp(-most, most), scaled)
 
     min_ps = [p.min_p for p in params]
     if any(m > 0.0 for m in min_ps):
@@ -196,6 +196,13 @@ def _sample_random_rows(
         relative = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()
         min_p = torch.tensor(min_ps, device=device).unsqueeze(1)
         scaled = scaled.masked_fill(relative < min_p, float("-inf"))
+
+    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        scaled = _apply_top_k_top_p(scaled, top_ks, top_ps)
+    elif any(k < vocab for k in top_ks):
+        scaled = _apply_top_k(scaled, top_ks)
 
     probs = scaled.softmax(dim=-1)
     return _draw_inverse_cdf(probs, _uniforms(generators, device))
@@ -259,4 +266,8 @@ def _draw_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     # Strictly below the total, so the lookup lands on a token with mass: filtered tokens have
     # zero-width intervals and the tail after the last kept token sits at the total.
     targets = torch.minimum(uniforms.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, targets, right=True).squeeze(1)
+    drawn = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+    # A row without a finite positive total (NaN logits) would look up past the vocabulary, an
+    # id that fails the whole engine downstream: it takes its most likely token instead.
+    valid = (total > 0).squeeze(1) & total.isfinite().squeeze(1)
+    return torch.where(valid, drawn, probs.argmax(dim=-1))

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from medha.scheduler.lead_guard import KeyTerms, challenger_terms
+from medha.scheduler.lead_guard import TIE_TOLERANCE, KeyTerms, challenger_terms
 from medha.scheduler.plan import SeqKind
 from medha.scheduler.prefix_sharing import SharedPrefixGate
 
@@ -36,7 +36,9 @@ PAST_TIE_S = 1e-4
 
 def overtake_time(newcomer: KeyTerms, incumbents: Sequence[KeyTerms], now: float) -> float | None:
     """The earliest ranking time >= `now` at which `newcomer`'s key is below every one of
-    `incumbents`' keys; None if that never happens (or `incumbents` is empty)."""
+    `incumbents`' keys; None if that never happens (or `incumbents` is empty). Keys that never
+    move apart and differ only by rounding (TIE_TOLERANCE, as the lead guard reads them) tie,
+    which the newer request loses."""
     if not incumbents:
         return None
     base, rate = newcomer
@@ -45,7 +47,7 @@ def overtake_time(newcomer: KeyTerms, incumbents: Sequence[KeyTerms], now: float
         # newcomer ahead at T  <=>  (base - other_base) < (rate - other_rate) x T
         gap, closing = base - other_base, rate - other_rate
         if closing == 0:
-            if gap >= 0:
+            if gap >= -TIE_TOLERANCE * max(1.0, abs(base), abs(other_base)):
                 return None
         elif closing > 0:
             lower = max(lower, gap / closing + PAST_TIE_S)
