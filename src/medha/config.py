@@ -184,8 +184,8 @@ class EngineConfig(BaseModel):
     """Time budget of the start-up calibration (when no cost_profile is given)."""
     online_time_scale: bool = True
     """Rescale the cost model's batch times from measured iterations as the engine runs
-    (medha.perf.OnlineTimeScale): the executor's speed drifts after calibration. Single-process
-    engine only; off: predictions stay exactly as calibrated."""
+    (medha.perf.OnlineTimeScale): the executor's speed drifts after calibration. With worker
+    processes it learns per pipeline stage; off: predictions stay exactly as calibrated."""
 
     # -- parallelism --------------------------------------------------------------------------
     parallel: ParallelConfig = ParallelConfig()

@@ -372,7 +372,9 @@ class Engine:
 
     def output_limit(self, prompt_tokens: int, sampling: SamplingParams | None = None) -> int:
         """How many tokens a request of a `prompt_tokens`-token prompt may generate with
-        `sampling`: its `max_tokens`, or (None) what the context and the KV cache leave. Raises
+        `sampling`: its `max_tokens` (sampling=None: the engine's default sampling, whose
+        max_tokens is 16), or, where max_tokens is None, what the context and the KV cache
+        leave. Raises
         what `stream` raises for a request too long for them (PromptTooLongError,
         RequestTooLargeError): to find how much of a long input fits before sending it."""
         self._actor()

@@ -30,8 +30,8 @@ def add_parser(subparsers: Any) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL (a preset name, an HF checkpoint folder or a .gguf file) at "
-        "http://HOST:PORT/v1 (completions, chat completions, models), with /health, /version, "
-        "/stats and /metrics. "
+        "http://HOST:PORT/v1 (completions, chat completions, responses, models), with /tokenize, "
+        "/detokenize, /health, /version, /stats and /metrics. "
         "Needs the serve extra: pip install 'medha[serve]' -c constraints.txt.",
     )
     p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
