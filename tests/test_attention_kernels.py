@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medha.kernels import AttentionMetadata, merge_attention_partials, paged_attention, write_kv
-from medha.kernels.layout import new_kv_pool
+from medha.kernels.layout import new_kv_pool, seq_views
 from tests.runner_support import ShuffledBlocks
 
 BLOCK = 16
@@ -226,3 +226,42 @@ def test_metadata_rejects_block_tables_too_short_for_the_keys() -> None:
         AttentionMetadata.build(
             q_lens=[1], q_start_pos=[16], kv_lens=[17], block_tables=[[3]], block_size=BLOCK
         )
+
+
+def test_metadata_keeps_block_tables_ragged_not_padded_to_the_longest() -> None:
+    # One sequence at a 1M-token context beside short ones: a table padded to the longest would
+    # be 3 x 65,536 ids (and as many Python ints to build every step); ragged it is their sum.
+    tables = [list(range(65_536)), [7], [9, 3]]
+    meta = AttentionMetadata.build(
+        q_lens=[1, 1, 2],
+        q_start_pos=[65_536 * BLOCK - 1, 0, 17],
+        kv_lens=[65_536 * BLOCK, 1, 19],
+        block_tables=tables,
+        block_size=BLOCK,
+    )
+    assert meta.block_ids.numel() == 65_539
+    assert meta.block_starts == (0, 65_536, 65_537, 65_539)
+    views = seq_views(meta)
+    assert [view.block_ids.tolist() for view in views[1:]] == [[7], [9, 3]]
+    assert views[0].first_block == 0  # consecutive: read in place
+
+
+def test_a_chunk_over_its_cached_prefix_builds_no_query_by_key_mask_under_sdpa() -> None:
+    # The flash path of a causal tail never reads the [q_len, kv_len] mask (8,192 queries over
+    # 262K keys: 2 GiB), so it must not be built; a KVP shard's partial mask still is.
+    q, k_cache, v_cache, meta, _ = _paged_case([(40, 24), (0, 30)])
+    paged_attention(q, k_cache, v_cache, meta, SCALE, backend="sdpa")
+    assert all(view.causal_tail and "visible" not in vars(view) for view in seq_views(meta))
+    # Queries at 10..13 over a shard of keys 8..23: neither all visible nor a causal tail.
+    shard = AttentionMetadata.build(
+        q_lens=[4],
+        q_start_pos=[10],
+        kv_lens=[16],
+        kv_start_pos=[8],
+        block_tables=[[0]],
+        block_size=BLOCK,
+        appends=[False],
+    )
+    view = seq_views(shard)[0]
+    assert not view.causal_tail and view.visible is not None
+    assert view.visible.tolist()[0] == [k <= 10 for k in range(8, 24)]

@@ -63,7 +63,7 @@ def decode_buckets(views: Sequence[SeqView], block_size: int) -> list[DecodeBuck
         view
         for view in views
         if view.q_slice.stop - view.q_slice.start == 1
-        and view.visible is None
+        and view.all_visible
         and 0 < view.kv_len <= MAX_KEYS
     ]
     decodes.sort(key=lambda view: view.kv_len, reverse=True)

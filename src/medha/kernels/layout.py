@@ -7,6 +7,7 @@ scratch, because every layer of a step reads the same blocks with the same mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,8 +22,12 @@ class SeqView:
     block_ids: torch.Tensor
     """int64 [num_blocks] covering the sequence's keys in this shard."""
     kv_len: int
-    visible: torch.Tensor | None
-    """bool [q_len, kv_len], or None when every query sees every key."""
+    q_start: int
+    """Absolute position of the first query."""
+    kv_start: int
+    """Absolute position of the first key in this shard."""
+    all_visible: bool
+    """Every query sees every key (a decode; a KVP shard wholly before the queries)."""
     causal_tail: bool
     """The queries are the shard's last q_len keys (a prefill chunk, or a decode, appending to
     this shard): attention = full over the prefix + causal over the chunk itself."""
@@ -30,31 +35,40 @@ class SeqView:
     """The first block id when the blocks are consecutive ids: the keys are then read in place,
     without a gather."""
 
+    @cached_property
+    def visible(self) -> torch.Tensor | None:
+        """bool [q_len, kv_len]: which keys each query sees; None when it sees all of them.
+        Built on first use (then kept for the step's other layers), since a prefill chunk's is
+        q_len x kv_len: 2 GiB for 8,192 queries over 262K keys, which the flash path of a
+        causal tail never reads."""
+        if self.all_visible:
+            return None
+        device = self.block_ids.device
+        q_len = self.q_slice.stop - self.q_slice.start
+        q_pos = torch.arange(self.q_start, self.q_start + q_len, device=device)
+        k_pos = torch.arange(self.kv_start, self.kv_start + self.kv_len, device=device)
+        return k_pos[None, :] <= q_pos[:, None]
+
 
 def seq_views(meta: AttentionMetadata) -> list[SeqView]:
     cached: list[SeqView] | None = meta.scratch.get("seq_views")
     if cached is not None:
         return cached
     views = []
-    device = meta.block_tables.device
     for i in range(meta.num_seqs):
         q_len, kv_len = meta.q_lens[i], meta.kv_lens[i]
-        num_blocks = -(-kv_len // meta.block_size)
-        block_ids = meta.block_tables[i, :num_blocks]
+        start = meta.block_starts[i]
+        block_ids = meta.block_ids[start : start + -(-kv_len // meta.block_size)]
         first_q, first_k = meta.q_start_pos[i], meta.kv_start_pos[i]
-        # The last key must not lie beyond the first query for the mask to be all-true.
-        all_visible = first_k + kv_len - 1 <= first_q
-        visible = None
-        if not all_visible:
-            q_pos = torch.arange(first_q, first_q + q_len, device=device)
-            k_pos = torch.arange(first_k, first_k + kv_len, device=device)
-            visible = k_pos[None, :] <= q_pos[:, None]
         views.append(
             SeqView(
                 q_slice=slice(meta.cu_q_lens[i], meta.cu_q_lens[i + 1]),
                 block_ids=block_ids,
                 kv_len=kv_len,
-                visible=visible,
+                q_start=first_q,
+                kv_start=first_k,
+                # The last key must not lie beyond the first query for the mask to be all-true.
+                all_visible=first_k + kv_len - 1 <= first_q,
                 causal_tail=kv_len >= q_len and first_k + kv_len == first_q + q_len,
                 first_block=_first_of_consecutive(block_ids),
             )

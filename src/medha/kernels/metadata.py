@@ -30,14 +30,20 @@ class AttentionMetadata:
     """Keys this shard holds for each sequence AFTER this step's append."""
     kv_start_pos: tuple[int, ...]
     """Absolute position of each sequence's first key in this shard (0 without KVP)."""
-    block_tables: torch.Tensor
-    """int64 [num_seqs, max_blocks]: block ids of each sequence's keys, in position order."""
+    block_ids: torch.Tensor
+    """int64 [total blocks]: the block ids of every sequence's keys, in position order, one
+    sequence after the other (sequence i's are [block_starts[i], block_starts[i + 1])). Ragged,
+    not a table padded to the longest sequence: next to a 1M-token document, 255 short
+    requests would pad to 65,536 blocks each, 128 MiB and most of a second of host time per
+    step."""
     slot_mapping: torch.Tensor
     """int64 [num_query_tokens]: flat KV slot (block * block_size + offset) each query token's
     new key/value is written to, or -1 when this shard does not store it (KVP: not the last group)."""
     block_size: int
     cu_q_lens: tuple[int, ...]
     """Prefix sums of q_lens, length num_seqs + 1."""
+    block_starts: tuple[int, ...]
+    """Prefix sums of the block table lengths, length num_seqs + 1: offsets into block_ids."""
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Per-step values that backends derive once and every layer reuses (masks, gathers)."""
 
@@ -97,15 +103,19 @@ class AttentionMetadata:
                 )
             else:
                 slots.extend([-1] * q)
-        width = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        flat: list[int] = []
+        for table in block_tables:
+            flat.extend(table)
+            starts.append(len(flat))
         return cls(
             q_lens=tuple(q_lens),
             q_start_pos=tuple(q_start_pos),
             kv_lens=tuple(kv_lens),
             kv_start_pos=kv_start,
-            block_tables=torch.tensor(padded, dtype=torch.int64, device=device).reshape(n, width),
+            block_ids=torch.tensor(flat, dtype=torch.int64, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_size=block_size,
             cu_q_lens=tuple(cu),
+            block_starts=tuple(starts),
         )

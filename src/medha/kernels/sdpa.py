@@ -77,7 +77,7 @@ def _attend_seq(
     """One sequence's queries [q_len, H, D] over its keys -> (out [q_len, H, D], lse fp32)."""
     k, v = gather_kv(k_cache, view), gather_kv(v_cache, view)
     if q.shape[0] == 1:
-        if view.visible is None:
+        if view.all_visible:
             return attend_one_query(q, k, v, scale)
         return attend(q, k, v, view.visible, scale)
     qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
@@ -88,7 +88,7 @@ def _attend_seq(
     if view.causal_tail:
         return _prefix_then_causal(qs, k, v, scale)
     o, row_lse = _fused(qs, k, v, scale, mask=_additive_mask(view, q.dtype))
-    if view.visible is not None:
+    if view.visible is not None:  # built here only: a causal tail never needs the mask
         # Fused kernels leave rows that see no key undefined; attention over nothing is
         # out = 0, lse = -inf (the merge's neutral element: a KVP shard after q).
         blind = ~view.visible.any(dim=-1)

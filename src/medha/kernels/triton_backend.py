@@ -90,7 +90,7 @@ def triton_attention(
     heads = (num_heads, k_cache.shape[2], head_dim)
     plans = _plans(meta, heads, q.dtype, q.device, prefill_splits, decode_partitions)
     for plan in plans:
-        launch(plan, q, k_cache, v_cache, meta.block_tables, scale, out, lse)
+        launch(plan, q, k_cache, v_cache, meta.block_ids, scale, out, lse)
     return out, lse
 
 

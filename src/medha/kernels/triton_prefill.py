@@ -123,7 +123,7 @@ def paged_attention_kernel(
     Lse,
     seq_info,
     tiles,
-    block_tables,
+    block_ids,
     scale_log2,
     split_size,
     stride_qt,
@@ -140,7 +140,6 @@ def paged_attention_kernel(
     stride_ls,
     stride_lt,
     stride_lh,
-    stride_bt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -167,7 +166,7 @@ def paged_attention_kernel(
     q_start = tl.load(info + 3)
     kv_len = tl.load(info + 4)
     kv_start = tl.load(info + 5)
-    table = block_tables + tl.load(info + 6).to(tl.int64) * stride_bt
+    table = block_ids + tl.load(info + 6).to(tl.int64)  # the sequence's blocks, in order
 
     rows = row0 + tl.arange(0, BLOCK_M)
     token = rows // GROUP
@@ -241,7 +240,8 @@ class LaunchPlan:
     """Everything about one kernel launch that every layer of a step shares."""
 
     seq_info: torch.Tensor
-    """int32 [n, 8]: query row, partial row, q_len, q_start, kv_len, kv_start, block table row."""
+    """int32 [n, 8]: query row, partial row, q_len, q_start, kv_len, kv_start, offset of its
+    blocks in AttentionMetadata.block_ids, unused."""
     tiles: torch.Tensor
     """int32 [num_tiles, 2]: (index into seq_info, first packed row)."""
     rows: torch.Tensor
@@ -280,7 +280,7 @@ def plan_launch(
                 meta.q_start_pos[i],
                 meta.kv_lens[i],
                 meta.kv_start_pos[i],
-                i,
+                meta.block_starts[i],
                 0,
             ]
         )
@@ -293,7 +293,7 @@ def plan_launch(
     num_splits = max(1, min(num_splits, -(-max_keys // config.block_n)))
     split_keys = -(-max(max_keys, 1) // num_splits)
     split_size = -(-split_keys // config.block_n) * config.block_n
-    device = meta.block_tables.device
+    device = meta.block_ids.device
     return LaunchPlan(
         seq_info=torch.tensor(info, dtype=torch.int32).reshape(-1, _INFO_COLS).to(device),
         tiles=torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2).to(device),
@@ -310,7 +310,7 @@ def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    block_ids: torch.Tensor,
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -323,8 +323,8 @@ def launch(
     group = num_heads // kv_heads
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the Triton attention kernels need a unit stride along the head dim")
-    if block_tables.numel() == 0:  # no sequence holds keys in this shard: nothing is read
-        block_tables = torch.zeros(1, 1, dtype=torch.int64, device=q.device)
+    if block_ids.numel() == 0:  # no sequence holds keys in this shard: nothing is read
+        block_ids = torch.zeros(1, dtype=torch.int64, device=q.device)
     split = plan.num_splits > 1
     if split:
         part_out, part_lse = new_partials(plan, num_heads, head_dim, q.device)
@@ -337,14 +337,13 @@ def launch(
     # (bf16 x bf16 products are exact in fp32, as on tensor cores; p is still rounded to q's dtype).
     upcast = q.dtype != torch.float32 and q.device.type == "cpu"
     paged_attention_kernel[(plan.num_tiles, kv_heads, plan.num_splits)](
-        q, k_cache, v_cache, dst_out, dst_lse, plan.seq_info, plan.tiles, block_tables,
+        q, k_cache, v_cache, dst_out, dst_lse, plan.seq_info, plan.tiles, block_ids,
         scale * _LOG2E, plan.split_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         os_, dst_out.stride(-3), dst_out.stride(-2),
         ls_, dst_lse.stride(-2), dst_lse.stride(-1),
-        block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(max(head_dim, 16)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=k_cache.shape[1], SPLIT=split,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
