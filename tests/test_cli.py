@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -141,6 +142,33 @@ def test_generate_refuses_an_empty_prompt_as_the_engine_does(
 
 def test_an_empty_chat_message_is_still_a_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "tiny-random", "", "--chat", "--max-tokens", "3"]) == 0
+
+
+def _stdin(monkeypatch: pytest.MonkeyPatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="latin-1"))
+
+
+def test_generate_reads_the_prompt_from_stdin_as_utf8(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = "Caf\u00e9 au lait, " * 40  # a document: longer than anyone types
+    assert main(["generate", "tiny-random", text, "--max-tokens", "5"]) == 0
+    expected = capsys.readouterr().out
+    # UTF-8 whatever the stream's own encoding says (latin-1 here), with or without a BOM.
+    for data in (text.encode(), b"\xef\xbb\xbf" + text.encode()):
+        _stdin(monkeypatch, data)
+        assert main(["generate", "tiny-random", "-", "--max-tokens", "5"]) == 0
+        assert capsys.readouterr().out == expected
+
+
+def test_generate_refuses_stdin_that_is_not_utf8_or_empty(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _stdin(monkeypatch, b"caf\xe9")
+    message = _user_error(capsys, ["generate", "tiny-random", "-"])
+    assert "standard input is not UTF-8 (byte 3: b'\\xe9')" in message
+    _stdin(monkeypatch, b"")
+    assert "the prompt is empty" in _user_error(capsys, ["generate", "tiny-random", "-"])
 
 
 def test_demo_reports_a_missing_model_in_one_line(

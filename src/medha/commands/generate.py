@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from medha.structured_outputs import StructuredOutputsParams
 
 BLOCK_SIZE = 16
+STDIN = "-"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -22,10 +23,11 @@ def add_parser(subparsers: Any) -> None:
         "generate",
         help="stream a completion of one prompt",
         description="Stream a completion of PROMPT by MODEL (a preset name, an HF checkpoint "
-        "folder or a .gguf file).",
+        "folder or a .gguf file). PROMPT - reads it from standard input, as UTF-8: a long "
+        "document (medha generate smollm2-135m --chat - < report.txt).",
     )
     p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt's text, or - to read it from standard input")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from medha.model.single import generate_single
     from medha.sampling import SamplingParams
 
+    if args.prompt == STDIN:
+        args.prompt = _read_stdin()
     structured = _structured_outputs(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -147,6 +151,19 @@ def _structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | N
     if args.grammar is not None:
         return StructuredOutputsParams(grammar=args.grammar)
     return None
+
+
+def _read_stdin() -> str:
+    """The prompt piped in: a document too long for a command line. UTF-8 whatever the
+    locale says (a file's encoding is not the terminal's), without a BOM."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"the prompt from standard input is not UTF-8 (byte {exc.start}: "
+            f"{data[exc.start : exc.start + 1]!r}); encode it as UTF-8"
+        ) from None
 
 
 def _check_vocabulary(prompt_ids: list[int], vocab_size: int) -> None:
