@@ -191,8 +191,10 @@ async def test_min_tokens_keeps_eos_from_ending_a_request_that_greedy_would_end_
 
 
 async def test_a_vanishing_repetition_penalty_under_a_low_temperature_fails_nothing() -> None:
-    # r = 1e-38 takes a seen logit above ~3.4 to the largest float; a temperature of 0.5 then
-    # overflowed it to +inf, the draw past the vocabulary, and the engine failed for everyone.
+    # r = 1e-38 takes a seen logit above ~3.4 to the largest float and one above 1.7 past half
+    # of it; a temperature of 0.5 then overflowed it to +inf (at later tokens here: the first
+    # token's seen logits are at most 1.44), the draw went past the vocabulary, and the engine
+    # failed for everyone.
     prompt = [5, 6, 7, 8]
     with torch.no_grad():
         first_logits = hf_model()(torch.tensor([prompt])).logits[0, -1]

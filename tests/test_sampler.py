@@ -159,11 +159,33 @@ def test_a_logit_at_the_largest_float_under_a_low_temperature_is_drawn_not_nan(
         assert out.token_ids[2] == 7
 
 
-def test_a_row_without_a_finite_distribution_takes_an_id_in_the_vocabulary() -> None:
-    probs = torch.tensor([[0.2, float("nan"), 0.3], [0.0, 0.0, 0.0], [0.1, 0.6, 0.3]])
-    drawn = _draw_inverse_cdf(probs, torch.full((3,), 0.5)).tolist()
-    assert all(0 <= token < 3 for token in drawn)
-    assert drawn[2] == 1
+def test_overflowed_logits_keep_their_order_and_masked_tokens_stay_masked() -> None:
+    most = torch.finfo(torch.float32).max
+    inf = float("inf")
+    logits = torch.tensor(
+        [
+            [3e38, 2e38, 0.0, 1.0],  # / 0.5: both +inf, yet 3e38 leads by 2e38 (x 2)
+            [-inf, -inf, -most, -inf],  # / 0.5: -inf, yet the one token left is certain
+            [-inf, -most, -inf, -most],  # two left, equally likely
+        ]
+    )
+    params = [SamplingParams(temperature=0.5)] * 3
+    seen = [set(), set(), set()]
+    for seed in range(40):
+        for row, token in enumerate(sample(logits, params, [make_generator(seed)] * 3).token_ids):
+            seen[row].add(token)
+    assert seen == [{0}, {2}, {1, 3}]
+
+
+def test_a_row_without_a_distribution_takes_its_most_likely_token() -> None:
+    # The model's own NaN or +inf logits leave nothing to draw from: the most likely token
+    # (NaN the least likely), as greedy takes, never an id past the vocabulary.
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, nan, 5.0, 2.0], [0.0, 1.0, inf, 2.0], [nan, nan, 1.0, nan]])
+    params = [SamplingParams(temperature=0.8)] * 3
+    assert sample(logits, params, [make_generator(1)] * 3).token_ids == [2, 2, 2]
+    probs = torch.tensor([[0.2, nan, 0.3], [0.0, 0.0, 0.0], [0.1, 0.6, 0.3]])
+    assert _draw_inverse_cdf(probs, torch.full((3,), 0.5)).tolist() == [-1, -1, 1]
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth() -> None:

@@ -165,6 +165,9 @@ def test_overtake_time_solves_the_key_inequalities() -> None:
     # ...nor one by rounding alone (as the lead guard reads keys: its TIE_TOLERANCE).
     assert overtake_time((0.7771999999999999, 1.0), [(0.7772, 1.0)], now=0.0) is None
     assert overtake_time((0.7771, 1.0), [(0.7772, 1.0)], now=0.0) == 0.0
+    # Relative to the keys at `now`, not to their bases: after a day's uptime a LARS key's base
+    # is ~1e5 while its value is ~1, and a real gap of 1e-5 is no tie.
+    assert overtake_time((1e5 + 0.99999, 1e5), [(1e5 + 1.0, 1e5)], now=1.0) == 1.0
     assert overtake_time((0.4, 1.0), [(0.5, 1.0)], now=0.0) == 0.0
     # Ahead of the first from T = 0.5, of the second until T = 1 (it falls faster): [0.5, 1).
     assert overtake_time((1.0, 2.0), [(0.5, 1.0), (2.0, 3.0)], now=0.0) == pytest.approx(

@@ -71,24 +71,32 @@ def make_batch(
     appends: list[bool] | None = None,
     seed: int = 0,
     head_major: bool = False,
+    surplus: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     """A ragged batch of sequences given as (keys in the shard before the step, query tokens)
     over a randomly filled paged cache with scrambled block tables. By default each sequence's
-    queries append to its shard; `appends` False with `q_start` place them elsewhere (KVP)."""
+    queries append to its shard; `appends` False with `q_start` place them elsewhere (KVP).
+    `surplus[i]` more blocks end sequence i's table, holding NaN keys and values: blocks
+    reserved for its later tokens, which nothing may read."""
     gen = torch.Generator().manual_seed(seed)
     num_heads, kv_heads = heads
     kv_start = kv_start or [0] * len(seqs)
     appends = appends or [True] * len(seqs)
     q_start = q_start or [s + c for s, (c, _) in zip(kv_start, seqs, strict=True)]
     kv_lens = [c + q if a else c for (c, q), a in zip(seqs, appends, strict=True)]
-    num_blocks = sum(-(-n // BLOCK) for n in kv_lens) + 3
+    surplus = surplus or [0] * len(seqs)
+    num_blocks = sum(-(-n // BLOCK) for n in kv_lens) + sum(surplus) + 3
     blocks = ShuffledBlocks(num_blocks, seed)
+    tables = [
+        blocks.take(-(-n // BLOCK)) + blocks.take(extra)
+        for n, extra in zip(kv_lens, surplus, strict=True)
+    ]
     meta = AttentionMetadata.build(
         q_lens=[q for _, q in seqs],
         q_start_pos=q_start,
         kv_lens=kv_lens,
         kv_start_pos=kv_start,
-        block_tables=[blocks.take(-(-n // BLOCK)) for n in kv_lens],
+        block_tables=tables,
         block_size=BLOCK,
         appends=appends,
         device=DEVICE,
@@ -96,6 +104,9 @@ def make_batch(
     # Random everywhere (never zeros), so keys read from a wrong slot change the result.
     shape = (num_blocks, BLOCK, kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in "kv")
+    for n, table in zip(kv_lens, tables, strict=True):
+        for block in table[-(-n // BLOCK) :]:
+            k_cache[block], v_cache[block] = math.nan, math.nan
     if head_major:  # KVCache's memory order: the kernels must index through the strides
         k_cache, v_cache = (
             new_kv_pool(*shape, dtype, DEVICE).copy_(cache) for cache in (k_cache, v_cache)
@@ -147,6 +158,29 @@ def test_flash_decoding_over_several_partitions(dtype: torch.dtype) -> None:
     decodes = [(150, 1), (37, 1), (0, 1), (64, 1)]
     batch = make_batch(decodes, heads=(8, 2), dtype=dtype, seed=2)
     assert_matches_reference(*batch, decode_partitions=4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_block_tables_longer_than_their_keys_are_read_only_as_far_as_the_keys(
+    splits: int,
+) -> None:
+    # The metadata keeps tables ragged (one flat run of ids, an offset per sequence): each
+    # sequence must start at its own offset even where the tables before it hold more blocks
+    # than their keys fill (a request's blocks reserved up front), in shards before, around
+    # and after the queries, and with no blocks at all.
+    q, k_cache, v_cache, meta = make_batch(
+        [*MIXED, (40, 1), (32, 5), (0, 2)],
+        kv_start=[0] * len(MIXED) + [100, 32, 500],
+        q_start=[c for c, _ in MIXED] + [140, 10, 300],
+        appends=[True] * len(MIXED) + [True, False, False],
+        surplus=[2, 3, 0, 5, 1, 4, 2, 3, 0],
+        seed=6,
+    )
+    assert_matches_reference(q, k_cache, v_cache, meta, prefill_splits=splits)
+    scale = q.shape[-1] ** -0.5
+    sdpa_out, _ = paged_attention(q, k_cache, v_cache, meta, scale, backend="sdpa")
+    ref_out, _ = paged_attention(q, k_cache, v_cache, meta, scale, backend="reference")
+    assert rel_error(sdpa_out, ref_out) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def _attend_seq(
     if view.causal_tail:
         return _prefix_then_causal(qs, k, v, scale)
     o, row_lse = _fused(qs, k, v, scale, mask=_additive_mask(view, q.dtype))
-    if view.visible is not None:  # built here only: a causal tail never needs the mask
+    if view.visible is not None:  # only here and in _additive_mask: a causal tail reads none
         # Fused kernels leave rows that see no key undefined; attention over nothing is
         # out = 0, lse = -inf (the merge's neutral element: a KVP shard after q).
         blind = ~view.visible.any(dim=-1)

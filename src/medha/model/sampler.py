@@ -8,8 +8,8 @@ Order of operations for a random row (vLLM V1's): the structured output's mask, 
 tokens, logit bias, penalties, min_tokens and bad words (medha.model.logits_processing),
 temperature, min-p (against the top token of the whole tempered distribution), top-k, top-p (on
 the distribution min-p and top-k leave, renormalised), then one draw. Min-p and top-k commute;
-top-p does not: vLLM's V0 and HF apply min-p last, which keeps more tokens when both it and
-top-p are set. Greedy rows take the argmax of the adjusted logits (ties: the lowest token id)
+top-p does not: vLLM's V0 and HF apply min-p last, which keeps as many tokens or more when
+both it and top-p are set. Greedy rows take the argmax of the adjusted logits (ties: the lowest token id)
 and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
@@ -182,13 +182,8 @@ def _sample_random_rows(
     """One token per row of fp32 `logits` [R, V], all rows non-greedy."""
     device = logits.device
     vocab = logits.shape[1]
-    temperatures = torch.tensor([p.temperature for p in params], device=device)
-    scaled = logits / temperatures.unsqueeze(1)
-    # A temperature below 1 overflows a logit near the largest float (where a tiny repetition
-    # penalty leaves one) to +inf, whose softmax is NaN: finite logits stay finite, as the
-    # penalties keep them (masked ones, -inf, stay masked).
-    most = torch.finfo(scaled.dtype).max
-    scaled = torch.where(logits.isfinite(), scaled.clamp(-most, most), scaled)
+    temperatures = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    scaled = _tempered(logits, temperatures)
 
     min_ps = [p.min_p for p in params]
     if any(m > 0.0 for m in min_ps):
@@ -205,7 +200,29 @@ def _sample_random_rows(
         scaled = _apply_top_k(scaled, top_ks)
 
     probs = scaled.softmax(dim=-1)
-    return _draw_inverse_cdf(probs, _uniforms(generators, device))
+    drawn = _draw_inverse_cdf(probs, _uniforms(generators, device))
+    lost = drawn < 0
+    if bool(lost.any()):
+        # No distribution to draw from (the model's logits hold NaN or +inf): the row's most
+        # likely token, NaN counting as least likely, rather than an id past the vocabulary,
+        # which would fail the whole engine.
+        rows = logits[lost].nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        drawn[lost] = rows.argmax(dim=-1)
+    return drawn
+
+
+def _tempered(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """logits / temperature, row by row. A temperature below 1 can overflow a logit near the
+    largest float (where a repetition penalty of 1e-38 leaves one) to +inf, or a very negative
+    one to -inf: the softmax of the first is NaN, and several overflowed logits would all look
+    alike. Such rows are divided after subtracting their largest logit, which changes nothing
+    the softmax, min-p, top-k or top-p see and keeps every gap."""
+    scaled = logits / temperatures
+    overflowed = ~scaled.amax(dim=-1).isfinite()
+    if bool(overflowed.any()):
+        rows = logits[overflowed]
+        scaled[overflowed] = (rows - rows.amax(dim=-1, keepdim=True)) / temperatures[overflowed]
+    return scaled
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: Sequence[int]) -> torch.Tensor:
@@ -258,7 +275,8 @@ def _uniforms(generators: Sequence[random.Random | None], device: torch.device) 
 
 
 def _draw_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Token i of each row such that cdf[i-1] <= u * total < cdf[i]."""
+    """Token i of each row such that cdf[i-1] <= u * total < cdf[i]; -1 for a row without a
+    finite positive total (NaN probabilities)."""
     # fp32 is enough: each token's share of the cdf is off by one rounding (~1e-7 absolute)
     # however long the vocabulary, since neighbouring boundaries carry the same accumulated error.
     cdf = probs.cumsum(dim=-1)
@@ -267,7 +285,5 @@ def _draw_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     # zero-width intervals and the tail after the last kept token sits at the total.
     targets = torch.minimum(uniforms.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, targets, right=True).squeeze(1)
-    # A row without a finite positive total (NaN logits) would look up past the vocabulary, an
-    # id that fails the whole engine downstream: it takes its most likely token instead.
-    valid = (total > 0).squeeze(1) & total.isfinite().squeeze(1)
-    return torch.where(valid, drawn, probs.argmax(dim=-1))
+    valid = ((total > 0) & total.isfinite()).squeeze(1)
+    return drawn.masked_fill_(~valid, -1)

@@ -47,7 +47,10 @@ def overtake_time(newcomer: KeyTerms, incumbents: Sequence[KeyTerms], now: float
         # newcomer ahead at T  <=>  (base - other_base) < (rate - other_rate) x T
         gap, closing = base - other_base, rate - other_rate
         if closing == 0:
-            if gap >= -TIE_TOLERANCE * max(1.0, abs(base), abs(other_base)):
+            # Relative to the keys now, as the guard weighs them (a LARS key's base grows with
+            # the engine's uptime, its value at any one time does not).
+            size = max(1.0, abs(base - rate * now), abs(other_base - other_rate * now))
+            if gap >= -TIE_TOLERANCE * size:
                 return None
         elif closing > 0:
             lower = max(lower, gap / closing + PAST_TIE_S)
