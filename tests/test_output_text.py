@@ -78,6 +78,28 @@ def test_bytes_held_before_an_ending_token_are_released_with_it(ender: str) -> N
     assert _pushed(stop_ids, [*before, dot], eos) == (BYTE_LEVEL.decode(before), "stop")
 
 
+@pytest.mark.parametrize("end", ["goes on", "length", "eos"])
+def test_a_stop_string_may_end_in_the_bytes_released_at_the_end(end: str) -> None:
+    # "Hi ", then half an emoji: U+FFFD once the request ends or the next token breaks it. A
+    # stop string ending in it ended a request that went on (its text cut before it), but was
+    # missed, and shown, where the request ended right there (by length or eos): the text
+    # depended on where the request ended.
+    ids = [*BYTE_LEVEL.encode("Hi ").ids, byte_token(0xF0), byte_token(0x9F)]
+    dot = BYTE_LEVEL.encode(".").ids[0]
+    max_tokens = len(ids) if end == "length" else 20
+    params = SamplingParams(max_tokens=max_tokens, stop=[" \ufffd"])
+    eos = (dot,) if end == "eos" else ()
+    output = OutputText(HFDecoder(BYTE_LEVEL), [], params, eos_token_ids=eos)
+    text, reason = "", None
+    for token in [*ids, dot, dot]:
+        update = output.push(token)
+        text += update.text
+        if update.finished:
+            reason = update.finish_reason
+            break
+    assert (text, reason) == ("Hi", "stop")
+
+
 def test_a_request_hands_out_any_span_of_its_prompt_and_output() -> None:
     params = SamplingParams(max_tokens=10)
     prompt = [0, 1, 2, 3]

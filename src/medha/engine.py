@@ -304,8 +304,9 @@ class Engine:
         """Validate and return an async iterator of the request's TokenEvents.
 
         Invalid input raises here, before anything is queued. The request is queued when the
-        iteration starts; leaving the `async for` early, closing the iterator or cancelling the
-        consuming task aborts it and frees its KV cache.
+        iteration starts; closing the iterator or cancelling the consuming task aborts it and
+        frees its KV cache (a `break` out of the `async for` does once the iterator is closed:
+        use `contextlib.aclosing`).
 
         A long prompt (over 16,384 characters, or token ids) is tokenized and checked on a
         worker thread when the iteration starts, so that other streams run on meanwhile: the

@@ -35,19 +35,14 @@ class OutputText:
     def push(self, token_id: int, complete: bool = False) -> StopUpdate:
         """Account for one generated token; `complete`: it completed the request's structured
         output, which ends the request."""
-        if self._stop.hides(token_id):
-            # Its text is never shown, so it never reaches the detokenizer: there its bytes
-            # could complete, or be flushed with, bytes that earlier tokens left unfinished.
-            update = self._stop.update(token_id, "", complete)
-        else:
-            update = self._stop.update(token_id, self._detokenizer.step(token_id), complete)
-        if update.finished and not isinstance(update.matched, str):
-            # Ended by a token (eos, stop token, length), not inside a stop string: release
-            # what the detokenizer still holds (bytes that never formed a whole character).
-            tail = self._detokenizer.flush()
-            if tail:
-                return StopUpdate(update.text + tail, update.finish_reason, update.matched)
-        return update
+        # A hidden token's text is never shown, so it never reaches the detokenizer: there its
+        # bytes could complete, or be flushed with, bytes that earlier tokens left unfinished.
+        delta = "" if self._stop.hides(token_id) else self._detokenizer.step(token_id)
+        # A token that ends the request (eos, stop token, length, a completed grammar) releases
+        # what the detokenizer still holds (bytes that never formed a whole character: U+FFFD),
+        # scanned for stop strings with the rest: the text must not depend on where it ends.
+        tail = self._detokenizer.flush() if self._stop.ends_with(token_id, complete) else ""
+        return self._stop.update(token_id, delta, complete, tail)
 
     def release_held(self) -> str:
         """At an abort: the text held back so far (a possible start of a stop string, then

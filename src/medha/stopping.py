@@ -114,10 +114,23 @@ class StopChecker:
             return False
         return token_id in self._eos_token_ids or token_id in self._stop_token_ids
 
-    def update(self, token_id: int, text_delta: str, complete: bool = False) -> StopUpdate:
+    def ends_with(self, token_id: int, complete: bool = False) -> bool:
+        """Whether the next token, `token_id`, ends the request whatever text it brings: eos
+        or a stop token past min_tokens, a completed structured output, or max_tokens."""
+        upcoming = self._generated + 1
+        if complete or upcoming >= self._max_tokens:
+            return True
+        ends = token_id in self._eos_token_ids or token_id in self._stop_token_ids
+        return ends and upcoming > self._min_tokens
+
+    def update(
+        self, token_id: int, text_delta: str, complete: bool = False, tail: str = ""
+    ) -> StopUpdate:
         """Account for one generated token and the text delta its detokenization produced.
         `complete`: the token completed the request's structured output, so nothing may
-        follow: the request ends ("stop", or an earlier stop string's match)."""
+        follow: the request ends ("stop", or an earlier stop string's match). `tail`: text
+        released because the token ends the request (`ends_with`), after the delta; a stop
+        string may end in it too."""
         if self._finished:
             raise RuntimeError("StopChecker.update called after the request finished")
         self._generated += 1
@@ -130,7 +143,7 @@ class StopChecker:
             if not self._include_stop:
                 text_delta = ""
 
-        text = self._held + text_delta
+        text = self._held + text_delta + tail
         text, stop_string = self._scan(text, self._stale if checking else len(text))
         if stop_string is not None:
             return self._finish(text, FINISH_STOP, stop_string)
