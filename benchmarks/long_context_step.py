@@ -5,8 +5,9 @@ decode (or chunk) at a context of hundreds of thousands of tokens next to dozens
 decodes. The long one's attention is its own cost; what the short ones must not pay for is the
 step's bookkeeping growing with the longest context. Until December 2026 the attention
 metadata padded every sequence's block table to the longest one, so 64 chats beside a
-512K-token decode cost ~100 ms of host time per step to describe, three times the document's own
-decode (benchmarks/results/long_context_step.txt has the table after the fix).
+512K-token decode cost ~100 ms of host time per step to describe, over three times the
+document's own decode (benchmarks/results/long_context_step.txt has the tables before and after
+the fix).
 
 Per context length: the step time of 64 short decodes alone, of the long decode alone, of both
 in one step, and how long building the step's attention metadata takes for the joint step.

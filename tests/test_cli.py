@@ -167,6 +167,14 @@ def test_generate_refuses_stdin_that_is_not_utf8_or_empty(
     _stdin(monkeypatch, b"caf\xe9")
     message = _user_error(capsys, ["generate", "tiny-random", "-"])
     assert "standard input is not UTF-8 (byte 3: b'\\xe9')" in message
+    _stdin(monkeypatch, b"\xef\xbb\xbfcaf\xe9")  # the offset counts the BOM too
+    message = _user_error(capsys, ["generate", "tiny-random", "-"])
+    assert "standard input is not UTF-8 (byte 6: b'\\xe9')" in message
+    monkeypatch.setattr(sys, "stdin", None)
+    assert "no standard input" in _user_error(capsys, ["generate", "tiny-random", "-"])
+    # Options are checked before anything is read (a terminal would wait for its Ctrl-D).
+    argv = ["generate", "tiny-random", "-", "--system", "x"]
+    assert "add --chat" in _user_error(capsys, argv)
     _stdin(monkeypatch, b"")
     assert "the prompt is empty" in _user_error(capsys, ["generate", "tiny-random", "-"])
 

@@ -179,7 +179,8 @@ def test_overflowed_logits_keep_their_order_and_masked_tokens_stay_masked() -> N
 
 def test_a_row_without_a_distribution_takes_its_most_likely_token() -> None:
     # The model's own NaN or +inf logits leave nothing to draw from: the most likely token
-    # (NaN the least likely), as greedy takes, never an id past the vocabulary.
+    # (NaN the least likely; greedy's argmax, which skips no pass for this, counts NaN as
+    # the largest), never an id past the vocabulary.
     nan, inf = float("nan"), float("inf")
     logits = torch.tensor([[0.0, nan, 5.0, 2.0], [0.0, 1.0, inf, 2.0], [nan, nan, 1.0, nan]])
     params = [SamplingParams(temperature=0.8)] * 3

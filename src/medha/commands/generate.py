@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -61,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from medha.model.single import generate_single
     from medha.sampling import SamplingParams
 
-    if args.prompt == STDIN:
-        args.prompt = _read_stdin()
     structured = _structured_outputs(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -78,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
         frequency_penalty=args.frequency_penalty,
         structured_outputs=structured,
     )
+    if args.system is not None and not args.chat:
+        raise UsageError("--system goes into the chat template: add --chat")
+    if args.prompt == STDIN:  # after the options' checks: reading may wait for a terminal
+        args.prompt = _read_stdin()
     # As the engine: an empty text prompt is refused, though the tokenizer would give it a BOS
     # token. With --chat the template around an empty message is a prompt.
     if not args.prompt and not args.chat:
         raise InvalidRequestError("the prompt is empty")
-    if args.system is not None and not args.chat:
-        raise UsageError("--system goes into the chat template: add --chat")
     # A terminal in another encoding hands Python bytes it cannot decode: refused here,
     # before the model loads, not as the tokenizer's TypeError.
     check_unicode(args.prompt, "the prompt")
@@ -156,13 +157,19 @@ def _structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | N
 def _read_stdin() -> str:
     """The prompt piped in: a document too long for a command line. UTF-8 whatever the
     locale says (a file's encoding is not the terminal's), without a BOM."""
+    if sys.stdin is None:  # started with standard input closed
+        raise UsageError("PROMPT is - but there is no standard input to read it from")
+    if sys.stdin.isatty():
+        print("medha: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
     data = sys.stdin.buffer.read()
+    text = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return data.decode("utf-8-sig")
+        return text.decode("utf-8")
     except UnicodeDecodeError as exc:
+        at = exc.start + len(data) - len(text)  # an offset into what was sent, BOM included
         raise InvalidRequestError(
-            f"the prompt from standard input is not UTF-8 (byte {exc.start}: "
-            f"{data[exc.start : exc.start + 1]!r}); encode it as UTF-8"
+            f"the prompt from standard input is not UTF-8 (byte {at}: "
+            f"{data[at : at + 1]!r}); encode it as UTF-8"
         ) from None
 
 

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from medha.kernels.triton_prefill import LaunchPlan
 
 REQUIREMENT = (
-    "it needs the triton package (pip install -c constraints.txt 'medha[gpu]') and a CUDA "
-    "device; on CPU only Triton's interpreter runs it (TRITON_INTERPRET=1, for tests)"
+    "it needs the triton package (medha's gpu extra, docs/install.md) and a CUDA device; on "
+    "CPU only Triton's interpreter runs it (TRITON_INTERPRET=1, for tests)"
 )
 
 
