@@ -55,7 +55,10 @@ TOPICS = ["rivers", "bread", "chess", "volcanoes"]
 
 def document(tokenizer: Any, tokens: int) -> str:
     """About `tokens` tokens of English prose: medha's own docs, repeated."""
-    text = "\n\n".join(path.read_text() for path in sorted(Path("docs").glob("*.md")))
+    docs = Path(__file__).resolve().parents[1] / "docs"  # wherever the script is run from
+    text = "\n\n".join(path.read_text() for path in sorted(docs.glob("*.md")))
+    if not text:
+        raise SystemExit(f"no documentation to build the document from in {docs}")
     per_copy = len(tokenizer.encode(text))
     return text * (tokens // per_copy + 1)
 

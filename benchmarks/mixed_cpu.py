@@ -6,7 +6,7 @@ Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when 
 on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
 writes JSON (default benchmarks/results/mixed_cpu.json). One more row runs the shorts under lars
 with no long request: their slowdown from queueing behind each other alone, the floor. Under
-the table, the least possible short slowdown p99 of the trace: what no schedule that runs one
+the table, with --repeats 2 or more, the least possible short slowdown p99 of the trace: what no schedule that runs one
 prefill at a time at its alone speed could beat (chats that arrive together wait for each
 other; `medha.bench.stretch_bound`), and per run the worst slowdown against its least
 possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)

@@ -128,8 +128,7 @@ class GrammarCompiler:
                 raise _refused(params, str(exc)) from exc
         compiled = self._compiled_grammar(grammar, params)
         words = (self._llguidance_tokenizer().vocab_size + 31) // 32
-        if self._specials is None:
-            self._specials = ForcedSpecials(self._tokenizer)
+        assert self._specials is not None  # built with the llguidance tokenizer
         matcher = GrammarMatcher(compiled.deep_copy(), words, banned, self._specials)
         # The first mask now: what the lexer builds lazily may hit a limit, which is better
         # refused here than found mid-request (and the first step reuses it).
@@ -176,9 +175,12 @@ class GrammarCompiler:
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
         # Built on first use, as vLLM does, then kept: 0.5 s for a 49K vocabulary on a CPU
         # core, most of it holding the GIL (a thread would not spare the event loop), so an
-        # engine that never sees a structured output never pays it.
+        # engine that never sees a structured output never pays it. The forced-specials table
+        # is built with it (~150 ms: a copy of the HF tokenizer), so that every once-per-engine
+        # cost falls here, not on whichever grammar happens to compile first.
         if self._ll_tokenizer is None:
             self._ll_tokenizer = self._build_llguidance_tokenizer()
+            self._specials = ForcedSpecials(self._tokenizer)
         return self._ll_tokenizer
 
     def _build_llguidance_tokenizer(self) -> llguidance.LLTokenizer:

@@ -141,7 +141,7 @@ async def _run(args: argparse.Namespace) -> int:
         "long TTFT",
         "TPOT p50",
         "TPOT p99",
-        "tokens/s",
+        "tok/s",
         "iter. time error",
     ):
         table.add_column(name, justify="right")
