@@ -6,10 +6,10 @@ Per system: short-request TTFT slowdown (TTFT over the same request's TTFT when 
 on that system) p50/p99, long-request TTFT, TPOT p50/p99, output throughput. Prints a table and
 writes JSON (default benchmarks/results/mixed_cpu.json). One more row runs the shorts under lars
 with no long request: their slowdown from queueing behind each other alone, the floor. Under
-the table, with --repeats 2 or more, the least possible short slowdown p99 of the trace: what no schedule that runs one
-prefill at a time at its alone speed could beat (chats that arrive together wait for each
-other; `medha.bench.stretch_bound`), and per run the worst slowdown against its least
-possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)
+the table, with --repeats 2 or more, the least possible short slowdown p99 of the trace: what
+no schedule that runs one prefill at a time at its alone speed could beat (chats that arrive
+together wait for each other; `medha.bench.stretch_bound`), and per run the worst slowdown
+against its least possible value. A policy name with "-unpaused" appended (`--policies lars,lars-unpaused`)
 runs it with EngineConfig.pause_iterations=False: no iteration stops between layers for a
 newer request; with "-unguarded", EngineConfig.lead_guard=False: plain LARS, whose started
 prefills take turns with newer ones (docs/scheduler.md, "The lead guard"). With "+lone" at

@@ -375,9 +375,9 @@ class Engine:
         """How many tokens a request of a `prompt_tokens`-token prompt may generate with
         `sampling`: its `max_tokens` (sampling=None: the engine's default sampling, whose
         max_tokens is 16), or, where max_tokens is None, what the context and the KV cache
-        leave. Raises
-        what `stream` raises for a request too long for them (PromptTooLongError,
-        RequestTooLargeError): to find how much of a long input fits before sending it."""
+        leave. Raises what `stream` raises for a request too long for them
+        (PromptTooLongError, RequestTooLargeError): to find how much of a long input fits
+        before sending it."""
         self._actor()
         assert self._prompts is not None  # set at start
         params = _checked_sampling(sampling, self.sampling_defaults)

@@ -9,8 +9,8 @@ tokens, logit bias, penalties, min_tokens and bad words (medha.model.logits_proc
 temperature, min-p (against the top token of the whole tempered distribution), top-k, top-p (on
 the distribution min-p and top-k leave, renormalised), then one draw. Min-p and top-k commute;
 top-p does not: vLLM's V0 and HF apply min-p last, which keeps as many tokens or more when
-both it and top-p are set. Greedy rows take the argmax of the adjusted logits (ties: the lowest token id)
-and consume no randomness.
+both it and top-p are set. Greedy rows take the argmax of the adjusted logits (ties: the lowest
+token id) and consume no randomness.
 
 Batch invariance: a random row draws exactly one uniform number per step from ITS OWN
 generator and turns it into a token by inverse-CDF lookup. So a seeded request yields the same
