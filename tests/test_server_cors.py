@@ -82,8 +82,7 @@ async def test_an_unexpected_error_still_tells_the_browser_it_may_read_it(
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(engine, "stats", broken)
-        # Starlette answers, then raises the error again for the server to log.
-        transport = httpx2.ASGITransport(app=app, raise_app_exceptions=False)
+        transport = httpx2.ASGITransport(app=app)
         async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
             failed = await http.get("/stats", headers={"Origin": APP})
     assert failed.status_code == 500 and failed.json()["error"]["message"]

@@ -94,6 +94,7 @@ BAD_CHATS = [
     ({"extra_body": {"echo": "loud"}}, "echo"),
     ({"extra_body": {"add_special_tokens": True}}, "add_special_tokens is not supported"),
     ({"n": 2, "stream": False, "max_completion_tokens": -3}, "max_tokens"),
+    ({"extra_body": {"best_of": 2}}, "best_of is not supported"),
 ]
 
 
@@ -229,10 +230,12 @@ async def test_a_failure_medha_did_not_plan_is_a_500_in_openais_shape(
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(engine, "tokenize", broken)
-        # As a server does: the app answers, then re-raises for the server's log.
-        transport = httpx2.ASGITransport(app=create_app(engine), raise_app_exceptions=False)
+        # Answered and logged, not raised again: a server would close the connection (a
+        # keep-alive client's next request on it would fail), and this transport would raise.
+        transport = httpx2.ASGITransport(app=create_app(engine))
         async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
             response = await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+            assert (await http.get("/health")).status_code == 200
     assert response.status_code == 500
     assert response.json()["error"] == {
         "message": "internal error (see the log)",
@@ -316,6 +319,10 @@ async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:
                 with pytest.raises(openai.AuthenticationError, match="API key"):
                     await client(wrong).completions.create(model=MODEL, prompt=PROMPT)
             assert (await http.get("/v1/models")).status_code == 401  # no header at all
+            # The key is checked before the body is read: no key, no parsing (nor 400).
+            not_json = await http.post("/v1/completions", content=b"{not json")
+            assert not_json.status_code == 401 and "API key" in not_json.json()["error"]["message"]
+            assert (await http.post("/tokenize", content=b"[")).status_code == 401
             done = await client("s3cret").completions.create(
                 model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"ignore_eos": True}
             )

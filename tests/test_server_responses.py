@@ -334,6 +334,8 @@ async def test_thinking_is_a_reasoning_item_before_the_answer() -> None:
         ({"tools": [{"type": "function", "parameters": {}}]}, "tools.0.function.name"),
         ({"tool_choice": {"type": "file_search"}}, "tool_choice must be"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format"),
+        ({"text": {"format": "json"}}, "text.format must be an object"),
+        ({"text": {"format": [{"type": "text"}]}}, "text.format must be an object"),
         ({"temperature": -1}, "temperature"),
         ({"max_output_tokens": 0}, "max_output_tokens must be >= 1"),
     ],

@@ -16,14 +16,13 @@ queued.
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -43,6 +42,7 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
+from medha.server.middleware import ApiKeyGuard, UnexpectedErrors
 from medha.server.echo import EchoedPrompt, echoed_prompt
 from medha.server.openai_responses import ResponsesRequest
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
@@ -127,39 +127,37 @@ def create_app(
     app = FastAPI(title="medha", summary="OpenAI-compatible API of a medha Engine")
     if allowed_origins:
         _allow_origins(app, allowed_origins)
-    # A dependency rather than a middleware: Starlette's http middlewares wrap every streamed
-    # response's sends in a task of their own.
-    guard = [] if api_key is None else [Depends(_key_check(api_key.encode()))]
     app.add_exception_handler(MedhaError, _error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnectedError, _disconnected)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(UnexpectedErrors)
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/ping", api.health, methods=["GET", "POST"])  # SageMaker's, as vLLM's
     app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/stats", api.stats, methods=["GET"])
     if engine.metrics is not None:  # else a 404, as for any path the app lacks
         app.add_api_route("/metrics", api.metrics, methods=["GET"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=guard)
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
     if enable_tokenizer_info:
-        app.add_api_route(
-            "/tokenizer_info", api.tokenizer_info, methods=["GET"], dependencies=guard
-        )
-    for path, endpoint in [
+        app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"])
+    posts = [
         ("/v1/completions", api.completions),
         ("/v1/chat/completions", api.chat_completions),
         ("/v1/responses", api.responses),
         ("/tokenize", api.tokenize),
         ("/detokenize", api.detokenize),
-    ]:
+    ]
+    for path, endpoint in posts:
         app.add_api_route(
             path,
             endpoint,  # type: ignore[arg-type]  # mypy joins the methods' types to "function"
             methods=["POST"],
             response_model=None,
-            dependencies=guard,
         )
+    if api_key is not None:  # added last: outside the error layer, before any body is read
+        guarded = ["/v1/models", "/tokenizer_info", *(path for path, _ in posts)]
+        app.add_middleware(ApiKeyGuard, key=api_key, paths=guarded)
     return app
 
 
@@ -445,24 +443,8 @@ def _allow_origins(app: FastAPI, origins: Sequence[str]) -> None:
     app.build_middleware_stack = outermost  # type: ignore[method-assign]  # Starlette's hook
 
 
-def _key_check(key: bytes) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key):
-            message = "a valid API key is needed (Authorization: Bearer KEY)"
-            raise StarletteHTTPException(401, message)
-
-    return check
-
-
 async def _error(_: Request | None, exc: MedhaError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status_of(exc)[0])
-
-
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    # A bug: OpenAI's shape still. Starlette raises it again after this answer, for the
-    # server to log with its traceback.
-    return JSONResponse(error_body(exc), status_code=500)
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -258,7 +258,12 @@ def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
-def _response_format(text_format: dict[str, Any]) -> dict[str, Any]:
+def _response_format(text_format: object) -> dict[str, Any]:
+    if not isinstance(text_format, dict):
+        raise InvalidRequestError(
+            f"text.format must be an object with a type (text, json_object, json_schema), "
+            f"got {type(text_format).__name__}"
+        )
     kind = text_format.get("type")
     if kind in ("text", "json_object"):
         return {"type": kind}

@@ -127,6 +127,8 @@ class _SamplingFields(BaseModel):
     """The served model's name; None or "" (not OpenAI's; vLLM's) means the one this server
     serves."""
     n: int = 1
+    best_of: int | None = None
+    """vLLM's (older) field: only best_of = n, n samples all returned, is supported."""
     # The five sampling fields a model's generation_config.json may set: None (left out, or
     # null) is the model's value, else SamplingParams' (`sampling_params`).
     temperature: float | None = None
@@ -196,6 +198,8 @@ class _SamplingFields(BaseModel):
     def check_choices(self, prompts: int) -> None:
         if self.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported (only best_of = n)")
         if self.n * prompts > MAX_CHOICES:
             raise InvalidRequestError(
                 f"at most {MAX_CHOICES} choices per request (prompts x n), got {self.n * prompts}"
@@ -272,7 +276,6 @@ class CompletionRequest(_SamplingFields):
     """The prompt starts each choice's text, and its scored tokens the logprobs (medha.server.
     echo); with max_tokens 0, nothing else."""
     suffix: str | None = None
-    best_of: int | None = None
     add_special_tokens: bool = True
     """vLLM's: encode a text prompt with the tokenizer's special tokens (a BOS)."""
 
@@ -304,8 +307,6 @@ class CompletionRequest(_SamplingFields):
             raise InvalidRequestError("min_tokens must be 0 with max_tokens 0 (the prompt alone)")
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError("best_of is not supported (only best_of = n)")
 
 
 class ChatCompletionRequest(_SamplingFields):
