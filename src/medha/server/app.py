@@ -42,8 +42,8 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.sampling import SamplingParams
 from medha.server.choices import start_choices
-from medha.server.middleware import ApiKeyGuard, UnexpectedErrors
 from medha.server.echo import EchoedPrompt, echoed_prompt
+from medha.server.middleware import ApiKeyGuard, UnexpectedErrors
 from medha.server.openai_responses import ResponsesRequest
 from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
