@@ -244,6 +244,40 @@ def test_a_failed_conversion_leaves_no_folder_behind(
     assert [p.name for p in (tmp_path / "gguf").iterdir()] == ["digests.json"]
 
 
+def test_a_qwen2_gguf_with_its_key_length_computes_the_checkpoints_logits(tmp_path: Path) -> None:
+    # llama.cpp writes attention.key_length for every architecture; Qwen2's config class has
+    # no head_dim field, so passing it to from_pretrained reached the model's constructor.
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_support import gguf_with
+
+    qwen2 = {**TINY_LLAMA, "architectures": ["Qwen2ForCausalLM"]}
+    hf_folder, gguf_path = gguf_with(qwen2, tmp_path, "qwen2")
+    converted = load_checkpoint(gguf_path, cache_dir=tmp_path / "cache")
+    assert converted.arch.architecture == "Qwen2ForCausalLM" and converted.arch.head_dim == 8
+    ids = torch.tensor([[(7 * i + 3) % 320 for i in range(24)]])
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)(ids).logits
+            for folder in (converted.path, hf_folder)
+        ]
+    assert torch.equal(logits[0], logits[1])  # the F32 GGUF holds the checkpoint's weights
+
+
+def test_a_failed_conversion_names_the_users_file_not_its_stand_in(
+    tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("no such tensor")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(ModelLoadError, match="no such tensor") as failed:
+        load_checkpoint(tiny_gguf[1], cache_dir=tmp_path)
+    assert str(failed.value).startswith(str(tiny_gguf[1]))
+
+
 def test_a_garbage_gguf_file_raises_model_load_error_naming_it(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(200))

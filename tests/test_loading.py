@@ -93,6 +93,36 @@ def test_sharded_and_single_file_checkpoints_hold_identical_tensors(tmp_path: Pa
         assert torch.equal(sharded.get_tensor(name), single.get_tensor(name)), name
 
 
+def test_the_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path: Path) -> None:
+    # Saving a model unsharded over a sharded one leaves the index and (here) its shards.
+    folder = write_random_checkpoint(tmp_path / "m", SMALL_LLAMA, seed=3, shards=3)
+    single = write_random_checkpoint(tmp_path / "one", SMALL_LLAMA, seed=4)
+    shutil.copy(single / "model.safetensors", folder / "model.safetensors")
+    loaded = load_checkpoint(folder)
+    for name in loaded.tensor_names():
+        assert torch.equal(loaded.get_tensor(name), load_checkpoint(single).get_tensor(name))
+
+
+def test_a_tied_config_with_a_different_lm_head_in_the_file_is_not_tied(tmp_path: Path) -> None:
+    """As transformers 5 loads it (the config is wrong: both weights are the file's); a file
+    whose lm_head equals its embedding stays tied."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = write_random_checkpoint(tmp_path / "m", TIED_LLAMA, seed=2)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"))
+    assert load_checkpoint(folder).arch.tie_word_embeddings
+    tensors["lm_head.weight"][-1, 0] += 1.0  # one value apart
+    save_file(tensors, str(folder / "model.safetensors"))
+    loaded = load_checkpoint(folder)
+    assert not loaded.arch.tie_word_embeddings
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    assert torch.equal(loaded.get_tensor("lm_head.weight"), hf.lm_head.weight)
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+
+
 @pytest.mark.parametrize(
     "hf_config",
     [SMALL_LLAMA, LLAMA3_GQA, QWEN2_WITH_BIAS, TIED_LLAMA, QWEN3],
@@ -177,8 +207,25 @@ def _bad_header_json(path: Path) -> None:
 
 
 def _point_index_at_missing_shard(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()  # sharded: an index, no single file
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _index_not_json(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text("[1, 2")
+
+
+def _overlapping_ranges(path: Path) -> None:
+    """Two tensors of one size given the same bytes, the file's size still consistent."""
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    same_size = [n for n in header if n.endswith("layernorm.weight")]
+    header[same_size[1]]["data_offsets"] = header[same_size[0]]["data_offsets"]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + header_len :])
 
 
 # (what is damaged, how, the file the error must name, the problem it must state)
@@ -228,9 +275,15 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], str, str]] = [
     ),
     (
         "index not json",
-        lambda f: (f / "model.safetensors.index.json").write_text("[1, 2"),
+        _index_not_json,
         "model.safetensors.index.json",
         "JSON",
+    ),
+    (
+        "overlapping byte ranges",
+        lambda f: _overlapping_ranges(f / "model.safetensors"),
+        "model.safetensors",
+        "overlaps another tensor's",
     ),
     (
         "no tokenizer",
@@ -272,6 +325,7 @@ def test_pickled_weights_are_refused_without_being_read(folder: Path) -> None:
 
 def test_a_shard_index_naming_pickles_is_refused(folder: Path) -> None:
     index = {"weight_map": {"model.norm.weight": "pytorch_model-00001-of-00001.bin"}}
+    (folder / "model.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="only safetensors"):
         load_checkpoint(folder)

@@ -113,13 +113,8 @@ def test_another_activation_is_refused(activation: str) -> None:
         {"rope_type": "linear", "factor": "abc"},
         {"rope_type": "linear", "factor": 0},
         {"type": "linear", "factor": None},
+        {"rope_type": "linear", "factor": float("inf")},
         {"rope_type": "llama3", "factor": 8.0},
-        {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-        },
     ],
 )
 def test_rope_scaling_without_its_parameters_is_a_malformed_config(
@@ -179,6 +174,13 @@ def test_biases_are_where_transformers_puts_them(
         (dict(head_dim=-8), "head_dim must be > 0"),
         (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
         (dict(architectures="LlamaForCausalLM"), "architectures must be a list"),
+        (dict(head_dim=0), "head_dim must be > 0"),  # not read as "none given"
+        (dict(max_position_embeddings=0), "max_position_embeddings must be > 0"),
+        (dict(max_position_embeddings=float("inf")), "OverflowError"),  # JSON's Infinity
+        (dict(architectures=["MistralForCausalLM"], sliding_window=0), "sliding_window must"),
+        (dict(rope_theta=0), "rope_theta must be a finite number > 0"),
+        (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be"),
+        (dict(eos_token_id=-1), "eos_token_id must be ids >= 0"),
     ],
 )
 def test_a_malformed_config_names_its_file_and_the_field(
@@ -187,3 +189,50 @@ def test_a_malformed_config_names_its_file_and_the_field(
     with pytest.raises(ModelLoadError, match=message) as raised:
         ModelArch.from_hf_config(_llama_config(**changes), source="/models/m/config.json")
     assert str(raised.value).startswith("/models/m/config.json: ")
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 64}),
+        dict(rope_scaling=LLAMA3, max_position_embeddings=96),
+        dict(
+            rope_scaling={**LLAMA3, "original_max_position_embeddings": 64},
+            original_max_position_embeddings=32,
+        ),
+    ],
+    ids=["its-own", "none-given", "top-level-first"],
+)
+def test_the_length_a_llama3_scaling_stretches_is_the_one_transformers_fills_in(
+    changes: dict[str, Any],
+) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = _llama_config(**changes)
+    # Read off the model, not the config: the model's rotary embedding fills the length in
+    # again, and there the top-level value wins.
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    theirs = model.config.rope_parameters["original_max_position_embeddings"]
+    read = ModelArch.from_hf_config(config)
+    assert read.rope_scaling is not None
+    assert read.rope_scaling["original_max_position_embeddings"] == theirs
+
+
+def test_where_a_config_leaves_them_out_the_defaults_are_transformers() -> None:
+    from transformers import MistralConfig, Qwen3Config
+
+    # Qwen3's head_dim is 128, not hidden / heads; Mistral's window 4096 (null turns it off).
+    qwen3 = _llama_config(
+        architectures=["Qwen3ForCausalLM"], hidden_size=1024, num_attention_heads=16
+    )
+    assert ModelArch.from_hf_config(qwen3).head_dim == Qwen3Config(**qwen3).head_dim == 128
+    mistral = _llama_config(architectures=["MistralForCausalLM"], max_position_embeddings=32768)
+    assert ModelArch.from_hf_config(mistral).sliding_window == MistralConfig().sliding_window
+    assert ModelArch.from_hf_config(mistral).context_len == 4096
+    unwindowed = {**mistral, "sliding_window": None}
+    assert ModelArch.from_hf_config(unwindowed).sliding_window is None
+    llama = _llama_config(head_dim=None)
+    assert ModelArch.from_hf_config(llama).head_dim == 32 // 4

@@ -59,9 +59,17 @@ class ModelArch:
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
-        for name in (*sizes, "num_kv_heads", "head_dim"):
+        for name in (*sizes, "num_kv_heads", "head_dim", "max_position_embeddings"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sliding_window is not None and not self.sliding_window > 0:
+            raise ValueError(f"sliding_window must be > 0 or null, got {self.sliding_window}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ValueError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
+        if any(token < 0 for token in self.eos_token_ids):
+            raise ValueError(f"eos_token_id must be ids >= 0, got {list(self.eos_token_ids)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -173,7 +181,7 @@ class ModelArch:
                 num_layers=int(config["num_hidden_layers"]),
                 num_heads=num_heads,
                 num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
-                head_dim=int(config.get("head_dim") or hidden // num_heads),
+                head_dim=_head_dim(config, arch, hidden, num_heads),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=dict(rope_scaling) if rope_scaling else None,
@@ -188,8 +196,19 @@ class ModelArch:
                 sliding_window=_sliding_window(config, arch),
                 qk_norm=arch == "Qwen3ForCausalLM",
             )
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+            # OverflowError: Python's JSON reader takes Infinity (and 1e400) as a number.
             raise ModelLoadError(source, f"malformed config: {exc!r}") from exc
+
+
+def _head_dim(config: Mapping[str, Any], arch: str, hidden: int, num_heads: int) -> int:
+    """The config's head_dim; where it has none, its architecture's default in transformers:
+    Qwen3's is 128 (not hidden / heads: Qwen3-0.6B's 1024 / 16 would be 64), the others'
+    hidden / heads, which null also means."""
+    if "head_dim" not in config and arch == "Qwen3ForCausalLM":
+        return 128
+    head_dim = config.get("head_dim")
+    return hidden // num_heads if head_dim is None else int(head_dim)
 
 
 def _mapping_or_none(config: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
@@ -222,7 +241,7 @@ def _architecture_from_model_type(model_type: object) -> str:
 # What each rope type needs besides its name, as HF's rope initialisers read it.
 _ROPE_PARAMETERS = {
     "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
     "yarn": ("factor",),
 }
 # Optional YaRN parameters (transformers' defaults apply where they are absent or null).
@@ -236,31 +255,23 @@ def _checked_rope_scaling(
     TypeError otherwise, which from_hf_config reports as a malformed config)."""
     for name in _ROPE_PARAMETERS.get(rope_type, ()):
         value = float(rope_scaling[name])
-        if not value > 0:
-            raise ValueError(f"rope_scaling[{name!r}] must be > 0, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"rope_scaling[{name!r}] must be a finite number > 0, got {value}")
         rope_scaling[name] = value
     if rope_type == "yarn":
-        _check_yarn(rope_scaling, config)
-    if "original_max_position_embeddings" in rope_scaling:
+        _check_yarn(rope_scaling)
+    if rope_type in ("llama3", "yarn"):
+        _set_original_length(rope_scaling, config)
+    elif "original_max_position_embeddings" in rope_scaling:
         original = rope_scaling["original_max_position_embeddings"]
         rope_scaling["original_max_position_embeddings"] = int(original)
     return rope_scaling
 
 
-def _check_yarn(rope_scaling: dict[str, Any], config: Mapping[str, Any]) -> None:
-    """YaRN's optional parameters read as numbers, and the length it stretches filled in as
-    transformers does: a top-level original_max_position_embeddings (Phi-3's place), else the
-    scaling's own, else max_position_embeddings."""
-    for name in _YARN_NUMBERS:
-        if rope_scaling.get(name) is not None:
-            value = float(rope_scaling[name])
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"rope_scaling[{name!r}] must be >= 0, got {value}")
-            rope_scaling[name] = value
-    if not isinstance(rope_scaling.get("truncate", True), bool | None):  # null: false, in HF
-        raise ValueError(
-            f"rope_scaling['truncate'] must be a bool, got {rope_scaling['truncate']!r}"
-        )
+def _set_original_length(rope_scaling: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """The length a llama3 or YaRN scaling stretches, as transformers fills it in: a top-level
+    original_max_position_embeddings (Phi-3's place) first, else the scaling's own, else
+    max_position_embeddings."""
     original = config.get("original_max_position_embeddings")
     if original is None:
         original = rope_scaling.get("original_max_position_embeddings")
@@ -271,9 +282,25 @@ def _check_yarn(rope_scaling: dict[str, Any], config: Mapping[str, Any]) -> None
     rope_scaling["original_max_position_embeddings"] = int(original)
 
 
+def _check_yarn(rope_scaling: dict[str, Any]) -> None:
+    """YaRN's optional parameters read as numbers."""
+    for name in _YARN_NUMBERS:
+        if rope_scaling.get(name) is not None:
+            value = float(rope_scaling[name])
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"rope_scaling[{name!r}] must be >= 0, got {value}")
+            rope_scaling[name] = value
+    if not isinstance(rope_scaling.get("truncate", True), bool | None):  # null: false, in HF
+        raise ValueError(
+            f"rope_scaling['truncate'] must be a bool, got {rope_scaling['truncate']!r}"
+        )
+
+
 def _sliding_window(config: Mapping[str, Any], arch: str) -> int | None:
     """The attention window some layer uses, or None (see ModelArch.sliding_window)."""
-    window = config.get("sliding_window")
+    # Mistral's config class defaults the window to 4096 (null turns it off); Qwen2's too,
+    # but its use_sliding_window defaults to off.
+    window = config.get("sliding_window", 4096 if arch == "MistralForCausalLM" else None)
     if window is None:
         return None
     layer_types = config.get("layer_types")

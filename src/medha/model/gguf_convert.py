@@ -117,7 +117,7 @@ def convert_gguf(gguf_path: Path, *, cache_dir: Path | None = None) -> Path:
         _gguf_alone(gguf_path.expanduser().resolve()) as alone,
         atomic_folder(folder) as staging,
     ):
-        _write_hf_folder(alone, staging, header)
+        _write_hf_folder(alone, staging, header, gguf_path)
     log.info(
         "converted gguf",
         gguf=str(gguf_path),
@@ -224,28 +224,35 @@ def _gguf_alone(gguf_path: Path) -> Iterator[Path]:
         yield alone
 
 
-def _write_hf_folder(gguf_path: Path, folder: Path, header: _Header) -> None:
+def _write_hf_folder(gguf_path: Path, folder: Path, header: _Header, source: Path) -> None:
     """Load the GGUF with transformers and save config, weights and tokenizer into `folder`;
-    `gguf_path` lies alone in its folder (_gguf_alone)."""
+    `gguf_path` lies alone in its folder (_gguf_alone), a stand-in for the user's `source`,
+    which errors name."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    overrides = {} if header.head_dim is None else {"head_dim": header.head_dim}
     try:
         with _captured_stderr():
+            hf_config = AutoConfig.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+            )
+            if header.head_dim is not None:
+                # Set on the config, not passed to from_pretrained: a config class without the
+                # field (Qwen2's) would hand it on to the model's constructor, which refuses it.
+                hf_config.head_dim = header.head_dim
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent),
                 gguf_file=gguf_path.name,
+                config=hf_config,
                 local_files_only=True,
                 # Dense weights even where a packed-GGUF matmul kernel is installed.
                 quantization_config=GgufConfig(dequantize=True),
-                **overrides,
             )
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
             )
     except Exception as exc:
-        raise ModelLoadError(gguf_path, f"transformers could not convert it: {exc}") from exc
+        raise ModelLoadError(source, f"transformers could not convert it: {exc}") from exc
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)

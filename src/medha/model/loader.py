@@ -166,6 +166,14 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         raise ModelLoadError(folder / CONFIG_FILE, "must hold a JSON object")
     arch = ModelArch.from_hf_config(config, source=str(folder / CONFIG_FILE))
     tensors = _index_weight_files(folder)
+    if arch.tie_word_embeddings and _distinct_lm_head(tensors):
+        # As transformers (5.x) loads such a file: the config is wrong, the file's head used.
+        log.warning(
+            "tie_word_embeddings is set but the checkpoint has its own, different lm_head: "
+            "not tied (set tie_word_embeddings to false in config.json to silence this)",
+            path=str(folder),
+        )
+        arch = arch.replace(tie_word_embeddings=False)
     _check_tensors(tensors, expected_tensor_shapes(arch), folder)
     tokenizer = Tokenizer.from_folder(
         folder,
@@ -188,10 +196,12 @@ def load_hf_folder(folder: Path) -> Checkpoint:
 def _index_weight_files(folder: Path) -> dict[str, TensorInfo]:
     """Map every tensor name to its file, dtype and shape, from the headers (and the index)."""
     index_path, single_path = folder / WEIGHTS_INDEX_FILE, folder / SINGLE_WEIGHTS_FILE
-    if index_path.is_file():
-        return _index_sharded(index_path)
+    # The single file first, as transformers reads them: saving a model unsharded over a
+    # sharded one leaves the old index behind.
     if single_path.is_file():
         return read_safetensors_header(single_path)
+    if index_path.is_file():
+        return _index_sharded(index_path)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise ModelLoadError(
@@ -246,7 +256,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise ModelLoadError(path, "corrupt: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     tensors: dict[str, TensorInfo] = {}
-    data_end = 0
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         try:
             dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
@@ -259,8 +269,16 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             numel *= dim
         if end - begin != numel * element_bytes or begin < 0:
             raise ModelLoadError(path, f"corrupt: {name}'s byte range does not match its shape")
-        data_end = max(data_end, end)
+        ranges.append((begin, end, name))
         tensors[name] = TensorInfo(file=path, dtype=dtype, shape=shape)
+    # As safetensors requires (and checks only when a tensor is read): the byte ranges tile
+    # the data, no gap, no overlap.
+    data_end = 0
+    for begin, end, name in sorted(ranges):
+        if begin != data_end:
+            problem = "overlaps another tensor's" if begin < data_end else "leaves a gap before it"
+            raise ModelLoadError(path, f"corrupt: {name}'s byte range {problem}")
+        data_end = end
     data_bytes = size - 8 - header_len
     if data_bytes != data_end:
         state = "truncated" if data_bytes < data_end else "has trailing garbage"
@@ -275,9 +293,9 @@ def _check_tensors(
     tensors: Mapping[str, TensorInfo], expected: Mapping[str, tuple[int, ...]], folder: Path
 ) -> None:
     weights_file = (
-        folder / WEIGHTS_INDEX_FILE
-        if (folder / WEIGHTS_INDEX_FILE).is_file()
-        else folder / SINGLE_WEIGHTS_FILE
+        folder / SINGLE_WEIGHTS_FILE
+        if (folder / SINGLE_WEIGHTS_FILE).is_file()
+        else folder / WEIGHTS_INDEX_FILE
     )
     for name, shape in expected.items():
         info = tensors.get(name)
@@ -294,6 +312,27 @@ def _check_tensors(
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         log.debug("checkpoint has tensors the model does not use", names=unexpected[:8])
+
+
+def _distinct_lm_head(tensors: Mapping[str, TensorInfo], rows_per_read: int = 4096) -> bool:
+    """Whether the checkpoint holds an lm_head.weight other than its embedding, compared a
+    slice of rows at a time (a large vocabulary's two matrices need not be in memory at once)."""
+    from safetensors import safe_open
+
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is None or embedding is None or head.shape != embedding.shape:
+        return False  # nothing to compare: _check_tensors says what is missing or misshapen
+    with (
+        safe_open(head.file, framework="pt") as head_file,
+        safe_open(embedding.file, framework="pt") as embedding_file,
+    ):
+        head_rows = head_file.get_slice("lm_head.weight")
+        embedding_rows = embedding_file.get_slice("model.embed_tokens.weight")
+        for start in range(0, head.shape[0], rows_per_read):
+            rows = slice(start, start + rows_per_read)
+            if not head_rows[rows].equal(embedding_rows[rows]):
+                return True
+    return False
 
 
 def _generation_eos_ids(folder: Path) -> tuple[int, ...]:
