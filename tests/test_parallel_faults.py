@@ -170,3 +170,19 @@ async def test_a_request_beyond_a_kvp_groups_share_is_refused_before_it_is_queue
         assert len(done.token_ids) == 4
         stats = engine.stats()
         assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)
+
+
+def test_a_worker_dead_before_it_could_report_points_at_the_main_module_guard() -> None:
+    # What a script without `if __name__ == "__main__":` meets: each spawned worker imports
+    # it, starts an engine during its bootstrap, and dies before it can report anything.
+    import queue
+    from types import SimpleNamespace
+
+    from medha.parallel.cluster import Cluster
+    from medha.parallel.layout import RankLayout
+
+    cluster = Cluster({}, RankLayout(tp=2))
+    cluster.processes = [SimpleNamespace(exitcode=None), SimpleNamespace(exitcode=1)]  # type: ignore[list-item]
+    with pytest.raises(WorkerStartError, match="worker 1 exited with code 1") as failed:
+        cluster._raise_if_dead(queue.Queue())
+    assert 'under `if __name__ == "__main__":`' in str(failed.value)

@@ -211,8 +211,13 @@ class Cluster:
                     kind, failed, detail = status.get(timeout=1.0)
                     if kind == "error":
                         raise _start_error(failed, detail)
+                # Dead before it could report: in the spawn bootstrap, most often while
+                # importing the caller's main module (its traceback is on stderr).
                 raise WorkerStartError(
-                    f"worker {rank} exited with code {process.exitcode} during start-up"
+                    f"worker {rank} exited with code {process.exitcode} during start-up, "
+                    "before it could report why (see its traceback on stderr). Workers import "
+                    "your main module: a script that starts the engine at import time must "
+                    'do so under `if __name__ == "__main__":`'
                 )
 
     def _attach(self, timeout_s: float) -> None:
