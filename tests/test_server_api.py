@@ -68,9 +68,16 @@ async def test_a_completion_is_the_engines_with_its_logprobs_and_usage() -> None
     assert choice.logprobs.token_logprobs == pytest.approx(reference.logprobs)
     strings = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in reference.token_ids]
     assert choice.logprobs.tokens == strings
-    # Where each token's text starts in the choice's text: after what the events before it said.
-    offsets = [len("".join(ev.text for ev in events[:i])) for i in range(len(events))]
+    # Where each token's text starts in the choice's text: after what the events before it
+    # said, and after the texts of tokens before it whose text was held back (this prompt's
+    # greedy output has a byte that comes out as U+FFFD with the next token's text).
+    offsets, released, held = [], 0, 0
+    for event, string in zip(events, strings, strict=True):
+        offsets.append(released + held)
+        released += len(event.text)
+        held = 0 if event.text else held + len(string)
     assert choice.logprobs.text_offset == offsets
+    assert any(not event.text for event in events[:-1])  # a held-back text is in the case
     assert choice.logprobs.top_logprobs is not None
     rows = zip(choice.logprobs.top_logprobs, reference.top_logprobs, strings, strict=True)
     for top, expected, sampled in rows:
@@ -469,3 +476,30 @@ async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held() -> None:
     assert cached(first) == 0
     # The document's whole blocks, for the prompt that starts with it; none for the other.
     assert cached(both) == cached(last) == len(ids) // block * block > 0
+
+
+def test_a_tokens_text_offset_counts_the_held_back_text_before_it() -> None:
+    from medha.server.responses import ChoiceOutput
+
+    texts = {1: "eas", 2: "\ufffd", 3: " autum", 4: " S", 5: "TO", 6: "P"}
+
+    def event(token_id: int, text: str) -> medha.TokenEvent:
+        return medha.TokenEvent("r", token_id, text)
+
+    output = ChoiceOutput(0, token_text=texts.__getitem__)
+    # A byte that never formed a character comes out (U+FFFD) with the next token's text; a
+    # possible start of a stop string (" STOPPED") is held until it cannot be one.
+    for token_id, text in [
+        (1, "eas"),
+        (2, ""),
+        (3, "\ufffd autum"),
+        (4, ""),
+        (5, ""),
+        (6, " STOP"),
+    ]:
+        output.add(event(token_id, text))
+    assert output.text == "eas\ufffd autum STOP"
+    assert output.text_offsets == [0, 3, 4, 10, 12, 14]
+    assert [output.text.find(texts[t], at) for t, at in zip(range(1, 7), output.text_offsets)] == (
+        output.text_offsets
+    )

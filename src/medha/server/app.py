@@ -344,7 +344,9 @@ class _Api:
                 per_chunk,
             )
             return event_stream(stream)
-        outputs = await until_disconnected(request, lambda: collect(started.choices))
+        outputs = await until_disconnected(
+            request, lambda: collect(started.choices, started.render)
+        )
         rendered = [
             started.render.whole(o, c.prompt_ids)
             for o, c in zip(outputs, started.choices, strict=True)

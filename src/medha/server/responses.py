@@ -65,8 +65,14 @@ class ChoiceOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)
-    """Where each token's text starts in `text` (as OpenAI's text_offset): the length of the
-    text streamed before its event, so streamed and whole responses agree."""
+    """Where each token's text starts in `text` (as OpenAI's text_offset), known when its event
+    arrives, so streamed and whole responses agree: the text streamed before it, plus the text
+    alone (`token_text`) of the tokens before it whose text is still held back (a possible stop
+    string, bytes of an unfinished character), which comes out before its own."""
+    token_text: Callable[[int], str] | None = None
+    """A token's text alone (TokenStrings); None: held-back tokens count nothing."""
+    held_back: int = 0
+    """Characters of `token_text` of the tokens since the last event that released text."""
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
     prompt_logprobs: tuple[float | None, ...] | None = None
@@ -84,12 +90,16 @@ class ChoiceOutput:
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
-            self.text_offsets.append(len(self.text))
+            self.text_offsets.append(len(self.text) + self.held_back)
             self.token_ids.append(event.token_id)
             self.logprobs.append(event.logprob)
             if event.top_logprobs is not None:
                 self.top_logprobs.append(event.top_logprobs)
         self.text += event.text
+        if event.text:
+            self.held_back = 0  # released (with, where any, this token's own text)
+        elif event.token_id is not None and self.token_text is not None:
+            self.held_back += len(self.token_text(event.token_id))
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
             self.prompt_top_logprobs = event.prompt_top_logprobs

@@ -51,7 +51,7 @@ async def responses_reply(
             started.head, started.choices, started.render, True, started.prompt_tokens
         )
         return response_event_stream(response_events(chat_chunks, events))
-    outputs = await until_disconnected(request, lambda: collect(started.choices))
+    outputs = await until_disconnected(request, lambda: collect(started.choices, started.render))
     ((output, choice),) = zip(outputs, started.choices, strict=True)
     rendered = started.render.whole(output, choice.prompt_ids)
     message, finish = rendered["message"], rendered["finish_reason"]

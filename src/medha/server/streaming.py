@@ -60,9 +60,9 @@ def error_body(error: BaseException) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
-async def collect(choices: list[Choice]) -> list[ChoiceOutput]:
+async def collect(choices: list[Choice], render: Renderer) -> list[ChoiceOutput]:
     """Every choice, streamed to its end."""
-    outputs = [ChoiceOutput(c.index, echo=c.echo) for c in choices]
+    outputs = [ChoiceOutput(c.index, echo=c.echo, token_text=render.strings) for c in choices]
     async with aclosing(merged_events(choices)) as events:
         async for index, event in events:
             outputs[index].add(event)
@@ -100,7 +100,9 @@ async def chunks(
     """A streamed response's chunks: a chat's role chunks first (and its echo's), then one
     per event that says something; with `include_usage`, a last chunk of token counts, and
     with `continuous_usage` each choice's counts so far on each of its chunks (vLLM's)."""
-    outputs = {c.index: ChoiceOutput(c.index, echo=c.echo) for c in choices}
+    outputs = {
+        c.index: ChoiceOutput(c.index, echo=c.echo, token_text=render.strings) for c in choices
+    }
     prompts = {c.index: c.prompt_ids for c in choices}
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
