@@ -500,6 +500,5 @@ def test_a_tokens_text_offset_counts_the_held_back_text_before_it() -> None:
         output.add(event(token_id, text))
     assert output.text == "eas\ufffd autum STOP"
     assert output.text_offsets == [0, 3, 4, 10, 12, 14]
-    assert [output.text.find(texts[t], at) for t, at in zip(range(1, 7), output.text_offsets)] == (
-        output.text_offsets
-    )
+    starts = zip(range(1, 7), output.text_offsets, strict=True)
+    assert [output.text.find(texts[t], at) for t, at in starts] == output.text_offsets
