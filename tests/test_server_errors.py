@@ -49,6 +49,7 @@ BAD_COMPLETIONS = [
     ({"n": 0}, 400, "n must be"),
     ({"stop": 5}, 400, "stop"),
     ({"logit_bias": {"99999999": 1}}, 400, "vocabulary"),
+    ({"logit_bias": {"-1": 1}}, 400, "token ids must be >= 0, got -1"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"structured_outputs": {"regex": "("}}, 400, "does not compile"),
 ]
@@ -303,6 +304,11 @@ async def test_a_body_that_is_not_an_object_says_so() -> None:
             )
             assert response.status_code == 400
             assert response.json()["error"]["message"].startswith("body: "), content
+        broken = await client._client.post(
+            "http://medha/v1/completions", content=b'{"prompt": x}', headers=json_type
+        )
+        message = broken.json()["error"]["message"]
+        assert message == "body: not valid JSON (Expecting value at character 11)"
 
 
 async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:

@@ -464,6 +464,9 @@ async def _disconnected(_: Request, exc: ClientDisconnectedError) -> Response:
 def _problem(error: Any) -> str:
     """One validation error, as "field.path: what is wrong" ("body: ..." for the whole body:
     not JSON, or not an object)."""
+    if error.get("type") == "json_invalid":  # its loc is the body and a character offset
+        reason = error.get("ctx", {}).get("error", "")
+        return f"body: not valid JSON ({reason} at character {error['loc'][-1]})"
     where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
     return f"{where}: {error['msg']}"
 
