@@ -250,3 +250,31 @@ async def test_a_decode_finished_as_its_iteration_paused_keeps_its_place_in_its_
     assert talker.token_ids == greedy_under_grammar(SHORT, grammar, params.max_tokens or 0)
     assert len(talker.token_ids) > paused_at + 1  # it decoded past the pause
     assert played.short.token_ids == greedy_alone(SHORT, PARAMS.max_tokens)
+
+
+async def test_an_abort_during_a_requests_last_iteration_lets_it_end_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As with pausing off (and vLLM): an abort that arrives while the iteration that ends a
+    request runs is too late; the request ends by its length with that iteration's token."""
+    forward = DecoderLayer.forward
+
+    def slow_decodes(self: DecoderLayer, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if x.shape[0] == 1:  # the decode that samples the last token: the abort lands in it
+            time.sleep(0.1)
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "forward", slow_decodes)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config(pause_iterations=True)) as engine:
+        events = []
+        async for event in engine.stream(list(SHORT), params, request_id="r"):
+            events.append(event)
+            if len(events) == 1:
+                await engine.abort("r")
+        stats = engine.stats()
+    assert [(e.token_id is not None, e.finish_reason) for e in events] == [
+        (True, None),
+        (True, "length"),
+    ]
+    assert stats.free_blocks == stats.total_blocks and (stats.finished, stats.aborted) == (1, 0)

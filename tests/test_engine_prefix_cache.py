@@ -163,15 +163,26 @@ async def test_preempted_requests_recompute_past_their_own_cached_output() -> No
                 group.start_soon(one, i)
         return results
 
-    async with medha.Engine(engine_config(enable_prefix_caching=False)) as engine:
+    def computed(engine: medha.Engine) -> float | None:
+        assert engine.metrics is not None
+        labels = {"model_name": engine.metrics.model_name}
+        return engine.metrics.registry.get_sample_value(
+            "medha:prefill_tokens_computed_total", labels
+        )
+
+    async with medha.Engine(engine_config(num_blocks=20, enable_prefix_caching=False)) as engine:
         expected = await run(engine)
+        uncached = engine.stats(), computed(engine)
     async with medha.Engine(engine_config(num_blocks=20)) as engine:
         cached = await run(engine)
-        stats = engine.stats()
-    assert stats.preemptions > 0, "the small cache never forced a preemption"
-    assert stats.prefix_cache_hit_tokens > 0
+        stats = engine.stats(), computed(engine)
+    assert stats[0].preemptions > 0 and uncached[0].preemptions > 0, "no preemption forced"
     assert cached == expected
-    assert stats.free_blocks == stats.total_blocks == 20
+    # Its own blocks found again are no prefix-cache hit (no prompt shares another's: each
+    # request's cached_tokens is 0), but the recompute is shorter.
+    assert stats[0].prefix_cache_hit_tokens == 0
+    assert stats[1] is not None and uncached[1] is not None and stats[1] < uncached[1]
+    assert stats[0].free_blocks == stats[0].total_blocks == 20
 
 
 async def test_digests_the_scheduler_refuses_end_only_their_request(

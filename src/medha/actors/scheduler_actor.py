@@ -228,6 +228,10 @@ class SchedulerActor(Actor[Submit | Abort]):
         self.scheduler.on_stage0_done(plan)
         finished = self._deliver(output, now)
         self.scheduler.on_step_done(plan, now, finished)
+        if pausable:
+            # After the step's tokens: an abort that came during its last step lets a request
+            # that ended there end so, as between steps (and as vLLM).
+            self._handle_held()
         self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, started, output.seconds)
@@ -258,7 +262,8 @@ class SchedulerActor(Actor[Submit | Abort]):
 
     async def _run_pausable(self, plan: BatchPlan) -> StepOutput:
         """Run `plan`'s step, taking messages meanwhile; whenever it pauses, run the plans of
-        the requests it paused for, then resume it."""
+        the requests it paused for, then resume it. The messages held meanwhile are handled
+        once its output is delivered (_handle_held), or at once if it fails."""
         pause = threading.Event()
         message: ModelStep | ResumeStep = self._model_step(plan, pause)
         self._held = []
@@ -280,10 +285,14 @@ class SchedulerActor(Actor[Submit | Abort]):
                 self.scheduler.resume(plan, pause_again=ran)
                 pause = threading.Event()
                 message = ResumeStep(plan.plan_id, pause)
-        finally:
-            held, self._held = self._held, None
-            for waiting in held:
-                self._handle(waiting)
+        except BaseException:
+            self._handle_held()
+            raise
+
+    def _handle_held(self) -> None:
+        held, self._held = self._held, None
+        for waiting in held or ():
+            self._handle(waiting)
 
     async def _ask_watching(
         self, message: ModelStep | ResumeStep, plan: BatchPlan, pause: threading.Event

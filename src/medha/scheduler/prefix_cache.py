@@ -61,8 +61,6 @@ class PrefixCache:
         self._hash_of: dict[int, BlockHash] = {}
         self._refs: dict[int, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self.hits = 0
-        """Blocks handed to a request from the cache."""
 
     @property
     def num_evictable(self) -> int:
@@ -87,7 +85,6 @@ class PrefixCache:
         """A request takes a registered block."""
         self._refs[block] += 1
         self._evictable.pop(block, None)
-        self.hits += 1
 
     def register(self, digest: BlockHash, block: int) -> bool:
         """`block`, held by one request, now holds the computed KV of prefix `digest`. False

@@ -31,7 +31,8 @@ class SchedulerStats:
     cached_blocks: tuple[int, ...] = ()
     """Blocks in the prefix cache per KVP group (in use or not; the unused ones count as free)."""
     prefix_hit_blocks: int = 0
-    """Blocks requests took from the prefix cache instead of computing them, so far."""
+    """Blocks requests took from the prefix cache instead of computing them, so far (at
+    their first start: what their `cached_tokens` add up to)."""
 
     @classmethod
     def of(cls, table: RequestTable, plans_in_flight: int, stage0_busy: bool) -> SchedulerStats:
@@ -51,7 +52,7 @@ class SchedulerStats:
             aborted=table.num_aborted,
             preemptions=table.num_preemptions,
             cached_blocks=tuple(allocator.cache.num_cached for allocator in table.pool.groups),
-            prefix_hit_blocks=sum(allocator.cache.hits for allocator in table.pool.groups),
+            prefix_hit_blocks=table.prefix_hit_blocks,
         )
 
     @property

@@ -43,6 +43,9 @@ class RequestTable:
         self.num_finished = 0
         self.num_aborted = 0
         self.num_preemptions = 0
+        self.prefix_hit_blocks = 0
+        """Blocks requests took from the prefix cache at their first start, instead of
+        computing them (a preempted request finding its own blocks again is not a hit)."""
         self._next_start = 0
 
     def add(self, request: SchedRequest) -> None:
@@ -63,6 +66,8 @@ class RequestTable:
         self._next_start += 1
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
+        if not request.num_preemptions:
+            self.prefix_hit_blocks += len(hit)
         new_blocks = self.layout.reserve(request, first_group, self.pool, hit)
         request.issued = request.stage0 = request.computed = len(hit) * self.layout.block_size
         # Its work counted while it waited may have assumed another hit (remaining_prefill_s).
