@@ -342,6 +342,16 @@ async def test_a_stopped_engine_frees_its_model_and_kv_cache_at_once() -> None:
         gc.enable()
 
 
+async def test_a_stopped_engine_leaves_no_actor_mailbox_open() -> None:
+    # An open anyio stream warns when collected (ResourceWarning: an error under -W error).
+    async with medha.Engine(engine_config()) as engine:
+        await engine.generate("hello", SHORT)
+        actors = [engine._scheduler_actor, engine._stage]
+    for actor in actors:
+        assert actor is not None
+        assert actor._send._closed and actor._receive._closed, type(actor).__name__
+
+
 def test_starting_without_an_asyncio_loop_says_the_engine_runs_on_asyncio() -> None:
     # What trio looks like to the engine: a coroutine run with no asyncio loop around it.
     engine = medha.Engine(engine_config())

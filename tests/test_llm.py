@@ -3,6 +3,7 @@ forked child gets an error instead of waiting on threads it does not have."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -110,3 +111,59 @@ def test_a_forked_child_gets_an_error_instead_of_waiting_forever() -> None:
             len(llm.generate("hello", SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids)
             == 2
         )
+
+
+def test_ctrl_c_while_the_model_loads_raises_and_leaves_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The interrupt reaches the caller's thread while it waits for the engine to start: the
+    portal must cancel the start (before, it waited for a serving task that never ends)."""
+    import anyio
+    from anyio.from_thread import BlockingPortal
+
+    async def loading(self: medha.Engine) -> None:
+        await anyio.sleep(60)
+
+    monkeypatch.setattr(medha.Engine, "start", loading)
+    start_task = BlockingPortal.start_task
+
+    def interrupted(portal: BlockingPortal, *args: object, **kwargs: object) -> None:
+        def start() -> None:
+            with contextlib.suppress(BaseException):  # cancelled with the portal
+                start_task(portal, *args, **kwargs)  # type: ignore[arg-type]
+
+        threading.Thread(target=start, daemon=True).start()
+        time.sleep(0.2)  # the engine is loading
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockingPortal, "start_task", interrupted)
+    before = set(threading.enumerate())
+    outcome: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            medha.LLM(engine_config())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    creating = threading.Thread(target=create, daemon=True)
+    creating.start()
+    creating.join(timeout=20)
+    assert not creating.is_alive(), "LLM() hung after the interrupt"
+    assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
+    wait_until(lambda: set(threading.enumerate()) <= before, timeout=5)
+
+
+def test_close_racing_a_generate_is_engine_closed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() on another thread between generate's check and its start on the loop."""
+    llm = medha.LLM(engine_config())
+    from medha import llm as llm_module
+
+    def close_meanwhile() -> None:
+        closing = threading.Thread(target=llm.close)
+        closing.start()
+        closing.join()
+
+    monkeypatch.setattr(llm_module, "release_idle_threads", close_meanwhile)
+    with pytest.raises(EngineClosedError, match="closed"):
+        llm.generate("Hi", SamplingParams(max_tokens=2))

@@ -227,7 +227,7 @@ class Engine:
             self._scheduler_actor = actor
 
             def workers_failed(error: BaseException) -> None:
-                if actor.failure is None:
+                if actor.failure is None and not actor.stopped:
                     actor.tell(WorkersFailed(error))
 
             # From here the supervisor task closes the workers when it ends.

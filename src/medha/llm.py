@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -113,7 +114,12 @@ class LLM:
                 raise errors[0]
             return [r for r in results if r is not None]
 
-        future = self._runtime.portal.start_task_soon(run_all)
+        try:
+            future = self._runtime.portal.start_task_soon(run_all)
+        except RuntimeError as exc:  # the portal stopped: close() ran on another thread
+            if self._closed:
+                raise EngineClosedError("this LLM was closed") from exc
+            raise
         try:
             return future.result()
         except BaseException:
@@ -275,7 +281,10 @@ class _Runtime:
         try:
             self._served, _ = self.portal.start_task(self._serve)
         except BaseException:
-            self._portal_cm.__exit__(None, None, None)
+            # Interrupted (Ctrl-C while the model loads) or failed: the portal cancels the
+            # serving task as it exits with the error (exiting without one would wait for the
+            # task, which, once started, waits for a stop nobody will ask for).
+            self._portal_cm.__exit__(*sys.exc_info())
             raise
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:

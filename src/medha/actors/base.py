@@ -123,6 +123,12 @@ class Actor(Generic[Msg]):
         """Stop accepting messages; the loop ends once the mailbox is drained."""
         self._send.close()
 
+    def close_mailbox(self) -> None:
+        """For actors with a custom loop, once it has ended: close both ends of the mailbox
+        (`run` does it for the others), whose streams warn when collected open."""
+        self._send.close()
+        self._receive.close()
+
     def fail(self, error: BaseException) -> None:
         """Mark the actor dead: later tells and asks raise ActorFailedError."""
         if self.failure is None:

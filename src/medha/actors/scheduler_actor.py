@@ -100,6 +100,9 @@ class SchedulerActor(Actor[Submit | Abort]):
             while (message := self.receive_nowait()) is not None:
                 if isinstance(message, Submit):
                     message.request.fail(self._ending_error(), self.clock())
+            if self.failure is None:
+                self.stop()  # later tells raise ActorStoppedError (a failure: its own)
+            self.close_mailbox()
 
     def _ending_error(self) -> EngineClosedError | EngineFailedError:
         if self.failure is None:
