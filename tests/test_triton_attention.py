@@ -256,3 +256,28 @@ def test_asking_for_triton_on_cpu_without_the_interpreter_says_what_it_needs(
     config = EngineConfig(model="tiny-random", attention_backend="triton", num_blocks=16)
     with pytest.raises(ValueError, match=r"'triton' is not available on cpu: .*CUDA device"):
         build_engine_parts(config)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("block_size", "blocks hold 8 tokens, the metadata's 16"),
+        ("heads", "does not fit"),
+        ("head_dim", "does not fit"),
+        ("rows", "does not fit"),
+    ],
+)
+def test_shapes_the_kernels_would_read_out_of_bounds_with_are_refused(
+    change: str, problem: str
+) -> None:
+    q, k_cache, v_cache, meta = make_batch([(19, 5), (0, 3)])
+    if change == "block_size":  # the same memory seen as blocks of 8: the kernel read past
+        k_cache, v_cache = (c.reshape(-1, 8, *c.shape[2:]) for c in (k_cache, v_cache))
+    elif change == "heads":
+        q = torch.cat([q, q[:, :1]], dim=1)  # 5 query heads over 2 kv heads
+    elif change == "head_dim":
+        q = q[..., :8].contiguous()
+    else:
+        q = q[:-1]
+    with pytest.raises(ValueError, match=problem):
+        triton_attention(q, k_cache, v_cache, meta, 0.25)

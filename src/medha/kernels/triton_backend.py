@@ -85,6 +85,7 @@ def triton_attention(
             f"triton attention needs q and the caches in one dtype (got {q.dtype}, "
             f"{k_cache.dtype}, {v_cache.dtype})"
         )
+    _check_shapes(q, k_cache, v_cache, meta)
     num_heads, head_dim = q.shape[1:]
     out, lse = new_outputs(q)
     heads = (num_heads, k_cache.shape[2], head_dim)
@@ -92,6 +93,27 @@ def triton_attention(
     for plan in plans:
         launch(plan, q, k_cache, v_cache, meta.block_ids, scale, out, lse)
     return out, lse
+
+
+def _check_shapes(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> None:
+    """What the kernels take on trust, checked once per call (a few integer compares): they
+    index the pool with the cache's block size and read as many query rows and heads as the
+    metadata and `q` say, so a mismatch reads out of bounds (a crash, or garbage) instead of
+    failing."""
+    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k and v caches differ in shape: {k_cache.shape} vs {v_cache.shape}")
+    if block_size != meta.block_size:
+        raise ValueError(
+            f"the caches' blocks hold {block_size} tokens, the metadata's {meta.block_size}"
+        )
+    if q.shape[0] != meta.num_tokens or q.shape[2] != head_dim or q.shape[1] % kv_heads:
+        raise ValueError(
+            f"q of shape {tuple(q.shape)} does not fit {meta.num_tokens} query tokens over "
+            f"{kv_heads} kv heads of size {head_dim}"
+        )
 
 
 def new_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
