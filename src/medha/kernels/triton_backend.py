@@ -102,7 +102,7 @@ def _check_shapes(
     index the pool with the cache's block size and read as many query rows and heads as the
     metadata and `q` say, so a mismatch reads out of bounds (a crash, or garbage) instead of
     failing."""
-    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    _, block_size, kv_heads, head_dim = k_cache.shape
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k and v caches differ in shape: {k_cache.shape} vs {v_cache.shape}")
     if block_size != meta.block_size:
