@@ -278,3 +278,37 @@ async def test_an_abort_during_a_requests_last_iteration_lets_it_end_there(
         (True, "length"),
     ]
     assert stats.free_blocks == stats.total_blocks and (stats.finished, stats.aborted) == (1, 0)
+
+
+async def test_a_request_held_behind_an_abort_ends_when_delivering_the_step_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request reusing an aborted id waits while the step runs; if handing out that step's
+    tokens fails (a bug), it must fail with the engine rather than wait forever."""
+    from medha.actors.scheduler_actor import SchedulerActor
+
+    forward, deliver = DecoderLayer.forward, SchedulerActor._deliver
+    failing = False
+
+    def slow_decodes(self: DecoderLayer, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if x.shape[0] == 1:
+            time.sleep(0.1)
+        return forward(self, x, *args, **kwargs)
+
+    def broken(self: SchedulerActor, *args: Any) -> Any:
+        if failing:
+            raise RuntimeError("a bug in delivery")
+        return deliver(self, *args)
+
+    monkeypatch.setattr(DecoderLayer, "forward", slow_decodes)
+    monkeypatch.setattr(SchedulerActor, "_deliver", broken)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config(pause_iterations=True)) as engine:
+        first = engine.stream(list(SHORT), params, request_id="r")
+        await first.__anext__()  # the next step, a slow decode, runs now
+        await first.aclose()  # its abort waits for that step
+        second = engine.stream([5, 6, 7, 8], params, request_id="r")  # waits behind it
+        failing = True
+        with anyio.fail_after(10), pytest.raises(medha.EngineFailedError):
+            async for _ in second:
+                pass

@@ -31,6 +31,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def test_skipped_special_tokens_take_no_room_in_text_offset() -> None:
+    # The end-of-sequence token forced (and not stopping): its text is skipped, so the tokens
+    # after it start where it would have.
+    async with serving() as (engine, client):
+        eos = engine.tokenizer.eos_token_ids[0]
+        done = await client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=3,
+            logprobs=0,
+            logit_bias={str(eos): 100},
+            extra_body={"ignore_eos": True},
+        )
+    (choice,) = done.choices
+    assert choice.text == "" and choice.logprobs is not None
+    assert choice.logprobs.text_offset == [0, 0, 0]
+
+
 async def test_a_completion_is_the_engines_with_its_logprobs_and_usage() -> None:
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
     async with serving() as (engine, client):

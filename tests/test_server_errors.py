@@ -50,6 +50,7 @@ BAD_COMPLETIONS = [
     ({"stop": 5}, 400, "stop"),
     ({"logit_bias": {"99999999": 1}}, 400, "vocabulary"),
     ({"logit_bias": {"-1": 1}}, 400, "token ids must be >= 0, got -1"),
+    ({"logit_bias": {"\u00b2": 1}}, 400, "token ids must be int"),  # "²".isdigit()
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"structured_outputs": {"regex": "("}}, 400, "does not compile"),
 ]
@@ -309,6 +310,22 @@ async def test_a_body_that_is_not_an_object_says_so() -> None:
         )
         message = broken.json()["error"]["message"]
         assert message == "body: not valid JSON (Expecting value at character 11)"
+
+
+async def test_behind_a_root_path_the_key_guards_what_the_router_serves() -> None:
+    # A proxy's root path is part of Starlette's path; the router strips it only where a "/"
+    # follows (root "/v" is no prefix of "/v1/models"), and the key's check must do the same.
+    async with medha.Engine(engine_config()) as engine:
+        for root in ("/v", "/v1"):
+            transport = httpx2.ASGITransport(app=create_app(engine, api_key="k"), root_path=root)
+            async with httpx2.AsyncClient(transport=transport, base_url="http://medha") as http:
+                served = 0
+                for path in ("/v1/models", f"{root}/v1/models"):
+                    keyed = await http.get(path, headers={"Authorization": "Bearer k"})
+                    if keyed.status_code == 200:  # what the router serves needs the key
+                        served += 1
+                        assert (await http.get(path)).status_code == 401, (root, path)
+                assert served, root
 
 
 async def test_with_an_api_key_v1_needs_it_and_health_does_not() -> None:

@@ -335,7 +335,7 @@ def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
         _fail("logit_bias", bias, "must be a dict {token_id: bias}")
     result: dict[int, float] = {}
     for token, value in items:
-        if isinstance(token, str) and token.removeprefix("-").isdigit():
+        if isinstance(token, str) and token.isascii() and token.removeprefix("-").isdigit():
             # OpenAI's JSON has the ids as strings ("50256"); vLLM takes them as ints too.
             token = int(token)
         token_id = _token_id("logit_bias", bias, token)

@@ -228,13 +228,16 @@ class SchedulerActor(Actor[Submit | Abort]):
         else:
             output = await self.stage.ask(self._model_step(plan))
         now = self.clock()
-        self.scheduler.on_stage0_done(plan)
-        finished = self._deliver(output, now)
-        self.scheduler.on_step_done(plan, now, finished)
-        if pausable:
-            # After the step's tokens: an abort that came during its last step lets a request
-            # that ended there end so, as between steps (and as vLLM).
-            self._handle_held()
+        try:
+            self.scheduler.on_stage0_done(plan)
+            finished = self._deliver(output, now)
+            self.scheduler.on_step_done(plan, now, finished)
+        finally:
+            if pausable:
+                # After the step's tokens: an abort that came during its last step lets a
+                # request that ended there end so, as between steps (and as vLLM). Handled
+                # even if delivering failed: a request held behind an abort must still end.
+                self._handle_held()
         self._add_block_hashes(output.sampled)
         self._admit_parked()
         self._record(plan, started, output.seconds)

@@ -199,6 +199,12 @@ def _index_weight_files(folder: Path) -> dict[str, TensorInfo]:
     # The single file first, as transformers reads them: saving a model unsharded over a
     # sharded one leaves the old index behind.
     if single_path.is_file():
+        if index_path.is_file():
+            log.warning(
+                f"{SINGLE_WEIGHTS_FILE} and {WEIGHTS_INDEX_FILE} both present: reading "
+                f"{SINGLE_WEIGHTS_FILE}, as transformers does (delete the stale one)",
+                folder=str(folder),
+            )
         return read_safetensors_header(single_path)
     if index_path.is_file():
         return _index_sharded(index_path)
@@ -271,8 +277,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise ModelLoadError(path, f"corrupt: {name}'s byte range does not match its shape")
         ranges.append((begin, end, name))
         tensors[name] = TensorInfo(file=path, dtype=dtype, shape=shape)
-    # As safetensors requires (and checks only when a tensor is read): the byte ranges tile
-    # the data, no gap, no overlap.
+    # As safetensors requires (and checks only when a weight is first read, with an error of
+    # its own): the byte ranges tile the data, no gap, no overlap.
     data_end = 0
     for begin, end, name in sorted(ranges):
         if begin != data_end:

@@ -429,10 +429,10 @@ def _chat_request_of(body: ResponsesRequest) -> ChatCompletionRequest:
 
 
 def _allow_origins(app: FastAPI, origins: Sequence[str]) -> None:
-    """CORS for `origins`, around everything else: Starlette answers an unexpected error
-    (a 500) from a layer outside the middlewares an app adds, whose answer would lack the
-    headers, and a browser would show a network error instead of it. CORSMiddleware is pure
-    ASGI: it leaves streamed responses' sends where they are."""
+    """CORS for `origins`, around everything else, the API key's 401 and Starlette's own
+    last-resort 500 included: an answer without the headers a browser shows as a network
+    error instead. CORSMiddleware is pure ASGI: it leaves streamed responses' sends where
+    they are."""
     if isinstance(origins, str):
         raise TypeError(f"allowed_origins is a list of origins, not one string: [{origins!r}]")
     build = app.build_middleware_stack

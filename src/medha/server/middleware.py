@@ -23,8 +23,9 @@ _log = get_logger(__name__)
 class ApiKeyGuard:
     """`paths` answer 401 unless the request has `Authorization: Bearer KEY`. Checked before
     anything reads the body: a client without the key cannot make the server read (and parse,
-    on the event loop) a body of any size. Preflights (OPTIONS) carry no key, as vLLM lets
-    them by."""
+    on the event loop) a body of any size. OPTIONS requests pass, as vLLM lets them by: a
+    browser's preflight carries no key (with CORS on, CORSMiddleware, outside this layer,
+    answers it first)."""
 
     def __init__(self, app: ASGIApp, key: str, paths: Collection[str]) -> None:
         self.app = app
@@ -45,8 +46,10 @@ class ApiKeyGuard:
 
     def _guards(self, scope: Scope) -> bool:
         path: str = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):  # Starlette's path includes a proxy's root path
+        root: str = scope.get("root_path", "")
+        # Starlette's path includes a proxy's root path, which its router strips only where a
+        # "/" follows it (root "/v" is not a prefix of "/v1/models"): the same rule here.
+        if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
             path = path[len(root) :]
         return path in self.paths
 

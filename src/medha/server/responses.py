@@ -48,12 +48,22 @@ class TokenStrings:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
+        self._shown: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._texts.get(token_id)
         if text is None:
             text = self._tokenizer.decode([token_id], skip_special_tokens=False)
             self._texts[token_id] = text
+        return text
+
+    def shown(self, token_id: int) -> str:
+        """The token's text as an output shows it: none for a special token (skipped, the
+        default; where a request shows them, their text comes with their own event)."""
+        text = self._shown.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=True)
+            self._shown[token_id] = text
         return text
 
 
@@ -67,10 +77,12 @@ class ChoiceOutput:
     text_offsets: list[int] = field(default_factory=list)
     """Where each token's text starts in `text` (as OpenAI's text_offset), known when its event
     arrives, so streamed and whole responses agree: the text streamed before it, plus the text
-    alone (`token_text`) of the tokens before it whose text is still held back (a possible stop
-    string, bytes of an unfinished character), which comes out before its own."""
+    alone (`token_text`) of the tokens since the last event that released text (a possible stop
+    string, bytes of an unfinished character, held back), which comes out before its own. (A
+    release of only part of the held text counts it all released.)"""
     token_text: Callable[[int], str] | None = None
-    """A token's text alone (TokenStrings); None: held-back tokens count nothing."""
+    """A token's text as outputs show it (TokenStrings.shown: none for a skipped special
+    token); None: held-back tokens count nothing."""
     held_back: int = 0
     """Characters of `token_text` of the tokens since the last event that released text."""
     logprobs: list[float | None] = field(default_factory=list)

@@ -62,7 +62,7 @@ def error_body(error: BaseException) -> dict[str, Any]:
 
 async def collect(choices: list[Choice], render: Renderer) -> list[ChoiceOutput]:
     """Every choice, streamed to its end."""
-    outputs = [ChoiceOutput(c.index, echo=c.echo, token_text=render.strings) for c in choices]
+    outputs = [ChoiceOutput(c.index, echo=c.echo, token_text=render.strings.shown) for c in choices]
     async with aclosing(merged_events(choices)) as events:
         async for index, event in events:
             outputs[index].add(event)
@@ -101,7 +101,8 @@ async def chunks(
     per event that says something; with `include_usage`, a last chunk of token counts, and
     with `continuous_usage` each choice's counts so far on each of its chunks (vLLM's)."""
     outputs = {
-        c.index: ChoiceOutput(c.index, echo=c.echo, token_text=render.strings) for c in choices
+        c.index: ChoiceOutput(c.index, echo=c.echo, token_text=render.strings.shown)
+        for c in choices
     }
     prompts = {c.index: c.prompt_ids for c in choices}
 
