@@ -101,7 +101,7 @@ class SchedulerActor(Actor[Submit | Abort]):
                 if isinstance(message, Submit):
                     message.request.fail(self._ending_error(), self.clock())
             if self.failure is None:
-                self.stop()  # later tells raise ActorStoppedError (a failure: its own)
+                self.stop()  # later tells raise ActorStoppedError (ActorFailedError if failed)
             self.close_mailbox()
 
     def _ending_error(self) -> EngineClosedError | EngineFailedError:
