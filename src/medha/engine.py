@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -50,6 +49,7 @@ from medha.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from medha.parallel.engine_parts import ParallelParts
+    from medha.parallel.worker_build import WorkerBuild
 
 _log = get_logger(__name__)
 
@@ -98,7 +98,7 @@ class Engine:
         self._model_thread: ModelThread | None = None
         self._started = False
         """start() finished: from here stop() stops the actors itself."""
-        self._building: threading.Event | None = None
+        self._building: WorkerBuild | None = None
         """Parallel start: set once the thread that starts the workers is done."""
         self._closed = False
         self._ids = itertools.count()
@@ -191,29 +191,12 @@ class Engine:
         """world > 1: the model runs in worker processes (medha.parallel); this process keeps
         the scheduler actor, which talks to them by RPC, and a supervisor of the workers."""
         from medha.actors.pipeline_scheduler import PipelineSchedulerActor, WorkersFailed
-        from medha.parallel.engine_parts import build_parallel_parts
+        from medha.parallel.worker_build import WorkerBuild
 
-        # If this start is cancelled while the thread starts the workers, whichever of the two
-        # comes second stops them: no worker outlives a start that did not finish.
-        built: list[ParallelParts] = []
-        abandoned = False
-        lock = threading.Lock()
-        done = self._building = threading.Event()
-
-        def build() -> ParallelParts:
-            try:
-                parts = build_parallel_parts(self.config)
-                with lock:
-                    if abandoned:
-                        parts.cluster.close()
-                        raise EngineClosedError("the engine's start was cancelled")
-                    built.append(parts)
-                return parts
-            finally:
-                done.set()
-
+        # A cancelled start must leave no worker behind: see medha.parallel.worker_build.
+        build = self._building = WorkerBuild(self.config)
         try:
-            parts = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
+            parts = await build.run()
             self._take_model(parts.tokenizer, parts.vocab_size, parts)
             self.calibration = parts.calibration
             actor = PipelineSchedulerActor(
@@ -233,12 +216,7 @@ class Engine:
             # From here the supervisor task closes the workers when it ends.
             await self._start_actors(partial(parts.cluster.supervise, workers_failed), actor.run)
         except BaseException:
-            with lock:
-                abandoned = True
-                leftover = list(built)
-            if leftover:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(leftover[0].cluster.close)
+            await build.abandon()
             raise
         _log.info("engine started", model=self.config.model, parallel=str(self.config.parallel))
 
@@ -266,7 +244,7 @@ class Engine:
             if self._building is not None:
                 # A cancelled parallel start: its thread runs on and stops the workers it
                 # starts. Wait for that, so the process can start another engine at once.
-                await anyio.to_thread.run_sync(self._building.wait)
+                await anyio.to_thread.run_sync(self._building.done.wait)
             return
         self._check_loop()
         self._closed = True
