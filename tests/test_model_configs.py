@@ -4,6 +4,7 @@ SiLU, rope scaling without its parameters."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -214,7 +215,7 @@ def test_the_length_a_llama3_scaling_stretches_is_the_one_transformers_fills_in(
     config = _llama_config(**changes)
     # Read off the model, not the config: the model's rotary embedding fills the length in
     # again, and there the top-level value wins.
-    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model = LlamaForCausalLM(LlamaConfig.from_dict(copy.deepcopy(config)))
     theirs = model.config.rope_parameters["original_max_position_embeddings"]
     read = ModelArch.from_hf_config(config)
     assert read.rope_scaling is not None
@@ -236,3 +237,59 @@ def test_where_a_config_leaves_them_out_the_defaults_are_transformers() -> None:
     assert ModelArch.from_hf_config(unwindowed).sliding_window is None
     llama = _llama_config(head_dim=None)
     assert ModelArch.from_hf_config(llama).head_dim == 32 // 4
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(rope_theta=100.0, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+        dict(rope_parameters={"type": "linear", "factor": 3.0, "rope_theta": 5000.0}),
+        dict(
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            rope_parameters={"rope_type": "default", "rope_theta": 300.0},
+        ),
+        dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+        dict(
+            rope_scaling={},
+            rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 700.0},
+        ),
+        dict(rope_theta=900.0),
+    ],
+    ids=[
+        "the-dicts-base-first",
+        "the-older-type-key",
+        "rope-scaling-replaces-rope-parameters",
+        "a-base-inside-rope-scaling",
+        "an-empty-rope-scaling",
+        "only-the-top-level-base",
+    ],
+)
+def test_the_rope_is_read_as_transformers_reads_it(changes: dict[str, Any]) -> None:
+    """Whichever of rope_scaling (the older key), rope_parameters and the top-level rope_theta
+    a config.json holds: read as transformers 5 resolves them, off the model it builds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = _llama_config(**changes)
+    # A copy: transformers writes its resolution into the dicts it is given.
+    theirs = LlamaForCausalLM(LlamaConfig.from_dict(copy.deepcopy(config))).config.rope_parameters
+    read = ModelArch.from_hf_config(config)
+    assert read.rope_theta == theirs["rope_theta"]
+    assert read.rope_type == theirs["rope_type"]
+    assert (read.rope_scaling or {}).get("factor") == theirs.get("factor")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
+        (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25}), "0.25"),
+        (
+            dict(rope_parameters={"full_attention": {"rope_type": "default"}}),
+            "rope parameters per layer type",
+        ),
+    ],
+)
+def test_a_rope_medha_does_not_apply_is_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelArch.from_hf_config(_llama_config(**changes))
+    ModelArch.from_hf_config(_llama_config(partial_rotary_factor=1.0))  # the whole head: served

@@ -151,21 +151,7 @@ class ModelArch:
         try:
             hidden = int(config["hidden_size"])
             num_heads = int(config["num_attention_heads"])
-            rope_scaling = _mapping_or_none(config, "rope_scaling")
-            # transformers >= 5 moved rope_theta into "rope_parameters".
-            rope_params = _mapping_or_none(config, "rope_parameters") or {}
-            rope_theta = float(config.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-            if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
-                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-            rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
-            if rope_scaling and rope_type not in ROPE_TYPES:
-                raise UnsupportedModelError(
-                    source, f"rope scaling {rope_type!r} is not supported (supported: {ROPE_TYPES})"
-                )
-            if rope_type == "default":
-                rope_scaling = None
-            if rope_scaling:
-                rope_scaling = _checked_rope_scaling(dict(rope_scaling), str(rope_type), config)
+            rope_theta, rope_scaling = _rope(config, source)
             activation = config.get("hidden_act", "silu")
             if activation not in ("silu", "swish"):
                 raise UnsupportedModelError(
@@ -199,6 +185,35 @@ class ModelArch:
         except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             # OverflowError: Python's JSON reader takes Infinity (and 1e400) as a number.
             raise ModelLoadError(source, f"malformed config: {exc!r}") from exc
+
+
+def _rope(config: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """The rope's base and its scaling (None: plain rope), read as transformers 5 reads them
+    (PreTrainedConfig.convert_rope_params_to_dict): a non-empty `rope_scaling`, the older key,
+    replaces `rope_parameters` whole; the base is that dict's `rope_theta`, else the top-level
+    one, else 10000; the type is its `rope_type`, else its older `type`."""
+    scaling = _mapping_or_none(config, "rope_scaling")
+    parameters = _mapping_or_none(config, "rope_parameters")
+    rope = dict(scaling or parameters or {})
+    if any(isinstance(value, Mapping) for value in rope.values()):
+        raise UnsupportedModelError(
+            source, f"rope parameters per layer type are not supported, got {sorted(rope)}"
+        )
+    partial = rope.pop("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(
+            source, f"partial_rotary_factor {partial!r}: medha rotates every dimension of a head"
+        )
+    theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(
+            source, f"rope scaling {rope_type!r} is not supported (supported: {ROPE_TYPES})"
+        )
+    rope["rope_type"] = rope_type
+    return theta, _checked_rope_scaling(rope, str(rope_type), config)
 
 
 def _head_dim(config: Mapping[str, Any], arch: str, hidden: int, num_heads: int) -> int:
