@@ -4,6 +4,7 @@ to the full decode, and cost a bounded amount of decoding per token."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -243,3 +244,33 @@ def test_a_character_the_prompt_left_unfinished_is_emitted_whole_by_the_output()
     # Bytes no output token completes come out as U+FFFD, before the output's own text.
     deltas, rest = _stream(BYTE_LEVEL, BYTE_LEVEL.encode("abc").ids, prompt_ids=ids[:cut])
     assert "".join(deltas) + rest == "\ufffdabc"
+
+
+def test_text_is_never_cleaned_up_so_the_stream_loses_nothing(tmp_path: Path) -> None:
+    """A tokenizer_config's clean_up_tokenization_spaces (transformers applies it to Unigram
+    and WordPiece tokenizers, and in transformers 4 to BPE too) rewrites text already decoded
+    (" ," to ","), which no stream can follow: medha's texts are the tokens' own, as vLLM's.
+    A cleaning decode had made the stream lose characters ("Yes  we 'e here")."""
+    import json
+
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from medha.model.tokenizer import Tokenizer as MedhaTokenizer
+
+    text = "Yes , we ' re here ."
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=120, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False
+    )
+    unigram.train_from_iterator([text, *TRAINING_TEXT], trainer)
+    unigram.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = MedhaTokenizer.from_folder(tmp_path)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.hf_tokenizer.decode(ids) != text  # transformers cleans this one up
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.step(token_id) for token_id in ids]
+    assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(ids) == text

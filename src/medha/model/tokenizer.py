@@ -116,7 +116,14 @@ class Tokenizer:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        """The tokens' text, never "cleaned": HF's clean_up_tokenization_spaces (which
+        transformers applies where a tokenizer_config sets it: to WordPiece and Unigram
+        tokenizers, and in transformers 4 to BPE too) rewrites text already decoded (" ." to
+        "."), which no stream can follow. vLLM's output text is not cleaned either."""
+        text = self._hf.decode(
+            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+        return str(text)
 
     @overload
     def apply_chat_template(
