@@ -144,8 +144,11 @@ def test_the_stop_string_completed_first_wins() -> None:
     assert (_emitted(updates), updates[-1].matched) == ("a", "bc")
 
 
-def test_among_stop_strings_completed_together_the_longest_wins() -> None:
+def test_among_stop_strings_completed_together_the_first_in_the_list_wins() -> None:
+    # As vLLM: stop-list order, not length (the longest had won, cutting at "x").
     updates = _run(StopChecker(SamplingParams(stop=["c", "abc"]), ()), ["xab", "c"])
+    assert (_emitted(updates), updates[-1].matched) == ("xab", "c")
+    updates = _run(StopChecker(SamplingParams(stop=["abc", "c"]), ()), ["xab", "c"])
     assert (_emitted(updates), updates[-1].matched) == ("x", "abc")
 
 
@@ -208,11 +211,12 @@ def _truncate_at_first_stop(
     text: str, stops: Sequence[str], include: bool, after: int = 0
 ) -> tuple[str, str | None]:
     """What vLLM returns for the whole text: cut at the stop string that completes first, past
-    the first `after` characters (the text of the first min_tokens tokens)."""
+    the first `after` characters (the text of the first min_tokens tokens), the first in the
+    list of those that complete there."""
     for end in range(after + 1, len(text) + 1):
         completed = [stop for stop in stops if text[:end].endswith(stop)]
         if completed:
-            stop = max(completed, key=len)
+            stop = completed[0]
             return (text[:end] if include else text[: end - len(stop)]), stop
     return text, None
 

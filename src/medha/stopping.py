@@ -20,8 +20,8 @@ vLLM's semantics:
   meanwhile as well).
 
 Which stop string wins when several could: the one that completes first in the text (earliest
-end), and among those the longest (earliest start). This is what a character-by-character
-stream would see, so the result does not depend on how the text was split into tokens.
+end), so the result does not depend on how the text was split into tokens; among those, the
+first in `stop`, as vLLM (stop=["b", "ab"] cuts "xyab" to "xya").
 
 Pure Python, O(len(delta) * number of stop strings) per token.
 """
@@ -157,18 +157,16 @@ class StopChecker:
         """Split `text` into (emittable now, matched stop string or None); sets self._held. A
         match must end past the first `stale` characters (text of the tokens before
         min_tokens ran out); a possible start of a stop string is held back all the same."""
-        best: tuple[int, int, str] | None = None  # (end, -length, stop string)
+        best: tuple[int, str] | None = None  # (end, stop string): the first to end, in order
         for stop in self._stop_strings:
             start = text.find(stop, max(0, stale - len(stop) + 1))
-            if start != -1:
-                candidate = (start + len(stop), -len(stop), stop)
-                if best is None or candidate < best:
-                    best = candidate
+            if start != -1 and (best is None or start + len(stop) < best[0]):
+                best = (start + len(stop), stop)
         if best is not None:
-            end, negative_length, stop = best
+            end, stop = best
             self._held = ""
             self._stale = 0
-            return (text[:end] if self._include_stop else text[: end + negative_length]), stop
+            return (text[:end] if self._include_stop else text[: end - len(stop)]), stop
         held = self._longest_stop_prefix_suffix(text)
         emitted = len(text) - held
         self._held = text[emitted:]
