@@ -520,3 +520,18 @@ def test_a_tokens_text_offset_counts_the_held_back_text_before_it() -> None:
     assert output.text_offsets == [0, 3, 4, 10, 12, 14]
     starts = zip(range(1, 7), output.text_offsets, strict=True)
     assert [output.text.find(texts[t], at) for t, at in starts] == output.text_offsets
+
+
+def test_the_byte_pieces_of_one_character_never_send_text_offset_back() -> None:
+    """Four byte tokens of one emoji, each U+FFFD alone, held back until the character is
+    whole: they count as the one character they make (counted as four, the token after it had
+    gone back from 4 to 2), and every offset stays within the text."""
+    from medha.server.responses import ChoiceOutput
+
+    texts = {1: "a", 2: "\ufffd", 3: "\ufffd", 4: "\ufffd", 5: "\ufffd", 6: "b"}
+    output = ChoiceOutput(0, token_text=texts.__getitem__)
+    for token_id, text in [(1, "a"), (2, ""), (3, ""), (4, ""), (5, "😀"), (6, "b")]:
+        output.add(medha.TokenEvent("r", token_id, text))
+    assert output.text == "a😀b"
+    assert output.text_offsets == [0, 1, 2, 2, 2, 2]
+    assert output.text[output.text_offsets[-1]] == "b"

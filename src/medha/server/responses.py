@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from medha.detokenizer import REPLACEMENT_CHAR
 from medha.model.tokenizer import Tokenizer
 from medha.request import RequestMetrics, TokenEvent, TokenLogprob
 from medha.server.echo import EchoedPrompt, prompt_rows
@@ -84,7 +85,11 @@ class ChoiceOutput:
     """A token's text as outputs show it (TokenStrings.shown: none for a skipped special
     token); None: held-back tokens count nothing."""
     held_back: int = 0
-    """Characters of `token_text` of the tokens since the last event that released text."""
+    """Characters of `token_text` of the tokens since the last event that released text; the
+    byte pieces of one unfinished character (U+FFFD each) count one together, as the character
+    they make, so that offsets never go back once it is released."""
+    held_piece: bool = False
+    """The held-back text ends in a byte piece (U+FFFD) that a next one may continue."""
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
     prompt_logprobs: tuple[float | None, ...] | None = None
@@ -109,9 +114,14 @@ class ChoiceOutput:
                 self.top_logprobs.append(event.top_logprobs)
         self.text += event.text
         if event.text:
-            self.held_back = 0  # released (with, where any, this token's own text)
+            self.held_back, self.held_piece = 0, False  # released (with this token's own text)
         elif event.token_id is not None and self.token_text is not None:
-            self.held_back += len(self.token_text(event.token_id))
+            text = self.token_text(event.token_id)
+            if text and not text.strip(REPLACEMENT_CHAR):  # byte pieces: one character at most
+                self.held_back += 0 if self.held_piece else 1
+            else:
+                self.held_back += len(text)
+            self.held_piece = text.endswith(REPLACEMENT_CHAR)
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
             self.prompt_top_logprobs = event.prompt_top_logprobs
