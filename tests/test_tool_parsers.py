@@ -137,6 +137,20 @@ def test_a_call_json_cannot_carry_is_no_call(call: str) -> None:
     assert ToolCalling("required").parse(required) == ParsedOutput(required, ())
 
 
+def test_arguments_holding_a_lone_surrogate_stay_an_escape() -> None:
+    """A JSON escape a model can write, such as "\\ud83d", decodes to a lone surrogate, which
+    UTF-8 cannot carry: written back unescaped, the whole response failed to encode (a 500)."""
+    for escape in ("\\ud83d", "\\udc00"):
+        call = '{"name": "f", "arguments": {"x": "' + escape + '", "y": "é"}}'
+        (hermes,) = HermesParser().extract(f"<tool_call>{call}</tool_call>").calls
+        llama = Llama3JsonParser().extract(call.replace('"arguments"', '"parameters"'))
+        assert llama.calls == (hermes,)
+        hermes.arguments.encode("utf-8")
+        assert json.loads(hermes.arguments) == json.loads(call)["arguments"]
+    (plain,) = HermesParser().extract('<tool_call>{"name": "f", "arguments": {"y": "é"}}').calls
+    assert plain.arguments == '{"y": "é"}'  # escaped only where it must be
+
+
 def test_the_hermes_parser_holds_back_only_what_may_be_a_call() -> None:
     parser = HermesParser()
     assert parser.held_from("Hello") == 5

@@ -88,6 +88,11 @@ def read_call(value: object, arguments_key: str) -> FunctionCall | None:
         text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
     except (ValueError, RecursionError):
         return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # "\ud83d" decodes to a lone surrogate: written back escaped
+            text = json.dumps(arguments, allow_nan=False)
     return FunctionCall(value["name"], text)
 
 
