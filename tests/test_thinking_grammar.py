@@ -160,6 +160,27 @@ def test_a_constraint_whose_options_would_not_hold_after_thinking_is_refused(
         compiler.matcher(StructuredOutputsParams(**constraint, thinking=Thinking()))
 
 
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        '{"grammars": []}',
+        '{"grammars": 5}',
+        '{"grammars": [5]}',
+        "{}",
+        '{"grammars": null}',
+        '{"grammars": [{"lark_grammar": 5}]}',
+        '{"grammars": [{"lark_grammar": "start: \\"a\\""}]',  # not JSON
+    ],
+)
+def test_a_malformed_json_grammar_is_refused_after_thinking_as_without(grammar: str) -> None:
+    """It had raised IndexError, TypeError, KeyError (a 500 from the server) with thinking."""
+    compiler = grammar_compiler()
+    with pytest.raises(InvalidSamplingParamsError):
+        compiler.matcher(StructuredOutputsParams(grammar=grammar))
+    with pytest.raises(InvalidSamplingParamsError):
+        compiler.matcher(StructuredOutputsParams(grammar=grammar, thinking=Thinking()))
+
+
 def test_a_constraint_that_does_not_compile_is_refused_with_its_own_error() -> None:
     params = StructuredOutputsParams(grammar="start: undefined_rule", thinking=Thinking())
     with pytest.raises(InvalidSamplingParamsError, match="undefined_rule") as refused:

@@ -31,7 +31,7 @@ def with_thinking(
     """The llguidance grammar `constraint` (Lark text, or a grammar list as JSON text) after
     the thinking `thinking` allows. `tag_token`: the token a tag is, else None (read as text)."""
     grammars = _grammar_list(constraint)
-    if any("%llguidance" in (g.get("lark_grammar") or "") for g in grammars):
+    if any("%llguidance" in str(g.get("lark_grammar") or "") for g in grammars):
         # Options of the whole grammar: as a sub-grammar, the constraint would lose them.
         raise ValueError("a grammar with %llguidance options cannot follow thinking")
     name = grammars[0].get("name") or _CONSTRAINT
@@ -57,11 +57,18 @@ def with_thinking(
 def _grammar_list(grammar: str) -> list[dict[str, Any]]:
     """An llguidance grammar's list of grammars (Lark text is a list of one)."""
     if grammar.lstrip().startswith("{"):
-        parsed: dict[str, Any] = json.loads(grammar)
+        parsed = json.loads(grammar)
+        grammars = parsed.get("grammars") if isinstance(parsed, dict) else None
+        if not (grammars and isinstance(grammars, list)) or not all(
+            isinstance(g, dict) for g in grammars
+        ):
+            raise ValueError(
+                'a JSON grammar must be an object with "grammars": a non-empty list of objects'
+            )
         options = sorted(key for key, value in parsed.items() if key != "grammars" and value)
         if options:  # max_tokens: the wrapper's would bound the thinking too
             raise ValueError(f"a grammar with {', '.join(options)} cannot follow thinking")
-        return list(parsed["grammars"])
+        return list(grammars)
     return [{"lark_grammar": grammar}]
 
 
