@@ -138,3 +138,19 @@ def test_parsers_are_named_as_vllms(tmp_path: Path) -> None:
 def test_a_tag_the_tokenizer_drops_as_special_is_refused(tmp_path: Path, tag: str) -> None:
     with pytest.raises(ValueError, match=f"looks for {tag} in the output text"):
         reasoning_parser("deepseek_r1", _tokenizer(tmp_path, tag))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
+def test_an_assistant_message_continued_mid_thought_goes_on_thinking(name: str) -> None:
+    """continue_final_message with "<think>Let me think": the prompt's last tag opened the
+    thinking, though text follows it (qwen3 had read the output as the answer, its
+    "</think>" included); where the last tag closed it, the output is the answer."""
+    parser = REASONING_PARSERS[name]
+    opened = "<|im_start|>assistant\n<think>Let me think"
+    assert parser.untagged_output(opened) is OutputPart.REASONING
+    assert parser.thinking(opened) == Thinking(opened=True)
+    split = Reasoning.of(parser, opened, True).split()
+    assert split.feed(" more.</think>The answer.", finished=True) == (" more.", "The answer.")
+    answered = "<|im_start|>assistant\n<think>Done.</think>\n\nThe answer is"
+    assert parser.untagged_output(answered) is OutputPart.CONTENT
+    assert parser.thinking(answered) is None

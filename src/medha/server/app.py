@@ -76,9 +76,9 @@ from medha.server.tool_parsers import tool_call_parser as parser_for
 
 _log = get_logger(__name__)
 
-_PROMPT_TAIL = 16
-"""Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
-model's thinking."""
+_PROMPT_TAIL = 64
+"""Tokens of a chat's prompt whose text tells whether the template (or an assistant message
+continued mid-thought) opened the model's thinking, or closed it."""
 
 _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 

@@ -55,21 +55,31 @@ class ReasoningParser:
 
     def untagged_output(self, prompt_tail: str) -> OutputPart:
         """Where an output that does not start with the start tag is, after a prompt that
-        ends with `prompt_tail` (one that starts with it thinks)."""
-        tail = prompt_tail.rstrip()
-        if tail.endswith(self.start):
-            return OutputPart.REASONING
-        if tail.endswith(self.end):
-            return OutputPart.CONTENT
-        return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
+        ends with `prompt_tail`: the thinking if the prompt's last tag opened it (a template's
+        `<think>`, or an assistant message continued mid-thought), the answer if its last tag
+        closed it, else the parser's default (one that starts with the start tag thinks)."""
+        closed = self._closed_by(prompt_tail)
+        if closed is None:
+            return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
+        return OutputPart.CONTENT if closed else OutputPart.REASONING
 
     def thinking(self, prompt_tail: str) -> Thinking | None:
         """The thinking a constrained output may do first, after a prompt that ends with
         `prompt_tail`; None where the prompt has closed it (the output is the answer)."""
-        part = self.untagged_output(prompt_tail)
-        if part is OutputPart.CONTENT and prompt_tail.rstrip().endswith(self.end):
+        if self._closed_by(prompt_tail):
             return None
-        return Thinking(self.start, self.end, opened=part is OutputPart.REASONING)
+        opened = self.untagged_output(prompt_tail) is OutputPart.REASONING
+        return Thinking(self.start, self.end, opened=opened)
+
+    def _closed_by(self, prompt_tail: str) -> bool | None:
+        """Whether the last tag in `prompt_tail` is the end tag (None: it has neither). Of two
+        ending together (one tag the end of the other), the start tag is the last."""
+        start, end = prompt_tail.rfind(self.start), prompt_tail.rfind(self.end)
+        if start < 0 and end < 0:
+            return None
+        if start < 0:
+            return True
+        return end >= 0 and end + len(self.end) > start + len(self.start)
 
 
 REASONING_PARSERS = {
