@@ -328,6 +328,7 @@ async def test_thinking_is_a_reasoning_item_before_the_answer() -> None:
         ({"input": []}, "input is empty"),
         ({"extra_body": {"n": 2}}, "n is chat's"),
         ({"extra_body": {"echo": True}}, "echo is chat's"),
+        ({"extra_body": {"include_reasoning": False}}, "include_reasoning is chat's"),
         ({"extra_body": {"logprobs": True}}, "logprobs is chat's"),
         ({"extra_body": {"messages": [{"role": "user", "content": "x"}]}}, "messages is chat's"),
         ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format is"),

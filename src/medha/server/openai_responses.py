@@ -45,6 +45,8 @@ _CHAT_ONLY: dict[str, object] = {
     "max_tokens": None,
     "max_completion_tokens": None,
     "best_of": 1,
+    # A response has every item of the chat's output: the thinking's too, counted in usage.
+    "include_reasoning": True,
 }
 """Chat's and completions' own fields, which the Responses API has in its own way (`input`,
 `text.format`, `max_output_tokens`) or not at all (one output, no logprobs)."""
