@@ -84,6 +84,19 @@ def test_an_accepting_grammar_allows_eos_and_eos_completes_it() -> None:
     assert matcher.complete
 
 
+def test_a_grammar_with_no_complete_output_ends_in_a_violation_not_a_stop() -> None:
+    """It compiles, but after "a" nothing can complete it: llguidance's mask then allows only
+    eos, which it accepts and stops at. That had read as the output completed ("stop")."""
+    matcher = grammar_compiler().matcher(StructuredOutputsParams(grammar='start: "a" b\nb: b "x"'))
+    (a,) = _tokenizer().encode("a", add_special_tokens=False)
+    assert not matcher.advance(a)
+    eos = set(_tokenizer().eos_token_ids)
+    assert _allowed(matcher) <= eos
+    with pytest.raises(GrammarViolationError, match="cannot go on"):
+        matcher.advance(max(eos & _allowed(matcher)))
+    assert not matcher.complete
+
+
 def _nested(depth: int) -> dict[str, object]:
     schema: dict[str, object] = {"type": "integer"}
     for _ in range(depth):

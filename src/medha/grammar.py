@@ -91,14 +91,19 @@ class GrammarMatcher:
         return str(self._matcher.get_error()) if self._matcher.is_error() else ""
 
     def advance(self, token_id: int) -> bool:
-        """Accept a sampled token; whether the output is now complete."""
+        """Accept a sampled token; whether the output is now complete. GrammarViolationError
+        where the grammar cannot go on: a grammar with no complete output (`b: b "x"`) or a
+        limit of the grammar engine, found on the way (its mask then allows only eos)."""
         self.accept(token_id)
+        if self._matcher.is_error():
+            reason = self._matcher.get_error().strip().split("\n")[0]
+            raise GrammarViolationError(f"the structured output cannot go on: {reason}")
         return self.complete
 
     @property
     def complete(self) -> bool:
         """The output is complete: nothing may follow it (but eos)."""
-        return bool(self._matcher.is_stopped())
+        return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
 
 
 class GrammarCompiler:
