@@ -53,6 +53,7 @@ BAD_COMPLETIONS = [
     ({"logit_bias": {"\u00b2": 1}}, 400, "token ids must be int"),  # "²".isdigit()
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"structured_outputs": {"regex": "("}}, 400, "does not compile"),
+    ({"structured_outputs": {}}, 400, "got none"),  # as vLLM: not "unconstrained"
 ]
 
 

@@ -229,9 +229,9 @@ class _SamplingFields(BaseModel):
                 "give one of response_format, structured_outputs, guided_* (vLLM's old names) "
                 'and tool_choice "required" or a named function'
             )
-        structured: StructuredOutputsParams | dict[str, Any] | None = (
-            self.structured_outputs or self._guided()
-        )
+        structured: StructuredOutputsParams | dict[str, Any] | None = self.structured_outputs
+        if structured is None:  # an empty one is refused, as vLLM refuses it: not "none"
+            structured = self._guided()
         if self.response_format is not None and not text:
             structured = self.response_format.structured_outputs()
         if tool_schema is not None:
