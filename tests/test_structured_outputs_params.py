@@ -66,5 +66,12 @@ def test_sampling_params_take_the_params_or_a_dict_of_their_fields() -> None:
     assert StructuredOutputsParams.coerce(vllm_shaped) == StructuredOutputsParams(regex="[0-9]+")
     with pytest.raises(InvalidSamplingParamsError, match=r"unknown field.*regexp"):
         SamplingParams(structured_outputs={"regexp": "a"})
+    # vLLM's fields medha lacks are taken where they ask for nothing, refused where they do.
+    unused = {"whitespace_pattern": None, "disable_fallback": False, "structural_tag": None}
+    taken = StructuredOutputsParams.coerce({"choice": ["a"], **unused})
+    assert taken == StructuredOutputsParams(choice=("a",))
+    for field, value in [("whitespace_pattern", r"\s?"), ("disable_additional_properties", True)]:
+        with pytest.raises(InvalidSamplingParamsError, match=f"unknown field.*{field}"):
+            StructuredOutputsParams.coerce({"choice": ["a"], field: value})
     with pytest.raises(InvalidSamplingParamsError, match=r"must be a medha\.StructuredOutputs"):
         SamplingParams(structured_outputs="json")  # type: ignore[arg-type]

@@ -125,7 +125,21 @@ class StructuredOutputsParams:
     @classmethod
     def coerce(cls, value: object) -> StructuredOutputsParams:
         """`value` itself, or a mapping of its fields (as a JSON request body gives them)."""
+        if isinstance(value, Mapping):  # vLLM's fields medha lacks, at values that ask nothing
+            value = {k: v for k, v in value.items() if _VLLM_UNUSED.get(k, ...) is not v}
         return _coerced(cls, value, "SamplingParams.structured_outputs")
+
+
+_VLLM_UNUSED: dict[str, object] = {
+    "whitespace_pattern": None,
+    "disable_fallback": False,
+    "disable_additional_properties": False,
+    "structural_tag": None,
+    "_backend": None,
+    "_backend_was_auto": False,
+}
+"""vLLM's StructuredOutputsParams fields that medha does not have, with the value that leaves
+them unused, which a client serialising vLLM's dataclass sends (any other is refused)."""
 
 
 def _coerced(cls: type[_Params], value: object, name: str, or_else: str = "") -> _Params:
