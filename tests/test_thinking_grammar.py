@@ -195,6 +195,13 @@ def test_a_tag_holding_an_added_token_and_more_is_refused(tmp_path: Path) -> Non
         compiler.matcher(params)
 
 
+def test_an_end_of_sequence_tag_is_refused() -> None:
+    """llguidance reads eos as the output's end, never as a tag: thinking ran to max_tokens."""
+    params = StructuredOutputsParams(regex="x", thinking=Thinking(end=EOS_TOKEN))
+    with pytest.raises(InvalidSamplingParamsError, match="end-of-sequence"):
+        grammar_compiler().matcher(params)
+
+
 @pytest.mark.parametrize(
     ("thinking", "problem"),
     [

@@ -166,7 +166,7 @@ class GrammarCompiler:
     def _tag_token(self, tag: str) -> int | None:
         """The token that a thinking tag is, where llguidance reads it as a token and not as
         text (an added token: medha.thinking_grammar); else None (text). ValueError for a tag
-        that holds such a token and more: the grammar could never read it."""
+        that holds such a token and more, or is eos: the grammar could never read it."""
         ids = self._tokenizer.encode(tag, add_special_tokens=False)
         special = [t for t in ids if self._llguidance_tokenizer().is_special_token(t)]
         if special and len(ids) > 1:
@@ -175,6 +175,9 @@ class GrammarCompiler:
                 f"{self._tokenizer.decode(special[:1], skip_special_tokens=False)!r} and more; "
                 "a tag must be one added token, or text without any"
             )
+        if special and special[0] in self._tokenizer.eos_token_ids:
+            # llguidance reads eos as the output's end, never as a tag: thinking could not end.
+            raise ValueError(f"the thinking tag {tag!r} is the model's end-of-sequence token")
         return special[0] if special else None
 
     def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
