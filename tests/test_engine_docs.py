@@ -130,3 +130,12 @@ def test_the_metrics_example_prints_what_the_docs_say() -> None:
 
 def test_the_thinking_first_example_thinks_then_answers_the_choice() -> None:
     assert _run_block_with("thinking=medha.Thinking") == "True True stop\n"
+
+
+def test_the_cache_salt_example_shares_a_prefix_only_within_a_tenant() -> None:
+    printed = _run_block_with("cache_salt=tenant")
+    assert printed.splitlines() == [
+        "acme: 0 prompt tokens from the cache",
+        "globex: 0 prompt tokens from the cache",
+        "acme: 96 prompt tokens from the cache",
+    ]

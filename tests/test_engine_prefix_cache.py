@@ -208,3 +208,48 @@ async def test_digests_the_scheduler_refuses_end_only_their_request(
     assert isinstance(bad, medha.errors.InvalidRequestError)
     assert isinstance(good, medha.Completion) and len(good.token_ids) == 40
     assert stats.free_blocks == stats.total_blocks
+
+
+async def test_only_requests_with_one_cache_salt_share_blocks() -> None:
+    """vLLM's cache_salt: a tenant's requests share their prefixes with each other, never with
+    another tenant's or unsalted ones, whose timing would tell them apart (a hit is faster).
+    The output's blocks chain from the salt too: a prompt shorter than a block has none of its
+    own, and the next turn still hits only under the same salt."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    document = [*DOCUMENT[:100], 7]
+    short = DOCUMENT[:5]
+    async with medha.Engine(engine_config()) as engine:
+
+        async def hit(prompt: list[int], salt: str | None) -> int:
+            done = await engine.generate(prompt, params, cache_salt=salt)
+            return done.metrics.cached_tokens
+
+        assert await hit(document, "tenant-a") == 0
+        assert await hit(document, "tenant-b") == 0  # another salt: computed again
+        assert await hit(document, None) == 0
+        assert await hit(document, "tenant-a") == 96  # its 6 whole blocks
+        assert await hit(document, None) == 96
+        answer = (await engine.generate(short, params, cache_salt="tenant-a")).token_ids
+        next_turn = [*short, *answer, 11]
+        assert await hit(next_turn, "tenant-b") == 0
+        assert await hit(next_turn, "tenant-a") == 32  # the answer's 2 whole blocks
+        for bad in ("", 5, "caf\udce9"):
+            with pytest.raises(medha.InvalidRequestError, match="cache_salt"):
+                engine.stream(document, params, cache_salt=bad)  # type: ignore[arg-type]
+        stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks
+
+
+async def test_a_long_prompt_prepared_off_the_loop_keeps_its_cache_salt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.engine_support import long_from
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    document = [*DOCUMENT[:100], 7]
+    async with medha.Engine(engine_config()) as engine:
+        await engine.generate(document, params, cache_salt="tenant-a")
+        long_from(monkeypatch, 10)  # prompts over 10 tokens are prepared off the loop
+        same = await engine.generate(document, params, cache_salt="tenant-a")
+        other = await engine.generate(document, params, cache_salt="tenant-b")
+    assert (same.metrics.cached_tokens, other.metrics.cached_tokens) == (96, 0)

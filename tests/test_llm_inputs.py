@@ -39,6 +39,17 @@ def test_vllms_dict_prompts_are_their_text_or_ids(llm: medha.LLM) -> None:
             llm.generate(bad, GREEDY)
 
 
+def test_a_dict_prompts_cache_salt_keeps_its_prefix_to_its_salt(llm: medha.LLM) -> None:
+    document = [7 + i % 50 for i in range(100)]
+    first, other, same = (
+        llm.generate({"prompt_token_ids": document, "cache_salt": salt}, GREEDY)[0]
+        for salt in ("tenant-a", "tenant-b", "tenant-a")
+    )
+    assert [d.metrics.cached_tokens for d in (first, other, same)] == [0, 0, 96]
+    with pytest.raises(InvalidRequestError, match="cache_salt"):
+        llm.generate({"prompt": "Hi", "cache_salt": ""}, GREEDY)
+
+
 def test_a_long_text_too_long_for_the_context_raises_before_anything_runs(
     llm: medha.LLM,
 ) -> None:

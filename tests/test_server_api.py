@@ -496,6 +496,34 @@ async def test_usage_counts_the_prompt_tokens_the_prefix_cache_held() -> None:
     assert cached(both) == cached(last) == len(ids) // block * block > 0
 
 
+async def test_a_cache_salt_keeps_prefixes_to_the_requests_that_share_it() -> None:
+    document = " ".join(f"word{i}" for i in range(40))
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 2, "temperature": 0.0}
+    async with serving() as (engine, client):
+        block = engine.config.block_size
+
+        async def cached(endpoint: str, salt: str | None, **fields: Any) -> int:
+            extra = {"ignore_eos": True, **({} if salt is None else {"cache_salt": salt})}
+            if endpoint == "chat":
+                messages = [{"role": "user", "content": document}]
+                done: Any = await client.chat.completions.create(
+                    **body, messages=messages, extra_body=extra
+                )
+            else:
+                done = await client.completions.create(**body, prompt=document, extra_body=extra)
+            return int(done.usage.prompt_tokens_details.cached_tokens)
+
+        for endpoint in ("completions", "chat"):
+            assert await cached(endpoint, "a") == 0
+            assert await cached(endpoint, "b") == 0
+            assert await cached(endpoint, None) == 0
+            assert await cached(endpoint, "a") >= block
+        bad = await client._client.post(
+            "http://medha/v1/completions", json={**body, "prompt": "x", "cache_salt": ""}
+        )
+        assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
+
+
 def test_a_tokens_text_offset_counts_the_held_back_text_before_it() -> None:
     from medha.server.responses import ChoiceOutput
 

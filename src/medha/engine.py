@@ -43,7 +43,7 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_constraints import RequestConstraints
-from medha.request_input import prompt_token_ids, request_ids
+from medha.request_input import cache_salt_root, prompt_token_ids, request_ids
 from medha.request_prompt import PromptPreparer, is_long, prepare_off_loop, snapshot
 from medha.sampling import SamplingParams
 
@@ -278,6 +278,7 @@ class Engine:
         deadline: float | None = None,
         *,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[TokenEvent, None]:
         """Validate and return an async iterator of the request's TokenEvents.
 
@@ -290,8 +291,11 @@ class Engine:
         worker thread when the iteration starts, so that other streams run on meanwhile: the
         errors that need its tokens (too long for the context, ids outside the vocabulary)
         raise from the iteration, still before anything is queued. Its TTFT counts that time.
+
+        `cache_salt` (vLLM's): only requests with the same salt share prefix-cache blocks, so
+        that a tenant cannot time which prefixes another has sent.
         """
-        request = self._prepare(prompt, sampling, deadline, request_id)
+        request = self._prepare(prompt, sampling, deadline, request_id, cache_salt)
         return self._stream(request)
 
     async def generate(
@@ -301,9 +305,10 @@ class Engine:
         deadline: float | None = None,
         *,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Completion:
-        """Run a request to the end and return its Completion."""
-        request = self._prepare(prompt, sampling, deadline, request_id)
+        """Run a request to the end and return its Completion (see `stream`)."""
+        request = self._prepare(prompt, sampling, deadline, request_id, cache_salt)
         return await self._complete(request)
 
     async def _complete(self, request: TrackedRequest) -> Completion:
@@ -418,19 +423,21 @@ class Engine:
         sampling: SamplingParams | None,
         deadline: float | None,
         request_id: str | None,
+        cache_salt: str | None = None,
     ) -> TrackedRequest:
         """Validate a request and reserve its id; nothing is queued."""
         self._check_loop()
         self._actor()
         params = _checked_sampling(sampling, self.sampling_defaults)
         assert self._prompts is not None and self._constraints is not None  # set at start
+        hash_root = cache_salt_root(cache_salt)
         long_prompt = is_long(prompt)
         if long_prompt:
             # Prepared when its iteration starts, on a worker thread (medha.request_prompt).
             # What needs no tokens is checked here all the same.
             prepared = self._prompts.placeholder(prompt, params)
         else:
-            prepared = self._prompts.prepare(prompt, params)
+            prepared = self._prompts.prepare(prompt, params, hash_root)
         params.check_vocab(self._vocab_size)
         checked_deadline = check_deadline(deadline)
         bad_words_ids = self._constraints.bad_words_ids(params.bad_words)
@@ -460,6 +467,7 @@ class Engine:
             grammar=grammar,
             hash_block_size=self._prompts.hash_block_size,
             block_hashes=prepared.block_hashes,
+            hash_root=hash_root,
             unprepared_prompt=snapshot(prompt) if long_prompt else None,
         )
         self._by_id[request_id] = request

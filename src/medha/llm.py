@@ -81,9 +81,13 @@ class LLM:
             engine = self.engine
             requests = [
                 engine._prepare(
-                    prompt, per_prompt[i], None if deadlines is None else deadlines[i], None
+                    prompt,
+                    per_prompt[i],
+                    None if deadlines is None else deadlines[i],
+                    None,
+                    cache_salt,
                 )
-                for i, prompt in enumerate(batch)
+                for i, (prompt, cache_salt) in enumerate(batch)
             ]
             try:
                 # A long text's checks need its tokens, which a stream makes when it starts:
@@ -209,10 +213,10 @@ def _conversations(messages: object) -> list[Sequence[Mapping[str, Any]]]:
     return list(messages)
 
 
-def _prompt_batch(prompts: object) -> list[Prompt]:
+def _prompt_batch(prompts: object) -> list[tuple[Prompt, str | None]]:
     """One prompt (a str, a token-id sequence, a 1-D array, vLLM's {"prompt": text} or
-    {"prompt_token_ids": ids}) as a batch of one; a sequence or iterable of prompts (a 2-D
-    array: one per row) as the batch."""
+    {"prompt_token_ids": ids}, either with a "cache_salt") as a batch of one; a sequence or
+    iterable of prompts (a 2-D array: one per row) as the batch. Each with its cache salt."""
     if not isinstance(prompts, str) and callable(getattr(prompts, "tolist", None)):
         prompts = prompts.tolist()  # type: ignore[attr-defined]  # numpy array, tensor
     if isinstance(prompts, str | Mapping):
@@ -224,26 +228,27 @@ def _prompt_batch(prompts: object) -> list[Prompt]:
         )
     items = list(prompts)
     if items and _is_token_id(items[0]):
-        return [items]
+        return [(items, None)]
     return [_vllm_prompt(item) for item in items]
 
 
 _VLLM_PROMPT_KEYS = ("prompt", "prompt_token_ids")
 
 
-def _vllm_prompt(prompt: Any) -> Any:
-    """A prompt as the engine takes it: vLLM's dict prompts (TextPrompt, TokensPrompt) as
-    their text or ids; anything else as it is (the engine checks it)."""
+def _vllm_prompt(prompt: Any) -> tuple[Any, str | None]:
+    """A prompt as the engine takes it, and its cache salt: vLLM's dict prompts (TextPrompt,
+    TokensPrompt) as their text or ids and "cache_salt"; anything else as it is (the engine
+    checks it)."""
     if not isinstance(prompt, Mapping):
-        return prompt
+        return prompt, None
     given = [key for key in _VLLM_PROMPT_KEYS if key in prompt]
-    others = sorted(str(key) for key in prompt if key not in _VLLM_PROMPT_KEYS)
+    others = sorted(str(key) for key in prompt if key not in (*_VLLM_PROMPT_KEYS, "cache_salt"))
     if len(given) != 1 or others:
         raise InvalidRequestError(
-            "a dict prompt is vLLM's {'prompt': text} or {'prompt_token_ids': ids}"
-            + (f" (medha takes no {', '.join(others)})" if others else "")
+            "a dict prompt is vLLM's {'prompt': text} or {'prompt_token_ids': ids}, with an "
+            "optional 'cache_salt'" + (f" (medha takes no {', '.join(others)})" if others else "")
         )
-    return prompt[given[0]]
+    return prompt[given[0]], prompt.get("cache_salt")
 
 
 def _is_token_id(item: object) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from medha.errors import InvalidRequestError, InvalidSamplingParamsError
+from medha.scheduler.prefix_cache import salted_root
 
 
 class _Encoder(Protocol):
@@ -127,3 +128,14 @@ def request_ids(request_id: object) -> list[str]:
         if not isinstance(one, str):
             raise InvalidRequestError(f"a request id is a str, got {one!r}")
     return ids
+
+
+def cache_salt_root(cache_salt: object) -> bytes:
+    """A request's `cache_salt` (a non-empty str, or None: vLLM's) as the digest its prefix
+    caching blocks chain from (medha.scheduler.prefix_cache.salted_root)."""
+    if cache_salt is None:
+        return b""
+    if not isinstance(cache_salt, str) or not cache_salt:
+        raise InvalidRequestError(f"cache_salt must be a non-empty str or None, got {cache_salt!r}")
+    check_unicode(cache_salt, "cache_salt")
+    return salted_root(cache_salt)

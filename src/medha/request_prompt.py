@@ -114,9 +114,12 @@ class PromptPreparer:
         runs = prompt_tokens if keep is None else min(prompt_tokens, keep)
         return output_limit(runs, params, self.max_model_len, self.scheduler)
 
-    def prepare(self, prompt: object, params: SamplingParams) -> PreparedPrompt:
+    def prepare(
+        self, prompt: object, params: SamplingParams, hash_root: bytes = b""
+    ) -> PreparedPrompt:
         """Typed errors (medha.errors) for a prompt that cannot run: empty, not a prompt,
-        ids outside the vocabulary, too long for the context or the KV cache."""
+        ids outside the vocabulary, too long for the context or the KV cache. `hash_root`:
+        what its block digests chain from (TrackedRequest.hash_root)."""
         ids = prompt_token_ids(
             prompt, self.tokenizer, self.vocab_size, params.prompt_keep(self.max_model_len)
         )
@@ -125,7 +128,8 @@ class PromptPreparer:
             self.tokenizer, ids, params, self.tokenizer.eos_token_ids, max_new_tokens
         )
         size = self.hash_block_size
-        return PreparedPrompt(ids, max_new_tokens, output, block_hashes(ids, size) if size else ())
+        digests = block_hashes(ids, size, hash_root) if size else ()
+        return PreparedPrompt(ids, max_new_tokens, output, digests)
 
 
 TOKENIZER_NICE = 10
@@ -146,7 +150,9 @@ async def prepare_off_loop(request: TrackedRequest, preparer: PromptPreparer) ->
         request.stop_preparing = scope.cancel
         try:
             prompt = request.unprepared_prompt
-            prepared = await run_off_loop(preparer.prepare, prompt, request.params)
+            prepared = await run_off_loop(
+                preparer.prepare, prompt, request.params, request.hash_root
+            )
         finally:
             request.stop_preparing = None
         request.take_prompt(prepared)

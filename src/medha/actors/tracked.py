@@ -51,6 +51,8 @@ class TrackedRequest:
     block_hashes: tuple[bytes, ...] = ()
     """Digests of its full blocks, for prefix caching: the prompt's, then those its output
     fills (`new_block_hashes`)."""
+    hash_root: bytes = b""
+    """The digest its first block chains from (its cache salt's: prefix_cache.salted_root)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[tuple[TokenLogprob, ...]] = field(default_factory=list)
@@ -179,7 +181,7 @@ class TrackedRequest:
         known = len(self.prompt_ids) + len(self.token_ids)
         if not size or known - hashed < size:
             return ()
-        parent = self.block_hashes[-1] if self.block_hashes else b""
+        parent = self.block_hashes[-1] if self.block_hashes else self.hash_root
         digests = block_hashes(self.tokens(hashed, known - known % size), size, parent)
         self.block_hashes += digests
         return digests

@@ -52,6 +52,15 @@ def block_hashes(
     return tuple(digests)
 
 
+def salted_root(cache_salt: str | None) -> BlockHash:
+    """The digest a request's first block chains from: none (b""), or its cache salt's (vLLM's
+    `cache_salt`), so that only requests with the same salt share blocks. A tenant's salt
+    keeps other tenants from timing which prefixes it has sent (a cache hit is faster)."""
+    if cache_salt is None:
+        return b""
+    return hashlib.sha256(b"medha cache salt\0" + cache_salt.encode("utf-8")).digest()
+
+
 class PrefixCache:
     """The registered blocks of one KVP group, their references, and the unreferenced ones
     in eviction order."""

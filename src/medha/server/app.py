@@ -377,7 +377,15 @@ class _Api:
         response_id = given or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         engine_ids = f"{given}-{uuid.uuid4().hex[:8]}" if given else response_id
         choices = await start_choices(
-            self.engine, prompt_ids, params, body.n, body.deadline, engine_ids, echoes, prompt_only
+            self.engine,
+            prompt_ids,
+            params,
+            body.n,
+            body.deadline,
+            engine_ids,
+            echoes,
+            prompt_only,
+            cache_salt=body.cache_salt,
         )
         render = Renderer(
             chat,

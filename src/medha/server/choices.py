@@ -44,6 +44,8 @@ async def start_choices(
     id_prefix: str,
     echoes: Sequence[EchoedPrompt] | None = None,
     prompt_only: bool = False,
+    *,
+    cache_salt: str | None = None,
 ) -> list[Choice]:
     """Validate the choices of `prompts` x `n` (index = prompt x n + sample, as OpenAI orders
     them); nothing is queued, and if one is refused the others' ids are released. With a seed,
@@ -59,7 +61,11 @@ async def start_choices(
                     seed = (params.seed + sample) % _SEEDS
                     sample_params = dataclasses.replace(params, seed=seed)
                 stream = engine.stream(
-                    prompt_ids, sample_params, deadline, request_id=f"{id_prefix}-{index}"
+                    prompt_ids,
+                    sample_params,
+                    deadline,
+                    request_id=f"{id_prefix}-{index}",
+                    cache_salt=cache_salt,
                 )
                 echo = None if echoes is None else echoes[prompt_index]
                 choices.append(Choice(index, prompt_ids, stream, echo, prompt_only))

@@ -158,6 +158,8 @@ class _SamplingFields(BaseModel):
     structured_outputs: dict[str, Any] | None = None
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
+    cache_salt: str | None = None
+    """Only requests with the same salt share prefix-cache blocks (Engine.stream's)."""
     # medha's
     deadline: float | None = None
     """Seconds from arrival to the first token (Engine.stream's `deadline`); None: the
