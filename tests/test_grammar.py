@@ -195,7 +195,7 @@ def test_a_special_token_the_grammar_takes_as_a_token_stays_allowed() -> None:
     # eos ends an output that may end: the parser takes both, so the masks keep them.
     tokenizer = _tokenizer()
     (start,) = tokenizer.encode("<|im_start|>", add_special_tokens=False)
-    thinking = {"start": "<|im_start|>", "end": "<|im_end|>"}
+    thinking = {"start": "<|im_start|>", "end": "<|begin_of_text|>"}  # <|im_end|> is an eos
     params = StructuredOutputsParams(choice=["ok"], thinking=thinking)
     matcher = grammar_compiler().matcher(params)
     assert start in _allowed(matcher)

@@ -170,6 +170,7 @@ def test_a_constraint_whose_options_would_not_hold_after_thinking_is_refused(
         '{"grammars": null}',
         '{"grammars": [{"lark_grammar": 5}]}',
         '{"grammars": [{"lark_grammar": "start: \\"a\\""}]',  # not JSON
+        '{"grammars": ' + "[" * 5000 + "]" * 5000 + "}",  # deeper than Python parses
     ],
 )
 def test_a_malformed_json_grammar_is_refused_after_thinking_as_without(grammar: str) -> None:

@@ -57,7 +57,10 @@ def with_thinking(
 def _grammar_list(grammar: str) -> list[dict[str, Any]]:
     """An llguidance grammar's list of grammars (Lark text is a list of one)."""
     if grammar.lstrip().startswith("{"):
-        parsed = json.loads(grammar)
+        try:
+            parsed = json.loads(grammar)
+        except RecursionError:  # nested deeper than Python's parser goes (llguidance's does)
+            raise ValueError("the JSON grammar is nested too deeply") from None
         grammars = parsed.get("grammars") if isinstance(parsed, dict) else None
         if not (grammars and isinstance(grammars, list)) or not all(
             isinstance(g, dict) for g in grammars
