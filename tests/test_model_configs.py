@@ -281,8 +281,11 @@ def test_the_rope_is_read_as_transformers_reads_it(changes: dict[str, Any]) -> N
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
-        (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25}), "0.25"),
+        (
+            dict(partial_rotary_factor=0.5, rope_scaling={"rope_type": "linear", "factor": 2}),
+            "partial_rotary_factor 0.5 with 'linear'",
+        ),
+        (dict(rope_parameters={"rope_type": "yarn", "partial_rotary_factor": 0.25}), "0.25"),
         (
             dict(rope_parameters={"full_attention": {"rope_type": "default"}}),
             "rope parameters per layer type",
@@ -292,4 +295,6 @@ def test_the_rope_is_read_as_transformers_reads_it(changes: dict[str, Any]) -> N
 def test_a_rope_medha_does_not_apply_is_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         ModelArch.from_hf_config(_llama_config(**changes))
-    ModelArch.from_hf_config(_llama_config(partial_rotary_factor=1.0))  # the whole head: served
+    # The whole head; a plain rope, which transformers rotates whole whatever the factor.
+    ModelArch.from_hf_config(_llama_config(partial_rotary_factor=1.0))
+    assert ModelArch.from_hf_config(_llama_config(partial_rotary_factor=0.5)).rope_scaling is None

@@ -142,15 +142,26 @@ def test_a_tag_the_tokenizer_drops_as_special_is_refused(tmp_path: Path, tag: st
 
 @pytest.mark.parametrize("name", ["qwen3", "deepseek_r1"])
 def test_an_assistant_message_continued_mid_thought_goes_on_thinking(name: str) -> None:
-    """continue_final_message with "<think>Let me think": the prompt's last tag opened the
+    """continue_final_message with "<think>Let me think": the message's last tag opened the
     thinking, though text follows it (qwen3 had read the output as the answer, its
-    "</think>" included); where the last tag closed it, the output is the answer."""
+    "</think>" included); where its last tag closed it, the output is the answer."""
     parser = REASONING_PARSERS[name]
-    opened = "<|im_start|>assistant\n<think>Let me think"
-    assert parser.untagged_output(opened) is OutputPart.REASONING
-    assert parser.thinking(opened) == Thinking(opened=True)
-    split = Reasoning.of(parser, opened, True).split()
+    tail = "<|im_start|>assistant\n<think>Let me think"
+    continued = "<think>Let me think"
+    assert parser.untagged_output(tail, continued) is OutputPart.REASONING
+    assert parser.thinking(tail, continued) == Thinking(opened=True)
+    split = Reasoning.of(parser, tail, True, None, continued).split()
     assert split.feed(" more.</think>The answer.", finished=True) == (" more.", "The answer.")
-    answered = "<|im_start|>assistant\n<think>Done.</think>\n\nThe answer is"
-    assert parser.untagged_output(answered) is OutputPart.CONTENT
-    assert parser.thinking(answered) is None
+    answered = "<think>Done.</think>\n\nThe answer is"
+    assert parser.untagged_output(f"assistant\n{answered}", answered) is OutputPart.CONTENT
+    assert parser.thinking(f"assistant\n{answered}", answered) is None
+
+
+def test_a_tag_in_a_users_message_says_nothing_of_the_output() -> None:
+    """Only a tag that ends the prompt (the template's) or a continued assistant message
+    tells where the output is: a user asking about "<think>" leaves qwen3's answer content."""
+    tail = "What is the <think> tag for?<|im_end|>\n<|im_start|>assistant\n"
+    parser = REASONING_PARSERS["qwen3"]
+    assert parser.untagged_output(tail) is OutputPart.CONTENT
+    assert parser.thinking(tail) == Thinking(opened=False)
+    assert parser.untagged_output(tail, continued="") is OutputPart.CONTENT

@@ -108,10 +108,15 @@ async def test_a_prompt_that_opens_the_thinking_has_the_output_start_in_it() -> 
         closed = await client.chat.completions.create(
             **{**body, "messages": [*MESSAGES, {"role": "assistant", "content": "<think></think>"}]}
         )
+        # Continued mid-thought: the message's last tag is open, though text follows it.
+        mid = [*MESSAGES, {"role": "assistant", "content": "<think>Let me think"}]
+        going_on = await client.chat.completions.create(**{**body, "messages": mid})
     message = done.choices[0].message
     thinking = (message.model_extra or {}).get("reasoning")
     assert thinking and message.content is None
     assert streamed[:2] == (thinking, "")
+    message = going_on.choices[0].message
+    assert (message.model_extra or {}).get("reasoning") and message.content is None
     # Closed by the prompt: the same kind of output is the answer.
     assert closed.choices[0].message.content
     assert "reasoning" not in (closed.choices[0].message.model_extra or {})

@@ -21,7 +21,8 @@ vLLM's semantics:
 
 Which stop string wins when several could: the one that completes first in the text (earliest
 end), so the result does not depend on how the text was split into tokens; among those, the
-first in `stop`, as vLLM (stop=["b", "ab"] cuts "xyab" to "xya").
+first in `stop`, as recent vLLM releases (stop=["b", "ab"] cuts "xyab" to "xya"; older ones
+took the first in `stop` found in the new text, which differs where one token completes two).
 
 Pure Python, O(len(delta) * number of stop strings) per token.
 """

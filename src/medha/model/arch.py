@@ -200,12 +200,14 @@ def _rope(config: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any]
             source, f"rope parameters per layer type are not supported, got {sorted(rope)}"
         )
     partial = rope.pop("partial_rotary_factor", config.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise UnsupportedModelError(
-            source, f"partial_rotary_factor {partial!r}: medha rotates every dimension of a head"
-        )
     theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if partial is not None and float(partial) != 1.0 and rope_type != "default":
+        # These architectures' plain rope ignores it (every dimension rotates), as medha's;
+        # transformers' scaled ropes would rotate a part, which medha does not.
+        raise UnsupportedModelError(
+            source, f"partial_rotary_factor {partial!r} with {rope_type!r} rope scaling"
+        )
     if rope_type == "default":
         return theta, None
     if rope_type not in ROPE_TYPES:

@@ -76,9 +76,9 @@ from medha.server.tool_parsers import tool_call_parser as parser_for
 
 _log = get_logger(__name__)
 
-_PROMPT_TAIL = 64
-"""Tokens of a chat's prompt whose text tells whether the template (or an assistant message
-continued mid-thought) opened the model's thinking, or closed it."""
+_PROMPT_TAIL = 16
+"""Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
+model's thinking."""
 
 _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
@@ -320,10 +320,13 @@ class _Api:
         reasoning = None
         if self.reasoning_parser is not None:
             tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
-            params = thinking_first(params, self.reasoning_parser.thinking(tail))
+            continued = body.final_assistant_text() if body.continue_final_message else None
+            parser = self.reasoning_parser
+            params = thinking_first(params, parser.thinking(tail, continued))
             structured = params.structured_outputs
             thinking = None if structured is None else structured.thinking
-            reasoning = Reasoning.of(self.reasoning_parser, tail, body.include_reasoning, thinking)
+            shown = body.include_reasoning
+            reasoning = Reasoning.of(parser, tail, shown, thinking, continued)
         return _ChatRequest(params, prompt_ids, tools, reasoning)
 
     async def _respond(

@@ -369,10 +369,15 @@ class ChatCompletionRequest(_SamplingFields):
 
     def echoed(self) -> str:
         """What `echo` starts each choice's content with: the last message's content if it
-        is the assistant's (text parts joined by newlines, as the template got them), else
-        nothing. The messages are checked already (the prompt was rendered)."""
+        is the assistant's, else nothing."""
+        return self.final_assistant_text() if self.echo else ""
+
+    def final_assistant_text(self) -> str:
+        """The last message's content if it is the assistant's (text parts joined by
+        newlines, as the template got them), else "". The messages are checked already (the
+        prompt was rendered)."""
         last = self.messages[-1]
-        if not self.echo or last.get("role") != "assistant":
+        if last.get("role") != "assistant":
             return ""
         content = last.get("content")
         if isinstance(content, list):

@@ -9,8 +9,11 @@ An output that starts with `<think>` (after whitespace) thinks. Where one that d
 the prompt says, so that a stream and a whole response agree from the first token: a chat
 template that ends the prompt with `<think>` (DeepSeek-R1's, Qwen3-Thinking-2507's) has the
 model think from its first token, and one that ends it with an empty `<think></think>` (Qwen 3's
-`enable_thinking: false`) has it answer. After a prompt with neither, it is the answer
-(`qwen3`) or thinking (`deepseek_r1`, whose first models thought without writing the tag).
+`enable_thinking: false`) has it answer; an assistant message continued
+(`continue_final_message`) mid-thought ("<think>Let me think") goes on thinking. After a
+prompt with neither, it is the answer (`qwen3`) or thinking (`deepseek_r1`, whose first models
+thought without writing the tag). A tag elsewhere in the prompt (a user's message, an earlier
+turn) says nothing.
 Thinking ends at the first `</think>`, and everything after it is the answer; an output that
 never writes it (cut short by max_tokens) is all thinking.
 
@@ -53,33 +56,40 @@ class ReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
 
-    def untagged_output(self, prompt_tail: str) -> OutputPart:
+    def untagged_output(self, prompt_tail: str, continued: str | None = None) -> OutputPart:
         """Where an output that does not start with the start tag is, after a prompt that
-        ends with `prompt_tail`: the thinking if the prompt's last tag opened it (a template's
-        `<think>`, or an assistant message continued mid-thought), the answer if its last tag
-        closed it, else the parser's default (one that starts with the start tag thinks)."""
-        closed = self._closed_by(prompt_tail)
-        if closed is None:
-            return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
-        return OutputPart.CONTENT if closed else OutputPart.REASONING
+        ends with `prompt_tail`, or that continues the assistant message `continued`
+        (`continue_final_message`; one that starts with the start tag thinks)."""
+        said = self._prompt_says(prompt_tail, continued)
+        if said is not None:
+            return said
+        return OutputPart.REASONING if self.untagged_is_reasoning else OutputPart.CONTENT
 
-    def thinking(self, prompt_tail: str) -> Thinking | None:
-        """The thinking a constrained output may do first, after a prompt that ends with
-        `prompt_tail`; None where the prompt has closed it (the output is the answer)."""
-        if self._closed_by(prompt_tail):
+    def thinking(self, prompt_tail: str, continued: str | None = None) -> Thinking | None:
+        """The thinking a constrained output may do first, after such a prompt; None where
+        the prompt has closed it (the output is the answer)."""
+        if self._prompt_says(prompt_tail, continued) is OutputPart.CONTENT:
             return None
-        opened = self.untagged_output(prompt_tail) is OutputPart.REASONING
+        opened = self.untagged_output(prompt_tail, continued) is OutputPart.REASONING
         return Thinking(self.start, self.end, opened=opened)
 
-    def _closed_by(self, prompt_tail: str) -> bool | None:
-        """Whether the last tag in `prompt_tail` is the end tag (None: it has neither). Of two
-        ending together (one tag the end of the other), the start tag is the last."""
-        start, end = prompt_tail.rfind(self.start), prompt_tail.rfind(self.end)
-        if start < 0 and end < 0:
-            return None
-        if start < 0:
-            return True
-        return end >= 0 and end + len(self.end) > start + len(self.start)
+    def _prompt_says(self, prompt_tail: str, continued: str | None) -> OutputPart | None:
+        """Where the prompt leaves the output: thinking if it opened the thinking, the answer
+        if it closed it, None if it says neither. A template's tag ends the prompt (a tag in
+        a user's message or an earlier turn says nothing); an assistant message continued
+        mid-thought ("<think>Let me think") leaves its last tag open, text after it or not."""
+        if continued is not None:
+            start, end = continued.rfind(self.start), continued.rfind(self.end)
+            if start >= 0 or end >= 0:
+                # Of two tags ending together (one the end of the other), the start is last.
+                closed = end >= 0 and end + len(self.end) > start + len(self.start)
+                return OutputPart.CONTENT if closed else OutputPart.REASONING
+        tail = prompt_tail.rstrip()
+        if tail.endswith(self.start):
+            return OutputPart.REASONING
+        if tail.endswith(self.end):
+            return OutputPart.CONTENT
+        return None
 
 
 REASONING_PARSERS = {
@@ -133,12 +143,14 @@ class Reasoning:
         prompt_tail: str,
         shown: bool,
         thinking: Thinking | Literal[False] | None = None,
+        continued: str | None = None,
     ) -> Reasoning:
         """`thinking`: the request's structured output's (after thinking_first), which says
-        where a constrained output starts; None: the prompt says. InvalidRequestError for a
+        where a constrained output starts; None: the prompt says (`continued`: see
+        ReasoningParser.untagged_output). InvalidRequestError for a
         request's own thinking tags that are not the parser's."""
         if thinking is None:
-            return cls(parser, parser.untagged_output(prompt_tail), shown)
+            return cls(parser, parser.untagged_output(prompt_tail, continued), shown)
         if thinking is False:  # the grammar holds from the first token
             return cls(parser, OutputPart.CONTENT, shown)
         if (thinking.start, thinking.end) != (parser.start, parser.end):
