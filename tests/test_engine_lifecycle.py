@@ -373,3 +373,67 @@ async def test_request_times_are_on_the_engines_clock() -> None:
         # Seconds since the Engine was made, on time.monotonic.
         now = time.monotonic()
         assert now - made_before <= engine.now() <= now - made_after + 0.01
+
+
+@pytest.mark.parametrize("pausing", [False, True], ids=["unpaused", "paused"])
+async def test_an_aborted_requests_id_is_free_once_abort_returns(pausing: bool) -> None:
+    """As vLLM's AsyncLLM.abort: a caller that aborts and resubmits under the same id (a
+    retry) is not refused; the old stream still ends with its abort event."""
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    async with medha.Engine(engine_config(pause_iterations=pausing)) as engine:
+        old = engine.stream([5, 6, 7], long, request_id="A")
+        await old.__anext__()  # submitted, and running
+        await engine.abort("A")
+        again = await engine.generate([5, 6, 7], SHORT, request_id="A")
+        ended = [event async for event in old]
+        stats = engine.stats()
+    assert len(again.token_ids) == 6 and again.finish_reason == "length"
+    assert ended[-1].finish_reason == "abort" and len(ended) < 199
+    assert stats.aborted == 1 and stats.free_blocks == stats.total_blocks
+
+
+async def test_streams_that_never_run_leave_no_queue_open() -> None:
+    """A stream dropped unstarted, one aborted before it started, one iterated on another
+    loop, one iterated after the engine stopped: none leaves an anyio stream open to warn
+    (ResourceWarning, an error under -W error), and the refused ones free their ids."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with medha.Engine(engine_config()) as engine:
+            dropped = engine.stream([1, 2, 3], SHORT)
+            del dropped
+            aborted = engine.stream([1, 2, 3], SHORT, request_id="a")
+            await engine.abort("a")
+            del aborted
+            elsewhere = engine.stream([1, 2, 3], SHORT, request_id="b")
+            with pytest.raises(WrongEventLoopError):
+                await anyio.to_thread.run_sync(asyncio.run, _drain(elsewhere))
+            assert (await engine.generate([1, 2, 3], SHORT, request_id="b")).token_ids
+            del elsewhere
+            late = engine.stream([1, 2, 3], SHORT)
+        with pytest.raises(EngineClosedError):
+            await _drain(late)
+        del late
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if "MemoryObject" in str(w.message)]
+    assert unclosed == []
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_a_start_cancelled_as_its_actors_start_keeps_no_model() -> None:
+    engine = medha.Engine(engine_config())
+    starting = asyncio.ensure_future(engine.start())
+    while engine._host is None:  # the model is loaded; the actors start
+        await asyncio.sleep(0)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert engine._stage is not None and engine._stage._runner is None
+    with pytest.raises(EngineClosedError):
+        engine.stats()
+    await engine.stop()

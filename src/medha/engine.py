@@ -142,6 +142,11 @@ class Engine:
             try:
                 await self._start_single(thread)
             except BaseException:
+                # Cancelled while its actors started, say: a dead engine, which must not keep
+                # the model and its KV cache (stop() has nothing to stop: it never started).
+                self._closed = True
+                if self._stage is not None:
+                    self._stage.release()
                 thread.close()
                 raise
         if self._closed:
@@ -321,7 +326,9 @@ class Engine:
         """Abort a request by id, or several (an iterable of ids, as vLLM's AsyncLLM takes
         them); an id no request holds is a no-op. A stream ends with an event of finish_reason
         "abort" and no token. A stream made but not iterated yet is aborted too: its iteration
-        then yields only that event, and nothing is queued."""
+        then yields only that event, and nothing is queued. The id is free for a new request
+        when this returns, as in vLLM; the end itself, and its KV blocks freed (`stats()`),
+        follow once the scheduler takes the abort, after the step in flight."""
         self._check_loop()
         actor = self._actor()
         ids = request_ids(request_id)
@@ -336,7 +343,9 @@ class Engine:
                     request.stop_preparing()
                 _log.info("request aborted", request_id=one, queued=False)
                 continue
-            actor.tell(Abort(one))
+            if request is not None and request.holds_id:
+                request.aborting = True
+            actor.tell(Abort(one, request))
 
     def stats(self) -> EngineStats:
         """A snapshot, taken on the engine's loop (from another thread, waiting for it)."""
@@ -389,11 +398,13 @@ class Engine:
         return actor
 
     async def _stream(self, request: TrackedRequest) -> AsyncGenerator[TokenEvent, None]:
-        # A stream made on the engine's loop may still be iterated on another one.
-        self._check_loop()
-        actor = self._actor()
         finished = False
+        actor: SchedulerActor | None = None
         try:
+            # A stream made on the engine's loop may still be iterated on another one, or
+            # after the engine stopped: refused, and its id freed, as any unsubmitted stream.
+            self._check_loop()
+            actor = self._actor()
             if request.finish_reason is None:  # else aborted before its iteration started
                 request.metrics.arrival = self._clock()
                 if request.unprepared_prompt is not None:
@@ -414,7 +425,7 @@ class Engine:
                 request.abandoned = True
                 if not request.submitted:
                     request.close_unsubmitted()
-                elif not self._closed and actor.failure is None:
+                elif actor is not None and not self._closed and actor.failure is None:
                     actor.tell(Abort(request.request_id, request))
 
     def _prepare(

@@ -19,9 +19,10 @@ class Submit:
 class Abort:
     request_id: str
     request: TrackedRequest | None = None
-    """The request to abort when its own stream ends early; None (`Engine.abort`): whichever
-    request holds the id. A stream may end long after its request finished (an abandoned async
-    generator is closed when it is collected), and the id may be a new request's by then."""
+    """The request to abort (its stream ended early, or `Engine.abort` found it); None:
+    whichever request holds the id. A stream may end long after its request finished (an
+    abandoned async generator is closed when it is collected), and an aborted request's id is
+    free at once: by the time this is handled, the id may be a new request's."""
 
 
 @dataclass(frozen=True, slots=True)

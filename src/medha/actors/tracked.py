@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -65,6 +66,9 @@ class TrackedRequest:
     preemptions: int = 0
     abandoned: bool = False
     """Its stream ended before the request did (the consumer left): the id is free again."""
+    aborting: bool = False
+    """Engine.abort asked for its end, which follows: the id is free again at once (as vLLM's
+    AsyncLLM.abort frees it)."""
     submitted: bool = False
     """Handed to the scheduler actor (its stream's iteration started)."""
     unprepared_prompt: object = None
@@ -82,6 +86,9 @@ class TrackedRequest:
 
     def __post_init__(self) -> None:
         self._send, self.receive = anyio.create_memory_object_stream[StreamItem](math.inf)
+        # A stream dropped before its iteration started (or ended) never closes its queue:
+        # closed when the request goes, not left to warn (ResourceWarning) as garbage.
+        weakref.finalize(self, _close_both, self._send, self.receive)
         if self.params.prompt_logprobs is not None:
             # The first token has no context: nothing predicts it.
             self.prompt_logprobs.append(None)
@@ -233,8 +240,9 @@ class TrackedRequest:
 
     @property
     def holds_id(self) -> bool:
-        """Whether its request id is taken: until it finishes, fails or its consumer leaves."""
-        return self.finish_reason is None and not self.abandoned
+        """Whether its request id is taken: until it finishes, fails, is aborted or its
+        consumer leaves."""
+        return self.finish_reason is None and not (self.abandoned or self.aborting)
 
     def completion(self) -> Completion:
         """What `Engine.generate` returns, once its stream has ended."""
@@ -256,3 +264,10 @@ class TrackedRequest:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+
+def _close_both(
+    send: MemoryObjectSendStream[StreamItem], receive: MemoryObjectReceiveStream[StreamItem]
+) -> None:
+    send.close()
+    receive.close()
