@@ -168,3 +168,34 @@ def test_the_server_listens_on_every_address_of_its_host_on_one_port(host: str) 
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_serve_freezes_what_start_up_made_once_the_engine_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out of the collector's full passes, which walked every torch and model object on the
+    event loop (~250 ms each). Called with the engine running: stopped there, to see it."""
+    import medha.commands.serve as serve
+    from medha.commands.user_errors import UsageError
+
+    running: list[bool] = []
+
+    def freeze() -> None:
+        running.append(True)
+        raise UsageError("stopped at the freeze")
+
+    monkeypatch.setattr(serve, "freeze_startup_heap", freeze)
+    assert main(["serve", "tiny-random", "--port", "0"]) == 2
+    assert running and "stopped at the freeze" in capsys.readouterr().err
+
+
+def test_the_freeze_leaves_the_heap_out_of_full_collections() -> None:
+    import gc
+
+    from medha.commands.serve import freeze_startup_heap
+
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
