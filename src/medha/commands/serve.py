@@ -231,7 +231,7 @@ async def _serve_on(
 
 def freeze_startup_heap() -> None:
     """Leave what start-up made (torch's, transformers' and the model's objects: ~370K for
-    SmolLM2) out of the garbage collector's full passes, as vLLM's server does. Each pass
+    SmolLM2) out of the garbage collector's full passes, as vLLM and SGLang do. Each pass
     walked them all, on the event loop: ~250 ms every so often under load, a pause in every
     stream. This process is the server's own; an embedding application decides for its own
     (`gc.freeze()` after `Engine.start()`)."""
