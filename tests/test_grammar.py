@@ -84,6 +84,19 @@ def test_an_accepting_grammar_allows_eos_and_eos_completes_it() -> None:
     assert matcher.complete
 
 
+def test_a_gbnf_grammar_means_what_its_lark_twin_means() -> None:
+    """llama.cpp's GBNF, as vLLM takes it beside Lark (its llguidance backend converts it)."""
+    gbnf = 'root ::= "a" digits\ndigits ::= [0-9]+'
+    lark = 'start: "a" DIGITS\nDIGITS: /[0-9]+/'
+    for grammar in (gbnf, lark):
+        matcher = grammar_compiler().matcher(StructuredOutputsParams(grammar=grammar))
+        assert _spell(matcher, "a42") == [False, False, False]  # more digits may follow
+        refused = grammar_compiler().matcher(StructuredOutputsParams(grammar=grammar))
+        (b,) = _tokenizer().encode("b", add_special_tokens=False)
+        with pytest.raises(GrammarViolationError):
+            refused.accept(b)
+
+
 def test_a_grammar_with_no_complete_output_ends_in_a_violation_not_a_stop() -> None:
     """It compiles, but after "a" nothing can complete it: llguidance's mask then allows only
     eos, which it accepts and stops at. That had read as the output completed ("stop")."""
@@ -113,8 +126,17 @@ def _nested(depth: int) -> dict[str, object]:
         StructuredOutputsParams(json=_nested(300)),
         StructuredOutputsParams(regex="a\ud800"),
         StructuredOutputsParams(choice=["\udfff"]),
+        StructuredOutputsParams(grammar='root ::= ("a"'),
     ],
-    ids=["regex", "lark", "schema", "schema-too-deep", "regex-surrogate", "choice-surrogate"],
+    ids=[
+        "regex",
+        "lark",
+        "schema",
+        "schema-too-deep",
+        "regex-surrogate",
+        "choice-surrogate",
+        "gbnf",
+    ],
 )
 def test_a_grammar_that_does_not_compile_is_an_invalid_sampling_params_error(
     structured: StructuredOutputsParams,

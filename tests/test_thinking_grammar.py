@@ -25,6 +25,7 @@ CONSTRAINTS: dict[str, tuple[dict[str, Any], str]] = {
     "regex": ({"regex": "(yes|no)!"}, "no!"),
     "choice": ({"choice": ["north", "south"]}, "south"),
     "grammar": ({"grammar": 'start: "a" B\nB: /b+/ "."'}, "abbb."),
+    "gbnf": ({"grammar": 'root ::= "a" [b]+ "."'}, "abbb."),
 }
 
 

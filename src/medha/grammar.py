@@ -17,6 +17,7 @@ grammar costs more (a regex repeating 100,000 times: ~50 ms a mask), on the even
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -261,4 +262,15 @@ def _grammar_text(params: StructuredOutputsParams) -> str:
             "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
         )
     assert params.grammar is not None
-    return LLMatcher.grammar_from_lark(params.grammar)
+    grammar = params.grammar
+    if _GBNF_RULE.search(grammar):
+        from llguidance import grammar_from
+
+        # llama.cpp's GBNF (`root ::= ...`), turned into Lark, as vLLM's llguidance backend
+        # takes it; the conversion's empty options line says nothing.
+        grammar = grammar_from("gbnf", grammar).removeprefix("%llguidance {}\n")
+    return LLMatcher.grammar_from_lark(grammar)
+
+
+_GBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
+"""A line that starts a GBNF rule (a Lark rule is `name:`)."""
