@@ -124,6 +124,22 @@ async def test_a_start_cancelled_while_workers_start_leaves_nothing_behind() -> 
         assert len((await again.generate([1, 2, 3], params)).token_ids) == 3
 
 
+async def test_a_start_cancelled_as_its_actors_start_leaves_a_closed_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def cancelled(*args: object) -> None:  # the workers are up; the actors start
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(medha.Engine, "_start_actors", cancelled)
+    engine = medha.Engine(parallel_config(2, 1, 1))
+    with pytest.raises(asyncio.CancelledError):
+        await engine.start()
+    with pytest.raises(medha.EngineClosedError):  # not a snapshot of a dead engine
+        engine.stats()
+    await engine.stop()
+    assert not multiprocessing.active_children()
+
+
 async def test_a_second_multi_process_engine_is_refused_before_its_workers_start() -> None:
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     async with medha.Engine(parallel_config(2, 1, 1)) as first:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,7 +185,13 @@ def test_serve_freezes_what_start_up_made_once_the_engine_runs(
         running.append(True)
         raise UsageError("stopped at the freeze")
 
+    async def served(self: Any, sockets: object = None) -> None:  # ends at once if reached
+        self.should_exit = True
+
+    import uvicorn
+
     monkeypatch.setattr(serve, "freeze_startup_heap", freeze)
+    monkeypatch.setattr(uvicorn.Server, "serve", served)
     assert main(["serve", "tiny-random", "--port", "0"]) == 2
     assert running and "stopped at the freeze" in capsys.readouterr().err
 

@@ -229,3 +229,41 @@ async def test_a_requests_own_thinking_says_where_its_output_starts() -> None:
     assert "reasoning" not in (message.model_extra or {})
     assert message.content is not None and message.content.startswith("{")
     assert streamed[:2] == ("", message.content)
+
+
+QWEN3_FINAL_TURN = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n"
+    "{%- if message.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ message.content }}{% if not loop.last %}<|im_end|>\n{% endif %}{%- endfor %}"
+)
+"""Qwen 3's templates write the last assistant turn's thinking (empty here) before its text."""
+
+
+@pytest.mark.parametrize("through_kwargs", [False, True], ids=["field", "chat_template_kwargs"])
+async def test_a_continued_answer_after_the_templates_thinking_is_the_answer(
+    through_kwargs: bool,
+) -> None:
+    """deepseek_r1 reads untagged output as thinking; after a template's `</think>` before
+    the continued message's text, the continuation is the answer (its grammar holds from the
+    first token). continue_final_message counts given in chat_template_kwargs too, as vLLM
+    takes it there."""
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    extra = {"chat_template_kwargs": flags} if through_kwargs else dict(flags)
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "temperature": 0.0}
+    body["extra_body"] = {**extra, "structured_outputs": {"choice": [" Paris."]}}
+    async with medha.Engine(engine_config()) as engine:
+        engine.tokenizer.hf_tokenizer.chat_template = QWEN3_FINAL_TURN
+        client, http = openai_client(engine, reasoning_parser="deepseek_r1")
+        async with http:
+            answer = [*MESSAGES, {"role": "assistant", "content": "The capital is"}]
+            done = await client.chat.completions.create(**body, messages=answer)
+            thought = [*MESSAGES, {"role": "assistant", "content": "<think>Hmm, the capital"}]
+            extra_thought = {**body["extra_body"]}
+            extra_thought.pop("structured_outputs")
+            going_on = await client.chat.completions.create(
+                **{**body, "extra_body": extra_thought}, messages=thought
+            )
+    message = done.choices[0].message
+    assert message.content == " Paris." and not (message.model_extra or {}).get("reasoning")
+    message = going_on.choices[0].message
+    assert (message.model_extra or {}).get("reasoning") and message.content is None

@@ -133,22 +133,23 @@ class Engine:
         if self._loop is not None or self._closed:
             raise EngineClosedError("an Engine starts once; create a new one")
         self._loop = starting_loop()
-        if self.config.parallel.uses_workers:
-            await self._start_parallel()
-        else:
-            # Loading, calibration and every step on one thread: see medha.actors.model_thread.
-            name = Path(self.config.model).name or "model"
-            thread = self._model_thread = ModelThread(f"medha-model-{name}")
-            try:
-                await self._start_single(thread)
-            except BaseException:
-                # Cancelled while its actors started, say: a dead engine, which must not keep
-                # the model and its KV cache (stop() has nothing to stop: it never started).
-                self._closed = True
-                if self._stage is not None:
-                    self._stage.release()
-                thread.close()
-                raise
+        try:
+            if self.config.parallel.uses_workers:
+                await self._start_parallel()
+            else:
+                # Loading, calibration and every step on one thread: medha.actors.model_thread.
+                name = Path(self.config.model).name or "model"
+                self._model_thread = ModelThread(f"medha-model-{name}")
+                await self._start_single(self._model_thread)
+        except BaseException:
+            # Failed, or cancelled as its actors started: a closed engine, which must not keep
+            # the model and its KV cache (stop() has nothing to stop: it never started).
+            self._closed = True
+            if self._stage is not None:
+                self._stage.release()
+            if self._model_thread is not None:
+                self._model_thread.close()
+            raise
         if self._closed:
             # stop() came while this started and left the stopping to it: stop it now.
             await self._stop_started()

@@ -45,7 +45,7 @@ from medha.server.choices import start_choices
 from medha.server.echo import EchoedPrompt, echoed_prompt
 from medha.server.middleware import ApiKeyGuard, UnexpectedErrors
 from medha.server.openai_responses import ResponsesRequest
-from medha.server.prompts import chat_prompt_ids, completion_prompt_ids, off_loop_if_long
+from medha.server.prompts import chat_prompt, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
 from medha.server.reasoning import Reasoning, ReasoningParser, thinking_first
 from medha.server.reasoning import reasoning_parser as find_reasoning_parser
@@ -79,6 +79,10 @@ _log = get_logger(__name__)
 _PROMPT_TAIL = 16
 """Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
 model's thinking."""
+
+_TAG_ROOM = 12
+"""Characters before a continued assistant message's text where its template may have put a
+thinking tag (`</think>\n\n`), read with the message."""
 
 _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
@@ -316,11 +320,16 @@ class _Api:
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:
             raise InvalidRequestError(f"the model `{self.model_name}` has no chat template")
-        prompt_ids = await chat_prompt_ids(self.engine, body, params)
+        text, prompt_ids = await chat_prompt(self.engine, body, params)
         reasoning = None
         if self.reasoning_parser is not None:
             tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
-            continued = body.final_assistant_text() if body.continue_final_message else None
+            continued = None
+            if body.continues_final_message():
+                # The turn as rendered: a template may write the thinking's tags before the
+                # message's text (Qwen 3's `<think>...</think>` from reasoning_content).
+                message = body.final_assistant_text().strip()
+                continued = text[-(len(message) + _TAG_ROOM) :] if message else ""
             parser = self.reasoning_parser
             params = thinking_first(params, parser.thinking(tail, continued))
             structured = params.structured_outputs

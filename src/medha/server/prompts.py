@@ -52,6 +52,13 @@ async def chat_prompt_ids(
     """The ids of `chat`'s messages rendered by the model's chat template, with its tools for
     it to show the model (Tokenizer.apply_chat_template). Rendering is cheap (a string join,
     even for a long document); encoding the result is what takes time."""
+    return (await chat_prompt(engine, chat, params))[1]
+
+
+async def chat_prompt(
+    engine: Engine, chat: ChatInput, params: SamplingParams | None = None
+) -> tuple[str, list[int]]:
+    """`chat`'s prompt as the template rendered it, and its ids (chat_prompt_ids)."""
     text = engine.tokenizer.apply_chat_template(
         chat.messages,
         chat.add_generation_prompt,
@@ -62,7 +69,7 @@ async def chat_prompt_ids(
     )
     # Without the tokenizer's special tokens, as transformers encodes a rendered template: it
     # writes its own (a BOS), and the tokenizer's would be a second one.
-    return await off_loop_if_long(text, _plain_ids, engine, text, params)
+    return text, await off_loop_if_long(text, _plain_ids, engine, text, params)
 
 
 def _plain_ids(engine: Engine, text: str, params: SamplingParams | None) -> list[int]:

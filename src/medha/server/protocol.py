@@ -372,6 +372,12 @@ class ChatCompletionRequest(_SamplingFields):
         is the assistant's, else nothing."""
         return self.final_assistant_text() if self.echo else ""
 
+    def continues_final_message(self) -> bool:
+        """Whether the prompt goes on with the last message: `continue_final_message`, or
+        (over it, as vLLM takes it) chat_template_kwargs' (checked when it was rendered)."""
+        given = (self.chat_template_kwargs or {}).get("continue_final_message")
+        return given if isinstance(given, bool) else self.continue_final_message
+
     def final_assistant_text(self) -> str:
         """The last message's content if it is the assistant's (text parts joined by
         newlines, as the template got them), else "". The messages are checked already (the

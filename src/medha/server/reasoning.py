@@ -10,7 +10,8 @@ the prompt says, so that a stream and a whole response agree from the first toke
 template that ends the prompt with `<think>` (DeepSeek-R1's, Qwen3-Thinking-2507's) has the
 model think from its first token, and one that ends it with an empty `<think></think>` (Qwen 3's
 `enable_thinking: false`) has it answer; an assistant message continued
-(`continue_final_message`) mid-thought ("<think>Let me think") goes on thinking. After a
+(`continue_final_message`) goes by its turn's last tag as rendered: mid-thought ("<think>Let
+me think") it goes on thinking, after a template's `</think>` it answers. After a
 prompt with neither, it is the answer (`qwen3`) or thinking (`deepseek_r1`, whose first models
 thought without writing the tag). A tag elsewhere in the prompt (a user's message, an earlier
 turn) says nothing.
@@ -58,8 +59,9 @@ class ReasoningParser:
 
     def untagged_output(self, prompt_tail: str, continued: str | None = None) -> OutputPart:
         """Where an output that does not start with the start tag is, after a prompt that
-        ends with `prompt_tail`, or that continues the assistant message `continued`
-        (`continue_final_message`; one that starts with the start tag thinks)."""
+        ends with `prompt_tail`, or that continues an assistant message whose turn, as
+        rendered, ends with `continued` (`continue_final_message`; an output that starts with
+        the start tag thinks)."""
         said = self._prompt_says(prompt_tail, continued)
         if said is not None:
             return said
