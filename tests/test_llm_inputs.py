@@ -79,3 +79,30 @@ def test_arguments_of_the_wrong_type_are_typed_errors(llm: medha.LLM) -> None:
             llm.engine.tokenize("hi", sampling)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequestError, match="sampling must be"):
             llm.engine.output_limit(5, sampling)  # type: ignore[arg-type]
+
+
+def test_vllms_keyword_names_are_taken(llm: medha.LLM, capsys: pytest.CaptureFixture[str]) -> None:
+    """A vLLM script's `llm.generate(prompts, sampling_params=..., use_tqdm=...)`."""
+    plain = llm.generate(["Hello", "there"], GREEDY)
+    named = llm.generate(["Hello", "there"], sampling_params=GREEDY, use_tqdm=True)
+    assert [d.token_ids for d in named] == [d.token_ids for d in plain]
+    chat = [{"role": "user", "content": "Hi"}]
+    assert (
+        llm.chat(chat, sampling_params=GREEDY)[0].token_ids == llm.chat(chat, GREEDY)[0].token_ids
+    )
+    with pytest.raises(TypeError, match="not both"):
+        llm.generate("Hello", GREEDY, sampling_params=GREEDY)
+
+
+def test_use_tqdm_shows_the_finished_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rich.progress
+
+    advanced: list[object] = []
+    monkeypatch.setattr(
+        rich.progress.Progress, "advance", lambda self, task, advance=1: advanced.append(task)
+    )
+    with medha.LLM(engine_config()) as llm:
+        llm.generate(["a", "b", "c"], GREEDY, use_tqdm=True)
+        assert len(advanced) == 3
+        llm.generate(["a", "b"], GREEDY)
+    assert len(advanced) == 3

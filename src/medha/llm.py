@@ -17,8 +17,9 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -53,15 +54,22 @@ class LLM:
         prompts: Prompt | Iterable[Prompt],
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         deadlines: Sequence[float | None] | None = None,
+        *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
     ) -> list[Completion]:
         """Run every prompt concurrently (they share batches) and return their Completions in
         order. One prompt (a str, a token-id list, a 1-D array) counts as a batch of one; a 2-D
-        array is a batch of its rows. `sampling`: one SamplingParams for all, or one per prompt
-        (as vLLM's LLM.generate takes them). Every prompt is validated before any is queued: one
+        array is a batch of its rows. `sampling` (or, by vLLM's name, `sampling_params`): one
+        SamplingParams for all, or one per prompt (as vLLM's LLM.generate takes them).
+        `deadlines`: each prompt's TTFT deadline in seconds, or None. `use_tqdm`: a progress
+        bar of the finished requests (vLLM's name). Every prompt is validated before any is
+        queued: one
         bad prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         self._runtime.check_process()
+        sampling = _one_sampling(sampling, sampling_params)
         batch = _prompt_batch(prompts)
         if deadlines is not None:
             if callable(getattr(deadlines, "tolist", None)):
@@ -105,15 +113,17 @@ class LLM:
             async def one(index: int) -> None:
                 try:
                     results[index] = await engine._complete(requests[index])
+                    finished()
                 except Exception as exc:
                     # The engine failed or closed, or this request did (a grammar violation):
                     # the call raises that error, and the others are aborted.
                     errors.append(exc)
                     group.cancel_scope.cancel()
 
-            async with anyio.create_task_group() as group:
-                for index in range(len(batch)):
-                    group.start_soon(one, index)
+            with _progress(len(batch) if use_tqdm else 0) as finished:
+                async with anyio.create_task_group() as group:
+                    for index in range(len(batch)):
+                        group.start_soon(one, index)
             if errors:  # the error itself, as Engine.generate raises it, not an ExceptionGroup
                 raise errors[0]
             return [r for r in results if r is not None]
@@ -139,6 +149,8 @@ class LLM:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         deadlines: Sequence[float | None] | None = None,
         *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool = False,
@@ -167,7 +179,8 @@ class LLM:
             )
             for c in conversations
         ]
-        return self.generate(prompts, sampling, deadlines)
+        sampling = _one_sampling(sampling, sampling_params)
+        return self.generate(prompts, sampling, deadlines, use_tqdm=use_tqdm)
 
     def close(self) -> None:
         """Stop the engine and its thread; idempotent, from any thread."""
@@ -188,6 +201,27 @@ class LLM:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _one_sampling(sampling: Any, sampling_params: Any) -> Any:
+    """`sampling`, given by medha's name or vLLM's (`sampling_params`), not both."""
+    if sampling is not None and sampling_params is not None:
+        raise TypeError("give sampling or (vLLM's name) sampling_params, not both")
+    return sampling if sampling_params is None else sampling_params
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Callable[[], None]]:
+    """A bar of `total` requests (none for 0); what it yields counts one finished."""
+    if not total:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = ("Generating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("requests", total=total)
+        yield partial(progress.advance, task)
 
 
 def _engine_config(config: EngineConfig | str | None, fields: dict[str, Any]) -> EngineConfig:
