@@ -344,8 +344,12 @@ def test_an_unknown_architecture_raises_unsupported_model_error(folder: Path) ->
 
 
 def test_a_path_that_is_neither_file_nor_preset_lists_the_presets(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="tiny-random"):
+    with pytest.raises(ModelLoadError, match="tiny-random") as raised:
         load_checkpoint(tmp_path / "nowhere")
+    assert "downloads" not in str(raised.value)
+    # A Hub id, as a vLLM user gives one: medha does not fetch it.
+    with pytest.raises(ModelLoadError, match="never downloads weights"):
+        load_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_tiny_random_is_byte_identical_across_two_builds(tmp_path: Path) -> None:

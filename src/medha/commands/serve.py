@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="(default: 8000; 0: any free)")
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: MODEL)"
     )

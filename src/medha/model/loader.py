@@ -150,10 +150,13 @@ def load_checkpoint(model: str | os.PathLike[str], *, cache_dir: Path | None = N
         elif path.exists():
             raise ModelLoadError(path, "not a checkpoint folder or a .gguf file")
         else:
+            # A Hub id ("meta-llama/Llama-3.1-8B") looks like a relative path.
+            hub = "; medha never downloads weights: give the folder a Hub id was downloaded to"
             raise ModelLoadError(
                 path,
                 "no such file or folder, and not a preset name "
-                f"(presets: {', '.join(presets.PRESET_NAMES)})",
+                f"(presets: {', '.join(presets.PRESET_NAMES)})"
+                + (hub if isinstance(model, str) and model.count("/") == 1 else ""),
             )
     return load_hf_folder(folder)
 
