@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import anyio
@@ -107,15 +107,19 @@ def _as_chat(body: dict[str, object]) -> dict[str, object]:
     return {**chat, "messages": [{"role": "user", "content": body["prompt"]}]}
 
 
-@pytest.mark.slow
-def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
+@contextmanager
+def _medha_serve(
+    tmp_path: Path, *options: str
+) -> Iterator[tuple[int, list[str], subprocess.Popen[str]]]:
+    """`medha serve` of the test model in a process of its own: its port, its stderr's lines
+    so far and the process; on leaving, interrupted (Ctrl-C) and waited for."""
     config = tmp_path / "engine.json"
     config.write_text(json.dumps({"cost_profile": str(cost_profile_path()), "num_blocks": 256}))
     # Port 0: the system picks a free one, and the banner says which.
     command = [sys.executable, "-m", "medha.cli", "serve", MODEL, "--port", "0"]
     command += ["--config", str(config), "--served-model-name", "tiny", "--policy", "fcfs"]
     server = subprocess.Popen(
-        command,
+        [*command, *options],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -132,6 +136,17 @@ def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
             time.sleep(0.2)
         port = int(found[0].group(1))
         assert port != 0
+        yield port, lines, server
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+        reader.join(timeout=10)
+    assert server.returncode in (0, 130), "".join(lines)
+
+
+@pytest.mark.slow
+def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
+    with _medha_serve(tmp_path) as (port, _, _):
         assert httpx2.get(f"http://127.0.0.1:{port}/health").status_code == 200
         with openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1") as client:
             done = client.chat.completions.create(
@@ -146,11 +161,27 @@ def test_medha_serve_serves_a_model_until_interrupted(tmp_path: Path) -> None:
         # The metrics are labelled with the served name.
         metrics = httpx2.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'medha:generation_tokens_total{model_name="tiny"} 5.0' in metrics
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
-        reader.join(timeout=10)
-    assert server.returncode in (0, 130), "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_an_open_stream_with_an_error_before_the_cut(tmp_path: Path) -> None:
+    """The engine stops before uvicorn's graceful shutdown ends: the stream gets an error
+    event and [DONE] (uvicorn's cut had stopped it mid-way, with a CancelledError traceback
+    in the log)."""
+    body = {**LONG, "model": "tiny", "stream": True, "ignore_eos": True}
+    with _medha_serve(tmp_path, "--timeout-graceful-shutdown", "2") as (port, lines, server):
+        received: list[str] = []
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx2.stream("POST", url, json=body, timeout=60) as response:
+            stream = (line for line in response.iter_lines() if line)
+            received.append(next(stream))
+            server.send_signal(signal.SIGINT)
+            received.extend(stream)
+    assert received[-1] == "data: [DONE]"
+    error = json.loads(received[-2].removeprefix("data: "))["error"]
+    assert "closed" in error["message"] and error["code"] == 503
+    assert 1 < len(received) < 3000
+    assert not [line for line in lines if "Exception in ASGI application" in line]
 
 
 def test_the_docs_example_serves_an_engine_inside_the_callers_loop() -> None:

@@ -8,11 +8,10 @@ import json
 import os
 import socket
 import sys
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medha.commands.arg_types import positive_int
+from medha.commands.arg_types import positive_float, positive_int
 from medha.commands.user_errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +21,10 @@ PARSER_NAMES = ("hermes", "llama3_json")
 """medha.server.tool_parsers.PARSERS' names (not imported: the server's modules load late)."""
 REASONING_PARSER_NAMES = ("deepseek_r1", "qwen3")
 """medha.server.reasoning.REASONING_PARSERS' names."""
-GRACE_S = 5
+GRACE_S = 5.0
+"""How long open responses get to end after Ctrl-C (--timeout-graceful-shutdown)."""
+_CUT_MARGIN_S = 1.0
+"""How long before uvicorn's cut the engine stops: time for the responses to finish sending."""
 API_KEY_VARIABLE = "MEDHA_API_KEY"
 
 
@@ -38,6 +40,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("model", help="smollm2-135m, tiny-random, an HF folder or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
     p.add_argument("--port", type=port_number, default=8000, help="(default: 8000; 0: any free)")
+    p.add_argument(
+        "--timeout-graceful-shutdown",
+        type=positive_float,
+        default=GRACE_S,
+        metavar="SECONDS",
+        help="after Ctrl-C, how long open responses get to end; then they end with an error "
+        f"(default: {GRACE_S:g})",
+    )
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: MODEL)"
     )
@@ -209,13 +219,30 @@ async def _serve_on(
         except ValueError as exc:  # a parser this model's tokenizer defeats
             raise UsageError(str(exc)) from exc
         freeze_startup_heap()
-        # On Ctrl-C, open streams get GRACE_S to end; then they are cut and aborted.
+        # On Ctrl-C, open streams get `grace` seconds to end; then they end with an error.
+        grace = args.timeout_graceful_shutdown
         settings = uvicorn.Config(
-            app, host=args.host, port=args.port, timeout_graceful_shutdown=GRACE_S
+            app, host=args.host, port=args.port, timeout_graceful_shutdown=grace
         )
         server = uvicorn.Server(settings)
+
+        async def serve() -> None:
+            await server.serve(sockets=listening)
+            tasks.cancel_scope.cancel()  # the watch below too
+
+        async def end_streams_before_the_cut() -> None:
+            # uvicorn cancels the responses still running `grace` after Ctrl-C: a stream
+            # just stops (and the log gets a CancelledError per response). Stopping the
+            # engine first ends each with an error event and [DONE], a whole response with
+            # a 503, which the server then finishes sending.
+            while not server.should_exit:
+                await anyio.sleep(0.1)
+            await anyio.sleep(grace - min(_CUT_MARGIN_S, grace / 2))
+            await engine.stop()
+
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(partial(server.serve, sockets=listening))
+            tasks.start_soon(serve)
+            tasks.start_soon(end_streams_before_the_cut)
             while not (server.started or server.should_exit):
                 await anyio.sleep(0.05)
             if server.started:
