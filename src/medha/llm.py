@@ -64,8 +64,7 @@ class LLM:
         SamplingParams for all, or one per prompt (as vLLM's LLM.generate takes them).
         `deadlines`: each prompt's TTFT deadline in seconds, or None. `use_tqdm`: a progress
         bar of the finished requests (vLLM's name). Every prompt is validated before any is
-        queued: one
-        bad prompt raises its typed error and nothing runs."""
+        queued: one bad prompt raises its typed error and nothing runs."""
         if self._closed:
             raise EngineClosedError("this LLM was closed")
         self._runtime.check_process()
