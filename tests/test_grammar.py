@@ -97,6 +97,20 @@ def test_a_gbnf_grammar_means_what_its_lark_twin_means() -> None:
             refused.accept(b)
 
 
+def test_telling_gbnf_from_lark_takes_time_linear_in_the_grammar() -> None:
+    """A rule's start read across lines had made 30,000 blank lines cost ~9 s (quadratic), on
+    the event loop, before the compile cache; linear, it is milliseconds."""
+    import time
+
+    from medha.grammar import _GBNF_RULE
+
+    blank = 'start: "a"\n' + " \n" * 30_000
+    started = time.perf_counter()
+    assert _GBNF_RULE.search(blank) is None
+    assert time.perf_counter() - started < 2.0
+    assert _GBNF_RULE.search('start: "a"\n\t root-2 ::= "b"')
+
+
 def test_a_grammar_with_no_complete_output_ends_in_a_violation_not_a_stop() -> None:
     """It compiles, but after "a" nothing can complete it: llguidance's mask then allows only
     eos, which it accepts and stops at. That had read as the output completed ("stop")."""

@@ -350,6 +350,10 @@ def test_a_path_that_is_neither_file_nor_preset_lists_the_presets(tmp_path: Path
     # A Hub id, as a vLLM user gives one: medha does not fetch it.
     with pytest.raises(ModelLoadError, match="never downloads weights"):
         load_checkpoint("HuggingFaceTB/SmolLM2-135M-Instruct")
+    for path in ("./mymodel", "/models"):  # paths, not Hub ids
+        with pytest.raises(ModelLoadError) as raised:
+            load_checkpoint(path)
+        assert "downloads" not in str(raised.value)
 
 
 def test_tiny_random_is_byte_identical_across_two_builds(tmp_path: Path) -> None:

@@ -215,10 +215,12 @@ def _progress(total: int) -> Iterator[Callable[[], None]]:
     if not total:
         yield lambda: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     columns = ("Generating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    # On stderr, as vLLM's tqdm: a script's own output on stdout stays its own.
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("requests", total=total)
         yield partial(progress.advance, task)
 

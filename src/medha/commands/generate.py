@@ -47,7 +47,9 @@ def add_parser(subparsers: Any) -> None:
     shape.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     shape.add_argument("--regex", default=None, help="the output matches this regex")
     shape.add_argument("--choice", action="append", default=None, help="one of (repeatable)")
-    shape.add_argument("--grammar", default=None, help="a Lark grammar (rule `start`)")
+    shape.add_argument(
+        "--grammar", default=None, help="a Lark grammar (rule `start`) or a GBNF one (rule `root`)"
+    )
     p.add_argument("--disable-any-whitespace", action="store_true", help="JSON without whitespace")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

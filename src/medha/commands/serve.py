@@ -45,8 +45,8 @@ def add_parser(subparsers: Any) -> None:
         type=positive_float,
         default=GRACE_S,
         metavar="SECONDS",
-        help="after Ctrl-C, how long open responses get to end; then they end with an error "
-        f"(default: {GRACE_S:g})",
+        help="uvicorn's graceful shutdown after Ctrl-C: open responses get 1 s less (half, if "
+        f"shorter) to end; then they end with an error (default: {GRACE_S:g})",
     )
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: MODEL)"

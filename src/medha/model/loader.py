@@ -156,9 +156,14 @@ def load_checkpoint(model: str | os.PathLike[str], *, cache_dir: Path | None = N
                 path,
                 "no such file or folder, and not a preset name "
                 f"(presets: {', '.join(presets.PRESET_NAMES)})"
-                + (hub if isinstance(model, str) and model.count("/") == 1 else ""),
+                + (hub if _looks_like_a_hub_id(model) else ""),
             )
     return load_hf_folder(folder)
+
+
+def _looks_like_a_hub_id(model: object) -> bool:
+    """ "meta-llama/Llama-3.1-8B", not "./mymodel" or "/models"."""
+    return isinstance(model, str) and model.count("/") == 1 and model[0] not in "./~"
 
 
 def load_hf_folder(folder: Path) -> Checkpoint:
