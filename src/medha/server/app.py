@@ -47,7 +47,7 @@ from medha.server.middleware import ApiKeyGuard, UnexpectedErrors
 from medha.server.openai_responses import ResponsesRequest
 from medha.server.prompts import chat_prompt, completion_prompt_ids, off_loop_if_long
 from medha.server.protocol import ChatCompletionRequest, CompletionRequest
-from medha.server.reasoning import Reasoning, ReasoningParser, thinking_first
+from medha.server.reasoning import Reasoning, ReasoningParser, chat_reasoning
 from medha.server.reasoning import reasoning_parser as find_reasoning_parser
 from medha.server.responses import Renderer, TokenStrings, usage
 from medha.server.responses_reply import responses_reply
@@ -75,14 +75,6 @@ from medha.server.tool_parsers import ToolCallParser
 from medha.server.tool_parsers import tool_call_parser as parser_for
 
 _log = get_logger(__name__)
-
-_PROMPT_TAIL = 16
-"""Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
-model's thinking."""
-
-_TAG_ROOM = 12
-"""Characters before a continued assistant message's text where its template may have put a
-thinking tag (`</think>\n\n`), read with the message."""
 
 _Body = CompletionRequest | ChatCompletionRequest | TokenizeRequest | DetokenizeRequest
 
@@ -323,19 +315,15 @@ class _Api:
         text, prompt_ids = await chat_prompt(self.engine, body, params)
         reasoning = None
         if self.reasoning_parser is not None:
-            tail = tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
-            continued = None
-            if body.continues_final_message():
-                # The turn as rendered: a template may write the thinking's tags before the
-                # message's text (Qwen 3's `<think>...</think>` from reasoning_content).
-                message = body.final_assistant_text().strip()
-                continued = text[-(len(message) + _TAG_ROOM) :] if message else ""
-            parser = self.reasoning_parser
-            params = thinking_first(params, parser.thinking(tail, continued))
-            structured = params.structured_outputs
-            thinking = None if structured is None else structured.thinking
-            shown = body.include_reasoning
-            reasoning = Reasoning.of(parser, tail, shown, thinking, continued)
+            continued = body.final_assistant_text() if body.continues_final_message() else None
+            params, reasoning = chat_reasoning(
+                self.reasoning_parser,
+                tokenizer,
+                (text, prompt_ids),
+                params,
+                body.include_reasoning,
+                continued,
+            )
         return _ChatRequest(params, prompt_ids, tools, reasoning)
 
     async def _respond(

@@ -128,6 +128,41 @@ def thinking_first(params: SamplingParams, thinking: Thinking | None) -> Samplin
     return replace(params, structured_outputs=replace(structured, thinking=thinking))
 
 
+PROMPT_TAIL = 16
+"""Tokens of a chat's prompt whose text tells whether the template opened (or closed) the
+model's thinking."""
+
+TAG_ROOM = 12
+"""Characters before a continued assistant message's text where its template may have put a
+thinking tag (`</think>\n\n`), read with the message."""
+
+
+def chat_reasoning(
+    parser: ReasoningParser,
+    tokenizer: Tokenizer,
+    prompt: tuple[str, list[int]],
+    params: SamplingParams,
+    shown: bool,
+    continued_message: str | None,
+) -> tuple[SamplingParams, Reasoning]:
+    """A chat's reasoning parsing, and its `params` with a constrained output thinking first
+    where the prompt lets it (thinking_first). `prompt`: its text as rendered, and its ids;
+    `continued_message`: the text of the assistant message it goes on with
+    (continue_final_message), else None."""
+    text, ids = prompt
+    tail = tokenizer.decode(ids[-PROMPT_TAIL:], skip_special_tokens=False)
+    continued = None
+    if continued_message is not None:
+        # The turn as rendered: a template may write the thinking's tags before the
+        # message's text (Qwen 3's `<think>...</think>` from reasoning_content).
+        message = continued_message.strip()
+        continued = text[-(len(message) + TAG_ROOM) :] if message else ""
+    params = thinking_first(params, parser.thinking(tail, continued))
+    structured = params.structured_outputs
+    thinking = None if structured is None else structured.thinking
+    return params, Reasoning.of(parser, tail, shown, thinking, continued)
+
+
 @dataclass(frozen=True)
 class Reasoning:
     """One chat request's reasoning parsing: where its output starts, and whether the
