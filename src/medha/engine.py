@@ -43,7 +43,12 @@ from medha.errors import (
 from medha.log import get_logger
 from medha.request import Completion, Prompt, RequestMetrics, TokenEvent, check_deadline
 from medha.request_constraints import RequestConstraints
-from medha.request_input import cache_salt_root, prompt_token_ids, request_ids
+from medha.request_input import (
+    cache_salt_root,
+    checked_sampling,
+    prompt_token_ids,
+    request_ids,
+)
 from medha.request_prompt import PromptPreparer, is_long, prepare_off_loop, snapshot
 from medha.sampling import SamplingParams
 
@@ -56,17 +61,6 @@ _log = get_logger(__name__)
 
 def _seconds_since(t0: float) -> float:
     return time.monotonic() - t0
-
-
-def _checked_sampling(sampling: object, defaults: dict[str, Any]) -> SamplingParams:
-    """`sampling`, or without one SamplingParams of the model's defaults (`defaults`)."""
-    if sampling is None:
-        return SamplingParams(**defaults)
-    if not isinstance(sampling, SamplingParams):
-        raise InvalidRequestError(
-            f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
-        )
-    return sampling
 
 
 class Engine:
@@ -360,7 +354,7 @@ class Engine:
         calling thread: for a long text, from a coroutine, call it through
         `anyio.to_thread.run_sync` (the tokenizers library releases the GIL while it encodes)."""
         self._actor()
-        params = _checked_sampling(sampling, self.sampling_defaults)
+        params = checked_sampling(sampling, self.sampling_defaults)
         keep = params.prompt_keep(self.max_model_len)
         return self._prompt_ids(prompt, keep)
 
@@ -373,7 +367,7 @@ class Engine:
         before sending it."""
         self._actor()
         assert self._prompts is not None  # set at start
-        params = _checked_sampling(sampling, self.sampling_defaults)
+        params = checked_sampling(sampling, self.sampling_defaults)
         return self._prompts.output_limit(prompt_tokens, params)
 
     def now(self) -> float:
@@ -440,7 +434,7 @@ class Engine:
         """Validate a request and reserve its id; nothing is queued."""
         self._check_loop()
         self._actor()
-        params = _checked_sampling(sampling, self.sampling_defaults)
+        params = checked_sampling(sampling, self.sampling_defaults)
         assert self._prompts is not None and self._constraints is not None  # set at start
         hash_root = cache_salt_root(cache_salt)
         long_prompt = is_long(prompt)

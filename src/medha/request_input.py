@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from medha.errors import InvalidRequestError, InvalidSamplingParamsError
+from medha.sampling import SamplingParams
 from medha.scheduler.prefix_cache import salted_root
 
 
@@ -139,3 +140,14 @@ def cache_salt_root(cache_salt: object) -> bytes:
         raise InvalidRequestError(f"cache_salt must be a non-empty str or None, got {cache_salt!r}")
     check_unicode(cache_salt, "cache_salt")
     return salted_root(cache_salt)
+
+
+def checked_sampling(sampling: object, defaults: dict[str, Any]) -> SamplingParams:
+    """`sampling`, or without one SamplingParams of the model's defaults (`defaults`)."""
+    if sampling is None:
+        return SamplingParams(**defaults)
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidRequestError(
+            f"sampling must be a medha.SamplingParams or None, got {type(sampling).__name__}"
+        )
+    return sampling
