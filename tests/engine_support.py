@@ -195,6 +195,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+async def start_cancelled_as_its_actors_start(engine: Any, monkeypatch: Any) -> None:
+    """Start `engine` with its start cancelled once the model (or the workers) is up, as its
+    actors start: deterministic, where cancelling a task at that moment is a race."""
+    import asyncio
+
+    import pytest
+
+    async def cancelled(*args: object) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(medha.Engine, "_start_actors", cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await engine.start()
+
+
 def long_from(monkeypatch: Any, length: int) -> None:
     """Make a prompt over `length` characters or ids long: prepared off the event loop."""
     monkeypatch.setattr(medha.request_prompt, "LONG_PROMPT", length)

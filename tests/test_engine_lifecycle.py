@@ -24,7 +24,7 @@ import pytest
 import medha
 from medha import EngineClosedError, InvalidRequestError, SamplingParams
 from medha.errors import WrongEventLoopError
-from tests.engine_support import engine_config
+from tests.engine_support import engine_config, start_cancelled_as_its_actors_start
 
 pytestmark = pytest.mark.anyio
 
@@ -428,13 +428,8 @@ async def _drain(stream: Any) -> None:
 async def test_a_start_cancelled_as_its_actors_start_keeps_no_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def cancelled(*args: object) -> None:  # the model is loaded; the actors start
-        raise asyncio.CancelledError
-
-    monkeypatch.setattr(medha.Engine, "_start_actors", cancelled)
     engine = medha.Engine(engine_config())
-    with pytest.raises(asyncio.CancelledError):
-        await engine.start()
+    await start_cancelled_as_its_actors_start(engine, monkeypatch)
     assert engine._stage is not None and engine._stage._runner is None
     with pytest.raises(EngineClosedError):
         engine.stats()

@@ -18,7 +18,7 @@ import medha
 from medha import SamplingParams
 from medha.parallel.cluster import WorkerStartError
 from medha.parallel.worker import FAIL_AT_START_ENV
-from tests.engine_support import StreamsUntilFailure
+from tests.engine_support import StreamsUntilFailure, start_cancelled_as_its_actors_start
 from tests.parallel_support import parallel_config
 
 pytestmark = pytest.mark.anyio
@@ -127,13 +127,8 @@ async def test_a_start_cancelled_while_workers_start_leaves_nothing_behind() -> 
 async def test_a_start_cancelled_as_its_actors_start_leaves_a_closed_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def cancelled(*args: object) -> None:  # the workers are up; the actors start
-        raise asyncio.CancelledError
-
-    monkeypatch.setattr(medha.Engine, "_start_actors", cancelled)
     engine = medha.Engine(parallel_config(2, 1, 1))
-    with pytest.raises(asyncio.CancelledError):
-        await engine.start()
+    await start_cancelled_as_its_actors_start(engine, monkeypatch)
     with pytest.raises(medha.EngineClosedError):  # not a snapshot of a dead engine
         engine.stats()
     await engine.stop()
